@@ -1,0 +1,20 @@
+# The README's two commands: `make demo` (xenpool's main job) and `make test` (the whole suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bootstrap clean
+
+bootstrap:
+	@./scripts/bootstrap.sh
+
+demo: bootstrap
+	@$(VENV)/bin/xenpool demo
+
+test: bootstrap
+	@rm -f .coverage .coverage.*
+	$(PY) -m coverage run -m pytest $(PYTEST_ARGS)
+	@$(PY) -m coverage combine -q 2>/dev/null || true
+	$(PY) -m coverage report
+
+clean:
+	rm -rf $(VENV) .coverage .coverage.* .pytest_cache .hypothesis build *.egg-info

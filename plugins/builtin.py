@@ -1,0 +1,14 @@
+"""The built-in plugins, registered through the ``xenpool`` entry point like any other."""
+
+from __future__ import annotations
+
+from xenpool.hookspecs import hookimpl
+
+from . import load
+
+
+@hookimpl
+def xenpool_register_load_metrics(register):
+    register("max", load.MaxLoad)
+    register("cpu", load.CpuLoad)
+    register("weighted", load.WeightedLoad)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Make this checkout runnable: system packages, a virtualenv in .venv, xenpool in editable mode.
+# Installs missing Debian packages with apt when run as root; otherwise names them and stops.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    missing=(python3 python3-venv python3-dev)
+else
+    missing=()
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || { echo "xenpool needs Python 3.11 or newer; $PYTHON is $("$PYTHON" -V 2>&1)" >&2; exit 1; }
+    "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+    [ -f "$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
+        || missing+=(python3-dev)
+fi
+command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+pkg-config --exists libvirt 2>/dev/null || missing+=(libvirt-dev)
+[ -f /usr/include/netinet/sctp.h ] || missing+=(libsctp-dev)
+command -v tshark >/dev/null 2>&1 || missing+=(tshark)
+
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing system packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q >/dev/null
+        apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        echo "xenpool needs these system packages, install them first: sudo apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "creating virtualenv $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.xenpool-installed"
+if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "installing xenpool into $VENV (editable, with test extras)"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    touch "$stamp"
+fi
+# An editable install does not put the checkout on sys.path, so twistd would not find
+# twisted/plugins/xenpool_plugins.py; a path entry for the checkout makes it visible.
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+[ -f "$site/xenpool-twisted-dropins.pth" ] || pwd > "$site/xenpool-twisted-dropins.pth"

@@ -1,0 +1,116 @@
+"""The ``xenpool`` command: demo, plugins, decode, bench and fuzz tools.
+
+Exit status: 0 success, 1 a check failed (fuzz found a crash), 2 bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run()
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .plugins import KINDS, PluginError, load_plugins
+
+    try:
+        plugins = load_plugins()
+    except PluginError as err:
+        print(f"xenpool: {err}", file=sys.stderr)
+        return 1
+    table = Table(title="Installed xenpool plugins")
+    for column in ("kind", "name", "plugin", "factory"):
+        table.add_column(column)
+    for kind in KINDS:
+        for p in plugins.providers(kind):
+            table.add_row(kind, p.name, p.plugin, f"{p.factory.__module__}.{p.factory.__qualname__}")
+    Console().print(table)
+    return 0
+
+
+def _cmd_decode(args: argparse.Namespace) -> int:
+    from .protocol import messages, session
+    from .protocol.errors import ProtocolError
+
+    try:
+        data = bytes.fromhex(args.hex)
+    except ValueError:
+        print("xenpool decode: HEX: not hexadecimal", file=sys.stderr)
+        return 2
+    try:
+        if args.protocol == "session":
+            msg = session.decode(data)
+        else:
+            ppid = messages.ENRP_PPID if args.protocol == "enrp" else messages.ASAP_PPID
+            msg = messages.decode(data, ppid)
+    except ProtocolError as err:
+        print(f"xenpool decode: {err} (cause {err.cause.name})", file=sys.stderr)
+        return 1
+    print(msg)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.run(args)
+
+
+def _cmd_fuzz(args: argparse.Namespace) -> int:
+    from .fuzz import run
+
+    return run(cases=args.cases, seed=args.seed, progress=not args.quiet)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xenpool", description="Highly available VMs with Reliable Server Pooling.")
+    p.add_argument("--version", action="version", version=f"xenpool {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("demo", help="show xenpool at work").set_defaults(func=_cmd_demo)
+    sub.add_parser("plugins", help="list installed plugins").set_defaults(func=_cmd_plugins)
+
+    d = sub.add_parser("decode", help="decode one message given in hex")
+    d.add_argument("hex")
+    d.add_argument("--protocol", choices=("asap", "enrp", "session"), default="asap")
+    d.set_defaults(func=_cmd_decode)
+
+    b = sub.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
+    bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    codec = bsub.add_parser("codec", help="HANDLE_RESOLUTION_RESPONSE decodes/encodes per second")
+    codec.add_argument("--json", action="store_true", help="print one JSON object")
+    codec.add_argument("--seconds", type=float, default=1.0, help="time per measurement (default 1)")
+    codec.set_defaults(func=_cmd_bench)
+
+    f = sub.add_parser("fuzz", help="feed random and mutated bytes to every decoder")
+    f.add_argument("--cases", type=_positive, default=100_000)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=_cmd_fuzz)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The contracts between xenpool's core and its plugins (zope.interface).
+
+The core only ever talks to these. A plugin registers a *factory* (usually a class) by
+name through a hook in ``xenpool.hookspecs``; the plugin manager checks the factory with
+``verifyClass`` when it is loaded and every object it makes with ``verifyObject``.
+
+Methods that do I/O (fencing, storage checks, hypervisor calls) return Deferreds; the
+others are plain, side-effect free functions of their arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from zope.interface import Attribute, Interface
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSample:
+    """What a PE measured, smoothed, as fractions of the host's capacity.
+
+    ``cpu``: host's own share plus every VM's share of all CPUs (may exceed 1 while
+    overcommitted); ``ram``: used / total; ``vm_cpu``: each VM's share, by name.
+    """
+
+    cpu: float
+    ram: float
+    vm_cpu: dict[str, float] = field(default_factory=dict)
+
+
+class ILoadMetric(Interface):
+    """Turns a PE's measured load into the one number it reports to its registrar."""
+
+    name = Attribute("The name operators select it by (``--load-plugin NAME``).")
+
+    def load(sample: LoadSample) -> float:
+        """The load to report, in [0, 1] (the caller clamps anything outside)."""
+
+
+class IPoolSelection(Interface):
+    """One pool's selection state inside a registrar, for one policy."""
+
+    def update(identifier: int, policy: object) -> None:
+        """Add PE ``identifier`` or change its policy parameter (a PoolPolicy)."""
+
+    def remove(identifier: int) -> None:
+        """Forget PE ``identifier``; unknown identifiers are ignored."""
+
+    def select(count: int) -> list[int]:
+        """Up to ``count`` distinct PE identifiers, best first, by the policy."""
+
+
+class IPoolPolicy(Interface):
+    """A pool member selection policy (RFC 5525 or an extension)."""
+
+    name = Attribute("rsplib-style name, e.g. ``LeastUsed``.")
+    policy_type = Attribute("The 32-bit policy type code on the wire.")
+
+    def make_parameter(load: float, arguments: list[str]) -> object:
+        """The PoolPolicy parameter a PE registers with, from its current load and the
+        policy's arguments as written after the name (``LeastUsedDegradation:0.05``).
+        Raises ValueError naming the bad argument."""
+
+    def new_selection(random: object) -> IPoolSelection:
+        """Fresh selection state for one pool; ``random`` is a ``random.Random``."""
+
+
+@dataclass(frozen=True, slots=True)
+class FenceTarget:
+    """Whom to fence: a host identity from a cookie, mapped through the PE config."""
+
+    host: str
+    options: dict[str, str] = field(default_factory=dict)
+
+
+class IStonith(Interface):
+    """Shoot The Other Node In The Head: make sure a host runs nothing any more."""
+
+    name = Attribute("The name a PE config selects it by.")
+
+    def fence(target: FenceTarget) -> object:
+        """Power the target off and confirm it is off. Returns a Deferred that fires
+        with None once it is off, or fails (never a start after a failed fence)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Disk:
+    """A parsed disk spec: its scheme and the parts the storage plugin needs."""
+
+    scheme: str
+    spec: str
+    parts: dict[str, str] = field(default_factory=dict)
+
+
+class IStorage(Interface):
+    """Turns a disk spec from a create request into something libvirt can attach."""
+
+    name = Attribute("The plugin's name.")
+    schemes = Attribute("Disk spec schemes it handles, e.g. ('nbd',).")
+
+    def parse(spec: str) -> Disk:
+        """Parse and validate ``spec``; raises ValueError naming the problem."""
+
+    def check(disk: Disk) -> object:
+        """A Deferred firing None when the disk is reachable, failing when not."""
+
+    def domain_xml(disk: Disk, target: str) -> str:
+        """The libvirt ``<disk>`` element attaching ``disk`` as device ``target``."""
+
+    def release(disk: Disk) -> object:
+        """A Deferred firing once the disk is released after its VM stopped."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    hostname: str
+    cpus: int
+    ram_kb: int
+
+
+@dataclass(frozen=True, slots=True)
+class DomainSpec:
+    name: str
+    ram_mb: int
+    vcpus: int
+    disk_xml: str
+    ips: tuple[str, ...] = ()
+
+
+class IHypervisor(Interface):
+    """A host's hypervisor. Every method returns a Deferred: calls may block (libvirt),
+    so implementations run them off the reactor thread."""
+
+    def node() -> object:
+        """NodeInfo of this host."""
+
+    def free_ram_kb() -> object:
+        """RAM left for new guests, in KB."""
+
+    def start(spec: DomainSpec) -> object:
+        """Define and start a domain; fails if it cannot."""
+
+    def state(name: str) -> object:
+        """The libvirt domain state (int), or fails if the domain is unknown."""
+
+    def cpu_time_ns(name: str) -> object:
+        """Cumulative CPU time of the domain in nanoseconds."""
+
+    def shutdown(name: str, timeout_s: float) -> object:
+        """Ask the guest to shut down; destroy it if it has not after ``timeout_s``."""
+
+    def destroy(name: str) -> object:
+        """Stop the domain at once."""
+
+    def watch(callback: object) -> None:
+        """Call ``callback(name, state)`` on every lifecycle event, where supported."""

@@ -1,0 +1,132 @@
+"""Finding and checking plugins.
+
+``load_plugins()`` builds a pluggy manager, loads the ``xenpool`` entry-point group (the
+built-ins are listed there too), asks every plugin to register its providers, and checks
+each factory against its interface. There is no global manager: daemons build one at
+start-up and pass it on; tests build their own from plain modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import pluggy
+from zope.interface import Interface
+from zope.interface.exceptions import Invalid
+from zope.interface.verify import verifyClass, verifyObject
+
+from . import hookspecs
+from .interfaces import IHypervisor, ILoadMetric, IPoolPolicy, IStonith, IStorage
+
+
+@dataclass(frozen=True)
+class Kind:
+    hook: str
+    interface: type[Interface]
+    label: str
+
+
+KINDS = {
+    "load": Kind("xenpool_register_load_metrics", ILoadMetric, "load metric"),
+    "policy": Kind("xenpool_register_pool_policies", IPoolPolicy, "pool policy"),
+    "stonith": Kind("xenpool_register_stonith", IStonith, "stonith"),
+    "storage": Kind("xenpool_register_storage", IStorage, "storage"),
+    "hypervisor": Kind("xenpool_register_hypervisors", IHypervisor, "hypervisor"),
+}
+
+
+class PluginError(Exception):
+    """A plugin that cannot be used; the message names it and what is wrong."""
+
+
+class UnknownProvider(PluginError, LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Provider:
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str  # the plugin (module / entry point) that registered it
+
+
+class Plugins:
+    """The providers every loaded plugin registered, by kind and name."""
+
+    def __init__(self, manager: pluggy.PluginManager) -> None:
+        self.manager = manager
+        self._providers: dict[str, dict[str, Provider]] = {kind: {} for kind in KINDS}
+        for kind, spec in KINDS.items():
+            hook = getattr(manager.hook, spec.hook)
+            for impl in hook.get_hookimpls():
+                plugin_name = manager.get_name(impl.plugin) or repr(impl.plugin)
+                impl.function(register=self._registrar(kind, plugin_name))
+
+    def _registrar(self, kind: str, plugin_name: str) -> Callable[[str, Callable[..., Any]], None]:
+        spec = KINDS[kind]
+
+        def register(name: str, factory: Callable[..., Any]) -> None:
+            existing = self._providers[kind].get(name)
+            if existing is not None:
+                raise PluginError(
+                    f"plugin {plugin_name!r}: {spec.label} {name!r} is already provided by plugin {existing.plugin!r}"
+                )
+            if isinstance(factory, type):
+                try:
+                    verifyClass(spec.interface, factory)
+                except Invalid as err:
+                    raise PluginError(
+                        f"plugin {plugin_name!r}: {spec.label} {name!r} ({factory.__name__}) "
+                        f"does not implement {spec.interface.__name__}: {_one_line(err)}"
+                    ) from None
+            self._providers[kind][name] = Provider(kind, name, factory, plugin_name)
+
+        return register
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._providers[kind])
+
+    def providers(self, kind: str) -> list[Provider]:
+        return [self._providers[kind][n] for n in self.names(kind)]
+
+    def get(self, kind: str, name: str) -> Provider:
+        try:
+            return self._providers[kind][name]
+        except KeyError:
+            installed = ", ".join(self.names(kind)) or "none"
+            raise UnknownProvider(f"no {KINDS[kind].label} named {name!r}; installed: {installed}") from None
+
+    def create(self, kind: str, name: str, **options: Any) -> Any:
+        """Make a provider object and check it against its interface."""
+        provider = self.get(kind, name)
+        spec = KINDS[kind]
+        try:
+            obj = provider.factory(**options)
+        except (TypeError, ValueError) as err:
+            raise PluginError(f"{spec.label} {name!r}: {err}") from None
+        try:
+            verifyObject(spec.interface, obj)
+        except Invalid as err:
+            raise PluginError(
+                f"plugin {provider.plugin!r}: {spec.label} {name!r} made an object that does not "
+                f"provide {spec.interface.__name__}: {_one_line(err)}"
+            ) from None
+        return obj
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def load_plugins(*, entry_points: bool = True, modules: Iterable[object] = ()) -> Plugins:
+    """Build the plugin set: the ``xenpool`` entry points (built-ins included) and any
+    extra plugin ``modules`` (handy in tests)."""
+    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager.add_hookspecs(hookspecs)
+    if entry_points:
+        manager.load_setuptools_entrypoints(hookspecs.PROJECT)
+    for module in modules:
+        manager.register(module)
+    return Plugins(manager)

@@ -1,0 +1,265 @@
+"""The PE <-> PU application messages (the prototype's, made portable), sans-IO.
+
+Header (8 bytes, network byte order): type (8 bits), flags (8 bits), length (16 bits,
+whole message), version (16 bits), reserved (16 bits). Strings are a 16-bit length and
+UTF-8 bytes; integers are fixed-width. The fields are those of the prototype's packed C
+structs (THESIS-NOTES, "Application messages"), plus vCPUs, a reason text and a stop.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+import struct
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .errors import Cause, ProtocolError
+
+VERSION = 1
+# Our SCTP payload protocol identifier for application messages (and the shim's PPID
+# over TCP). Not IANA-assigned: "XPL1".
+XENPOOL_PPID = 0x58504C31
+
+MAX_SERVER_ID = 32
+MAX_DISK = 256
+MAX_IP_LIST = 256
+MAX_REASON = 256
+MAX_SESSION_MESSAGE = 2048
+SERVER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class SessionType(enum.IntEnum):
+    CREATE_SERVER = 0x01
+    CREATE_FAILED = 0x02
+    CREATE_SUCCESS = 0x03
+    CHECK_RUNNING = 0x10
+    CHECK_RUNNING_RESPONSE = 0x11
+    STOP_SERVER = 0x20
+    STOP_RESULT = 0x21
+
+
+class ResultCode(enum.IntEnum):
+    """Answer codes: the prototype's (-1, 0, 11, 12, 13, 50) and xenpool's (14-16)."""
+
+    UNSPECIFIED = -1
+    STARTED = 0
+    NO_RAM = 11
+    DISK_UNREACHABLE = 12
+    ALREADY_RUNNING = 13
+    COOKIE_REJECTED = 14
+    FENCE_FAILED = 15
+    INVALID_REQUEST = 16
+    NORMAL_END = 50
+
+
+@dataclass(frozen=True, slots=True)
+class SessionMessage:
+    TYPE: ClassVar[int]
+
+
+@dataclass(frozen=True, slots=True)
+class CreateServer(SessionMessage):
+    """Start (or, after a failover, keep) VM ``server_id``."""
+
+    TYPE = SessionType.CREATE_SERVER
+    server_id: str
+    disk: str
+    ips: tuple[str, ...]
+    ram_mb: int
+    vcpus: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class CreateResult(SessionMessage):
+    """create_success (code 0) or create_failed (any other code) with a reason."""
+
+    TYPE = SessionType.CREATE_SUCCESS
+    server_id: str
+    code: int
+    available_ram_kb: int
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code == ResultCode.STARTED
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRunning(SessionMessage):
+    """The PU's heartbeat; ``interval_s`` is how often it will ask."""
+
+    TYPE = SessionType.CHECK_RUNNING
+    server_id: str
+    interval_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRunningResponse(SessionMessage):
+    """The VM's libvirt domain state (VIR_DOMAIN_RUNNING = 1, ...)."""
+
+    TYPE = SessionType.CHECK_RUNNING_RESPONSE
+    server_id: str
+    state: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopServer(SessionMessage):
+    TYPE = SessionType.STOP_SERVER
+    server_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StopResult(SessionMessage):
+    TYPE = SessionType.STOP_RESULT
+    server_id: str
+    code: int
+    reason: str = ""
+
+
+_HEADER = struct.Struct("!BBHHH")
+_U16 = struct.Struct("!H")
+
+
+class _Writer:
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def text(self, value: str, limit: int, field: str) -> None:
+        raw = value.encode()
+        if len(raw) > limit:
+            raise ValueError(f"{field} longer than {limit} bytes")
+        self.parts.append(_U16.pack(len(raw)) + raw)
+
+    def pack(self, fmt: str, *values: int) -> None:
+        self.parts.append(struct.pack(fmt, *values))
+
+
+class _Reader:
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes, pos: int) -> None:
+        self.data = data
+        self.pos = pos
+
+    def text(self, limit: int, field: str) -> str:
+        start = self.pos
+        if len(self.data) - start < 2:
+            raise ProtocolError("truncated length", field=field, offset=start)
+        (n,) = _U16.unpack_from(self.data, start)
+        if n > limit:
+            raise ProtocolError(f"{n} bytes, at most {limit}", field=field, offset=start)
+        end = start + 2 + n
+        if end > len(self.data):
+            raise ProtocolError(f"says {n} bytes, message ends first", field=field, offset=start)
+        self.pos = end
+        try:
+            return self.data[start + 2 : end].decode()
+        except UnicodeDecodeError:
+            raise ProtocolError("not UTF-8", field=field, offset=start + 2) from None
+
+    def unpack(self, fmt: str, field: str) -> tuple:
+        size = struct.calcsize(fmt)
+        if len(self.data) - self.pos < size:
+            raise ProtocolError("truncated", field=field, offset=self.pos)
+        values = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return values
+
+
+def check_server_id(server_id: str, offset: int = 0) -> None:
+    if not server_id or len(server_id) > MAX_SERVER_ID or not SERVER_ID_PATTERN.fullmatch(server_id):
+        raise ProtocolError(
+            f"{server_id!r}: 1-{MAX_SERVER_ID} letters, digits, '.', '_' or '-'",
+            field="server_id",
+            offset=offset,
+        )
+
+
+def check_create(msg: CreateServer) -> None:
+    """The semantic checks of a create request (sizes are checked by the codec)."""
+    check_server_id(msg.server_id)
+    if msg.ram_mb <= 0:
+        raise ProtocolError("must be at least 1 MB", field="ram_mb", offset=0)
+    if msg.vcpus <= 0:
+        raise ProtocolError("must be at least 1", field="vcpus", offset=0)
+    for ip in msg.ips:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise ProtocolError(f"{ip!r} is not an IP address", field="ips", offset=0) from None
+
+
+def encode(msg: SessionMessage) -> bytes:
+    w = _Writer()
+    mtype = msg.TYPE
+    if isinstance(msg, CreateServer):
+        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+        w.text(msg.disk, MAX_DISK, "disk")
+        w.text(" ".join(msg.ips), MAX_IP_LIST, "ips")
+        w.pack("!IH2x", msg.ram_mb, msg.vcpus)
+    elif isinstance(msg, CreateResult):
+        mtype = SessionType.CREATE_SUCCESS if msg.ok else SessionType.CREATE_FAILED
+        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+        w.pack("!iQ", msg.code, msg.available_ram_kb)
+        w.text(msg.reason, MAX_REASON, "reason")
+    elif isinstance(msg, CheckRunning):
+        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+        w.pack("!I", msg.interval_s)
+    elif isinstance(msg, CheckRunningResponse):
+        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+        w.pack("!i", msg.state)
+    elif isinstance(msg, StopServer):
+        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+    elif isinstance(msg, StopResult):
+        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+        w.pack("!i", msg.code)
+        w.text(msg.reason, MAX_REASON, "reason")
+    else:
+        raise TypeError(f"not a session message: {msg!r}")
+    body = b"".join(w.parts)
+    return _HEADER.pack(mtype, 0, _HEADER.size + len(body), VERSION, 0) + body
+
+
+def decode(data: bytes) -> SessionMessage:
+    """Decode exactly one application message; raises ProtocolError."""
+    if len(data) < _HEADER.size:
+        raise ProtocolError(f"{len(data)} bytes, a header needs {_HEADER.size}", field="length", offset=0)
+    mtype, _flags, length, version, _reserved = _HEADER.unpack_from(data, 0)
+    if length != len(data):
+        raise ProtocolError(f"says {length} bytes, has {len(data)}", field="length", offset=2)
+    if version != VERSION:
+        raise ProtocolError(f"version {version}, this speaks {VERSION}", field="version", offset=4)
+    r = _Reader(data, _HEADER.size)
+    msg: SessionMessage
+    if mtype == SessionType.CREATE_SERVER:
+        server_id = r.text(MAX_SERVER_ID, "server_id")
+        disk = r.text(MAX_DISK, "disk")
+        ips = tuple(r.text(MAX_IP_LIST, "ips").split())
+        ram_mb, vcpus = r.unpack("!IH2x", "ram_mb")
+        msg = CreateServer(server_id, disk, ips, ram_mb, vcpus)
+        check_create(msg)
+    elif mtype in (SessionType.CREATE_SUCCESS, SessionType.CREATE_FAILED):
+        server_id = r.text(MAX_SERVER_ID, "server_id")
+        code, ram_kb = r.unpack("!iQ", "code")
+        if (code == ResultCode.STARTED) != (mtype == SessionType.CREATE_SUCCESS):
+            raise ProtocolError(f"code {code} in message type {mtype}", field="code", offset=r.pos - 12)
+        msg = CreateResult(server_id, code, ram_kb, r.text(MAX_REASON, "reason"))
+    elif mtype == SessionType.CHECK_RUNNING:
+        msg = CheckRunning(r.text(MAX_SERVER_ID, "server_id"), *r.unpack("!I", "interval_s"))
+    elif mtype == SessionType.CHECK_RUNNING_RESPONSE:
+        msg = CheckRunningResponse(r.text(MAX_SERVER_ID, "server_id"), *r.unpack("!i", "state"))
+    elif mtype == SessionType.STOP_SERVER:
+        msg = StopServer(r.text(MAX_SERVER_ID, "server_id"))
+    elif mtype == SessionType.STOP_RESULT:
+        server_id = r.text(MAX_SERVER_ID, "server_id")
+        (code,) = r.unpack("!i", "code")
+        msg = StopResult(server_id, code, r.text(MAX_REASON, "reason"))
+    else:
+        raise ProtocolError(f"unknown message type 0x{mtype:02x}", field="type", offset=0, cause=Cause.UNRECOGNIZED_MESSAGE)
+    if r.pos != len(data):
+        raise ProtocolError(f"{len(data) - r.pos} bytes after the last field", field="length", offset=r.pos)
+    return msg
