@@ -179,18 +179,20 @@ def check_server_id(server_id: str, offset: int = 0) -> None:
         )
 
 
-def check_create(msg: CreateServer) -> None:
-    """The semantic checks of a create request (sizes are checked by the codec)."""
-    check_server_id(msg.server_id)
+def check_create(msg: CreateServer, offsets: dict[str, int] | None = None) -> None:
+    """The semantic checks of a create request (sizes are checked by the codec).
+    ``offsets`` gives each field's byte offset in the message, for the error."""
+    at = (offsets or {}).get
+    check_server_id(msg.server_id, at("server_id", 0))
     if msg.ram_mb <= 0:
-        raise ProtocolError("must be at least 1 MB", field="ram_mb", offset=0)
+        raise ProtocolError("must be at least 1 MB", field="ram_mb", offset=at("ram_mb", 0))
     if msg.vcpus <= 0:
-        raise ProtocolError("must be at least 1", field="vcpus", offset=0)
+        raise ProtocolError("must be at least 1", field="vcpus", offset=at("ram_mb", 0) + 4)
     for ip in msg.ips:
         try:
             ipaddress.ip_address(ip)
         except ValueError:
-            raise ProtocolError(f"{ip!r} is not an IP address", field="ips", offset=0) from None
+            raise ProtocolError(f"{ip!r} is not an IP address", field="ips", offset=at("ips", 0)) from None
 
 
 def encode(msg: SessionMessage) -> bytes:
@@ -236,12 +238,16 @@ def decode(data: bytes) -> SessionMessage:
     r = _Reader(data, _HEADER.size)
     msg: SessionMessage
     if mtype == SessionType.CREATE_SERVER:
+        offsets = {}
+        offsets["server_id"] = r.pos
         server_id = r.text(MAX_SERVER_ID, "server_id")
         disk = r.text(MAX_DISK, "disk")
+        offsets["ips"] = r.pos
         ips = tuple(r.text(MAX_IP_LIST, "ips").split())
+        offsets["ram_mb"] = r.pos
         ram_mb, vcpus = r.unpack("!IH2x", "ram_mb")
         msg = CreateServer(server_id, disk, ips, ram_mb, vcpus)
-        check_create(msg)
+        check_create(msg, offsets)
     elif mtype in (SessionType.CREATE_SUCCESS, SessionType.CREATE_FAILED):
         server_id = r.text(MAX_SERVER_ID, "server_id")
         code, ram_kb = r.unpack("!iQ", "code")

@@ -1,0 +1,60 @@
+"""The README's main job and the xenpool command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from rich.console import Console
+
+from xenpool import __version__, cli, demo
+
+
+def test_demo_walks_through_the_protocol_and_refusals():
+    console = Console(record=True, width=200)
+    assert demo.run(console) == 0
+    text = console.export_text()
+    for expected in (
+        "ASAP REGISTRATION, 56 bytes",
+        "HANDLE_RESOLUTION_RESPONSE (156 bytes)",
+        "bad MAC",
+        "expired",
+        "create_failed, code 16",
+        "UNRECOGNIZED_MESSAGE",
+        "weighted = 0.65",  # 0.75 * 0.6 + 0.25 * 0.8
+    ):
+        assert expected in text, expected
+    assert "accepted?!" not in text
+
+
+def test_version(capsys):
+    try:
+        cli.main(["--version"])
+    except SystemExit as exit_:
+        assert exit_.code == 0
+    assert capsys.readouterr().out.strip() == f"xenpool {__version__}"
+
+
+def test_decode_command(capsys):
+    assert cli.main(["decode", "050000140009000758656e00803f000800000003"]) == 0
+    assert "HandleResolution(pool_handle=b'Xen', items=3)" in capsys.readouterr().out
+    assert cli.main(["decode", "0500ffff"]) == 1
+    assert "message_length at byte 2" in capsys.readouterr().err
+    assert cli.main(["decode", "zz"]) == 2
+
+
+def test_plugins_command(capsys):
+    assert cli.main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "weighted" in out and "builtin" in out
+
+
+def test_bench_codec_json_from_the_console_script():
+    out = subprocess.run(
+        [sys.executable, "-m", "xenpool.cli", "bench", "codec", "--json", "--seconds", "0.05"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    result = json.loads(out)
+    assert {"decode_per_s", "encode_per_s", "ceiling_per_s"} <= set(result)
+    assert result["decode_per_s"] > 0 and result["ceiling_per_s"] > 0

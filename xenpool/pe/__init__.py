@@ -1,0 +1,1 @@
+"""xenpool-pe: the pool element."""

@@ -1,0 +1,1 @@
+"""xenpool-pu: the pool user keeper."""

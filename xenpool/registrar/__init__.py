@@ -1,0 +1,1 @@
+"""xenpool-registrar: the pool registrar."""
