@@ -178,10 +178,10 @@ class EndpointKeepAlive(AsapMessage):
     TYPE = AsapType.ENDPOINT_KEEP_ALIVE
     FLAGS = {"home": 0x01}
     FIXED = ("!I", ("server_id",))
-    PARAMS = (("pool_handle", _HANDLE, ONE), ("pe_identifier", _PE_ID, ONE))
+    PARAMS = (("pool_handle", _HANDLE, ONE), ("pe_identifier", _PE_ID, OPTIONAL))
     server_id: int
     pool_handle: bytes
-    pe_identifier: int
+    pe_identifier: int | None = None
     home: bool = False
 
 
