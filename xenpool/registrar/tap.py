@@ -1,15 +1,56 @@
-"""``twistd -n xenpool-registrar``: the pool registrar.
+"""``twistd -n xenpool-registrar``: the RSerPool pool registrar.
 
-Only the command line exists so far; the service arrives with issue 3, so starting
-it stops at once with a message saying so.
+    twistd -n xenpool-registrar --asap tcp:3863 --status tcp:8080 \\
+        --config etc/xenpool/registrar.conf
 """
+
+from __future__ import annotations
+
+import random
 
 from twisted.python import usage
 
+from ..config import Setting, id32, make_options, positive_float, positive_int
+from ..protocol.messages import ASAP_PORT, MAX_MESSAGE_SIZE
 
-class Options(usage.Options):
-    optParameters = [["config", "c", None, "config file (etc/xenpool/*.conf)"]]
+SETTINGS = [
+    Setting("asap", [f"tcp:{ASAP_PORT}"], str, "ASAP endpoint for PEs and PUs", multiple=True),
+    Setting("status", None, str, "HTTP endpoint for /handlespace (JSON) and /metrics (Prometheus)"),
+    Setting("registrar-id", None, id32, "this registrar's 32-bit identifier (default: random)"),
+    Setting("keep-alive-interval", 5.0, positive_float, "seconds between keep-alives to each PE"),
+    Setting("keep-alive-timeout", 5.0, positive_float, "seconds a PE has to answer a keep-alive"),
+    Setting("max-bad-pe-reports", 3, positive_int, "ENDPOINT_UNREACHABLE reports that remove a PE"),
+    Setting("max-resolution-items", 3, positive_int, "PEs per handle resolution answer"),
+    Setting("idle-timeout", 60.0, positive_float, "seconds before a silent connection is closed"),
+    Setting("max-message-size", MAX_MESSAGE_SIZE, positive_int, "largest ASAP message accepted, bytes"),
+]
+
+Options = make_options(SETTINGS, "registrar", "Run an RSerPool pool registrar.")
 
 
-def makeService(options: Options):
-    raise SystemExit("xenpool-registrar: the pool registrar is not implemented yet (issue 3)")
+def makeService(options: usage.Options):
+    from twisted.internet import reactor
+
+    from ..plugins import load_plugins
+    from .core import Registrar, Timers
+    from .handlespace import Handlespace
+    from .service import Metrics, RegistrarService
+
+    s = options.settings
+    plugins = load_plugins()
+    policies = {}
+    for name in plugins.names("policy"):
+        provider = plugins.create("policy", name)
+        policies[provider.policy_type] = provider
+    registrar_id = s["registrar-id"] or random.SystemRandom().randrange(1, 2**32)
+    handlespace = Handlespace(
+        registrar_id, policies, max_bad_pe_reports=s["max-bad-pe-reports"], max_resolution_items=s["max-resolution-items"]
+    )
+    metrics = Metrics(handlespace)
+    registrar = Registrar(
+        handlespace, reactor, Timers(s["keep-alive-interval"], s["keep-alive-timeout"]), observer=metrics
+    )
+    return RegistrarService(
+        registrar, metrics, asap=s["asap"], status=s["status"], idle_timeout=s["idle-timeout"],
+        max_message_size=s["max-message-size"],
+    )  # fmt: skip

@@ -1,0 +1,208 @@
+"""The handlespace: pools and their pool elements, sans-IO (RFC 5351/5352/5353).
+
+Plain Python fed with requests and the current time; it answers with results and
+never does I/O. The registrar service wires it to sockets and timers.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+from typing import Hashable, Iterator
+
+from ..protocol import params as P
+from ..protocol.errors import Cause
+
+DEFAULT_MAX_BAD_PE_REPORTS = 3
+DEFAULT_MAX_RESOLUTION_ITEMS = 3
+# However many PEs a Handle Resolution Option asks for, one answer carries at most this
+# many (0xffffffff means "as many as possible").
+RESOLUTION_ITEMS_LIMIT = 256
+
+
+class HandlespaceError(Exception):
+    """A request the handlespace refuses; ``cause`` is the RFC 5354 error cause."""
+
+    def __init__(self, cause: Cause, reason: str) -> None:
+        super().__init__(reason)
+        self.cause = cause
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class PoolEntry:
+    """One PE as the handlespace keeps it."""
+
+    pool_handle: bytes
+    element: P.PoolElement  # as registered; home registrar and policy kept current
+    owner: Hashable | None  # the ASAP association that registered it (None: learned via ENRP)
+    registered_at: float
+    last_update: float
+    expires_at: float  # end of the registration life
+    unreachable_reports: int = 0
+
+    @property
+    def identifier(self) -> int:
+        return self.element.identifier
+
+    @property
+    def home_registrar(self) -> int:
+        return self.element.home_registrar
+
+
+@dataclass(slots=True)
+class Pool:
+    handle: bytes
+    policy_type: int
+    transport_type: type
+    selection: object  # IPoolSelection
+    entries: dict[int, PoolEntry] = field(default_factory=dict)
+
+
+def checksum_of(entries: Iterator[PoolEntry]) -> int:
+    """The 16-bit handlespace checksum over (pool handle, PE id) of the given PEs, as
+    rsplib computes it: a one's-complement sum of 16-bit words, inverted."""
+    total = 0
+    for entry in entries:
+        data = entry.pool_handle
+        if len(data) % 2:
+            data += b"\0"
+        total += sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+        total += (entry.identifier >> 16) + (entry.identifier & 0xFFFF)
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+class Handlespace:
+    """Pools by handle, with registration rules, expiry and selection by policy.
+
+    ``policies`` maps a policy type code to an IPoolPolicy provider.
+    """
+
+    def __init__(
+        self,
+        registrar_id: int,
+        policies: dict[int, object],
+        *,
+        rng: random.Random | None = None,
+        max_bad_pe_reports: int = DEFAULT_MAX_BAD_PE_REPORTS,
+        max_resolution_items: int = DEFAULT_MAX_RESOLUTION_ITEMS,
+    ) -> None:
+        self.registrar_id = registrar_id
+        self.policies = policies
+        self.rng = rng or random.Random()
+        self.max_bad_pe_reports = max_bad_pe_reports
+        self.max_resolution_items = max_resolution_items
+        self.pools: dict[bytes, Pool] = {}
+
+    # ------------------------------------------------------------ registration
+
+    def register(
+        self, handle: bytes, element: P.PoolElement, *, now: float, owner: Hashable | None, home: int | None = None
+    ) -> PoolEntry:
+        """Add or update a PE; raises HandlespaceError with the RFC's cause."""
+        policy_type = element.policy.policy_type
+        pool = self.pools.get(handle)
+        if pool is None:
+            provider = self.policies.get(policy_type)
+            if provider is None:
+                raise HandlespaceError(Cause.INCONSISTENT_POLICY, f"policy 0x{policy_type:08x} is not supported here")
+            pool = Pool(handle, policy_type, type(element.user_transport), provider.new_selection(self.rng))
+        elif pool.policy_type != policy_type:
+            raise HandlespaceError(
+                Cause.INCONSISTENT_POLICY,
+                f"pool {handle!r} uses policy 0x{pool.policy_type:08x}, the PE asked for 0x{policy_type:08x}",
+            )
+        elif type(element.user_transport) is not pool.transport_type and pool.entries:
+            raise HandlespaceError(
+                Cause.INCONSISTENT_TRANSPORT,
+                f"pool {handle!r} uses {pool.transport_type.__name__}, the PE offers {type(element.user_transport).__name__}",
+            )
+        existing = pool.entries.get(element.identifier)
+        if existing is not None and existing.element.user_transport != element.user_transport:
+            raise HandlespaceError(
+                Cause.NON_UNIQUE_PE_IDENTIFIER,
+                f"PE 0x{element.identifier:08x} is already registered from {existing.element.user_transport}",
+            )
+        life_s = element.registration_life / 1000 if element.registration_life > 0 else float("inf")
+        element = replace(element, home_registrar=self.registrar_id if home is None else home, asap_transport=None)
+        if existing is None:
+            entry = PoolEntry(handle, element, owner, now, now, now + life_s)
+            pool.entries[element.identifier] = entry
+            self.pools[handle] = pool
+        else:
+            entry = existing
+            entry.element, entry.owner, entry.last_update, entry.expires_at = element, owner, now, now + life_s
+            entry.unreachable_reports = 0
+        pool.selection.update(element.identifier, element.policy)
+        return entry
+
+    def deregister(self, handle: bytes, identifier: int) -> PoolEntry:
+        pool = self.pools.get(handle)
+        if pool is None:
+            raise HandlespaceError(Cause.UNKNOWN_POOL_HANDLE, f"no pool {handle!r}")
+        entry = pool.entries.get(identifier)
+        if entry is None:
+            raise HandlespaceError(Cause.INVALID_VALUES, f"no PE 0x{identifier:08x} in pool {handle!r}")
+        self._remove(pool, entry)
+        return entry
+
+    def _remove(self, pool: Pool, entry: PoolEntry) -> None:
+        del pool.entries[entry.identifier]
+        pool.selection.remove(entry.identifier)
+        if not pool.entries:
+            del self.pools[pool.handle]
+
+    def report_unreachable(self, handle: bytes, identifier: int) -> PoolEntry | None:
+        """Count an ENDPOINT_UNREACHABLE; returns the entry if it was removed."""
+        pool = self.pools.get(handle)
+        entry = pool.entries.get(identifier) if pool else None
+        if entry is None:
+            return None
+        entry.unreachable_reports += 1
+        if entry.unreachable_reports >= self.max_bad_pe_reports:
+            self._remove(pool, entry)
+            return entry
+        return None
+
+    def expire(self, now: float) -> list[PoolEntry]:
+        """Remove every PE whose registration life has ended."""
+        gone = [e for pool in self.pools.values() for e in pool.entries.values() if e.expires_at <= now]
+        for entry in gone:
+            self._remove(self.pools[entry.pool_handle], entry)
+        return gone
+
+    def remove_owned_by(self, owner: Hashable) -> list[PoolEntry]:
+        """Drop the PEs an ASAP association registered (it closed or failed its audit)."""
+        gone = [e for e in self.entries() if e.owner == owner]
+        for entry in gone:
+            self._remove(self.pools[entry.pool_handle], entry)
+        return gone
+
+    # ------------------------------------------------------------- resolution
+
+    def resolve(self, handle: bytes, items: int | None = None) -> list[P.PoolElement]:
+        pool = self.pools.get(handle)
+        if pool is None:
+            raise HandlespaceError(Cause.UNKNOWN_POOL_HANDLE, f"no pool {handle!r}")
+        count = min(items or self.max_resolution_items, RESOLUTION_ITEMS_LIMIT)
+        return [pool.entries[i].element for i in pool.selection.select(count)]
+
+    # ---------------------------------------------------------------- queries
+
+    def entries(self) -> Iterator[PoolEntry]:
+        for pool in self.pools.values():
+            yield from pool.entries.values()
+
+    def get(self, handle: bytes, identifier: int) -> PoolEntry | None:
+        pool = self.pools.get(handle)
+        return pool.entries.get(identifier) if pool else None
+
+    def checksum(self, home: int | None = None) -> int:
+        """PE checksum over the PEs whose home is ``home`` (default: this registrar)."""
+        home = self.registrar_id if home is None else home
+        return checksum_of(e for e in self.entries() if e.home_registrar == home)
+
+    def __len__(self) -> int:
+        return sum(len(pool.entries) for pool in self.pools.values())

@@ -1,0 +1,212 @@
+"""The registrar daemon: ASAP over stream endpoints, status over HTTP."""
+
+from __future__ import annotations
+
+import json
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from twisted.application import service, strports
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.web import resource, server
+
+from ..protocol import framing
+from ..protocol import messages as M
+from ..protocol import params as P
+from ..protocol.errors import Cause, ProtocolError
+from .core import Registrar
+from .handlespace import Handlespace, PoolEntry
+
+log = Logger()
+
+
+class AsapProtocol(Protocol, TimeoutMixin):
+    """One PE's or PU's ASAP association over a byte stream."""
+
+    def __init__(self, registrar: Registrar, idle_timeout: float, max_message_size: int, metrics: "Metrics") -> None:
+        self.registrar = registrar
+        self.idle_timeout = idle_timeout
+        self.metrics = metrics
+        self.stream = framing.RSerPoolStream(M.ASAP_PPID, max_message_size)
+
+    def connectionMade(self) -> None:
+        self.setTimeout(self.idle_timeout)
+
+    def send(self, message: M.Message) -> None:
+        self.transport.write(M.encode(message))
+
+    def close(self) -> None:
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        try:
+            self.stream.feed(data)
+        except ProtocolError as err:
+            self._refuse(err)
+            return
+        while True:
+            try:
+                message = self.stream.next_message()
+            except ProtocolError as err:
+                self._refuse(err)
+                if err.fatal:
+                    return
+                continue
+            if message is None:
+                break
+            self.registrar.handle(message, self)
+        if self.stream.reports:
+            causes = tuple(P.ErrorCause(Cause.UNRECOGNIZED_PARAMETER, tlv) for tlv in self.stream.reports[:16])
+            self.stream.reports.clear()
+            self.send(M.AsapError(P.OperationError(causes)))
+
+    def _refuse(self, err: ProtocolError) -> None:
+        log.info("bad ASAP input from {peer}: {err}", peer=self.transport.getPeer(), err=str(err))
+        self.metrics.refused(err.cause)
+        if err.report:
+            self.send(M.error_for(err))
+        if err.fatal:
+            self.transport.loseConnection()
+
+    def timeoutConnection(self) -> None:
+        # A PE answers keep-alives, so only a silent client is cut off.
+        log.info("closing idle ASAP connection from {peer}", peer=self.transport.getPeer())
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        self.setTimeout(None)
+        self.registrar.association_lost(self)
+
+
+class AsapFactory(Factory):
+    def __init__(self, registrar: Registrar, idle_timeout: float, max_message_size: int, metrics: "Metrics") -> None:
+        self.registrar = registrar
+        self.idle_timeout = idle_timeout
+        self.max_message_size = max_message_size
+        self.metrics = metrics
+
+    def buildProtocol(self, addr) -> AsapProtocol:
+        return AsapProtocol(self.registrar, self.idle_timeout, self.max_message_size, self.metrics)
+
+
+class Metrics:
+    """Prometheus metrics of one registrar (its own registry, no globals)."""
+
+    def __init__(self, handlespace: Handlespace) -> None:
+        self.registry = CollectorRegistry()
+        self.handlespace = handlespace
+        self.registrations = Counter("xenpool_registrations", "Registrations accepted (new and updates)", ["kind"], registry=self.registry)
+        self.removals = Counter("xenpool_pe_removals", "PEs removed from the handlespace", ["reason"], registry=self.registry)
+        self.resolutions = Counter("xenpool_handle_resolutions", "Handle resolutions answered", registry=self.registry)
+        self.errors = Counter("xenpool_errors", "Requests refused or malformed, by RFC 5354 cause", ["cause"], registry=self.registry)
+        self.takeovers = Counter("xenpool_takeovers", "Takeovers of a dead peer's PEs", registry=self.registry)
+        self.peers = Gauge("xenpool_peers", "ENRP peers currently alive", registry=self.registry)
+        self.registry.register(self)
+
+    def collect(self):
+        family = GaugeMetricFamily("xenpool_pool_elements", "PEs per pool", labels=["pool"])
+        for handle, pool in self.handlespace.pools.items():
+            family.add_metric([handle.decode("utf-8", "replace")], len(pool.entries))
+        yield family
+
+    # Observer interface
+    def registered(self, entry: PoolEntry, new: bool) -> None:
+        self.registrations.labels("new" if new else "update").inc()
+
+    def removed(self, entry: PoolEntry, why: str) -> None:
+        self.removals.labels(why).inc()
+
+    def resolved(self, handle: bytes, count: int) -> None:
+        self.resolutions.inc()
+
+    def refused(self, cause: int) -> None:
+        try:
+            name = Cause(cause).name.lower()
+        except ValueError:
+            name = f"0x{cause:x}"
+        self.errors.labels(name).inc()
+
+
+def _transport_json(t: P.Transport) -> dict:
+    return {"kind": type(t).__name__.removesuffix("Transport").lower(), "addresses": list(t.addresses), "port": t.port}
+
+
+def handlespace_json(registrar: Registrar, now: float) -> dict:
+    pools = []
+    for handle, pool in sorted(registrar.handlespace.pools.items()):
+        pes = []
+        for entry in sorted(pool.entries.values(), key=lambda e: e.identifier):
+            element = entry.element
+            pes.append(
+                {
+                    "identifier": element.identifier,
+                    "home_registrar": element.home_registrar,
+                    "transport": _transport_json(element.user_transport),
+                    "policy": P.PolicyType(element.policy.policy_type).name
+                    if element.policy.policy_type in P.PolicyType.__members__.values()
+                    else element.policy.policy_type,
+                    "load": round(P.load_from_wire(element.policy.load), 4),
+                    "registration_life_ms": element.registration_life,
+                    "seconds_since_update": round(now - entry.last_update, 3),
+                }
+            )
+        pools.append({"handle": handle.decode("utf-8", "replace"), "pool_elements": pes})
+    return {"registrar_id": registrar.registrar_id, "pools": pools}
+
+
+class StatusResource(resource.Resource):
+    def __init__(self, registrar: Registrar, metrics: Metrics) -> None:
+        super().__init__()
+        self.putChild(b"handlespace", _Handlespace(registrar))
+        self.putChild(b"metrics", _Metrics(metrics))
+
+
+class _Handlespace(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, registrar: Registrar) -> None:
+        super().__init__()
+        self.registrar = registrar
+
+    def render_GET(self, request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(handlespace_json(self.registrar, self.registrar.clock.seconds()), indent=1).encode()
+
+
+class _Metrics(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def render_GET(self, request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4")
+        return generate_latest(self.metrics.registry)
+
+
+class RegistrarService(service.MultiService):
+    """Starts the registrar core and listens on its endpoints."""
+
+    def __init__(self, registrar: Registrar, metrics: Metrics, *, asap: list[str], status: str | None,
+                 idle_timeout: float, max_message_size: int) -> None:  # fmt: skip
+        super().__init__()
+        self.registrar = registrar
+        self.metrics = metrics
+        factory = AsapFactory(registrar, idle_timeout, max_message_size, metrics)
+        for description in asap:
+            strports.service(description, factory).setServiceParent(self)
+        if status:
+            strports.service(status, server.Site(StatusResource(registrar, metrics))).setServiceParent(self)
+
+    def startService(self) -> None:
+        self.registrar.start()
+        log.info("registrar {id:#010x} started", id=self.registrar.registrar_id)
+        super().startService()
+
+    def stopService(self):
+        self.registrar.stop()
+        return super().stopService()
