@@ -42,7 +42,7 @@ fi
 stamp="$VENV/.xenpool-installed"
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "installing xenpool into $VENV (editable, with test extras)"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
     "$VENV/bin/python" -m pip install -q -e '.[test]'
     touch "$stamp"
 fi

@@ -8,6 +8,7 @@ start-up and pass it on; tests build their own from plain modules.
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -104,8 +105,8 @@ class Plugins:
         spec = KINDS[kind]
         try:
             obj = provider.factory(**options)
-        except (TypeError, ValueError) as err:
-            raise PluginError(f"{spec.label} {name!r}: {err}") from None
+        except Exception as err:  # a plugin's failure must not escape as a traceback
+            raise PluginError(f"plugin {provider.plugin!r}: {spec.label} {name!r}: {_one_line(err)}") from None
         try:
             verifyObject(spec.interface, obj)
         except Invalid as err:
@@ -120,13 +121,37 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
+def _register(manager: pluggy.PluginManager, plugin: object, name: str) -> None:
+    try:
+        manager.register(plugin, name=name)
+    except pluggy.PluginValidationError as err:
+        raise PluginError(f"plugin {name!r}: {_one_line(err)}") from None
+
+
 def load_plugins(*, entry_points: bool = True, modules: Iterable[object] = ()) -> Plugins:
     """Build the plugin set: the ``xenpool`` entry points (built-ins included) and any
-    extra plugin ``modules`` (handy in tests)."""
+    extra plugin ``modules`` (handy in tests).
+
+    Entry points are loaded here, not at import. Each is named ``dist:entry`` so two
+    packages cannot shadow each other by choosing the same entry-point name.
+    """
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
     if entry_points:
-        manager.load_setuptools_entrypoints(hookspecs.PROJECT)
+        for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
+            dist = ep.dist.name if ep.dist is not None else "?"
+            name = "builtin" if dist == "xenpool" and ep.name == "builtin" else f"{dist}:{ep.name}"
+            if manager.has_plugin(name):  # the same distribution seen twice on sys.path
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as err:
+                raise PluginError(f"plugin {name!r} ({ep.value}) cannot be loaded: {_one_line(err)}") from None
+            _register(manager, plugin, name)
     for module in modules:
-        manager.register(module)
+        _register(manager, module, getattr(module, "__name__", repr(module)))
+    try:
+        manager.check_pending()
+    except pluggy.PluginValidationError as err:
+        raise PluginError(_one_line(err)) from None
     return Plugins(manager)

@@ -1,0 +1,181 @@
+"""In a fresh venv, `pip install .` then `twistd --help` lists the xenpool daemons.
+
+The fresh venv gets no pip and no dependencies of its own: a .pth file puts this venv's
+site-packages on its path as a plain directory, so Twisted, pluggy, pip, setuptools...
+resolve from here, while this venv's .pth files (the editable-install finder, the
+checkout path for twistd) are not processed. xenpool itself is a real, non-editable
+install in the fresh venv's site-packages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+DAEMONS = ("xenpool-registrar", "xenpool-pe", "xenpool-pu")
+# Not part of the source tree: the venv, VCS data and build/test leftovers.
+NOT_SOURCE = shutil.ignore_patterns(
+    ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+    ".hypothesis", ".benchmarks", "dropin.cache", "*.pcap", ".coverage*", "htmlcov", "_trial_temp",
+)
+
+
+def run(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def _ensure_build_tools(cwd: Path) -> None:
+    """--no-build-isolation builds with this venv's setuptools (and, before setuptools
+    70.1, wheel's bdist_wheel); the fresh venv sees them through the .pth file."""
+    missing = [name for name in ("setuptools", "wheel") if importlib.util.find_spec(name) is None]
+    if missing:
+        run(sys.executable, "-m", "pip", "install", "--quiet", *missing, cwd=cwd)
+
+
+class Fresh(NamedTuple):
+    venv: Path  # the fresh venv
+    site: Path  # its site-packages
+    cwd: Path  # an empty directory to run commands in
+    source: Path  # the copy of the working tree that was installed
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory) -> Fresh:
+    """A fresh venv with xenpool pip-installed from the working tree (not editable)."""
+    base = tmp_path_factory.mktemp("install")
+    cwd = base / "elsewhere"  # neither the checkout nor the venv: nothing on sys.path by accident
+    cwd.mkdir()
+    _ensure_build_tools(cwd)
+
+    venv = base / "venv"
+    run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=cwd)
+    python = venv / "bin" / "python"
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = Path(run(python, "-c", purelib, cwd=cwd).stdout.strip())
+    ours = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    (site / "test-venv-site-packages.pth").write_text("".join(f"{p}\n" for p in ours))
+
+    # Install from a copy of the working tree: an in-tree build would write build/ and
+    # xenpool.egg-info into the checkout (and reuse a stale build/lib).
+    source = base / "source"
+    shutil.copytree(ROOT, source, ignore=NOT_SOURCE)
+    run(python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", source, cwd=cwd)
+    return Fresh(venv, site, cwd, source)
+
+
+def test_twistd_help_lists_the_xenpool_daemons(fresh):
+    venv, site, cwd, source = fresh
+    twistd_help = "import sys; from twisted.scripts.twistd import run; sys.argv = ['twistd', '--help']; run()"
+    out = run(venv / "bin" / "python", "-c", twistd_help, cwd=cwd).stdout
+    for daemon in DAEMONS:
+        assert daemon in out, out
+
+
+def test_the_drop_in_comes_from_the_installed_copy(fresh):
+    venv, site, cwd, source = fresh
+    check = textwrap.dedent(
+        """
+        import json
+        from twisted.application.service import IServiceMaker
+        from twisted.plugin import getPlugins
+        import twisted.plugins
+        import twisted.plugins.xenpool_plugins as dropin
+        print(json.dumps({
+            "dropin": dropin.__file__,
+            "path": list(twisted.plugins.__path__),
+            "tapnames": sorted(p.tapname for p in getPlugins(IServiceMaker)),
+        }))
+        """
+    )
+    found = json.loads(run(venv / "bin" / "python", "-c", check, cwd=cwd).stdout)
+    assert Path(found["dropin"]) == site / "twisted" / "plugins" / "xenpool_plugins.py"
+    # Twisted's own plugins (from this venv) and ours (from the fresh venv); not the checkout's.
+    assert str(site / "twisted" / "plugins") in found["path"]
+    assert str(ROOT / "twisted" / "plugins") not in found["path"]
+    assert set(DAEMONS) <= set(found["tapnames"])
+
+
+def test_xenpool_version_from_the_fresh_venv(fresh):
+    venv, site, cwd, source = fresh
+    from xenpool import __version__
+
+    out = run(venv / "bin" / "xenpool", "--version", cwd=cwd).stdout
+    assert out.strip() == f"xenpool {__version__}"
+    assert (venv / "bin" / "xenpool").read_text().startswith(f"#!{venv / 'bin' / 'python'}")
+
+
+def test_the_installed_xenpool_is_the_fresh_venvs_copy(fresh):
+    venv, site, cwd, source = fresh
+    check = textwrap.dedent(
+        """
+        import importlib.metadata, json
+        import xenpool, xenpool_plugins
+        from xenpool.plugins import load_plugins
+        provider = load_plugins().get("load", "weighted")
+        print(json.dumps({
+            "xenpool": xenpool.__file__,
+            "xenpool_plugins": xenpool_plugins.__file__,
+            "builtin": __import__(provider.factory.__module__, fromlist=["_"]).__file__,
+            "dist": str(importlib.metadata.distribution("xenpool")._path),
+        }))
+        """
+    )
+    out = run(venv / "bin" / "python", "-c", check, cwd=cwd).stdout
+    found = {key: Path(value) for key, value in json.loads(out).items()}
+    assert found["xenpool"] == site / "xenpool" / "__init__.py"
+    assert found["xenpool_plugins"] == site / "xenpool_plugins" / "__init__.py"
+    assert found["builtin"] == site / "xenpool_plugins" / "load.py"
+    assert found["dist"].parent == site
+    for path in found.values():
+        assert not path.is_relative_to(ROOT)
+
+
+def test_the_wheel_installs_no_twisted_package_init(fresh):
+    venv, site, cwd, source = fresh
+    # An __init__.py in twisted/plugins (or twisted/) would hide Twisted's own plugins.
+    assert (site / "twisted" / "plugins" / "xenpool_plugins.py").is_file()
+    assert not (site / "twisted" / "plugins" / "__init__.py").exists()
+    assert not (site / "twisted" / "__init__.py").exists()
+    [record] = site.glob("xenpool-*.dist-info/RECORD")
+    files = {line.split(",")[0] for line in record.read_text().splitlines()}
+    assert "twisted/plugins/xenpool_plugins.py" in files
+    assert not {"twisted/__init__.py", "twisted/plugins/__init__.py"} & files
+    assert not any(name.endswith("dropin.cache") for name in files)
+
+
+def test_every_source_module_is_installed(fresh):
+    venv, site, cwd, source = fresh
+    # setup.cfg lists packages by hand; a sub-package missing there is missing here.
+    expected = [
+        Path(package) / module.relative_to(source / directory)
+        for directory, package in [("xenpool", "xenpool"), ("plugins", "xenpool_plugins"), ("twisted", "twisted")]
+        for module in (source / directory).rglob("*.py")
+    ]
+    assert len(expected) > 10
+    missing = sorted(str(path) for path in expected if not (site / path).is_file())
+    assert not missing, f"in the source tree but not installed: {missing}"
+
+
+@pytest.mark.parametrize("daemon", DAEMONS)
+def test_each_daemons_options_load_from_the_installed_copy(fresh, daemon):
+    venv, site, cwd, source = fresh
+    # `twistd DAEMON --help` imports the daemon's tap module for its options.
+    daemon_help = (
+        f"import sys; from twisted.scripts.twistd import run; sys.argv = ['twistd', {daemon!r}, '--help']; run()"
+    )
+    out = run(venv / "bin" / "python", "-c", daemon_help, cwd=cwd).stdout
+    assert f"Usage: twistd [options] {daemon} [options]" in out, out

@@ -1,0 +1,421 @@
+"""Plugin loading and checking (xenpool.plugins), the built-in load metrics, and the
+example third-party plugin in examples/xenpool-ram-load installed for real."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+from zope.interface import implementer
+
+from xenpool.hookspecs import hookimpl
+from xenpool.interfaces import ILoadMetric, LoadSample
+from xenpool.plugins import PluginError, UnknownProvider, load_plugins
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "xenpool-ram-load"
+BUILTIN_LOAD_METRICS = {"max", "cpu", "weighted"}
+
+
+# -- the built-ins, found through the entry point -------------------------------------
+
+
+def test_entry_point_brings_the_builtin_load_metrics():
+    plugins = load_plugins()
+    # Other installed plugins may add metrics; these three come from the "builtin" entry point.
+    builtin = {p.name for p in plugins.providers("load") if p.plugin == "builtin"}
+    assert builtin == BUILTIN_LOAD_METRICS
+    assert BUILTIN_LOAD_METRICS <= set(plugins.names("load"))
+
+
+def test_without_entry_points_there_are_no_providers():
+    plugins = load_plugins(entry_points=False)
+    assert plugins.names("load") == []
+
+
+def test_create_weighted_with_options():
+    metric = load_plugins().create("load", "weighted", cpu=0.5, ram=0.5)
+    assert ILoadMetric.providedBy(metric)
+    assert (metric.cpu_weight, metric.ram_weight) == (0.5, 0.5)
+    assert metric.load(LoadSample(cpu=0.5, ram=0.25)) == 0.375
+
+
+def test_unknown_name_lists_the_installed_names():
+    plugins = load_plugins()
+    with pytest.raises(UnknownProvider) as caught:
+        plugins.create("load", "no-such-metric")
+    message = str(caught.value)
+    assert "'no-such-metric'" in message
+    assert f"installed: {', '.join(plugins.names('load'))}" in message
+    for name in BUILTIN_LOAD_METRICS:
+        assert name in message
+    assert isinstance(caught.value, LookupError)
+    assert isinstance(caught.value, PluginError)
+
+
+def test_unknown_name_with_nothing_installed_says_none():
+    with pytest.raises(UnknownProvider, match="installed: none"):
+        load_plugins(entry_points=False).get("load", "max")
+
+
+@pytest.mark.parametrize(
+    "options, detail",
+    [
+        pytest.param({"cpu": -0.5}, "cpu=-0.5", id="negative"),
+        pytest.param({"cpu": 0, "ram": 0}, "cpu=0.0, ram=0.0", id="both-zero"),
+        pytest.param({"cpu": "lots"}, "lots", id="not-a-number"),
+        pytest.param({"disk": 0.5}, "disk", id="unknown-option"),
+    ],
+)
+def test_bad_weights_raise_plugin_error_naming_the_plugin(options, detail):
+    with pytest.raises(PluginError) as caught:
+        load_plugins().create("load", "weighted", **options)
+    message = str(caught.value)
+    assert "'weighted'" in message
+    assert detail in message
+
+
+# -- checks on what plugins register ----------------------------------------------------
+
+
+def plugin_module(name: str, register_load_metrics) -> types.ModuleType:
+    """A plugin module named ``name`` whose load-metric hook calls ``register_load_metrics``."""
+    module = types.ModuleType(name)
+
+    @hookimpl
+    def xenpool_register_load_metrics(register):
+        register_load_metrics(register)
+
+    module.xenpool_register_load_metrics = xenpool_register_load_metrics
+    return module
+
+
+@implementer(ILoadMetric)
+class Constant:
+    name = "constant"
+
+    def load(self, sample: LoadSample) -> float:
+        return 0.5
+
+
+def test_a_plugin_module_registers_through_the_hook():
+    module = plugin_module("good_plugin", lambda register: register("constant", Constant))
+    plugins = load_plugins(entry_points=False, modules=[module])
+    assert plugins.names("load") == ["constant"]
+    provider = plugins.get("load", "constant")
+    assert (provider.plugin, provider.factory) == ("good_plugin", Constant)
+    assert plugins.create("load", "constant").load(LoadSample(cpu=1, ram=1)) == 0.5
+
+
+def test_class_lacking_load_names_the_plugin_and_the_method():
+    @implementer(ILoadMetric)
+    class NoLoad:
+        name = "no-load"
+
+    module = plugin_module("lazy_plugin", lambda register: register("no-load", NoLoad))
+    with pytest.raises(PluginError) as caught:
+        load_plugins(entry_points=False, modules=[module])
+    message = str(caught.value)
+    assert "'lazy_plugin'" in message
+    assert "'no-load'" in message
+    assert "ILoadMetric" in message
+    assert "ILoadMetric.load(sample)" in message  # the missing method, as zope.interface names it
+    assert "not provided" in message
+
+
+def test_class_not_declaring_the_interface_is_refused():
+    class Undeclared:
+        name = "undeclared"
+
+        def load(self, sample):
+            return 0.0
+
+    module = plugin_module("shy_plugin", lambda register: register("undeclared", Undeclared))
+    with pytest.raises(PluginError, match=r"plugin 'shy_plugin'.*does not implement ILoadMetric"):
+        load_plugins(entry_points=False, modules=[module])
+
+
+def test_factory_function_is_checked_when_it_makes_an_object():
+    def make_metric():
+        return types.SimpleNamespace(name="fake")  # no interface, no load()
+
+    module = plugin_module("factory_plugin", lambda register: register("fake", make_metric))
+    plugins = load_plugins(entry_points=False, modules=[module])  # a function cannot be checked yet
+    assert plugins.names("load") == ["fake"]
+    with pytest.raises(PluginError) as caught:
+        plugins.create("load", "fake")
+    message = str(caught.value)
+    assert "'factory_plugin'" in message
+    assert "'fake'" in message
+    assert "does not provide ILoadMetric" in message
+
+
+def test_factory_function_making_a_good_object_is_accepted():
+    module = plugin_module("factory_plugin", lambda register: register("constant", lambda: Constant()))
+    metric = load_plugins(entry_points=False, modules=[module]).create("load", "constant")
+    assert isinstance(metric, Constant)
+
+
+def test_duplicate_name_from_two_plugins_names_both():
+    first = plugin_module("first_plugin", lambda register: register("same", Constant))
+    second = plugin_module("second_plugin", lambda register: register("same", Constant))
+    with pytest.raises(PluginError) as caught:
+        load_plugins(entry_points=False, modules=[first, second])
+    message = str(caught.value)
+    assert "'first_plugin'" in message
+    assert "'second_plugin'" in message
+    assert "'same'" in message
+
+
+def test_duplicate_of_a_builtin_names_the_builtin_plugin():
+    module = plugin_module("copycat", lambda register: register("max", Constant))
+    with pytest.raises(PluginError) as caught:
+        load_plugins(modules=[module])
+    message = str(caught.value)
+    assert "'copycat'" in message
+    assert "'builtin'" in message
+    assert "'max'" in message
+
+
+def test_example_plugin_module_passes_the_checks_without_installing():
+    spec = importlib.util.spec_from_file_location(
+        "xenpool_ram_load_from_checkout", EXAMPLE / "src" / "xenpool_ram_load.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    plugins = load_plugins(entry_points=False, modules=[module])
+    assert plugins.names("load") == ["ram-only"]
+    metric = plugins.create("load", "ram-only")
+    assert metric.name == "ram-only"
+    assert metric.load(LoadSample(cpu=0.9, ram=0.3)) == 0.3
+    assert metric.load(LoadSample(cpu=0.0, ram=1.5)) == 1.0
+
+
+# -- the prototype's load formulas ------------------------------------------------------
+
+# (cpu, ram) -> (max, cpu, weighted); fractions of powers of two, so every result is
+# exact in binary floating point and can be compared with ==.
+FORMULA_TABLE = [
+    pytest.param(0.0, 0.0, 0.0, 0.0, 0.0, id="idle"),
+    pytest.param(0.5, 0.25, 0.5, 0.5, 0.4375, id="cpu-bound"),
+    pytest.param(0.25, 0.5, 0.5, 0.25, 0.3125, id="ram-bound"),
+    pytest.param(0.75, 0.75, 0.75, 0.75, 0.75, id="even"),
+    pytest.param(0.125, 0.0, 0.125, 0.125, 0.09375, id="no-ram"),
+    pytest.param(1.0, 0.0, 1.0, 1.0, 0.75, id="cpu-full"),
+    pytest.param(0.0, 1.0, 1.0, 0.0, 0.25, id="ram-full"),
+    pytest.param(1.0, 1.0, 1.0, 1.0, 1.0, id="full"),
+    pytest.param(1.125, 0.0, 1.0, 1.0, 0.84375, id="cpu-overcommitted-weighted-below-1"),
+    pytest.param(1.25, 0.5, 1.0, 1.0, 1.0, id="cpu-overcommitted-weighted-capped"),
+    pytest.param(0.5, 1.5, 1.0, 0.5, 0.75, id="ram-over-1"),
+    pytest.param(0.0, 2.0, 1.0, 0.0, 0.5, id="ram-2"),
+    pytest.param(4.0, 4.0, 1.0, 1.0, 1.0, id="both-far-over"),
+    pytest.param(-0.25, 0.0, 0.0, 0.0, 0.0, id="negative-capped-to-0"),
+]
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    plugins = load_plugins()
+    return {name: plugins.create("load", name) for name in sorted(BUILTIN_LOAD_METRICS)}
+
+
+@pytest.mark.parametrize("cpu, ram, expect_max, expect_cpu, expect_weighted", FORMULA_TABLE)
+def test_builtin_metrics_on_the_table(builtin, cpu, ram, expect_max, expect_cpu, expect_weighted):
+    sample = LoadSample(cpu=cpu, ram=ram)
+    assert builtin["max"].load(sample) == expect_max
+    assert builtin["cpu"].load(sample) == expect_cpu
+    assert builtin["weighted"].load(sample) == expect_weighted
+
+
+def cap(value: float) -> float:
+    return min(max(value, 0.0), 1.0)
+
+
+PROTOTYPE = {
+    "max": lambda cpu, ram: cap(max(cpu, ram)),
+    "cpu": lambda cpu, ram: cap(cpu),
+    "weighted": lambda cpu, ram: cap(0.75 * cpu + 0.25 * ram),
+}
+
+# Everyday values that are not exact in binary, compared with the formula computed the
+# same way: still exactly equal.
+SAMPLES = [(0.0, 0.0), (0.9, 0.3), (0.3, 0.9), (0.1, 0.2), (0.33, 0.66), (0.999, 0.001),
+           (1.0, 0.7), (1.01, 0.0), (0.2, 1.3), (2.7, 3.1), (0.0, 0.45), (0.61, 0.0)]
+
+
+@pytest.mark.parametrize("name", sorted(PROTOTYPE))
+@pytest.mark.parametrize("cpu, ram", SAMPLES)
+def test_builtin_metrics_follow_the_prototype_formula(builtin, name, cpu, ram):
+    got = builtin[name].load(LoadSample(cpu=cpu, ram=ram))
+    assert got == PROTOTYPE[name](cpu, ram)
+    assert 0.0 <= got <= 1.0
+
+
+def test_weighted_defaults_are_the_prototypes():
+    metric = load_plugins().create("load", "weighted")
+    assert (metric.cpu_weight, metric.ram_weight) == (0.75, 0.25)
+
+
+# -- the example plugin, pip-installed into this very venv -------------------------------
+
+
+def _pip(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=600
+    )
+    # pip may warn about unreachable find-links / index locations; only the status counts.
+    assert result.returncode == 0, f"pip {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def _ensure_build_tools() -> None:
+    """--no-build-isolation builds with this venv's own setuptools (and, before
+    setuptools 70.1, wheel's bdist_wheel)."""
+    missing = [name for name in ("setuptools", "wheel") if importlib.util.find_spec(name) is None]
+    if missing:
+        _pip("install", "--quiet", *missing)
+
+
+def _installed(distribution: str) -> bool:
+    return (
+        subprocess.run(
+            [sys.executable, "-m", "pip", "show", "--quiet", distribution], capture_output=True
+        ).returncode
+        == 0
+    )
+
+
+@pytest.fixture(scope="module")
+def ram_load_installed(tmp_path_factory):
+    """examples/xenpool-ram-load installed (not editable) into the venv running the tests,
+    uninstalled again afterwards.
+
+    Built from a copy so the build leaves no build/ or *.egg-info in the checkout. A lock
+    keeps two test runs sharing the venv from installing and uninstalling it under each
+    other."""
+    lock_name = hashlib.sha256(sys.prefix.encode()).hexdigest()[:16]
+    lock = open(Path(tempfile.gettempdir()) / f"xenpool-ram-load-test-{lock_name}.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        if _installed("xenpool-ram-load"):
+            pytest.skip("xenpool-ram-load is already installed in this venv; uninstall it to run this test")
+        _ensure_build_tools()
+        source = tmp_path_factory.mktemp("example") / EXAMPLE.name
+        shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+        try:
+            _pip("install", "--quiet", "--no-deps", "--no-build-isolation", str(source))
+            yield
+        finally:
+            _pip("uninstall", "--yes", "--quiet", "xenpool-ram-load")
+    finally:
+        lock.close()
+
+
+CHECK_INSTALLED = textwrap.dedent(
+    """
+    import json, sys
+    from xenpool.interfaces import LoadSample
+    from xenpool.plugins import load_plugins
+
+    plugins = load_plugins()
+    metric = plugins.create("load", "ram-only")
+    print(json.dumps({
+        "names": plugins.names("load"),
+        "plugin": plugins.get("load", "ram-only").plugin,
+        "load": metric.load(LoadSample(cpu=0.9, ram=0.3)),
+        "module": sys.modules["xenpool_ram_load"].__file__,
+    }))
+    """
+)
+
+
+@pytest.mark.slow
+def test_installed_example_plugin_is_found_through_its_entry_point(ram_load_installed, tmp_path):
+    # A fresh interpreter: entry points are read from the installed metadata at start-up.
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK_INSTALLED], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert "ram-only" in found["names"]
+    assert BUILTIN_LOAD_METRICS <= set(found["names"])
+    assert found["plugin"] == "xenpool-ram-load:ram-load"
+    assert found["load"] == 0.3
+    site_packages = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    assert os.path.dirname(found["module"]) in site_packages
+
+    # The example's own tests pass against the installed package.
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------- entry-point mistakes
+
+
+def _fake_distribution(root, name: str, entry_points: str, module: str | None = None, source: str = "") -> None:
+    info = root / f"{name}-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(entry_points)
+    if module:
+        (root / f"{module}.py").write_text(source)
+
+
+def test_a_third_party_entry_point_cannot_shadow_the_builtins(tmp_path, monkeypatch):
+    _fake_distribution(
+        tmp_path, "shadow", "[xenpool]\nbuiltin = shadow_plugin\n", "shadow_plugin",
+        "from xenpool.hookspecs import hookimpl\n"
+        "from xenpool_plugins.load import CpuLoad\n"
+        "class Fancy(CpuLoad):\n    name = 'fancy'\n"
+        "@hookimpl\ndef xenpool_register_load_metrics(register):\n    register('fancy', Fancy)\n",
+    )  # fmt: skip
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins = load_plugins()
+    assert {"max", "cpu", "weighted", "fancy"} <= set(plugins.names("load"))
+    assert plugins.get("load", "fancy").plugin == "shadow:builtin"
+
+
+def test_a_plugin_that_cannot_be_imported_is_named(tmp_path, monkeypatch):
+    _fake_distribution(tmp_path, "broken", "[xenpool]\nbroken = no_such_module_here\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError, match=r"plugin 'broken:broken' \(no_such_module_here\) cannot be loaded"):
+        load_plugins()
+
+
+def test_a_misspelt_hook_is_reported():
+    plugin = types.ModuleType("typo_plugin")
+
+    @hookimpl
+    def xenpool_register_load_metric(register):  # missing "s"
+        pass
+
+    plugin.xenpool_register_load_metric = xenpool_register_load_metric
+    with pytest.raises(PluginError, match="unknown hook 'xenpool_register_load_metric'"):
+        load_plugins(entry_points=False, modules=[plugin])
+
+
+def test_a_hook_with_the_wrong_argument_is_reported():
+    plugin = types.ModuleType("wrong_argument_plugin")
+
+    @hookimpl
+    def xenpool_register_load_metrics(add):
+        pass
+
+    plugin.xenpool_register_load_metrics = xenpool_register_load_metrics
+    with pytest.raises(PluginError, match="wrong_argument_plugin"):
+        load_plugins(entry_points=False, modules=[plugin])
