@@ -1,0 +1,152 @@
+"""The registrar as a real `twistd` process on loopback, spoken to over real TCP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from xenpool.protocol import messages as M
+from xenpool.protocol import params as P
+from xenpool.protocol.errors import Cause
+
+from .daemons import TWISTD, AsapClient, Daemon, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def pe(identifier: int, port: int, load: float, policy=P.PolicyType.LEAST_USED) -> P.PoolElement:
+    return P.PoolElement(
+        identifier, 0, 60_000, P.TcpTransport(port, ("127.0.0.1",)), P.PoolPolicy.make(policy, load=P.load_to_wire(load))
+    )
+
+
+@pytest.fixture(scope="module")
+def registrar(tmp_path_factory):
+    asap, status = free_port(), free_port()
+    config = tmp_path_factory.mktemp("registrar") / "registrar.conf"
+    config.write_text("[registrar]\nkeep-alive-interval = 30\nmax-resolution-items = 2\nidle-timeout = 30\n")
+    daemon = Daemon(
+        "xenpool-registrar", f"--asap=tcp:{asap}:interface=127.0.0.1", f"--status=tcp:{status}:interface=127.0.0.1",
+        "--registrar-id=0x0a0a0a0a", f"--config={config}", "--max-resolution-items=3",
+        ready="registrar 0x0a0a0a0a started", cwd=config.parent,
+    )  # fmt: skip
+    daemon.asap, daemon.status = asap, status
+    yield daemon
+    daemon.stop()
+
+
+def handlespace(registrar) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{registrar.status}/handlespace", timeout=10) as response:
+        return json.load(response)
+
+
+def test_register_resolve_and_lose_pes(registrar):
+    pes = {i: AsapClient(registrar.asap) for i in (1, 2, 3, 4)}
+    loads = {1: 0.5, 2: 0.1, 3: 0.3, 4: 0.9}
+    for i, client in pes.items():
+        answer = client.request(M.Registration(b"e2e", pe(i, 5000 + i, loads[i])))
+        assert answer == M.RegistrationResponse(b"e2e", i)
+
+    pu = AsapClient(registrar.asap)
+    answer = pu.request(M.HandleResolution(b"e2e"))
+    # LeastUsed, at most 3 per answer (the command line overrides the config file's 2)
+    assert [e.identifier for e in answer.pool_elements] == [2, 3, 1]
+    assert answer.pool_elements[0].home_registrar == 0x0A0A0A0A
+    answer = pu.request(M.HandleResolution(b"e2e", items=10))
+    assert [e.identifier for e in answer.pool_elements] == [2, 3, 1, 4]
+
+    # a re-registration carries a new load
+    assert pes[2].request(M.Registration(b"e2e", pe(2, 5002, 0.95))).reject is False
+    answer = pu.request(M.HandleResolution(b"e2e"))
+    assert [e.identifier for e in answer.pool_elements] == [3, 1, 4]
+
+    # a PE whose connection is gone is gone from the pool at once
+    pes.pop(3).close()
+    for _ in range(50):  # the registrar sees the close asynchronously; ask until it has
+        answer = pu.request(M.HandleResolution(b"e2e", items=10))
+        if 3 not in [e.identifier for e in answer.pool_elements]:
+            break
+    assert sorted(e.identifier for e in answer.pool_elements) == [1, 2, 4]
+    assert sorted(p["identifier"] for p in handlespace(registrar)["pools"][0]["pool_elements"]) == [1, 2, 4]
+
+    # deregistration, then an unknown pool
+    assert pes[4].request(M.Deregistration(b"e2e", 4)) == M.DeregistrationResponse(b"e2e", 4)
+    refused = pu.request(M.HandleResolution(b"nothing"))
+    assert refused.pool_elements == () and refused.error.causes[0].code == Cause.UNKNOWN_POOL_HANDLE
+    for client in (*pes.values(), pu):
+        client.close()
+
+
+def test_registration_rules(registrar):
+    first, second = AsapClient(registrar.asap), AsapClient(registrar.asap)
+    assert first.request(M.Registration(b"rules", pe(7, 6007, 0.2))).reject is False
+    other_policy = second.request(M.Registration(b"rules", pe(8, 6008, 0.2, P.PolicyType.LEAST_USED_DEGRADATION)))
+    assert other_policy.reject and other_policy.error.causes[0].code == Cause.INCONSISTENT_POLICY
+    same_id_elsewhere = second.request(M.Registration(b"rules", pe(7, 6999, 0.2)))
+    assert same_id_elsewhere.reject and same_id_elsewhere.error.causes[0].code == Cause.NON_UNIQUE_PE_IDENTIFIER
+    sctp = P.PoolElement(9, 0, 60_000, P.SctpTransport(6009, ("127.0.0.1",)), P.PoolPolicy.make(P.PolicyType.LEAST_USED))
+    other_transport = second.request(M.Registration(b"rules", sctp))
+    assert other_transport.reject and other_transport.error.causes[0].code == Cause.INCONSISTENT_TRANSPORT
+    unknown = second.request(M.Deregistration(b"no such pool", 1))
+    assert unknown.error.causes[0].code == Cause.UNKNOWN_POOL_HANDLE
+    first.close()
+    second.close()
+
+
+def test_garbage_gets_an_error_and_the_daemon_keeps_serving(registrar):
+    client = AsapClient(registrar.asap)
+    answer = client.request(b"\x42\x00\x00\x08junk")
+    assert isinstance(answer, M.AsapError) and answer.error.causes[0].code == Cause.UNRECOGNIZED_MESSAGE
+    # a mandatory parameter missing: Invalid Values, and the connection stays usable
+    answer = client.request(b"\x05\x00\x00\x04")
+    assert isinstance(answer, M.AsapError) and answer.error.causes[0].code == Cause.INVALID_VALUES
+    assert b"pool_handle" in answer.error.causes[0].info
+    # a length that cannot be trusted: ERROR, then the connection is closed
+    answer = client.request(b"\x05\x00\x00\x02")
+    assert answer.error.causes[0].code == Cause.INVALID_VALUES
+    assert client.closed_by_peer()
+    client.close()
+    # the daemon still serves others
+    fresh = AsapClient(registrar.asap)
+    assert isinstance(fresh.request(M.HandleResolution(b"x")), M.HandleResolutionResponse)
+    fresh.close()
+    assert registrar.alive()
+
+
+def test_status_metrics_and_table(registrar):
+    client = AsapClient(registrar.asap)
+    client.request(M.Registration(b"status", pe(0x55, 7055, 0.42)))
+    with urllib.request.urlopen(f"http://127.0.0.1:{registrar.status}/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    assert 'xenpool_pool_elements{pool="status"} 1.0' in metrics
+    assert "xenpool_registrations_total" in metrics
+    assert 'xenpool_errors_total{cause="unrecognized_message"}' in metrics
+    table = subprocess.run(
+        [sys.executable, "-m", "xenpool.cli", "status", "--registrar", f"127.0.0.1:{registrar.status}"],
+        capture_output=True, text=True, env={"COLUMNS": "200", "PATH": ""}, check=True,
+    ).stdout  # fmt: skip
+    assert "0x00000055" in table and "tcp 127.0.0.1:7055" in table and "42%" in table
+    client.close()
+
+
+def test_bad_command_line_and_config_are_named(tmp_path):
+    for args, expected in (
+        (["--keep-alive-interval=-1"], "--keep-alive-interval: must be > 0"),
+        (["--registrar-id=0"], "--registrar-id: must be a 32-bit number"),
+        ([f"--config={tmp_path}/missing.conf"], "--config: cannot read"),
+    ):
+        result = subprocess.run(
+            [TWISTD, "-n", "xenpool-registrar", *args], capture_output=True, text=True
+        )
+        assert result.returncode != 0
+        assert expected in result.stdout + result.stderr
+    bad = tmp_path / "bad.conf"
+    bad.write_text("[registrar]\nkeep-alive-intervall = 5\n")
+    result = subprocess.run(
+        [TWISTD, "-n", "xenpool-registrar", f"--config={bad}"], capture_output=True, text=True
+    )
+    assert "unknown key 'keep-alive-intervall'" in result.stdout + result.stderr
