@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from xenpool.hookspecs import hookimpl
 
-from . import load
+from . import load, policies
 
 
 @hookimpl
@@ -12,3 +12,9 @@ def xenpool_register_load_metrics(register):
     register("max", load.MaxLoad)
     register("cpu", load.CpuLoad)
     register("weighted", load.WeightedLoad)
+
+
+@hookimpl
+def xenpool_register_pool_policies(register):
+    for name, policy in policies.POLICIES.items():
+        register(name, policy)
