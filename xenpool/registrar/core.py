@@ -47,18 +47,27 @@ class Observer(Protocol):
     def refused(self, cause: int) -> None: ...
 
 
-class NullObserver:
+class Observers:
+    """Tells every observer (metrics, ENRP peering) what happened."""
+
+    def __init__(self, observers: list[Observer]) -> None:
+        self.observers = observers
+
     def registered(self, entry: PoolEntry, new: bool) -> None:
-        pass
+        for o in self.observers:
+            o.registered(entry, new)
 
     def removed(self, entry: PoolEntry, why: str) -> None:
-        pass
+        for o in self.observers:
+            o.removed(entry, why)
 
     def resolved(self, handle: bytes, count: int) -> None:
-        pass
+        for o in self.observers:
+            o.resolved(handle, count)
 
     def refused(self, cause: int) -> None:
-        pass
+        for o in self.observers:
+            o.refused(cause)
 
 
 class _Audit:
@@ -78,11 +87,11 @@ class _Audit:
 
 
 class Registrar:
-    def __init__(self, handlespace: Handlespace, clock, timers: Timers = Timers(), observer: Observer | None = None):
+    def __init__(self, handlespace: Handlespace, clock, timers: Timers = Timers(), observers: list[Observer] = ()):
         self.handlespace = handlespace
         self.clock = clock
         self.timers = timers
-        self.observer = observer or NullObserver()
+        self.observer = Observers(list(observers))
         self._audits: dict[tuple[bytes, int], _Audit] = {}
         self._expiry = None
 

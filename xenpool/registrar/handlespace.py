@@ -180,6 +180,10 @@ class Handlespace:
             self._remove(self.pools[entry.pool_handle], entry)
         return gone
 
+    def set_home(self, entry: PoolEntry, home: int) -> None:
+        """A takeover moved the PE to another home registrar."""
+        entry.element = replace(entry.element, home_registrar=home)
+
     # ------------------------------------------------------------- resolution
 
     def resolve(self, handle: bytes, items: int | None = None) -> list[P.PoolElement]:

@@ -7,6 +7,8 @@ import json
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from twisted.application import service, strports
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import endpoints
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -18,6 +20,7 @@ from ..protocol import params as P
 from ..protocol.errors import Cause, ProtocolError
 from .core import Registrar
 from .handlespace import Handlespace, PoolEntry
+from .peering import Peering
 
 log = Logger()
 
@@ -81,6 +84,54 @@ class AsapProtocol(Protocol, TimeoutMixin):
         self.registrar.association_lost(self)
 
 
+class EnrpProtocol(Protocol, TimeoutMixin):
+    """One ENRP connection to a peer registrar (inbound or outbound)."""
+
+    def __init__(self, peering: Peering, outbound: bool, idle_timeout: float, metrics: "Metrics") -> None:
+        self.peering = peering
+        self.outbound = outbound
+        self.idle_timeout = idle_timeout
+        self.metrics = metrics
+        self.stream = framing.RSerPoolStream(M.ENRP_PPID)
+
+    def connectionMade(self) -> None:
+        self.setTimeout(self.idle_timeout)
+        if self.outbound:
+            self.peering.channel_opened(self)
+
+    def send(self, message: M.Message) -> None:
+        self.transport.write(M.encode(message))
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        try:
+            self.stream.feed(data)
+            while (message := self.stream.next_message()) is not None:
+                self.peering.handle(message, self)
+        except ProtocolError as err:
+            log.info("bad ENRP input from {peer}: {err}", peer=self.transport.getPeer(), err=str(err))
+            self.metrics.refused(err.cause)
+            if err.report:
+                self.send(M.error_for(err, M.ENRP_PPID, self.peering.server_id))
+            if err.fatal:
+                self.transport.loseConnection()
+
+    def timeoutConnection(self) -> None:
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        self.setTimeout(None)
+        self.peering.channel_closed(self)
+
+
+class EnrpFactory(Factory):
+    def __init__(self, peering: Peering, outbound: bool, idle_timeout: float, metrics: "Metrics") -> None:
+        self.peering, self.outbound, self.idle_timeout, self.metrics = peering, outbound, idle_timeout, metrics
+
+    def buildProtocol(self, addr) -> EnrpProtocol:
+        return EnrpProtocol(self.peering, self.outbound, self.idle_timeout, self.metrics)
+
+
 class AsapFactory(Factory):
     def __init__(self, registrar: Registrar, idle_timeout: float, max_message_size: int, metrics: "Metrics") -> None:
         self.registrar = registrar
@@ -121,6 +172,12 @@ class Metrics:
 
     def resolved(self, handle: bytes, count: int) -> None:
         self.resolutions.inc()
+
+    def took_over(self, peer: int, count: int) -> None:
+        self.takeovers.inc()
+
+    def peers_changed(self, count: int) -> None:
+        self.peers.set(count)
 
     def refused(self, cause: int) -> None:
         try:
@@ -189,24 +246,35 @@ class _Metrics(resource.Resource):
 
 
 class RegistrarService(service.MultiService):
-    """Starts the registrar core and listens on its endpoints."""
+    """Starts the registrar core and ENRP peering, and listens on their endpoints."""
 
-    def __init__(self, registrar: Registrar, metrics: Metrics, *, asap: list[str], status: str | None,
-                 idle_timeout: float, max_message_size: int) -> None:  # fmt: skip
+    def __init__(self, registrar: Registrar, peering: Peering, metrics: Metrics, reactor, *, asap: list[str],
+                 enrp: list[str], peers: list[str], status: str | None, idle_timeout: float,
+                 max_message_size: int) -> None:  # fmt: skip
         super().__init__()
         self.registrar = registrar
+        self.peering = peering
         self.metrics = metrics
         factory = AsapFactory(registrar, idle_timeout, max_message_size, metrics)
         for description in asap:
             strports.service(description, factory).setServiceParent(self)
+        for description in enrp:
+            strports.service(description, EnrpFactory(peering, False, idle_timeout, metrics)).setServiceParent(self)
+        for description in peers:
+            ClientService(
+                endpoints.clientFromString(reactor, description), EnrpFactory(peering, True, idle_timeout, metrics),
+                retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=2.0),
+            ).setServiceParent(self)  # fmt: skip
         if status:
             strports.service(status, server.Site(StatusResource(registrar, metrics))).setServiceParent(self)
 
     def startService(self) -> None:
         self.registrar.start()
+        self.peering.start()
         log.info("registrar {id:#010x} started", id=self.registrar.registrar_id)
         super().startService()
 
     def stopService(self):
+        self.peering.stop()
         self.registrar.stop()
         return super().stopService()

@@ -15,10 +15,14 @@ from ..protocol.messages import ASAP_PORT, MAX_MESSAGE_SIZE
 
 SETTINGS = [
     Setting("asap", [f"tcp:{ASAP_PORT}"], str, "ASAP endpoint for PEs and PUs", multiple=True),
+    Setting("enrp", [], str, "ENRP endpoint for peer registrars, e.g. tcp:9901", multiple=True),
+    Setting("peer", [], str, "a peer registrar's ENRP endpoint, e.g. tcp:host=pr2:port=9901", multiple=True),
     Setting("status", None, str, "HTTP endpoint for /handlespace (JSON) and /metrics (Prometheus)"),
     Setting("registrar-id", None, id32, "this registrar's 32-bit identifier (default: random)"),
     Setting("keep-alive-interval", 5.0, positive_float, "seconds between keep-alives to each PE"),
     Setting("keep-alive-timeout", 5.0, positive_float, "seconds a PE has to answer a keep-alive"),
+    Setting("peer-heartbeat-interval", 2.0, positive_float, "seconds between ENRP PRESENCE messages"),
+    Setting("peer-timeout", 5.0, positive_float, "seconds of silence before a peer is taken over"),
     Setting("max-bad-pe-reports", 3, positive_int, "ENDPOINT_UNREACHABLE reports that remove a PE"),
     Setting("max-resolution-items", 3, positive_int, "PEs per handle resolution answer"),
     Setting("idle-timeout", 60.0, positive_float, "seconds before a silent connection is closed"),
@@ -34,6 +38,7 @@ def makeService(options: usage.Options):
     from ..plugins import load_plugins
     from .core import Registrar, Timers
     from .handlespace import Handlespace
+    from .peering import Peering, PeerTimers
     from .service import Metrics, RegistrarService
 
     s = options.settings
@@ -47,10 +52,11 @@ def makeService(options: usage.Options):
         registrar_id, policies, max_bad_pe_reports=s["max-bad-pe-reports"], max_resolution_items=s["max-resolution-items"]
     )
     metrics = Metrics(handlespace)
-    registrar = Registrar(
-        handlespace, reactor, Timers(s["keep-alive-interval"], s["keep-alive-timeout"]), observer=metrics
-    )
+    peer_timers = PeerTimers(s["peer-heartbeat-interval"], s["peer-timeout"], s["peer-timeout"])
+    peering = Peering(handlespace, reactor, timers=peer_timers, observer=metrics)
+    timers = Timers(s["keep-alive-interval"], s["keep-alive-timeout"])
+    registrar = Registrar(handlespace, reactor, timers, observers=[metrics, peering])
     return RegistrarService(
-        registrar, metrics, asap=s["asap"], status=s["status"], idle_timeout=s["idle-timeout"],
-        max_message_size=s["max-message-size"],
+        registrar, peering, metrics, reactor, asap=s["asap"], enrp=s["enrp"], peers=s["peer"], status=s["status"],
+        idle_timeout=s["idle-timeout"], max_message_size=s["max-message-size"],
     )  # fmt: skip

@@ -1,0 +1,103 @@
+"""Three registrars as real processes: ENRP sync, takeover after kill -9, resync on restart."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from xenpool.protocol import messages as M
+from xenpool.protocol import params as P
+
+from .daemons import AsapClient, Daemon, free_port
+
+pytestmark = pytest.mark.slow
+IDS = {1: 0x11111111, 2: 0x22222222, 3: 0x33333333}
+TIMERS = ["--peer-heartbeat-interval=0.2", "--peer-timeout=1.0"]
+
+
+def start(n: int, ports: dict, cwd) -> Daemon:
+    peers = [f"--peer=tcp:host=127.0.0.1:port={ports[m]['enrp']}" for m in IDS if m < n]
+    daemon = Daemon(
+        "xenpool-registrar", f"--asap=tcp:{ports[n]['asap']}:interface=127.0.0.1",
+        f"--enrp=tcp:{ports[n]['enrp']}:interface=127.0.0.1", f"--status=tcp:{ports[n]['status']}:interface=127.0.0.1",
+        f"--registrar-id={IDS[n]:#x}", *TIMERS, *peers,
+        ready=f"registrar {IDS[n]:#010x} started", cwd=cwd,
+    )  # fmt: skip
+    daemon.ports = ports[n]
+    return daemon
+
+
+def pool_view(daemon: Daemon) -> dict[int, int]:
+    """PE identifier -> home registrar, from the registrar's /handlespace."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.ports['status']}/handlespace", timeout=10) as response:
+        state = json.load(response)
+    return {pe["identifier"]: pe["home_registrar"] for pool in state["pools"] for pe in pool["pool_elements"]}
+
+
+def resolvable(daemon: Daemon) -> set[int]:
+    client = AsapClient(daemon.ports["asap"])
+    try:
+        answer = client.request(M.HandleResolution(b"Xen", items=100))
+        return {e.identifier for e in answer.pool_elements}
+    finally:
+        client.close()
+
+
+def element(identifier: int) -> P.PoolElement:
+    return P.PoolElement(
+        identifier, 0, 600_000, P.TcpTransport(6000 + identifier, ("127.0.0.1",)),
+        P.PoolPolicy.make(P.PolicyType.LEAST_USED, load=P.load_to_wire(identifier / 100)),
+    )  # fmt: skip
+
+
+def test_three_registrars(tmp_path):
+    ports = {n: {"asap": free_port(), "enrp": free_port(), "status": free_port()} for n in IDS}
+    registrars = {n: start(n, ports, tmp_path) for n in IDS}
+    pes = []
+    try:
+        for n in (2, 3):  # both see the first (and each other)
+            registrars[n].wait_for(f"ENRP peer {IDS[1]:#010x} is up")
+        for i in range(1, 6):
+            client = AsapClient(ports[1]["asap"])
+            assert client.request(M.Registration(b"Xen", element(i))).reject is False
+            pes.append(client)
+        # Registered at the first, resolvable at the second and third.
+        for n in (2, 3):
+            for _ in range(200):
+                if resolvable(registrars[n]) == {1, 2, 3, 4, 5}:
+                    break
+            assert resolvable(registrars[n]) == {1, 2, 3, 4, 5}
+            assert set(pool_view(registrars[n]).values()) == {IDS[1]}
+
+        # kill -9 the first: one of the others takes its PEs over, none is lost.
+        registrars[1].kill()
+        registrars[2].wait_for(f"ENRP peer {IDS[1]:#010x} silent")
+        for _ in range(400):
+            views = [set(pool_view(registrars[n]).values()) for n in (2, 3)]
+            if views[0] == views[1] and len(views[0]) == 1 and IDS[1] not in views[0]:
+                break
+        (new_home,) = views[0]
+        assert views == [{new_home}, {new_home}] and new_home in (IDS[2], IDS[3])
+        winner = registrars[2 if new_home == IDS[2] else 3]
+        assert "took over 5 PEs of ENRP peer 0x11111111" in winner.drain()
+        for n in (2, 3):
+            assert resolvable(registrars[n]) == {1, 2, 3, 4, 5}
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{winner.ports['status']}/metrics", timeout=10).read()
+        assert b"xenpool_takeovers_total 1.0" in metrics
+
+        # The first comes back with the same identity and resyncs from its peers.
+        registrars[1] = start(1, ports, tmp_path)
+        for n in (2, 3):
+            registrars[1].wait_for(f"ENRP peer {IDS[n]:#010x} is up")
+        for _ in range(200):
+            if resolvable(registrars[1]) == {1, 2, 3, 4, 5}:
+                break
+        assert resolvable(registrars[1]) == {1, 2, 3, 4, 5}
+        assert set(pool_view(registrars[1]).values()) == {new_home}
+    finally:
+        for client in pes:
+            client.close()
+        for daemon in registrars.values():
+            daemon.stop()
