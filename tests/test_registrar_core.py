@@ -179,3 +179,26 @@ def test_checksum_matches_the_internet_checksum_definition():
     # "Xen" + 0x00000001: words 0x5865, 0x6e00, 0x0000, 0x0001
     expected = ~(0x5865 + 0x6E00 + 0x0000 + 0x0001) & 0xFFFF
     assert checksum_of([Entry(b"Xen", 1)]) == expected
+
+
+def test_a_pool_with_a_secret_takes_only_pes_that_prove_it(policies, clock):
+    secret = b"sixteen byte secret"
+    handlespace = Handlespace(REGISTRAR_ID, policies, pool_secrets={b"Xen": secret})
+    registrar = Registrar(handlespace, clock)
+    pe = Association()
+    registrar.handle(M.Registration(b"Xen", element(1)), pe)
+    assert pe.sent[-1].reject and pe.sent[-1].error.causes[0].code == Cause.SECURITY_REJECTION
+    assert b"missing" in pe.sent[-1].error.causes[0].info
+    forged = P.registration_mac(b"another secret!!", b"Xen", element(1))
+    registrar.handle(M.Registration(b"Xen", element(1), forged), pe)
+    assert pe.sent[-1].reject and b"wrong" in pe.sent[-1].error.causes[0].info
+    # a proof for another PE does not carry over
+    other = P.registration_mac(secret, b"Xen", element(2))
+    registrar.handle(M.Registration(b"Xen", element(1), other), pe)
+    assert pe.sent[-1].reject
+    registrar.handle(M.Registration(b"Xen", element(1), P.registration_mac(secret, b"Xen", element(1))), pe)
+    assert pe.sent[-1] == M.RegistrationResponse(b"Xen", 1)
+    # other pools need no proof
+    registrar.handle(M.Registration(b"Open", element(3)), pe)
+    assert not pe.sent[-1].reject
+    registrar.stop()

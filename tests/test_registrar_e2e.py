@@ -28,7 +28,12 @@ def pe(identifier: int, port: int, load: float, policy=P.PolicyType.LEAST_USED) 
 def registrar(tmp_path_factory):
     asap, status = free_port(), free_port()
     config = tmp_path_factory.mktemp("registrar") / "registrar.conf"
-    config.write_text("[registrar]\nkeep-alive-interval = 30\nmax-resolution-items = 2\nidle-timeout = 30\n")
+    secret = config.parent / "secret"
+    secret.write_bytes(b"the e2e pool secret\n")
+    config.write_text(
+        "[registrar]\nkeep-alive-interval = 30\nmax-resolution-items = 2\nidle-timeout = 30\n"
+        f"pool-secret = secret-pool:{secret}\n"
+    )
     daemon = Daemon(
         "xenpool-registrar", f"--asap=tcp:{asap}:interface=127.0.0.1", f"--status=tcp:{status}:interface=127.0.0.1",
         "--registrar-id=0x0a0a0a0a", f"--config={config}", "--max-resolution-items=3",
@@ -97,6 +102,15 @@ def test_registration_rules(registrar):
     second.close()
 
 
+def test_pool_secret_from_the_config_file(registrar):
+    client = AsapClient(registrar.asap)
+    refused = client.request(M.Registration(b"secret-pool", pe(1, 5001, 0.1)))
+    assert refused.reject and refused.error.causes[0].code == Cause.SECURITY_REJECTION
+    proof = P.registration_mac(b"the e2e pool secret", b"secret-pool", pe(1, 5001, 0.1))
+    assert client.request(M.Registration(b"secret-pool", pe(1, 5001, 0.1), proof)).reject is False
+    client.close()
+
+
 def test_garbage_gets_an_error_and_the_daemon_keeps_serving(registrar):
     client = AsapClient(registrar.asap)
     answer = client.request(b"\x42\x00\x00\x08junk")
@@ -138,6 +152,7 @@ def test_bad_command_line_and_config_are_named(tmp_path):
         (["--keep-alive-interval=-1"], "--keep-alive-interval: must be > 0"),
         (["--registrar-id=0"], "--registrar-id: must be a 32-bit number"),
         ([f"--config={tmp_path}/missing.conf"], "--config: cannot read"),
+        (["--pool-secret=Xen"], "--pool-secret: expected POOL:FILE"),
     ):
         result = subprocess.run(
             [TWISTD, "-n", "xenpool-registrar", *args], capture_output=True, text=True

@@ -44,6 +44,26 @@ def id32(text: str) -> int:
     return value
 
 
+def secret_file(path: str) -> bytes:
+    """A secret kept in a file (surrounding whitespace ignored); at least 16 bytes."""
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror}") from None
+    if len(secret) < 16:
+        raise ValueError(f"the secret in {path} is shorter than 16 bytes")
+    return secret
+
+
+def pool_secret(text: str) -> tuple[bytes, bytes]:
+    """``POOL:FILE`` -> (pool handle, secret)."""
+    pool, sep, path = text.partition(":")
+    if not sep or not pool or not path:
+        raise ValueError(f"expected POOL:FILE, got {text!r}")
+    return pool.encode(), secret_file(path)
+
+
 def read_section(path: str, section: str, settings: list[Setting]) -> dict[str, list[str]]:
     parser = configparser.ConfigParser(interpolation=None)
     try:

@@ -106,10 +106,18 @@ _ENRP_TARGET = ("!III", ("sender_id", "receiver_id", "target_id"))
 
 @dataclass(frozen=True, slots=True)
 class Registration(AsapMessage):
+    """``authentication``: xenpool's Pool Authentication parameter (an HMAC under the
+    pool's secret, see ``params.registration_mac``), for pools that require it."""
+
     TYPE = AsapType.REGISTRATION
-    PARAMS = (("pool_handle", _HANDLE, ONE), ("pool_element", _PE, ONE))
+    PARAMS = (
+        ("pool_handle", _HANDLE, ONE),
+        ("pool_element", _PE, ONE),
+        ("authentication", (P.ParamType.POOL_AUTHENTICATION,), OPTIONAL),
+    )
     pool_handle: bytes
     pool_element: PoolElement
+    authentication: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

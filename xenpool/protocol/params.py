@@ -11,6 +11,8 @@ byte offset in what the peer sent.
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import socket
 import struct
 from dataclasses import dataclass
@@ -45,6 +47,8 @@ class ParamType(enum.IntEnum):
     PE_CHECKSUM = 0x000F
     # rsplib: how many PEs a handle resolution wants (top bits 10: skip if unknown).
     HANDLE_RESOLUTION_OPTION = 0x803F
+    # xenpool: HMAC proving a PE knows its pool's secret (top bits 10: skip if unknown).
+    POOL_AUTHENTICATION = 0x8041
 
 
 class UnknownParameterAction(enum.IntEnum):
@@ -356,12 +360,23 @@ def encode_handle_resolution_option(items: int) -> bytes:
     return tlv(ParamType.HANDLE_RESOLUTION_OPTION, _U32.pack(items))
 
 
+def encode_pool_authentication(mac: bytes) -> bytes:
+    return tlv(ParamType.POOL_AUTHENTICATION, mac)
+
+
+def registration_mac(secret: bytes, pool_handle: bytes, element: PoolElement) -> bytes:
+    """HMAC-SHA256 under the pool's secret over the pool handle and the PE parameter
+    (its canonical encoding), proving the registering PE knows the secret."""
+    return hmac.new(secret, b"xenpool-registration\0" + pool_handle + encode_pool_element(element), hashlib.sha256).digest()
+
+
 VALUE_ENCODERS: dict[int, Callable] = {
     ParamType.POOL_HANDLE: encode_pool_handle,
     ParamType.COOKIE: encode_cookie,
     ParamType.PE_IDENTIFIER: encode_pe_identifier,
     ParamType.PE_CHECKSUM: encode_pe_checksum,
     ParamType.HANDLE_RESOLUTION_OPTION: encode_handle_resolution_option,
+    ParamType.POOL_AUTHENTICATION: encode_pool_authentication,
 }
 
 
@@ -620,6 +635,12 @@ def _fixed(struct_: struct.Struct, field: str):
     return decode
 
 
+def _decode_mac(buf, start, end, reports) -> bytes:
+    if end - start != 32:
+        raise ProtocolError(f"needs 32 bytes, has {end - start}", field="pool_authentication", offset=start - 4)
+    return bytes(buf[start:end])
+
+
 def _not_here(buf, start, end, reports):
     raise ProtocolError("address outside a transport", field="address", offset=start - 4)
 
@@ -646,6 +667,7 @@ PARAM_DECODERS: dict[int, Callable] = {
     ParamType.PE_IDENTIFIER: _fixed(_U32, "pe_identifier"),
     ParamType.PE_CHECKSUM: _fixed(_U16, "pe_checksum"),
     ParamType.HANDLE_RESOLUTION_OPTION: _fixed(_U32, "handle_resolution_option"),
+    ParamType.POOL_AUTHENTICATION: _decode_mac,
 }
 
 

@@ -125,6 +125,7 @@ class Registrar:
     def _registration(self, msg: M.Registration, association: Association) -> None:
         pe_id = msg.pool_element.identifier
         try:
+            self.handlespace.check_authentication(msg.pool_handle, msg.pool_element, msg.authentication)
             entry = self.handlespace.register(msg.pool_handle, msg.pool_element, now=self.clock.seconds(), owner=association)
         except HandlespaceError as err:
             log.info("refused registration of PE {pe:#010x} in {pool!r}: {reason}", pe=pe_id, pool=msg.pool_handle, reason=err.reason)

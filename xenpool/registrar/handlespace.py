@@ -6,6 +6,7 @@ never does I/O. The registrar service wires it to sockets and timers.
 
 from __future__ import annotations
 
+import hmac
 import random
 from dataclasses import dataclass, field, replace
 from typing import Hashable, Iterator
@@ -88,6 +89,7 @@ class Handlespace:
         rng: random.Random | None = None,
         max_bad_pe_reports: int = DEFAULT_MAX_BAD_PE_REPORTS,
         max_resolution_items: int = DEFAULT_MAX_RESOLUTION_ITEMS,
+        pool_secrets: dict[bytes, bytes] | None = None,
     ) -> None:
         self.registrar_id = registrar_id
         self.policies = policies
@@ -95,8 +97,19 @@ class Handlespace:
         self.max_bad_pe_reports = max_bad_pe_reports
         self.max_resolution_items = max_resolution_items
         self.pools: dict[bytes, Pool] = {}
+        self.pool_secrets = pool_secrets or {}
 
     # ------------------------------------------------------------ registration
+
+    def check_authentication(self, handle: bytes, element: P.PoolElement, mac: bytes | None) -> None:
+        """A pool with a secret takes only PEs that prove they know it (cause 10)."""
+        secret = self.pool_secrets.get(handle)
+        if secret is None:
+            return
+        if mac is None or not hmac.compare_digest(mac, P.registration_mac(secret, handle, element)):
+            raise HandlespaceError(
+                Cause.SECURITY_REJECTION, f"pool {handle!r} requires its secret; the PE's proof is {'wrong' if mac else 'missing'}"
+            )
 
     def register(
         self, handle: bytes, element: P.PoolElement, *, now: float, owner: Hashable | None, home: int | None = None

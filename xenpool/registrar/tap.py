@@ -10,7 +10,7 @@ import random
 
 from twisted.python import usage
 
-from ..config import Setting, id32, make_options, positive_float, positive_int
+from ..config import Setting, id32, make_options, pool_secret, positive_float, positive_int
 from ..protocol.messages import ASAP_PORT, MAX_MESSAGE_SIZE
 
 SETTINGS = [
@@ -23,6 +23,7 @@ SETTINGS = [
     Setting("keep-alive-timeout", 5.0, positive_float, "seconds a PE has to answer a keep-alive"),
     Setting("peer-heartbeat-interval", 2.0, positive_float, "seconds between ENRP PRESENCE messages"),
     Setting("peer-timeout", 5.0, positive_float, "seconds of silence before a peer is taken over"),
+    Setting("pool-secret", [], pool_secret, "POOL:FILE: PEs of POOL must prove the secret in FILE", multiple=True),
     Setting("max-bad-pe-reports", 3, positive_int, "ENDPOINT_UNREACHABLE reports that remove a PE"),
     Setting("max-resolution-items", 3, positive_int, "PEs per handle resolution answer"),
     Setting("idle-timeout", 60.0, positive_float, "seconds before a silent connection is closed"),
@@ -49,8 +50,9 @@ def makeService(options: usage.Options):
         policies[provider.policy_type] = provider
     registrar_id = s["registrar-id"] or random.SystemRandom().randrange(1, 2**32)
     handlespace = Handlespace(
-        registrar_id, policies, max_bad_pe_reports=s["max-bad-pe-reports"], max_resolution_items=s["max-resolution-items"]
-    )
+        registrar_id, policies, max_bad_pe_reports=s["max-bad-pe-reports"],
+        max_resolution_items=s["max-resolution-items"], pool_secrets=dict(s["pool-secret"]),
+    )  # fmt: skip
     metrics = Metrics(handlespace)
     peer_timers = PeerTimers(s["peer-heartbeat-interval"], s["peer-timeout"], s["peer-timeout"])
     peering = Peering(handlespace, reactor, timers=peer_timers, observer=metrics)
