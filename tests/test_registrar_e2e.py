@@ -37,6 +37,7 @@ def registrar(tmp_path_factory):
     daemon = Daemon(
         "xenpool-registrar", f"--asap=tcp:{asap}:interface=127.0.0.1", f"--status=tcp:{status}:interface=127.0.0.1",
         "--registrar-id=0x0a0a0a0a", f"--config={config}", "--max-resolution-items=3",
+        f"--logfile={config.parent / 'registrar.json'}",
         ready="registrar 0x0a0a0a0a started", cwd=config.parent,
     )  # fmt: skip
     daemon.asap, daemon.status = asap, status
@@ -145,6 +146,21 @@ def test_status_metrics_and_table(registrar):
     ).stdout  # fmt: skip
     assert "0x00000055" in table and "tcp 127.0.0.1:7055" in table and "42%" in table
     client.close()
+
+
+def test_structured_json_log(registrar, tmp_path_factory):
+    from twisted.logger import eventsFromJSONLogFile
+
+    client = AsapClient(registrar.asap)
+    client.request(M.Registration(b"logged", pe(0x77, 7077, 0.1)))
+    client.request(M.Deregistration(b"logged", 0x77))
+    client.close()
+    path = next(p for p in tmp_path_factory.getbasetemp().glob("registrar*/registrar.json"))
+    with open(path) as f:
+        events = list(eventsFromJSONLogFile(f))
+    assert any(e.get("log_format") == "registrar {id} started" and e["id"] == "0x0a0a0a0a" for e in events)
+    removed = [e for e in events if e.get("pe") == "0x00000077" and e.get("why") == "deregistered"]
+    assert removed and removed[0]["pool"] == "logged"
 
 
 def test_bad_command_line_and_config_are_named(tmp_path):

@@ -12,9 +12,10 @@ The decoders (``DECODERS``):
 A decoder may only raise ``ProtocolError`` (``CookieError`` is one). Anything else is
 a crash. So is wrong behaviour this module can see (``InvariantError``): an error whose
 field or offset is not in the input, an ERROR answer (``messages.error_for``) that
-cannot be encoded, an accepted message that does not survive encode and decode again, a stream that buffers more than one frame after draining,
-that decodes differently when the same bytes come in other chunks, or that stops
-repeating its fatal error. An input taking more than ``HANG_S`` of CPU is a hang.
+cannot be encoded, an accepted message that does not survive encode and decode again,
+a stream that buffers more than one frame after draining, that decodes differently
+when the same bytes come in other chunks, or that stops repeating its fatal error.
+An input taking more than ``HANG_S`` of CPU is a hang.
 
 Inputs come from a seed corpus (every sample message, its framings, sealed cookies)
 through bit flips, byte sets, inserts, deletes, truncation, duplicated slices,
@@ -186,7 +187,10 @@ def _chunked(data: bytes, chunks: Sequence[int] | None) -> list[bytes]:
 
 
 def _same_fatal(a: ProtocolError, b: ProtocolError) -> bool:
-    return a is b or (type(a) is type(b) and (a.reason, a.field, a.offset, a.fatal) == (b.reason, b.field, b.offset, b.fatal))
+    def key(e: ProtocolError) -> tuple:
+        return (type(e), e.reason, e.field, e.offset, e.fatal)
+
+    return a is b or key(a) == key(b)
 
 
 def _run_stream(
@@ -784,8 +788,9 @@ class Crash:
     minimal: bytes | None = None
 
     def describe(self) -> str:
+        where = f" at {self.where}" if self.where else ""
         lines = [
-            f"{self.kind.upper()} in {self.case.describe()}: {self.error}" + (f" at {self.where}" if self.where else ""),
+            f"{self.kind.upper()} in {self.case.describe()}: {self.error}{where}",
             f"  input: {self.case.data.hex()}",
         ]
         if self.minimal is not None and self.minimal != self.case.data:
@@ -805,20 +810,27 @@ def _signature(decoder: str, exc: BaseException) -> tuple:
     return (decoder, type(exc).__name__, _where(exc))
 
 
-def _crash_signature(case: Case) -> tuple | None:
+def _crash_signature(case: Case, dog: "_Watchdog | None" = None) -> tuple | None:
+    if dog is not None:
+        dog.begin()
     try:
         fuzz_one(case.decoder, case.data, case.chunks, case.max_message_size)
+    except _Stuck:
+        return (case.decoder, "hang")
     except Exception as exc:  # noqa: BLE001
         return _signature(case.decoder, exc)
+    finally:
+        if dog is not None:
+            dog.end()
     return None
 
 
-def shrink(case: Case, signature: tuple, budget: int = 2000) -> bytes | None:
+def shrink(case: Case, signature: tuple, budget: int = 2000, dog: "_Watchdog | None" = None) -> bytes | None:
     """A smaller input that, fed in one piece, crashes the same way (or None)."""
     data = case.data
 
     def same(candidate: bytes) -> bool:
-        return _crash_signature(Case(case.decoder, candidate, None, case.max_message_size)) == signature
+        return _crash_signature(Case(case.decoder, candidate, None, case.max_message_size), dog) == signature
 
     if not same(data):
         return None
@@ -872,8 +884,8 @@ class Report:
         rate = self.cases / self.elapsed_s if self.elapsed_s > 0 else 0.0
         counts = ", ".join(f"{d} {a}/{r}" for d, (a, r) in self.counts.items())
         return (
-            f"fuzz seed {self.seed}: {self.cases} cases, {self.crash_count} crashes "
-            f"({len(self.signatures)} distinct), {self.hang_count} hangs; "
+            f"fuzz seed {self.seed}: {self.cases} cases, {self.crash_count} crashes, {self.hang_count} hangs "
+            f"({len(self.signatures)} distinct); "
             f"accepted/rejected {counts}; inputs sha256 {self.digest.hexdigest()[:16]}; "
             f"slowest input {self.slowest_s * 1000:.1f} ms CPU ({self.slowest}); "
             f"{self.elapsed_s:.1f} s, {rate:,.0f} cases/s"
@@ -885,16 +897,25 @@ class _Watchdog:
     timed). Only in the main thread, where signals are delivered."""
 
     def __init__(self) -> None:
-        self.current: int | None = None
+        self.current: int | None = None  # what is running; None: nothing to interrupt
         self._seen: int | None = None
+        self._runs = 0
         self._old = None
         self.active = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
 
     def _fire(self, signum, frame) -> None:
         if self.current is not None and self.current == self._seen:
             self._seen = None
-            raise _Stuck()
+            code = frame.f_code if frame is not None else None
+            raise _Stuck(f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno} in {code.co_name}" if code else "")
         self._seen = self.current
+
+    def begin(self) -> None:
+        self._runs += 1
+        self.current = self._runs
+
+    def end(self) -> None:
+        self.current = None
 
     def __enter__(self) -> "_Watchdog":
         if self.active:
@@ -929,7 +950,7 @@ def campaign(
             h.update(f"{decoder}|{len(case.data)}|{case.chunks}|{case.max_message_size}|".encode())
             h.update(case.data)
             failure: BaseException | None = None
-            dog.current = i
+            dog.begin()
             start = clock()
             try:
                 outcome = fuzz_one(decoder, case.data, case.chunks, case.max_message_size)
@@ -937,8 +958,9 @@ def campaign(
                 failure = exc
             except Exception as exc:  # noqa: BLE001 - anything else is a crash
                 failure = exc
+            finally:
+                dog.end()
             took = clock() - start
-            dog.current = None
             report.cases += 1
             if took > report.slowest_s:
                 report.slowest_s, report.slowest = took, decoder
@@ -946,7 +968,8 @@ def campaign(
             if isinstance(failure, _Stuck) or took > HANG_S:
                 report.hang_count += 1
                 signature = (decoder, "hang")
-                crash = Crash(case, "hang", f"{took:.2f} s of CPU", _where(failure) if failure else "", signature, took)
+                where = str(failure) if failure else ""  # a _Stuck says where it was interrupted
+                crash = Crash(case, "hang", f"{took:.2f} s of CPU", where, signature, took)
             elif failure is not None:
                 report.crash_count += 1
                 signature = _signature(decoder, failure)
@@ -958,9 +981,7 @@ def campaign(
                 report.signatures[signature] = report.signatures.get(signature, 0) + 1
                 if new or printed < MAX_PRINTED_CRASHES:
                     if new and crash.kind == "crash":
-                        dog.current = -1  # shrinking is bounded; let the watchdog be
-                        crash = dataclasses.replace(crash, minimal=shrink(case, signature))
-                        dog.current = None
+                        crash = dataclasses.replace(crash, minimal=shrink(case, signature, dog=dog))
                     printed += 1
                     emit(crash.describe())
                 if len(report.crashes) < MAX_STORED_CRASHES:

@@ -12,6 +12,8 @@ from typing import Protocol
 
 from twisted.logger import Logger
 
+from ..logs import hex_id, pool_name
+
 from ..protocol import messages as M
 from ..protocol import params as P
 from ..protocol.errors import Cause
@@ -128,7 +130,7 @@ class Registrar:
             self.handlespace.check_authentication(msg.pool_handle, msg.pool_element, msg.authentication)
             entry = self.handlespace.register(msg.pool_handle, msg.pool_element, now=self.clock.seconds(), owner=association)
         except HandlespaceError as err:
-            log.info("refused registration of PE {pe:#010x} in {pool!r}: {reason}", pe=pe_id, pool=msg.pool_handle, reason=err.reason)
+            log.info("refused registration of PE {pe} in {pool}: {reason}", pe=hex_id(pe_id), pool=pool_name(msg.pool_handle), reason=err.reason)
             self.observer.refused(err.cause)
             association.send(
                 M.RegistrationResponse(msg.pool_handle, pe_id, reject=True, error=P.OperationError.single(err.cause, err.reason.encode()[:200]))
@@ -208,14 +210,14 @@ class Registrar:
             entry = self.handlespace.deregister(*key)
         except HandlespaceError:
             return
-        log.warn("PE {pe:#010x} in {pool!r} missed its keep-alive: removed", pe=key[1], pool=key[0])
+        log.warn("PE {pe} in {pool} missed its keep-alive: removed", pe=hex_id(key[1]), pool=pool_name(key[0]))
         self.observer.removed(entry, "keep-alive timeout")
 
     def _forget(self, entry: PoolEntry, why: str) -> None:
         audit = self._audits.pop((entry.pool_handle, entry.identifier), None)
         if audit is not None:
             audit.cancel()
-        log.info("PE {pe:#010x} in {pool!r} removed: {why}", pe=entry.identifier, pool=entry.pool_handle, why=why)
+        log.info("PE {pe} in {pool} removed: {why}", pe=hex_id(entry.identifier), pool=pool_name(entry.pool_handle), why=why)
         self.observer.removed(entry, why)
 
     def _schedule_expiry(self) -> None:

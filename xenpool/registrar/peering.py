@@ -20,6 +20,8 @@ from typing import Protocol
 
 from twisted.logger import Logger
 
+from ..logs import hex_id, pool_name
+
 from ..protocol import messages as M
 from ..protocol import params as P
 from .handlespace import Handlespace, HandlespaceError, PoolEntry
@@ -107,7 +109,7 @@ class Peering:
         new = peer is None
         if new:
             peer = self.peers[sender] = Peer(sender, channel, now)
-            log.info("ENRP peer {peer:#010x} is up", peer=sender)
+            log.info("ENRP peer {peer} is up", peer=hex_id(sender))
             self._peers_changed()
         peer.channel, peer.last_heard = channel, now
         if sender in self.takeovers:  # it was only slow: stop taking it over
@@ -210,7 +212,7 @@ class Peering:
         try:
             self.handlespace.register(handle, element, now=self.clock.seconds(), owner=None, home=element.home_registrar)
         except HandlespaceError as err:
-            log.warn("peer's PE {pe:#010x} in {pool!r} not taken: {reason}", pe=element.identifier, pool=handle, reason=err.reason)
+            log.warn("peer's PE {pe} in {pool} not taken: {reason}", pe=hex_id(element.identifier), pool=pool_name(handle), reason=err.reason)
             return False
         return True
 
@@ -253,7 +255,7 @@ class Peering:
     def _start_takeover(self, target: int) -> None:
         others = {p.server_id for p in self.peers.values() if p.server_id != target and p.server_id not in self.takeovers}
         others = {s for s in others if self.clock.seconds() - self.peers[s].last_heard < self.timers.peer_timeout}
-        log.warn("ENRP peer {peer:#010x} silent for {t} s: taking over its PEs", peer=target, t=self.timers.peer_timeout)
+        log.warn("ENRP peer {peer} silent for {t} s: taking over its PEs", peer=hex_id(target), t=self.timers.peer_timeout)
         takeover = self.takeovers[target] = Takeover(target, others)
         for server_id in others:
             self.peers[server_id].channel.send(M.InitTakeover(self.server_id, server_id, target))
@@ -278,7 +280,7 @@ class Peering:
                 peer.channel.send(M.TakeoverServer(self.server_id, peer.server_id, target))
         count = self._rehome(target, self.server_id)
         self._drop_peer(target)
-        log.warn("took over {n} PEs of ENRP peer {peer:#010x}", n=count, peer=target)
+        log.warn("took over {n} PEs of ENRP peer {peer}", n=count, peer=hex_id(target))
         if self.observer is not None:
             self.observer.took_over(target, count)
 

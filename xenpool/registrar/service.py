@@ -11,6 +11,8 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import endpoints
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+
+from ..logs import hex_id, pool_name
 from twisted.protocols.policies import TimeoutMixin
 from twisted.web import resource, server
 
@@ -271,7 +273,7 @@ class RegistrarService(service.MultiService):
     def startService(self) -> None:
         self.registrar.start()
         self.peering.start()
-        log.info("registrar {id:#010x} started", id=self.registrar.registrar_id)
+        log.info("registrar {id} started", id=hex_id(self.registrar.registrar_id))
         super().startService()
 
     def stopService(self):

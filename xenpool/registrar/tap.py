@@ -18,6 +18,7 @@ SETTINGS = [
     Setting("enrp", [], str, "ENRP endpoint for peer registrars, e.g. tcp:9901", multiple=True),
     Setting("peer", [], str, "a peer registrar's ENRP endpoint, e.g. tcp:host=pr2:port=9901", multiple=True),
     Setting("status", None, str, "HTTP endpoint for /handlespace (JSON) and /metrics (Prometheus)"),
+    Setting("logfile", None, str, "also write structured logs to this file as JSON lines"),
     Setting("registrar-id", None, id32, "this registrar's 32-bit identifier (default: random)"),
     Setting("keep-alive-interval", 5.0, positive_float, "seconds between keep-alives to each PE"),
     Setting("keep-alive-timeout", 5.0, positive_float, "seconds a PE has to answer a keep-alive"),
@@ -36,6 +37,7 @@ Options = make_options(SETTINGS, "registrar", "Run an RSerPool pool registrar.")
 def makeService(options: usage.Options):
     from twisted.internet import reactor
 
+    from ..logs import log_json_to
     from ..plugins import load_plugins
     from .core import Registrar, Timers
     from .handlespace import Handlespace
@@ -43,6 +45,11 @@ def makeService(options: usage.Options):
     from .service import Metrics, RegistrarService
 
     s = options.settings
+    if s["logfile"]:
+        try:
+            log_json_to(s["logfile"])
+        except ValueError as err:
+            raise usage.UsageError(f"--logfile: {err}") from None
     plugins = load_plugins()
     policies = {}
     for name in plugins.names("policy"):
