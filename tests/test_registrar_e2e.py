@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select
 import subprocess
 import sys
 import urllib.request
@@ -181,3 +182,31 @@ def test_bad_command_line_and_config_are_named(tmp_path):
         [TWISTD, "-n", "xenpool-registrar", f"--config={bad}"], capture_output=True, text=True
     )
     assert "unknown key 'keep-alive-intervall'" in result.stdout + result.stderr
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_client_that_never_reads_cannot_pin_memory(registrar):
+    owner = AsapClient(registrar.asap)
+    for i in range(20):  # a pool whose answers are big
+        owner.request(M.Registration(b"flood", pe(0x1000 + i, 8000 + i, i / 20)))
+    before = rss_kb(registrar.proc.pid)
+    greedy = AsapClient(registrar.asap)
+    greedy.sock.setblocking(False)
+    request = M.encode(M.HandleResolution(b"flood", items=20)) * 1000
+    sent = 0
+    while sent < 8 * 1024 * 1024:  # ~500,000 requests for ~450 MB of answers, never read
+        if not select.select([], [greedy.sock], [], 2.0)[1]:
+            break
+        sent += greedy.sock.send(request)
+    # Meanwhile the registrar keeps serving others; were it still reading the greedy
+    # client, answers would pile up in its memory while these run.
+    polite = AsapClient(registrar.asap)
+    for _ in range(100):
+        assert len(polite.request(M.HandleResolution(b"flood", items=20)).pool_elements) == 20
+    assert rss_kb(registrar.proc.pid) - before < 64 * 1024
+    for client in (owner, greedy, polite):
+        client.close()

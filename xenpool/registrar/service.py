@@ -9,12 +9,14 @@ from prometheus_client.core import GaugeMetricFamily
 from twisted.application import service, strports
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import endpoints
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from ..logs import hex_id, pool_name
 from twisted.protocols.policies import TimeoutMixin
 from twisted.web import resource, server
+from zope.interface import implementer
 
 from ..protocol import framing
 from ..protocol import messages as M
@@ -27,8 +29,13 @@ from .peering import Peering
 log = Logger()
 
 
+@implementer(IPushProducer)
 class AsapProtocol(Protocol, TimeoutMixin):
-    """One PE's or PU's ASAP association over a byte stream."""
+    """One PE's or PU's ASAP association over a byte stream.
+
+    It is the producer of its own answers: when a client does not read them and the
+    transport's buffer fills, the registrar stops reading that client's requests, so a
+    slow reader cannot pin memory."""
 
     def __init__(self, registrar: Registrar, idle_timeout: float, max_message_size: int, metrics: "Metrics") -> None:
         self.registrar = registrar
@@ -38,6 +45,16 @@ class AsapProtocol(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.setTimeout(self.idle_timeout)
+        self.transport.registerProducer(self, True)
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
 
     def send(self, message: M.Message) -> None:
         self.transport.write(M.encode(message))
