@@ -96,6 +96,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
+def _cmd_bench_registrar(args: argparse.Namespace) -> int:
+    from . import bench_registrar
+
+    return bench_registrar.run(args)
+
+
 def _cmd_fuzz(args: argparse.Namespace) -> int:
     from .fuzz import run
 
@@ -133,6 +139,12 @@ def parser() -> argparse.ArgumentParser:
     codec.add_argument("--json", action="store_true", help="print one JSON object")
     codec.add_argument("--seconds", type=float, default=1.0, help="time per measurement (default 1)")
     codec.set_defaults(func=_cmd_bench)
+    reg = bsub.add_parser("registrar", help="handle resolutions per second of a real registrar daemon over TCP")
+    reg.add_argument("--pes", type=_positive, default=1000, help="PEs registered in the pool (default 1000)")
+    reg.add_argument("--seconds", type=float, default=3.0, help="time per measured run, after a warm-up (default 3)")
+    reg.add_argument("--json", action="store_true", help="print one JSON object")
+    reg.add_argument("--profile", metavar="FILE", help="run the daemon under cProfile and save its stats to FILE")
+    reg.set_defaults(func=_cmd_bench_registrar)
 
     f = sub.add_parser("fuzz", help="feed random and mutated bytes to every decoder")
     f.add_argument("--cases", type=_positive, default=100_000)

@@ -342,6 +342,7 @@ def _unusual_messages() -> tuple[list[bytes], list[bytes]]:
     asap = [messages.encode(m) for m in (
         messages.Registration(b"p" * P.MAX_POOL_HANDLE, elements[0]),
         messages.Registration(b"\x00", elements[1]),
+        messages.Registration(b"Xen", pe, authentication=P.registration_mac(SECRET, b"Xen", pe)),
         messages.RegistrationResponse(b"Xen", 1, reject=True, error=error),
         messages.HandleResolutionResponse(b"Xen", (), error=error),
         messages.HandleResolutionResponse(b"Xen", tuple(elements), policies[1]),

@@ -110,16 +110,22 @@ class ShimStream(_Framer["tuple[int, object]"]):
         }
 
     def _frame_size(self, header: bytes) -> int:
-        _ppid, length = SHIM.unpack(header)
-        if length > self.max_message_size:
-            raise self._fatal(f"payload length {length} over {self.max_message_size}", "shim.length", 4)
+        ppid, length = SHIM.unpack(header)
+        limit = self.max_message_size
+        if ppid == session.XENPOOL_PPID:
+            limit = min(limit, session.MAX_SESSION_MESSAGE)
+        if length > limit:
+            raise self._fatal(f"payload length {length} over {limit}", "shim.length", 4)
         return SHIM.size + length
 
     def _decode(self, header: bytes, frame: bytes) -> tuple[int, object]:
         ppid, _length = SHIM.unpack(header)
         decoder = self._decoders.get(ppid)
         if decoder is None:
-            raise ProtocolError(f"unknown PPID {ppid}", field="shim.ppid", offset=0, cause=Cause.UNRECOGNIZED_MESSAGE)
+            raise ProtocolError(
+                f"unknown PPID {ppid}", field="shim.ppid", offset=0, cause=Cause.UNRECOGNIZED_MESSAGE,
+                data=frame[: messages.MAX_ERROR_INFO],
+            )  # fmt: skip
         try:
             return ppid, decoder(frame[SHIM.size :])
         except ProtocolError as err:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from . import params as P
 from ._construct import constructor
 from .errors import Cause, ProtocolError
-from .params import OperationError, PoolElement, PoolPolicy, ServerInformation, Transport
+from .params import ErrorCause, OperationError, PoolElement, PoolPolicy, ServerInformation, Transport
 
 ASAP_PPID = 11
 ENRP_PPID = 12
@@ -521,12 +521,22 @@ def _decode_table_entries(data: bytes, pos: int, end: int, reports) -> tuple:
     return tuple((handle, tuple(pes)) for handle, pes in entries)
 
 
+# The offending bytes an ERROR quotes are cut to this, so the answer to a huge
+# unrecognized message still fits in one message.
+MAX_ERROR_INFO = 1024
+
+
 def error_for(err: ProtocolError, ppid: int = ASAP_PPID, sender_id: int = 0, receiver_id: int = 0) -> Message:
     """The ERROR message that answers a ProtocolError (RFC 5354 cause and its info)."""
-    info = err.data
+    info = err.data[:MAX_ERROR_INFO]
     if not info and err.cause == Cause.INVALID_VALUES:
         info = f"{err.field} at byte {err.offset}: {err.reason}".encode()[:256]
     error = OperationError.single(err.cause, info)
     if ppid == ENRP_PPID:
         return EnrpError(sender_id, receiver_id, error)
     return AsapError(error)
+
+
+def unrecognized_parameters(reports: list[bytes]) -> OperationError:
+    """One Operation Error reporting skipped-and-reported parameters (a few, cut short)."""
+    return OperationError(tuple(ErrorCause(Cause.UNRECOGNIZED_PARAMETER, tlv[:MAX_ERROR_INFO]) for tlv in reports[:8]))

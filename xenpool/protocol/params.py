@@ -558,7 +558,7 @@ def _decode_pool_element(buf, start, end, reports) -> PoolElement:
         p2 = pos + ((l1 + 3) & ~3)
         if decode_user is not None and l1 >= 4 and p2 + 8 <= end:
             t2, l2 = _unpack_hdr(buf, p2)
-            if t2 == _POLICY_TYPE and l2 >= 8 and end - 3 <= p2 + l2 <= end:
+            if t2 == _POLICY_TYPE and l2 >= 8 and (end == p2 + l2 or end == p2 + l2 + (-l2 & 3)):
                 user = decode_user(buf, pos + 4, pos + l1, reports)
                 return _new_pool_element(identifier, home, life, user, _decode_policy(buf, p2 + 4, p2 + l2, reports), None)
     parts = params_in(buf, start + 12, end, "pool_element", reports)

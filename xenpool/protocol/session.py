@@ -195,6 +195,13 @@ def check_create(msg: CreateServer, offsets: dict[str, int] | None = None) -> No
             raise ProtocolError(f"{ip!r} is not an IP address", field="ips", offset=at("ips", 0)) from None
 
 
+def _server_id(r: _Reader) -> str:
+    offset = r.pos
+    server_id = r.text(MAX_SERVER_ID, "server_id")
+    check_server_id(server_id, offset)
+    return server_id
+
+
 def encode(msg: SessionMessage) -> bytes:
     w = _Writer()
     mtype = msg.TYPE
@@ -249,23 +256,25 @@ def decode(data: bytes) -> SessionMessage:
         msg = CreateServer(server_id, disk, ips, ram_mb, vcpus)
         check_create(msg, offsets)
     elif mtype in (SessionType.CREATE_SUCCESS, SessionType.CREATE_FAILED):
-        server_id = r.text(MAX_SERVER_ID, "server_id")
+        server_id = _server_id(r)
         code, ram_kb = r.unpack("!iQ", "code")
         if (code == ResultCode.STARTED) != (mtype == SessionType.CREATE_SUCCESS):
             raise ProtocolError(f"code {code} in message type {mtype}", field="code", offset=r.pos - 12)
         msg = CreateResult(server_id, code, ram_kb, r.text(MAX_REASON, "reason"))
     elif mtype == SessionType.CHECK_RUNNING:
-        msg = CheckRunning(r.text(MAX_SERVER_ID, "server_id"), *r.unpack("!I", "interval_s"))
+        msg = CheckRunning(_server_id(r), *r.unpack("!I", "interval_s"))
     elif mtype == SessionType.CHECK_RUNNING_RESPONSE:
-        msg = CheckRunningResponse(r.text(MAX_SERVER_ID, "server_id"), *r.unpack("!i", "state"))
+        msg = CheckRunningResponse(_server_id(r), *r.unpack("!i", "state"))
     elif mtype == SessionType.STOP_SERVER:
-        msg = StopServer(r.text(MAX_SERVER_ID, "server_id"))
+        msg = StopServer(_server_id(r))
     elif mtype == SessionType.STOP_RESULT:
-        server_id = r.text(MAX_SERVER_ID, "server_id")
+        server_id = _server_id(r)
         (code,) = r.unpack("!i", "code")
         msg = StopResult(server_id, code, r.text(MAX_REASON, "reason"))
     else:
-        raise ProtocolError(f"unknown message type 0x{mtype:02x}", field="type", offset=0, cause=Cause.UNRECOGNIZED_MESSAGE)
+        raise ProtocolError(
+            f"unknown message type 0x{mtype:02x}", field="type", offset=0, cause=Cause.UNRECOGNIZED_MESSAGE, data=bytes(data)
+        )
     if r.pos != len(data):
         raise ProtocolError(f"{len(data) - r.pos} bytes after the last field", field="length", offset=r.pos)
     return msg

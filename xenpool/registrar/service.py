@@ -81,9 +81,8 @@ class AsapProtocol(Protocol, TimeoutMixin):
                 break
             self.registrar.handle(message, self)
         if self.stream.reports:
-            causes = tuple(P.ErrorCause(Cause.UNRECOGNIZED_PARAMETER, tlv) for tlv in self.stream.reports[:16])
+            self.send(M.AsapError(M.unrecognized_parameters(self.stream.reports)))
             self.stream.reports.clear()
-            self.send(M.AsapError(P.OperationError(causes)))
 
     def _refuse(self, err: ProtocolError) -> None:
         log.info("bad ASAP input from {peer}: {err}", peer=self.transport.getPeer(), err=str(err))

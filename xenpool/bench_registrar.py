@@ -1,0 +1,595 @@
+"""``xenpool bench registrar``: a real registrar daemon against a Twisted ceiling.
+
+Measured in one run, on loopback TCP:
+
+* ``resolutions_per_s``: ASAP HANDLE_RESOLUTIONs per second answered by a real
+  ``twistd -n xenpool-registrar`` process holding ``--pes`` PEs in pool "bench"
+  (LeastUsed), while those PEs' registration connections stay open;
+* ``ceiling_per_s``: the same load against a minimal Twisted server that frames by the
+  ASAP length field and answers every request with a canned copy of the registrar's
+  real answer, i.e. what a Twisted server can do here at all; ``ratio`` is the first
+  over the second;
+* ``registrations_per_s``: REGISTRATIONs of new PEs per second through the daemon;
+* ``resolve_us_100``/``resolve_us_100000``: microseconds per ``Handlespace.resolve()``
+  in-process with 100 and 100,000 PEs (the real LeastUsed plugin);
+* ``bytes_per_pe``: traced memory per PE in the handlespace, selection included.
+
+The load generator is a separate process (``python -m xenpool.bench_registrar client``)
+with a few plain-socket connections, each keeping a window of requests outstanding; it
+counts answers by their length fields. Every process the bench starts is stopped on
+every way out. Like the other benchmarks it prints numbers next to targets and never
+fails on a slow machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import random
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Iterator
+
+from .bench import _rate
+from .protocol import framing
+from .protocol import messages as M
+from .protocol import params as P
+
+POOL = b"bench"
+CONNECTIONS = 4  # load generator connections
+WINDOW = 32  # requests outstanding per connection
+REGISTER_CONNECTIONS = 4  # connections that register --pes PEs and stay open
+REGISTRAR_ID = 0x0BE0C400
+FIRST_NEW_PE = 0x40000000  # identifiers of the PEs registered during the measurement
+
+TARGET_RESOLUTIONS_PER_S = 20_000
+TARGET_RATIO = 0.5
+TARGET_SCALING = 2.0  # resolve_us_100000 <= this x resolve_us_100
+TARGET_BYTES_PER_PE = 1024
+
+_U32 = struct.Struct("!I")
+
+
+class BenchError(Exception):
+    """The bench could not measure (a process did not start, a request was refused)."""
+
+
+def _progress(text: str) -> None:
+    print(f"bench registrar: {text}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------ the PEs
+
+
+def pool_element(i: int, load: float) -> P.PoolElement:
+    """PE number ``i``: its own TCP user transport (10.x.y.z) and the given load."""
+    address = f"10.{(i >> 16) & 0xFF}.{(i >> 8) & 0xFF}.{i & 0xFF}"
+    return P.PoolElement(
+        identifier=i,
+        home_registrar=0,
+        registration_life=3_600_000,
+        user_transport=P.TcpTransport(5000 + i % 1000, (address,), P.TransportUse.DATA_PLUS_CONTROL),
+        policy=P.PoolPolicy.make(P.PolicyType.LEAST_USED, load=P.load_to_wire(load)),
+    )
+
+
+def _load(i: int, count: int) -> float:
+    return i / count  # a different load for every PE
+
+
+def registration_template() -> tuple[bytes, int, int]:
+    """An encoded REGISTRATION and the offsets of its PE identifier and IPv4 address,
+    which the load generator rewrites to register a new PE each time."""
+    marker = 0x5A6B7C8D
+    element = pool_element(0, 0.5)
+    element = P.PoolElement(
+        marker, 0, element.registration_life,
+        P.TcpTransport(5000, (socket.inet_ntoa(_U32.pack(marker ^ 0xFFFFFFFF)),), P.TransportUse.DATA_PLUS_CONTROL),
+        element.policy,
+    )  # fmt: skip
+    data = M.encode(M.Registration(POOL, element))
+    id_at, address_at = data.find(_U32.pack(marker)), data.find(_U32.pack(marker ^ 0xFFFFFFFF))
+    assert id_at > 0 and address_at > 0 and data.count(_U32.pack(marker)) == 1
+    return data, id_at, address_at
+
+
+# ------------------------------------------------------------------ in-process
+
+
+def _policies() -> dict[int, object]:
+    from .plugins import load_plugins
+
+    plugins = load_plugins()
+    providers = (plugins.create("policy", name) for name in plugins.names("policy"))
+    return {p.policy_type: p for p in providers}
+
+
+def _handlespace(count: int, policies: dict[int, object]):
+    from .registrar.handlespace import Handlespace
+
+    handlespace = Handlespace(REGISTRAR_ID, policies, rng=random.Random(1))
+    for i in range(count):
+        handlespace.register(POOL, pool_element(i, _load(i, count)), now=0.0, owner=None)
+    return handlespace
+
+
+def resolve_us(count: int, seconds: float, policies: dict[int, object]) -> float:
+    """Microseconds per Handlespace.resolve() of the default 3 PEs from ``count``."""
+    handlespace = _handlespace(count, policies)
+    assert len(handlespace.resolve(POOL)) == min(3, count)
+    return 1e6 / _rate(lambda: handlespace.resolve(POOL), seconds)
+
+
+def bytes_per_pe(count: int, policies: dict[int, object]) -> dict[str, float]:
+    """Traced memory per PE, kept as the daemon keeps it: each PE decoded from its
+    REGISTRATION, then registered (``handlespace``: the handlespace and its selection;
+    ``with_audit``: through the registrar core, with its keep-alive timer)."""
+    from twisted.internet.task import Clock
+
+    from .registrar.core import Registrar, Timers
+    from .registrar.handlespace import Handlespace
+
+    wire = [M.encode(M.Registration(POOL, pool_element(i, _load(i, count)))) for i in range(count)]
+
+    class Association:
+        def send(self, message: M.Message) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    def handlespace_only() -> object:
+        handlespace = Handlespace(REGISTRAR_ID, policies, rng=random.Random(1))
+        for data in wire:
+            msg = M.decode(data)
+            handlespace.register(msg.pool_handle, msg.pool_element, now=0.0, owner=None)
+        return handlespace
+
+    def with_registrar() -> object:
+        registrar = Registrar(Handlespace(REGISTRAR_ID, policies, rng=random.Random(1)), Clock(), Timers(3600.0, 3600.0))
+        association = Association()
+        for data in wire:
+            registrar.handle(M.decode(data), association)
+        return registrar
+
+    result = {}
+    for key, build in (("handlespace", handlespace_only), ("with_audit", with_registrar)):
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            kept = build()
+            gc.collect()
+            result[key] = (tracemalloc.get_traced_memory()[0] - before) / count
+        finally:
+            tracemalloc.stop()
+        del kept
+    return result
+
+
+# ------------------------------------------------------------------- processes
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the child gets SIGKILL if the bench dies without cleaning up."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _spawn(argv: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None, **kwargs)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a running process (Linux), else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _twistd() -> list[str]:
+    twistd = Path(sys.executable).with_name("twistd")
+    if twistd.exists():
+        return [str(twistd)]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+@contextlib.contextmanager
+def registrar_daemon(workdir: Path, profile: str | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
+    """A ``twistd -n xenpool-registrar`` on a loopback port; stopped on the way out."""
+    port = _free_port()
+    log_path = workdir / "registrar.log"
+    profiling = [f"--profile={profile}", "--profiler=cprofile", "--savestats"] if profile else []
+    argv = [
+        *_twistd(), "-n", "--pidfile=", "--logfile=-", *profiling, "xenpool-registrar",
+        f"--asap=tcp:{port}:interface=127.0.0.1", "--keep-alive-interval=3600", "--idle-timeout=3600",
+        f"--registrar-id={REGISTRAR_ID:#x}",
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = _spawn(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir)
+    try:
+        ready = f"registrar {REGISTRAR_ID:#010x} started"
+        deadline = time.monotonic() + 60
+        while ready not in log_path.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"the registrar did not start; its log:\n{log_path.read_text(errors='replace')}")
+            time.sleep(0.02)
+        yield proc, port
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def ceiling_server(reply: bytes) -> Iterator[tuple[subprocess.Popen, int]]:
+    """The minimal Twisted server (``python -m xenpool.bench_registrar ceiling``)."""
+    argv = [sys.executable, "-m", __name__, "ceiling", reply.hex()]
+    proc = _spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()  # its port, once it listens
+        if not line.strip().isdigit():
+            raise BenchError(f"the ceiling server did not start (exit status {proc.wait()})")
+        yield proc, int(line)
+    finally:
+        _stop(proc)
+        proc.stdout.close()
+
+
+def load(port: int, server_pid: int, spec: dict) -> dict:
+    """Run the load generator process against ``port``; its result, plus the CPU share
+    the server used over the same time."""
+    argv = [sys.executable, "-m", __name__, "client", json.dumps({"port": port, **spec})]
+    server_cpu = _cpu_seconds(server_pid)
+    started = time.monotonic()
+    proc = _spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        out, _ = proc.communicate(timeout=spec["warmup"] + spec["seconds"] + 60)
+    finally:
+        _stop(proc)
+    wall = time.monotonic() - started
+    if proc.returncode != 0 or not out.strip():
+        raise BenchError(f"the load generator failed (exit status {proc.returncode})")
+    result = json.loads(out.splitlines()[-1])
+    if "error" in result:
+        raise BenchError(f"load generator: {result['error']}")
+    after = _cpu_seconds(server_pid)
+    if server_cpu is not None and after is not None:
+        result["server_cpu"] = round((after - server_cpu) / wall, 2)  # includes start-up and warm-up
+    return result
+
+
+# ---------------------------------------------------------- talking to the daemon
+
+
+def _receive(sock: socket.socket, stream: framing.RSerPoolStream) -> M.Message:
+    while (message := stream.next_message()) is None:
+        data = sock.recv(65536)
+        if not data:
+            raise BenchError("the registrar closed the connection")
+        stream.feed(data)
+    return message
+
+
+def register_pes(port: int, count: int) -> list[socket.socket]:
+    """Register PEs 0..count-1 over a few connections, pipelined; the connections are
+    returned open (closing them would deregister the PEs)."""
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(REGISTER_CONNECTIONS)]
+    try:
+        for c, sock in enumerate(socks):
+            stream = framing.RSerPoolStream()
+            mine = range(c, count, len(socks))
+            for start in range(0, len(mine), 256):
+                chunk = mine[start : start + 256]
+                sock.sendall(b"".join(M.encode(M.Registration(POOL, pool_element(i, _load(i, count)))) for i in chunk))
+                for i in chunk:
+                    answer = _receive(sock, stream)
+                    if not isinstance(answer, M.RegistrationResponse) or answer.reject:
+                        raise BenchError(f"registration of PE {i} refused: {answer}")
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def resolve_once(port: int, request: bytes, expected: int) -> bytes:
+    """One HANDLE_RESOLUTION, checked; the raw answer (the ceiling's canned reply)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(request)
+        data = b""
+        while len(data) < 4 or len(data) < int.from_bytes(data[2:4], "big"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise BenchError("the registrar closed the connection")
+            data += chunk
+    answer = M.decode(data)
+    if not isinstance(answer, M.HandleResolutionResponse) or answer.error or len(answer.pool_elements) != expected:
+        raise BenchError(f"unexpected answer to a handle resolution: {answer}")
+    return data
+
+
+# -------------------------------------------------------------------- the bench
+
+
+def registrar(pes: int, seconds: float, profile: str | None = None) -> dict:
+    warmup = min(1.0, max(0.1, seconds / 3))
+    request = M.encode(M.HandleResolution(POOL))
+    load_spec = {"connections": CONNECTIONS, "window": WINDOW, "warmup": warmup, "seconds": seconds}
+    result: dict = {"pes": pes, "seconds": seconds, "connections": CONNECTIONS, "window": WINDOW}
+
+    with tempfile.TemporaryDirectory(prefix="xenpool-bench-") as tmp, contextlib.ExitStack() as stack:
+        proc, port = stack.enter_context(registrar_daemon(Path(tmp), profile))
+        _progress(f"registrar pid {proc.pid} on port {port}; registering {pes} PEs")
+        for sock in register_pes(port, pes):
+            stack.callback(sock.close)
+        reply = resolve_once(port, request, min(3, pes))
+        result["request_bytes"], result["reply_bytes"] = len(request), len(reply)
+
+        _progress(f"resolving for {warmup:g} + {seconds:g} s")
+        resolutions = load(port, proc.pid, {**load_spec, "request": request.hex(), "answer": [M.AsapType.HANDLE_RESOLUTION_RESPONSE, len(reply)]})  # fmt: skip
+        template, id_at, address_at = registration_template()
+        registration_reply = len(M.encode(M.RegistrationResponse(POOL, 0)))
+        _progress(f"registering new PEs for {warmup:g} + {seconds:g} s")
+        registrations = load(port, proc.pid, {
+            **load_spec, "request": template.hex(), "patch": [id_at, address_at, FIRST_NEW_PE],
+            "answer": [M.AsapType.REGISTRATION_RESPONSE, registration_reply],
+        })  # fmt: skip
+        stack.close()  # stop the registrar before the ceiling runs
+
+        with ceiling_server(reply) as (ceiling_proc, ceiling_port):
+            _progress(f"ceiling server pid {ceiling_proc.pid} on port {ceiling_port}; resolving for {warmup:g} + {seconds:g} s")
+            ceiling = load(ceiling_port, ceiling_proc.pid, {**load_spec, "request": request.hex(), "answer": [M.AsapType.HANDLE_RESOLUTION_RESPONSE, len(reply)]})  # fmt: skip
+
+    for name, run in (("registrar", resolutions), ("registration", registrations), ("ceiling", ceiling)):
+        if run["unexpected"]:
+            raise BenchError(f"{run['unexpected']} of {run['answers']} answers in the {name} run were not as expected")
+
+    _progress("in-process handlespace measures")
+    policies = _policies()
+    per_measure = max(0.05, min(1.0, seconds / 3))
+    small, large = resolve_us(100, per_measure, policies), resolve_us(100_000, per_measure, policies)
+    memory = bytes_per_pe(20_000, policies)
+
+    result.update(
+        resolutions_per_s=round(resolutions["rate"]),
+        ceiling_per_s=round(ceiling["rate"]),
+        ratio=round(resolutions["rate"] / ceiling["rate"], 3) if ceiling["rate"] else 0.0,
+        registrations_per_s=round(registrations["rate"]),
+        resolve_us_100=round(small, 3),
+        resolve_us_100000=round(large, 3),
+        resolve_scaling=round(large / small, 2),
+        bytes_per_pe=round(memory["handlespace"]),
+        bytes_per_pe_with_audit=round(memory["with_audit"]),
+        # CPU each process used per second of wall time: a load generator near 1.0 means
+        # the client, not the server, set the pace.
+        cpu={
+            name: {"client": run["client_cpu"], "server": run.get("server_cpu")}
+            for name, run in (("resolutions", resolutions), ("registrations", registrations), ("ceiling", ceiling))
+        },
+        targets={
+            "resolutions_per_s": TARGET_RESOLUTIONS_PER_S,
+            "ratio": TARGET_RATIO,
+            "resolve_scaling": TARGET_SCALING,
+            "bytes_per_pe": TARGET_BYTES_PER_PE,
+        },
+    )
+    return result
+
+
+def _verdict(ok: bool) -> str:
+    return "[green]meets[/green]" if ok else "[red]misses[/red]"
+
+
+def _print_table(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"registrar: {r['pes']:,} PEs in pool 'bench' (LeastUsed), {r['connections']} connections x "
+        f"{r['window']} outstanding, {r['seconds']:g} s per run, loopback TCP"
+    )
+    for column, justify in (("measure", "left"), ("result", "right"), ("target", "right"), ("", "left")):
+        table.add_column(column, justify=justify)
+    t = r["targets"]
+    scaling_limit = TARGET_SCALING * r["resolve_us_100"]
+    rows = [
+        ("resolutions_per_s", f"{r['resolutions_per_s']:,}/s", f">= {t['resolutions_per_s']:,}/s",
+         _verdict(r["resolutions_per_s"] >= t["resolutions_per_s"])),
+        ("ceiling_per_s", f"{r['ceiling_per_s']:,}/s", "", "minimal Twisted server, canned reply"),
+        ("ratio", f"{r['ratio']:.2f}", f">= {t['ratio']}", _verdict(r["ratio"] >= t["ratio"])),
+        ("registrations_per_s", f"{r['registrations_per_s']:,}/s", "", "new PEs, pipelined"),
+        ("resolve_us_100", f"{r['resolve_us_100']:.2f} us", "", "Handlespace.resolve(), in-process"),
+        ("resolve_us_100000", f"{r['resolve_us_100000']:.2f} us", f"<= {scaling_limit:.2f} us",
+         _verdict(r["resolve_us_100000"] <= scaling_limit)),
+        ("bytes_per_pe", f"{r['bytes_per_pe']:,} B", f"<= {t['bytes_per_pe']:,} B",
+         _verdict(r["bytes_per_pe"] <= t["bytes_per_pe"])),
+        ("bytes_per_pe_with_audit", f"{r['bytes_per_pe_with_audit']:,} B", "", "plus the keep-alive timer"),
+    ]  # fmt: skip
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    cpu = ", ".join(f"{name}: client {c['client']:.0%}, server {c['server']:.0%}" if c["server"] is not None
+                    else f"{name}: client {c['client']:.0%}" for name, c in r["cpu"].items())  # fmt: skip
+    print(f"CPU per wall second: {cpu}")
+
+
+def run(args: argparse.Namespace) -> int:
+    seconds = args.seconds if args.seconds > 0 else 3.0
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        result = registrar(args.pes, seconds, getattr(args, "profile", None))
+    except BenchError as err:
+        print(f"xenpool bench registrar: {err}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_table(result)
+    return 0
+
+
+# ------------------------------------------------- child processes of the bench
+
+
+def client(spec: dict) -> dict:
+    """The load generator: ``connections`` sockets, each keeping ``window`` requests
+    outstanding, for ``warmup`` then ``seconds`` of wall time. Answers are counted by
+    their length fields; ``unexpected`` counts those of another type or size.
+
+    ``patch`` = [id offset, IPv4 offset, first id]: every request is the template with a
+    new PE identifier and address (registrations of new PEs)."""
+    request = bytes.fromhex(spec["request"])
+    size = len(request)
+    want_type, want_length = spec["answer"]
+    window = spec["window"]
+    patch = spec.get("patch")
+    pack_into = _U32.pack_into
+
+    def requests(state: list, count: int) -> bytes:
+        if patch is None:
+            return request * count
+        id_at, address_at, _ = patch
+        out = bytearray(request * count)
+        first = state[2]
+        for j in range(count):
+            pack_into(out, j * size + id_at, first + j)
+            pack_into(out, j * size + address_at, 0x0A000000 | ((first + j) & 0xFFFFFF))
+        state[2] = first + count
+        return bytes(out)
+
+    selector = selectors.DefaultSelector()
+    socks = []
+    for c in range(spec["connections"]):
+        sock = socket.create_connection(("127.0.0.1", spec["port"]), timeout=30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        socks.append(sock)
+        state = [sock, b"", (patch[2] + (c << 24)) if patch else 0]
+        selector.register(sock, selectors.EVENT_READ, state)
+    answers = unexpected = 0
+    for key in list(selector.get_map().values()):
+        key.data[0].sendall(requests(key.data, window))
+
+    start = time.monotonic()
+    measure_from = start + spec["warmup"]
+    end = measure_from + spec["seconds"]
+    mark = None
+    now = start
+    while now < end:
+        for key, _ in selector.select(0.5):
+            state = key.data
+            sock = state[0]
+            data = sock.recv(262144)
+            if not data:
+                return {"error": "the server closed a connection"}
+            buf = state[1] + data if state[1] else data
+            pos, n, done = 0, len(buf), 0
+            while n - pos >= 4:
+                length = (buf[pos + 2] << 8) | buf[pos + 3]
+                if length < 4:
+                    return {"error": f"answer with length {length}"}
+                if n - pos < length:
+                    break
+                if buf[pos] != want_type or length != want_length:
+                    unexpected += 1
+                pos += length
+                done += 1
+            state[1] = buf[pos:]
+            if done:
+                answers += done
+                sock.sendall(requests(state, done))
+        now = time.monotonic()
+        if mark is None and now >= measure_from:
+            mark = (answers, now, time.process_time())
+    for sock in socks:
+        sock.close()
+    if mark is None:
+        return {"error": "no time left to measure"}
+    counted, since, cpu = mark
+    elapsed = now - since
+    return {
+        "answers": answers - counted,
+        "elapsed": elapsed,
+        "rate": (answers - counted) / elapsed,
+        "unexpected": unexpected,
+        "client_cpu": round((time.process_time() - cpu) / elapsed, 2),
+    }
+
+
+def ceiling(reply: bytes) -> None:
+    """A minimal Twisted server: frames requests by the ASAP length field and answers
+    each one with ``reply``. Prints its port once it listens; stops on SIGTERM."""
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    class Canned(Protocol):
+        rest = b""
+
+        def dataReceived(self, data: bytes) -> None:
+            buf = self.rest + data if self.rest else data
+            pos, n = 0, len(buf)
+            write = self.transport.write
+            while n - pos >= 4:
+                length = (buf[pos + 2] << 8) | buf[pos + 3]
+                if length < 4:
+                    self.transport.loseConnection()
+                    return
+                if n - pos < length:
+                    break
+                pos += length
+                write(reply)
+            self.rest = buf[pos:]
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Canned), interface="127.0.0.1")
+    print(port.getHost().port, flush=True)
+    reactor.run()
+
+
+def main(argv: list[str]) -> int:  # pragma: no cover - run in the bench's child processes
+    if argv[:1] == ["client"]:
+        try:
+            result = client(json.loads(argv[1]))
+        except OSError as err:
+            result = {"error": str(err)}
+        print(json.dumps(result), flush=True)
+        return 0
+    if argv[:1] == ["ceiling"]:
+        ceiling(bytes.fromhex(argv[1]))
+        return 0
+    print("usage: python -m xenpool.bench_registrar client SPEC | ceiling REPLY_HEX", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))
