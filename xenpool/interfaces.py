@@ -137,6 +137,9 @@ class IHypervisor(Interface):
     def free_ram_kb() -> object:
         """RAM left for new guests, in KB."""
 
+    def domains() -> object:
+        """{name: (state, ram_kb)} of every domain that is running (or paused, ...)."""
+
     def start(spec: DomainSpec) -> object:
         """Define and start a domain; fails if it cannot."""
 
