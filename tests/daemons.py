@@ -18,6 +18,8 @@ from xenpool.protocol import framing
 from xenpool.protocol import messages as M
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
+# Daemons under test run twistd through this wrapper so their coverage is measured too.
+TWISTD_ARGV = [sys.executable, str(Path(__file__).with_name("twistd_cov.py"))]
 
 
 def free_port() -> int:
@@ -30,7 +32,7 @@ class Daemon:
     """One twistd process; its log is kept for assertions and failure messages."""
 
     def __init__(self, plugin: str, *args: str, ready: str, cwd: Path, timeout: float = 20.0) -> None:
-        self.argv = [TWISTD, "-n", "--pidfile=", "--logfile=-", plugin, *args]
+        self.argv = [*TWISTD_ARGV, "-n", "--pidfile=", "--logfile=-", plugin, *args]
         self.log = ""
         self.proc = subprocess.Popen(
             self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}
