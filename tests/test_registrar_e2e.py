@@ -210,3 +210,15 @@ def test_a_client_that_never_reads_cannot_pin_memory(registrar):
     assert rss_kb(registrar.proc.pid) - before < 64 * 1024
     for client in (owner, greedy, polite):
         client.close()
+
+
+def test_the_example_config_is_valid():
+    from pathlib import Path
+
+    from xenpool.registrar.tap import Options
+
+    options = Options()
+    options.parseOptions([f"--config={Path(__file__).parents[1] / 'etc/xenpool/registrar.conf'}", "--peer=tcp:host=h:port=1"])
+    assert options.settings["asap"] == ["tcp:3863"] and options.settings["enrp"] == ["tcp:9901"]
+    assert options.settings["peer"] == ["tcp:host=h:port=1"]  # the command line wins
+    assert options.settings["keep-alive-timeout"] == 5.0
