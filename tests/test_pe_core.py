@@ -1,0 +1,213 @@
+"""The pool element's session behaviour on a Clock, with an in-memory hypervisor."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from xenpool.interfaces import NodeInfo
+from xenpool.pe.accounting import HostAccounting, LoadSettings
+from xenpool.pe.core import RUNNING, SHUTOFF, PeSettings, PoolElementCore
+from xenpool.protocol import cookie as C
+from xenpool.protocol import messages as M
+from xenpool.protocol import session as S
+from xenpool_plugins.load import WeightedLoad
+
+SECRET = b"a pool secret of some length"
+NODE = NodeInfo("pe1", cpus=2, ram_kb=1024 * 1024)
+
+
+class MemoryHypervisor:
+    """In-memory stand-in for IHypervisor (unit tests only)."""
+
+    def __init__(self) -> None:
+        self.domains: dict[str, dict] = {}
+        self.fail_start: str | None = None
+        self.shutdowns: list[str] = []
+
+    def start(self, spec):
+        if self.fail_start:
+            return defer.fail(RuntimeError(self.fail_start))
+        self.domains[spec.name] = {"state": RUNNING, "cpu_ns": 0, "spec": spec}
+        return defer.succeed(None)
+
+    def state(self, name):
+        return defer.succeed(self.domains[name]["state"]) if name in self.domains else defer.fail(KeyError(name))
+
+    def cpu_time_ns(self, name):
+        return defer.succeed(self.domains[name]["cpu_ns"])
+
+    def shutdown(self, name, timeout_s):
+        self.shutdowns.append(name)
+        self.domains.pop(name, None)
+        return defer.succeed(None)
+
+    def destroy(self, name):
+        self.domains.pop(name, None)
+        return defer.succeed(None)
+
+
+class Session:
+    def __init__(self) -> None:
+        self.sent: list = []
+        self.closed = False
+
+    def send(self, message) -> None:
+        self.sent.append(message)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def results(self):
+        return [m for m in self.sent if isinstance(m, S.CreateResult)]
+
+    def cookies(self, now: float):
+        return [
+            C.unseal(m.cookie, SECRET, pool_handle=b"Xen", now=now, max_age_s=60) for m in self.sent if isinstance(m, M.Cookie)
+        ]
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def pe(clock):
+    accounting = HostAccounting(NODE, LoadSettings(sample_interval_s=30))
+    updates = []
+    core = PoolElementCore(
+        PeSettings(pe_identifier=7, host="pe1", secret=SECRET, cookie_max_age_s=60), MemoryHypervisor(),
+        accounting, WeightedLoad(), clock, load_changed=lambda: updates.append(clock.seconds()),
+    )  # fmt: skip
+    core.updates = updates
+    return core
+
+
+def create(pe, server_id="web1", ram=300, session=None) -> Session:
+    session = session or Session()
+    pe.handle(S.CreateServer(server_id, "", ("10.0.5.1",), ram), session)
+    return session
+
+
+def test_create_starts_the_vm_and_sends_cookies(pe, clock):
+    session = create(pe)
+    assert pe.hypervisor.domains["web1"]["spec"].ram_mb == 300
+    assert [r.code for r in session.results()] == [S.ResultCode.STARTED]
+    cookies = session.cookies(clock.seconds())
+    assert [c.running for c in cookies] == [False, True]  # running=false before the start
+    assert cookies[1].host == "pe1" and cookies[1].pe_identifier == 7 and cookies[1].ram_mb == 300
+    assert not session.closed
+    assert pe.accounting.free_kb == NODE.ram_kb - pe.accounting.overhead_kb - 300 * 1024
+    assert pe.updates  # an early load update after the start
+
+
+def test_not_enough_ram_is_code_11_and_raises_the_load(pe):
+    session = create(pe, ram=2000)
+    (result,) = session.results()
+    assert result.code == S.ResultCode.NO_RAM and "KB free" in result.reason
+    assert session.closed and pe.load() == 1.0 and "web1" not in pe.hypervisor.domains
+    pe.accounting.load_updated()  # the next regular update clears the raise
+    assert pe.load() < 1.0
+
+
+def test_ram_is_booked_before_the_start(pe):
+    free = pe.accounting.free_kb // 1024
+    create(pe, "a", ram=free - 10)
+    second = create(pe, "b", ram=20)
+    assert second.results()[0].code == S.ResultCode.NO_RAM
+
+
+def test_same_server_id_twice_is_code_13(pe):
+    create(pe, "web1")
+    again = create(pe, "web1")
+    assert again.results()[0].code == S.ResultCode.ALREADY_RUNNING
+
+
+def test_a_failed_start_gives_its_reason_and_returns_the_ram(pe):
+    pe.hypervisor.fail_start = "no such network"
+    free = pe.accounting.free_kb
+    session = create(pe)
+    (result,) = session.results()
+    assert result.code == S.ResultCode.UNSPECIFIED and "no such network" in result.reason
+    assert pe.accounting.free_kb == free and session.closed
+
+
+def test_unreachable_disk_is_code_12(pe):
+    pe.disk_xml = lambda spec: defer.fail(OSError(f"{spec}: no such export"))
+    session = Session()
+    pe.handle(S.CreateServer("web1", "nbd://san/x", (), 64), session)
+    assert session.results()[0].code == S.ResultCode.DISK_UNREACHABLE
+    assert "no such export" in session.results()[0].reason
+
+
+def test_heartbeat_reports_the_domain_state(pe):
+    session = create(pe)
+    pe.handle(S.CheckRunning("web1", 1), session)
+    assert session.sent[-1] == S.CheckRunningResponse("web1", RUNNING)
+    pe.hypervisor.domains["web1"]["state"] = SHUTOFF  # it died under us
+    pe.handle(S.CheckRunning("web1", 1), session)
+    assert session.sent[-1] == S.CheckRunningResponse("web1", SHUTOFF)
+    assert session.closed and "web1" not in pe.accounting.vms
+
+
+def test_pu_gone_shuts_the_vm_down_and_returns_its_ram(pe):
+    free = pe.accounting.free_kb
+    session = create(pe)
+    pe.session_lost(session)
+    assert pe.hypervisor.shutdowns == ["web1"] and pe.accounting.free_kb == free
+
+
+def test_stop_request(pe):
+    session = create(pe)
+    pe.handle(S.StopServer("web1"), session)
+    assert session.sent[-1] == S.StopResult("web1", S.ResultCode.NORMAL_END, "shut down") and session.closed
+    assert "web1" not in pe.hypervisor.domains
+
+
+def test_cpu_share_from_cpu_time_deltas_smoothed(pe, clock):
+    create(pe)
+    estimate = pe.accounting.vms["web1"].cpu_share
+    assert estimate == pytest.approx(300 / 1024)  # until measured: its share of the RAM
+    pe.sample_load()  # first reading: a baseline
+    clock.advance(30)
+    pe.hypervisor.domains["web1"]["cpu_ns"] = int(30e9)  # one of two CPUs busy for 30 s
+    pe.sample_load()
+    assert pe.accounting.vms["web1"].cpu_share == pytest.approx((0.5 + 3 * estimate) / 4)
+
+
+def test_cookie_echo_refusals(pe, clock):
+    state = C.SessionState(b"Xen", "web9", "", (), 64, 1, False, "pe2", 9, clock.seconds())
+    for cookie, reason in (
+        (C.seal(state, b"another secret"), "bad MAC"),
+        (C.seal(state, SECRET)[:-1] + b"x", "bad MAC"),
+    ):
+        session = Session()
+        pe.handle(M.CookieEcho(cookie), session)
+        assert session.results()[0].code == S.ResultCode.COOKIE_REJECTED and reason in session.results()[0].reason
+    clock.advance(61)
+    session = Session()
+    pe.handle(M.CookieEcho(C.seal(state, SECRET)), session)
+    assert "expired" in session.results()[0].reason
+
+
+def test_cookie_echo_of_a_stopped_vm_starts_it_here(pe, clock):
+    state = C.SessionState(b"Xen", "web9", "", ("10.0.5.9",), 64, 1, False, "pe2", 9, clock.seconds())
+    session = Session()
+    pe.handle(M.CookieEcho(C.seal(state, SECRET)), session)
+    assert session.results()[0].code == S.ResultCode.STARTED and "web9" in pe.hypervisor.domains
+
+
+def test_cookie_echo_of_a_maybe_running_vm_is_not_started_without_fencing(pe, clock):
+    state = C.SessionState(b"Xen", "web9", "", (), 64, 1, True, "pe2", 9, clock.seconds())
+    session = Session()
+    pe.handle(M.CookieEcho(C.seal(state, SECRET)), session)
+    assert session.results()[0].code == S.ResultCode.FENCE_FAILED and "web9" not in pe.hypervisor.domains
+
+
+def test_status_description(pe):
+    create(pe)
+    create(pe, "big", ram=5000)
+    status = pe.describe()
+    assert status["vms"][0]["server_id"] == "web1" and status["refusals"] == {"no_ram": 1}

@@ -1,0 +1,251 @@
+"""The pool element's behaviour: VM sessions with PUs, accounting, load reports.
+
+No sockets here: a *session* is anything with ``send(message)`` and ``close()`` (a TCP
+connection in the daemon, a list in tests); the hypervisor is an IHypervisor; time
+comes from an injected IReactorTime, so tests drive every timer with a Clock.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from ..interfaces import DomainSpec
+from ..logs import hex_id
+from ..protocol import cookie as C
+from ..protocol import messages as M
+from ..protocol import session as S
+from ..protocol.errors import ProtocolError
+from .accounting import HostAccounting
+
+log = Logger()
+
+# libvirt domain states (virDomainState)
+NOSTATE, RUNNING, BLOCKED, PAUSED, SHUTDOWN, SHUTOFF, CRASHED, PMSUSPENDED = range(8)
+NORMAL_STATES = {NOSTATE, RUNNING, BLOCKED, PAUSED}
+
+
+@dataclass(frozen=True)
+class PeSettings:
+    pool_handle: bytes = b"Xen"
+    pe_identifier: int = 1
+    host: str = field(default_factory=socket.gethostname)  # fencing identity in cookies
+    secret: bytes = b""
+    cookie_max_age_s: float = 24 * 3600.0
+    shutdown_timeout_s: float = 30.0
+
+
+class Session(Protocol):
+    def send(self, message: object) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class VmSession:
+    """One VM kept for one PU connection."""
+
+    request: S.CreateServer
+    running: bool = False  # may be running (a start was attempted)
+
+
+class PoolElementCore:
+    def __init__(self, settings: PeSettings, hypervisor, accounting: HostAccounting, metric, clock,
+                 disk_xml: Callable[[str], object] | None = None,
+                 load_changed: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+        self.settings = settings
+        self.hypervisor = hypervisor
+        self.accounting = accounting
+        self.metric = metric
+        self.clock = clock
+        # disk spec -> Deferred[disk XML], checking reachability (storage plugins)
+        self.disk_xml = disk_xml or (lambda spec: defer.succeed(""))
+        self.load_changed = load_changed
+        self.sessions: dict[Session, VmSession] = {}
+        self.refusals: dict[int, int] = {}
+
+    # ------------------------------------------------------------ messages
+
+    def handle(self, message: object, session: Session) -> defer.Deferred:
+        """One message from a PU; answers go to ``session``."""
+        if isinstance(message, S.CreateServer):
+            return defer.Deferred.fromCoroutine(self._create(message, session))
+        if isinstance(message, S.CheckRunning):
+            return defer.Deferred.fromCoroutine(self._check_running(message, session))
+        if isinstance(message, S.StopServer):
+            return defer.Deferred.fromCoroutine(self._stop(message, session))
+        if isinstance(message, M.CookieEcho):
+            return defer.Deferred.fromCoroutine(self._cookie_echo(message, session))
+        self._answer_failure(session, "", S.ResultCode.INVALID_REQUEST, f"{type(message).__name__} is not a request a PE takes")
+        return defer.succeed(None)
+
+    def refuse(self, err: ProtocolError, session: Session) -> None:
+        """A malformed request: answer create_failed naming the field, end the session."""
+        self._answer_failure(session, "", S.ResultCode.INVALID_REQUEST, str(err))
+
+    def _cookie(self, vm: VmSession) -> M.Cookie:
+        r = vm.request
+        state = C.SessionState(
+            self.settings.pool_handle, r.server_id, r.disk, r.ips, r.ram_mb, r.vcpus, vm.running,
+            self.settings.host, self.settings.pe_identifier, self.clock.seconds(),
+        )  # fmt: skip
+        return M.Cookie(C.seal(state, self.settings.secret))
+
+    def _answer_failure(self, session: Session, server_id: str, code: int, reason: str) -> None:
+        self.refusals[code] = self.refusals.get(code, 0) + 1
+        log.info("refused {server}: {code} {reason}", server=server_id, code=int(code), reason=reason)
+        session.send(S.CreateResult(server_id or "-", code, self.accounting.free_kb, reason))
+        session.close()
+
+    def _running_here(self, server_id: str) -> bool:
+        return any(vm.request.server_id == server_id for vm in self.sessions.values())
+
+    async def _create(self, request: S.CreateServer, session: Session, from_cookie: bool = False) -> None:
+        if session in self.sessions:
+            return self._answer_failure(session, request.server_id, S.ResultCode.INVALID_REQUEST, "this session already has a VM")
+        if self._running_here(request.server_id):
+            return self._answer_failure(
+                session, request.server_id, S.ResultCode.ALREADY_RUNNING, f"{request.server_id} already runs on this PE"
+            )
+        vm = VmSession(request)
+        self.sessions[session] = vm
+        session.send(self._cookie(vm))  # running=false: a failover now fences no one
+        if not self.accounting.fits(request.ram_mb):
+            del self.sessions[session]
+            self.accounting.refused_for_ram()
+            self.load_changed()
+            return self._answer_failure(
+                session, request.server_id, S.ResultCode.NO_RAM,
+                f"needs {request.ram_mb * 1024} KB, {self.accounting.free_kb} KB free",
+            )  # fmt: skip
+        self.accounting.reserve(request.server_id, request.ram_mb)
+        try:
+            disk_xml = await self.disk_xml(request.disk)
+        except Exception as err:  # noqa: BLE001 - any storage failure is the disk's
+            self._forget(session)
+            return self._answer_failure(session, request.server_id, S.ResultCode.DISK_UNREACHABLE, str(err))
+        vm.running = True
+        session.send(self._cookie(vm))
+        try:
+            await self.hypervisor.start(DomainSpec(request.server_id, request.ram_mb, request.vcpus, disk_xml, request.ips))
+        except Exception as err:  # noqa: BLE001 - report the hypervisor's reason
+            vm.running = False
+            self._forget(session)
+            return self._answer_failure(session, request.server_id, S.ResultCode.UNSPECIFIED, f"start failed: {err}")
+        log.info("started {server} ({ram} MB) for a PU", server=request.server_id, ram=request.ram_mb)
+        self.load_changed()
+        session.send(S.CreateResult(request.server_id, S.ResultCode.STARTED, self.accounting.free_kb, f"started on {self.settings.host}"))
+
+    async def _cookie_echo(self, echo: M.CookieEcho, session: Session) -> None:
+        try:
+            state = C.unseal(
+                echo.cookie, self.settings.secret, pool_handle=self.settings.pool_handle,
+                now=self.clock.seconds(), max_age_s=self.settings.cookie_max_age_s,
+            )  # fmt: skip
+        except C.CookieError as err:
+            return self._answer_failure(session, "", S.ResultCode.COOKIE_REJECTED, err.reason)
+        if state.running and state.pe_identifier != self.settings.pe_identifier:
+            # Fencing the old host comes with the failover issue; until then a VM that
+            # may still run elsewhere is never started a second time.
+            return self._answer_failure(
+                session, state.server_id, S.ResultCode.FENCE_FAILED,
+                f"{state.server_id} may still run on {state.host} and no fencing is configured",
+            )  # fmt: skip
+        request = S.CreateServer(state.server_id, state.disk, state.ips, state.ram_mb, state.vcpus)
+        await self._create(request, session)
+
+    async def _check_running(self, message: S.CheckRunning, session: Session) -> None:
+        vm = self.sessions.get(session)
+        if vm is None or vm.request.server_id != message.server_id:
+            session.send(S.CheckRunningResponse(message.server_id, NOSTATE))
+            return
+        try:
+            state = await self.hypervisor.state(message.server_id)
+        except Exception:  # noqa: BLE001 - gone from the hypervisor
+            state = SHUTOFF
+        session.send(S.CheckRunningResponse(message.server_id, state))
+        if state not in NORMAL_STATES:
+            log.warn("{server} is in state {state}: ending its session", server=message.server_id, state=state)
+            vm.running = False
+            self._forget(session)
+            session.close()
+
+    async def _stop(self, message: S.StopServer, session: Session) -> None:
+        vm = self.sessions.get(session)
+        if vm is None or vm.request.server_id != message.server_id:
+            session.send(S.StopResult(message.server_id, S.ResultCode.INVALID_REQUEST, "no such VM in this session"))
+            return
+        await self._shut_down(session, vm)
+        session.send(S.StopResult(message.server_id, S.ResultCode.NORMAL_END, "shut down"))
+        session.close()
+
+    # ------------------------------------------------------------ session end
+
+    def session_lost(self, session: Session) -> defer.Deferred:
+        """The PU is gone: its VM is shut down gracefully, then destroyed (prototype semantics)."""
+        vm = self.sessions.get(session)
+        if vm is None:
+            return defer.succeed(None)
+        return defer.Deferred.fromCoroutine(self._shut_down(session, vm))
+
+    async def _shut_down(self, session: Session, vm: VmSession) -> None:
+        name = vm.request.server_id
+        if vm.running:
+            try:
+                await self.hypervisor.shutdown(name, self.settings.shutdown_timeout_s)
+            except Exception as err:  # noqa: BLE001
+                log.warn("shutting down {server} failed: {err}; destroying it", server=name, err=str(err))
+                try:
+                    await self.hypervisor.destroy(name)
+                except Exception as err2:  # noqa: BLE001
+                    log.error("destroying {server} failed: {err}", server=name, err=str(err2))
+            vm.running = False
+        self._forget(session)
+        log.info("{server} stopped, {ram} MB returned", server=name, ram=vm.request.ram_mb)
+
+    def _forget(self, session: Session) -> None:
+        vm = self.sessions.pop(session, None)
+        if vm is not None:
+            self.accounting.release(vm.request.server_id)
+            self.load_changed()
+
+    # ------------------------------------------------------------ load
+
+    def sample_load(self) -> defer.Deferred:
+        """Measure every VM's CPU time (the periodic load update)."""
+        return defer.Deferred.fromCoroutine(self._sample_load())
+
+    async def _sample_load(self) -> None:
+        now = self.clock.seconds()
+        for vm in list(self.sessions.values()):
+            if vm.running:
+                try:
+                    self.accounting.sample_vm(vm.request.server_id, await self.hypervisor.cpu_time_ns(vm.request.server_id), now)
+                except Exception:  # noqa: BLE001 - it may have just stopped
+                    pass
+
+    def load(self) -> float:
+        return self.accounting.load(self.metric)
+
+    def describe(self) -> dict:
+        sample = self.accounting.sample()
+        return {
+            "pe_identifier": hex_id(self.settings.pe_identifier),
+            "host": self.settings.host,
+            "load": round(self.load(), 4),
+            "load_raised": self.accounting.raised,
+            "cpu": round(sample.cpu, 4),
+            "ram": round(sample.ram, 4),
+            "free_ram_kb": self.accounting.free_kb,
+            "vms": [
+                {"server_id": vm.request.server_id, "ram_mb": vm.request.ram_mb, "running": vm.running,
+                 "cpu_share": round(sample.vm_cpu.get(vm.request.server_id, 0.0), 4)}
+                for vm in self.sessions.values()
+            ],  # fmt: skip
+            "sessions": len(self.sessions),
+            "refusals": {S.ResultCode(code).name.lower(): n for code, n in self.refusals.items()},
+        }
