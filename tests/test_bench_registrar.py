@@ -1,0 +1,91 @@
+"""``xenpool bench registrar`` end to end: a real registrar daemon, a ceiling server and a
+load generator, all started and stopped by the bench. No timing is asserted.
+
+Every process the bench starts inherits a marker in its environment; afterwards none
+may be left (found through /proc, so Linux only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds left-over processes through /proc"),
+]
+
+KEYS = (
+    "resolutions_per_s", "ceiling_per_s", "ratio", "registrations_per_s",
+    "resolve_us_100", "resolve_us_100000", "bytes_per_pe",
+)  # fmt: skip
+
+
+def bench(marker: str, *args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "xenpool.cli", "bench", "registrar", *args],
+        env={**os.environ, "XENPOOL_BENCH_TEST": marker}, text=True, **kwargs,
+    )  # fmt: skip
+
+
+def processes_with(marker: str) -> list[str]:
+    """Command lines of the live processes whose environment holds ``marker``."""
+    needle = f"XENPOOL_BENCH_TEST={marker}".encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return found
+
+
+def test_small_run_prints_every_measure_and_leaves_no_process():
+    marker = uuid.uuid4().hex
+    proc = bench(marker, "--pes", "50", "--seconds", "0.3", "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    result = json.loads(out.splitlines()[-1])
+    for key in KEYS:
+        assert isinstance(result[key], (int, float)) and result[key] > 0, (key, result)
+    assert result["pes"] == 50
+    assert "registrar pid" in err  # the daemon really ran
+    assert processes_with(marker) == []
+
+
+def test_terminated_mid_run_stops_its_processes():
+    marker = uuid.uuid4().hex
+    proc = bench(marker, "--pes", "20", "--seconds", "60", "--json", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # wait, with a deadline, until the load generator runs against the daemon
+        deadline = time.monotonic() + 120
+        log = ""
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stderr, selectors.EVENT_READ)
+            while "resolving for" not in log:
+                left = deadline - time.monotonic()
+                assert left > 0 and selector.select(left), f"the bench did not get going; stderr:\n{log}"
+                chunk = os.read(proc.stderr.fileno(), 65536)
+                assert chunk, f"the bench exited ({proc.wait()}); stderr:\n{log}"
+                log += chunk.decode(errors="replace")
+        assert any("twistd" in cmd for cmd in processes_with(marker))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert processes_with(marker) == []
