@@ -88,6 +88,9 @@ class Association:
     def send(self, message) -> None:
         self.sent.append(message)
 
+    def send_encoded(self, data: bytes) -> None:
+        self.sent.append(M.decode(data))
+
     def close(self) -> None:
         pass
 

@@ -25,6 +25,9 @@ class Association:
     def send(self, message: M.Message) -> None:
         self.sent.append(message)
 
+    def send_encoded(self, data: bytes) -> None:
+        self.sent.append(M.decode(data))
+
     def close(self) -> None:
         self.closed = True
 

@@ -10,7 +10,7 @@ Measured in one run, on loopback TCP:
   real answer, i.e. what a Twisted server can do here at all; ``ratio`` is the first
   over the second;
 * ``registrations_per_s``: REGISTRATIONs of new PEs per second through the daemon;
-* ``resolve_us_100``/``resolve_us_100000``: microseconds per ``Handlespace.resolve()``
+* ``resolve_us_100``/``resolve_us_100000``: microseconds per ``Handlespace.resolution_answer()``
   in-process with 100 and 100,000 PEs (the real LeastUsed plugin);
 * ``bytes_per_pe``: traced memory per PE in the handlespace, selection included.
 
@@ -123,10 +123,11 @@ def _handlespace(count: int, policies: dict[int, object]):
 
 
 def resolve_us(count: int, seconds: float, policies: dict[int, object]) -> float:
-    """Microseconds per Handlespace.resolve() of the default 3 PEs from ``count``."""
+    """Microseconds per handle resolution answer (selection of the default 3 PEs from
+    ``count`` and the encoded answer, as the daemon makes it)."""
     handlespace = _handlespace(count, policies)
     assert len(handlespace.resolve(POOL)) == min(3, count)
-    return 1e6 / _rate(lambda: handlespace.resolve(POOL), seconds)
+    return 1e6 / _rate(lambda: handlespace.resolution_answer(POOL), seconds)
 
 
 def bytes_per_pe(count: int, policies: dict[int, object]) -> dict[str, float]:

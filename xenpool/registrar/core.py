@@ -34,6 +34,9 @@ class Timers:
 class Association(Protocol):
     def send(self, message: M.Message) -> None: ...
 
+    def send_encoded(self, data: bytes) -> None:
+        """Send a message already encoded (the handle resolution fast path)."""
+
     def close(self) -> None: ...
 
 
@@ -44,7 +47,7 @@ class Observer(Protocol):
 
     def removed(self, entry: PoolEntry, why: str) -> None: ...
 
-    def resolved(self, handle: bytes, count: int) -> None: ...
+    def resolved(self, handle: bytes) -> None: ...
 
     def refused(self, cause: int) -> None: ...
 
@@ -63,9 +66,9 @@ class Observers:
         for o in self.observers:
             o.removed(entry, why)
 
-    def resolved(self, handle: bytes, count: int) -> None:
+    def resolved(self, handle: bytes) -> None:
         for o in self.observers:
-            o.resolved(handle, count)
+            o.resolved(handle)
 
     def refused(self, cause: int) -> None:
         for o in self.observers:
@@ -153,14 +156,13 @@ class Registrar:
 
     def _resolution(self, msg: M.HandleResolution, association: Association) -> None:
         try:
-            elements = self.handlespace.resolve(msg.pool_handle, msg.items)
+            answer = self.handlespace.resolution_answer(msg.pool_handle, msg.items)
         except HandlespaceError as err:
             self.observer.refused(err.cause)
             association.send(M.HandleResolutionResponse(msg.pool_handle, error=P.OperationError.single(err.cause)))
             return
-        pool = self.handlespace.pools[msg.pool_handle]
-        self.observer.resolved(msg.pool_handle, len(elements))
-        association.send(M.HandleResolutionResponse(msg.pool_handle, tuple(elements), P.PoolPolicy.make(pool.policy_type)))
+        self.observer.resolved(msg.pool_handle)
+        association.send_encoded(answer)
 
     def _keep_alive_ack(self, msg: M.EndpointKeepAliveAck, association: Association) -> None:
         entry = self.handlespace.get(msg.pool_handle, msg.pe_identifier)

@@ -59,6 +59,9 @@ class AsapProtocol(Protocol, TimeoutMixin):
     def send(self, message: M.Message) -> None:
         self.transport.write(M.encode(message))
 
+    def send_encoded(self, data: bytes) -> None:
+        self.transport.write(data)
+
     def close(self) -> None:
         self.transport.loseConnection()
 
@@ -188,7 +191,7 @@ class Metrics:
     def removed(self, entry: PoolEntry, why: str) -> None:
         self.removals.labels(why).inc()
 
-    def resolved(self, handle: bytes, count: int) -> None:
+    def resolved(self, handle: bytes) -> None:
         self.resolutions.inc()
 
     def took_over(self, peer: int, count: int) -> None:
