@@ -18,3 +18,14 @@ def xenpool_register_load_metrics(register):
 def xenpool_register_pool_policies(register):
     for name, policy in policies.POLICIES.items():
         register(name, policy)
+
+
+@hookimpl
+def xenpool_register_hypervisors(register):
+    # Imported here, not at the top: without libvirt-python (or libvirt's C library) the
+    # other built-ins still load, only the "libvirt" hypervisor is missing.
+    try:
+        from . import hypervisor_libvirt
+    except ImportError:
+        return
+    register("libvirt", hypervisor_libvirt.LibvirtHypervisor)

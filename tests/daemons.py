@@ -118,3 +118,41 @@ class AsapClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class SessionClient:
+    """A blocking PU session with a PE: shim frames over TCP."""
+
+    def __init__(self, port: int, timeout: float = 15.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.stream = framing.ShimStream()
+
+    def send(self, message: object) -> None:
+        self.sock.sendall(framing.frame_message(message))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def receive(self) -> object:
+        while (item := self.stream.next_message()) is None:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("PE closed the session")
+            self.stream.feed(data)
+        return item[1]
+
+    def receive_until(self, kind: type) -> list:
+        """Everything received up to and including the first ``kind`` message."""
+        received = [self.receive()]
+        while not isinstance(received[-1], kind):
+            received.append(self.receive())
+        return received
+
+    def closed_by_peer(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()

@@ -98,7 +98,7 @@ class PoolElementCore:
     def _answer_failure(self, session: Session, server_id: str, code: int, reason: str) -> None:
         self.refusals[code] = self.refusals.get(code, 0) + 1
         log.info("refused {server}: {code} {reason}", server=server_id, code=int(code), reason=reason)
-        session.send(S.CreateResult(server_id or "-", code, self.accounting.free_kb, reason))
+        session.send(S.CreateResult(server_id, code, self.accounting.free_kb, reason))
         session.close()
 
     def _running_here(self, server_id: str) -> bool:

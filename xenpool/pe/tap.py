@@ -1,15 +1,126 @@
-"""``twistd -n xenpool-pe``: the pool element.
+"""``twistd -n xenpool-pe``: a pool element, one per hypervisor host.
 
-Only the command line exists so far; the service arrives with issue 4, so starting
-it stops at once with a message saying so.
+    twistd -n xenpool-pe --load-plugin=weighted --libvirt-uri=qemu:///system \\
+        --registrar=tcp:host=pr1:port=3863 --port=5001 --address=10.0.0.11
 """
+
+from __future__ import annotations
+
+import random
+import socket
 
 from twisted.python import usage
 
+from ..config import Setting, id32, make_options, positive_float, positive_int, secret_file
 
-class Options(usage.Options):
-    optParameters = [["config", "c", None, "config file (etc/xenpool/*.conf)"]]
+
+def weights(text: str) -> dict[str, float]:
+    """``cpu=0.75,ram=0.25`` -> {"cpu": 0.75, "ram": 0.25}"""
+    result = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"expected NAME=NUMBER[,NAME=NUMBER...], got {text!r}")
+        result[name.strip()] = float(value)
+    return result
+
+
+def yes_no(text: str) -> bool:
+    if text.lower() in ("yes", "true", "on", "1"):
+        return True
+    if text.lower() in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"expected yes or no, got {text!r}")
+
+
+SETTINGS = [
+    Setting("pool", "Xen", str, "pool handle"),
+    Setting("pe-id", None, id32, "PE identifier, 32 bits (default: random)"),
+    Setting("registrar", ["tcp:host=127.0.0.1:port=3863"], str, "a registrar's ASAP endpoint; tried in order", multiple=True),
+    Setting("port", 5001, positive_int, "TCP port for PU sessions"),
+    Setting("address", "127.0.0.1", str, "address PUs reach this PE at (registered with the pool)"),
+    Setting("bind", "", str, "interface to listen on (default: all)"),
+    Setting("host", socket.gethostname(), str, "this host's fencing identity, put in cookies"),
+    Setting("libvirt-uri", "test:///default", str, "libvirt URI: test:///PATH/node.xml, qemu:///system, xen:///system, ..."),
+    Setting("domain-template", None, str, "domain XML template (default: etc/xenpool/domain-<driver>.xml)"),
+    Setting("load-plugin", "weighted", str, "load metric: max, cpu, weighted or an installed plugin"),
+    Setting("load-weight", {}, weights, "options of the load metric, e.g. cpu=0.75,ram=0.25"),
+    Setting("policy", "LeastUsed", str, "pool policy and its arguments, e.g. LeastUsedDegradation:0.05"),
+    Setting("load-interval", 30.0, positive_float, "seconds between load samples and re-registrations"),
+    Setting("smoothing", 3.0, float, "load smoothing k: new = (sample + k * old) / (k + 1)"),
+    Setting("raise-on-refusal", True, yes_no, "report load 1 after a refusal for lack of RAM until the next update"),
+    Setting("overhead-mb", 12.0, float, "hypervisor overhead: this many MB ..."),
+    Setting("overhead-kb-per-mb", 7.0, float, "... plus this many KB per MB of host RAM"),
+    Setting("host-reserve-mb", 0.0, float, "RAM the host keeps for itself"),
+    Setting("registration-life", 90.0, positive_float, "seconds a registration lives without an update"),
+    Setting("pool-secret-file", None, secret_file, "the pool's secret: seals cookies, proves registrations"),
+    Setting("cookie-max-age", 86400.0, positive_float, "seconds a cookie is accepted after it was issued"),
+    Setting("shutdown-timeout", 30.0, positive_float, "seconds a guest has to shut down before it is destroyed"),
+    Setting("idle-timeout", 60.0, positive_float, "seconds of PU silence that end its session"),
+    Setting("status", None, str, "HTTP endpoint for /status (JSON) and /metrics"),
+    Setting("logfile", None, str, "also write structured logs to this file as JSON lines"),
+]
+
+
+class Options(make_options(SETTINGS, "pe", "Run a pool element on this hypervisor host.")):
+    def postOptions(self) -> None:
+        super().postOptions()
+        from ..plugins import PluginError, load_plugins
+
+        s = self.settings
+        self.plugins = load_plugins()
+        try:
+            self.metric = self.plugins.create("load", s["load-plugin"], **s["load-weight"])
+        except PluginError as err:
+            raise usage.UsageError(f"--load-plugin: {err}") from None
+        name, _, arguments = s["policy"].partition(":")
+        try:
+            self.policy = self.plugins.create("policy", name)
+            self.policy_arguments = arguments.split(":") if arguments else []
+            self.policy.make_parameter(0.0, self.policy_arguments)
+        except (PluginError, ValueError) as err:
+            raise usage.UsageError(f"--policy: {err}") from None
 
 
 def makeService(options: Options):
-    raise SystemExit("xenpool-pe: the pool element is not implemented yet (issue 4)")
+    from twisted.internet import endpoints, reactor
+
+    from ..logs import log_json_to
+    from .accounting import HostAccounting, LoadSettings
+    from .core import PeSettings, PoolElementCore
+    from .service import HypervisorService, PoolElementService
+
+    s = options.settings
+    if s["logfile"]:
+        try:
+            log_json_to(s["logfile"])
+        except ValueError as err:
+            raise usage.UsageError(f"--logfile: {err}") from None
+    hypervisor = options.plugins.create(
+        "hypervisor", "libvirt", uri=s["libvirt-uri"], reactor=reactor, domain_template=s["domain-template"]
+    )
+    try:
+        node = hypervisor._node()  # blocking, once, before the reactor runs
+    except Exception as err:  # noqa: BLE001 - libvirt's own message is the clearest
+        raise usage.UsageError(f"--libvirt-uri {s['libvirt-uri']}: {err}") from None
+    load_settings = LoadSettings(
+        sample_interval_s=s["load-interval"], smoothing=s["smoothing"], raise_on_refusal=s["raise-on-refusal"],
+        overhead_mb=s["overhead-mb"], overhead_kb_per_mb=s["overhead-kb-per-mb"], host_reserve_mb=s["host-reserve-mb"],
+    )  # fmt: skip
+    settings = PeSettings(
+        pool_handle=s["pool"].encode(), pe_identifier=s["pe-id"] or random.SystemRandom().randrange(1, 2**32),
+        host=s["host"], secret=s["pool-secret-file"] or b"", cookie_max_age_s=s["cookie-max-age"],
+        shutdown_timeout_s=s["shutdown-timeout"],
+    )  # fmt: skip
+    core = PoolElementCore(settings, hypervisor, HostAccounting(node, load_settings), options.metric, reactor)
+    registrars = [endpoints.clientFromString(reactor, r) for r in s["registrar"]]
+    bind = f":interface={s['bind']}" if s["bind"] else ""
+    pe = PoolElementService(
+        core, options.policy, options.policy_arguments, reactor, registrars=registrars,
+        user_endpoint=f"tcp:{s['port']}{bind}", user_address=s["address"], user_port=s["port"],
+        load_interval_s=s["load-interval"], registration_life_ms=round(s["registration-life"] * 1000),
+        idle_timeout=s["idle-timeout"], status=s["status"],
+    )  # fmt: skip
+    HypervisorService(hypervisor).setServiceParent(pe)
+    return pe
+

@@ -195,10 +195,12 @@ def check_create(msg: CreateServer, offsets: dict[str, int] | None = None) -> No
             raise ProtocolError(f"{ip!r} is not an IP address", field="ips", offset=at("ips", 0)) from None
 
 
-def _server_id(r: _Reader) -> str:
+def _server_id(r: _Reader, answer: bool = False) -> str:
+    """A checked server ID; an answer to a request too broken to name one has ''."""
     offset = r.pos
     server_id = r.text(MAX_SERVER_ID, "server_id")
-    check_server_id(server_id, offset)
+    if not (answer and server_id == ""):
+        check_server_id(server_id, offset)
     return server_id
 
 
@@ -256,7 +258,7 @@ def decode(data: bytes) -> SessionMessage:
         msg = CreateServer(server_id, disk, ips, ram_mb, vcpus)
         check_create(msg, offsets)
     elif mtype in (SessionType.CREATE_SUCCESS, SessionType.CREATE_FAILED):
-        server_id = _server_id(r)
+        server_id = _server_id(r, answer=True)
         code, ram_kb = r.unpack("!iQ", "code")
         if (code == ResultCode.STARTED) != (mtype == SessionType.CREATE_SUCCESS):
             raise ProtocolError(f"code {code} in message type {mtype}", field="code", offset=r.pos - 12)
@@ -268,7 +270,7 @@ def decode(data: bytes) -> SessionMessage:
     elif mtype == SessionType.STOP_SERVER:
         msg = StopServer(_server_id(r))
     elif mtype == SessionType.STOP_RESULT:
-        server_id = _server_id(r)
+        server_id = _server_id(r, answer=True)
         (code,) = r.unpack("!i", "code")
         msg = StopResult(server_id, code, r.text(MAX_REASON, "reason"))
     else:

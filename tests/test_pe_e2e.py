@@ -1,0 +1,159 @@
+"""A registrar and two PE daemons on libvirt's test driver, with a test PU: real processes."""
+
+from __future__ import annotations
+
+import json
+import struct
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from xenpool.protocol import framing
+from xenpool.protocol import messages as M
+from xenpool.protocol import session as S
+
+from .daemons import AsapClient, Daemon, SessionClient, free_port
+
+pytestmark = pytest.mark.slow
+ETC = Path(__file__).parents[1] / "etc" / "xenpool"
+RUNNING = 1
+
+
+def get_json(port: int, path: str) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return json.load(response)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("pool")
+    secret = cwd / "secret"
+    secret.write_text("a pool secret for the e2e test\n")
+    asap, status = free_port(), free_port()
+    registrar = Daemon(
+        "xenpool-registrar", f"--asap=tcp:{asap}:interface=127.0.0.1", f"--status=tcp:{status}:interface=127.0.0.1",
+        "--registrar-id=0x0a0a0a0a", ready="registrar 0x0a0a0a0a started", cwd=cwd,
+    )  # fmt: skip
+    registrar.asap, registrar.status = asap, status
+    pes = {}
+    for n in (1, 2):
+        port, pe_status = free_port(), free_port()
+        pes[n] = Daemon(
+            "xenpool-pe", f"--registrar=tcp:host=127.0.0.1:port={asap}", f"--pe-id={n}", f"--port={port}",
+            "--bind=127.0.0.1", f"--host=host{n}", f"--libvirt-uri=test://{ETC / f'node-host{n}.xml'}",
+            f"--status=tcp:{pe_status}:interface=127.0.0.1", f"--pool-secret-file={secret}",
+            "--load-interval=3600", "--shutdown-timeout=2", "--load-plugin=weighted", "--load-weight=cpu=0.5,ram=0.5",
+            ready="registered in pool Xen", cwd=cwd,
+        )  # fmt: skip
+        pes[n].port, pes[n].status = port, pe_status
+    yield registrar, pes
+    for daemon in (*pes.values(), registrar):
+        daemon.stop()
+
+
+def raw_create(server_id: bytes, ram: int = 64) -> bytes:
+    """A CreateServer frame built by hand, for what the encoder refuses to make."""
+    text = lambda b: struct.pack("!H", len(b)) + b  # noqa: E731
+    body = text(server_id) + text(b"") + text(b"") + struct.pack("!IH2x", ram, 1)
+    return framing.shim_frame(S.XENPOOL_PPID, struct.pack("!BBHHH", 1, 0, 8 + len(body), 1, 0) + body)
+
+
+def create(pe: Daemon, server_id: str, ram: int) -> tuple[SessionClient, list]:
+    pu = SessionClient(pe.port)
+    pu.send(S.CreateServer(server_id, "", ("10.0.5.1",), ram))
+    return pu, pu.receive_until(S.CreateResult)
+
+
+def loads(registrar: Daemon) -> dict[int, float]:
+    state = get_json(registrar.status, "/handlespace")
+    return {pe["identifier"]: pe["load"] for pool in state["pools"] for pe in pool["pool_elements"]}
+
+
+def test_both_pes_registered(pool):
+    registrar, pes = pool
+    client = AsapClient(registrar.asap)
+    answer = client.request(M.HandleResolution(b"Xen", items=10))
+    assert sorted(e.identifier for e in answer.pool_elements) == [1, 2]
+    ports = {e.identifier: e.user_transport.port for e in answer.pool_elements}
+    assert ports == {1: pes[1].port, 2: pes[2].port}
+    client.close()
+
+
+def test_create_heartbeat_and_disconnect(pool):
+    registrar, pes = pool
+    before = get_json(pes[1].status, "/status")
+    pu, received = create(pes[1], "web1", 300)
+    cookies = [m for m in received if isinstance(m, M.Cookie)]
+    assert len(cookies) == 2 and received[-1].code == S.ResultCode.STARTED
+    status = get_json(pes[1].status, "/status")
+    assert status["domains"]["web1"]["state"] == RUNNING  # in that PE's libvirt
+    assert status["domains"]["web1"]["ram_kb"] == 300 * 1024
+    assert "web1" not in get_json(pes[2].status, "/status")["domains"]
+    assert status["free_ram_kb"] == before["free_ram_kb"] - 300 * 1024
+    for _ in range(3):
+        pu.send(S.CheckRunning("web1", 1))
+        assert pu.receive() == S.CheckRunningResponse("web1", RUNNING)
+    # the early load update after the start reached the registrar
+    assert loads(registrar)[1] > loads(registrar)[2]
+    pu.close()  # the PU goes away: the VM is shut down, its RAM returned
+    pes[1].wait_for("web1 stopped, 300 MB returned")
+    status = get_json(pes[1].status, "/status")
+    assert "web1" not in status["domains"] and status["free_ram_kb"] == before["free_ram_kb"]
+
+
+def test_ram_exhausted_is_code_11_and_raises_the_load(pool):
+    registrar, pes = pool
+    pu, received = create(pes[2], "huge", 4000)
+    assert received[-1].code == S.ResultCode.NO_RAM and "KB free" in received[-1].reason
+    assert pu.closed_by_peer()
+    for _ in range(100):  # the raised load goes out as an early update
+        if loads(registrar)[2] == 1.0:
+            break
+    assert loads(registrar)[2] == 1.0
+    assert get_json(pes[2].status, "/status")["refusals"] == {"no_ram": 1}
+
+
+@pytest.mark.parametrize(
+    "frame, expected",
+    [
+        (framing.frame_message(S.CreateServer("", "", (), 64)), "server_id"),
+        (raw_create(b"x" * 40), "server_id"),
+        (framing.frame_message(S.CreateServer("web2", "", (), 0)), "ram_mb"),
+        (framing.frame_message(S.CreateServer("web2", "", ("10.0.0.300",), 64)), "ips"),
+        (framing.shim_frame(0x58504C31, struct.pack("!BBHHH", 0x7F, 0, 8, 1, 0)), "unknown message type"),
+        (framing.frame_message(S.CreateServer("web2", "", (), 10**6)), "KB free"),
+    ],
+)
+def test_invalid_requests_get_their_errors(pool, frame, expected):
+    _registrar, pes = pool
+    pu = SessionClient(pes[1].port)
+    pu.send_raw(frame)
+    (answer,) = [m for m in pu.receive_until(S.CreateResult) if isinstance(m, S.CreateResult)]
+    assert answer.code in (S.ResultCode.INVALID_REQUEST, S.ResultCode.NO_RAM) and expected in answer.reason
+    pu.close()
+    assert pes[1].alive()
+    # still serving
+    again, received = create(pes[1], "after-bad-input", 64)
+    assert received[-1].code == S.ResultCode.STARTED
+    again.close()
+    pes[1].wait_for("after-bad-input stopped")
+
+
+def test_status_metrics(pool):
+    _registrar, pes = pool
+    with urllib.request.urlopen(f"http://127.0.0.1:{pes[2].status}/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    assert "xenpool_pe_load" in metrics and 'xenpool_pe_load_component{component="ram"}' in metrics
+    assert 'xenpool_pe_refusals_total{code="no_ram"}' in metrics
+
+
+def test_unknown_load_plugin_stops_with_the_installed_names(tmp_path):
+    import subprocess
+
+    from .daemons import TWISTD
+
+    result = subprocess.run([TWISTD, "-n", "xenpool-pe", "--load-plugin=nosuch"], capture_output=True, text=True, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "--load-plugin: no load metric named 'nosuch'; installed: cpu, max, weighted" in output

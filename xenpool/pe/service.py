@@ -1,0 +1,294 @@
+"""The pool element daemon: registration at a registrar, PU sessions, load updates."""
+
+from __future__ import annotations
+
+import json
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.application import service, strports
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.web import resource, server
+from zope.interface import implementer
+
+from ..logs import hex_id, pool_name
+from ..protocol import framing
+from ..protocol import messages as M
+from ..protocol import params as P
+from ..protocol.errors import ProtocolError
+from .core import PoolElementCore
+
+log = Logger()
+
+
+@implementer(IStreamClientEndpoint)
+class FailoverEndpoint:
+    """Connects to the first registrar that answers, trying the next one after a
+    failure, so a PE whose home registrar is gone registers at another."""
+
+    def __init__(self, endpoints: list) -> None:
+        self.endpoints = endpoints
+        self.index = 0
+
+    def connect(self, factory):
+        endpoint = self.endpoints[self.index % len(self.endpoints)]
+        d = endpoint.connect(factory)
+
+        def failed(failure):
+            self.index += 1
+            return failure
+
+        return d.addErrback(failed)
+
+
+class RegistrationProtocol(Protocol):
+    """The PE's ASAP association with its home registrar."""
+
+    def __init__(self, pe: "PoolElementService") -> None:
+        self.pe = pe
+        self.stream = framing.RSerPoolStream(M.ASAP_PPID)
+
+    def connectionMade(self) -> None:
+        log.info("connected to registrar {peer}", peer=str(self.transport.getPeer()))
+        self.pe.registrar_channel = self
+        self.pe.register()
+
+    def send(self, message: M.Message) -> None:
+        self.transport.write(M.encode(message))
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            self.stream.feed(data)
+            while (message := self.stream.next_message()) is not None:
+                self.pe.from_registrar(message, self)
+        except ProtocolError as err:
+            log.warn("bad ASAP input from the registrar: {err}", err=str(err))
+            if err.fatal:
+                self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        if self.pe.registrar_channel is self:
+            self.pe.registrar_channel = None
+            self.pe.registered = False
+        log.info("registrar connection lost; trying the registrars again")
+
+
+class SessionProtocol(Protocol, TimeoutMixin):
+    """One PU's session: shim frames carrying ASAP and application messages."""
+
+    def __init__(self, core: PoolElementCore, idle_timeout: float) -> None:
+        self.core = core
+        self.idle_timeout = idle_timeout
+        self.stream = framing.ShimStream()
+
+    def connectionMade(self) -> None:
+        self.setTimeout(self.idle_timeout)
+
+    def send(self, message: object) -> None:
+        self.transport.write(framing.frame_message(message))
+
+    def close(self) -> None:
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        try:
+            self.stream.feed(data)
+            while (item := self.stream.next_message()) is not None:
+                self.core.handle(item[1], self).addErrback(self._failed)
+        except ProtocolError as err:
+            log.info("bad request from {peer}: {err}", peer=str(self.transport.getPeer()), err=str(err))
+            self.core.refuse(err, self)
+
+    def _failed(self, failure) -> None:
+        log.failure("handling a PU request failed", failure)
+        self.close()
+
+    def timeoutConnection(self) -> None:
+        # A PU heartbeats its VM; silence beyond the idle timeout means it is gone.
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        self.setTimeout(None)
+        self.core.session_lost(self).addErrback(lambda f: log.failure("stopping a VM failed", f))
+
+
+class SessionFactory(Factory):
+    def __init__(self, core: PoolElementCore, idle_timeout: float) -> None:
+        self.core, self.idle_timeout = core, idle_timeout
+
+    def buildProtocol(self, addr) -> SessionProtocol:
+        return SessionProtocol(self.core, self.idle_timeout)
+
+
+class PoolElementService(service.MultiService):
+    """Wires the core to the registrar, the PU endpoint, timers and the status page."""
+
+    def __init__(self, core: PoolElementCore, policy, policy_arguments: list[str], reactor, *, registrars: list,
+                 user_endpoint: str, user_address: str, user_port: int, load_interval_s: float,
+                 registration_life_ms: int, idle_timeout: float, status: str | None) -> None:  # fmt: skip
+        super().__init__()
+        self.core = core
+        self.policy = policy
+        self.policy_arguments = policy_arguments
+        self.clock = reactor
+        self.user_address = user_address
+        self.user_port = user_port
+        self.load_interval_s = load_interval_s
+        self.registration_life_ms = registration_life_ms
+        self.registrar_channel: RegistrationProtocol | None = None
+        self.registered = False
+        self.registrations = 0
+        self._early_update = None
+        core.load_changed = self.load_changed
+        strports.service(user_endpoint, SessionFactory(core, idle_timeout)).setServiceParent(self)
+        factory = Factory.forProtocol(lambda: RegistrationProtocol(self))
+        ClientService(FailoverEndpoint(registrars), factory, retryPolicy=backoffPolicy(0.2, maxDelay=2.0)).setServiceParent(self)
+        if status:
+            strports.service(status, server.Site(PeStatus(self))).setServiceParent(self)
+        self._load_loop = task.LoopingCall(self._regular_update)
+        self._load_loop.clock = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self._load_loop.start(self.load_interval_s, now=False)
+        log.info("pool element {pe} started for pool {pool}", pe=hex_id(self.core.settings.pe_identifier),
+                 pool=pool_name(self.core.settings.pool_handle))  # fmt: skip
+
+    def stopService(self):
+        if self._load_loop.running:
+            self._load_loop.stop()
+        if self._early_update is not None and self._early_update.active():
+            self._early_update.cancel()
+        return super().stopService()
+
+    # -------------------------------------------------------------- registration
+
+    def registration(self) -> M.Registration:
+        settings = self.core.settings
+        element = P.PoolElement(
+            settings.pe_identifier, 0, self.registration_life_ms,
+            P.TcpTransport(self.user_port, (self.user_address,), P.TransportUse.DATA_PLUS_CONTROL),
+            self.policy.make_parameter(self.core.load(), self.policy_arguments),
+        )  # fmt: skip
+        mac = P.registration_mac(settings.secret, settings.pool_handle, element) if settings.secret else None
+        return M.Registration(settings.pool_handle, element, mac)
+
+    def register(self) -> None:
+        if self.registrar_channel is not None:
+            self.registrar_channel.send(self.registration())
+            self.registrations += 1
+
+    def from_registrar(self, message: M.Message, channel: RegistrationProtocol) -> None:
+        settings = self.core.settings
+        if isinstance(message, M.RegistrationResponse):
+            if message.reject:
+                causes = ", ".join(f"cause {c.code}: {c.info.decode(errors='replace')}" for c in message.error.causes)
+                log.error("REGISTRATION REFUSED by the registrar: {causes}", causes=causes)
+            elif not self.registered:
+                self.registered = True
+                log.info("registered in pool {pool}", pool=pool_name(settings.pool_handle))
+        elif isinstance(message, M.EndpointKeepAlive):
+            channel.send(M.EndpointKeepAliveAck(settings.pool_handle, settings.pe_identifier))
+        elif isinstance(message, M.AsapError):
+            log.warn("registrar reports an error: {error}", error=repr(message.error))
+
+    # -------------------------------------------------------------- load updates
+
+    @defer.inlineCallbacks
+    def _regular_update(self):
+        yield self.core.sample_load()
+        self.core.accounting.load_updated()
+        self.register()
+
+    def load_changed(self) -> None:
+        """A VM started or stopped, or a refusal raised the load: update the registrar
+        at once (coalescing changes that happen together)."""
+        if self._early_update is None or not self._early_update.active():
+            self._early_update = self.clock.callLater(0, self.register)
+
+
+class HypervisorService(service.Service):
+    """Starts and stops the hypervisor plugin's worker threads with the daemon."""
+
+    def __init__(self, hypervisor) -> None:
+        self.hypervisor = hypervisor
+
+    def startService(self) -> None:
+        super().startService()
+        self.hypervisor.start()
+
+    def stopService(self):
+        self.hypervisor.stop()
+        return super().stopService()
+
+
+class PeStatus(resource.Resource):
+    def __init__(self, pe: PoolElementService) -> None:
+        super().__init__()
+        self.putChild(b"status", _Status(pe))
+        self.putChild(b"metrics", _PeMetrics(pe))
+
+
+class _Status(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, pe: PoolElementService) -> None:
+        super().__init__()
+        self.pe = pe
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"application/json")
+        status = {**self.pe.core.describe(), "registered": self.pe.registered}
+
+        def write(domains) -> None:
+            # what the hypervisor itself reports, next to what the PE accounts for
+            status["domains"] = {name: {"state": state, "ram_kb": ram_kb} for name, (state, ram_kb) in domains.items()}
+            request.write(json.dumps(status, indent=1).encode())
+            request.finish()
+
+        def failed(failure) -> None:
+            status["domains_error"] = failure.getErrorMessage()
+            request.write(json.dumps(status, indent=1).encode())
+            request.finish()
+
+        self.pe.core.hypervisor.domains().addCallbacks(write, failed)
+        return server.NOT_DONE_YET
+
+
+class _PeMetrics(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, pe: PoolElementService) -> None:
+        super().__init__()
+        self.pe = pe
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+
+    def collect(self):
+        status = self.pe.core.describe()
+        sample = self.pe.core.accounting.sample()
+        yield GaugeMetricFamily("xenpool_pe_load", "Load reported to the registrar", value=status["load"])
+        components = GaugeMetricFamily("xenpool_pe_load_component", "Measured load components", labels=["component"])
+        components.add_metric(["cpu"], sample.cpu)
+        components.add_metric(["ram"], sample.ram)
+        yield components
+        yield GaugeMetricFamily("xenpool_pe_free_ram_kb", "RAM free for new VMs", value=status["free_ram_kb"])
+        yield GaugeMetricFamily("xenpool_pe_sessions", "PU sessions", value=status["sessions"])
+        vms = GaugeMetricFamily("xenpool_pe_vm_ram_mb", "RAM of each VM", labels=["server_id", "running"])
+        for vm in status["vms"]:
+            vms.add_metric([vm["server_id"], str(vm["running"]).lower()], vm["ram_mb"])
+        yield vms
+        refusals = CounterMetricFamily("xenpool_pe_refusals", "Requests refused, by code", labels=["code"])
+        for code, count in status["refusals"].items():
+            refusals.add_metric([code], count)
+        yield refusals
+
+    def render_GET(self, request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4")
+        return generate_latest(self.registry)
