@@ -1,0 +1,159 @@
+"""The pool user's keep-and-fail-over logic on a Clock, with scripted PEs."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from xenpool.protocol import messages as M
+from xenpool.protocol import params as P
+from xenpool.protocol import session as S
+from xenpool.pu.core import LOST, PuSettings, State, VmKeeper
+
+REQUEST = S.CreateServer("web1", "", ("10.0.5.1",), 300)
+
+
+def element(identifier: int) -> P.PoolElement:
+    return P.PoolElement(identifier, 1, 60_000, P.TcpTransport(5000 + identifier, ("127.0.0.1",)), P.PoolPolicy.make(P.PolicyType.LEAST_USED))
+
+
+class ScriptedPE:
+    """A PE that answers like a real one (unit tests only)."""
+
+    def __init__(self, identifier: int, refuse: int | None = None, silent: bool = False) -> None:
+        self.identifier, self.refuse, self.silent = identifier, refuse, silent
+        self.received: list = []
+        self.deliver = None
+        self.closed = False
+
+    def send(self, message) -> None:
+        self.received.append(message)
+        if self.silent or self.deliver is None:
+            return
+        if isinstance(message, (S.CreateServer, M.CookieEcho)):
+            if self.refuse is not None:
+                self.deliver(S.CreateResult("web1", self.refuse, 0, "no"))
+                return
+            self.deliver(M.Cookie(f"cookie from {self.identifier}".encode()))
+            self.deliver(S.CreateResult("web1", 0, 1000, f"started on pe{self.identifier}"))
+        elif isinstance(message, S.CheckRunning):
+            self.deliver(S.CheckRunningResponse("web1", 1))
+        elif isinstance(message, S.StopServer):
+            self.deliver(S.StopResult("web1", S.ResultCode.NORMAL_END, "shut down"))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def die(self) -> None:
+        self.deliver(LOST)
+        self.deliver = None
+
+
+class Pool:
+    def __init__(self, clock: Clock, *pes: ScriptedPE) -> None:
+        self.clock = clock
+        self.pes = {pe.identifier: pe for pe in pes}
+        self.unreachable: list[int] = []
+        self.down: set[int] = set()
+
+    def resolve(self, pool_handle, items):
+        return defer.succeed([element(i) for i in self.pes if i not in self.down])
+
+    def connect(self, element, deliver):
+        if element.identifier in self.down:
+            return defer.fail(ConnectionRefusedError("refused"))
+        pe = self.pes[element.identifier]
+        pe.deliver = deliver
+        return defer.succeed(pe)
+
+    def report_unreachable(self, pool_handle, identifier) -> None:
+        self.unreachable.append(identifier)
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+def keeper(clock, pool, **settings) -> VmKeeper:
+    k = VmKeeper(REQUEST, pool, clock, PuSettings(**settings))
+    k.history = []
+    k.events.on_state = lambda kp, state, why: k.history.append((state, why))
+    return k
+
+
+def test_create_then_heartbeat(clock):
+    pe = ScriptedPE(1)
+    k = keeper(clock, Pool(clock, pe))
+    k.run()
+    assert k.state == State.RUNNING and k.cookie == b"cookie from 1"
+    assert pe.received[0] == REQUEST
+    clock.advance(1)
+    clock.advance(1)
+    assert [m for m in pe.received if isinstance(m, S.CheckRunning)] == [S.CheckRunning("web1", 1)] * 3
+
+
+def test_a_lost_pe_fails_over_with_the_last_cookie(clock):
+    first, second = ScriptedPE(1), ScriptedPE(2)
+    pool = Pool(clock, first, second)
+    k = keeper(clock, pool)
+    k.run()
+    clock.advance(0.5)
+    pool.down.add(1)
+    first.die()
+    assert k.state == State.RUNNING and k.pe.identifier == 2
+    assert second.received[0] == M.CookieEcho(b"cookie from 1")
+    assert pool.unreachable == [1] and k.failovers == 1 and k.last_failover_s == 0
+
+
+def test_a_silent_pe_is_lost_after_the_heartbeat_timeout(clock):
+    first, second = ScriptedPE(1), ScriptedPE(2)
+    pool = Pool(clock, first, second)
+    k = keeper(clock, pool, heartbeat_interval_s=1, heartbeat_timeout_s=3)
+    k.run()
+    first.silent = True  # SIGSTOP: no reset, no answers
+    clock.advance(1)  # the next heartbeat goes out, unanswered
+    clock.advance(2.9)
+    assert k.pe.identifier == 1
+    clock.advance(0.1)
+    assert k.pe.identifier == 2 and k.state == State.RUNNING and first.closed
+    assert k.last_failover_s == 0  # measured from the moment the loss was seen
+
+
+def test_refusals_try_the_next_pe_then_back_off(clock):
+    full, also_full = ScriptedPE(1, refuse=S.ResultCode.NO_RAM), ScriptedPE(2, refuse=S.ResultCode.NO_RAM)
+    pool = Pool(clock, full, also_full)
+    k = keeper(clock, pool, retry_initial_s=1)
+    k.run()
+    assert k.state == State.WAITING and "refused: code 11" in k.history[-1][1] and "retrying in 1.0 s" in k.history[-1][1]
+    also_full.refuse = None
+    clock.advance(1)
+    assert k.state == State.RUNNING and k.pe.identifier == 2
+
+
+def test_already_running_elsewhere_is_final(clock):
+    k = keeper(clock, Pool(clock, ScriptedPE(1, refuse=S.ResultCode.ALREADY_RUNNING)))
+    done = k.run()
+    assert k.state == State.REFUSED and done.called
+
+
+def test_no_pe_at_all_backs_off_exponentially(clock):
+    pool = Pool(clock)
+    k = keeper(clock, pool, retry_initial_s=0.5, retry_max_s=2)
+    k.run()
+    waits = []
+    for _ in range(5):
+        waits.append(k.history[-1][1].split("retrying in ")[1])
+        clock.advance(2)
+    assert waits[:4] == ["0.5 s", "1.0 s", "2.0 s", "2.0 s"]
+    assert "the pool has no PE" in k.history[-1][1]
+
+
+def test_stop_asks_the_pe_to_stop_the_vm(clock):
+    pe = ScriptedPE(1)
+    k = keeper(clock, Pool(clock, pe))
+    k.run()
+    done = k.stop()
+    clock.advance(1)
+    assert S.StopServer("web1") in pe.received and done.called and k.state == State.STOPPED and pe.closed

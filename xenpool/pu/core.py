@@ -1,0 +1,261 @@
+"""A pool user keeping one VM available: create, heartbeat, fail over. No sockets here.
+
+The I/O is a small interface (``PoolAccess``): resolve the pool handle, open a session
+with a PE, report a PE unreachable. Time comes from an injected IReactorTime, so tests
+drive every timer with a Clock.
+
+Failover: when the session with the PE is lost (closed, or no heartbeat answer within
+``heartbeat_timeout_s``), the PU reports the PE unreachable, resolves the pool again and
+echoes the last cookie to the next PE, which fences the old host first when the cookie
+says the VM may be running. With no PE able to take it, it retries with backoff.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from twisted.internet import defer, task
+from twisted.internet.defer import DeferredQueue
+from twisted.logger import Logger
+
+from ..logs import hex_id
+from ..protocol import messages as M
+from ..protocol import params as P
+from ..protocol import session as S
+
+log = Logger()
+LOST = object()  # queued when the session ends
+
+
+@dataclass(frozen=True)
+class PuSettings:
+    pool_handle: bytes = b"Xen"
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 3.0
+    create_timeout_s: float = 120.0  # a start may include a fence and a boot
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 30.0
+    resolution_items: int = 8
+
+
+class Channel(Protocol):
+    """One session with a PE; incoming messages go to the ``deliver`` callback given at
+    connect time, then LOST when it ends."""
+
+    def send(self, message: object) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class PoolAccess(Protocol):
+    def resolve(self, pool_handle: bytes, items: int) -> defer.Deferred: ...  # -> list[PoolElement]
+
+    def connect(self, element: P.PoolElement, deliver: Callable[[object], None]) -> defer.Deferred: ...  # -> Channel
+
+    def report_unreachable(self, pool_handle: bytes, identifier: int) -> None: ...
+
+
+class State(enum.Enum):
+    RESOLVING = "resolving"
+    STARTING = "starting"
+    RUNNING = "running"
+    FAILING_OVER = "failing over"
+    WAITING = "waiting"  # no PE could take it; retrying
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    REFUSED = "refused"  # a final refusal (e.g. it runs elsewhere already)
+
+
+FINAL_CODES = {S.ResultCode.ALREADY_RUNNING, S.ResultCode.INVALID_REQUEST}
+
+
+@dataclass
+class Events:
+    """What happened, for the CLI, the keeper's table and the tests."""
+
+    on_state: Callable[["VmKeeper", State, str], None] = lambda keeper, state, why: None
+
+
+@dataclass(eq=False)
+class VmKeeper:
+    request: S.CreateServer
+    access: PoolAccess
+    clock: object
+    settings: PuSettings = field(default_factory=PuSettings)
+    events: Events = field(default_factory=Events)
+    cookie: bytes | None = None  # the last cookie from a PE
+    pe: P.PoolElement | None = None
+    state: State = State.RESOLVING
+    domain_state: int | None = None
+    lost_at: float | None = None  # when the last PE was lost
+    last_failover_s: float | None = None
+    failovers: int = 0
+
+    def __post_init__(self) -> None:
+        self._channel: Channel | None = None
+        self._queue: DeferredQueue | None = None
+        self._stop_requested = False
+        self._wake: defer.Deferred | None = None
+
+    @property
+    def server_id(self) -> str:
+        return self.request.server_id
+
+    def _set(self, state: State, why: str = "") -> None:
+        self.state = state
+        self.events.on_state(self, state, why)
+
+    # ------------------------------------------------------------------ running
+
+    def run(self) -> defer.Deferred:
+        """Keep the VM until stop(); fires with the final State."""
+        self._running = defer.Deferred.fromCoroutine(self._run())
+        return self._running
+
+    async def _run(self) -> State:
+        delay = self.settings.retry_initial_s
+        failed: set[int] = set()
+        while not self._stop_requested:
+            self._set(State.RESOLVING if self.lost_at is None else State.FAILING_OVER, "asking the pool for a PE")
+            try:
+                elements = await self.access.resolve(self.settings.pool_handle, self.settings.resolution_items)
+            except Exception as err:  # noqa: BLE001 - no registrar answered
+                why = f"no registrar answered: {err}"
+                elements = []
+            else:
+                why = "the pool has no PE" if not elements else ""
+            candidates = [e for e in elements if e.identifier not in failed] or elements
+            for element in candidates:
+                outcome = await self._session_with(element)
+                if outcome is None:  # the session ended after the VM ran: fail over now
+                    failed = {element.identifier}
+                    delay = self.settings.retry_initial_s
+                    break
+                if self._stop_requested:
+                    break
+                if outcome in FINAL_CODES:
+                    return self.state
+                why = self._last_reason
+            else:
+                if self._stop_requested:
+                    break
+                self._set(State.WAITING, f"{why}; retrying in {delay:.1f} s")
+                await self._pause(delay)
+                delay = min(delay * 2, self.settings.retry_max_s)
+                failed = set()
+        self._set(State.STOPPED, "stopped")
+        return self.state
+
+    async def _pause(self, seconds: float) -> None:
+        self._wake = task.deferLater(self.clock, seconds, lambda: None)
+        try:
+            await self._wake
+        except defer.CancelledError:
+            pass
+        finally:
+            self._wake = None
+
+    def _deliver(self, message: object) -> None:
+        self._queue.put(message)
+        if message is LOST and self._wake is not None:
+            self._wake.cancel()  # between heartbeats: fail over now, not at the next one
+
+    async def _session_with(self, element: P.PoolElement):
+        """Start (or take over) the VM on one PE and keep it there.
+
+        Returns a result code when the PE refused, or None once a running VM's session
+        ended (the PE was lost)."""
+        self._last_reason = ""
+        self._queue = DeferredQueue()
+        try:
+            channel = await self.access.connect(element, self._deliver)
+        except Exception as err:  # noqa: BLE001 - unreachable PE
+            self._last_reason = f"PE {hex_id(element.identifier)} unreachable: {err}"
+            self.access.report_unreachable(self.settings.pool_handle, element.identifier)
+            return S.ResultCode.UNSPECIFIED
+        self._channel, self.pe = channel, element
+        self._set(State.STARTING, f"on PE {hex_id(element.identifier)}")
+        channel.send(M.CookieEcho(self.cookie) if self.cookie else self.request)
+        result = await self._await(S.CreateResult, self.settings.create_timeout_s)
+        if not isinstance(result, S.CreateResult):
+            channel.close()
+            self._last_reason = f"PE {hex_id(element.identifier)} gave no answer"
+            return S.ResultCode.UNSPECIFIED
+        if not result.ok:
+            self._last_reason = f"PE {hex_id(element.identifier)} refused: code {result.code}, {result.reason}"
+            if result.code in FINAL_CODES:
+                self._set(State.REFUSED, self._last_reason)
+            channel.close()
+            return result.code
+        if self.lost_at is not None:
+            self.last_failover_s = self.clock.seconds() - self.lost_at
+            self.failovers += 1
+        self.lost_at = None
+        self._set(State.RUNNING, f"on PE {hex_id(element.identifier)}: {result.reason}")
+        if await self._heartbeat(channel):
+            await self._stop_on(channel)
+            return S.ResultCode.NORMAL_END
+        self.lost_at = self.clock.seconds()
+        self.access.report_unreachable(self.settings.pool_handle, element.identifier)
+        self._set(State.FAILING_OVER, f"PE {hex_id(element.identifier)} lost")
+        return None
+
+    async def _await(self, kind: type, timeout: float):
+        """The next ``kind`` message, keeping every cookie on the way; LOST if the
+        session ended, None on timeout."""
+        deadline = self.clock.seconds() + timeout
+        while True:
+            left = deadline - self.clock.seconds()
+            if left <= 0:
+                return None
+            d = self._queue.get()
+            timer = self.clock.callLater(left, d.cancel)
+            try:
+                message = await d
+            except defer.CancelledError:
+                return None
+            finally:
+                if timer.active():
+                    timer.cancel()
+            if message is LOST:
+                return LOST
+            if isinstance(message, M.Cookie):
+                self.cookie = message.cookie
+            elif isinstance(message, kind):
+                return message
+
+    async def _heartbeat(self, channel: Channel) -> bool:
+        """CheckRunning every interval. Returns True when a stop was asked, False
+        when the session was lost (closed, or a heartbeat went unanswered)."""
+        while not self._stop_requested:
+            channel.send(S.CheckRunning(self.server_id, max(1, round(self.settings.heartbeat_interval_s))))
+            answer = await self._await(S.CheckRunningResponse, self.settings.heartbeat_timeout_s)
+            if answer is LOST:
+                return False
+            if answer is None:
+                channel.close()
+                return False
+            if answer.state != self.domain_state:
+                self.domain_state = answer.state
+                self._set(State.RUNNING, f"domain state {answer.state}")
+            await self._pause(self.settings.heartbeat_interval_s)
+        return True
+
+    # ------------------------------------------------------------------ stopping
+
+    def stop(self) -> defer.Deferred:
+        """Stop the VM cleanly (StopServer) and end the session; fires with the final State."""
+        self._stop_requested = True
+        if self._wake is not None:
+            self._wake.cancel()
+        return self._running
+
+    async def _stop_on(self, channel: Channel) -> None:
+        self._set(State.STOPPING, "asking the PE to stop it")
+        channel.send(S.StopServer(self.server_id))
+        answer = await self._await(S.StopResult, max(30.0, self.settings.heartbeat_timeout_s))
+        if not isinstance(answer, S.StopResult):
+            log.warn("{server}: the PE did not confirm the stop", server=self.server_id)
+        channel.close()
