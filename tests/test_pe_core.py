@@ -152,11 +152,36 @@ def test_heartbeat_reports_the_domain_state(pe):
     assert session.closed and "web1" not in pe.accounting.vms
 
 
-def test_pu_gone_shuts_the_vm_down_and_returns_its_ram(pe):
+def test_pu_gone_the_vm_outlives_it_for_the_lease(pe, clock):
     free = pe.accounting.free_kb
     session = create(pe)
     pe.session_lost(session)
+    clock.advance(59)
+    assert pe.hypervisor.shutdowns == [] and pe.orphans.keys() == {"web1"}
+    assert create(pe, "web1").results()[0].code == S.ResultCode.ALREADY_RUNNING  # still taken
+    clock.advance(1)
+    assert pe.hypervisor.shutdowns == ["web1"] and pe.accounting.free_kb == free and not pe.orphans
+
+
+def test_without_a_lease_pu_gone_shuts_the_vm_down(pe):
+    pe.settings = PeSettings(pe_identifier=7, host="pe1", secret=SECRET, lease_s=0)
+    free = pe.accounting.free_kb
+    pe.session_lost(create(pe))
     assert pe.hypervisor.shutdowns == ["web1"] and pe.accounting.free_kb == free
+
+
+def test_a_restarted_keeper_re_adopts_its_vm(pe, clock):
+    first = create(pe)
+    cookie = [m for m in first.sent if isinstance(m, M.Cookie)][-1]
+    pe.session_lost(first)
+    clock.advance(30)
+    keeper = Session()
+    pe.handle(M.CookieEcho(cookie.cookie), keeper)
+    (result,) = keeper.results()
+    assert result.code == S.ResultCode.STARTED and "re-adopted" in result.reason
+    assert len(pe.hypervisor.domains) == 1 and not pe.orphans  # not started a second time
+    clock.advance(60)
+    assert pe.hypervisor.shutdowns == []  # the lease no longer runs
 
 
 def test_stop_request(pe):
@@ -204,6 +229,37 @@ def test_cookie_echo_of_a_maybe_running_vm_is_not_started_without_fencing(pe, cl
     session = Session()
     pe.handle(M.CookieEcho(C.seal(state, SECRET)), session)
     assert session.results()[0].code == S.ResultCode.FENCE_FAILED and "web9" not in pe.hypervisor.domains
+
+
+class Fencer:
+    def __init__(self, fail: bool = False) -> None:
+        self.fenced, self.fail = [], fail
+
+    def fence(self, host):
+        self.fenced.append(host)
+        return defer.fail(RuntimeError("agent said: status on")) if self.fail else defer.succeed(None)
+
+
+def test_failover_fences_the_old_host_first(pe, clock):
+    pe.fencer = Fencer()
+    state = C.SessionState(b"Xen", "web9", "", (), 64, 1, True, "pe2", 9, clock.seconds())
+    session = Session()
+    pe.hypervisor.start = lambda spec, start=pe.hypervisor.start: (
+        pe.fencer.fenced.append("started") or start(spec)
+    )
+    pe.handle(M.CookieEcho(C.seal(state, SECRET)), session)
+    assert pe.fencer.fenced == ["pe2", "started"]  # the fence came before the start
+    assert session.results()[0].code == S.ResultCode.STARTED
+
+
+def test_a_failed_fence_means_no_start(pe, clock):
+    pe.fencer = Fencer(fail=True)
+    state = C.SessionState(b"Xen", "web9", "", (), 64, 1, True, "pe2", 9, clock.seconds())
+    session = Session()
+    pe.handle(M.CookieEcho(C.seal(state, SECRET)), session)
+    (result,) = session.results()
+    assert result.code == S.ResultCode.FENCE_FAILED and "status on" in result.reason
+    assert "web9" not in pe.hypervisor.domains
 
 
 def test_status_description(pe):

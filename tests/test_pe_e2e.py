@@ -44,6 +44,7 @@ def pool(tmp_path_factory):
             "--bind=127.0.0.1", f"--host=host{n}", f"--libvirt-uri=test://{ETC / f'node-host{n}.xml'}",
             f"--status=tcp:{pe_status}:interface=127.0.0.1", f"--pool-secret-file={secret}",
             "--load-interval=3600", "--shutdown-timeout=2", "--load-plugin=weighted", "--load-weight=cpu=0.5,ram=0.5",
+            "--lease=0",
             ready="registered in pool Xen", cwd=cwd,
         )  # fmt: skip
         pes[n].port, pes[n].status = port, pe_status

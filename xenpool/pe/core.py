@@ -37,6 +37,9 @@ class PeSettings:
     secret: bytes = b""
     cookie_max_age_s: float = 24 * 3600.0
     shutdown_timeout_s: float = 30.0
+    # How long a VM outlives its PU's session, waiting to be re-adopted (cookie echo)
+    # by a restarted keeper; 0: shut down as soon as the PU is gone (the prototype).
+    lease_s: float = 60.0
 
 
 class Session(Protocol):
@@ -51,12 +54,17 @@ class VmSession:
 
     request: S.CreateServer
     running: bool = False  # may be running (a start was attempted)
+    lease_end: object = None  # the pending shutdown while no PU holds it
+
+
+class Fencer(Protocol):
+    def fence(self, host: str) -> defer.Deferred: ...
 
 
 class PoolElementCore:
     def __init__(self, settings: PeSettings, hypervisor, accounting: HostAccounting, metric, clock,
                  disk_xml: Callable[[str], object] | None = None,
-                 load_changed: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+                 load_changed: Callable[[], None] = lambda: None, fencer: Fencer | None = None) -> None:  # fmt: skip
         self.settings = settings
         self.hypervisor = hypervisor
         self.accounting = accounting
@@ -65,7 +73,9 @@ class PoolElementCore:
         # disk spec -> Deferred[disk XML], checking reachability (storage plugins)
         self.disk_xml = disk_xml or (lambda spec: defer.succeed(""))
         self.load_changed = load_changed
+        self.fencer = fencer
         self.sessions: dict[Session, VmSession] = {}
+        self.orphans: dict[str, VmSession] = {}  # VMs whose PU is gone, within their lease
         self.refusals: dict[int, int] = {}
 
     # ------------------------------------------------------------ messages
@@ -102,7 +112,7 @@ class PoolElementCore:
         session.close()
 
     def _running_here(self, server_id: str) -> bool:
-        return any(vm.request.server_id == server_id for vm in self.sessions.values())
+        return server_id in self.orphans or any(vm.request.server_id == server_id for vm in self.sessions.values())
 
     async def _create(self, request: S.CreateServer, session: Session, from_cookie: bool = False) -> None:
         if session in self.sessions:
@@ -148,15 +158,36 @@ class PoolElementCore:
             )  # fmt: skip
         except C.CookieError as err:
             return self._answer_failure(session, "", S.ResultCode.COOKIE_REJECTED, err.reason)
+        orphan = self.orphans.get(state.server_id)
+        if orphan is not None and state.pe_identifier == self.settings.pe_identifier:
+            return self._adopt(orphan, session)
         if state.running and state.pe_identifier != self.settings.pe_identifier:
-            # Fencing the old host comes with the failover issue; until then a VM that
-            # may still run elsewhere is never started a second time.
-            return self._answer_failure(
-                session, state.server_id, S.ResultCode.FENCE_FAILED,
-                f"{state.server_id} may still run on {state.host} and no fencing is configured",
-            )  # fmt: skip
+            if self.fencer is None:
+                return self._answer_failure(
+                    session, state.server_id, S.ResultCode.FENCE_FAILED,
+                    f"{state.server_id} may still run on {state.host} and no fencing is configured",
+                )  # fmt: skip
+            try:
+                await self.fencer.fence(state.host)
+            except Exception as err:  # noqa: BLE001 - no start after a failed fence, ever
+                log.critical("FENCING {host} FAILED, {server} NOT STARTED: {err}", host=state.host, server=state.server_id, err=str(err))
+                return self._answer_failure(
+                    session, state.server_id, S.ResultCode.FENCE_FAILED, f"fencing {state.host} failed: {err}"
+                )
+            log.warn("fenced {host} before starting {server}", host=state.host, server=state.server_id)
         request = S.CreateServer(state.server_id, state.disk, state.ips, state.ram_mb, state.vcpus)
         await self._create(request, session)
+
+    def _adopt(self, vm: VmSession, session: Session) -> None:
+        """A restarted keeper takes back a VM that kept running within its lease."""
+        del self.orphans[vm.request.server_id]
+        if vm.lease_end is not None and vm.lease_end.active():
+            vm.lease_end.cancel()
+        vm.lease_end = None
+        self.sessions[session] = vm
+        log.info("{server} re-adopted by its keeper", server=vm.request.server_id)
+        session.send(self._cookie(vm))
+        session.send(S.CreateResult(vm.request.server_id, S.ResultCode.STARTED, self.accounting.free_kb, "re-adopted, kept running"))
 
     async def _check_running(self, message: S.CheckRunning, session: Session) -> None:
         vm = self.sessions.get(session)
@@ -186,13 +217,27 @@ class PoolElementCore:
     # ------------------------------------------------------------ session end
 
     def session_lost(self, session: Session) -> defer.Deferred:
-        """The PU is gone: its VM is shut down gracefully, then destroyed (prototype semantics)."""
+        """The PU is gone: its VM keeps running for the lease, waiting to be re-adopted,
+        then is shut down gracefully and destroyed if it does not stop in time."""
         vm = self.sessions.get(session)
         if vm is None:
             return defer.succeed(None)
-        return defer.Deferred.fromCoroutine(self._shut_down(session, vm))
+        if not vm.running or self.settings.lease_s <= 0:
+            return defer.Deferred.fromCoroutine(self._shut_down(session, vm))
+        del self.sessions[session]
+        self.orphans[vm.request.server_id] = vm
+        vm.lease_end = self.clock.callLater(self.settings.lease_s, self._lease_over, vm)
+        log.info("{server}: its PU is gone; kept for {lease} s", server=vm.request.server_id, lease=self.settings.lease_s)
+        return defer.succeed(None)
 
-    async def _shut_down(self, session: Session, vm: VmSession) -> None:
+    def _lease_over(self, vm: VmSession) -> None:
+        if self.orphans.pop(vm.request.server_id, None) is None:
+            return
+        vm.lease_end = None
+        log.info("{server}: lease over, no keeper came back", server=vm.request.server_id)
+        defer.Deferred.fromCoroutine(self._shut_down(None, vm)).addErrback(lambda f: log.failure("ending a lease", f))
+
+    async def _shut_down(self, session: Session | None, vm: VmSession) -> None:
         name = vm.request.server_id
         if vm.running:
             try:
@@ -204,14 +249,19 @@ class PoolElementCore:
                 except Exception as err2:  # noqa: BLE001
                     log.error("destroying {server} failed: {err}", server=name, err=str(err2))
             vm.running = False
-        self._forget(session)
+        if session is not None:
+            self.sessions.pop(session, None)
+        self._release(vm)
         log.info("{server} stopped, {ram} MB returned", server=name, ram=vm.request.ram_mb)
 
     def _forget(self, session: Session) -> None:
         vm = self.sessions.pop(session, None)
         if vm is not None:
-            self.accounting.release(vm.request.server_id)
-            self.load_changed()
+            self._release(vm)
+
+    def _release(self, vm: VmSession) -> None:
+        self.accounting.release(vm.request.server_id)
+        self.load_changed()
 
     # ------------------------------------------------------------ load
 
@@ -221,7 +271,7 @@ class PoolElementCore:
 
     async def _sample_load(self) -> None:
         now = self.clock.seconds()
-        for vm in list(self.sessions.values()):
+        for vm in [*self.sessions.values(), *self.orphans.values()]:
             if vm.running:
                 try:
                     self.accounting.sample_vm(vm.request.server_id, await self.hypervisor.cpu_time_ns(vm.request.server_id), now)
@@ -244,8 +294,9 @@ class PoolElementCore:
             "vms": [
                 {"server_id": vm.request.server_id, "ram_mb": vm.request.ram_mb, "running": vm.running,
                  "cpu_share": round(sample.vm_cpu.get(vm.request.server_id, 0.0), 4)}
-                for vm in self.sessions.values()
+                for vm in (*self.sessions.values(), *self.orphans.values())
             ],  # fmt: skip
+            "orphans": sorted(self.orphans),
             "sessions": len(self.sessions),
             "refusals": {S.ResultCode(code).name.lower(): n for code, n in self.refusals.items()},
         }

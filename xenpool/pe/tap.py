@@ -25,6 +25,17 @@ def weights(text: str) -> dict[str, float]:
     return result
 
 
+def options_list(text: str) -> dict[str, str]:
+    """``key=value,key=value`` -> dict (values may not contain commas)."""
+    result = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected KEY=VALUE[,KEY=VALUE...], got {text!r}")
+        result[key.strip()] = value
+    return result
+
+
 def yes_no(text: str) -> bool:
     if text.lower() in ("yes", "true", "on", "1"):
         return True
@@ -55,6 +66,10 @@ SETTINGS = [
     Setting("registration-life", 90.0, positive_float, "seconds a registration lives without an update"),
     Setting("pool-secret-file", None, secret_file, "the pool's secret: seals cookies, proves registrations"),
     Setting("cookie-max-age", 86400.0, positive_float, "seconds a cookie is accepted after it was issued"),
+    Setting("lease", 60.0, float, "seconds a VM outlives its PU, waiting for its keeper to come back (0: none)"),
+    Setting("stonith", None, str, "fencing plugin for failovers: fence-agent, libvirt, command, manual"),
+    Setting("stonith-option", {}, options_list, "its options, e.g. agent=fence_virsh,ip=10.0.0.1"),
+    Setting("fence-map", None, str, "INI file: a [HOST] section per fencing target with its options"),
     Setting("shutdown-timeout", 30.0, positive_float, "seconds a guest has to shut down before it is destroyed"),
     Setting("idle-timeout", 60.0, positive_float, "seconds of PU silence that end its session"),
     Setting("status", None, str, "HTTP endpoint for /status (JSON) and /metrics"),
@@ -80,6 +95,19 @@ class Options(make_options(SETTINGS, "pe", "Run a pool element on this hyperviso
             self.policy.make_parameter(0.0, self.policy_arguments)
         except (PluginError, ValueError) as err:
             raise usage.UsageError(f"--policy: {err}") from None
+        self.fencer = None
+        if s["stonith"]:
+            from .fencing import StonithFencer, read_fence_map
+
+            try:
+                stonith = self.plugins.create("stonith", s["stonith"], **s["stonith-option"])
+            except PluginError as err:
+                raise usage.UsageError(f"--stonith: {err}") from None
+            try:
+                fence_map = read_fence_map(s["fence-map"]) if s["fence-map"] else {}
+            except ValueError as err:
+                raise usage.UsageError(f"--fence-map: {err}") from None
+            self.fencer = StonithFencer(stonith, fence_map)
 
 
 def makeService(options: Options):
@@ -110,9 +138,11 @@ def makeService(options: Options):
     settings = PeSettings(
         pool_handle=s["pool"].encode(), pe_identifier=s["pe-id"] or random.SystemRandom().randrange(1, 2**32),
         host=s["host"], secret=s["pool-secret-file"] or b"", cookie_max_age_s=s["cookie-max-age"],
-        shutdown_timeout_s=s["shutdown-timeout"],
+        shutdown_timeout_s=s["shutdown-timeout"], lease_s=s["lease"],
     )  # fmt: skip
-    core = PoolElementCore(settings, hypervisor, HostAccounting(node, load_settings), options.metric, reactor)
+    core = PoolElementCore(
+        settings, hypervisor, HostAccounting(node, load_settings), options.metric, reactor, fencer=options.fencer
+    )
     registrars = [endpoints.clientFromString(reactor, r) for r in s["registrar"]]
     bind = f":interface={s['bind']}" if s["bind"] else ""
     pe = PoolElementService(

@@ -1,0 +1,34 @@
+"""From a cookie's host identity to a fence: the PE config maps hosts to fence options."""
+
+from __future__ import annotations
+
+import configparser
+
+from twisted.internet import defer
+
+from ..interfaces import FenceTarget
+
+
+def read_fence_map(path: str) -> dict[str, dict[str, str]]:
+    """An INI file with one section per host: the options its fence needs
+    (``[host2]`` / ``plug = host2`` / ``ip = 10.0.0.12`` ...)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror}") from None
+    except configparser.Error as err:
+        raise ValueError(f"{path}: {err.message.splitlines()[0]}") from None
+    return {host: dict(parser.items(host)) for host in parser.sections()}
+
+
+class StonithFencer:
+    """Fences a host by its identity with an IStonith provider and the host's options."""
+
+    def __init__(self, stonith, fence_map: dict[str, dict[str, str]]) -> None:
+        self.stonith = stonith
+        self.fence_map = fence_map
+
+    def fence(self, host: str) -> defer.Deferred:
+        return defer.maybeDeferred(self.stonith.fence, FenceTarget(host, dict(self.fence_map.get(host, {}))))
