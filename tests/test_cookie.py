@@ -84,3 +84,12 @@ def test_too_short_and_too_long():
 def test_sealing_refuses_over_long_fields():
     with pytest.raises(ValueError, match="host longer than 128"):
         C.seal(dataclasses.replace(STATE, host="h" * 129), SECRET)
+
+
+def test_peek_reads_without_the_secret_but_unseal_still_checks():
+    sealed = C.seal(STATE, SECRET)
+    assert C.peek(sealed) == STATE
+    forged = bytearray(sealed)
+    forged[-1] ^= 1
+    assert C.peek(bytes(forged)).pe_identifier == STATE.pe_identifier  # routing only
+    assert "bad MAC" in refusal(bytes(forged))

@@ -157,3 +157,15 @@ def test_stop_asks_the_pe_to_stop_the_vm(clock):
     done = k.stop()
     clock.advance(1)
     assert S.StopServer("web1") in pe.received and done.called and k.state == State.STOPPED and pe.closed
+
+
+def test_with_a_saved_cookie_it_goes_back_to_the_pe_named_in_it(clock):
+    from xenpool.protocol import cookie as C
+
+    state = C.SessionState(b"Xen", "web1", "", (), 300, 1, True, "pe2", 2, 0.0)
+    first, second = ScriptedPE(1), ScriptedPE(2)
+    k = keeper(clock, Pool(clock, first, second))
+    k.cookie = C.seal(state, b"whatever secret")
+    k.run()
+    assert k.pe.identifier == 2 and first.received == []
+    assert isinstance(second.received[0], M.CookieEcho)

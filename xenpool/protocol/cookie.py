@@ -82,13 +82,8 @@ def seal(state: SessionState, secret: bytes) -> bytes:
     return body + hmac.new(secret, body, hashlib.sha256).digest()
 
 
-def unseal(data: bytes, secret: bytes, *, pool_handle: bytes, now: float, max_age_s: float) -> SessionState:
-    """Check and open a cookie; raises CookieError saying why it is refused."""
-    if len(data) > MAX_COOKIE or len(data) < _FIXED.size + MAC_SIZE:
-        raise CookieError(f"{len(data)} bytes is not a xenpool cookie")
-    body, mac = data[:-MAC_SIZE], data[-MAC_SIZE:]
-    if not hmac.compare_digest(mac, hmac.new(secret, body, hashlib.sha256).digest()):
-        raise CookieError("bad MAC: forged, altered or sealed with another pool secret", len(body))
+def _parse(body: bytes) -> SessionState:
+    """The fields of a cookie body (everything before the MAC)."""
     magic, version, flags, vcpus, ram_mb, pe_id, issued_ms = _FIXED.unpack_from(body, 0)
     if magic != MAGIC or version != COOKIE_VERSION:
         raise CookieError(f"unknown cookie format {magic!r} version {version}")
@@ -106,18 +101,38 @@ def unseal(data: bytes, secret: bytes, *, pool_handle: bytes, now: float, max_ag
     if pos != len(body):
         raise CookieError("trailing bytes", pos)
     handle, server_id, disk, ips, host = fields
-    if handle != pool_handle:
-        raise CookieError(f"issued for pool {handle!r}, this is pool {pool_handle!r}")
-    issued_at = issued_ms / 1000
-    if now - issued_at > max_age_s:
-        raise CookieError(f"expired: issued {now - issued_at:.0f} s ago, at most {max_age_s:.0f} s accepted")
-    if issued_at - now > CLOCK_SKEW_S:
-        raise CookieError(f"issued {issued_at - now:.0f} s in the future")
     try:
         texts = [f.decode() for f in (server_id, disk, ips, host)]
     except UnicodeDecodeError:
         raise CookieError("text field not UTF-8") from None
     return SessionState(
         handle, texts[0], texts[1], tuple(texts[2].split()), ram_mb, vcpus,
-        bool(flags & _RUNNING), texts[3], pe_id, issued_at,
+        bool(flags & _RUNNING), texts[3], pe_id, issued_ms / 1000,
     )  # fmt: skip
+
+
+def _body(data: bytes) -> bytes:
+    if len(data) > MAX_COOKIE or len(data) < _FIXED.size + MAC_SIZE:
+        raise CookieError(f"{len(data)} bytes is not a xenpool cookie")
+    return data[:-MAC_SIZE]
+
+
+def peek(data: bytes) -> SessionState:
+    """The cookie's fields WITHOUT checking its MAC: only for a PU choosing which PE to
+    go back to first. Never trust it for anything else."""
+    return _parse(_body(data))
+
+
+def unseal(data: bytes, secret: bytes, *, pool_handle: bytes, now: float, max_age_s: float) -> SessionState:
+    """Check and open a cookie; raises CookieError saying why it is refused."""
+    body = _body(data)
+    if not hmac.compare_digest(data[-MAC_SIZE:], hmac.new(secret, body, hashlib.sha256).digest()):
+        raise CookieError("bad MAC: forged, altered or sealed with another pool secret", len(body))
+    state = _parse(body)
+    if state.pool_handle != pool_handle:
+        raise CookieError(f"issued for pool {state.pool_handle!r}, this is pool {pool_handle!r}")
+    if now - state.issued_at > max_age_s:
+        raise CookieError(f"expired: issued {now - state.issued_at:.0f} s ago, at most {max_age_s:.0f} s accepted")
+    if state.issued_at - now > CLOCK_SKEW_S:
+        raise CookieError(f"issued {state.issued_at - now:.0f} s in the future")
+    return state

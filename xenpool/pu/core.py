@@ -21,6 +21,7 @@ from twisted.internet.defer import DeferredQueue
 from twisted.logger import Logger
 
 from ..logs import hex_id
+from ..protocol import cookie as C
 from ..protocol import messages as M
 from ..protocol import params as P
 from ..protocol import session as S
@@ -127,6 +128,11 @@ class VmKeeper:
             else:
                 why = "the pool has no PE" if not elements else ""
             candidates = [e for e in elements if e.identifier not in failed] or elements
+            home = self._cookie_home()
+            if home is not None:
+                # Back to the PE that ran it first: it may still hold it (re-adoption);
+                # any other PE would have to fence that one.
+                candidates.sort(key=lambda e: e.identifier != home)
             for element in candidates:
                 outcome = await self._session_with(element)
                 if outcome is None:  # the session ended after the VM ran: fail over now
@@ -147,6 +153,12 @@ class VmKeeper:
                 failed = set()
         self._set(State.STOPPED, "stopped")
         return self.state
+
+    def _cookie_home(self) -> int | None:
+        try:
+            return C.peek(self.cookie).pe_identifier if self.cookie else None
+        except C.CookieError:
+            return None
 
     async def _pause(self, seconds: float) -> None:
         self._wake = task.deferLater(self.clock, seconds, lambda: None)

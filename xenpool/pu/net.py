@@ -1,0 +1,123 @@
+"""The pool user's sockets: registrars over ASAP, PEs over the session shim (TCP)."""
+
+from __future__ import annotations
+
+from twisted.internet import defer, endpoints
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from ..protocol import framing
+from ..protocol import messages as M
+from ..protocol import params as P
+from ..protocol.errors import ProtocolError
+from .core import LOST
+
+log = Logger()
+
+
+class _OneRequest(Protocol):
+    """Sends one ASAP request to a registrar and waits for the answer (or just sends)."""
+
+    def __init__(self, request: M.Message, answer: defer.Deferred | None) -> None:
+        self.request, self.answer = request, answer
+        self.stream = framing.RSerPoolStream(M.ASAP_PPID)
+
+    def connectionMade(self) -> None:
+        self.transport.write(M.encode(self.request))
+        if self.answer is None:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            self.stream.feed(data)
+            message = self.stream.next_message()
+        except ProtocolError as err:
+            self._done(err)
+            return
+        if message is not None:
+            self._done(message)
+
+    def _done(self, result) -> None:
+        answer, self.answer = self.answer, None
+        self.transport.loseConnection()
+        if answer is not None:
+            (answer.errback if isinstance(result, Exception) else answer.callback)(result)
+
+    def connectionLost(self, reason=None) -> None:
+        if self.answer is not None:
+            answer, self.answer = self.answer, None
+            answer.errback(ConnectionError("registrar closed the connection without answering"))
+
+
+class _PeSession(Protocol):
+    def __init__(self, deliver) -> None:
+        self.deliver = deliver
+        self.stream = framing.ShimStream()
+
+    def send(self, message: object) -> None:
+        if self.transport is not None and self.transport.connected:
+            self.transport.write(framing.frame_message(message))
+
+    def close(self) -> None:
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            self.stream.feed(data)
+            while (item := self.stream.next_message()) is not None:
+                self.deliver(item[1])
+        except ProtocolError as err:
+            log.warn("bad data from the PE: {err}", err=str(err))
+            if err.fatal:
+                self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        self.deliver(LOST)
+
+
+class TcpPoolAccess:
+    """PoolAccess over TCP: registrars tried in order, PEs at their user transport."""
+
+    def __init__(self, reactor, registrars: list[str], timeout_s: float = 5.0) -> None:
+        self.reactor = reactor
+        self.registrars = [endpoints.clientFromString(reactor, r) for r in registrars]
+        self.timeout_s = timeout_s
+
+    async def _ask(self, request: M.Message) -> M.Message:
+        errors = []
+        for endpoint in self.registrars:
+            answer: defer.Deferred = defer.Deferred()
+            try:
+                await endpoint.connect(Factory.forProtocol(lambda: _OneRequest(request, answer)))
+                timer = self.reactor.callLater(self.timeout_s, answer.cancel)
+                try:
+                    return await answer
+                finally:
+                    if timer.active():
+                        timer.cancel()
+            except Exception as err:  # noqa: BLE001 - try the next registrar
+                errors.append(str(err) or type(err).__name__)
+        raise ConnectionError("; ".join(errors) or "no registrar configured")
+
+    def resolve(self, pool_handle: bytes, items: int) -> defer.Deferred:
+        async def resolve() -> list[P.PoolElement]:
+            answer = await self._ask(M.HandleResolution(pool_handle, items))
+            if not isinstance(answer, M.HandleResolutionResponse):
+                raise ConnectionError(f"unexpected answer {type(answer).__name__}")
+            return list(answer.pool_elements)
+
+        return defer.Deferred.fromCoroutine(resolve())
+
+    def connect(self, element: P.PoolElement, deliver) -> defer.Deferred:
+        transport = element.user_transport
+        if not isinstance(transport, P.TcpTransport):
+            return defer.fail(ConnectionError(f"PE offers {type(transport).__name__}, this PU speaks TCP"))
+        endpoint = endpoints.TCP4ClientEndpoint(self.reactor, transport.addresses[0], transport.port, timeout=self.timeout_s)
+        if ":" in transport.addresses[0]:
+            endpoint = endpoints.TCP6ClientEndpoint(self.reactor, transport.addresses[0], transport.port, timeout=self.timeout_s)
+        return endpoint.connect(Factory.forProtocol(lambda: _PeSession(deliver)))
+
+    def report_unreachable(self, pool_handle: bytes, identifier: int) -> None:
+        request = M.EndpointUnreachable(pool_handle, identifier)
+        for endpoint in self.registrars[:1]:
+            endpoint.connect(Factory.forProtocol(lambda: _OneRequest(request, None))).addErrback(lambda f: None)
