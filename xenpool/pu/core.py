@@ -77,6 +77,7 @@ class Events:
     """What happened, for the CLI, the keeper's table and the tests."""
 
     on_state: Callable[["VmKeeper", State, str], None] = lambda keeper, state, why: None
+    on_cookie: Callable[["VmKeeper", bytes], None] = lambda keeper, cookie: None
 
 
 @dataclass(eq=False)
@@ -98,6 +99,7 @@ class VmKeeper:
         self._channel: Channel | None = None
         self._queue: DeferredQueue | None = None
         self._stop_requested = False
+        self._leaving = False
         self._wake: defer.Deferred | None = None
 
     @property
@@ -207,7 +209,8 @@ class VmKeeper:
         self.lost_at = None
         self._set(State.RUNNING, f"on PE {hex_id(element.identifier)}: {result.reason}")
         if await self._heartbeat(channel):
-            await self._stop_on(channel)
+            if not self._leaving:
+                await self._stop_on(channel)
             return S.ResultCode.NORMAL_END
         self.lost_at = self.clock.seconds()
         self.access.report_unreachable(self.settings.pool_handle, element.identifier)
@@ -235,6 +238,7 @@ class VmKeeper:
                 return LOST
             if isinstance(message, M.Cookie):
                 self.cookie = message.cookie
+                self.events.on_cookie(self, message.cookie)
             elif isinstance(message, kind):
                 return message
 
@@ -256,6 +260,16 @@ class VmKeeper:
         return True
 
     # ------------------------------------------------------------------ stopping
+
+    def leave(self) -> None:
+        """Go away without stopping the VM (a keeper shutting down): the PE keeps it for
+        its lease, and a keeper that comes back with the cookie re-adopts it."""
+        self._stop_requested = True
+        self._leaving = True
+        if self._wake is not None:
+            self._wake.cancel()
+        if self._channel is not None:
+            self._channel.close()
 
     def stop(self) -> defer.Deferred:
         """Stop the VM cleanly (StopServer) and end the session; fires with the final State."""

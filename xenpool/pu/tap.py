@@ -1,15 +1,95 @@
-"""``twistd -n xenpool-pu``: the pool user keeper.
+"""``twistd -n xenpool-pu --keep etc/xenpool/vms.conf``: one keeper for many VMs.
 
-Only the command line exists so far; the service arrives with issue 5, so starting
-it stops at once with a message saying so.
+The VMs do not depend on an operator's terminal. Each VM's last cookie is saved in the
+state directory; when the keeper stops, its VMs keep running on their PEs for the PEs'
+lease, and a keeper started again with the same state directory re-adopts them.
 """
+
+from __future__ import annotations
+
+import configparser
 
 from twisted.python import usage
 
+from ..config import Setting, make_options, positive_float
+from ..protocol import session as S
+from .cli import registrar_endpoint
 
-class Options(usage.Options):
-    optParameters = [["config", "c", None, "config file (etc/xenpool/*.conf)"]]
+SETTINGS = [
+    Setting("registrar", ["tcp:host=127.0.0.1:port=3863"], str, "a registrar's ASAP endpoint (may repeat)", multiple=True),
+    Setting("pool", "Xen", str, "pool handle"),
+    Setting("state-dir", "/var/lib/xenpool/keeper", str, "where each VM's last cookie is kept"),
+    Setting("heartbeat-interval", 1.0, positive_float, "seconds between heartbeats"),
+    Setting("heartbeat-timeout", 3.0, positive_float, "seconds without an answer before failing over"),
+    Setting("status", None, str, "HTTP endpoint for /vms (JSON)"),
+    Setting("logfile", None, str, "also write structured logs to this file as JSON lines"),
+]
+
+
+def read_vms(path: str) -> list[S.CreateServer]:
+    """The ``[vm NAME]`` sections of the keep file, checked."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as err:
+        raise usage.UsageError(f"--keep: cannot read {path}: {err.strerror}") from None
+    except configparser.Error as err:
+        raise usage.UsageError(f"--keep: {path}: {err.message.splitlines()[0]}") from None
+    vms = []
+    for section in parser.sections():
+        kind, _, name = section.partition(" ")
+        if kind != "vm":
+            continue
+        vm = parser[section]
+        unknown = set(vm) - {"ram", "vcpus", "disk", "ips"}
+        if unknown:
+            raise usage.UsageError(f"--keep: [{section}]: unknown key {sorted(unknown)[0]!r} (known: ram, vcpus, disk, ips)")
+        try:
+            request = S.CreateServer(name.strip(), vm.get("disk", ""), tuple(vm.get("ips", "").split()),
+                                     int(vm["ram"]), int(vm.get("vcpus", "1")))  # fmt: skip
+            S.check_create(request)
+        except KeyError:
+            raise usage.UsageError(f"--keep: [{section}]: ram is missing") from None
+        except ValueError as err:
+            raise usage.UsageError(f"--keep: [{section}]: {err}") from None
+        vms.append(request)
+    if not vms:
+        raise usage.UsageError(f"--keep: {path} has no [vm NAME] section")
+    return vms
+
+
+class Options(make_options(SETTINGS, "keeper", "Keep the VMs of a keep file available.")):
+    optParameters = make_options(SETTINGS, "keeper", "").optParameters + [
+        ["keep", "k", None, "the VMs to keep: an INI file with a [vm NAME] section per VM"],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["keep"]:
+            raise usage.UsageError("--keep FILE is required")
+        self.vms = read_vms(self["keep"])
+        if not self["config"]:
+            self["config"] = self["keep"]  # the keep file may carry a [keeper] section
+        super().postOptions()
+        self.settings["registrar"] = [registrar_endpoint(r) for r in self.settings["registrar"]]
 
 
 def makeService(options: Options):
-    raise SystemExit("xenpool-pu: the pool user keeper is not implemented yet (issue 5)")
+    from twisted.internet import reactor
+
+    from ..logs import log_json_to
+    from .core import PuSettings
+    from .keeper import KeeperService
+    from .net import TcpPoolAccess
+
+    s = options.settings
+    if s["logfile"]:
+        try:
+            log_json_to(s["logfile"])
+        except ValueError as err:
+            raise usage.UsageError(f"--logfile: {err}") from None
+    settings = PuSettings(
+        pool_handle=s["pool"].encode(), heartbeat_interval_s=s["heartbeat-interval"],
+        heartbeat_timeout_s=s["heartbeat-timeout"], resolution_items=256,
+    )  # fmt: skip
+    return KeeperService(options.vms, TcpPoolAccess(reactor, s["registrar"]), reactor, settings, s["state-dir"], s["status"])

@@ -1,0 +1,110 @@
+"""``xenpool-pu create ...``: ask the pool for a VM and keep it, in this terminal.
+
+Exit status: 0 the VM was stopped cleanly (Ctrl-C), 2 bad command line, 3 the pool
+refused it for good (it runs elsewhere already, or the request is invalid), 1 anything
+else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+from ..protocol import session as S
+from ..protocol.errors import ProtocolError
+from .core import PuSettings, State, VmKeeper
+
+
+def registrar_endpoint(text: str) -> str:
+    """HOST:PORT (or [IPv6]:PORT, or a Twisted endpoint string) -> endpoint string."""
+    if text.startswith(("tcp:", "tcp6:", "ssl:", "unix:")):
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    host = host.strip("[]")
+    kind = "tcp6" if ":" in host else "tcp"
+    return f"{kind}:host={host.replace(':', chr(92) + ':')}:port={port}"
+
+
+def positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xenpool-pu", description="A pool user: get a VM from the pool and keep it.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    c = sub.add_parser("create", help="create a VM and keep it until Ctrl-C")
+    c.add_argument("--server-id", required=True, help="the VM's name, 1-32 of A-Za-z0-9._-")
+    c.add_argument("--ram", type=positive(int), required=True, help="RAM in MB")
+    c.add_argument("--vcpus", type=positive(int), default=1)
+    c.add_argument("--disk", default="", help="nbd://host:port/export, iscsi://host/iqn/lun, aoe:e1.1 or a path")
+    c.add_argument("--ip", action="append", default=[], help="an IP address of the VM (may repeat)")
+    c.add_argument("--pool", default="Xen")
+    c.add_argument("--registrar", action="append", type=registrar_endpoint, default=[], metavar="HOST:PORT",
+                   help="a registrar (may repeat; default 127.0.0.1:3863)")  # fmt: skip
+    c.add_argument("--heartbeat-interval", type=positive(float), default=1.0, metavar="S")
+    c.add_argument("--heartbeat-timeout", type=positive(float), default=3.0, metavar="S")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    request = S.CreateServer(args.server_id, args.disk, tuple(args.ip), args.ram, args.vcpus)
+    try:
+        S.check_create(request)
+    except ProtocolError as err:
+        print(f"xenpool-pu: --{err.field.replace('_', '-')}: {err.reason}", file=sys.stderr)
+        return 2
+    from twisted.internet import reactor
+
+    from .net import TcpPoolAccess
+
+    settings = PuSettings(
+        pool_handle=args.pool.encode(), heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+    )  # fmt: skip
+    access = TcpPoolAccess(reactor, args.registrar or ["tcp:host=127.0.0.1:port=3863"])
+    keeper = VmKeeper(request, access, reactor, settings)
+
+    def show(k: VmKeeper, state: State, why: str) -> None:
+        extra = f" (failover took {k.last_failover_s:.2f} s)" if state == State.RUNNING and k.last_failover_s else ""
+        print(f"{time.strftime('%H:%M:%S')} {k.server_id}: {state.value}: {why}{extra}", flush=True)
+
+    keeper.events.on_state = show
+    outcome: list[State] = []
+
+    def finished(state: State) -> None:
+        outcome.append(state)
+        reactor.stop()
+
+    def failed(failure) -> None:
+        print(f"xenpool-pu: {failure.getErrorMessage()}", file=sys.stderr)
+        reactor.stop()
+
+    def interrupted(signum, frame) -> None:
+        print(f"\n{args.server_id}: stopping the VM (Ctrl-C again to leave it running)", flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        reactor.callFromThread(keeper.stop)
+
+    def start() -> None:
+        signal.signal(signal.SIGINT, interrupted)
+        keeper.run().addCallbacks(finished, failed)
+
+    reactor.callWhenRunning(start)
+    reactor.run(installSignalHandlers=False)
+    if not outcome:
+        return 1
+    return {State.STOPPED: 0, State.REFUSED: 3}.get(outcome[0], 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The keeper service: a VmKeeper per VM, cookies saved, a status page."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from twisted.application import service, strports
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from ..logs import hex_id
+from ..protocol import session as S
+from .core import PuSettings, State, VmKeeper
+
+log = Logger()
+
+
+class KeeperService(service.MultiService):
+    def __init__(self, vms: list[S.CreateServer], access, reactor, settings: PuSettings, state_dir: str,
+                 status: str | None) -> None:  # fmt: skip
+        super().__init__()
+        self.state_dir = Path(state_dir)
+        self.keepers = [VmKeeper(vm, access, reactor, settings) for vm in vms]
+        for keeper in self.keepers:
+            keeper.events.on_state = self._state
+            keeper.events.on_cookie = self._save_cookie
+        if status:
+            strports.service(status, server.Site(_Vms(self))).setServiceParent(self)
+
+    def _cookie_path(self, keeper: VmKeeper) -> Path:
+        return self.state_dir / f"{keeper.server_id}.cookie"
+
+    def startService(self) -> None:
+        super().startService()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for keeper in self.keepers:
+            path = self._cookie_path(keeper)
+            if path.exists():
+                keeper.cookie = path.read_bytes()
+                log.info("{server}: found its last cookie; going back to it", server=keeper.server_id)
+            keeper.run().addErrback(lambda f, k=keeper: log.failure("keeping {server} failed", f, server=k.server_id))
+
+    def stopService(self):
+        # The VMs stay where they run, kept by their PEs for the lease.
+        for keeper in self.keepers:
+            keeper.leave()
+        return super().stopService()
+
+    def _save_cookie(self, keeper: VmKeeper, cookie: bytes) -> None:
+        path = self._cookie_path(keeper)
+        partial = path.with_suffix(".partial")
+        partial.write_bytes(cookie)
+        os.replace(partial, path)  # never a torn cookie after a crash
+
+    def _state(self, keeper: VmKeeper, state: State, why: str) -> None:
+        took = f" after a failover of {keeper.last_failover_s:.2f} s" if state == State.RUNNING and keeper.last_failover_s else ""
+        log.info("{server}: {state}: {why}{took}", server=keeper.server_id, state=state.value, why=why, took=took)
+        if state in (State.STOPPED, State.REFUSED):
+            self._cookie_path(keeper).unlink(missing_ok=True)
+
+    def describe(self) -> list[dict]:
+        return [
+            {
+                "server_id": k.server_id,
+                "state": k.state.value,
+                "pe": hex_id(k.pe.identifier) if k.pe else None,
+                "pe_address": f"{k.pe.user_transport.addresses[0]}:{k.pe.user_transport.port}" if k.pe else None,
+                "domain_state": k.domain_state,
+                "failovers": k.failovers,
+                "last_failover_s": k.last_failover_s,
+                "ram_mb": k.request.ram_mb,
+            }
+            for k in self.keepers
+        ]
+
+
+class _Vms(resource.Resource):
+    def __init__(self, keeper: KeeperService) -> None:
+        super().__init__()
+        self.putChild(b"vms", _VmList(keeper))
+
+
+class _VmList(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, keeper: KeeperService) -> None:
+        super().__init__()
+        self.keeper = keeper
+
+    def render_GET(self, request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(self.keeper.describe(), indent=1).encode()
