@@ -1,19 +1,13 @@
-"""Real daemons for end-to-end tests: started as `twistd -n ...` processes on loopback.
-
-Readiness is read from the daemon's log (no sleeping); every wait has a deadline.
-"""
+"""Real daemons and clients for end-to-end tests, on loopback."""
 
 from __future__ import annotations
 
-import os
-import selectors
-import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+from xenpool import processes
+from xenpool.processes import free_port  # noqa: F401 - re-exported for the tests
 from xenpool.protocol import framing
 from xenpool.protocol import messages as M
 
@@ -22,70 +16,9 @@ TWISTD = str(Path(sys.executable).with_name("twistd"))
 TWISTD_ARGV = [sys.executable, str(Path(__file__).with_name("twistd_cov.py"))]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Daemon:
-    """One twistd process; its log is kept for assertions and failure messages."""
-
-    def __init__(self, plugin: str, *args: str, ready: str, cwd: Path, timeout: float = 20.0) -> None:
-        self.argv = [*TWISTD_ARGV, "-n", "--pidfile=", "--logfile=-", plugin, *args]
-        self.log = ""
-        self.proc = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
-        self.wait_for(ready, timeout)
-
-    def wait_for(self, text: str, timeout: float = 20.0) -> str:
-        """Read the log until ``text`` appears; fail with the log after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        selector = selectors.DefaultSelector()
-        selector.register(self.proc.stdout, selectors.EVENT_READ)
-        try:
-            while text not in self.log:
-                left = deadline - time.monotonic()
-                if left <= 0 or not selector.select(left):
-                    raise AssertionError(f"{text!r} not seen within {timeout} s; log:\n{self.log}")
-                chunk = os.read(self.proc.stdout.fileno(), 65536)
-                if not chunk:
-                    raise AssertionError(f"daemon exited ({self.proc.wait()}) before {text!r}; log:\n{self.log}")
-                self.log += chunk.decode(errors="replace")
-        finally:
-            selector.close()
-        return self.log
-
-    def drain(self) -> str:
-        """Whatever the log has now, without waiting."""
-        selector = selectors.DefaultSelector()
-        selector.register(self.proc.stdout, selectors.EVENT_READ)
-        while selector.select(0):
-            chunk = os.read(self.proc.stdout.fileno(), 65536)
-            if not chunk:
-                break
-            self.log += chunk.decode(errors="replace")
-        selector.close()
-        return self.log
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.alive():
-            self.proc.send_signal(sig)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.alive():
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
+class Daemon(processes.Daemon):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, twistd=TWISTD_ARGV, **kwargs)
 
 
 class AsapClient:

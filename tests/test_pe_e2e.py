@@ -135,10 +135,11 @@ def test_invalid_requests_get_their_errors(pool, frame, expected):
     pu.close()
     assert pes[1].alive()
     # still serving
-    again, received = create(pes[1], "after-bad-input", 64)
+    name = f"after-bad-input-{len(pes[1].log)}"  # unique: the log only grows
+    again, received = create(pes[1], name, 64)
     assert received[-1].code == S.ResultCode.STARTED
     again.close()
-    pes[1].wait_for("after-bad-input stopped")
+    pes[1].wait_for(f"{name} stopped")
 
 
 def test_status_metrics(pool):
