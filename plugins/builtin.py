@@ -29,3 +29,20 @@ def xenpool_register_hypervisors(register):
     except ImportError:
         return
     register("libvirt", hypervisor_libvirt.LibvirtHypervisor)
+
+
+@hookimpl
+def xenpool_register_storage(register):
+    from . import storage
+
+    for provider in storage.PROVIDERS:
+        register(provider.name, provider)
+
+
+@hookimpl
+def xenpool_register_stonith(register):
+    # No libvirt import at load time: the "libvirt" provider imports it when it is created.
+    from . import stonith
+
+    for factory in stonith.PROVIDERS:
+        register(factory.name, factory)

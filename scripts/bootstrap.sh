@@ -22,6 +22,8 @@ command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 pkg-config --exists libvirt 2>/dev/null || missing+=(libvirt-dev)
 [ -f /usr/include/netinet/sctp.h ] || missing+=(libsctp-dev)
 command -v tshark >/dev/null 2>&1 || missing+=(tshark)
+command -v nbdkit >/dev/null 2>&1 || missing+=(nbdkit)                 # NBD disks in tests
+[ -x /usr/sbin/fence_dummy ] || missing+=(fence-agents)                # real fence agents in tests
 
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -102,6 +102,12 @@ def _cmd_bench_registrar(args: argparse.Namespace) -> int:
     return bench_registrar.run(args)
 
 
+def _cmd_bench_pe(args: argparse.Namespace) -> int:
+    from . import bench_pe
+
+    return bench_pe.run(args)
+
+
 def _cmd_fuzz(args: argparse.Namespace) -> int:
     from .fuzz import run
 
@@ -145,6 +151,12 @@ def parser() -> argparse.ArgumentParser:
     reg.add_argument("--json", action="store_true", help="print one JSON object")
     reg.add_argument("--profile", metavar="FILE", help="run the daemon under cProfile and save its stats to FILE")
     reg.set_defaults(func=_cmd_bench_registrar)
+    pe = bsub.add_parser("pe", help="CPU a real PE daemon spends on VMs heartbeated by their PUs")
+    pe.add_argument("--vms", type=_positive, default=50, help="VMs, one PU session each (default 50)")
+    pe.add_argument("--seconds", type=float, default=60.0, help="length of each measured window (default 60)")
+    pe.add_argument("--json", action="store_true", help="print one JSON object")
+    pe.add_argument("--profile", metavar="FILE", help="run the PE daemon under cProfile and save its stats to FILE")
+    pe.set_defaults(func=_cmd_bench_pe)
 
     f = sub.add_parser("fuzz", help="feed random and mutated bytes to every decoder")
     f.add_argument("--cases", type=_positive, default=100_000)

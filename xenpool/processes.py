@@ -36,13 +36,18 @@ class Daemon:
         )
         self.wait_for(ready, timeout)
 
-    def wait_for(self, text: str, timeout: float = 20.0) -> str:
-        """Read the log until ``text`` appears; fail with the log after ``timeout``."""
+    def mark(self) -> int:
+        """A position in the log, for ``wait_for(..., since=)``: only what comes after."""
+        return len(self.drain())
+
+    def wait_for(self, text: str, timeout: float = 20.0, since: int = 0) -> str:
+        """Read the log until ``text`` appears (after position ``since``); fail with the
+        log after ``timeout``."""
         deadline = time.monotonic() + timeout
         selector = selectors.DefaultSelector()
         selector.register(self.proc.stdout, selectors.EVENT_READ)
         try:
-            while text not in self.log:
+            while text not in self.log[since:]:
                 left = deadline - time.monotonic()
                 if left <= 0 or not selector.select(left):
                     raise AssertionError(f"{text!r} not seen within {timeout} s; log:\n{self.log}")

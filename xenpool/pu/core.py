@@ -66,6 +66,7 @@ class State(enum.Enum):
     WAITING = "waiting"  # no PE could take it; retrying
     STOPPING = "stopping"
     STOPPED = "stopped"
+    LEFT = "left running"  # the keeper went away; the PE keeps the VM for its lease
     REFUSED = "refused"  # a final refusal (e.g. it runs elsewhere already)
 
 
@@ -153,7 +154,10 @@ class VmKeeper:
                 await self._pause(delay)
                 delay = min(delay * 2, self.settings.retry_max_s)
                 failed = set()
-        self._set(State.STOPPED, "stopped")
+        if self._leaving:
+            self._set(State.LEFT, "its PE keeps it for the lease")
+        else:
+            self._set(State.STOPPED, "stopped")
         return self.state
 
     def _cookie_home(self) -> int | None:
