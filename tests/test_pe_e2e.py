@@ -159,3 +159,24 @@ def test_unknown_load_plugin_stops_with_the_installed_names(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "--load-plugin: no load metric named 'nosuch'; installed: cpu, max, weighted" in output
+
+
+def test_disks_are_checked_before_the_start(pool, tmp_path):
+    _registrar, pes = pool
+    disk = tmp_path / "web-disk.img"
+    disk.write_bytes(b"\0" * 4096)
+    pu = SessionClient(pes[2].port)
+    pu.send(S.CreateServer("with-disk", str(disk), (), 64))
+    assert pu.receive_until(S.CreateResult)[-1].code == S.ResultCode.STARTED
+    pu.close()
+    pes[2].wait_for("with-disk stopped")
+    for spec, expected in (
+        (str(tmp_path / "missing.img"), "missing.img"),
+        ("nbd://127.0.0.1:1/web1", "cannot connect"),
+        ("gopher://x/y", "supported schemes"),
+    ):
+        pu = SessionClient(pes[2].port)
+        pu.send(S.CreateServer("bad-disk", spec, (), 64))
+        result = pu.receive_until(S.CreateResult)[-1]
+        assert result.code == S.ResultCode.DISK_UNREACHABLE and expected in result.reason, result
+        pu.close()

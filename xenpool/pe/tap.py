@@ -140,9 +140,13 @@ def makeService(options: Options):
         host=s["host"], secret=s["pool-secret-file"] or b"", cookie_max_age_s=s["cookie-max-age"],
         shutdown_timeout_s=s["shutdown-timeout"], lease_s=s["lease"],
     )  # fmt: skip
+    from xenpool_plugins.storage import disk_xml_function
+
+    target = "xvda" if s["libvirt-uri"].startswith("xen") else "vda"
     core = PoolElementCore(
-        settings, hypervisor, HostAccounting(node, load_settings), options.metric, reactor, fencer=options.fencer
-    )
+        settings, hypervisor, HostAccounting(node, load_settings), options.metric, reactor, fencer=options.fencer,
+        disk_xml=disk_xml_function(options.plugins, target, {"nbd": {"reactor": reactor}, "iscsi": {"reactor": reactor}}),
+    )  # fmt: skip
     registrars = [endpoints.clientFromString(reactor, r) for r in s["registrar"]]
     bind = f":interface={s['bind']}" if s["bind"] else ""
     pe = PoolElementService(
