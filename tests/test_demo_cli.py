@@ -1,11 +1,13 @@
-"""The README's main job and the xenpool command line."""
+"""The README's main job (`make demo`), the protocol walk-through and the xenpool command line."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 from rich.console import Console
 
 from xenpool import __version__, cli, demo
@@ -58,3 +60,18 @@ def test_bench_codec_json_from_the_console_script():
     result = json.loads(out)
     assert {"decode_per_s", "encode_per_s", "ceiling_per_s"} <= set(result)
     assert result["decode_per_s"] > 0 and result["ceiling_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_make_demo_runs_the_cluster_and_a_failover():
+    """The README's main job, as a person runs it (no terminal: the tables print as text)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "xenpool.cli", "demo"], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "COLUMNS": "160"},
+    )  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "placing 6 VMs" in out and "dies now" in out
+    assert "fenced host" in out and "off confirmed" in out
+    assert "VMs moved, each started exactly once more" in out
+    assert "stopping everything" in out

@@ -12,8 +12,10 @@ from . import __version__
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run
-
+    if args.protocol:
+        from .demo import run
+    else:
+        from .cluster_demo import run
     return run()
 
 
@@ -126,7 +128,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"xenpool {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("demo", help="show xenpool at work").set_defaults(func=_cmd_demo)
+    demo = sub.add_parser("demo", help="show xenpool at work: a cluster, a host failure and its failover")
+    demo.add_argument("--protocol", action="store_true", help="instead, walk through the wire protocol")
+    demo.set_defaults(func=_cmd_demo)
     sub.add_parser("plugins", help="list installed plugins").set_defaults(func=_cmd_plugins)
 
     st = sub.add_parser("status", help="a registrar's pools and PEs as a table")
