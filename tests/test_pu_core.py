@@ -112,11 +112,11 @@ def test_a_silent_pe_is_lost_after_the_heartbeat_timeout(clock):
     pool = Pool(clock, first, second)
     k = keeper(clock, pool, heartbeat_interval_s=1, heartbeat_timeout_s=3)
     k.run()
-    first.silent = True  # SIGSTOP: no reset, no answers
+    first.silent = True  # SIGSTOP: no reset, no answers (last answer at 0)
     clock.advance(1)  # the next heartbeat goes out, unanswered
-    clock.advance(2.9)
+    clock.advance(1.9)
     assert k.pe.identifier == 1
-    clock.advance(0.1)
+    clock.advance(0.1)  # 3 s after the PE was last heard
     assert k.pe.identifier == 2 and k.state == State.RUNNING and first.closed
     assert k.last_failover_s == 0  # measured from the moment the loss was seen
 

@@ -110,6 +110,12 @@ def _cmd_bench_pe(args: argparse.Namespace) -> int:
     return bench_pe.run(args)
 
 
+def _cmd_bench_failover(args: argparse.Namespace) -> int:
+    from .bench_failover import run
+
+    return run(args)
+
+
 def _cmd_fuzz(args: argparse.Namespace) -> int:
     from .fuzz import run
 
@@ -161,6 +167,13 @@ def parser() -> argparse.ArgumentParser:
     pe.add_argument("--json", action="store_true", help="print one JSON object")
     pe.add_argument("--profile", metavar="FILE", help="run the PE daemon under cProfile and save its stats to FILE")
     pe.set_defaults(func=_cmd_bench_pe)
+
+    fo = bsub.add_parser("failover", help="time from a host's loss to its VMs running elsewhere")
+    fo.add_argument("--trials", type=_positive, default=10)
+    fo.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S")
+    fo.add_argument("--heartbeat-timeout", type=float, default=3.0, metavar="S")
+    fo.add_argument("--json", action="store_true")
+    fo.set_defaults(func=_cmd_bench_failover)
 
     f = sub.add_parser("fuzz", help="feed random and mutated bytes to every decoder")
     f.add_argument("--cases", type=_positive, default=100_000)

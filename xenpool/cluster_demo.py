@@ -33,8 +33,13 @@ def _get(port: int, path: str):
 
 
 class Cluster:
-    def __init__(self, workdir: Path) -> None:
+    """A registrar, three PE hosts and a keeper as real processes in ``workdir``."""
+
+    def __init__(self, workdir: Path, vms: dict[str, int] = VMS, heartbeat_interval_s: float = 0.5,
+                 heartbeat_timeout_s: float = 1.5) -> None:  # fmt: skip
         self.dir = workdir
+        self.vm_ram = vms
+        self.heartbeat = (heartbeat_interval_s, heartbeat_timeout_s)
         self.daemons: list[Daemon] = []
         self.pes: dict[int, Daemon] = {}
 
@@ -48,7 +53,7 @@ class Cluster:
         (d / "secret").write_text("demo pool secret, keep it somewhere safe\n")
         (d / "fence-map.ini").write_text("".join(f"[host{n}]\npidfile = {d / f'host{n}.pid'}\n" for n in HOSTS))
         (d / "vms.conf").write_text(
-            "".join(f"[vm {name}]\nram = {ram}\nips = 10.0.5.{i}\n" for i, (name, ram) in enumerate(VMS.items(), 1))
+            "".join(f"[vm {name}]\nram = {ram}\nips = 10.0.5.{i}\n" for i, (name, ram) in enumerate(self.vm_ram.items(), 1))
         )
         self.asap, self.registrar_status = free_port(), free_port()
         self.registrar = self._start(
@@ -73,8 +78,8 @@ class Cluster:
         self.keeper_status = free_port()
         self.keeper = self._start(
             "xenpool-pu", f"--keep={d / 'vms.conf'}", f"--registrar=127.0.0.1:{self.asap}", f"--state-dir={d / 'keeper'}",
-            f"--status=tcp:{self.keeper_status}:interface=127.0.0.1", "--heartbeat-interval=0.5",
-            "--heartbeat-timeout=1.5", ready="resolving",
+            f"--status=tcp:{self.keeper_status}:interface=127.0.0.1", f"--heartbeat-interval={self.heartbeat[0]}",
+            f"--heartbeat-timeout={self.heartbeat[1]}", ready="resolving",
         )  # fmt: skip
 
     def vms(self) -> list[dict]:

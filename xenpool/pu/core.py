@@ -95,6 +95,7 @@ class VmKeeper:
     lost_at: float | None = None  # when the last PE was lost
     last_failover_s: float | None = None
     failovers: int = 0
+    running_since: float | None = None  # when the PE last confirmed a start
 
     def __post_init__(self) -> None:
         self._channel: Channel | None = None
@@ -207,8 +208,9 @@ class VmKeeper:
                 self._set(State.REFUSED, self._last_reason)
             channel.close()
             return result.code
+        self.running_since = self.clock.seconds()
         if self.lost_at is not None:
-            self.last_failover_s = self.clock.seconds() - self.lost_at
+            self.last_failover_s = self.running_since - self.lost_at
             self.failovers += 1
         self.lost_at = None
         self._set(State.RUNNING, f"on PE {hex_id(element.identifier)}: {result.reason}")
@@ -249,14 +251,19 @@ class VmKeeper:
     async def _heartbeat(self, channel: Channel) -> bool:
         """CheckRunning every interval. Returns True when a stop was asked, False
         when the session was lost (closed, or a heartbeat went unanswered)."""
+        last_answer = self.clock.seconds()
         while not self._stop_requested:
             channel.send(S.CheckRunning(self.server_id, max(1, round(self.settings.heartbeat_interval_s))))
-            answer = await self._await(S.CheckRunningResponse, self.settings.heartbeat_timeout_s)
+            # The timeout runs from the last answer, not from this request: a silent PE
+            # is given up heartbeat_timeout_s after it was last heard, whatever the interval.
+            left = last_answer + self.settings.heartbeat_timeout_s - self.clock.seconds()
+            answer = await self._await(S.CheckRunningResponse, max(left, 0.001))
             if answer is LOST:
                 return False
             if answer is None:
                 channel.close()
                 return False
+            last_answer = self.clock.seconds()
             if answer.state != self.domain_state:
                 self.domain_state = answer.state
                 self._set(State.RUNNING, f"domain state {answer.state}")

@@ -70,6 +70,7 @@ class KeeperService(service.MultiService):
                 "domain_state": k.domain_state,
                 "failovers": k.failovers,
                 "last_failover_s": k.last_failover_s,
+                "running_since": k.running_since,
                 "ram_mb": k.request.ram_mb,
             }
             for k in self.keepers
