@@ -180,3 +180,15 @@ def test_disks_are_checked_before_the_start(pool, tmp_path):
         result = pu.receive_until(S.CreateResult)[-1]
         assert result.code == S.ResultCode.DISK_UNREACHABLE and expected in result.reason, result
         pu.close()
+
+
+def test_the_example_configs_are_valid():
+    from xenpool.pe.tap import Options as PeOptions
+    from xenpool.pu.tap import Options as KeeperOptions
+
+    pe = PeOptions()
+    pe.parseOptions([f"--config={ETC / 'pe.conf'}", "--libvirt-uri=test:///default"])
+    assert pe.settings["load-weight"] == {"cpu": 0.75, "ram": 0.25} and pe.settings["libvirt-uri"] == "test:///default"
+    keeper = KeeperOptions()
+    keeper.parseOptions([f"--keep={ETC / 'vms.conf'}"])
+    assert [vm.server_id for vm in keeper.vms] == ["web1", "db1"] and keeper.settings["heartbeat-timeout"] == 3.0
