@@ -109,4 +109,6 @@ session_messages = st.one_of(
     st.builds(S.CheckRunningResponse, server_id_text, i32),
     st.builds(S.StopServer, server_id_text),
     st.builds(S.StopResult, server_id_text, i32, text),
+    st.builds(S.ClaimQuery, u32, server_id_text, st.text(max_size=80), st.lists(address, max_size=4).map(tuple)),
+    st.builds(S.ClaimAnswer, u32, st.text(max_size=40), text, st.booleans()),
 )  # fmt: skip

@@ -333,7 +333,7 @@ def test_fuzz_interrupts_an_endless_decoder(monkeypatch):
 
     monkeypatch.setattr(session, "decode", endless)
     found = []
-    report = fuzz.campaign(40, seed=0, emit=found.append)
+    report = fuzz.campaign(400, seed=0, emit=found.append)  # enough to reach a CreateServer in the session decoder
     assert report.hang_count >= 1
     assert any(line.startswith("HANG in session") and "in endless" in line for line in found)
 

@@ -85,9 +85,9 @@ def pe(clock):
     return core
 
 
-def create(pe, server_id="web1", ram=300, session=None) -> Session:
+def create(pe, server_id="web1", ram=300, session=None, ips=(), disk="") -> Session:
     session = session or Session()
-    pe.handle(S.CreateServer(server_id, "", ("10.0.5.1",), ram), session)
+    pe.handle(S.CreateServer(server_id, disk, ips, ram), session)
     return session
 
 
@@ -267,3 +267,97 @@ def test_status_description(pe):
     create(pe, "big", ram=5000)
     status = pe.describe()
     assert status["vms"][0]["server_id"] == "web1" and status["refusals"] == {"no_ram": 1}
+
+
+# ------------------------------------------------------------- pool-wide uniqueness
+
+
+class Pool:
+    """ClaimAsker over in-memory PE cores (unit tests only): every other PE answers."""
+
+    def __init__(self) -> None:
+        self.cores: list[PoolElementCore] = []
+        self.down: set[int] = set()
+
+    def asker(self, me: PoolElementCore):
+        pool = self
+
+        class Asker:
+            def ask(self, query):
+                return defer.succeed([
+                    core.answer_claim(query) for core in pool.cores
+                    if core is not me and core.settings.pe_identifier not in pool.down
+                ])  # fmt: skip
+
+        return Asker()
+
+
+@pytest.fixture
+def pool(clock):
+    p = Pool()
+    for n in (1, 2, 3):
+        core = PoolElementCore(
+            PeSettings(pe_identifier=n, host=f"host{n}", secret=SECRET, cookie_max_age_s=600),
+            MemoryHypervisor(), HostAccounting(NODE), WeightedLoad(), clock, fencer=Fencer(),
+        )  # fmt: skip
+        core.claims = p.asker(core)
+        p.cores.append(core)
+    return p
+
+
+@pytest.mark.parametrize(
+    "second, expected",
+    [
+        (dict(server_id="web1"), "web1 runs on host1 (PE 0x00000001, which holds it)"),
+        (dict(server_id="web2", disk="/dev/vg/web1"), "disk /dev/vg/web1 is used by web1 on host1"),
+        (dict(server_id="web2", ips=("10.9.9.9", "10.0.5.1")), "IP 10.0.5.1 is used by web1 on host1"),
+    ],
+)
+def test_serverid_disk_and_ip_are_unique_in_the_pool(pool, second, expected):
+    assert create(pool.cores[0], "web1", 64, ips=("10.0.5.1",), disk="/dev/vg/web1").results()[0].ok
+    result = create(pool.cores[1], ram=64, **second).results()[0]
+    assert result.code == S.ResultCode.ALREADY_RUNNING and expected in result.reason
+    assert len(pool.cores[1].hypervisor.domains) == 0
+
+
+def test_two_pes_starting_the_same_vm_at_once_the_lower_id_wins(pool):
+    low, high = pool.cores[0], pool.cores[1]
+    low.starting["web1"] = S.CreateServer("web1", "", (), 64)  # PE 1 is in the middle of a start
+    assert create(high, "web1", 64).results()[0].code == S.ResultCode.ALREADY_RUNNING
+    del low.starting["web1"]
+    high.starting["web1"] = S.CreateServer("web1", "", (), 64)  # and the other way round
+    assert create(low, "web1", 64).results()[0].ok
+
+
+def test_a_replayed_cookie_for_a_vm_running_elsewhere_is_refused_without_fencing(pool, clock):
+    first = create(pool.cores[0], "web1", 64)
+    old_cookie = [m for m in first.sent if isinstance(m, M.Cookie)][-1].cookie  # running on host1
+    pool.cores[0].session_lost(first)  # host1 keeps it for the lease: alive, holding it
+    replay = Session()
+    pool.cores[2].handle(M.CookieEcho(old_cookie), replay)
+    (result,) = replay.results()
+    assert result.code == S.ResultCode.ALREADY_RUNNING and "host1" in result.reason
+    assert pool.cores[2].fencer.fenced == [] and not pool.cores[2].hypervisor.domains
+
+
+def test_a_dead_host_is_fenced_and_its_vm_started_once(pool):
+    first = create(pool.cores[0], "web1", 64)
+    cookie = [m for m in first.sent if isinstance(m, M.Cookie)][-1].cookie
+    pool.down.add(1)  # host1 is gone: it cannot answer
+    session = Session()
+    pool.cores[1].handle(M.CookieEcho(cookie), session)
+    assert session.results()[0].ok and pool.cores[1].fencer.fenced == ["host1"]
+    again = Session()  # the same cookie once more, to a third PE: host2 now holds it
+    pool.cores[2].handle(M.CookieEcho(cookie), again)
+    assert again.results()[0].code == S.ResultCode.ALREADY_RUNNING and "host2" in again.results()[0].reason
+
+
+def test_no_start_when_the_pool_cannot_be_asked(pool):
+    class Broken:
+        def ask(self, query):
+            return defer.fail(ConnectionError("no registrar answered"))
+
+    pool.cores[0].claims = Broken()
+    result = create(pool.cores[0], "web1", 64).results()[0]
+    assert result.code == S.ResultCode.UNSPECIFIED and "no registrar answered" in result.reason
+    assert not pool.cores[0].starting

@@ -86,7 +86,7 @@ def test_create_heartbeat_and_disconnect(pool):
     before = get_json(pes[1].status, "/status")
     pu, received = create(pes[1], "web1", 300)
     cookies = [m for m in received if isinstance(m, M.Cookie)]
-    assert len(cookies) == 2 and received[-1].code == S.ResultCode.STARTED
+    assert len(cookies) == 2 and received[-1].code == S.ResultCode.STARTED, received
     status = get_json(pes[1].status, "/status")
     assert status["domains"]["web1"]["state"] == RUNNING  # in that PE's libvirt
     assert status["domains"]["web1"]["ram_kb"] == 300 * 1024
@@ -192,3 +192,46 @@ def test_the_example_configs_are_valid():
     keeper = KeeperOptions()
     keeper.parseOptions([f"--keep={ETC / 'vms.conf'}"])
     assert [vm.server_id for vm in keeper.vms] == ["web1", "db1"] and keeper.settings["heartbeat-timeout"] == 3.0
+
+
+def test_pool_wide_uniqueness_and_cookie_refusals(pool, tmp_path):
+    """Whatever a PU sends: a second ServerID, disk or IP anywhere in the pool is code 13
+    naming the host that holds it; a forged, altered or replayed cookie is refused."""
+    from xenpool.protocol import cookie as C
+
+    _registrar, pes = pool
+    disk = tmp_path / "unique.img"
+    disk.write_bytes(b"\0" * 512)
+    holder, received = create_with(pes[1], S.CreateServer("unique1", str(disk), ("10.7.0.1",), 64))
+    assert received[-1].code == S.ResultCode.STARTED
+    cookie = [m for m in received if isinstance(m, M.Cookie)][-1].cookie
+    for request, expected in (
+        (S.CreateServer("unique1", "", (), 64), "unique1 runs on host1"),
+        (S.CreateServer("unique2", str(disk), (), 64), f"disk {disk} is used by unique1 on host1"),
+        (S.CreateServer("unique3", "", ("10.7.0.9", "10.7.0.1"), 64), "IP 10.7.0.1 is used by unique1 on host1"),
+    ):
+        pu, answers = create_with(pes[2], request)
+        assert answers[-1].code == S.ResultCode.ALREADY_RUNNING and expected in answers[-1].reason, answers[-1]
+        pu.close()
+    forged = C.seal(C.peek(cookie), b"not the pool's secret")
+    altered = cookie[:20] + bytes([cookie[20] ^ 1]) + cookie[21:]
+    for bad, expected in ((forged, "bad MAC"), (altered, "bad MAC")):
+        pu = SessionClient(pes[2].port)
+        pu.send(M.CookieEcho(bad))
+        result = pu.receive_until(S.CreateResult)[-1]
+        assert result.code == S.ResultCode.COOKIE_REJECTED and expected in result.reason
+        pu.close()
+    replay = SessionClient(pes[2].port)  # a genuine cookie, but host1 runs the VM
+    replay.send(M.CookieEcho(cookie))
+    result = replay.receive_until(S.CreateResult)[-1]
+    assert result.code == S.ResultCode.ALREADY_RUNNING and "unique1 runs on host1" in result.reason
+    replay.close()
+    assert "unique1" not in get_json(pes[2].status, "/status")["domains"]
+    holder.close()
+    pes[1].wait_for("unique1 stopped")
+
+
+def create_with(pe: Daemon, request: S.CreateServer) -> tuple[SessionClient, list]:
+    pu = SessionClient(pe.port)
+    pu.send(request)
+    return pu, pu.receive_until(S.CreateResult)

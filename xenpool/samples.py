@@ -74,4 +74,6 @@ def all_session_messages() -> list[S.SessionMessage]:
         S.CheckRunningResponse("web1", 1),
         S.StopServer("web1"),
         S.StopResult("web1", S.ResultCode.NORMAL_END, "shut down"),
+        S.ClaimQuery(2, "web1", "nbd://san:10809/web1", ("10.0.5.1",)),
+        S.ClaimAnswer(1, "host1", "web1 runs", pending=False),
     ]

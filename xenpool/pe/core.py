@@ -61,10 +61,17 @@ class Fencer(Protocol):
     def fence(self, host: str) -> defer.Deferred: ...
 
 
+class ClaimAsker(Protocol):
+    def ask(self, query: S.ClaimQuery) -> defer.Deferred:
+        """The ClaimAnswers of every other PE of the pool that answered in time; PEs
+        that cannot be reached (dead, or being fenced) are left out."""
+
+
 class PoolElementCore:
     def __init__(self, settings: PeSettings, hypervisor, accounting: HostAccounting, metric, clock,
                  disk_xml: Callable[[str], object] | None = None,
-                 load_changed: Callable[[], None] = lambda: None, fencer: Fencer | None = None) -> None:  # fmt: skip
+                 load_changed: Callable[[], None] = lambda: None, fencer: Fencer | None = None,
+                 claims: "ClaimAsker | None" = None) -> None:  # fmt: skip
         self.settings = settings
         self.hypervisor = hypervisor
         self.accounting = accounting
@@ -74,6 +81,8 @@ class PoolElementCore:
         self.disk_xml = disk_xml or (lambda spec: defer.succeed(""))
         self.load_changed = load_changed
         self.fencer = fencer
+        self.claims = claims
+        self.starting: dict[str, S.CreateServer] = {}  # claimed, start in progress
         self.sessions: dict[Session, VmSession] = {}
         self.orphans: dict[str, VmSession] = {}  # VMs whose PU is gone, within their lease
         self.refusals: dict[int, int] = {}
@@ -90,6 +99,10 @@ class PoolElementCore:
             return defer.Deferred.fromCoroutine(self._stop(message, session))
         if isinstance(message, M.CookieEcho):
             return defer.Deferred.fromCoroutine(self._cookie_echo(message, session))
+        if isinstance(message, S.ClaimQuery):
+            session.send(self.answer_claim(message))
+            session.close()
+            return defer.succeed(None)
         self._answer_failure(session, "", S.ResultCode.INVALID_REQUEST, f"{type(message).__name__} is not a request a PE takes")
         return defer.succeed(None)
 
@@ -111,16 +124,74 @@ class PoolElementCore:
         session.send(S.CreateResult(server_id, code, self.accounting.free_kb, reason))
         session.close()
 
-    def _running_here(self, server_id: str) -> bool:
-        return server_id in self.orphans or any(vm.request.server_id == server_id for vm in self.sessions.values())
+    # ------------------------------------------------------------ uniqueness
 
-    async def _create(self, request: S.CreateServer, session: Session, from_cookie: bool = False) -> None:
+    def _held(self):
+        """Every request this PE runs or is starting: (request, only starting?)."""
+        for vm in (*self.sessions.values(), *self.orphans.values()):
+            yield vm.request, False
+        for request in self.starting.values():
+            yield request, True
+
+    def conflict_with(self, server_id: str, disk: str, ips: tuple[str, ...]) -> tuple[str, bool] | None:
+        """What this PE holds of a ServerID, disk or IP: (description, only starting?)."""
+        for held, starting in self._held():
+            if held.server_id == server_id:
+                return f"{server_id} runs", starting
+            if disk and held.disk == disk:
+                return f"disk {disk} is used by {held.server_id}", starting
+            shared = set(ips) & set(held.ips)
+            if shared:
+                return f"IP {sorted(shared)[0]} is used by {held.server_id}", starting
+        return None
+
+    def answer_claim(self, query: S.ClaimQuery) -> S.ClaimAnswer:
+        found = self.conflict_with(query.server_id, query.disk, query.ips)
+        conflict, starting = found if found else ("", False)
+        return S.ClaimAnswer(self.settings.pe_identifier, self.settings.host, conflict, starting)
+
+    async def _claim(self, request: S.CreateServer) -> tuple[int, str] | None:
+        """Make sure no PE of the pool runs or starts the same ServerID, disk or IP,
+        whatever the PU claims. Returns why not, or None with the claim held here (in
+        ``starting``) until the start succeeded or failed."""
+        local = self.conflict_with(request.server_id, request.disk, request.ips)
+        if local is not None:
+            return S.ResultCode.ALREADY_RUNNING, f"{local[0]} on this PE ({self.settings.host})"
+        self.starting[request.server_id] = request
+        if self.claims is None:
+            return None
+        try:
+            answers = await self.claims.ask(S.ClaimQuery(self.settings.pe_identifier, request.server_id, request.disk, request.ips))
+        except Exception as err:  # noqa: BLE001 - without the pool's answer, no start
+            del self.starting[request.server_id]
+            return S.ResultCode.UNSPECIFIED, f"cannot ask the pool whether it runs already: {err}"
+        for answer in answers:
+            if not answer.conflict:
+                continue
+            # Two PEs starting the same thing at once both see each other's pending
+            # claim: the lower PE identifier keeps it, so exactly one goes on.
+            if answer.pending and self.settings.pe_identifier < answer.pe_identifier:
+                continue
+            del self.starting[request.server_id]
+            state = "is starting it" if answer.pending else "holds it"
+            return S.ResultCode.ALREADY_RUNNING, f"{answer.conflict} on {answer.host} (PE {hex_id(answer.pe_identifier)}, which {state})"
+        return None
+
+    # ------------------------------------------------------------ starting
+
+    async def _create(self, request: S.CreateServer, session: Session, claimed: bool = False) -> None:
         if session in self.sessions:
             return self._answer_failure(session, request.server_id, S.ResultCode.INVALID_REQUEST, "this session already has a VM")
-        if self._running_here(request.server_id):
-            return self._answer_failure(
-                session, request.server_id, S.ResultCode.ALREADY_RUNNING, f"{request.server_id} already runs on this PE"
-            )
+        if not claimed:
+            refusal = await self._claim(request)
+            if refusal is not None:
+                return self._answer_failure(session, request.server_id, *refusal)
+        try:
+            await self._start(request, session)
+        finally:
+            self.starting.pop(request.server_id, None)
+
+    async def _start(self, request: S.CreateServer, session: Session) -> None:
         vm = VmSession(request)
         self.sessions[session] = vm
         session.send(self._cookie(vm))  # running=false: a failover now fences no one
@@ -161,22 +232,32 @@ class PoolElementCore:
         orphan = self.orphans.get(state.server_id)
         if orphan is not None and state.pe_identifier == self.settings.pe_identifier:
             return self._adopt(orphan, session)
-        if state.running and state.pe_identifier != self.settings.pe_identifier:
-            if self.fencer is None:
-                return self._answer_failure(
-                    session, state.server_id, S.ResultCode.FENCE_FAILED,
-                    f"{state.server_id} may still run on {state.host} and no fencing is configured",
-                )  # fmt: skip
-            try:
-                await self.fencer.fence(state.host)
-            except Exception as err:  # noqa: BLE001 - no start after a failed fence, ever
-                log.critical("FENCING {host} FAILED, {server} NOT STARTED: {err}", host=state.host, server=state.server_id, err=str(err))
-                return self._answer_failure(
-                    session, state.server_id, S.ResultCode.FENCE_FAILED, f"fencing {state.host} failed: {err}"
-                )
-            log.warn("fenced {host} before starting {server}", host=state.host, server=state.server_id)
         request = S.CreateServer(state.server_id, state.disk, state.ips, state.ram_mb, state.vcpus)
-        await self._create(request, session)
+        # Ask the pool first: a PE that answers holding the VM (the cookie's own host
+        # included) is alive and runs it, so this is a stale or replayed cookie, and no
+        # one is fenced. Only a host that cannot answer is fenced.
+        refusal = await self._claim(request)
+        if refusal is not None:
+            return self._answer_failure(session, state.server_id, *refusal)
+        try:
+            if state.running and state.pe_identifier != self.settings.pe_identifier:
+                if self.fencer is None:
+                    return self._answer_failure(
+                        session, state.server_id, S.ResultCode.FENCE_FAILED,
+                        f"{state.server_id} may still run on {state.host} and no fencing is configured",
+                    )  # fmt: skip
+                try:
+                    await self.fencer.fence(state.host)
+                except Exception as err:  # noqa: BLE001 - no start after a failed fence, ever
+                    log.critical("FENCING {host} FAILED, {server} NOT STARTED: {err}", host=state.host,
+                                 server=state.server_id, err=str(err))  # fmt: skip
+                    return self._answer_failure(
+                        session, state.server_id, S.ResultCode.FENCE_FAILED, f"fencing {state.host} failed: {err}"
+                    )
+                log.warn("fenced {host} before starting {server}", host=state.host, server=state.server_id)
+            await self._create(request, session, claimed=True)
+        finally:
+            self.starting.pop(request.server_id, None)
 
     def _adopt(self, vm: VmSession, session: Session) -> None:
         """A restarted keeper takes back a VM that kept running within its lease."""

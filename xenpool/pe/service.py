@@ -292,3 +292,52 @@ class _PeMetrics(resource.Resource):
     def render_GET(self, request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; version=0.0.4")
         return generate_latest(self.registry)
+
+
+class TcpClaimAsker:
+    """Asks every other PE of the pool, over their session port, whether it runs or is
+    starting a ServerID, disk or IP (pool-wide uniqueness). A PE that does not answer
+    within ``timeout_s`` is left out: it is dead, stopped, or about to be fenced."""
+
+    def __init__(self, reactor, access, pool_handle: bytes, pe_identifier: int, timeout_s: float = 0.5) -> None:
+        self.reactor = reactor
+        self.access = access  # a xenpool.pu.net.TcpPoolAccess: resolution and sessions
+        self.pool_handle = pool_handle
+        self.pe_identifier = pe_identifier
+        self.timeout_s = timeout_s
+
+    def ask(self, query) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._ask(query))
+
+    async def _ask(self, query) -> list:
+        elements = await self.access.resolve(self.pool_handle, 256)
+        others = [e for e in elements if e.identifier != self.pe_identifier]
+        asks = [defer.Deferred.fromCoroutine(self._ask_one(e, query)) for e in others]
+        results = await defer.DeferredList(asks, consumeErrors=True)
+        return [answer for ok, answer in results if ok and answer is not None]
+
+    async def _ask_one(self, element, query):
+        from ..protocol.session import ClaimAnswer
+
+        answer: defer.Deferred = defer.Deferred()
+
+        def deliver(message) -> None:
+            if isinstance(message, ClaimAnswer) and not answer.called:
+                answer.callback(message)
+
+        timer = self.reactor.callLater(self.timeout_s, lambda: answer.called or answer.callback(None))
+        try:
+            channel = await self.access.connect(element, deliver)
+        except Exception as err:  # noqa: BLE001 - unreachable: it cannot run anything we know of
+            if timer.active():
+                timer.cancel()
+            log.info("PE {pe} did not take the claim query: {err}", pe=hex_id(element.identifier), err=str(err))
+            return None
+        channel.send(query)
+        result = await answer
+        if timer.active():
+            timer.cancel()
+        channel.close()
+        if result is None:
+            log.warn("PE {pe} did not answer the claim query in time", pe=hex_id(element.identifier))
+        return result

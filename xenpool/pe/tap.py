@@ -142,9 +142,14 @@ def makeService(options: Options):
     )  # fmt: skip
     from xenpool_plugins.storage import disk_xml_function
 
+    from ..pu.net import TcpPoolAccess
+    from .service import TcpClaimAsker
+
     target = "xvda" if s["libvirt-uri"].startswith("xen") else "vda"
+    claims = TcpClaimAsker(reactor, TcpPoolAccess(reactor, s["registrar"]), settings.pool_handle, settings.pe_identifier)
     core = PoolElementCore(
         settings, hypervisor, HostAccounting(node, load_settings), options.metric, reactor, fencer=options.fencer,
+        claims=claims,
         disk_xml=disk_xml_function(options.plugins, target, {"nbd": {"reactor": reactor}, "iscsi": {"reactor": reactor}}),
     )  # fmt: skip
     registrars = [endpoints.clientFromString(reactor, r) for r in s["registrar"]]

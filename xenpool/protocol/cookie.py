@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 from .errors import Cause, ProtocolError
 from .params import MAX_COOKIE, MAX_POOL_HANDLE
-from .session import MAX_DISK, MAX_IP_LIST, MAX_SERVER_ID
+from .session import MAX_DISK, MAX_HOST, MAX_IP_LIST, MAX_SERVER_ID
 
 MAGIC = b"XPC"
 COOKIE_VERSION = 1
-MAX_HOST = 128
 MAC_SIZE = 32
 _FIXED = struct.Struct("!3sBBxHIIQ")
 _U16 = struct.Struct("!H")

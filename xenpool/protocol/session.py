@@ -26,6 +26,7 @@ MAX_SERVER_ID = 32
 MAX_DISK = 256
 MAX_IP_LIST = 256
 MAX_REASON = 256
+MAX_HOST = 128
 MAX_SESSION_MESSAGE = 2048
 SERVER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -38,6 +39,8 @@ class SessionType(enum.IntEnum):
     CHECK_RUNNING_RESPONSE = 0x11
     STOP_SERVER = 0x20
     STOP_RESULT = 0x21
+    CLAIM_QUERY = 0x30
+    CLAIM_ANSWER = 0x31
 
 
 class ResultCode(enum.IntEnum):
@@ -116,6 +119,29 @@ class StopResult(SessionMessage):
     server_id: str
     code: int
     reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimQuery(SessionMessage):
+    """PE to PE, before a start: does anyone run (or start) this ServerID, disk or IP?"""
+
+    TYPE = SessionType.CLAIM_QUERY
+    pe_identifier: int  # the asking PE
+    server_id: str
+    disk: str
+    ips: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimAnswer(SessionMessage):
+    """``conflict`` names what the answering PE holds ('' for nothing); ``pending``: it is
+    only starting it, so the lower PE identifier wins."""
+
+    TYPE = SessionType.CLAIM_ANSWER
+    pe_identifier: int  # the answering PE
+    host: str
+    conflict: str
+    pending: bool = False
 
 
 _HEADER = struct.Struct("!BBHHH")
@@ -229,6 +255,15 @@ def encode(msg: SessionMessage) -> bytes:
         w.text(msg.server_id, MAX_SERVER_ID, "server_id")
         w.pack("!i", msg.code)
         w.text(msg.reason, MAX_REASON, "reason")
+    elif isinstance(msg, ClaimQuery):
+        w.pack("!I", msg.pe_identifier)
+        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+        w.text(msg.disk, MAX_DISK, "disk")
+        w.text(" ".join(msg.ips), MAX_IP_LIST, "ips")
+    elif isinstance(msg, ClaimAnswer):
+        w.pack("!IB3x", msg.pe_identifier, msg.pending)
+        w.text(msg.host, MAX_HOST, "host")
+        w.text(msg.conflict, MAX_REASON, "conflict")
     else:
         raise TypeError(f"not a session message: {msg!r}")
     body = b"".join(w.parts)
@@ -273,6 +308,12 @@ def decode(data: bytes) -> SessionMessage:
         server_id = _server_id(r, answer=True)
         (code,) = r.unpack("!i", "code")
         msg = StopResult(server_id, code, r.text(MAX_REASON, "reason"))
+    elif mtype == SessionType.CLAIM_QUERY:
+        (pe_id,) = r.unpack("!I", "pe_identifier")
+        msg = ClaimQuery(pe_id, _server_id(r), r.text(MAX_DISK, "disk"), tuple(r.text(MAX_IP_LIST, "ips").split()))
+    elif mtype == SessionType.CLAIM_ANSWER:
+        pe_id, pending = r.unpack("!IB3x", "pe_identifier")
+        msg = ClaimAnswer(pe_id, r.text(MAX_HOST, "host"), r.text(MAX_REASON, "conflict"), bool(pending))
     else:
         raise ProtocolError(
             f"unknown message type 0x{mtype:02x}", field="type", offset=0, cause=Cause.UNRECOGNIZED_MESSAGE, data=bytes(data)
