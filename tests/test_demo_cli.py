@@ -75,3 +75,21 @@ def test_make_demo_runs_the_cluster_and_a_failover():
     assert "fenced host" in out and "off confirmed" in out
     assert "VMs moved, each started exactly once more" in out
     assert "stopping everything" in out
+
+
+def test_fence_confirm_lets_one_manual_fence_through(tmp_path):
+    from twisted.internet import defer
+
+    from xenpool.interfaces import FenceTarget
+    from xenpool.plugins import load_plugins
+
+    manual = load_plugins().create("stonith", "manual", state_dir=str(tmp_path))
+    first = manual.fence(FenceTarget("host2"))
+    failures = []
+    first.addErrback(failures.append)
+    assert failures and "xenpool fence-confirm host2" in failures[0].getErrorMessage()
+    assert cli.main(["fence-confirm", "--state-dir", str(tmp_path), "host2"]) == 0
+    results = []
+    defer.maybeDeferred(manual.fence, FenceTarget("host2")).addBoth(results.append)
+    assert results == [None]
+    assert cli.main(["fence-confirm", "--state-dir", str(tmp_path), "../etc"]) == 2

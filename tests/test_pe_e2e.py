@@ -235,3 +235,44 @@ def create_with(pe: Daemon, request: S.CreateServer) -> tuple[SessionClient, lis
     pu = SessionClient(pe.port)
     pu.send(request)
     return pu, pu.receive_until(S.CreateResult)
+
+
+def test_xenpool_pu_create_keeps_the_vm_and_ctrl_c_stops_it(pool):
+    """The PU command as an operator runs it, against the real registrar and PEs."""
+    import signal
+    import subprocess
+    import sys
+
+    from xenpool import processes
+
+    registrar, pes = pool
+    pu = processes.Process(
+        [str(Path(sys.executable).with_name("xenpool-pu")), "create", "--server-id", "cli1", "--ram", "64",
+         "--ip", "10.8.0.1", "--registrar", f"127.0.0.1:{registrar.asap}", "--heartbeat-interval", "0.2"],
+    )  # fmt: skip
+    proc = pu.proc
+    try:
+        pu.wait_for("cli1: running: on PE")
+        pu.wait_for("cli1: running: domain state 1")
+        host = next(n for n, pe in pes.items() if "cli1" in get_json(pe.status, "/status")["domains"])
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the VM is stopped cleanly
+        assert proc.wait(30) == 0
+        pes[host].wait_for("cli1 stopped")
+        assert "cli1" not in get_json(pes[host].status, "/status")["domains"]
+        pu.drain()
+        assert "stopping the VM" in pu.log and "cli1: stopped" in pu.log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # a request the pool refuses for good exits 3; a bad command line exits 2
+    holder, _ = create_with(pes[1], S.CreateServer("cli2", "", (), 64))
+    refused = subprocess.run(
+        [str(Path(sys.executable).with_name("xenpool-pu")), "create", "--server-id", "cli2", "--ram", "64",
+         "--registrar", f"127.0.0.1:{registrar.asap}"], capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 3 and "code 13, cli2 runs" in refused.stdout and "host1" in refused.stdout
+    holder.close()
+    bad = subprocess.run([str(Path(sys.executable).with_name("xenpool-pu")), "create", "--server-id", "x y", "--ram", "1"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "--server-id" in bad.stderr

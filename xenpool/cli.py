@@ -116,6 +116,18 @@ def _cmd_bench_failover(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_fence_confirm(args: argparse.Namespace) -> int:
+    from xenpool_plugins.stonith import confirm
+
+    try:
+        path = confirm(args.state_dir, args.host)
+    except (ValueError, OSError) as err:
+        print(f"xenpool fence-confirm: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.host} confirmed off ({path}); the next manual fence of it goes ahead, once")
+    return 0
+
+
 def _cmd_fuzz(args: argparse.Namespace) -> int:
     from .fuzz import run
 
@@ -174,6 +186,11 @@ def parser() -> argparse.ArgumentParser:
     fo.add_argument("--heartbeat-timeout", type=float, default=3.0, metavar="S")
     fo.add_argument("--json", action="store_true")
     fo.set_defaults(func=_cmd_bench_failover)
+
+    fc = sub.add_parser("fence-confirm", help="confirm a host is off, for the 'manual' stonith plugin")
+    fc.add_argument("host")
+    fc.add_argument("--state-dir", default="/var/lib/xenpool/fence", help="the manual plugin's state_dir option")
+    fc.set_defaults(func=_cmd_fence_confirm)
 
     f = sub.add_parser("fuzz", help="feed random and mutated bytes to every decoder")
     f.add_argument("--cases", type=_positive, default=100_000)

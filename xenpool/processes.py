@@ -24,17 +24,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Daemon:
-    """One twistd process; its log is kept for assertions and failure messages."""
+class Process:
+    """A command whose output (stdout and stderr) is kept as its log."""
 
-    def __init__(self, plugin: str, *args: str, ready: str, cwd: Path, timeout: float = 20.0,
-                 twistd: list[str] = TWISTD_ARGV) -> None:  # fmt: skip
-        self.argv = [*twistd, "-n", "--pidfile=", "--logfile=-", plugin, *args]
+    def __init__(self, argv: list[str], cwd: Path | None = None) -> None:
+        self.argv = argv
         self.log = ""
         self.proc = subprocess.Popen(
             self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}
         )
-        self.wait_for(ready, timeout)
 
     def mark(self) -> int:
         """A position in the log, for ``wait_for(..., since=)``: only what comes after."""
@@ -88,3 +86,12 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         self.proc.stdout.close()
+
+
+class Daemon(Process):
+    """One `twistd -n` daemon, started and waited for until its log says ``ready``."""
+
+    def __init__(self, plugin: str, *args: str, ready: str, cwd: Path, timeout: float = 20.0,
+                 twistd: list[str] = TWISTD_ARGV) -> None:  # fmt: skip
+        super().__init__([*twistd, "-n", "--pidfile=", "--logfile=-", plugin, *args], cwd)
+        self.wait_for(ready, timeout)
