@@ -949,3 +949,14 @@ def disk_xml_function(plugins: Any, target: str = "vda",
         return defer.Deferred.fromCoroutine(disk_xml(spec))
 
     return run
+
+
+def disk_release_function(plugins: Any, options: Mapping[str, Mapping[str, Any]] | None = None) -> Callable[[str], defer.Deferred]:
+    """The ``disk spec -> Deferred`` callable ``PoolElementCore(disk_release=...)`` takes:
+    release the disk through its storage plugin after its VM stopped."""
+
+    def run(spec: str) -> defer.Deferred:
+        provider, disk = storage_for(plugins, spec, options)
+        return defer.maybeDeferred(provider.release, disk)
+
+    return run

@@ -361,3 +361,11 @@ def test_no_start_when_the_pool_cannot_be_asked(pool):
     result = create(pool.cores[0], "web1", 64).results()[0]
     assert result.code == S.ResultCode.UNSPECIFIED and "no registrar answered" in result.reason
     assert not pool.cores[0].starting
+
+
+def test_the_disk_is_released_after_the_vm_stopped(pe):
+    released = []
+    pe.disk_release = lambda spec: released.append(spec) or defer.succeed(None)
+    session = create(pe, disk="/dev/vg/web1")
+    pe.handle(S.StopServer("web1"), session)
+    assert released == ["/dev/vg/web1"] and "web1" not in pe.hypervisor.domains

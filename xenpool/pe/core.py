@@ -71,7 +71,8 @@ class PoolElementCore:
     def __init__(self, settings: PeSettings, hypervisor, accounting: HostAccounting, metric, clock,
                  disk_xml: Callable[[str], object] | None = None,
                  load_changed: Callable[[], None] = lambda: None, fencer: Fencer | None = None,
-                 claims: "ClaimAsker | None" = None) -> None:  # fmt: skip
+                 claims: "ClaimAsker | None" = None,
+                 disk_release: Callable[[str], object] | None = None) -> None:  # fmt: skip
         self.settings = settings
         self.hypervisor = hypervisor
         self.accounting = accounting
@@ -79,6 +80,7 @@ class PoolElementCore:
         self.clock = clock
         # disk spec -> Deferred[disk XML], checking reachability (storage plugins)
         self.disk_xml = disk_xml or (lambda spec: defer.succeed(""))
+        self.disk_release = disk_release or (lambda spec: defer.succeed(None))  # after the VM stopped
         self.load_changed = load_changed
         self.fencer = fencer
         self.claims = claims
@@ -333,6 +335,10 @@ class PoolElementCore:
         if session is not None:
             self.sessions.pop(session, None)
         self._release(vm)
+        try:
+            await self.disk_release(vm.request.disk)
+        except Exception as err:  # noqa: BLE001 - the VM is stopped; the disk stays attached
+            log.warn("releasing the disk of {server} failed: {err}", server=name, err=str(err))
         log.info("{server} stopped, {ram} MB returned", server=name, ram=vm.request.ram_mb)
 
     def _forget(self, session: Session) -> None:

@@ -140,17 +140,19 @@ def makeService(options: Options):
         host=s["host"], secret=s["pool-secret-file"] or b"", cookie_max_age_s=s["cookie-max-age"],
         shutdown_timeout_s=s["shutdown-timeout"], lease_s=s["lease"],
     )  # fmt: skip
-    from xenpool_plugins.storage import disk_xml_function
+    from xenpool_plugins.storage import disk_release_function, disk_xml_function
 
     from ..pu.net import TcpPoolAccess
     from .service import TcpClaimAsker
 
     target = "xvda" if s["libvirt-uri"].startswith("xen") else "vda"
+    storage_options = {"nbd": {"reactor": reactor}, "iscsi": {"reactor": reactor}}
     claims = TcpClaimAsker(reactor, TcpPoolAccess(reactor, s["registrar"]), settings.pool_handle, settings.pe_identifier)
     core = PoolElementCore(
         settings, hypervisor, HostAccounting(node, load_settings), options.metric, reactor, fencer=options.fencer,
         claims=claims,
-        disk_xml=disk_xml_function(options.plugins, target, {"nbd": {"reactor": reactor}, "iscsi": {"reactor": reactor}}),
+        disk_xml=disk_xml_function(options.plugins, target, storage_options),
+        disk_release=disk_release_function(options.plugins, storage_options),
     )  # fmt: skip
     registrars = [endpoints.clientFromString(reactor, r) for r in s["registrar"]]
     bind = f":interface={s['bind']}" if s["bind"] else ""
