@@ -369,3 +369,37 @@ def test_the_disk_is_released_after_the_vm_stopped(pe):
     session = create(pe, disk="/dev/vg/web1")
     pe.handle(S.StopServer("web1"), session)
     assert released == ["/dev/vg/web1"] and "web1" not in pe.hypervisor.domains
+
+
+def test_a_crash_reported_by_a_lifecycle_event_reaches_the_pu_at_once(pe):
+    pe.events_live = True
+    free = pe.accounting.free_kb
+    session = create(pe)
+    pe.domain_event("web1", 6)  # VIR_DOMAIN_CRASHED
+    assert session.sent[-1] == S.CheckRunningResponse("web1", 6) and session.closed
+    assert pe.accounting.free_kb == free and not pe.sessions
+
+
+def test_with_events_heartbeats_are_answered_without_asking_libvirt(pe):
+    pe.events_live = True
+    session = create(pe)
+    pe.hypervisor.state = lambda name: pytest.fail("libvirt asked although events flow")
+    pe.handle(S.CheckRunning("web1", 1), session)
+    assert session.sent[-1] == S.CheckRunningResponse("web1", RUNNING)
+    pe.domain_event("web1", 3)  # paused: still normal
+    pe.handle(S.CheckRunning("web1", 1), session)
+    assert session.sent[-1] == S.CheckRunningResponse("web1", 3) and not session.closed
+
+
+def test_events_of_our_own_shutdown_are_expected(pe):
+    pe.events_live = True
+    session = create(pe)
+    stopping = pe.hypervisor.shutdown
+
+    def shutdown(name, timeout_s):
+        pe.domain_event(name, SHUTOFF)  # the event arrives while we stop it
+        return stopping(name, timeout_s)
+
+    pe.hypervisor.shutdown = shutdown
+    pe.handle(S.StopServer("web1"), session)
+    assert session.sent[-1] == S.StopResult("web1", S.ResultCode.NORMAL_END, "shut down")

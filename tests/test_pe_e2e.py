@@ -73,6 +73,8 @@ def loads(registrar: Daemon) -> dict[int, float]:
 
 def test_both_pes_registered(pool):
     registrar, pes = pool
+    for pe in pes.values():  # the test driver has lifecycle events: the PEs use them
+        pe.wait_for("lifecycle events on")
     client = AsapClient(registrar.asap)
     answer = client.request(M.HandleResolution(b"Xen", items=10))
     assert sorted(e.identifier for e in answer.pool_elements) == [1, 2]

@@ -55,6 +55,7 @@ class VmSession:
     request: S.CreateServer
     running: bool = False  # may be running (a start was attempted)
     lease_end: object = None  # the pending shutdown while no PU holds it
+    stopping: bool = False  # this PE is stopping it: its lifecycle events are expected
 
 
 class Fencer(Protocol):
@@ -85,6 +86,10 @@ class PoolElementCore:
         self.fencer = fencer
         self.claims = claims
         self.starting: dict[str, S.CreateServer] = {}  # claimed, start in progress
+        # Domain states as the hypervisor's lifecycle events report them; while events
+        # flow (``events_live``), heartbeats are answered from here, without a libvirt call.
+        self.domain_states: dict[str, int] = {}
+        self.events_live = False
         self.sessions: dict[Session, VmSession] = {}
         self.orphans: dict[str, VmSession] = {}  # VMs whose PU is gone, within their lease
         self.refusals: dict[int, int] = {}
@@ -96,6 +101,9 @@ class PoolElementCore:
         if isinstance(message, S.CreateServer):
             return defer.Deferred.fromCoroutine(self._create(message, session))
         if isinstance(message, S.CheckRunning):
+            if self.events_live:
+                self._answer_heartbeat(message, session, self.domain_states.get(message.server_id, SHUTOFF))
+                return defer.succeed(None)
             return defer.Deferred.fromCoroutine(self._check_running(message, session))
         if isinstance(message, S.StopServer):
             return defer.Deferred.fromCoroutine(self._stop(message, session))
@@ -220,6 +228,7 @@ class PoolElementCore:
             self._forget(session)
             return self._answer_failure(session, request.server_id, S.ResultCode.UNSPECIFIED, f"start failed: {err}")
         log.info("started {server} ({ram} MB) for a PU", server=request.server_id, ram=request.ram_mb)
+        self.domain_states[request.server_id] = RUNNING
         self.load_changed()
         session.send(S.CreateResult(request.server_id, S.ResultCode.STARTED, self.accounting.free_kb, f"started on {self.settings.host}"))
 
@@ -281,12 +290,43 @@ class PoolElementCore:
             state = await self.hypervisor.state(message.server_id)
         except Exception:  # noqa: BLE001 - gone from the hypervisor
             state = SHUTOFF
+        self._answer_heartbeat(message, session, state)
+
+    def _answer_heartbeat(self, message: S.CheckRunning, session: Session, state: int) -> None:
+        vm = self.sessions.get(session)
+        if vm is None or vm.request.server_id != message.server_id:
+            session.send(S.CheckRunningResponse(message.server_id, NOSTATE))
+            return
         session.send(S.CheckRunningResponse(message.server_id, state))
         if state not in NORMAL_STATES:
-            log.warn("{server} is in state {state}: ending its session", server=message.server_id, state=state)
-            vm.running = False
+            self._lost_domain(session, vm, state)
+
+    def _lost_domain(self, session: Session | None, vm: VmSession, state: int) -> None:
+        """The VM stopped or crashed by itself: its session ends (the PU decides what next)."""
+        log.warn("{server} is in state {state}: ending its session", server=vm.request.server_id, state=state)
+        vm.running = False
+        if session is None:
+            self.orphans.pop(vm.request.server_id, None)
+            if vm.lease_end is not None and vm.lease_end.active():
+                vm.lease_end.cancel()
+            self._release(vm)
+        else:
             self._forget(session)
             session.close()
+
+    def domain_event(self, name: str, state: int) -> None:
+        """A lifecycle event from the hypervisor: a crash is seen at once, not at the
+        next heartbeat, and the PU hears of it straight away."""
+        self.domain_states[name] = state
+        if state in NORMAL_STATES:
+            return
+        for session, vm in list(self.sessions.items()):
+            if vm.request.server_id == name and vm.running and not vm.stopping:
+                session.send(S.CheckRunningResponse(name, state))
+                self._lost_domain(session, vm, state)
+        orphan = self.orphans.get(name)
+        if orphan is not None and orphan.running and not orphan.stopping:
+            self._lost_domain(None, orphan, state)
 
     async def _stop(self, message: S.StopServer, session: Session) -> None:
         vm = self.sessions.get(session)
@@ -322,6 +362,7 @@ class PoolElementCore:
 
     async def _shut_down(self, session: Session | None, vm: VmSession) -> None:
         name = vm.request.server_id
+        vm.stopping = True
         if vm.running:
             try:
                 await self.hypervisor.shutdown(name, self.settings.shutdown_timeout_s)
@@ -348,6 +389,7 @@ class PoolElementCore:
 
     def _release(self, vm: VmSession) -> None:
         self.accounting.release(vm.request.server_id)
+        self.domain_states.pop(vm.request.server_id, None)
         self.load_changed()
 
     # ------------------------------------------------------------ load

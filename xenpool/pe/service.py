@@ -157,6 +157,9 @@ class PoolElementService(service.MultiService):
     def startService(self) -> None:
         super().startService()
         self._load_loop.start(self.load_interval_s, now=False)
+        defer.maybeDeferred(self.core.hypervisor.watch, self.core.domain_event).addCallbacks(
+            self._events, lambda f: log.failure("no lifecycle events; heartbeats ask the hypervisor", f)
+        )
         log.info("pool element {pe} started for pool {pool}", pe=hex_id(self.core.settings.pe_identifier),
                  pool=pool_name(self.core.settings.pool_handle))  # fmt: skip
 
@@ -166,6 +169,10 @@ class PoolElementService(service.MultiService):
         if self._early_update is not None and self._early_update.active():
             self._early_update.cancel()
         return super().stopService()
+
+    def _events(self, live) -> None:
+        self.core.events_live = bool(live)
+        log.info("lifecycle events {how}", how="on: crashes are seen at once" if live else "off: heartbeats poll")
 
     # -------------------------------------------------------------- registration
 
