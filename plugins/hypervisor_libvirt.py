@@ -422,6 +422,12 @@ class LibvirtHypervisor:
                     self._register_events(conn)
             return conn
 
+    @property
+    def measures_cpu(self) -> bool:
+        """False for libvirt's test driver, whose cpuTime is wall-clock time, not load:
+        a PE then keeps each VM's estimate instead of sampling it."""
+        return (self._driver_type or "").upper() != "TEST"
+
     def _lookup(self, name: str) -> libvirt.virDomain:
         try:
             return self._conn().lookupByName(name)

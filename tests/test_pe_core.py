@@ -403,3 +403,26 @@ def test_events_of_our_own_shutdown_are_expected(pe):
     pe.hypervisor.shutdown = shutdown
     pe.handle(S.StopServer("web1"), session)
     assert session.sent[-1] == S.StopResult("web1", S.ResultCode.NORMAL_END, "shut down")
+
+
+def test_host_cpu_share_from_proc_stat_minus_the_guests():
+    from xenpool.pe.accounting import HostCpu
+
+    lines = iter([
+        "cpu  100 0 100 800 0 0 0 0 0 0",
+        "cpu  400 0 200 1400 0 0 0 0 0 0",  # +300 user +100 system of +1000: 40 % busy
+    ])  # fmt: skip
+    host = HostCpu(read=lambda: next(lines))
+    assert host.share(0.1) is None  # the first reading is the baseline
+    assert host.share(0.1) == pytest.approx(0.3)  # 40 % busy, 10 % of it the guests'
+
+
+def test_the_test_driver_cpu_time_is_not_sampled(pe, clock):
+    pe.hypervisor.measures_cpu = False  # libvirt's test driver: cpuTime is wall-clock time
+    create(pe)
+    estimate = pe.accounting.vms["web1"].cpu_share
+    pe.sample_load()
+    clock.advance(30)
+    pe.hypervisor.domains["web1"]["cpu_ns"] = int(60e9)
+    pe.sample_load()
+    assert pe.accounting.vms["web1"].cpu_share == estimate

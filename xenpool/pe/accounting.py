@@ -100,3 +100,27 @@ class HostAccounting:
     def load_updated(self) -> None:
         """A regular load update went out: the temporary raise is over."""
         self.raised = False
+
+
+class HostCpu:
+    """The host's own CPU share (what its guests do not use) from /proc/stat deltas:
+    busy / total over the interval, minus the guests' shares."""
+
+    def __init__(self, read=lambda: open("/proc/stat").readline()) -> None:  # noqa: SIM115 - one line
+        self.read = read
+        self.last: tuple[int, int] | None = None
+
+    def _sample(self) -> tuple[int, int]:
+        fields = [int(v) for v in self.read().split()[1:]]
+        user, nice, system, idle, iowait = fields[:5]
+        rest = sum(fields[5:8])  # irq, softirq, steal (guest time is already in user)
+        busy = user + nice + system + rest
+        return busy, busy + idle + iowait
+
+    def share(self, guests: float) -> float | None:
+        """The host's own share since the last call (None on the first call)."""
+        busy, total = self._sample()
+        last, self.last = self.last, (busy, total)
+        if last is None or total <= last[1]:
+            return None
+        return max(0.0, (busy - last[0]) / (total - last[1]) - guests)

@@ -82,6 +82,7 @@ class PoolElementCore:
         # disk spec -> Deferred[disk XML], checking reachability (storage plugins)
         self.disk_xml = disk_xml or (lambda spec: defer.succeed(""))
         self.disk_release = disk_release or (lambda spec: defer.succeed(None))  # after the VM stopped
+        self.host_cpu = None  # an accounting.HostCpu where the hypervisor runs on this machine
         self.load_changed = load_changed
         self.fencer = fencer
         self.claims = claims
@@ -400,12 +401,17 @@ class PoolElementCore:
 
     async def _sample_load(self) -> None:
         now = self.clock.seconds()
-        for vm in [*self.sessions.values(), *self.orphans.values()]:
-            if vm.running:
-                try:
-                    self.accounting.sample_vm(vm.request.server_id, await self.hypervisor.cpu_time_ns(vm.request.server_id), now)
-                except Exception:  # noqa: BLE001 - it may have just stopped
-                    pass
+        if getattr(self.hypervisor, "measures_cpu", True):
+            for vm in [*self.sessions.values(), *self.orphans.values()]:
+                if vm.running:
+                    try:
+                        self.accounting.sample_vm(vm.request.server_id, await self.hypervisor.cpu_time_ns(vm.request.server_id), now)
+                    except Exception:  # noqa: BLE001 - it may have just stopped
+                        pass
+        if self.host_cpu is not None:
+            share = self.host_cpu.share(sum(vm.cpu_share for vm in self.accounting.vms.values()))
+            if share is not None:
+                self.accounting.sample_host(share)
 
     def load(self) -> float:
         return self.accounting.load(self.metric)

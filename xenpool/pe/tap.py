@@ -162,6 +162,10 @@ def makeService(options: Options):
         load_interval_s=s["load-interval"], registration_life_ms=round(s["registration-life"] * 1000),
         idle_timeout=s["idle-timeout"], status=s["status"],
     )  # fmt: skip
+    if "://" in s["libvirt-uri"] and s["libvirt-uri"].split("://", 1)[1].startswith("/") and hypervisor.measures_cpu:
+        from .accounting import HostCpu
+
+        core.host_cpu = HostCpu()  # a local hypervisor: this machine's /proc/stat is the host's
     HypervisorService(hypervisor).setServiceParent(pe)
     return pe
 
