@@ -18,6 +18,7 @@ from ..interfaces import DomainSpec
 from ..logs import hex_id
 from ..protocol import cookie as C
 from ..protocol import messages as M
+from ..protocol import params as P
 from ..protocol import session as S
 from ..protocol.errors import ProtocolError
 from .accounting import HostAccounting
@@ -415,6 +416,15 @@ class PoolElementCore:
 
     def load(self) -> float:
         return self.accounting.load(self.metric)
+
+    def registration(self, policy, policy_arguments: list[str], transport, life_ms: int) -> M.Registration:
+        """The REGISTRATION carrying this PE's current load (and its proof of the pool secret)."""
+        element = P.PoolElement(
+            self.settings.pe_identifier, 0, life_ms, transport, policy.make_parameter(self.load(), policy_arguments)
+        )
+        secret = self.settings.secret
+        mac = P.registration_mac(secret, self.settings.pool_handle, element) if secret else None
+        return M.Registration(self.settings.pool_handle, element, mac)
 
     def describe(self) -> dict:
         sample = self.accounting.sample()

@@ -177,14 +177,8 @@ class PoolElementService(service.MultiService):
     # -------------------------------------------------------------- registration
 
     def registration(self) -> M.Registration:
-        settings = self.core.settings
-        element = P.PoolElement(
-            settings.pe_identifier, 0, self.registration_life_ms,
-            P.TcpTransport(self.user_port, (self.user_address,), P.TransportUse.DATA_PLUS_CONTROL),
-            self.policy.make_parameter(self.core.load(), self.policy_arguments),
-        )  # fmt: skip
-        mac = P.registration_mac(settings.secret, settings.pool_handle, element) if settings.secret else None
-        return M.Registration(settings.pool_handle, element, mac)
+        transport = P.TcpTransport(self.user_port, (self.user_address,), P.TransportUse.DATA_PLUS_CONTROL)
+        return self.core.registration(self.policy, self.policy_arguments, transport, self.registration_life_ms)
 
     def register(self) -> None:
         if self.registrar_channel is not None:
