@@ -128,6 +128,12 @@ def _cmd_fence_confirm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from .sim.study import run
+
+    return run(args)
+
+
 def _cmd_fuzz(args: argparse.Namespace) -> int:
     from .fuzz import run
 
@@ -186,6 +192,19 @@ def parser() -> argparse.ArgumentParser:
     fo.add_argument("--heartbeat-timeout", type=float, default=3.0, metavar="S")
     fo.add_argument("--json", action="store_true")
     fo.set_defaults(func=_cmd_bench_failover)
+
+    sim = sub.add_parser("sim", help="simulate a scenario with the real registrar, PE and PU code")
+    sim.add_argument("scenario", help="a scenario JSON file (../shared/scenarios/*.json)")
+    sim.add_argument("--load-plugin", default="weighted", help="the PEs' load metric")
+    sim.add_argument("--load-weight", default=None, help="its options, e.g. cpu=0.75,ram=0.25")
+    sim.add_argument("--policy", default=None, help="the pool policy (default: the scenario's)")
+    sim.add_argument("--load-interval", type=float, default=None, metavar="S", help="override the PEs' sampling interval")
+    sim.add_argument("--smoothing", type=float, default=None, metavar="K", help="override the PEs' load smoothing")
+    sim.add_argument("--runs", type=_positive, default=1)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--json", action="store_true")
+    sim.add_argument("--plot", metavar="OUT.png", help="each PE's theoretical CPU load by VM type, a panel per run")
+    sim.set_defaults(func=_cmd_sim)
 
     fc = sub.add_parser("fence-confirm", help="confirm a host is off, for the 'manual' stonith plugin")
     fc.add_argument("host")

@@ -1,0 +1,65 @@
+"""The simulator: real registrar, PE and PU code on a virtual clock."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xenpool.plugins import load_plugins
+from xenpool.sim.run import Simulation
+
+SCENARIOS = Path(__file__).resolve().parents[2] / "shared" / "scenarios"  # shared/ beside the checkout
+MIXED = SCENARIOS / "thesis-mixed-order.json"
+BY_TYPE = SCENARIOS / "thesis-by-type-order.json"
+pytestmark = pytest.mark.skipif(not MIXED.exists(), reason="the scenarios live in ../shared/scenarios")
+
+
+@pytest.fixture(scope="module")
+def plugins():
+    return load_plugins()
+
+
+def simulate(plugins, path: Path, load_plugin: str, seed: int):
+    return Simulation(json.loads(path.read_text()), plugins, load_plugin=load_plugin, policy=None, seed=seed).run()
+
+
+def test_every_vm_is_placed_once_within_ram(plugins):
+    result = simulate(plugins, MIXED, "weighted", 1)
+    placed = [vm for pe in result.per_pe for vm in pe["vms"]]
+    assert len(placed) == len(set(placed)) == 40 and result.not_started == 0
+    assert all(pe["ram_mb"] <= 1024 - 12 - 7 for pe in result.per_pe)  # the overhead formula holds
+
+
+def test_same_seed_same_result(plugins):
+    a, b = simulate(plugins, MIXED, "max", 3), simulate(plugins, MIXED, "max", 3)
+    assert (a.metric_percent, a.per_pe) == (b.metric_percent, b.per_pe)
+    assert simulate(plugins, MIXED, "max", 4).per_pe != a.per_pe
+
+
+def test_by_type_order_reaches_the_ideal_as_the_prototype_did(plugins):
+    result = simulate(plugins, BY_TYPE, "max", 0)
+    assert result.metric_percent == 0 and {pe["theoretical_cpu_percent"] for pe in result.per_pe} == {86.7}
+
+
+def test_cpu_only_fails_more_starts_for_lack_of_ram(plugins):
+    cpu = sum(simulate(plugins, MIXED, "cpu", seed).ram_failed_starts for seed in range(3))
+    weighted = sum(simulate(plugins, MIXED, "weighted", seed).ram_failed_starts for seed in range(3))
+    assert cpu > weighted
+
+
+def test_the_command_prints_json_and_draws_the_plot(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "xenpool.cli", "sim", str(MIXED), "--load-plugin", "weighted", "--runs", "2",
+         "--json", "--plot", str(tmp_path / "plot.png")], capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    summary = json.loads(out)
+    assert [set(r) >= {"metric_percent", "ram_failed_starts", "not_started", "moves"} for r in summary["runs"]] == [True] * 2
+    assert summary["mean_metric_percent"] == pytest.approx(sum(r["metric_percent"] for r in summary["runs"]) / 2, abs=0.01)
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run([sys.executable, "-m", "xenpool.cli", "sim", str(MIXED), "--load-plugin", "nosuch"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "installed: cpu, max, weighted" in bad.stdout

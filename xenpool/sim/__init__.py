@@ -1,0 +1,1 @@
+"""The simulator: real registrar, PE and PU code on a virtual clock, with simulated hypervisors."""

@@ -1,0 +1,123 @@
+"""``xenpool sim SCENARIO.json ...``: runs of a scenario, their metric, a plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+
+def load_options(text: str | None) -> dict[str, float]:
+    if not text:
+        return {}
+    from ..pe.tap import weights
+
+    return weights(text)
+
+
+def pe_overrides(args: argparse.Namespace) -> dict:
+    """Command-line changes to the scenario's PE constants."""
+    overrides = {}
+    if args.load_interval is not None:
+        overrides["load_update_interval_s"] = args.load_interval
+    if args.smoothing is not None:
+        overrides["load_smoothing_factor"] = args.smoothing
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..plugins import PluginError, load_plugins
+    from .run import Simulation
+
+    try:
+        scenario = json.loads(Path(args.scenario).read_text())
+    except (OSError, ValueError) as err:
+        print(f"xenpool sim: {args.scenario}: {err}")
+        return 2
+    plugins = load_plugins()
+    started = time.monotonic()
+    results = []
+    for i in range(args.runs):
+        try:
+            sim = Simulation(
+                scenario, plugins, load_plugin=args.load_plugin, policy=args.policy, seed=args.seed + i,
+                load_options=load_options(args.load_weight), pe_overrides=pe_overrides(args),
+            )  # fmt: skip
+        except PluginError as err:
+            print(f"xenpool sim: {err}")
+            return 2
+        results.append(sim.run())
+    wall_s = time.monotonic() - started
+    summary = {
+        "scenario": scenario.get("name", args.scenario),
+        "load_plugin": args.load_plugin,
+        "policy": args.policy or scenario.get("policy", "LeastUsed"),
+        "pe_overrides": pe_overrides(args),
+        "runs": [
+            {"seed": args.seed + i, "metric_percent": r.metric_percent, "ram_failed_starts": r.ram_failed_starts,
+             "not_started": r.not_started, "moves": r.moves, "per_pe": r.per_pe}
+            for i, r in enumerate(results)
+        ],  # fmt: skip
+        "mean_metric_percent": round(statistics.mean(r.metric_percent for r in results), 2),
+        "mean_ram_failed_starts": round(statistics.mean(r.ram_failed_starts for r in results), 2),
+        "wall_s": round(wall_s, 2),
+    }
+    if args.plot:
+        plot(scenario, summary, args.plot)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    _print(summary)
+    return 0
+
+
+def _print(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{summary['scenario']}: load plugin {summary['load_plugin']}, policy {summary['policy']}")
+    for column in ("seed", "deviation", "RAM-failed starts", "not started", "per-PE theoretical CPU (RAM MB)"):
+        table.add_column(column)
+    for run in summary["runs"]:
+        per_pe = "  ".join(f"{p['theoretical_cpu_percent']:.0f}% ({p['ram_mb']})" for p in run["per_pe"])
+        table.add_row(str(run["seed"]), f"{run['metric_percent']:.1f} %", str(run["ram_failed_starts"]), str(run["not_started"]), per_pe)
+    console.print(table)
+    console.print(
+        f"mean deviation {summary['mean_metric_percent']:.1f} %, mean RAM-failed starts "
+        f"{summary['mean_ram_failed_starts']:.1f}, {len(summary['runs'])} runs in {summary['wall_s']:.1f} s"
+    )
+
+
+def plot(scenario: dict, summary: dict, path: str) -> None:
+    """Each PE's theoretical CPU load stacked by VM type, one panel per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    types = scenario["vm_types"]
+    cycle = scenario["load_generator"]["cycle_s"]
+    runs = summary["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.6), squeeze=False, sharey=True)
+    cpus = {pe["name"]: pe["cpus"] for pe in scenario["pes"]}
+    for ax, run in zip(axes[0], runs):
+        names = [p["pe"] for p in run["per_pe"]]
+        bottom = [0.0] * len(names)
+        for vm_type, spec in types.items():
+            heights = [
+                100 * sum(spec["busy_s"] / cycle for vm in p["vms"] if vm.rsplit("-", 1)[0] == vm_type) / cpus[p["pe"]]
+                for p in run["per_pe"]
+            ]
+            ax.bar(names, heights, bottom=bottom, label=vm_type)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        ax.set_title(f"seed {run['seed']}: {run['metric_percent']:.1f} % deviation", fontsize=9)
+        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    axes[0][0].set_ylabel("theoretical CPU load (%)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{summary['scenario']}: {summary['load_plugin']}, {summary['policy']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
