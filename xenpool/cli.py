@@ -194,7 +194,7 @@ def parser() -> argparse.ArgumentParser:
     fo.set_defaults(func=_cmd_bench_failover)
 
     sim = sub.add_parser("sim", help="simulate a scenario with the real registrar, PE and PU code")
-    sim.add_argument("scenario", help="a scenario JSON file (../shared/scenarios/*.json)")
+    sim.add_argument("scenario", help="a scenario JSON file (scenarios/*.json)")
     sim.add_argument("--load-plugin", default="weighted", help="the PEs' load metric")
     sim.add_argument("--load-weight", default=None, help="its options, e.g. cpu=0.75,ram=0.25")
     sim.add_argument("--policy", default=None, help="the pool policy (default: the scenario's)")

@@ -64,15 +64,33 @@ def pool_secret(text: str) -> tuple[bytes, bytes]:
     return pool.encode(), secret_file(path)
 
 
-def read_section(path: str, section: str, settings: list[Setting]) -> dict[str, list[str]]:
+def read_ini(path: str, option: str) -> configparser.ConfigParser:
+    """An INI file named by ``--option``; a missing or broken one is a UsageError naming it."""
     parser = configparser.ConfigParser(interpolation=None)
     try:
         with open(path, encoding="utf-8") as f:
             parser.read_file(f)
     except OSError as err:
-        raise usage.UsageError(f"--config: cannot read {path}: {err.strerror}") from None
+        raise usage.UsageError(f"--{option}: cannot read {path}: {err.strerror}") from None
     except configparser.Error as err:
-        raise usage.UsageError(f"--config: {path} is not a valid config file: {err.message.splitlines()[0]}") from None
+        raise usage.UsageError(f"--{option}: {path} is not a valid config file: {err.message.splitlines()[0]}") from None
+    return parser
+
+
+def json_log(path: str | None) -> None:
+    """``--logfile``: also write the daemon's structured log there, as JSON lines."""
+    if not path:
+        return
+    from .logs import log_json_to
+
+    try:
+        log_json_to(path)
+    except ValueError as err:
+        raise usage.UsageError(f"--logfile: {err}") from None
+
+
+def read_section(path: str, section: str, settings: list[Setting]) -> dict[str, list[str]]:
+    parser = read_ini(path, "config")
     if not parser.has_section(section):
         return {}
     known = {s.name for s in settings}

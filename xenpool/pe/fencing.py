@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import configparser
-
 from twisted.internet import defer
 
+from ..config import read_ini
 from ..interfaces import FenceTarget
 
 
 def read_fence_map(path: str) -> dict[str, dict[str, str]]:
     """An INI file with one section per host: the options its fence needs
     (``[host2]`` / ``plug = host2`` / ``ip = 10.0.0.12`` ...)."""
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        with open(path, encoding="utf-8") as f:
-            parser.read_file(f)
-    except OSError as err:
-        raise ValueError(f"cannot read {path}: {err.strerror}") from None
-    except configparser.Error as err:
-        raise ValueError(f"{path}: {err.message.splitlines()[0]}") from None
+    parser = read_ini(path, "fence-map")
     return {host: dict(parser.items(host)) for host in parser.sections()}
 
 

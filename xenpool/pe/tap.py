@@ -11,7 +11,7 @@ import socket
 
 from twisted.python import usage
 
-from ..config import Setting, id32, make_options, positive_float, positive_int, secret_file
+from ..config import Setting, id32, json_log, make_options, positive_float, positive_int, secret_file
 
 
 def weights(text: str) -> dict[str, float]:
@@ -103,27 +103,19 @@ class Options(make_options(SETTINGS, "pe", "Run a pool element on this hyperviso
                 stonith = self.plugins.create("stonith", s["stonith"], **s["stonith-option"])
             except PluginError as err:
                 raise usage.UsageError(f"--stonith: {err}") from None
-            try:
-                fence_map = read_fence_map(s["fence-map"]) if s["fence-map"] else {}
-            except ValueError as err:
-                raise usage.UsageError(f"--fence-map: {err}") from None
+            fence_map = read_fence_map(s["fence-map"]) if s["fence-map"] else {}
             self.fencer = StonithFencer(stonith, fence_map)
 
 
 def makeService(options: Options):
     from twisted.internet import endpoints, reactor
 
-    from ..logs import log_json_to
     from .accounting import HostAccounting, LoadSettings
     from .core import PeSettings, PoolElementCore
     from .service import HypervisorService, PoolElementService
 
     s = options.settings
-    if s["logfile"]:
-        try:
-            log_json_to(s["logfile"])
-        except ValueError as err:
-            raise usage.UsageError(f"--logfile: {err}") from None
+    json_log(s["logfile"])
     hypervisor = options.plugins.create(
         "hypervisor", "libvirt", uri=s["libvirt-uri"], reactor=reactor, domain_template=s["domain-template"]
     )

@@ -7,11 +7,9 @@ lease, and a keeper started again with the same state directory re-adopts them.
 
 from __future__ import annotations
 
-import configparser
-
 from twisted.python import usage
 
-from ..config import Setting, make_options, positive_float
+from ..config import Setting, json_log, make_options, positive_float, read_ini
 from ..protocol import session as S
 from .cli import registrar_endpoint
 
@@ -28,14 +26,7 @@ SETTINGS = [
 
 def read_vms(path: str) -> list[S.CreateServer]:
     """The ``[vm NAME]`` sections of the keep file, checked."""
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        with open(path, encoding="utf-8") as f:
-            parser.read_file(f)
-    except OSError as err:
-        raise usage.UsageError(f"--keep: cannot read {path}: {err.strerror}") from None
-    except configparser.Error as err:
-        raise usage.UsageError(f"--keep: {path}: {err.message.splitlines()[0]}") from None
+    parser = read_ini(path, "keep")
     vms = []
     for section in parser.sections():
         kind, _, name = section.partition(" ")
@@ -77,17 +68,12 @@ class Options(make_options(SETTINGS, "keeper", "Keep the VMs of a keep file avai
 def makeService(options: Options):
     from twisted.internet import reactor
 
-    from ..logs import log_json_to
     from .core import PuSettings
     from .keeper import KeeperService
     from .net import TcpPoolAccess
 
     s = options.settings
-    if s["logfile"]:
-        try:
-            log_json_to(s["logfile"])
-        except ValueError as err:
-            raise usage.UsageError(f"--logfile: {err}") from None
+    json_log(s["logfile"])
     settings = PuSettings(
         pool_handle=s["pool"].encode(), heartbeat_interval_s=s["heartbeat-interval"],
         heartbeat_timeout_s=s["heartbeat-timeout"], resolution_items=256,

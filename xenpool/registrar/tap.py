@@ -10,7 +10,7 @@ import random
 
 from twisted.python import usage
 
-from ..config import Setting, id32, make_options, pool_secret, positive_float, positive_int
+from ..config import Setting, id32, json_log, make_options, pool_secret, positive_float, positive_int
 from ..protocol.messages import ASAP_PORT, MAX_MESSAGE_SIZE
 
 SETTINGS = [
@@ -37,7 +37,6 @@ Options = make_options(SETTINGS, "registrar", "Run an RSerPool pool registrar.")
 def makeService(options: usage.Options):
     from twisted.internet import reactor
 
-    from ..logs import log_json_to
     from ..plugins import load_plugins
     from .core import Registrar, Timers
     from .handlespace import Handlespace
@@ -45,11 +44,7 @@ def makeService(options: usage.Options):
     from .service import Metrics, RegistrarService
 
     s = options.settings
-    if s["logfile"]:
-        try:
-            log_json_to(s["logfile"])
-        except ValueError as err:
-            raise usage.UsageError(f"--logfile: {err}") from None
+    json_log(s["logfile"])
     plugins = load_plugins()
     policies = {}
     for name in plugins.names("policy"):
