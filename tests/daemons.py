@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -89,3 +91,24 @@ class SessionClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def bench_process(kind: str, marker: str, *args: str, **kwargs) -> subprocess.Popen:
+    """``xenpool bench KIND ...`` with ``marker`` in its environment (and its children's)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "xenpool.cli", "bench", kind, *args],
+        env={**os.environ, "XENPOOL_BENCH_TEST": marker}, text=True, **kwargs,
+    )  # fmt: skip
+
+
+def processes_with(marker: str) -> list[str]:
+    """Command lines of the live processes whose environment holds ``marker``."""
+    needle = f"XENPOOL_BENCH_TEST={marker}".encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return found

@@ -12,12 +12,13 @@ import os
 import selectors
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from .daemons import bench_process, processes_with
 
 pytestmark = [
     pytest.mark.slow,
@@ -31,23 +32,7 @@ KEYS = (
 
 
 def bench(marker: str, *args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "xenpool.cli", "bench", "registrar", *args],
-        env={**os.environ, "XENPOOL_BENCH_TEST": marker}, text=True, **kwargs,
-    )  # fmt: skip
-
-
-def processes_with(marker: str) -> list[str]:
-    """Command lines of the live processes whose environment holds ``marker``."""
-    needle = f"XENPOOL_BENCH_TEST={marker}".encode()
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-        except OSError:  # gone meanwhile, or not ours to read
-            pass
-    return found
+    return bench_process("registrar", marker, *args, **kwargs)
 
 
 def test_small_run_prints_every_measure_and_leaves_no_process():

@@ -49,7 +49,6 @@ from xenpool_plugins.storage import (
     NoSuchExport,
     PathStorage,
     disk_xml_function,
-    scheme_of,
     storage_for,
 )
 

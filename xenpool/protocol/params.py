@@ -16,7 +16,7 @@ import hmac
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterator
+from typing import Callable, ClassVar
 
 from ._construct import constructor
 from .errors import Cause, ProtocolError

@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from ..logs import hex_id, pool_name
+from ..logs import hex_id
 from twisted.protocols.policies import TimeoutMixin
 from twisted.web import resource, server
 from zope.interface import implementer
