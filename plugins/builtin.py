@@ -46,3 +46,10 @@ def xenpool_register_stonith(register):
 
     for factory in stonith.PROVIDERS:
         register(factory.name, factory)
+
+
+@hookimpl
+def xenpool_register_rebalancers(register):
+    from . import rebalance
+
+    register("hot-cold", rebalance.HotToCold)

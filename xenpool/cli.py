@@ -200,6 +200,7 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--policy", default=None, help="the pool policy (default: the scenario's)")
     sim.add_argument("--load-interval", type=float, default=None, metavar="S", help="override the PEs' sampling interval")
     sim.add_argument("--smoothing", type=float, default=None, metavar="K", help="override the PEs' load smoothing")
+    sim.add_argument("--rebalance", default=None, metavar="NAME", help="a rebalancer plugin the PEs run, e.g. hot-cold")
     sim.add_argument("--runs", type=_positive, default=1)
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--json", action="store_true")

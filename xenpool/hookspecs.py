@@ -52,3 +52,8 @@ def xenpool_register_storage(register: Register) -> None:
 @hookspec
 def xenpool_register_hypervisors(register: Register) -> None:
     """Register IHypervisor factories by URI scheme family (``libvirt``, ``sim``)."""
+
+
+@hookspec
+def xenpool_register_rebalancers(register: Register) -> None:
+    """Register IRebalancer factories (``--rebalance NAME`` on the PE and in ``xenpool sim``)."""

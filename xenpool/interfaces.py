@@ -65,6 +65,18 @@ class IPoolPolicy(Interface):
         """Fresh selection state for one pool; ``random`` is a ``random.Random``."""
 
 
+class IRebalancer(Interface):
+    """Decides, on one PE, which VM (if any) to move away so the pool evens out."""
+
+    name = Attribute("The name a PE selects it by (``--rebalance NAME``).")
+
+    def choose(own: LoadSample, vm_ram: dict, pool_loads: list, metric: object, ram_total_kb: int) -> object:
+        """The server ID to move off this PE now, or None. ``own``: this PE's measured
+        sample (``vm_cpu`` has each VM's share); ``vm_ram``: each VM's RAM in KB;
+        ``pool_loads``: the loads every PE of the pool reported (this one included);
+        ``metric``: the ILoadMetric that turns samples into those loads."""
+
+
 @dataclass(frozen=True, slots=True)
 class FenceTarget:
     """Whom to fence: a host identity from a cookie, mapped through the PE config."""

@@ -18,7 +18,7 @@ from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyClass, verifyObject
 
 from . import hookspecs
-from .interfaces import IHypervisor, ILoadMetric, IPoolPolicy, IStonith, IStorage
+from .interfaces import IHypervisor, ILoadMetric, IPoolPolicy, IRebalancer, IStonith, IStorage
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ KINDS = {
     "stonith": Kind("xenpool_register_stonith", IStonith, "stonith"),
     "storage": Kind("xenpool_register_storage", IStorage, "storage"),
     "hypervisor": Kind("xenpool_register_hypervisors", IHypervisor, "hypervisor"),
+    "rebalancer": Kind("xenpool_register_rebalancers", IRebalancer, "rebalancer"),
 }
 
 

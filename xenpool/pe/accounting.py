@@ -27,6 +27,7 @@ class VmUsage:
     cpu_share: float  # smoothed share of all the host's CPUs, 0..1
     last_cpu_ns: int | None = None
     last_sample_at: float | None = None
+    samples: int = 0  # CPU measurements so far (0: cpu_share is the RAM-share estimate)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class HostAccounting:
         if vm.last_cpu_ns is not None and vm.last_sample_at is not None and now > vm.last_sample_at:
             share = (cpu_ns - vm.last_cpu_ns) / ((now - vm.last_sample_at) * 1e9 * self.node.cpus)
             vm.cpu_share = self._smooth(vm.cpu_share, min(max(share, 0.0), 1.0))
+            vm.samples += 1
         vm.last_cpu_ns, vm.last_sample_at = cpu_ns, now
 
     def sample_host(self, share: float) -> None:

@@ -84,6 +84,9 @@ class PoolElementCore:
         self.disk_xml = disk_xml or (lambda spec: defer.succeed(""))
         self.disk_release = disk_release or (lambda spec: defer.succeed(None))  # after the VM stopped
         self.host_cpu = None  # an accounting.HostCpu where the hypervisor runs on this machine
+        self.moving = False  # a rebalancing move is under way
+        self.next_move_at = 0.0
+        self.moves = 0
         self.load_changed = load_changed
         self.fencer = fencer
         self.claims = claims
@@ -416,6 +419,48 @@ class PoolElementCore:
 
     def load(self) -> float:
         return self.accounting.load(self.metric)
+
+    # ------------------------------------------------------------ rebalancing
+
+    def rebalance(self, rebalancer, pool_loads: list[float], min_samples: int = 5, cooldown_s: float = 600.0) -> defer.Deferred:
+        """Ask the rebalancer whether a VM should leave this PE, and move it if so.
+        Only VMs measured ``min_samples`` times take part: a VM just started (or just
+        moved here) is still an estimate. Fires with the server ID moved, or None."""
+        if self.moving or self.clock.seconds() < self.next_move_at:
+            return defer.succeed(None)
+        sample = self.accounting.sample()
+        measured = {n: s for n, s in sample.vm_cpu.items()
+                    if self.accounting.vms[n].samples >= min_samples and self._session_of(n) is not None}  # fmt: skip
+        candidates = type(sample)(sample.cpu, sample.ram, measured)
+        vm_ram = {n: vm.ram_kb for n, vm in self.accounting.vms.items()}
+        name = rebalancer.choose(candidates, vm_ram, pool_loads, self.metric, self.accounting.node.ram_kb)
+        if name is None:
+            return defer.succeed(None)
+        self.next_move_at = self.clock.seconds() + cooldown_s  # let the pool see the effect first
+        return defer.Deferred.fromCoroutine(self._move_out(name))
+
+    def _session_of(self, server_id: str):
+        return next((session for session, vm in self.sessions.items() if vm.request.server_id == server_id), None)
+
+    async def _move_out(self, name: str) -> str | None:
+        """A planned failover: stop the VM here, tell its PU it is not running any more
+        (so the next PE fences no one), and let the PU take it to another PE."""
+        session = self._session_of(name)
+        if session is None:
+            return None
+        vm = self.sessions[session]
+        self.moving = True
+        try:
+            log.info("moving {server} away to even out the pool", server=name)
+            await self._shut_down(None, vm)
+            self.sessions.pop(session, None)
+            session.send(self._cookie(vm))
+            session.send(S.StopResult(name, S.ResultCode.MOVED, f"stopped on {self.settings.host} to even out the pool"))
+            session.close()
+            self.moves += 1
+            return name
+        finally:
+            self.moving = False
 
     def registration(self, policy, policy_arguments: list[str], transport, life_ms: int) -> M.Registration:
         """The REGISTRATION carrying this PE's current load (and its proof of the pool secret)."""

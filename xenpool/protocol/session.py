@@ -44,7 +44,7 @@ class SessionType(enum.IntEnum):
 
 
 class ResultCode(enum.IntEnum):
-    """Answer codes: the prototype's (-1, 0, 11, 12, 13, 50) and xenpool's (14-16)."""
+    """Answer codes: the prototype's (-1, 0, 11, 12, 13, 50) and xenpool's (14-16, 51)."""
 
     UNSPECIFIED = -1
     STARTED = 0
@@ -55,6 +55,7 @@ class ResultCode(enum.IntEnum):
     FENCE_FAILED = 15
     INVALID_REQUEST = 16
     NORMAL_END = 50
+    MOVED = 51  # stopped here to be started on another PE (rebalancing): a planned failover
 
 
 @dataclass(frozen=True, slots=True)

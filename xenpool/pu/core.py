@@ -95,6 +95,7 @@ class VmKeeper:
     lost_at: float | None = None  # when the last PE was lost
     last_failover_s: float | None = None
     failovers: int = 0
+    moves: int = 0  # planned moves by a rebalancing PE
     running_since: float | None = None  # when the PE last confirmed a start
 
     def __post_init__(self) -> None:
@@ -214,7 +215,12 @@ class VmKeeper:
             self.failovers += 1
         self.lost_at = None
         self._set(State.RUNNING, f"on PE {hex_id(element.identifier)}: {result.reason}")
-        if await self._heartbeat(channel):
+        ended = await self._heartbeat(channel)
+        if isinstance(ended, S.StopResult):  # a planned move: no one to report or fence
+            self.moves += 1
+            self._set(State.FAILING_OVER, f"moved off PE {hex_id(element.identifier)}: {ended.reason}")
+            return None
+        if ended:
             if not self._leaving:
                 await self._stop_on(channel)
             return S.ResultCode.NORMAL_END
@@ -245,12 +251,13 @@ class VmKeeper:
             if isinstance(message, M.Cookie):
                 self.cookie = message.cookie
                 self.events.on_cookie(self, message.cookie)
-            elif isinstance(message, kind):
+            elif isinstance(message, kind) or (isinstance(message, S.StopResult) and message.code == S.ResultCode.MOVED):
                 return message
 
-    async def _heartbeat(self, channel: Channel) -> bool:
+    async def _heartbeat(self, channel: Channel) -> bool | S.StopResult:
         """CheckRunning every interval. Returns True when a stop was asked, False
-        when the session was lost (closed, or a heartbeat went unanswered)."""
+        when the session was lost (closed, or a heartbeat went unanswered), and the PE's
+        StopResult when it moved the VM away (rebalancing)."""
         last_answer = self.clock.seconds()
         while not self._stop_requested:
             channel.send(S.CheckRunning(self.server_id, max(1, round(self.settings.heartbeat_interval_s))))
@@ -263,6 +270,8 @@ class VmKeeper:
             if answer is None:
                 channel.close()
                 return False
+            if isinstance(answer, S.StopResult):
+                return answer
             last_answer = self.clock.seconds()
             if answer.state != self.domain_state:
                 self.domain_state = answer.state

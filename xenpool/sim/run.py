@@ -109,6 +109,8 @@ class SimPE:
         self._early = None
         self.register()
         sim.clock.callLater(sim.load_settings.sample_interval_s * sim.rng.random(), self._regular_update)
+        if sim.rebalancer is not None:
+            sim.clock.callLater(sim.rebalance_interval_s * (1 + sim.rng.random()), self._rebalance)
 
     def register(self) -> None:
         registration = self.core.registration(self.sim.policy, self.sim.policy_arguments, self.transport, 3_600_000)
@@ -123,6 +125,12 @@ class SimPE:
     def load_changed(self) -> None:
         if self._early is None or not self._early.active():
             self._early = self.sim.clock.callLater(0, self.register)
+
+    def _rebalance(self) -> None:
+        elements = self.sim.access.resolve(self.sim.pool_handle, 256).result
+        loads = [P.load_from_wire(e.policy.load) for e in elements]
+        self.core.rebalance(self.sim.rebalancer, loads)
+        self.sim.clock.callLater(self.sim.rebalance_interval_s, self._rebalance)
 
     def _regular_update(self) -> None:
         self.core.sample_load()  # the simulated hypervisor answers at once
@@ -160,7 +168,8 @@ class RunResult:
 
 class Simulation:
     def __init__(self, scenario: dict, plugins, *, load_plugin: str, policy: str | None, seed: int,
-                 load_options: dict | None = None, pe_overrides: dict | None = None) -> None:  # fmt: skip
+                 load_options: dict | None = None, pe_overrides: dict | None = None,
+                 rebalance: str | None = None, rebalance_interval_s: float = 120.0) -> None:  # fmt: skip
         self.scenario = scenario
         self.clock = Clock()
         self.rng = random.Random(seed)
@@ -179,6 +188,8 @@ class Simulation:
             "jitter_p": tuple(generator["busy_jitter_p"]),
         }  # fmt: skip
         self.metric = plugins.create("load", load_plugin, **(load_options or {}))
+        self.rebalancer = plugins.create("rebalancer", rebalance) if rebalance else None
+        self.rebalance_interval_s = rebalance_interval_s
         name, _, arguments = (policy or scenario.get("policy", "LeastUsed")).partition(":")
         self.policy = plugins.create("policy", name)
         self.policy_arguments = arguments.split(":") if arguments else []
@@ -229,7 +240,7 @@ class Simulation:
             metric_percent=round(statistics.mean(samples), 2),
             ram_failed_starts=sum(pe.core.refusals.get(S.ResultCode.NO_RAM, 0) for pe in self.pes.values()),
             not_started=sum(1 for k in self.keepers if k.state != State.RUNNING),
-            moves=0,
+            moves=sum(k.moves for k in self.keepers),
             per_pe=per_pe,
         )
 

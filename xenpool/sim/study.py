@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
             sim = Simulation(
                 scenario, plugins, load_plugin=args.load_plugin, policy=args.policy, seed=args.seed + i,
                 load_options=load_options(args.load_weight), pe_overrides=pe_overrides(args),
+                rebalance=args.rebalance,
             )  # fmt: skip
         except PluginError as err:
             print(f"xenpool sim: {err}")
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         "load_plugin": args.load_plugin,
         "policy": args.policy or scenario.get("policy", "LeastUsed"),
         "pe_overrides": pe_overrides(args),
+        "rebalance": args.rebalance,
         "runs": [
             {"seed": args.seed + i, "metric_percent": r.metric_percent, "ram_failed_starts": r.ram_failed_starts,
              "not_started": r.not_started, "moves": r.moves, "per_pe": r.per_pe}
