@@ -84,3 +84,53 @@ def test_the_simulator_counts_moves():
     assert result.moves > 0 and result.not_started == 0
     placed = [vm for pe in result.per_pe for vm in pe["vms"]]
     assert len(placed) == len(set(placed)) == 40  # every VM runs exactly once after the moves
+
+
+@pytest.mark.slow
+def test_a_pe_daemon_moves_a_vm_to_a_new_empty_pe(tmp_path):
+    """Real processes: four VMs on the only PE; a second PE joins; the first moves one VM
+    there as a planned failover (no fence), and every VM runs exactly once."""
+    import urllib.request
+
+    from .daemons import Daemon, free_port
+
+    etc = Path(__file__).resolve().parents[1] / "etc" / "xenpool"
+    (tmp_path / "vms.conf").write_text("".join(f"[vm vm{i}]\nram = 150\n" for i in range(1, 5)))
+    asap = free_port()
+    daemons = [Daemon("xenpool-registrar", f"--asap=tcp:{asap}:interface=127.0.0.1", ready="started", cwd=tmp_path)]
+
+    def start_pe(n: int) -> Daemon:
+        status = free_port()
+        pe = Daemon(
+            "xenpool-pe", f"--registrar=tcp:host=127.0.0.1:port={asap}", f"--pe-id={n}", f"--port={free_port()}",
+            "--bind=127.0.0.1", f"--host=host{n}", f"--libvirt-uri=test://{etc / f'node-host{n}.xml'}",
+            f"--status=tcp:{status}:interface=127.0.0.1", "--load-plugin=max", "--rebalance=hot-cold",
+            "--rebalance-interval=0.5", ready="registered in pool Xen", cwd=tmp_path,
+        )  # fmt: skip
+        pe.status_port = status
+        daemons.append(pe)
+        return pe
+
+    def domains(pe: Daemon) -> set[str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{pe.status_port}/status", timeout=10) as response:
+            return set(json.load(response)["domains"])
+
+    try:
+        first = start_pe(1)
+        keeper = Daemon(
+            "xenpool-pu", f"--keep={tmp_path / 'vms.conf'}", f"--registrar=127.0.0.1:{asap}",
+            f"--state-dir={tmp_path / 'keeper'}", "--heartbeat-interval=0.2", ready="vm4: running", cwd=tmp_path,
+        )  # fmt: skip
+        daemons.append(keeper)
+        for i in range(1, 5):
+            keeper.wait_for(f"vm{i}: running: on PE 0x00000001")
+        second = start_pe(2)
+        first.wait_for("to even out the pool")
+        keeper.wait_for("moved off PE 0x00000001")
+        keeper.wait_for(": running: on PE 0x00000002")
+        on_first, on_second = domains(first), domains(second)
+        assert len(on_second) == 1 and on_first | on_second == {"vm1", "vm2", "vm3", "vm4"} and not on_first & on_second
+        assert "fenced" not in second.drain()  # a planned move fences no one
+    finally:
+        for daemon in reversed(daemons):
+            daemon.stop()

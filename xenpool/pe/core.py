@@ -429,8 +429,12 @@ class PoolElementCore:
         if self.moving or self.clock.seconds() < self.next_move_at:
             return defer.succeed(None)
         sample = self.accounting.sample()
+        # Where the hypervisor cannot measure CPU (libvirt's test driver) the estimate is
+        # all there will ever be, so every VM takes part.
+        measuring = getattr(self.hypervisor, "measures_cpu", True)
         measured = {n: s for n, s in sample.vm_cpu.items()
-                    if self.accounting.vms[n].samples >= min_samples and self._session_of(n) is not None}  # fmt: skip
+                    if (self.accounting.vms[n].samples >= min_samples or not measuring)
+                    and self._session_of(n) is not None}  # fmt: skip
         candidates = type(sample)(sample.cpu, sample.ram, measured)
         vm_ram = {n: vm.ram_kb for n, vm in self.accounting.vms.items()}
         name = rebalancer.choose(candidates, vm_ram, pool_loads, self.metric, self.accounting.node.ram_kb)

@@ -131,7 +131,8 @@ class PoolElementService(service.MultiService):
 
     def __init__(self, core: PoolElementCore, policy, policy_arguments: list[str], reactor, *, registrars: list,
                  user_endpoint: str, user_address: str, user_port: int, load_interval_s: float,
-                 registration_life_ms: int, idle_timeout: float, status: str | None) -> None:  # fmt: skip
+                 registration_life_ms: int, idle_timeout: float, status: str | None,
+                 rebalancer=None, rebalance_interval_s: float = 120.0, pool_access=None) -> None:  # fmt: skip
         super().__init__()
         self.core = core
         self.policy = policy
@@ -153,10 +154,16 @@ class PoolElementService(service.MultiService):
             strports.service(status, server.Site(PeStatus(self))).setServiceParent(self)
         self._load_loop = task.LoopingCall(self._regular_update)
         self._load_loop.clock = reactor
+        self.rebalancer, self.pool_access = rebalancer, pool_access
+        self._rebalance_loop = task.LoopingCall(self._rebalance)
+        self._rebalance_loop.clock = reactor
+        self.rebalance_interval_s = rebalance_interval_s
 
     def startService(self) -> None:
         super().startService()
         self._load_loop.start(self.load_interval_s, now=False)
+        if self.rebalancer is not None:
+            self._rebalance_loop.start(self.rebalance_interval_s, now=False)
         defer.maybeDeferred(self.core.hypervisor.watch, self.core.domain_event).addCallbacks(
             self._events, lambda f: log.failure("no lifecycle events; heartbeats ask the hypervisor", f)
         )
@@ -164,8 +171,9 @@ class PoolElementService(service.MultiService):
                  pool=pool_name(self.core.settings.pool_handle))  # fmt: skip
 
     def stopService(self):
-        if self._load_loop.running:
-            self._load_loop.stop()
+        for loop in (self._load_loop, self._rebalance_loop):
+            if loop.running:
+                loop.stop()
         if self._early_update is not None and self._early_update.active():
             self._early_update.cancel()
         return super().stopService()
@@ -206,6 +214,16 @@ class PoolElementService(service.MultiService):
         yield self.core.sample_load()
         self.core.accounting.load_updated()
         self.register()
+
+    @defer.inlineCallbacks
+    def _rebalance(self):
+        """Every rebalance interval: the pool's loads from a registrar, then the decision."""
+        try:
+            elements = yield self.pool_access.resolve(self.core.settings.pool_handle, 256)
+        except Exception as err:  # noqa: BLE001 - no registrar now: try next time
+            log.info("no rebalancing now: {err}", err=str(err))
+            return
+        yield self.core.rebalance(self.rebalancer, [P.load_from_wire(e.policy.load) for e in elements])
 
     def load_changed(self) -> None:
         """A VM started or stopped, or a refusal raised the load: update the registrar

@@ -66,6 +66,8 @@ SETTINGS = [
     Setting("registration-life", 90.0, positive_float, "seconds a registration lives without an update"),
     Setting("pool-secret-file", None, secret_file, "the pool's secret: seals cookies, proves registrations"),
     Setting("cookie-max-age", 86400.0, positive_float, "seconds a cookie is accepted after it was issued"),
+    Setting("rebalance", None, str, "a rebalancer plugin, e.g. hot-cold: move VMs off this PE when it is the hottest"),
+    Setting("rebalance-interval", 120.0, positive_float, "seconds between rebalancing decisions"),
     Setting("lease", 60.0, float, "seconds a VM outlives its PU, waiting for its keeper to come back (0: none)"),
     Setting("stonith", None, str, "fencing plugin for failovers: fence-agent, libvirt, command, manual"),
     Setting("stonith-option", {}, options_list, "its options, e.g. agent=fence_virsh,ip=10.0.0.1"),
@@ -95,6 +97,12 @@ class Options(make_options(SETTINGS, "pe", "Run a pool element on this hyperviso
             self.policy.make_parameter(0.0, self.policy_arguments)
         except (PluginError, ValueError) as err:
             raise usage.UsageError(f"--policy: {err}") from None
+        self.rebalancer = None
+        if s["rebalance"]:
+            try:
+                self.rebalancer = self.plugins.create("rebalancer", s["rebalance"])
+            except PluginError as err:
+                raise usage.UsageError(f"--rebalance: {err}") from None
         self.fencer = None
         if s["stonith"]:
             from .fencing import StonithFencer, read_fence_map
@@ -139,7 +147,8 @@ def makeService(options: Options):
 
     target = "xvda" if s["libvirt-uri"].startswith("xen") else "vda"
     storage_options = {"nbd": {"reactor": reactor}, "iscsi": {"reactor": reactor}}
-    claims = TcpClaimAsker(reactor, TcpPoolAccess(reactor, s["registrar"]), settings.pool_handle, settings.pe_identifier)
+    pool_access = TcpPoolAccess(reactor, s["registrar"])
+    claims = TcpClaimAsker(reactor, pool_access, settings.pool_handle, settings.pe_identifier)
     core = PoolElementCore(
         settings, hypervisor, HostAccounting(node, load_settings), options.metric, reactor, fencer=options.fencer,
         claims=claims,
@@ -153,6 +162,7 @@ def makeService(options: Options):
         user_endpoint=f"tcp:{s['port']}{bind}", user_address=s["address"], user_port=s["port"],
         load_interval_s=s["load-interval"], registration_life_ms=round(s["registration-life"] * 1000),
         idle_timeout=s["idle-timeout"], status=s["status"],
+        rebalancer=options.rebalancer, rebalance_interval_s=s["rebalance-interval"], pool_access=pool_access,
     )  # fmt: skip
     if "://" in s["libvirt-uri"] and s["libvirt-uri"].split("://", 1)[1].startswith("/") and hypervisor.measures_cpu:
         from .accounting import HostCpu
