@@ -426,3 +426,26 @@ def test_the_test_driver_cpu_time_is_not_sampled(pe, clock):
     pe.hypervisor.domains["web1"]["cpu_ns"] = int(60e9)
     pe.sample_load()
     assert pe.accounting.vms["web1"].cpu_share == estimate
+
+
+def test_a_restarted_pe_keeps_the_domains_it_finds_for_their_keeper(pe, clock):
+    first = create(pe, "web1", 300, ips=("10.0.5.1",), disk="/dev/vg/web1")
+    cookie = [m for m in first.sent if isinstance(m, M.Cookie)][-1].cookie
+    # the PE process restarts: a fresh core over the same, still running, hypervisor
+    restarted = PoolElementCore(pe.settings, pe.hypervisor, HostAccounting(NODE), WeightedLoad(), clock)
+    restarted.found_running({"web1": (RUNNING, 300 * 1024)})
+    assert restarted.accounting.free_kb == pe.accounting.free_kb  # its RAM counts
+    assert create(restarted, "web1", 64).results()[0].code == S.ResultCode.ALREADY_RUNNING
+    keeper = Session()
+    restarted.handle(M.CookieEcho(cookie), keeper)
+    assert "re-adopted" in keeper.results()[0].reason
+    assert restarted.conflict_with("other", "/dev/vg/web1", ()) is not None  # the cookie told its disk
+    assert list(pe.hypervisor.domains) == ["web1"]  # never started twice
+
+
+def test_found_domains_without_a_keeper_end_with_the_lease(pe, clock):
+    create(pe, "web1", 300)
+    restarted = PoolElementCore(pe.settings, pe.hypervisor, HostAccounting(NODE), WeightedLoad(), clock)
+    restarted.found_running({"web1": (RUNNING, 300 * 1024)})
+    clock.advance(pe.settings.lease_s)
+    assert pe.hypervisor.shutdowns == ["web1"] and not restarted.orphans

@@ -246,9 +246,10 @@ class PoolElementCore:
         except C.CookieError as err:
             return self._answer_failure(session, "", S.ResultCode.COOKIE_REJECTED, err.reason)
         orphan = self.orphans.get(state.server_id)
-        if orphan is not None and state.pe_identifier == self.settings.pe_identifier:
-            return self._adopt(orphan, session)
         request = S.CreateServer(state.server_id, state.disk, state.ips, state.ram_mb, state.vcpus)
+        if orphan is not None and state.pe_identifier == self.settings.pe_identifier:
+            orphan.request = request  # the cookie knows its disk and IPs; a found domain did not
+            return self._adopt(orphan, session)
         # Ask the pool first: a PE that answers holding the VM (the cookie's own host
         # included) is alive and runs it, so this is a stale or replayed cookie, and no
         # one is fenced. Only a host that cannot answer is fenced.
@@ -357,6 +358,22 @@ class PoolElementCore:
         vm.lease_end = self.clock.callLater(self.settings.lease_s, self._lease_over, vm)
         log.info("{server}: its PU is gone; kept for {lease} s", server=vm.request.server_id, lease=self.settings.lease_s)
         return defer.succeed(None)
+
+    def found_running(self, domains: dict[str, tuple[int, int]]) -> None:
+        """At start-up: domains already running on this host (the PE was restarted, its
+        VMs were not) are kept like VMs whose PU is gone: their RAM counts, their names
+        are taken, and a keeper echoing their cookie re-adopts them within the lease."""
+        for name, (state, ram_kb) in domains.items():
+            if name in self.orphans or self._session_of(name) is not None or state not in NORMAL_STATES:
+                continue
+            vm = VmSession(S.CreateServer(name, "", (), max(1, ram_kb // 1024)), running=True)
+            self.accounting.reserve(name, vm.request.ram_mb)
+            self.orphans[name] = vm
+            vm.lease_end = self.clock.callLater(max(self.settings.lease_s, 0), self._lease_over, vm)
+            log.info("{server} was running here already; kept for its keeper for {lease} s", server=name,
+                     lease=self.settings.lease_s)  # fmt: skip
+        if domains:
+            self.load_changed()
 
     def _lease_over(self, vm: VmSession) -> None:
         if self.orphans.pop(vm.request.server_id, None) is None:

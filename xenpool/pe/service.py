@@ -164,6 +164,9 @@ class PoolElementService(service.MultiService):
         self._load_loop.start(self.load_interval_s, now=False)
         if self.rebalancer is not None:
             self._rebalance_loop.start(self.rebalance_interval_s, now=False)
+        defer.maybeDeferred(self.core.hypervisor.domains).addCallbacks(
+            self.core.found_running, lambda f: log.failure("cannot list the running domains", f)
+        )
         defer.maybeDeferred(self.core.hypervisor.watch, self.core.domain_event).addCallbacks(
             self._events, lambda f: log.failure("no lifecycle events; heartbeats ask the hypervisor", f)
         )
