@@ -449,3 +449,28 @@ def test_found_domains_without_a_keeper_end_with_the_lease(pe, clock):
     restarted.found_running({"web1": (RUNNING, 300 * 1024)})
     clock.advance(pe.settings.lease_s)
     assert pe.hypervisor.shutdowns == ["web1"] and not restarted.orphans
+
+
+def test_concurrent_failovers_from_one_host_share_one_fence():
+    from xenpool.pe.fencing import StonithFencer
+
+    class Stonith:
+        def __init__(self) -> None:
+            self.runs: list[defer.Deferred] = []
+
+        def fence(self, target):
+            self.runs.append(defer.Deferred())
+            return self.runs[-1]
+
+    stonith = Stonith()
+    fencer = StonithFencer(stonith, {"host1": {"plug": "1"}})
+    first, second = fencer.fence("host1"), fencer.fence("host1")
+    assert len(stonith.runs) == 1  # one power-off for both
+    stonith.runs[0].callback(None)
+    assert first.called and second.called
+    fencer.fence("host1")
+    assert len(stonith.runs) == 2  # a finished fence is never reused
+    results = []
+    fencer.fence("host1").addErrback(results.append)
+    stonith.runs[1].errback(RuntimeError("status on"))
+    assert results and "status on" in results[0].getErrorMessage()
