@@ -101,3 +101,33 @@ def test_three_registrars(tmp_path):
             client.close()
         for daemon in registrars.values():
             daemon.stop()
+
+
+def test_a_pe_moves_to_another_registrar_when_its_home_dies(tmp_path):
+    """PE issue: 'registers at another registrar when its home registrar is gone'."""
+    from pathlib import Path as _Path
+
+    etc = _Path(__file__).resolve().parents[1] / "etc" / "xenpool"
+    ports = {n: {"asap": free_port(), "enrp": free_port(), "status": free_port()} for n in (1, 2)}
+    registrars = {n: start(n, ports, tmp_path) for n in (1, 2)}
+    pe = None
+    try:
+        pe = Daemon(
+            "xenpool-pe", f"--registrar=tcp:host=127.0.0.1:port={ports[1]['asap']}",
+            f"--registrar=tcp:host=127.0.0.1:port={ports[2]['asap']}", "--pe-id=0x77", f"--port={free_port()}",
+            "--bind=127.0.0.1", f"--libvirt-uri=test://{etc / 'node-host1.xml'}", "--load-interval=0.5",
+            ready="registered in pool Xen", cwd=tmp_path,
+        )  # fmt: skip
+        assert pool_view(registrars[1]) == {0x77: IDS[1]}
+        since = pe.mark()
+        registrars[1].kill()
+        pe.wait_for("registered in pool Xen", since=since)  # now at the second registrar
+        for _ in range(200):
+            if pool_view(registrars[2]).get(0x77) == IDS[2]:
+                break
+        assert pool_view(registrars[2]) == {0x77: IDS[2]}  # its new home
+        assert 0x77 in resolvable(registrars[2])
+    finally:
+        for daemon in (pe, *registrars.values()):
+            if daemon is not None:
+                daemon.stop()
