@@ -88,6 +88,26 @@ class Process:
         self.proc.stdout.close()
 
 
+def wait_for_any(processes: list[Process], text: str, timeout: float = 20.0) -> Process:
+    """The first of ``processes`` whose log shows ``text``."""
+    deadline = time.monotonic() + timeout
+    selector = selectors.DefaultSelector()
+    for process in processes:
+        selector.register(process.proc.stdout, selectors.EVENT_READ, process)
+    try:
+        while True:
+            for process in processes:
+                if text in process.drain():
+                    return process
+            left = deadline - time.monotonic()
+            if left <= 0:
+                logs = "\n---\n".join(p.log for p in processes)
+                raise AssertionError(f"{text!r} not seen within {timeout} s; logs:\n{logs}")
+            selector.select(left)
+    finally:
+        selector.close()
+
+
 class Daemon(Process):
     """One `twistd -n` daemon, started and waited for until its log says ``ready``."""
 
