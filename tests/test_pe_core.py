@@ -474,3 +474,20 @@ def test_concurrent_failovers_from_one_host_share_one_fence():
     fencer.fence("host1").addErrback(results.append)
     stonith.runs[1].errback(RuntimeError("status on"))
     assert results and "status on" in results[0].getErrorMessage()
+
+
+def test_a_silent_pu_session_is_dropped_after_the_idle_timeout(pe, clock):
+    from twisted.internet.testing import StringTransport
+
+    from xenpool.pe.service import SessionFactory
+
+    factory = SessionFactory(pe, idle_timeout=8, clock=clock)
+    factory.startFactory()
+    chatty, silent = factory.buildProtocol(None), factory.buildProtocol(None)
+    for protocol in (chatty, silent):
+        protocol.makeConnection(StringTransport())
+    for _ in range(4):
+        clock.advance(3)
+        chatty.dataReceived(b"")  # any bytes count as a sign of life
+    assert silent.transport.disconnecting and not chatty.transport.disconnecting
+    factory.stopFactory()

@@ -12,7 +12,6 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.web import resource, server
 from zope.interface import implementer
 
@@ -78,16 +77,18 @@ class RegistrationProtocol(Protocol):
         log.info("registrar connection lost; trying the registrars again")
 
 
-class SessionProtocol(Protocol, TimeoutMixin):
+class SessionProtocol(Protocol):
     """One PU's session: shim frames carrying ASAP and application messages."""
 
-    def __init__(self, core: PoolElementCore, idle_timeout: float) -> None:
+    def __init__(self, core: PoolElementCore, factory: "SessionFactory") -> None:
         self.core = core
-        self.idle_timeout = idle_timeout
+        self.factory = factory
         self.stream = framing.ShimStream()
+        self.last_heard = 0.0
 
     def connectionMade(self) -> None:
-        self.setTimeout(self.idle_timeout)
+        self.last_heard = self.factory.clock.seconds()
+        self.factory.sessions.add(self)
 
     def send(self, message: object) -> None:
         self.transport.write(framing.frame_message(message))
@@ -96,7 +97,7 @@ class SessionProtocol(Protocol, TimeoutMixin):
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
+        self.last_heard = self.factory.clock.seconds()
         try:
             self.stream.feed(data)
             while (item := self.stream.next_message()) is not None:
@@ -109,21 +110,35 @@ class SessionProtocol(Protocol, TimeoutMixin):
         log.failure("handling a PU request failed", failure)
         self.close()
 
-    def timeoutConnection(self) -> None:
-        # A PU heartbeats its VM; silence beyond the idle timeout means it is gone.
-        self.transport.abortConnection()
-
     def connectionLost(self, reason=None) -> None:
-        self.setTimeout(None)
+        self.factory.sessions.discard(self)
         self.core.session_lost(self).addErrback(lambda f: log.failure("stopping a VM failed", f))
 
 
 class SessionFactory(Factory):
-    def __init__(self, core: PoolElementCore, idle_timeout: float) -> None:
-        self.core, self.idle_timeout = core, idle_timeout
+    """PU sessions. A PU heartbeats its VM, so silence beyond ``idle_timeout`` means it
+    is gone: one sweep finds such sessions (cheaper than a timer reset per message)."""
+
+    def __init__(self, core: PoolElementCore, idle_timeout: float, clock) -> None:
+        self.core, self.idle_timeout, self.clock = core, idle_timeout, clock
+        self.sessions: set[SessionProtocol] = set()
+        self._sweep = task.LoopingCall(self._drop_silent)
+        self._sweep.clock = clock
+
+    def startFactory(self) -> None:
+        self._sweep.start(max(self.idle_timeout / 4, 0.05), now=False)
+
+    def stopFactory(self) -> None:
+        if self._sweep.running:
+            self._sweep.stop()
+
+    def _drop_silent(self) -> None:
+        now = self.clock.seconds()
+        for session in [s for s in self.sessions if now - s.last_heard > self.idle_timeout]:
+            session.transport.abortConnection()
 
     def buildProtocol(self, addr) -> SessionProtocol:
-        return SessionProtocol(self.core, self.idle_timeout)
+        return SessionProtocol(self.core, self)
 
 
 class PoolElementService(service.MultiService):
@@ -147,7 +162,7 @@ class PoolElementService(service.MultiService):
         self.registrations = 0
         self._early_update = None
         core.load_changed = self.load_changed
-        strports.service(user_endpoint, SessionFactory(core, idle_timeout)).setServiceParent(self)
+        strports.service(user_endpoint, SessionFactory(core, idle_timeout, reactor)).setServiceParent(self)
         factory = Factory.forProtocol(lambda: RegistrationProtocol(self))
         ClientService(FailoverEndpoint(registrars), factory, retryPolicy=backoffPolicy(0.2, maxDelay=2.0)).setServiceParent(self)
         if status:
