@@ -337,6 +337,50 @@ def _ordered(value: Callable[[_Entry], object], degrades: bool = False) -> Calla
     )
 
 
+class FreeRamSelection(OrderedSelection):
+    """xenpool's LeastUsedFreeRAM: least used first, like LeastUsed, but a request that
+    says how much RAM it needs only gets PEs that reported that much free. Each PE chosen
+    is booked with the request's RAM until its next update, so a burst of requests does
+    not all land on one PE. Skipping PEs without room costs O(skipped) per selection."""
+
+    fits_requests = True
+
+    def __init__(self, policy_type: int, *, max_increment: int = 0) -> None:
+        super().__init__(policy_type, _load_sum, max_increment=max_increment)
+        self._booked: dict[int, int] = {}
+
+    def update(self, identifier: int, policy: PoolPolicy) -> None:
+        super().update(identifier, policy)
+        self._booked.pop(identifier, None)  # the PE reported its free RAM afresh
+
+    def remove(self, identifier: int) -> None:
+        super().remove(identifier)
+        self._booked.pop(identifier, None)
+
+    def select(self, count: int, ram_mb: int | None = None) -> list[int]:
+        if not ram_mb:
+            return super().select(count)
+        picked = []
+        for key in self._sorted:
+            identifier = key[-1]
+            free = self._entries[identifier].policy.free_ram_mb - self._booked.get(identifier, 0)
+            if free >= ram_mb:
+                picked.append(identifier)
+                if len(picked) == count:
+                    break
+        for identifier in picked[: max(self._max_increment, 1)]:
+            entry = self._entries[identifier]
+            self._sorted.remove(entry.key)
+            entry.seq = next(self._sequence)
+            self._link(identifier, entry)
+            self._booked[identifier] = self._booked.get(identifier, 0) + ram_mb
+        return picked
+
+
+def _free_ram(policy_type, random, max_increment) -> IPoolSelection:
+    return FreeRamSelection(policy_type, max_increment=max_increment)
+
+
 def _drawn(weight: Callable[[PoolPolicy], int]) -> Callable[..., IPoolSelection]:
     return lambda policy_type, random, max_increment: DrawnSelection(policy_type, weight, random)
 
@@ -356,8 +400,12 @@ class Policy:
     arguments: tuple[Argument, ...] = ()
     _new_selection: Callable[..., IPoolSelection]
 
-    def make_parameter(self, load: float, arguments: Sequence[str]) -> PoolPolicy:
+    wants_free_ram = False  # make_parameter takes the PE's free RAM (free_ram_mb=...)
+
+    def make_parameter(self, load: float, arguments: Sequence[str], free_ram_mb: int = 0) -> PoolPolicy:
         fields = parse_arguments(self.name, self.arguments, arguments)
+        if "free_ram_mb" in POLICY_FIELDS[self.policy_type]:
+            fields["free_ram_mb"] = max(0, int(free_ram_mb))
         if "load" in POLICY_FIELDS[self.policy_type]:
             load = float(load)
             if math.isnan(load):
@@ -374,6 +422,7 @@ class Policy:
 def _policy(name: str, policy_type: PolicyType, arguments: tuple, new_selection, doc: str) -> type:
     attributes = {
         "name": name,
+        "wants_free_ram": "free_ram_mb" in POLICY_FIELDS[policy_type],
         "policy_type": int(policy_type),
         "arguments": arguments,
         "_new_selection": staticmethod(new_selection),
@@ -402,6 +451,10 @@ POLICIES: dict[str, type] = {
             "Highest priority first; in turn among equals.",
         ),
         _policy("LeastUsed", T.LEAST_USED, (), _ordered(_load_sum), "Lowest load first; in turn among equals."),
+        _policy(
+            "LeastUsedFreeRAM", T.LEAST_USED_FREE_RAM, (), _free_ram,
+            "xenpool: lowest load first among the PEs with RAM free for the request.",
+        ),
         _policy(
             "LeastUsedDegradation", T.LEAST_USED_DEGRADATION, (DEGRADATION,), _ordered(_load_sum, degrades=True),
             "Lowest load + degradation accumulated since the PE's last update.",

@@ -69,6 +69,7 @@ _FIELDS = {
     "error": operation_error,
     "policy": policy,
     "items": u32,
+    "ram_mb": u32,
     "authentication": st.binary(min_size=32, max_size=32),
     "server_id": u32,
     "transports": st.lists(transport, max_size=3).map(tuple),

@@ -40,7 +40,7 @@ def test_version(capsys):
 
 def test_decode_command(capsys):
     assert cli.main(["decode", "050000140009000758656e00803f000800000003"]) == 0
-    assert "HandleResolution(pool_handle=b'Xen', items=3)" in capsys.readouterr().out
+    assert "HandleResolution(pool_handle=b'Xen', items=3, ram_mb=None)" in capsys.readouterr().out
     assert cli.main(["decode", "0500ffff"]) == 1
     assert "message_length at byte 2" in capsys.readouterr().err
     assert cli.main(["decode", "zz"]) == 2

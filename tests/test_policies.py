@@ -29,6 +29,7 @@ EXPECTED = {
     "WeightedRandomDPF": PolicyType.WEIGHTED_RANDOM_DPF,
     "RandomizedPriorityLeastUsed": PolicyType.RANDOMIZED_PRIORITY_LEAST_USED,
     "PriorityLeastUsedDegradation": PolicyType.PRIORITY_LEAST_USED_DEGRADATION,
+    "LeastUsedFreeRAM": PolicyType.LEAST_USED_FREE_RAM,
 }
 
 
@@ -452,3 +453,23 @@ def test_selection_in_a_pool_of_100000(name, arguments):
     selection.remove(0)
     selection.update(1, provider.make_parameter(0.0, arguments))
     assert len(set(selection.select(20))) == 20
+
+
+
+# -- xenpool's LeastUsedFreeRAM ----------------------------------------------------------
+
+
+def test_least_used_free_ram_skips_pes_without_room_and_books_what_it_chose(plugins):
+    provider = plugins.create("policy", "LeastUsedFreeRAM")
+    assert provider.make_parameter(0.5, [], free_ram_mb=700).free_ram_mb == 700
+    selection = provider.new_selection(random.Random(0))
+    for identifier, load, free in ((1, 0.1, 100), (2, 0.3, 900), (3, 0.5, 400), (4, 0.7, 2000)):
+        selection.update(identifier, provider.make_parameter(load, [], free_ram_mb=free))
+    assert selection.select(3) == [1, 2, 3]  # no request: plain least used
+    assert selection.select(2, ram_mb=300) == [2, 3]  # PE 1 has 100 MB free
+    assert selection.select(2, ram_mb=300) == [2, 3]  # PE 2 still has 600 after one booking
+    assert selection.select(2, ram_mb=300) == [2, 3]  # and 300 after two
+    assert selection.select(2, ram_mb=300) == [3, 4]  # now it is full until its next update
+    selection.update(2, provider.make_parameter(0.3, [], free_ram_mb=900))  # an update clears bookings
+    assert selection.select(1, ram_mb=300) == [2]
+    assert selection.select(5, ram_mb=5000) == []

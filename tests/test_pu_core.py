@@ -57,7 +57,7 @@ class Pool:
         self.unreachable: list[int] = []
         self.down: set[int] = set()
 
-    def resolve(self, pool_handle, items):
+    def resolve(self, pool_handle, items, ram_mb=None):
         return defer.succeed([element(i) for i in self.pes if i not in self.down])
 
     def connect(self, element, deliver):

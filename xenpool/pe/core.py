@@ -485,9 +485,11 @@ class PoolElementCore:
 
     def registration(self, policy, policy_arguments: list[str], transport, life_ms: int) -> M.Registration:
         """The REGISTRATION carrying this PE's current load (and its proof of the pool secret)."""
-        element = P.PoolElement(
-            self.settings.pe_identifier, 0, life_ms, transport, policy.make_parameter(self.load(), policy_arguments)
-        )
+        if getattr(policy, "wants_free_ram", False):
+            parameter = policy.make_parameter(self.load(), policy_arguments, free_ram_mb=self.accounting.free_kb // 1024)
+        else:
+            parameter = policy.make_parameter(self.load(), policy_arguments)
+        element = P.PoolElement(self.settings.pe_identifier, 0, life_ms, transport, parameter)
         secret = self.settings.secret
         mac = P.registration_mac(secret, self.settings.pool_handle, element) if secret else None
         return M.Registration(self.settings.pool_handle, element, mac)

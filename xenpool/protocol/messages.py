@@ -156,9 +156,11 @@ class HandleResolution(AsapMessage):
     PARAMS = (
         ("pool_handle", _HANDLE, ONE),
         ("items", (P.ParamType.HANDLE_RESOLUTION_OPTION,), OPTIONAL),
+        ("ram_mb", (P.ParamType.REQUEST_RAM,), OPTIONAL),
     )
     pool_handle: bytes
     items: int | None = None  # rsplib's Handle Resolution Option: PEs wanted
+    ram_mb: int | None = None  # xenpool: the RAM the PU's VM needs, for policies that fit it
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,8 @@ class ParamType(enum.IntEnum):
     HANDLE_RESOLUTION_OPTION = 0x803F
     # xenpool: HMAC proving a PE knows its pool's secret (top bits 10: skip if unknown).
     POOL_AUTHENTICATION = 0x8041
+    # xenpool: the RAM (MB) a PU's VM needs, in a HANDLE_RESOLUTION (skip if unknown).
+    REQUEST_RAM = 0x8043
 
 
 class UnknownParameterAction(enum.IntEnum):
@@ -85,6 +87,8 @@ class PolicyType(enum.IntEnum):
     WEIGHTED_RANDOM_DPF = 0xB0002001
     LEAST_USED_DPF = 0xB0002002
     LEAST_USED_DEGRADATION_DPF = 0xB0002003
+    # xenpool: least used among the PEs with RAM free for the request (an adaptive type)
+    LEAST_USED_FREE_RAM = 0x40007801
 
 
 # The 32-bit fields each policy carries, in wire order.
@@ -105,6 +109,7 @@ POLICY_FIELDS: dict[int, tuple[str, ...]] = {
     PolicyType.WEIGHTED_RANDOM_DPF: ("weight", "weight_dpf", "distance"),
     PolicyType.LEAST_USED_DPF: ("load", "load_dpf", "distance"),
     PolicyType.LEAST_USED_DEGRADATION_DPF: ("load", "load_degradation", "load_dpf", "distance"),
+    PolicyType.LEAST_USED_FREE_RAM: ("load", "free_ram_mb"),
 }
 
 # Load, degradation and DPF values are fractions of 0xFFFFFFFF (rsplib's PPV_MAX_LOAD).
@@ -159,6 +164,7 @@ class PoolPolicy:
     load_dpf = property(lambda self: self.field("load_dpf"))
     weight_dpf = property(lambda self: self.field("weight_dpf"))
     distance = property(lambda self: self.field("distance"))
+    free_ram_mb = property(lambda self: self.field("free_ram_mb"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,6 +366,10 @@ def encode_handle_resolution_option(items: int) -> bytes:
     return tlv(ParamType.HANDLE_RESOLUTION_OPTION, _U32.pack(items))
 
 
+def encode_request_ram(ram_mb: int) -> bytes:
+    return tlv(ParamType.REQUEST_RAM, _U32.pack(ram_mb))
+
+
 def encode_pool_authentication(mac: bytes) -> bytes:
     return tlv(ParamType.POOL_AUTHENTICATION, mac)
 
@@ -377,6 +387,7 @@ VALUE_ENCODERS: dict[int, Callable] = {
     ParamType.PE_CHECKSUM: encode_pe_checksum,
     ParamType.HANDLE_RESOLUTION_OPTION: encode_handle_resolution_option,
     ParamType.POOL_AUTHENTICATION: encode_pool_authentication,
+    ParamType.REQUEST_RAM: encode_request_ram,
 }
 
 
@@ -668,6 +679,7 @@ PARAM_DECODERS: dict[int, Callable] = {
     ParamType.PE_CHECKSUM: _fixed(_U16, "pe_checksum"),
     ParamType.HANDLE_RESOLUTION_OPTION: _fixed(_U32, "handle_resolution_option"),
     ParamType.POOL_AUTHENTICATION: _decode_mac,
+    ParamType.REQUEST_RAM: _fixed(_U32, "request_ram"),
 }
 
 

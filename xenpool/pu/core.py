@@ -51,7 +51,8 @@ class Channel(Protocol):
 
 
 class PoolAccess(Protocol):
-    def resolve(self, pool_handle: bytes, items: int) -> defer.Deferred: ...  # -> list[PoolElement]
+    def resolve(self, pool_handle: bytes, items: int, ram_mb: int | None = None) -> defer.Deferred:
+        """-> list[PoolElement]; ``ram_mb``: what the VM needs, for pools whose policy fits it."""
 
     def connect(self, element: P.PoolElement, deliver: Callable[[object], None]) -> defer.Deferred: ...  # -> Channel
 
@@ -126,7 +127,9 @@ class VmKeeper:
         while not self._stop_requested:
             self._set(State.RESOLVING if self.lost_at is None else State.FAILING_OVER, "asking the pool for a PE")
             try:
-                elements = await self.access.resolve(self.settings.pool_handle, self.settings.resolution_items)
+                elements = await self.access.resolve(
+                    self.settings.pool_handle, self.settings.resolution_items, ram_mb=self.request.ram_mb
+                )
             except Exception as err:  # noqa: BLE001 - no registrar answered
                 why = f"no registrar answered: {err}"
                 elements = []

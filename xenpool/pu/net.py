@@ -99,9 +99,9 @@ class TcpPoolAccess:
                 errors.append(str(err) or type(err).__name__)
         raise ConnectionError("; ".join(errors) or "no registrar configured")
 
-    def resolve(self, pool_handle: bytes, items: int) -> defer.Deferred:
+    def resolve(self, pool_handle: bytes, items: int, ram_mb: int | None = None) -> defer.Deferred:
         async def resolve() -> list[P.PoolElement]:
-            answer = await self._ask(M.HandleResolution(pool_handle, items))
+            answer = await self._ask(M.HandleResolution(pool_handle, items, ram_mb))
             if not isinstance(answer, M.HandleResolutionResponse):
                 raise ConnectionError(f"unexpected answer {type(answer).__name__}")
             return list(answer.pool_elements)

@@ -156,7 +156,7 @@ class Registrar:
 
     def _resolution(self, msg: M.HandleResolution, association: Association) -> None:
         try:
-            answer = self.handlespace.resolution_answer(msg.pool_handle, msg.items)
+            answer = self.handlespace.resolution_answer(msg.pool_handle, msg.items, msg.ram_mb)
         except HandlespaceError as err:
             self.observer.refused(err.cause)
             association.send(M.HandleResolutionResponse(msg.pool_handle, error=P.OperationError.single(err.cause)))

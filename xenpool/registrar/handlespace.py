@@ -213,21 +213,25 @@ class Handlespace:
 
     # ------------------------------------------------------------- resolution
 
-    def _select(self, handle: bytes, items: int | None) -> tuple[Pool, list[PoolEntry]]:
+    def _select(self, handle: bytes, items: int | None, ram_mb: int | None = None) -> tuple[Pool, list[PoolEntry]]:
         pool = self.pools.get(handle)
         if pool is None:
             raise HandlespaceError(Cause.UNKNOWN_POOL_HANDLE, f"no pool {handle!r}")
         count = min(items or self.max_resolution_items, RESOLUTION_ITEMS_LIMIT)
-        return pool, [pool.entries[i] for i in pool.selection.select(count)]
+        if ram_mb and getattr(pool.selection, "fits_requests", False):
+            chosen = pool.selection.select(count, ram_mb=ram_mb)
+        else:
+            chosen = pool.selection.select(count)
+        return pool, [pool.entries[i] for i in chosen]
 
     def resolve(self, handle: bytes, items: int | None = None) -> list[P.PoolElement]:
         """Up to ``items`` PEs (default: max_resolution_items) chosen by the pool's policy."""
         return [entry.element for entry in self._select(handle, items)[1]]
 
-    def resolution_answer(self, handle: bytes, items: int | None = None) -> bytes:
+    def resolution_answer(self, handle: bytes, items: int | None = None, ram_mb: int | None = None) -> bytes:
         """The encoded HANDLE_RESOLUTION_RESPONSE: the hot path of every registrar,
         built from parameters encoded once per change instead of once per answer."""
-        pool, entries = self._select(handle, items)
+        pool, entries = self._select(handle, items, ram_mb)
         body = b"".join([pool.answer_head, *[entry.encoded for entry in entries]])
         return _RESPONSE_HEADER.pack(M.AsapType.HANDLE_RESOLUTION_RESPONSE, 0, 4 + len(body)) + body
 

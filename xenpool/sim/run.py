@@ -145,9 +145,9 @@ class SimPoolAccess:
     def __init__(self, sim: "Simulation") -> None:
         self.sim = sim
 
-    def resolve(self, pool_handle: bytes, items: int) -> defer.Deferred:
+    def resolve(self, pool_handle: bytes, items: int, ram_mb: int | None = None) -> defer.Deferred:
         answers: list[M.Message] = []
-        self.sim.registrar.handle(_copy(M.HandleResolution(pool_handle, items)), _ToClient(answers.append))
+        self.sim.registrar.handle(_copy(M.HandleResolution(pool_handle, items, ram_mb)), _ToClient(answers.append))
         return defer.succeed(list(answers[0].pool_elements))
 
     def connect(self, element: P.PoolElement, deliver) -> defer.Deferred:
