@@ -124,13 +124,24 @@ def resolve(settings: list[Setting], given: dict[str, Any], config: dict[str, li
     return result
 
 
+def _default(setting: Setting) -> str:
+    if setting.default in (None, {}, []) or "default:" in setting.help:
+        return ""
+    shown = ", ".join(setting.default) if isinstance(setting.default, list) else setting.default
+    return f" (default: {shown})"
+
+
+def _described(setting: Setting) -> str:
+    return setting.help + _default(setting)
+
+
 def make_options(settings: list[Setting], section: str, doc: str) -> type[usage.Options]:
     """A twisted usage.Options class for ``settings`` plus ``--config``."""
 
     class Options(usage.Options):
         __doc__ = doc
         optParameters = [["config", "c", None, f"config file (its [{section}] section)"]] + [
-            [s.name, None, None, f"{s.help} (default: {s.default})"] for s in settings if not s.multiple
+            [s.name, None, None, _described(s)] for s in settings if not s.multiple
         ]
 
         def __init__(self) -> None:
@@ -146,7 +157,7 @@ def make_options(settings: list[Setting], section: str, doc: str) -> type[usage.
         def opt(self, value):
             self.multi[setting.name].append(value)
 
-        opt.__doc__ = f"{setting.help} (may be repeated; default: {setting.default})"
+        opt.__doc__ = f"{setting.help} (may be repeated){_default(setting)}"
         return opt
 
     for s in settings:
