@@ -42,7 +42,11 @@ def positive(kind):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xenpool-pu", description="A pool user: get a VM from the pool and keep it.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    c = sub.add_parser("create", help="create a VM and keep it until Ctrl-C")
+    c = sub.add_parser(
+        "create", help="create a VM and keep it until Ctrl-C",
+        epilog="exit status: 0 the VM was stopped cleanly (Ctrl-C), 2 bad command line, 3 the pool refused it "
+        "for good (it runs already, or the request is invalid), 1 anything else",
+    )  # fmt: skip
     c.add_argument("--server-id", required=True, help="the VM's name, 1-32 of A-Za-z0-9._-")
     c.add_argument("--ram", type=positive(int), required=True, help="RAM in MB")
     c.add_argument("--vcpus", type=positive(int), default=1)
@@ -51,8 +55,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--pool", default="Xen")
     c.add_argument("--registrar", action="append", type=registrar_endpoint, default=[], metavar="HOST:PORT",
                    help="a registrar (may repeat; default 127.0.0.1:3863)")  # fmt: skip
-    c.add_argument("--heartbeat-interval", type=positive(float), default=1.0, metavar="S")
-    c.add_argument("--heartbeat-timeout", type=positive(float), default=3.0, metavar="S")
+    c.add_argument("--heartbeat-interval", type=positive(float), default=1.0, metavar="S", help="default 1")
+    c.add_argument("--heartbeat-timeout", type=positive(float), default=3.0, metavar="S",
+                   help="seconds without an answer before failing over (default 3)")  # fmt: skip
     return p
 
 
