@@ -169,3 +169,22 @@ def test_with_a_saved_cookie_it_goes_back_to_the_pe_named_in_it(clock):
     k.run()
     assert k.pe.identifier == 2 and first.received == []
     assert isinstance(second.received[0], M.CookieEcho)
+
+
+def test_after_a_glitch_the_pu_goes_back_to_the_old_pe_that_still_holds_the_vm(clock):
+    """The PU lost its session, but its PE is alive and keeps the VM: another PE says
+    "already running there" (13), which is not final for a VM this PU ran; after the
+    back-off the PU returns to the PE named in its cookie."""
+    from xenpool.protocol import cookie as C
+
+    state = C.SessionState(b"Xen", "web1", "", (), 300, 1, True, "pe1", 1, 0.0)
+    holder, other = ScriptedPE(1), ScriptedPE(2, refuse=S.ResultCode.ALREADY_RUNNING)
+    pool = Pool(clock, holder, other)
+    k = keeper(clock, pool, retry_initial_s=1)
+    k.cookie = C.seal(state, b"secret")
+    k.run()  # goes to PE 1 first: it is the cookie's home
+    assert k.pe.identifier == 1 and k.state == State.RUNNING
+    holder.die()  # the session breaks, PE 1 stays up
+    assert k.state == State.WAITING  # PE 2 answered 13: not final
+    clock.advance(1)
+    assert k.state == State.RUNNING and k.pe.identifier == 1

@@ -149,7 +149,7 @@ class VmKeeper:
                     break
                 if self._stop_requested:
                     break
-                if outcome in FINAL_CODES:
+                if self._final(outcome):
                     return self.state
                 why = self._last_reason
             else:
@@ -164,6 +164,14 @@ class VmKeeper:
         else:
             self._set(State.STOPPED, "stopped")
         return self.state
+
+    def _final(self, code) -> bool:
+        """A refusal to give up on. "Already running" is final for a new VM; for one this
+        PU already ran (it has its cookie) it means its old PE is alive and holds it, so
+        the PU goes on, and back to that PE first after the back-off."""
+        if code == S.ResultCode.ALREADY_RUNNING and self.cookie is not None:
+            return False
+        return code in FINAL_CODES
 
     def _cookie_home(self) -> int | None:
         try:
@@ -208,7 +216,7 @@ class VmKeeper:
             return S.ResultCode.UNSPECIFIED
         if not result.ok:
             self._last_reason = f"PE {hex_id(element.identifier)} refused: code {result.code}, {result.reason}"
-            if result.code in FINAL_CODES:
+            if self._final(result.code):
                 self._set(State.REFUSED, self._last_reason)
             channel.close()
             return result.code
