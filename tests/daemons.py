@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import selectors
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from xenpool import processes
@@ -112,3 +114,18 @@ def processes_with(marker: str) -> list[str]:
         except OSError:  # gone meanwhile, or not ours to read
             pass
     return found
+
+
+def read_until(proc: subprocess.Popen, text: str, timeout: float = 120.0) -> str:
+    """Read a process's stderr until ``text`` appears; fail with what it said."""
+    deadline = time.monotonic() + timeout
+    log = ""
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stderr, selectors.EVENT_READ)
+        while text not in log:
+            left = deadline - time.monotonic()
+            assert left > 0 and selector.select(left), f"{text!r} not seen; stderr:\n{log}"
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            assert chunk, f"the process exited ({proc.wait()}); stderr:\n{log}"
+            log += chunk.decode(errors="replace")
+    return log

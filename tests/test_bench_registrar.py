@@ -8,17 +8,14 @@ may be left (found through /proc, so Linux only).
 from __future__ import annotations
 
 import json
-import os
-import selectors
 import signal
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from .daemons import bench_process, processes_with
+from .daemons import bench_process, processes_with, read_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -56,16 +53,7 @@ def test_terminated_mid_run_stops_its_processes():
     proc = bench(marker, "--pes", "20", "--seconds", "60", "--json", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         # wait, with a deadline, until the load generator runs against the daemon
-        deadline = time.monotonic() + 120
-        log = ""
-        with selectors.DefaultSelector() as selector:
-            selector.register(proc.stderr, selectors.EVENT_READ)
-            while "resolving for" not in log:
-                left = deadline - time.monotonic()
-                assert left > 0 and selector.select(left), f"the bench did not get going; stderr:\n{log}"
-                chunk = os.read(proc.stderr.fileno(), 65536)
-                assert chunk, f"the bench exited ({proc.wait()}); stderr:\n{log}"
-                log += chunk.decode(errors="replace")
+        read_until(proc, "resolving for")
         assert any("twistd" in cmd for cmd in processes_with(marker))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 128 + signal.SIGTERM

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import selectors
-import signal
 import socket
 import subprocess
 import sys
@@ -44,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .bench_registrar import _cpu_seconds, _free_port, _spawn, _stop, _twistd
+from .bench_registrar import _cpu_seconds, _free_port, _spawn, _stop, _twistd, run_bench
 from .protocol import framing
 from .protocol import session as S
 from .protocol.errors import ProtocolError
@@ -332,26 +331,10 @@ def _print_table(r: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    seconds = args.seconds
-    if not seconds > 0:
-        print(f"xenpool bench pe: --seconds must be positive, got {seconds}", file=sys.stderr)
-        return 2
     if not Path("/proc/self/stat").exists():
         print("xenpool bench pe: needs /proc (Linux) to read the PE's CPU time", file=sys.stderr)
         return 1
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        result = pe(args.vms, seconds, getattr(args, "profile", None))
-    except BenchError as err:
-        print(f"xenpool bench pe: {err}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        _print_table(result)
-    return 0
+    return run_bench("pe", args, lambda s: pe(args.vms, s, getattr(args, "profile", None)), _print_table)
 
 
 # ------------------------------------------------- the load generator (a child)

@@ -462,24 +462,29 @@ def _print_table(r: dict) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    seconds = args.seconds
-    if not seconds > 0:
-        print(f"xenpool bench registrar: --seconds must be positive, got {seconds}", file=sys.stderr)
+def run_bench(name: str, args: argparse.Namespace, measure, print_table) -> int:
+    """The shell of a bench that starts processes: checks ``--seconds``, cleans up its
+    children on SIGTERM too, prints JSON or a table. ``measure(seconds)`` -> result."""
+    if not args.seconds > 0:
+        print(f"xenpool bench {name}: --seconds must be positive, got {args.seconds}", file=sys.stderr)
         return 2
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        result = registrar(args.pes, seconds, getattr(args, "profile", None))
+        result = measure(args.seconds)
     except BenchError as err:
-        print(f"xenpool bench registrar: {err}", file=sys.stderr)
+        print(f"xenpool bench {name}: {err}", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     if args.json:
         print(json.dumps(result))
     else:
-        _print_table(result)
+        print_table(result)
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_bench("registrar", args, lambda s: registrar(args.pes, s, getattr(args, "profile", None)), _print_table)
 
 
 # ------------------------------------------------- child processes of the bench
