@@ -170,6 +170,12 @@ class OrderedSelection:
             self._link(identifier, entry)
         return picked
 
+    def repeats(self, count: int, picked: list[int]) -> bool:
+        """Whether ``select(count)`` would now pick ``picked`` again and change nothing
+        that matters (it only renumbers PEs already last among their equals), so the
+        registrar may reuse its answer until the pool changes."""
+        return not self._degrades and [key[-1] for key in self._sorted.islice(0, count)] == picked
+
     def _link(self, identifier: int, entry: _Entry) -> None:
         entry.key = (self._value(entry), entry.seq, identifier)
         self._sorted.add(entry.key)
@@ -200,6 +206,9 @@ class WeightedRoundRobinSelection(OrderedSelection):
 
     def _changed(self, entry: _Entry) -> None:
         entry.virtual = min(entry.virtual, entry.policy.weight)
+
+    def repeats(self, count: int, picked: list[int]) -> bool:
+        return False  # every selection moves the counters
 
     def _selected(self, entry: _Entry) -> None:
         if entry.virtual > 1:

@@ -47,8 +47,6 @@ class Observer(Protocol):
 
     def removed(self, entry: PoolEntry, why: str) -> None: ...
 
-    def resolved(self, handle: bytes) -> None: ...
-
     def refused(self, cause: int) -> None: ...
 
 
@@ -65,10 +63,6 @@ class Observers:
     def removed(self, entry: PoolEntry, why: str) -> None:
         for o in self.observers:
             o.removed(entry, why)
-
-    def resolved(self, handle: bytes) -> None:
-        for o in self.observers:
-            o.resolved(handle)
 
     def refused(self, cause: int) -> None:
         for o in self.observers:
@@ -116,8 +110,14 @@ class Registrar:
 
     # ------------------------------------------------------------------ ASAP
 
-    def handle(self, message: M.Message, association: Association) -> None:
-        """One ASAP message from a PE or PU; answers go to ``association``."""
+    def handle(self, message: M.Message, association: Association, raw: bytes | None = None) -> None:
+        """One ASAP message from a PE or PU; answers go to ``association``.
+
+        ``raw``: the message's bytes, given for HANDLE_RESOLUTIONs so that an answer the
+        pool's policy would repeat can be found by ``cached_resolution``."""
+        if raw is not None and type(message) is M.HandleResolution:
+            self._resolution(message, association, raw)
+            return
         handler = self._handlers.get(type(message))
         if handler is None:
             # A valid ASAP message a registrar does not take (e.g. COOKIE): RFC 5352
@@ -154,14 +154,18 @@ class Registrar:
         self._forget(entry, "deregistered")
         association.send(M.DeregistrationResponse(msg.pool_handle, msg.pe_identifier))
 
-    def _resolution(self, msg: M.HandleResolution, association: Association) -> None:
+    def cached_resolution(self, request: bytes) -> bytes | None:
+        """The answer to a HANDLE_RESOLUTION seen before in exactly these bytes, while
+        the pool is unchanged and its policy would answer the same (the fast path)."""
+        return self.handlespace.cached_answer(request)
+
+    def _resolution(self, msg: M.HandleResolution, association: Association, raw: bytes | None = None) -> None:
         try:
-            answer = self.handlespace.resolution_answer(msg.pool_handle, msg.items, msg.ram_mb)
+            answer = self.handlespace.resolution_answer(msg.pool_handle, msg.items, msg.ram_mb, raw)
         except HandlespaceError as err:
             self.observer.refused(err.cause)
             association.send(M.HandleResolutionResponse(msg.pool_handle, error=P.OperationError.single(err.cause)))
             return
-        self.observer.resolved(msg.pool_handle)
         association.send_encoded(answer)
 
     def _keep_alive_ack(self, msg: M.EndpointKeepAliveAck, association: Association) -> None:

@@ -21,6 +21,9 @@ DEFAULT_MAX_RESOLUTION_ITEMS = 3
 # However many PEs a Handle Resolution Option asks for, one answer carries at most this
 # many (0xffffffff means "as many as possible").
 RESOLUTION_ITEMS_LIMIT = 256
+# Distinct HANDLE_RESOLUTION requests whose answers are kept; bounded because the
+# requests come from the network.
+ANSWER_CACHE_SIZE = 1024
 _RESPONSE_HEADER = struct.Struct("!BBH")
 
 
@@ -70,6 +73,7 @@ class Pool:
     entries: dict[int, PoolEntry] = field(default_factory=dict)
     # The start of every handle resolution answer: pool handle and the pool's policy.
     answer_head: bytes = b""
+    generation: int = 0  # changes with every change of the pool; cached answers carry it
 
 
 def checksum_of(entries: Iterator[PoolEntry]) -> int:
@@ -110,6 +114,10 @@ class Handlespace:
         self.max_resolution_items = max_resolution_items
         self.pools: dict[bytes, Pool] = {}
         self.pool_secrets = pool_secrets or {}
+        self.resolutions = 0  # answered, cached or not
+        # raw request -> (pool, its generation then, answer): answers a deterministic
+        # policy would give again, valid while the pool's generation is unchanged.
+        self._answers: dict[bytes, tuple[Pool, int, bytes]] = {}
 
     # ------------------------------------------------------------ registration
 
@@ -162,6 +170,7 @@ class Handlespace:
             entry.element, entry.owner, entry.last_update, entry.expires_at = element, owner, now, now + life_s
             entry.unreachable_reports, entry._encoded = 0, None
         pool.selection.update(element.identifier, element.policy)
+        pool.generation += 1
         return entry
 
     def deregister(self, handle: bytes, identifier: int) -> PoolEntry:
@@ -177,6 +186,7 @@ class Handlespace:
     def _remove(self, pool: Pool, entry: PoolEntry) -> None:
         del pool.entries[entry.identifier]
         pool.selection.remove(entry.identifier)
+        pool.generation += 1
         if not pool.entries:
             del self.pools[pool.handle]
 
@@ -210,30 +220,50 @@ class Handlespace:
         """A takeover moved the PE to another home registrar."""
         entry.element = replace(entry.element, home_registrar=home)
         entry._encoded = None
+        self.pools[entry.pool_handle].generation += 1
 
     # ------------------------------------------------------------- resolution
 
-    def _select(self, handle: bytes, items: int | None, ram_mb: int | None = None) -> tuple[Pool, list[PoolEntry]]:
+    def _pool_and_count(self, handle: bytes, items: int | None) -> tuple[Pool, int]:
         pool = self.pools.get(handle)
         if pool is None:
             raise HandlespaceError(Cause.UNKNOWN_POOL_HANDLE, f"no pool {handle!r}")
-        count = min(items or self.max_resolution_items, RESOLUTION_ITEMS_LIMIT)
-        if ram_mb and getattr(pool.selection, "fits_requests", False):
-            chosen = pool.selection.select(count, ram_mb=ram_mb)
-        else:
-            chosen = pool.selection.select(count)
-        return pool, [pool.entries[i] for i in chosen]
+        return pool, min(items or self.max_resolution_items, RESOLUTION_ITEMS_LIMIT)
+
+    def resolution_answer(
+        self, handle: bytes, items: int | None = None, ram_mb: int | None = None, request: bytes | None = None
+    ) -> bytes:
+        """The encoded HANDLE_RESOLUTION_RESPONSE: the hot path of every registrar,
+        built from parameters encoded once per change instead of once per answer.
+
+        ``request``: the request's bytes. When the pool's policy would give the same
+        answer again (``repeats``), it is kept for ``cached_answer`` under those bytes."""
+        pool, count = self._pool_and_count(handle, items)
+        selection = pool.selection
+        books_ram = bool(ram_mb) and getattr(selection, "fits_requests", False)
+        chosen = selection.select(count, ram_mb=ram_mb) if books_ram else selection.select(count)
+        body = b"".join([pool.answer_head, *[pool.entries[i].encoded for i in chosen]])
+        answer = _RESPONSE_HEADER.pack(M.AsapType.HANDLE_RESOLUTION_RESPONSE, 0, 4 + len(body)) + body
+        self.resolutions += 1
+        repeats = getattr(selection, "repeats", None)  # optional for third-party selections
+        if request is not None and not books_ram and repeats is not None and repeats(count, chosen):
+            if len(self._answers) >= ANSWER_CACHE_SIZE:
+                self._answers.clear()
+            self._answers[request] = (pool, pool.generation, answer)
+        return answer
+
+    def cached_answer(self, request: bytes) -> bytes | None:
+        """The answer to exactly these request bytes, if one is kept and still valid."""
+        hit = self._answers.get(request)
+        if hit is None or hit[0].generation != hit[1]:
+            return None
+        self.resolutions += 1
+        return hit[2]
 
     def resolve(self, handle: bytes, items: int | None = None) -> list[P.PoolElement]:
         """Up to ``items`` PEs (default: max_resolution_items) chosen by the pool's policy."""
-        return [entry.element for entry in self._select(handle, items)[1]]
-
-    def resolution_answer(self, handle: bytes, items: int | None = None, ram_mb: int | None = None) -> bytes:
-        """The encoded HANDLE_RESOLUTION_RESPONSE: the hot path of every registrar,
-        built from parameters encoded once per change instead of once per answer."""
-        pool, entries = self._select(handle, items, ram_mb)
-        body = b"".join([pool.answer_head, *[entry.encoded for entry in entries]])
-        return _RESPONSE_HEADER.pack(M.AsapType.HANDLE_RESOLUTION_RESPONSE, 0, 4 + len(body)) + body
+        pool, count = self._pool_and_count(handle, items)
+        return [pool.entries[i].element for i in pool.selection.select(count)]
 
     # ---------------------------------------------------------------- queries
 

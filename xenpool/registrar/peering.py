@@ -225,9 +225,6 @@ class Peering:
         if entry.home_registrar == self.server_id:
             self._broadcast(M.UpdateAction.DEL_PE, entry)
 
-    def resolved(self, handle: bytes) -> None:
-        pass
-
     def refused(self, cause: int) -> None:
         pass
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application import service, strports
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import endpoints
@@ -27,6 +27,7 @@ from .handlespace import Handlespace, PoolEntry
 from .peering import Peering
 
 log = Logger()
+_HANDLE_RESOLUTION = M.AsapType.HANDLE_RESOLUTION.value
 
 
 @implementer(IPushProducer)
@@ -67,6 +68,10 @@ class AsapProtocol(Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
+        if not self.stream.buffered:
+            data = self._answer_resolutions(data)
+            if not data:
+                return
         try:
             self.stream.feed(data)
         except ProtocolError as err:
@@ -86,6 +91,42 @@ class AsapProtocol(Protocol, TimeoutMixin):
         if self.stream.reports:
             self.send(M.AsapError(M.unrecognized_parameters(self.stream.reports)))
             self.stream.reports.clear()
+
+    def _answer_resolutions(self, data: bytes) -> bytes:
+        """Answer the HANDLE_RESOLUTIONs at the start of ``data`` one by one, most from
+        the registrar's cache of repeatable answers without decoding them; returns what
+        is left for the stream (a partial frame, another message, a bad length)."""
+        cached = self.registrar.cached_resolution
+        write = self.transport.write
+        limit = self.stream.max_message_size
+        pos, size = 0, len(data)
+        while size - pos >= 4 and data[pos] == _HANDLE_RESOLUTION:
+            length = (data[pos + 2] << 8) | data[pos + 3]
+            end = pos + length
+            if length < 4 or length > limit or end > size:
+                break
+            request = data[pos:end]
+            answer = cached(request)
+            if answer is not None:
+                write(answer)
+            elif not self._resolve(request):
+                return b""
+            pos = end
+        return data[pos:] if pos else data
+
+    def _resolve(self, request: bytes) -> bool:
+        """One HANDLE_RESOLUTION the cache could not answer; False if the connection closes."""
+        reports: list[bytes] = []
+        try:
+            message = M.decode(request, M.ASAP_PPID, reports)
+        except ProtocolError as err:
+            self._refuse(err)
+            return not err.fatal
+        # An answer that had to report unknown parameters is not one to repeat silently.
+        self.registrar.handle(message, self, None if reports else request)
+        if reports:
+            self.send(M.AsapError(M.unrecognized_parameters(reports)))
+        return True
 
     def _refuse(self, err: ProtocolError) -> None:
         log.info("bad ASAP input from {peer}: {err}", peer=self.transport.getPeer(), err=str(err))
@@ -172,7 +213,6 @@ class Metrics:
         self.handlespace = handlespace
         self.registrations = Counter("xenpool_registrations", "Registrations accepted (new and updates)", ["kind"], registry=self.registry)
         self.removals = Counter("xenpool_pe_removals", "PEs removed from the handlespace", ["reason"], registry=self.registry)
-        self.resolutions = Counter("xenpool_handle_resolutions", "Handle resolutions answered", registry=self.registry)
         self.errors = Counter("xenpool_errors", "Requests refused or malformed, by RFC 5354 cause", ["cause"], registry=self.registry)
         self.takeovers = Counter("xenpool_takeovers", "Takeovers of a dead peer's PEs", registry=self.registry)
         self.peers = Gauge("xenpool_peers", "ENRP peers currently alive", registry=self.registry)
@@ -183,6 +223,8 @@ class Metrics:
         for handle, pool in self.handlespace.pools.items():
             family.add_metric([handle.decode("utf-8", "replace")], len(pool.entries))
         yield family
+        # Counted by the handlespace: a Counter per answer would cost more than a cached answer.
+        yield CounterMetricFamily("xenpool_handle_resolutions", "Handle resolutions answered", value=self.handlespace.resolutions)
 
     # Observer interface
     def registered(self, entry: PoolEntry, new: bool) -> None:
@@ -190,9 +232,6 @@ class Metrics:
 
     def removed(self, entry: PoolEntry, why: str) -> None:
         self.removals.labels(why).inc()
-
-    def resolved(self, handle: bytes) -> None:
-        self.resolutions.inc()
 
     def took_over(self, peer: int, count: int) -> None:
         self.takeovers.inc()
