@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 from zope.interface import implementer
 
+from .. import eager_write
 from ..logs import hex_id, pool_name
 from ..protocol import framing
 from ..protocol import messages as M
@@ -91,7 +92,8 @@ class SessionProtocol(Protocol):
         self.factory.sessions.add(self)
 
     def send(self, message: object) -> None:
-        self.transport.write(framing.frame_message(message))
+        # at once when nothing is queued: one reactor turn per heartbeat, not two
+        eager_write.write(self.transport, framing.frame_message(message))
 
     def close(self) -> None:
         self.transport.loseConnection()
