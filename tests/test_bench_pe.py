@@ -47,6 +47,10 @@ def test_small_run_reports_the_pe_cpu_and_leaves_no_process():
     assert result["pe_rss_kb"] > 0 and result["targets"]["pe_cpu_percent"] == 1.0
     for window in ("idle", "heartbeat"):
         assert result["windows"][window]["elapsed_s"] >= 2 and result["windows"][window]["cpu_s"] >= 0
+    for kind in ("twisted", "selectors"):  # baselines of the same run, same load
+        assert result["baselines"][kind]["heartbeats"] == 6 and result["baselines"][kind]["cpu_percent"] >= 0
+        assert f"ratio_to_{kind}" in result
+        assert f"a minimal {kind} server, pid" in err
     assert "PE pid" in err and "registrar pid" in err  # the daemons really ran
     assert processes_with(marker) == []
 

@@ -18,6 +18,12 @@ CPU time is utime + stime of the whole process (every thread, libvirt's included
 ``cpu_us_per_heartbeat`` is the heartbeat window's CPU per answered heartbeat,
 ``net_cpu_us_per_heartbeat`` the same after taking the idle baseline off.
 
+Baselines, measured in the same run with the same load generator (heartbeat window
+only): ``baselines.twisted``, a minimal Twisted server (epoll reactor, the same codec,
+``transport.write`` of a fixed answer) and ``baselines.selectors``, a plain ``selectors``
+loop doing the same. ``ratio_to_twisted`` and ``ratio_to_selectors`` are the PE's CPU
+over theirs: what the daemon costs beyond answering at all, on this machine, today.
+
 The PE's idle timeout is raised above the idle window, or the silent sessions would end.
 Every wait is for an event (a log line, an answer) with a deadline; the only sleeps are
 the two measured windows themselves. Every process the bench starts is stopped on every
@@ -260,6 +266,7 @@ def pe(vms: int, seconds: float, profile: str | None = None) -> dict:
             raise BenchError(f"the PE exited during the run; its log:\n{pe_daemon.log}")
         if profile:
             _progress(f"stopping the PE; its profile goes to {profile}")
+    baselines = {kind: baseline(kind, vms, seconds) for kind in BASELINES}
 
     idle, busy = run["idle"], run["heartbeat"]
     heartbeats = busy["answers"]
@@ -284,8 +291,36 @@ def pe(vms: int, seconds: float, profile: str | None = None) -> dict:
         cpu_tick_s=1 / os.sysconf("SC_CLK_TCK"),
         windows={"idle": idle, "heartbeat": {k: v for k, v in busy.items() if k != "rtt_ms"}},
         targets={"pe_cpu_percent": TARGET_PE_CPU_PERCENT},
+        baselines=baselines,
+        **{f"ratio_to_{kind}": _ratio(busy_percent, b["cpu_percent"]) for kind, b in baselines.items()},
     )
     return result
+
+
+def _ratio(value: float, base: float) -> float | None:
+    return round(value / base, 2) if base > 0 else None
+
+
+BASELINES = ("twisted", "selectors")
+
+
+def baseline(kind: str, vms: int, seconds: float) -> dict:
+    """The heartbeat window against a minimal ``kind`` server (no idle window)."""
+    port = _free_port()
+    argv = [sys.executable, "-m", __name__, "serve", kind, str(port)]
+    with tempfile.TemporaryDirectory(prefix="xenpool-bench-pe-") as tmp:
+        with daemon(argv, Path(tmp), f"baseline-{kind}", "serving") as server:
+            _progress(f"baseline: a minimal {kind} server, pid {server.proc.pid}")
+            spec = {"port": port, "pe_pid": server.proc.pid, "vms": vms, "ram_mb": VM_RAM_MB, "seconds": seconds,
+                    "idle": False}  # fmt: skip
+            busy = load(spec)["heartbeat"]
+    heartbeats = busy["answers"]
+    return {
+        "cpu_percent": round(100 * busy["cpu_s"] / busy["elapsed_s"], 3),
+        "cpu_us_per_heartbeat": round(1e6 * busy["cpu_s"] / heartbeats, 1) if heartbeats else None,
+        "heartbeats": heartbeats,
+        "rtt_ms": busy["rtt_ms"],
+    }
 
 
 def _verdict(ok: bool) -> str:
@@ -314,6 +349,10 @@ def _print_table(r: dict) -> None:
         ("create_s", f"{r['create_s']:.2f} s", "", ""),
         ("pe_rss_kb", "-" if r["pe_rss_kb"] is None else f"{r['pe_rss_kb']:,} KB", "", ""),
     ]  # fmt: skip
+    for kind, b in r["baselines"].items():
+        ratio = r[f"ratio_to_{kind}"]
+        rows.append((f"baseline: bare {kind} server", f"{b['cpu_percent']:.2f} %", "",
+                     f"PE = {'-' if ratio is None else f'{ratio:.2f}'} x this"))  # fmt: skip
     for row in rows:
         table.add_row(*row)
     Console().print(table)
@@ -391,12 +430,25 @@ def client(spec: dict) -> dict:
     vms, seconds, pid = spec["vms"], spec["seconds"], spec["pe_pid"]
     sessions = _Sessions(spec["port"], vms)
     try:
-        return _measure(sessions, vms, seconds, pid, spec["ram_mb"])
+        return _measure(sessions, vms, seconds, pid, spec["ram_mb"], spec.get("idle", True))
     finally:
         sessions.close()
 
 
-def _measure(sessions: _Sessions, vms: int, seconds: float, pid: int, ram_mb: int) -> dict:
+def _idle_window(sessions: _Sessions, vms: int, seconds: float, pid: int, on_answer) -> dict:
+    """VMs running, sessions open and silent."""
+    _progress(f"{vms} VMs running; idle window of {seconds:g} s")
+    start, cpu0 = time.monotonic(), _cpu_seconds(pid)
+    end = start + seconds
+    while (now := time.monotonic()) < end:
+        sessions.pump(end - now, on_answer)  # nothing may come: on_answer refuses it
+    cpu1, stop = _cpu_seconds(pid), time.monotonic()
+    if cpu0 is None or cpu1 is None:
+        raise BenchError("the PE process is gone")
+    return {"elapsed_s": round(stop - start, 4), "cpu_s": round(cpu1 - cpu0, 3)}
+
+
+def _measure(sessions: _Sessions, vms: int, seconds: float, pid: int, ram_mb: int, idle_window: bool = True) -> dict:
     # Create one VM per session, all requests at once (the PE has them in flight together).
     _progress(f"{vms} sessions open; creating {vms} VMs of {ram_mb} MB")
     started = time.monotonic()
@@ -440,16 +492,7 @@ def _measure(sessions: _Sessions, vms: int, seconds: float, pid: int, ram_mb: in
         sessions.pump(deadline - time.monotonic(), on_answer)
     rtts.clear()
 
-    # The idle window: VMs running, sessions open and silent.
-    _progress(f"{vms} VMs running; idle window of {seconds:g} s")
-    start, cpu0 = time.monotonic(), _cpu_seconds(pid)
-    end = start + seconds
-    while (now := time.monotonic()) < end:
-        sessions.pump(end - now, on_answer)  # nothing may come: on_answer refuses it
-    cpu1, stop = _cpu_seconds(pid), time.monotonic()
-    if cpu0 is None or cpu1 is None:
-        raise BenchError("the PE process is gone")
-    idle = {"elapsed_s": round(stop - start, 4), "cpu_s": round(cpu1 - cpu0, 3)}
+    idle = _idle_window(sessions, vms, seconds, pid, on_answer) if idle_window else None
 
     # The heartbeat window: session i asks at start + k + i/vms, k = 0, 1, ...
     _progress(f"heartbeating {vms} sessions once a second for {seconds:g} s")
@@ -493,7 +536,64 @@ def _measure(sessions: _Sessions, vms: int, seconds: float, pid: int, ram_mb: in
     return {"create_s": create_s, "idle": idle, "heartbeat": busy}
 
 
+# ------------------------------------------- the baseline servers (children)
+
+
+def _baseline_answer(message: object) -> bytes:
+    """What the load generator needs: every VM starts, every heartbeat says running."""
+    if isinstance(message, S.CreateServer):
+        return framing.frame_message(S.CreateResult(message.server_id, S.ResultCode.STARTED, 0))
+    if isinstance(message, S.CheckRunning):
+        return framing.frame_message(S.CheckRunningResponse(message.server_id, RUNNING))
+    raise BenchError(f"a baseline server takes no {message!r}")
+
+
+def serve_selectors(port: int) -> None:  # pragma: no cover - run in a child process
+    listener = socket.create_server(("127.0.0.1", port))
+    listener.setblocking(False)
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ, None)
+    print("serving", flush=True)
+    while True:
+        for key, _ in selector.select():
+            if key.data is None:
+                conn, _addr = listener.accept()
+                conn.setblocking(False)
+                selector.register(conn, selectors.EVENT_READ, framing.ShimStream())
+                continue
+            conn, stream = key.fileobj, key.data
+            data = conn.recv(65536)
+            if not data:
+                selector.unregister(conn)
+                conn.close()
+                continue
+            stream.feed(data)
+            while (item := stream.next_message()) is not None:
+                conn.send(_baseline_answer(item[1]))  # small: the socket buffer takes it
+
+
+def serve_twisted(port: int) -> None:  # pragma: no cover - run in a child process
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    class Answer(Protocol):
+        def connectionMade(self) -> None:
+            self.stream = framing.ShimStream()
+
+        def dataReceived(self, data: bytes) -> None:
+            self.stream.feed(data)
+            while (item := self.stream.next_message()) is not None:
+                self.transport.write(_baseline_answer(item[1]))
+
+    reactor.listenTCP(port, Factory.forProtocol(Answer), interface="127.0.0.1")
+    reactor.callWhenRunning(lambda: print("serving", flush=True))
+    reactor.run()
+
+
 def main(argv: list[str]) -> int:  # pragma: no cover - run in the bench's child process
+    if argv[:1] == ["serve"] and len(argv) == 3 and argv[1] in BASELINES:
+        (serve_twisted if argv[1] == "twisted" else serve_selectors)(int(argv[2]))
+        return 0
     if argv[:1] == ["client"]:
         try:
             result = client(json.loads(argv[1]))
@@ -501,7 +601,7 @@ def main(argv: list[str]) -> int:  # pragma: no cover - run in the bench's child
             result = {"error": str(err)}
         print(json.dumps(result), flush=True)
         return 0
-    print("usage: python -m xenpool.bench_pe client SPEC", file=sys.stderr)
+    print("usage: python -m xenpool.bench_pe client SPEC | serve twisted|selectors PORT", file=sys.stderr)
     return 2
 
 

@@ -9,13 +9,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application import service, strports
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.web import resource, server
 from zope.interface import implementer
 
 from .. import eager_write
+from ..discovery import FailoverEndpoint, Registrars
 from ..logs import hex_id, pool_name
 from ..protocol import framing
 from ..protocol import messages as M
@@ -24,26 +24,6 @@ from ..protocol.errors import ProtocolError
 from .core import PoolElementCore
 
 log = Logger()
-
-
-@implementer(IStreamClientEndpoint)
-class FailoverEndpoint:
-    """Connects to the first registrar that answers, trying the next one after a
-    failure, so a PE whose home registrar is gone registers at another."""
-
-    def __init__(self, endpoints: list) -> None:
-        self.endpoints = endpoints
-        self.index = 0
-
-    def connect(self, factory):
-        endpoint = self.endpoints[self.index % len(self.endpoints)]
-        d = endpoint.connect(factory)
-
-        def failed(failure):
-            self.index += 1
-            return failure
-
-        return d.addErrback(failed)
 
 
 class RegistrationProtocol(Protocol):
@@ -146,7 +126,7 @@ class SessionFactory(Factory):
 class PoolElementService(service.MultiService):
     """Wires the core to the registrar, the PU endpoint, timers and the status page."""
 
-    def __init__(self, core: PoolElementCore, policy, policy_arguments: list[str], reactor, *, registrars: list,
+    def __init__(self, core: PoolElementCore, policy, policy_arguments: list[str], reactor, *, registrars: Registrars,
                  user_endpoint: str, user_address: str, user_port: int, load_interval_s: float,
                  registration_life_ms: int, idle_timeout: float, status: str | None,
                  rebalancer=None, rebalance_interval_s: float = 120.0, pool_access=None) -> None:  # fmt: skip
