@@ -8,6 +8,7 @@ when the option can be given several times (``peer``).
 from __future__ import annotations
 
 import configparser
+import ipaddress
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -42,6 +43,14 @@ def id32(text: str) -> int:
     if not 0 < value <= 0xFFFFFFFF:
         raise ValueError(f"must be a 32-bit number other than 0, got {text}")
     return value
+
+
+def ipv4_address(text: str) -> str:
+    """An IPv4 address, e.g. the local address of a network interface."""
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise ValueError(f"expected an IPv4 address, got {text!r}") from None
 
 
 def secret_file(path: str) -> bytes:

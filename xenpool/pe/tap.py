@@ -11,7 +11,9 @@ import socket
 
 from twisted.python import usage
 
+from .. import discovery
 from ..config import Setting, id32, json_log, make_options, positive_float, positive_int, secret_file
+from ..discovery import listener_settings
 
 
 def weights(text: str) -> dict[str, float]:
@@ -47,7 +49,10 @@ def yes_no(text: str) -> bool:
 SETTINGS = [
     Setting("pool", "Xen", str, "pool handle"),
     Setting("pe-id", None, id32, "PE identifier, 32 bits (default: random)"),
-    Setting("registrar", ["tcp:host=127.0.0.1:port=3863"], str, "a registrar's ASAP endpoint; tried in order", multiple=True),
+    Setting("registrar", [], str,
+            "a registrar's ASAP endpoint; tried in order (default: tcp:host=127.0.0.1:port=3863 unless --registrar-announce)",
+            multiple=True),
+    *listener_settings(),
     Setting("port", 5001, positive_int, "TCP port for PU sessions"),
     Setting("address", "127.0.0.1", str, "address PUs reach this PE at (registered with the pool)"),
     Setting("bind", "", str, "interface to listen on (default: all)"),
@@ -116,7 +121,7 @@ class Options(make_options(SETTINGS, "pe", "Run a pool element on this hyperviso
 
 
 def makeService(options: Options):
-    from twisted.internet import endpoints, reactor
+    from twisted.internet import reactor
 
     from .accounting import HostAccounting, LoadSettings
     from .core import PeSettings, PoolElementCore
@@ -147,7 +152,8 @@ def makeService(options: Options):
 
     target = "xvda" if s["libvirt-uri"].startswith("xen") else "vda"
     storage_options = {"nbd": {"reactor": reactor}, "iscsi": {"reactor": reactor}}
-    pool_access = TcpPoolAccess(reactor, s["registrar"])
+    registrars, announce_listener = discovery.registrars(reactor, s["registrar"], s["registrar-announce"], s["announce-interface"])
+    pool_access = TcpPoolAccess(reactor, registrars)
     claims = TcpClaimAsker(reactor, pool_access, settings.pool_handle, settings.pe_identifier)
     core = PoolElementCore(
         settings, hypervisor, HostAccounting(node, load_settings), options.metric, reactor, fencer=options.fencer,
@@ -155,7 +161,6 @@ def makeService(options: Options):
         disk_xml=disk_xml_function(options.plugins, target, storage_options),
         disk_release=disk_release_function(options.plugins, storage_options),
     )  # fmt: skip
-    registrars = [endpoints.clientFromString(reactor, r) for r in s["registrar"]]
     bind = f":interface={s['bind']}" if s["bind"] else ""
     pe = PoolElementService(
         core, options.policy, options.policy_arguments, reactor, registrars=registrars,
@@ -169,5 +174,7 @@ def makeService(options: Options):
 
         core.host_cpu = HostCpu()  # a local hypervisor: this machine's /proc/stat is the host's
     HypervisorService(hypervisor).setServiceParent(pe)
+    if announce_listener is not None:
+        announce_listener.setServiceParent(pe)
     return pe
 

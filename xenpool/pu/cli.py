@@ -12,6 +12,9 @@ import signal
 import sys
 import time
 
+from .. import discovery
+from ..config import ipv4_address
+from ..discovery import multicast_address
 from ..protocol import session as S
 from ..protocol.errors import ProtocolError
 from .core import PuSettings, State, VmKeeper
@@ -39,6 +42,18 @@ def positive(kind):
     return parse
 
 
+def argparse_type(parse):
+    """``parse`` as an argparse type: its ValueError's message becomes the error shown."""
+
+    def checked(text: str):
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return checked
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xenpool-pu", description="A pool user: get a VM from the pool and keep it.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -54,7 +69,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--ip", action="append", default=[], help="an IP address of the VM (may repeat)")
     c.add_argument("--pool", default="Xen")
     c.add_argument("--registrar", action="append", type=registrar_endpoint, default=[], metavar="HOST:PORT",
-                   help="a registrar (may repeat; default 127.0.0.1:3863)")  # fmt: skip
+                   help="a registrar (may repeat; default 127.0.0.1:3863 unless --registrar-announce)")  # fmt: skip
+    c.add_argument("--registrar-announce", type=argparse_type(multicast_address), metavar="GROUP:PORT",
+                   help="also use the registrars heard announcing there, e.g. 239.0.0.50:3863")  # fmt: skip
+    c.add_argument("--announce-interface", type=argparse_type(ipv4_address), metavar="IP",
+                   help="the local IPv4 address whose interface announces are heard on")  # fmt: skip
     c.add_argument("--heartbeat-interval", type=positive(float), default=1.0, metavar="S", help="default 1")
     c.add_argument("--heartbeat-timeout", type=positive(float), default=3.0, metavar="S",
                    help="seconds without an answer before failing over (default 3)")  # fmt: skip
@@ -77,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         pool_handle=args.pool.encode(), heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_timeout_s=args.heartbeat_timeout,
     )  # fmt: skip
-    access = TcpPoolAccess(reactor, args.registrar or ["tcp:host=127.0.0.1:port=3863"])
+    registrars, announce_listener = discovery.registrars(reactor, args.registrar, args.registrar_announce, args.announce_interface or "")
+    if announce_listener is not None:
+        announce_listener.startService()
+    access = TcpPoolAccess(reactor, registrars)
     keeper = VmKeeper(request, access, reactor, settings)
 
     def show(k: VmKeeper, state: State, why: str) -> None:

@@ -6,6 +6,7 @@ from twisted.internet import defer, endpoints
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from ..discovery import Registrars
 from ..protocol import framing
 from ..protocol import messages as M
 from ..protocol import params as P
@@ -76,16 +77,17 @@ class _PeSession(Protocol):
 
 
 class TcpPoolAccess:
-    """PoolAccess over TCP: registrars tried in order, PEs at their user transport."""
+    """PoolAccess over TCP: registrars tried in order (configured, then announced), PEs
+    at their user transport."""
 
-    def __init__(self, reactor, registrars: list[str], timeout_s: float = 5.0) -> None:
+    def __init__(self, reactor, registrars: Registrars, timeout_s: float = 5.0) -> None:
         self.reactor = reactor
-        self.registrars = [endpoints.clientFromString(reactor, r) for r in registrars]
+        self.registrars = registrars
         self.timeout_s = timeout_s
 
     async def _ask(self, request: M.Message) -> M.Message:
         errors = []
-        for endpoint in self.registrars:
+        for endpoint in self.registrars.endpoints():
             answer: defer.Deferred = defer.Deferred()
             try:
                 await endpoint.connect(Factory.forProtocol(lambda: _OneRequest(request, answer)))
@@ -97,7 +99,7 @@ class TcpPoolAccess:
                         timer.cancel()
             except Exception as err:  # noqa: BLE001 - try the next registrar
                 errors.append(str(err) or type(err).__name__)
-        raise ConnectionError("; ".join(errors) or "no registrar configured")
+        raise ConnectionError("; ".join(errors) or "no registrar configured, and none announced yet")
 
     def resolve(self, pool_handle: bytes, items: int, ram_mb: int | None = None) -> defer.Deferred:
         async def resolve() -> list[P.PoolElement]:
@@ -119,5 +121,5 @@ class TcpPoolAccess:
 
     def report_unreachable(self, pool_handle: bytes, identifier: int) -> None:
         request = M.EndpointUnreachable(pool_handle, identifier)
-        for endpoint in self.registrars[:1]:
+        for endpoint in self.registrars.endpoints()[:1]:
             endpoint.connect(Factory.forProtocol(lambda: _OneRequest(request, None))).addErrback(lambda f: None)

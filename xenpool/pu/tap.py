@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from twisted.python import usage
 
+from .. import discovery
 from ..config import Setting, json_log, make_options, positive_float, read_ini
+from ..discovery import listener_settings
 from ..protocol import session as S
 from .cli import registrar_endpoint
 
 SETTINGS = [
-    Setting("registrar", ["tcp:host=127.0.0.1:port=3863"], str, "a registrar's ASAP endpoint (may repeat)", multiple=True),
+    Setting("registrar", [], str,
+            "a registrar's ASAP endpoint, may repeat (default: 127.0.0.1:3863 unless --registrar-announce)", multiple=True),
+    *listener_settings(),
     Setting("pool", "Xen", str, "pool handle"),
     Setting("state-dir", "/var/lib/xenpool/keeper", str, "where each VM's last cookie is kept"),
     Setting("heartbeat-interval", 1.0, positive_float, "seconds between heartbeats"),
@@ -78,4 +82,8 @@ def makeService(options: Options):
         pool_handle=s["pool"].encode(), heartbeat_interval_s=s["heartbeat-interval"],
         heartbeat_timeout_s=s["heartbeat-timeout"], resolution_items=256,
     )  # fmt: skip
-    return KeeperService(options.vms, TcpPoolAccess(reactor, s["registrar"]), reactor, settings, s["state-dir"], s["status"])
+    registrars, announce_listener = discovery.registrars(reactor, s["registrar"], s["registrar-announce"], s["announce-interface"])
+    keeper = KeeperService(options.vms, TcpPoolAccess(reactor, registrars), reactor, settings, s["state-dir"], s["status"])
+    if announce_listener is not None:
+        announce_listener.setServiceParent(keeper)
+    return keeper

@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from ..discovery import DEFAULT_ANNOUNCE_INTERVAL_S, Announcer
 from ..logs import hex_id
 from twisted.protocols.policies import TimeoutMixin
 from twisted.web import resource, server
@@ -305,19 +306,48 @@ class _Metrics(resource.Resource):
         return generate_latest(self.metrics.registry)
 
 
+class _Listener(service.Service):
+    """Listens on one endpoint and keeps the port, whose address announces carry. Like
+    ``strports.service``, a port that cannot be bound stops the daemon at start."""
+
+    def __init__(self, endpoint, factory) -> None:
+        self.endpoint, self.factory, self.port = endpoint, factory, None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        failed = []
+        self.endpoint.listen(self.factory).addCallbacks(lambda port: setattr(self, "port", port), failed.append)
+        if failed:
+            failed[0].raiseException()
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else None
+
+
 class RegistrarService(service.MultiService):
-    """Starts the registrar core and ENRP peering, and listens on their endpoints."""
+    """Starts the registrar core and ENRP peering, listens on their endpoints, and
+    announces the ASAP endpoints by multicast if ``announce`` is given."""
 
     def __init__(self, registrar: Registrar, peering: Peering, metrics: Metrics, reactor, *, asap: list[str],
                  enrp: list[str], peers: list[str], status: str | None, idle_timeout: float,
-                 max_message_size: int) -> None:  # fmt: skip
+                 max_message_size: int, announce: tuple[str, int] | None = None, announce_interface: str = "",
+                 announce_interval_s: float = DEFAULT_ANNOUNCE_INTERVAL_S, announce_ttl: int = 1) -> None:  # fmt: skip
         super().__init__()
         self.registrar = registrar
         self.peering = peering
         self.metrics = metrics
+        self.announce_interface = announce_interface
         factory = AsapFactory(registrar, idle_timeout, max_message_size, metrics)
-        for description in asap:
-            strports.service(description, factory).setServiceParent(self)
+        self.asap_listeners = [_Listener(endpoints.serverFromString(reactor, d), factory) for d in asap]
+        for listener in self.asap_listeners:
+            listener.setServiceParent(self)
+        if announce is not None:
+            Announcer(
+                reactor, registrar.registrar_id, self.asap_transports, *announce, interval_s=announce_interval_s,
+                interface=announce_interface, ttl=announce_ttl,
+            ).setServiceParent(self)  # fmt: skip
         for description in enrp:
             strports.service(description, EnrpFactory(peering, False, idle_timeout, metrics)).setServiceParent(self)
         for description in peers:
@@ -327,6 +357,18 @@ class RegistrarService(service.MultiService):
             ).setServiceParent(self)  # fmt: skip
         if status:
             strports.service(status, server.Site(StatusResource(registrar, metrics))).setServiceParent(self)
+
+    def asap_transports(self) -> list[P.TcpTransport]:
+        """Where PEs and PUs reach this registrar. A port bound to every interface is
+        announced with the announce interface's address, or 0.0.0.0, which a listener
+        takes as the announce's source address."""
+        transports = []
+        for listener in self.asap_listeners:
+            if listener.port is not None:
+                host = listener.port.getHost()
+                address = host.host if host.host not in ("0.0.0.0", "::") else (self.announce_interface or "0.0.0.0")
+                transports.append(P.TcpTransport(host.port, (address,)))
+        return transports
 
     def startService(self) -> None:
         self.registrar.start()

@@ -10,7 +10,8 @@ import random
 
 from twisted.python import usage
 
-from ..config import Setting, id32, json_log, make_options, pool_secret, positive_float, positive_int
+from ..config import Setting, id32, ipv4_address, json_log, make_options, pool_secret, positive_float, positive_int
+from ..discovery import DEFAULT_ANNOUNCE_INTERVAL_S, multicast_address
 from ..protocol.messages import ASAP_PORT, MAX_MESSAGE_SIZE
 
 SETTINGS = [
@@ -29,6 +30,11 @@ SETTINGS = [
     Setting("max-resolution-items", 3, positive_int, "PEs per handle resolution answer"),
     Setting("idle-timeout", 60.0, positive_float, "seconds before a silent connection is closed"),
     Setting("max-message-size", MAX_MESSAGE_SIZE, positive_int, "largest ASAP message accepted, bytes"),
+    Setting("announce", None, multicast_address,
+            "send SERVER_ANNOUNCEs of the ASAP endpoints to GROUP:PORT, e.g. 239.0.0.50:3863 (default: off)"),
+    Setting("announce-interface", "", ipv4_address, "the local IPv4 address whose interface announces leave by"),
+    Setting("announce-interval", DEFAULT_ANNOUNCE_INTERVAL_S, positive_float, "seconds between announces"),
+    Setting("announce-ttl", 1, positive_int, "multicast TTL of announces (1: this network only)"),
 ]
 
 Options = make_options(SETTINGS, "registrar", "Run an RSerPool pool registrar.")
@@ -62,5 +68,7 @@ def makeService(options: usage.Options):
     registrar = Registrar(handlespace, reactor, timers, observers=[metrics, peering])
     return RegistrarService(
         registrar, peering, metrics, reactor, asap=s["asap"], enrp=s["enrp"], peers=s["peer"], status=s["status"],
-        idle_timeout=s["idle-timeout"], max_message_size=s["max-message-size"],
+        idle_timeout=s["idle-timeout"], max_message_size=s["max-message-size"], announce=s["announce"],
+        announce_interface=s["announce-interface"], announce_interval_s=s["announce-interval"],
+        announce_ttl=s["announce-ttl"],
     )  # fmt: skip

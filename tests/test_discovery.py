@@ -1,0 +1,188 @@
+"""Finding registrars by their multicast SERVER_ANNOUNCEs.
+
+Unit tests on a Clock for the sans-IO directory and the endpoints; end to end, a real
+registrar announcing on loopback multicast and a PE and a PU that know no registrar
+address: the PE registers, the PU gets a VM, and when that registrar dies the PE
+registers at the other one it heard."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.internet import error
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+
+from xenpool import processes
+from xenpool.discovery import AnnouncedRegistrars, AnnounceListener, FailoverEndpoint, Registrars, multicast_address
+from xenpool.protocol import messages as M
+from xenpool.protocol import params as P
+
+from .daemons import AsapClient, Daemon, free_port
+
+ETC = Path(__file__).parents[1] / "etc" / "xenpool"
+
+
+def announce(server_id: int, port: int, *addresses: str) -> M.ServerAnnounce:
+    return M.ServerAnnounce(server_id, (P.TcpTransport(port, addresses or ("0.0.0.0",)),))
+
+
+# ------------------------------------------------------------------ sans-IO
+
+
+def test_announced_registrars_are_kept_until_they_fall_silent():
+    heard = AnnouncedRegistrars(timeout_s=5)
+    assert heard.heard(announce(1, 3863, "10.0.0.1"), "10.0.0.1", now=0)
+    assert heard.heard(announce(2, 3864), "10.0.0.2", now=3)  # 0.0.0.0: the sender's address
+    assert heard.alive(now=4) == [("10.0.0.1", 3863), ("10.0.0.2", 3864)]
+    heard.heard(announce(1, 3863, "10.0.0.1"), "10.0.0.1", now=4)
+    assert heard.alive(now=8.5) == [("10.0.0.1", 3863)]  # 2 last heard at 3
+    assert heard.alive(now=9.5) == []
+
+
+def test_a_registrar_that_moves_is_found_at_its_new_address():
+    heard = AnnouncedRegistrars()
+    heard.heard(announce(1, 3863, "10.0.0.1"), "10.0.0.1", now=0)
+    heard.heard(announce(1, 4000, "10.0.0.9"), "10.0.0.9", now=1)
+    assert heard.alive(now=1) == [("10.0.0.9", 4000)]
+
+
+def test_an_announce_without_a_tcp_transport_is_not_taken():
+    heard = AnnouncedRegistrars()
+    udp_only = M.ServerAnnounce(1, (P.UdpTransport(3863, ("10.0.0.1",)),))
+    assert not heard.heard(udp_only, "10.0.0.1", now=0)
+    assert heard.alive(now=0) == []
+
+
+def test_the_listener_takes_announces_and_drops_everything_else():
+    clock = Clock()
+    heard = AnnouncedRegistrars()
+    listener = AnnounceListener(heard, "239.0.0.50", clock)
+    listener.datagramReceived(b"\x0c\x00\x00\x03garbage", ("10.0.0.7", 5000))  # bad length
+    listener.datagramReceived(M.encode(M.HandleResolution(b"Xen")), ("10.0.0.7", 5000))  # not an announce
+    listener.datagramReceived(M.encode(M.ServerAnnounce(7, (P.UdpTransport(1, ("10.0.0.7",)),))), ("10.0.0.7", 5000))
+    assert heard.alive(0) == []
+    clock.advance(2)
+    listener.datagramReceived(M.encode(announce(7, 3863)), ("10.0.0.7", 5000))
+    clock.advance(4)
+    assert heard.alive(clock.seconds()) == [("10.0.0.7", 3863)]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("239.0.0.50:3863", ("239.0.0.50", 3863)), ("239.1.2.3", ("239.1.2.3", 3863))],
+)
+def test_multicast_addresses(text, expected):
+    assert multicast_address(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("10.0.0.1:3863", "not a multicast group"), ("239.0.0.50:0", "port must be"), ("pr1:3863", "GROUP:PORT"),
+     ("239.0.0.50:x", "port must be")],
+)  # fmt: skip
+def test_bad_multicast_addresses_are_named(text, message):
+    with pytest.raises(ValueError, match=message):
+        multicast_address(text)
+
+
+def test_configured_registrars_come_before_announced_ones():
+    reactor = MemoryReactorClock()
+    heard = AnnouncedRegistrars()
+    registrars = Registrars(reactor, ["tcp:host=10.0.0.1:port=3863"], heard)
+    heard.heard(announce(2, 3900, "10.0.0.2"), "10.0.0.2", now=0)
+    found = registrars.endpoints()
+    assert [(e._host, e._port) for e in found] == [("10.0.0.1", 3863), ("10.0.0.2", 3900)]
+
+
+def test_failover_endpoint_fails_clearly_until_a_registrar_is_heard_then_tries_each_in_turn():
+    reactor = MemoryReactorClock()
+    heard = AnnouncedRegistrars()
+    endpoint = FailoverEndpoint(Registrars(reactor, [], heard))
+    failure = []
+    endpoint.connect(object()).addErrback(failure.append)
+    assert failure and failure[0].check(error.ConnectError) and "none announced yet" in str(failure[0].value)
+    heard.heard(announce(1, 3863, "10.0.0.1"), "10.0.0.1", now=0)
+    heard.heard(announce(2, 3863, "10.0.0.2"), "10.0.0.2", now=0)
+    for expected in ("10.0.0.1", "10.0.0.2", "10.0.0.1"):
+        endpoint.connect(object()).addErrback(lambda f: None)
+        host, port, factory, timeout, bind = reactor.tcpClients[-1]
+        assert host == expected
+        factory.clientConnectionFailed(reactor.connectors[-1], Failure(error.ConnectionRefusedError()))
+
+
+# ----------------------------------------------------------------- end to end
+
+
+def _loopback_multicast() -> bool:
+    return "MULTICAST" in subprocess.run(["ip", "link", "show", "lo"], capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def multicast_loopback():
+    """Multicast on the loopback interface, which Linux leaves off by default: switched
+    on for these tests when running as root, and back off after."""
+    if _loopback_multicast():
+        yield
+        return
+    if processes.os.geteuid() != 0:
+        pytest.skip("loopback has no MULTICAST flag; run as root or `ip link set lo multicast on`")
+    subprocess.run(["ip", "link", "set", "lo", "multicast", "on"], check=True)
+    yield
+    subprocess.run(["ip", "link", "set", "lo", "multicast", "off"], check=False)
+
+
+def registrar_daemon(cwd, registrar_id: int, group: str) -> Daemon:
+    asap = free_port()
+    daemon = Daemon(
+        "xenpool-registrar", f"--asap=tcp:{asap}:interface=127.0.0.1", f"--registrar-id={registrar_id:#x}",
+        f"--announce={group}", "--announce-interface=127.0.0.1", "--announce-interval=0.2",
+        ready=f"registrar {registrar_id:#010x} started", cwd=cwd,
+    )  # fmt: skip
+    daemon.asap = asap
+    return daemon
+
+
+@pytest.mark.slow
+def test_a_pe_and_a_pu_find_registrars_by_their_announces(multicast_loopback, tmp_path):
+    group = f"239.0.0.50:{free_port()}"
+    first = registrar_daemon(tmp_path, 0x0A0A0A01, group)
+    daemons = [first]
+    try:
+        pe_port = free_port()
+        pe = Daemon(
+            "xenpool-pe", f"--registrar-announce={group}", "--announce-interface=127.0.0.1", "--pe-id=7",
+            f"--port={pe_port}", "--bind=127.0.0.1", "--host=host1", f"--libvirt-uri=test://{ETC / 'node-host1.xml'}",
+            "--load-interval=3600", "--lease=0",
+            ready="registered in pool Xen", cwd=tmp_path,
+        )  # fmt: skip
+        daemons.append(pe)
+        assert f"connected to registrar IPv4Address(type='TCP', host='127.0.0.1', port={first.asap})" in pe.log
+        answer = AsapClient(first.asap).request(M.HandleResolution(b"Xen"))
+        assert [e.identifier for e in answer.pool_elements] == [7]
+
+        pu = processes.Process(
+            [str(Path(sys.executable).with_name("xenpool-pu")), "create", "--server-id", "found1", "--ram", "64",
+             f"--registrar-announce={group}", "--announce-interface=127.0.0.1", "--heartbeat-interval=0.5"],
+            cwd=tmp_path,
+        )  # fmt: skip
+        try:
+            pu.wait_for("found1: running: on PE")
+        finally:
+            pu.stop()
+
+        # The first registrar dies; a second one announces; the PE registers there.
+        second = registrar_daemon(tmp_path, 0x0A0A0A02, group)
+        daemons.append(second)
+        since = len(pe.log)
+        first.kill()
+        pe.wait_for("registered in pool Xen", since=since)
+        answer = AsapClient(second.asap).request(M.HandleResolution(b"Xen"))
+        assert [e.identifier for e in answer.pool_elements] == [7]
+    finally:
+        for daemon in reversed(daemons):
+            daemon.stop()
