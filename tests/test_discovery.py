@@ -7,6 +7,7 @@ registers at the other one it heard."""
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +20,17 @@ from twisted.python.failure import Failure
 
 from xenpool import processes
 from xenpool.discovery import AnnouncedRegistrars, AnnounceListener, FailoverEndpoint, Registrars, multicast_address
+from xenpool.plugins import load_plugins
 from xenpool.protocol import messages as M
 from xenpool.protocol import params as P
+from xenpool.registrar.handlespace import Handlespace
+from xenpool.registrar.peering import Peering
+from xenpool.registrar.service import EnrpMulticast
 
 from .daemons import AsapClient, Daemon, free_port
 
 ETC = Path(__file__).parents[1] / "etc" / "xenpool"
+POLICIES = {p.policy_type: p for p in (lambda pl: (pl.create("policy", n) for n in pl.names("policy")))(load_plugins())}
 
 
 def announce(server_id: int, port: int, *addresses: str) -> M.ServerAnnounce:
@@ -183,6 +189,91 @@ def test_a_pe_and_a_pu_find_registrars_by_their_announces(multicast_loopback, tm
         pe.wait_for("registered in pool Xen", since=since)
         answer = AsapClient(second.asap).request(M.HandleResolution(b"Xen"))
         assert [e.identifier for e in answer.pool_elements] == [7]
+    finally:
+        for daemon in reversed(daemons):
+            daemon.stop()
+
+
+# ------------------------------------------------------ ENRP peers by multicast
+
+
+def peering(server_id: int) -> Peering:
+    handlespace = Handlespace(server_id, POLICIES, rng=random.Random(1))
+    return Peering(handlespace, Clock(), P.ServerInformation(server_id, P.TcpTransport(9901, ("0.0.0.0",))))
+
+
+def presence(sender: int, port: int = 9901, *addresses: str, info_id: int | None = None) -> M.Presence:
+    info = P.ServerInformation(sender if info_id is None else info_id, P.TcpTransport(port, addresses or ("0.0.0.0",)))
+    return M.Presence(sender, 0, 0, info)
+
+
+def test_the_lower_id_connects_to_a_peer_heard_by_multicast():
+    low, high = peering(0x10), peering(0x20)
+    assert low.discovered(high.announcement(), "10.0.0.2") == ("10.0.0.2", 9901)  # 0.0.0.0: the source
+    assert high.discovered(low.announcement(), "10.0.0.1") is None  # the other one connects
+    assert low.discovered(presence(0x30, 9902, "10.0.0.3"), "10.9.9.9") == ("10.0.0.3", 9902)
+
+
+def test_known_self_and_unreachable_presences_are_not_dialled():
+    me = peering(0x10)
+    me.handle(presence(0x20), channel=Channel())  # now a peer
+    assert me.discovered(presence(0x20), "10.0.0.2") is None
+    assert me.discovered(presence(0x10), "10.0.0.1") is None  # our own echo
+    assert me.discovered(M.Presence(0x30, 0, 0), "10.0.0.3") is None  # no Server Information
+    assert me.discovered(presence(0x30, info_id=0x31), "10.0.0.3") is None  # information of someone else
+    assert me.discovered(M.Presence(0x30, 0, 0, P.ServerInformation(0x30, P.UdpTransport(1, ("10.0.0.3",)))), "x") is None
+
+
+class Channel:
+    def __init__(self) -> None:
+        self.sent: list[M.Message] = []
+
+    def send(self, message: M.Message) -> None:
+        self.sent.append(message)
+
+
+def test_enrp_multicast_dials_each_announced_peer_once_and_drops_garbage():
+    dialled = []
+    multicast = EnrpMulticast(peering(0x10), Clock(), "239.0.0.51", 9901, interval_s=1, interface="", ttl=1,
+                              connect=lambda host, port: dialled.append((host, port)))  # fmt: skip
+    multicast.datagramReceived(b"\x01\x00\x00\x02", ("10.0.0.9", 9901))  # bad length
+    multicast.datagramReceived(M.encode(M.ListRequest(0x20, 0)), ("10.0.0.9", 9901))  # not a presence
+    for _ in range(3):
+        multicast.datagramReceived(M.encode(presence(0x20)), ("10.0.0.2", 9901))
+    assert dialled == [("10.0.0.2", 9901)]
+    multicast.MAX_DIALLED = 2
+    for sender in range(0x30, 0x40):  # a flood of forged presences
+        multicast.datagramReceived(M.encode(presence(sender, 10000 + sender)), ("10.0.0.66", 9901))
+    assert len(dialled) == 2
+
+
+@pytest.mark.slow
+def test_registrars_find_their_enrp_peers_by_multicast(multicast_loopback, tmp_path):
+    group = f"239.0.0.51:{free_port()}"
+    daemons = []
+    try:
+        for registrar_id in (0x0A0A0B01, 0x0A0A0B02):
+            asap, enrp = free_port(), free_port()
+            daemon = Daemon(
+                "xenpool-registrar", f"--asap=tcp:{asap}:interface=127.0.0.1", f"--enrp=tcp:{enrp}:interface=127.0.0.1",
+                f"--registrar-id={registrar_id:#x}", f"--enrp-announce={group}", "--announce-interface=127.0.0.1",
+                "--peer-heartbeat-interval=0.3",
+                ready=f"registrar {registrar_id:#010x} started", cwd=tmp_path,
+            )  # fmt: skip
+            daemon.asap = asap
+            daemons.append(daemon)
+        first, second = daemons
+        first.wait_for("ENRP peer 0x0a0a0b02 announced at 127.0.0.1")
+        second.wait_for("ENRP peer 0x0a0a0b01 is up")
+        pe = AsapClient(first.asap)
+        element = P.PoolElement(9, 0, 60_000, P.TcpTransport(5009, ("127.0.0.1",)), P.PoolPolicy.make(P.PolicyType.LEAST_USED))
+        assert not pe.request(M.Registration(b"Xen", element)).reject
+        for _ in range(200):  # the HANDLE_UPDATE is on its way
+            answer = AsapClient(second.asap).request(M.HandleResolution(b"Xen"))
+            if isinstance(answer, M.HandleResolutionResponse) and answer.pool_elements:
+                break
+        assert [e.identifier for e in answer.pool_elements] == [9]
+        assert "announced at" not in second.log  # the higher ID waited to be called
     finally:
         for daemon in reversed(daemons):
             daemon.stop()

@@ -8,6 +8,7 @@ ENRP connection. Time comes from an injected IReactorTime.
   hold for it, is asked for its own PEs (HANDLE_TABLE_REQUEST, W bit); the answer (in
   parts, M bit) replaces what we held for it.
 - Local registrations and removals go to every peer as HANDLE_UPDATE.
+- Peers come from the configuration, or from PRESENCEs heard by multicast (``discovered``).
 - A peer not heard for ``peer_timeout`` is taken over: INIT_TAKEOVER to the others, and
   once all acknowledged (or ``takeover_timeout`` passed) TAKEOVER_SERVER, and its PEs
   are ours. Two registrars taking over the same peer: the higher server ID wins.
@@ -92,6 +93,19 @@ class Peering:
         """An outbound connection to a configured peer is up: introduce ourselves."""
         self.unidentified.add(channel)
         channel.send(self._presence(0, reply_required=True))
+
+    def discovered(self, msg: M.Presence, source: str) -> tuple[str, int] | None:
+        """A PRESENCE heard by multicast: the (host, port) to open an ENRP connection to,
+        or None. Only the registrar with the lower ID connects, so two registrars that
+        hear each other open one connection between them; an unspecified address in the
+        Server Information stands for the announce's source."""
+        info = msg.server_information
+        if msg.sender_id <= self.server_id or msg.sender_id in self.peers or info is None:
+            return None
+        if info.server_id != msg.sender_id or not isinstance(info.transport, P.TcpTransport) or not info.transport.port:
+            return None
+        specified = [a for a in info.transport.addresses if a not in ("0.0.0.0", "::")]
+        return (specified[0] if specified else source), info.transport.port
 
     def channel_closed(self, channel: Channel) -> None:
         self.unidentified.discard(channel)
@@ -233,6 +247,10 @@ class Peering:
             peer.channel.send(M.HandleUpdate(self.server_id, peer.server_id, action, entry.pool_handle, entry.element))
 
     # ------------------------------------------------------ heartbeat, takeover
+
+    def announcement(self) -> M.Presence | None:
+        """The PRESENCE to multicast: it must say where our ENRP endpoint is."""
+        return self._presence(0) if self.own_information is not None else None
 
     def _presence(self, receiver: int, reply_required: bool = False) -> M.Presence:
         return M.Presence(self.server_id, receiver, self.handlespace.checksum(), self.own_information, reply_required)

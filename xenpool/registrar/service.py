@@ -7,10 +7,11 @@ import json
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application import service, strports
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService, MulticastServer, backoffPolicy
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ..discovery import DEFAULT_ANNOUNCE_INTERVAL_S, Announcer
@@ -187,6 +188,66 @@ class EnrpProtocol(Protocol, TimeoutMixin):
         self.peering.channel_closed(self)
 
 
+class EnrpMulticast(DatagramProtocol):
+    """ENRP PRESENCE by UDP multicast (rsplib's default group 239.0.0.51:9901): sent
+    every heartbeat interval; a registrar heard there that we should connect to
+    (``Peering.discovered``) gets an ENRP connection through ``connect(host, port)``.
+    Datagrams that are not a valid PRESENCE are logged and dropped, and at most
+    ``MAX_DIALLED`` addresses are dialled, so a flood of forged presences cannot grow
+    the daemon without bound."""
+
+    MAX_DIALLED = 64
+
+    def __init__(self, peering: Peering, clock, group: str, port: int, *, interval_s: float, interface: str,
+                 ttl: int, connect) -> None:  # fmt: skip
+        self.peering = peering
+        self.destination = (group, port)
+        self.interface = interface
+        self.ttl = ttl
+        self.connect = connect
+        self.dialled: set[tuple[str, int]] = set()
+        self._loop = LoopingCall(self.announce)
+        self._loop.clock = clock
+        self._interval_s = interval_s
+
+    def startProtocol(self) -> None:
+        self.transport.joinGroup(self.destination[0], self.interface or "")
+        self.transport.setTTL(self.ttl)
+        if self.interface:
+            self.transport.setOutgoingInterface(self.interface)
+        self._loop.start(self._interval_s, now=True)
+
+    def stopProtocol(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def announce(self) -> None:
+        presence = self.peering.announcement()
+        if presence is not None:
+            self.transport.write(M.encode(presence), self.destination)
+
+    def datagramReceived(self, data: bytes, address: tuple[str, int]) -> None:
+        try:
+            message = M.decode(data, M.ENRP_PPID)
+        except ProtocolError as err:
+            log.info("ignoring a bad ENRP announce from {host}: {err}", host=address[0], err=str(err))
+            return
+        if not isinstance(message, M.Presence):
+            log.info("ignoring {kind} on the ENRP announce group from {host}", kind=type(message).__name__, host=address[0])
+            return
+        target = self.peering.discovered(message, address[0])
+        if target is None or target in self.dialled:
+            return
+        if len(self.dialled) >= self.MAX_DIALLED:
+            log.warn("not connecting to announced ENRP peer {host}:{port}: {n} peers dialled already",
+                     host=target[0], port=target[1], n=len(self.dialled))  # fmt: skip
+            return
+        self.dialled.add(target)
+        log.info("ENRP peer {peer} announced at {host}:{port}: connecting", peer=hex_id(message.sender_id),
+                 host=target[0], port=target[1])  # fmt: skip
+        self.connect(*target)
+
+
 class EnrpFactory(Factory):
     def __init__(self, peering: Peering, outbound: bool, idle_timeout: float, metrics: "Metrics") -> None:
         self.peering, self.outbound, self.idle_timeout, self.metrics = peering, outbound, idle_timeout, metrics
@@ -315,6 +376,14 @@ class _Listener(service.Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        if self.port is None:  # started without the privileged step (not by twistd)
+            self._listen()
+        super().startService()
+
+    def _listen(self) -> None:
         failed = []
         self.endpoint.listen(self.factory).addCallbacks(lambda port: setattr(self, "port", port), failed.append)
         if failed:
@@ -333,37 +402,52 @@ class RegistrarService(service.MultiService):
     def __init__(self, registrar: Registrar, peering: Peering, metrics: Metrics, reactor, *, asap: list[str],
                  enrp: list[str], peers: list[str], status: str | None, idle_timeout: float,
                  max_message_size: int, announce: tuple[str, int] | None = None, announce_interface: str = "",
-                 announce_interval_s: float = DEFAULT_ANNOUNCE_INTERVAL_S, announce_ttl: int = 1) -> None:  # fmt: skip
+                 announce_interval_s: float = DEFAULT_ANNOUNCE_INTERVAL_S, announce_ttl: int = 1,
+                 enrp_announce: tuple[str, int] | None = None) -> None:  # fmt: skip
         super().__init__()
+        self.reactor = reactor
         self.registrar = registrar
         self.peering = peering
         self.metrics = metrics
+        self.idle_timeout = idle_timeout
         self.announce_interface = announce_interface
         factory = AsapFactory(registrar, idle_timeout, max_message_size, metrics)
         self.asap_listeners = [_Listener(endpoints.serverFromString(reactor, d), factory) for d in asap]
-        for listener in self.asap_listeners:
+        enrp_factory = EnrpFactory(peering, False, idle_timeout, metrics)
+        self.enrp_listeners = [_Listener(endpoints.serverFromString(reactor, d), enrp_factory) for d in enrp]
+        for listener in (*self.asap_listeners, *self.enrp_listeners):
             listener.setServiceParent(self)
         if announce is not None:
             Announcer(
-                reactor, registrar.registrar_id, self.asap_transports, *announce, interval_s=announce_interval_s,
-                interface=announce_interface, ttl=announce_ttl,
+                reactor, registrar.registrar_id, lambda: self._transports(self.asap_listeners), *announce,
+                interval_s=announce_interval_s, interface=announce_interface, ttl=announce_ttl,
             ).setServiceParent(self)  # fmt: skip
-        for description in enrp:
-            strports.service(description, EnrpFactory(peering, False, idle_timeout, metrics)).setServiceParent(self)
+        if enrp_announce is not None:
+            multicast = EnrpMulticast(
+                peering, reactor, *enrp_announce, interval_s=peering.timers.heartbeat_interval,
+                interface=announce_interface, ttl=announce_ttl, connect=self._connect_peer,
+            )  # fmt: skip
+            MulticastServer(enrp_announce[1], multicast, listenMultiple=True).setServiceParent(self)
         for description in peers:
-            ClientService(
-                endpoints.clientFromString(reactor, description), EnrpFactory(peering, True, idle_timeout, metrics),
-                retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=2.0),
-            ).setServiceParent(self)  # fmt: skip
+            self._connect(endpoints.clientFromString(reactor, description))
         if status:
             strports.service(status, server.Site(StatusResource(registrar, metrics))).setServiceParent(self)
 
-    def asap_transports(self) -> list[P.TcpTransport]:
-        """Where PEs and PUs reach this registrar. A port bound to every interface is
-        announced with the announce interface's address, or 0.0.0.0, which a listener
-        takes as the announce's source address."""
+    def _connect(self, endpoint) -> None:
+        ClientService(
+            endpoint, EnrpFactory(self.peering, True, self.idle_timeout, self.metrics),
+            retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=2.0),
+        ).setServiceParent(self)  # fmt: skip
+
+    def _connect_peer(self, host: str, port: int) -> None:
+        self._connect(endpoints.TCP4ClientEndpoint(self.reactor, host, port))
+
+    def _transports(self, listeners: list[_Listener]) -> list[P.TcpTransport]:
+        """Where our listeners are reached. A port bound to every interface is announced
+        with the announce interface's address, or 0.0.0.0, which a listener takes as
+        the announce's source address."""
         transports = []
-        for listener in self.asap_listeners:
+        for listener in listeners:
             if listener.port is not None:
                 host = listener.port.getHost()
                 address = host.host if host.host not in ("0.0.0.0", "::") else (self.announce_interface or "0.0.0.0")
@@ -375,6 +459,9 @@ class RegistrarService(service.MultiService):
         self.peering.start()
         log.info("registrar {id} started", id=hex_id(self.registrar.registrar_id))
         super().startService()
+        enrp = self._transports(self.enrp_listeners)  # bound by now
+        if enrp and self.peering.own_information is None:
+            self.peering.own_information = P.ServerInformation(self.registrar.registrar_id, enrp[0])
 
     def stopService(self):
         self.peering.stop()

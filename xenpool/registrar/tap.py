@@ -32,7 +32,9 @@ SETTINGS = [
     Setting("max-message-size", MAX_MESSAGE_SIZE, positive_int, "largest ASAP message accepted, bytes"),
     Setting("announce", None, multicast_address,
             "send SERVER_ANNOUNCEs of the ASAP endpoints to GROUP:PORT, e.g. 239.0.0.50:3863 (default: off)"),
-    Setting("announce-interface", "", ipv4_address, "the local IPv4 address whose interface announces leave by"),
+    Setting("enrp-announce", None, multicast_address,
+            "send and hear ENRP PRESENCEs on GROUP:PORT, e.g. 239.0.0.51:9901, and connect to the peers heard (default: off)"),
+    Setting("announce-interface", "", ipv4_address, "the local IPv4 address whose interface announces use"),
     Setting("announce-interval", DEFAULT_ANNOUNCE_INTERVAL_S, positive_float, "seconds between announces"),
     Setting("announce-ttl", 1, positive_int, "multicast TTL of announces (1: this network only)"),
 ]
@@ -70,5 +72,5 @@ def makeService(options: usage.Options):
         registrar, peering, metrics, reactor, asap=s["asap"], enrp=s["enrp"], peers=s["peer"], status=s["status"],
         idle_timeout=s["idle-timeout"], max_message_size=s["max-message-size"], announce=s["announce"],
         announce_interface=s["announce-interface"], announce_interval_s=s["announce-interval"],
-        announce_ttl=s["announce-ttl"],
+        announce_ttl=s["announce-ttl"], enrp_announce=s["enrp-announce"],
     )  # fmt: skip
