@@ -53,3 +53,4 @@ def xenpool_register_rebalancers(register):
     from . import rebalance
 
     register("hot-cold", rebalance.HotToCold)
+    register("gap-fit", rebalance.GapFit)

@@ -6,7 +6,19 @@ import statistics
 
 from zope.interface import implementer
 
-from xenpool.interfaces import IRebalancer, LoadSample
+from xenpool.interfaces import IRebalancer, LoadSample, PoolMember
+
+
+def _without(sample: LoadSample, name: str, ram_kb: int, ram_total_kb: int) -> LoadSample:
+    return LoadSample(
+        cpu=sample.cpu - sample.vm_cpu[name],
+        ram=sample.ram - ram_kb / ram_total_kb,
+        vm_cpu={n: s for n, s in sample.vm_cpu.items() if n != name},
+    )
+
+
+def _loads(pool: list) -> list[float]:
+    return [m.load for m in pool]
 
 
 @implementer(IRebalancer)
@@ -17,6 +29,8 @@ class HotToCold:
     step by step rather than everyone shedding at once."""
 
     name = "hot-cold"
+    min_samples = 5
+    cooldown_s = 600.0
 
     def __init__(self, threshold: float = 0.05) -> None:
         threshold = float(threshold)
@@ -24,7 +38,8 @@ class HotToCold:
             raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
         self.threshold = threshold
 
-    def choose(self, own: LoadSample, vm_ram: dict, pool_loads: list, metric, ram_total_kb: int):
+    def choose(self, own: LoadSample, vm_ram: dict, pool: list, metric, ram_total_kb: int):
+        pool_loads = _loads(pool)
         if len(pool_loads) < 2:
             return None
         load = metric.load(own)
@@ -33,16 +48,97 @@ class HotToCold:
             return None
         coldest = min(pool_loads)
         best, best_gap = None, load - mean  # moving must get closer to the mean than staying
-        for name, share in own.vm_cpu.items():
-            without = LoadSample(
-                cpu=own.cpu - share,
-                ram=own.ram - vm_ram.get(name, 0) / ram_total_kb,
-                vm_cpu={n: s for n, s in own.vm_cpu.items() if n != name},
-            )
-            moved = load - metric.load(without)  # what this VM adds to a PE's load
+        for name in own.vm_cpu:
+            moved = load - metric.load(_without(own, name, vm_ram.get(name, 0), ram_total_kb))
             if coldest + moved >= load:  # it would only make the coldest PE the hottest
                 continue
             gap = abs(load - moved - mean)
             if gap < best_gap:
                 best, best_gap = name, gap
         return best
+
+
+@implementer(IRebalancer)
+class GapFit:
+    """Any PE may move one VM to the PE the pool policy will give it: the least loaded
+    one with free RAM for it (what LeastUsedFreeRAM answers; without free RAM in the
+    answer, the least loaded one). Of its measured VMs it moves the one that lowers the
+    pool's total deviation from the mean load the most, counting both ends of the move,
+    and only when that gain is at least ``min_gain``.
+
+    Every move lowers the sum of |load - mean| over the pool by ``min_gain`` or more, so
+    moves cannot go back and forth for ever (no ping-pong) as long as the measured
+    shares are right to within half of ``min_gain``. With the ``cpu`` load metric the
+    loads are CPU alone and RAM is a constraint, not a weight.
+
+    Works with the PE's moved-VM cookie: the receiving PE counts the newcomer at the
+    CPU it used here, so the next decision anywhere already sees the move's effect.
+    """
+
+    name = "gap-fit"
+
+    def __init__(self, min_gain: float = 0.03, min_samples: int = 2, cooldown_s: float = 120.0,
+                 room_mb: float = 160.0, settle_tolerance: float | None = 0.05) -> None:  # fmt: skip
+        min_gain, min_samples, cooldown_s = float(min_gain), int(min_samples), float(cooldown_s)
+        if not 0 < min_gain < 1:
+            raise ValueError(f"min_gain must be between 0 and 1, got {min_gain}")
+        if min_samples < 1:
+            raise ValueError(f"min_samples must be at least 1, got {min_samples}")
+        if cooldown_s < 0:
+            raise ValueError(f"cooldown_s must be >= 0, got {cooldown_s}")
+        self.min_gain, self.min_samples, self.cooldown_s = min_gain, min_samples, cooldown_s
+        self.room_mb = float(room_mb)  # a cold PE with less free RAM makes room; 0: never
+        # decide only when the pool's summed load moved less than this since the last
+        # decision (no VM started or stopped meanwhile); None: always
+        self.settle_tolerance = None if settle_tolerance is None else float(settle_tolerance)
+
+    def choose(self, own: LoadSample, vm_ram: dict, pool: list, metric, ram_total_kb: int):
+        if len(pool) < 2 or not any(m.own for m in pool):
+            return None
+        mean = statistics.mean(_loads(pool))
+        others = [m for m in pool if not m.own]
+        load = next(m.load for m in pool if m.own)
+        best, best_gain = None, self.min_gain
+        for name in sorted(own.vm_cpu):  # sorted: the same pool state, the same choice
+            ram_kb = vm_ram.get(name, 0)
+            receiver = self._receiver(others, ram_kb)
+            if receiver is None:
+                continue
+            moved = metric.load(own) - metric.load(_without(own, name, ram_kb, ram_total_kb))
+            if receiver.load + moved >= load:  # the receiver would end hotter than this PE is
+                continue
+            before = abs(load - mean) + abs(receiver.load - mean)
+            after = abs(load - moved - mean) + abs(receiver.load + moved - mean)
+            if before - after > best_gain + 1e-12:
+                best, best_gain = name, before - after
+        if best is None and self.room_mb > 0:
+            return self._make_room(own, vm_ram, pool, metric, ram_total_kb, load, mean, others)
+        return best
+
+    def _make_room(self, own, vm_ram, pool, metric, ram_total_kb, load, mean, others):
+        """A cold PE whose RAM is full cannot take a VM from a hot one; it moves out
+        the VM that costs the pool least to move (typically much RAM, little CPU), if
+        the hottest PE sending it as much as it needs afterwards would gain more."""
+        free_kb = next(m.free_ram_kb for m in pool if m.own)
+        if mean - load <= self.min_gain or free_kb is None or free_kb >= self.room_mb * 1024:
+            return None
+        hottest = max(m.load for m in others)
+        best, best_gain = None, self.min_gain
+        for name in sorted(own.vm_cpu):
+            ram_kb = vm_ram.get(name, 0)
+            receiver = self._receiver(others, ram_kb)
+            if receiver is None:
+                continue
+            moved = metric.load(own) - metric.load(_without(own, name, ram_kb, ram_total_kb))
+            before = abs(load - mean) + abs(receiver.load - mean)
+            after = abs(load - moved - mean) + abs(receiver.load + moved - mean)
+            then = min(hottest - mean, mean - (load - moved))  # what the hottest can then send here
+            gain = before - after + 2 * max(then, 0)
+            if gain > best_gain + 1e-12 and ram_kb > 0:
+                best, best_gain = name, gain
+        return best
+
+    @staticmethod
+    def _receiver(others: list[PoolMember], ram_kb: int) -> PoolMember | None:
+        fitting = [m for m in others if m.free_ram_kb is None or m.free_ram_kb >= ram_kb]
+        return min(fitting, key=lambda m: m.load, default=None)

@@ -200,7 +200,11 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--policy", default=None, help="the pool policy (default: the scenario's)")
     sim.add_argument("--load-interval", type=float, default=None, metavar="S", help="override the PEs' sampling interval")
     sim.add_argument("--smoothing", type=float, default=None, metavar="K", help="override the PEs' load smoothing")
+    sim.add_argument("--count-cpu-wait", action="store_true",
+                     help="PEs count the time a VM waited for a core as its load (what it wants, not what it got)")
     sim.add_argument("--rebalance", default=None, metavar="NAME", help="a rebalancer plugin the PEs run, e.g. hot-cold")
+    sim.add_argument("--rebalance-interval", type=float, default=120.0, metavar="S",
+                     help="seconds between a PE's rebalancing decisions (default 120)")
     sim.add_argument("--runs", type=_positive, default=1)
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--json", action="store_true")

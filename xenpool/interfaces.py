@@ -65,15 +65,27 @@ class IPoolPolicy(Interface):
         """Fresh selection state for one pool; ``random`` is a ``random.Random``."""
 
 
+@dataclass(frozen=True, slots=True)
+class PoolMember:
+    """One PE of the pool as a registrar's resolution answer shows it."""
+
+    load: float
+    free_ram_kb: int | None = None  # known where the pool's policy carries it (LeastUsedFreeRAM)
+    own: bool = False  # the PE that is deciding
+
+
 class IRebalancer(Interface):
     """Decides, on one PE, which VM (if any) to move away so the pool evens out."""
 
     name = Attribute("The name a PE selects it by (``--rebalance NAME``).")
+    min_samples = Attribute("CPU measurements a VM needs before it may be moved (before, its share is a guess).")
+    cooldown_s = Attribute("Seconds a PE waits after a move before it decides again.")
 
-    def choose(own: LoadSample, vm_ram: dict, pool_loads: list, metric: object, ram_total_kb: int) -> object:
-        """The server ID to move off this PE now, or None. ``own``: this PE's measured
-        sample (``vm_cpu`` has each VM's share); ``vm_ram``: each VM's RAM in KB;
-        ``pool_loads``: the loads every PE of the pool reported (this one included);
+    def choose(own: LoadSample, vm_ram: dict, pool: list, metric: object, ram_total_kb: int) -> object:
+        """The server ID to move off this PE now, or None. ``own``: this PE's sample
+        (``vm_cpu`` has the share of each VM that may move, measured over a recent
+        window); ``vm_ram``: each VM's RAM in KB; ``pool``: a PoolMember for every PE
+        of the pool (this one included, marked ``own``, with the load it reports now);
         ``metric``: the ILoadMetric that turns samples into those loads."""
 
 

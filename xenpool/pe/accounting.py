@@ -19,6 +19,10 @@ class LoadSettings:
     overhead_mb: float = 12.0  # hypervisor overhead: overhead_mb + overhead_kb_per_mb per MB of RAM
     overhead_kb_per_mb: float = 7.0
     host_reserve_mb: float = 0.0  # RAM the host keeps for itself (Domain-0)
+    window_samples: int = 10  # measurements in a VM's unsmoothed window share (rebalancing)
+    # Count the time a VM waited for a core (libvirt's vcpu wait/delay, where the hypervisor
+    # reports it) as its load: what it wants, not what a crowded host gave it.
+    count_cpu_wait: bool = False
 
 
 @dataclass
@@ -28,6 +32,9 @@ class VmUsage:
     last_cpu_ns: int | None = None
     last_sample_at: float | None = None
     samples: int = 0  # CPU measurements so far (0: cpu_share is the RAM-share estimate)
+    # (time, cumulative CPU ns) of the recent samples: an unsmoothed mean over a window,
+    # free of the start estimate that the smoothed share keeps for a long time
+    history: list = field(default_factory=list)
 
 
 @dataclass
@@ -55,11 +62,13 @@ class HostAccounting:
     def fits(self, ram_mb: int) -> bool:
         return ram_mb * 1024 <= self.free_kb
 
-    def reserve(self, name: str, ram_mb: int) -> None:
+    def reserve(self, name: str, ram_mb: int, cpu_share: float | None = None) -> None:
         """Book a VM's RAM before it starts, so concurrent requests cannot overbook.
-        Until its CPU is measured, its load is estimated as its share of the RAM."""
+        Until its CPU is measured, its load is ``cpu_share`` when known (a VM moved here
+        carries what its last PE measured), else estimated as its share of the RAM."""
         ram_kb = ram_mb * 1024
-        self.vms[name] = VmUsage(ram_kb, cpu_share=ram_kb / self.node.ram_kb)
+        estimate = cpu_share if cpu_share else ram_kb / self.node.ram_kb
+        self.vms[name] = VmUsage(ram_kb, cpu_share=estimate)
 
     def release(self, name: str) -> None:
         self.vms.pop(name, None)
@@ -72,17 +81,31 @@ class HostAccounting:
         k = self.settings.smoothing
         return (sample + k * old) / (k + 1)
 
-    def sample_vm(self, name: str, cpu_ns: int, now: float) -> None:
-        """A VM's cumulative CPU time: its share is the delta over the elapsed time
-        and all CPUs, smoothed."""
+    def sample_vm(self, name: str, cpu_ns: int, now: float, wait_ns: int | None = None) -> None:
+        """A VM's cumulative CPU time (and, with ``count_cpu_wait``, its cumulative time
+        waiting for a core): its share is the delta over the elapsed time and all CPUs,
+        smoothed."""
         vm = self.vms.get(name)
         if vm is None:
             return
+        if self.settings.count_cpu_wait and wait_ns is not None:
+            cpu_ns += wait_ns
         if vm.last_cpu_ns is not None and vm.last_sample_at is not None and now > vm.last_sample_at:
             share = (cpu_ns - vm.last_cpu_ns) / ((now - vm.last_sample_at) * 1e9 * self.node.cpus)
             vm.cpu_share = self._smooth(vm.cpu_share, min(max(share, 0.0), 1.0))
             vm.samples += 1
         vm.last_cpu_ns, vm.last_sample_at = cpu_ns, now
+        vm.history.append((now, cpu_ns))
+        del vm.history[: -(self.settings.window_samples + 1)]
+
+    def window_share(self, name: str) -> float | None:
+        """A VM's mean share over its last ``window_samples`` measurements, unsmoothed
+        (None before its first measurement)."""
+        vm = self.vms.get(name)
+        if vm is None or len(vm.history) < 2:
+            return None
+        (t0, ns0), (t1, ns1) = vm.history[0], vm.history[-1]
+        return min(max((ns1 - ns0) / ((t1 - t0) * 1e9 * self.node.cpus), 0.0), 1.0)
 
     def sample_host(self, share: float) -> None:
         """The host's own CPU share (what is not a guest), smoothed."""

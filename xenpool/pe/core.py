@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from ..interfaces import DomainSpec
+from ..interfaces import DomainSpec, PoolMember
 from ..logs import hex_id
 from ..protocol import cookie as C
 from ..protocol import messages as M
@@ -86,6 +86,7 @@ class PoolElementCore:
         self.host_cpu = None  # an accounting.HostCpu where the hypervisor runs on this machine
         self.moving = False  # a rebalancing move is under way
         self.next_move_at = 0.0
+        self.last_pool_total = None  # the pool's summed load at the last rebalancing decision
         self.moves = 0
         self.load_changed = load_changed
         self.fencer = fencer
@@ -125,11 +126,11 @@ class PoolElementCore:
         """A malformed request: answer create_failed naming the field, end the session."""
         self._answer_failure(session, "", S.ResultCode.INVALID_REQUEST, str(err))
 
-    def _cookie(self, vm: VmSession) -> M.Cookie:
+    def _cookie(self, vm: VmSession, cpu_cores: float = 0.0) -> M.Cookie:
         r = vm.request
         state = C.SessionState(
             self.settings.pool_handle, r.server_id, r.disk, r.ips, r.ram_mb, r.vcpus, vm.running,
-            self.settings.host, self.settings.pe_identifier, self.clock.seconds(),
+            self.settings.host, self.settings.pe_identifier, self.clock.seconds(), cpu_cores,
         )  # fmt: skip
         return M.Cookie(C.seal(state, self.settings.secret))
 
@@ -194,7 +195,8 @@ class PoolElementCore:
 
     # ------------------------------------------------------------ starting
 
-    async def _create(self, request: S.CreateServer, session: Session, claimed: bool = False) -> None:
+    async def _create(self, request: S.CreateServer, session: Session, claimed: bool = False,
+                      cpu_cores: float = 0.0) -> None:  # fmt: skip
         if session in self.sessions:
             return self._answer_failure(session, request.server_id, S.ResultCode.INVALID_REQUEST, "this session already has a VM")
         if not claimed:
@@ -202,11 +204,11 @@ class PoolElementCore:
             if refusal is not None:
                 return self._answer_failure(session, request.server_id, *refusal)
         try:
-            await self._start(request, session)
+            await self._start(request, session, cpu_cores)
         finally:
             self.starting.pop(request.server_id, None)
 
-    async def _start(self, request: S.CreateServer, session: Session) -> None:
+    async def _start(self, request: S.CreateServer, session: Session, cpu_cores: float = 0.0) -> None:
         vm = VmSession(request)
         self.sessions[session] = vm
         session.send(self._cookie(vm))  # running=false: a failover now fences no one
@@ -218,7 +220,7 @@ class PoolElementCore:
                 session, request.server_id, S.ResultCode.NO_RAM,
                 f"needs {request.ram_mb * 1024} KB, {self.accounting.free_kb} KB free",
             )  # fmt: skip
-        self.accounting.reserve(request.server_id, request.ram_mb)
+        self.accounting.reserve(request.server_id, request.ram_mb, cpu_cores / self.accounting.node.cpus)
         try:
             disk_xml = await self.disk_xml(request.disk)
         except Exception as err:  # noqa: BLE001 - any storage failure is the disk's
@@ -272,7 +274,7 @@ class PoolElementCore:
                         session, state.server_id, S.ResultCode.FENCE_FAILED, f"fencing {state.host} failed: {err}"
                     )
                 log.warn("fenced {host} before starting {server}", host=state.host, server=state.server_id)
-            await self._create(request, session, claimed=True)
+            await self._create(request, session, claimed=True, cpu_cores=state.cpu_cores)
         finally:
             self.starting.pop(request.server_id, None)
 
@@ -422,11 +424,16 @@ class PoolElementCore:
 
     async def _sample_load(self) -> None:
         now = self.clock.seconds()
+        # Only some hypervisors report how long a VM waited for a core (optional method).
+        waits = self.accounting.settings.count_cpu_wait and hasattr(self.hypervisor, "cpu_wait_ns")
         if getattr(self.hypervisor, "measures_cpu", True):
             for vm in [*self.sessions.values(), *self.orphans.values()]:
                 if vm.running:
+                    name = vm.request.server_id
                     try:
-                        self.accounting.sample_vm(vm.request.server_id, await self.hypervisor.cpu_time_ns(vm.request.server_id), now)
+                        cpu_ns = await self.hypervisor.cpu_time_ns(name)
+                        wait_ns = await self.hypervisor.cpu_wait_ns(name) if waits else None
+                        self.accounting.sample_vm(name, cpu_ns, now, wait_ns)
                     except Exception:  # noqa: BLE001 - it may have just stopped
                         pass
         if self.host_cpu is not None:
@@ -439,31 +446,65 @@ class PoolElementCore:
 
     # ------------------------------------------------------------ rebalancing
 
-    def rebalance(self, rebalancer, pool_loads: list[float], min_samples: int = 5, cooldown_s: float = 600.0) -> defer.Deferred:
+    def rebalance(self, rebalancer, pool: list) -> defer.Deferred:
         """Ask the rebalancer whether a VM should leave this PE, and move it if so.
-        Only VMs measured ``min_samples`` times take part: a VM just started (or just
-        moved here) is still an estimate. Fires with the server ID moved, or None."""
+        ``pool``: the PoolElements of a registrar's resolution answer (or bare loads).
+        Only VMs measured ``rebalancer.min_samples`` times take part: a VM just started
+        (or just moved here) is still an estimate. Fires with the server ID moved, or None."""
         if self.moving or self.clock.seconds() < self.next_move_at:
             return defer.succeed(None)
         sample = self.accounting.sample()
         # Where the hypervisor cannot measure CPU (libvirt's test driver) the estimate is
         # all there will ever be, so every VM takes part.
         measuring = getattr(self.hypervisor, "measures_cpu", True)
-        measured = {n: s for n, s in sample.vm_cpu.items()
-                    if (self.accounting.vms[n].samples >= min_samples or not measuring)
-                    and self._session_of(n) is not None}  # fmt: skip
+        measured = {}
+        for name, share in sample.vm_cpu.items():
+            if self._session_of(name) is None:
+                continue
+            if not measuring:
+                measured[name] = share
+            elif self.accounting.vms[name].samples >= rebalancer.min_samples:
+                window = self.accounting.window_share(name)
+                measured[name] = share if window is None else window
         candidates = type(sample)(sample.cpu, sample.ram, measured)
         vm_ram = {n: vm.ram_kb for n, vm in self.accounting.vms.items()}
-        name = rebalancer.choose(candidates, vm_ram, pool_loads, self.metric, self.accounting.node.ram_kb)
+        members = self._pool_members(pool)
+        # While VMs are still being started the pool's total load keeps changing and the
+        # pool policy is filling the gaps itself: moving now would undo its work.
+        total, last_total = sum(m.load for m in members), self.last_pool_total
+        self.last_pool_total = total
+        tolerance = getattr(rebalancer, "settle_tolerance", None)
+        if tolerance is not None and (last_total is None or abs(total - last_total) > tolerance):
+            return defer.succeed(None)
+        name = rebalancer.choose(candidates, vm_ram, members, self.metric, self.accounting.node.ram_kb)
         if name is None:
             return defer.succeed(None)
-        self.next_move_at = self.clock.seconds() + cooldown_s  # let the pool see the effect first
-        return defer.Deferred.fromCoroutine(self._move_out(name))
+        self.next_move_at = self.clock.seconds() + rebalancer.cooldown_s  # let the pool see the effect first
+        cores = measured[name] * self.accounting.node.cpus if measuring else 0.0
+        return defer.Deferred.fromCoroutine(self._move_out(name, cores))
+
+    def _pool_members(self, pool: list) -> list[PoolMember]:
+        """The pool as the rebalancer sees it; this PE's entry carries the load it would
+        report now, not the one the registrar last heard."""
+        members, own_seen = [], False
+        for element in pool:
+            if isinstance(element, P.PoolElement):
+                policy = element.policy
+                free_mb = policy.free_ram_mb if "free_ram_mb" in P.POLICY_FIELDS.get(policy.policy_type, ()) else None
+                own = element.identifier == self.settings.pe_identifier
+                own_seen |= own
+                load = self.load() if own else P.load_from_wire(policy.load)
+                members.append(PoolMember(load, None if free_mb is None else free_mb * 1024, own))
+            else:  # a bare load: which one is this PE's is unknown
+                members.append(PoolMember(float(element)))
+        if not own_seen and len(members) != sum(1 for e in pool if not isinstance(e, P.PoolElement)):
+            members.append(PoolMember(self.load(), self.accounting.free_kb, own=True))  # not registered yet
+        return members
 
     def _session_of(self, server_id: str):
         return next((session for session, vm in self.sessions.items() if vm.request.server_id == server_id), None)
 
-    async def _move_out(self, name: str) -> str | None:
+    async def _move_out(self, name: str, cpu_cores: float = 0.0) -> str | None:
         """A planned failover: stop the VM here, tell its PU it is not running any more
         (so the next PE fences no one), and let the PU take it to another PE."""
         session = self._session_of(name)
@@ -475,7 +516,7 @@ class PoolElementCore:
             log.info("moving {server} away to even out the pool", server=name)
             await self._shut_down(None, vm)
             self.sessions.pop(session, None)
-            session.send(self._cookie(vm))
+            session.send(self._cookie(vm, cpu_cores))  # the next PE counts it at what it used here
             session.send(S.StopResult(name, S.ResultCode.MOVED, f"stopped on {self.settings.host} to even out the pool"))
             session.close()
             self.moves += 1

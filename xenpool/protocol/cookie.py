@@ -4,10 +4,16 @@ It says what to start on failover, whether the VM may be running, and which host
 (whom to fence). It is authenticated with HMAC-SHA256 under the pool's secret and carries
 its issue time, so a forged, altered, foreign or stale cookie is refused.
 
-Layout: magic "XPC" | version (8) | flags (8, bit 0 = running) | reserved (8) |
+Layout: magic "XPC" | version (8) | flags (8, bit 0 = running) | cpu (8) |
 vcpus (16) | ram_mb (32) | pe_identifier (32) | issued_at_ms (64) |
 pool_handle, server_id, disk, ips, host: each 16-bit length + UTF-8/bytes |
 HMAC-SHA256 over all of the above (32 bytes).
+
+The cpu byte (once reserved, and still 0 from older PEs) is the CPU the VM used as its
+PE measured it, in hundredths of a core (1-255); 0 means not measured. A PE that moves a
+VM away to even out the pool sets it, so the next PE counts the VM at its measured use at
+once instead of guessing it from its RAM. In cores, not in shares of a host, because the
+next host may have another number of CPUs.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from .session import MAX_DISK, MAX_HOST, MAX_IP_LIST, MAX_SERVER_ID
 MAGIC = b"XPC"
 COOKIE_VERSION = 1
 MAC_SIZE = 32
-_FIXED = struct.Struct("!3sBBxHIIQ")
+_FIXED = struct.Struct("!3sBBBHIIQ")
+CPU_STEPS_PER_CORE = 100  # the cpu byte counts hundredths of a core
 _U16 = struct.Struct("!H")
 _RUNNING = 0x01
 # Clocks of two hosts differ; a cookie from a little in the future is still fine.
@@ -43,6 +50,7 @@ class SessionState:
     host: str  # the issuing PE's fencing identity (its hostname)
     pe_identifier: int
     issued_at: float  # seconds since the epoch, millisecond precision
+    cpu_cores: float = 0.0  # the CPU it used on the issuing host, in cores; 0: not measured
 
 
 class CookieError(ProtocolError):
@@ -65,6 +73,7 @@ def seal(state: SessionState, secret: bytes) -> bytes:
         MAGIC,
         COOKIE_VERSION,
         _RUNNING if state.running else 0,
+        min(max(round(state.cpu_cores * CPU_STEPS_PER_CORE), 0), 255),
         state.vcpus,
         state.ram_mb,
         state.pe_identifier,
@@ -83,7 +92,7 @@ def seal(state: SessionState, secret: bytes) -> bytes:
 
 def _parse(body: bytes) -> SessionState:
     """The fields of a cookie body (everything before the MAC)."""
-    magic, version, flags, vcpus, ram_mb, pe_id, issued_ms = _FIXED.unpack_from(body, 0)
+    magic, version, flags, cpu_steps, vcpus, ram_mb, pe_id, issued_ms = _FIXED.unpack_from(body, 0)
     if magic != MAGIC or version != COOKIE_VERSION:
         raise CookieError(f"unknown cookie format {magic!r} version {version}")
     pos = _FIXED.size
@@ -106,7 +115,7 @@ def _parse(body: bytes) -> SessionState:
         raise CookieError("text field not UTF-8") from None
     return SessionState(
         handle, texts[0], texts[1], tuple(texts[2].split()), ram_mb, vcpus,
-        bool(flags & _RUNNING), texts[3], pe_id, issued_ms / 1000,
+        bool(flags & _RUNNING), texts[3], pe_id, issued_ms / 1000, cpu_steps / CPU_STEPS_PER_CORE,
     )  # fmt: skip
 
 

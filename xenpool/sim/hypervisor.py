@@ -100,7 +100,7 @@ def to_ns(seconds: float) -> int:
 class _Guest:
     __slots__ = (
         "name", "ram_mb", "busy_s", "rng", "phase_ns", "started_ns", "cycle_start", "busy",
-        "total", "s0", "next_is_cycle_start", "alive",
+        "total", "s0", "next_is_cycle_start", "alive", "busy_ns", "busy_since",
     )  # fmt: skip
 
     def __init__(self, name: str, ram_mb: int, busy_s: float, rng: random.Random) -> None:
@@ -114,6 +114,8 @@ class _Guest:
         self.busy = False
         self.total: int | Fraction = 0  # ns of CPU over its finished busy periods
         self.s0: int | Fraction = 0  # the host's S when its current busy period began
+        self.busy_ns = 0  # wall-clock ns it wanted a core, over its finished busy periods
+        self.busy_since = 0  # ns; when its current busy period began
         self.next_is_cycle_start = True
         self.alive = True
 
@@ -188,9 +190,11 @@ class SimulatedHypervisor:
         guest.busy = busy
         if busy:
             guest.s0 = self._s
+            guest.busy_since = self._t
             self._busy += 1
         else:
             guest.total += self._s - guest.s0
+            guest.busy_ns += self._t - guest.busy_since
             self._busy -= 1
 
     def _schedule(self, guest: _Guest, at: int, cycle_start: bool) -> None:
@@ -337,6 +341,18 @@ class SimulatedHypervisor:
             return defer.succeed(self.cpu_time_now_ns(name))
         except SimError:
             return defer.fail()
+
+    def cpu_wait_ns(self, name: str) -> defer.Deferred:
+        """Time the guest wanted a core but waited for one, since its start, ns (what
+        libvirt reports as ``vcpu.<n>.wait`` on Xen and ``vcpu.<n>.delay`` on KVM, the
+        guest's steal time); fails with UnknownDomain."""
+        try:
+            guest = self._guest(name)
+        except SimError:
+            return defer.fail()
+        self.advance()
+        wanted = guest.busy_ns + (self._t - guest.busy_since if guest.busy else 0)
+        return defer.succeed(max(0, wanted - self._cpu_ns(guest)))
 
     def shutdown(self, name: str, timeout_s: float) -> defer.Deferred:
         """Stops the guest at once: a simulated guest always shuts down cleanly. Fires True

@@ -28,6 +28,7 @@ from ..registrar.handlespace import Handlespace
 from .hypervisor import SimulatedHypervisor
 
 REGISTRAR_ID = 0x51A00001
+SETTLED_AFTER_S = 600.0  # "within 10 minutes after the last start"
 
 
 def _copy(message):
@@ -128,8 +129,7 @@ class SimPE:
 
     def _rebalance(self) -> None:
         elements = self.sim.access.resolve(self.sim.pool_handle, 256).result
-        loads = [P.load_from_wire(e.policy.load) for e in elements]
-        self.core.rebalance(self.sim.rebalancer, loads)
+        self.core.rebalance(self.sim.rebalancer, elements)  # as the PE daemon does
         self.sim.clock.callLater(self.sim.rebalance_interval_s, self._rebalance)
 
     def _regular_update(self) -> None:
@@ -164,6 +164,10 @@ class RunResult:
     not_started: int
     moves: int
     per_pe: list[dict] = field(default_factory=list)
+    samples_percent: list[float] = field(default_factory=list)  # each measurement sample, in order
+    # The mean of the samples taken 600 s or more after the last start: the pool's state
+    # "within 10 minutes" of it, for rebalancing (not the scenario's metric).
+    settled_metric_percent: float | None = None
 
 
 class Simulation:
@@ -181,6 +185,7 @@ class Simulation:
             sample_interval_s=constants.get("load_update_interval_s", 30),
             smoothing=constants.get("load_smoothing_factor", 3),
             raise_on_refusal=constants.get("temporary_load_raise", True),
+            count_cpu_wait=constants.get("count_cpu_wait", False),
         )
         generator = scenario["load_generator"]
         self.generator = {
@@ -227,6 +232,7 @@ class Simulation:
         for at in sample_times:
             self._advance_to(at)
             samples.append(self._deviation())
+        settled = [v for at, v in zip(sample_times, samples) if at - last_start >= SETTLED_AFTER_S]
         per_pe = [
             {
                 "pe": pe.name,
@@ -242,6 +248,8 @@ class Simulation:
             not_started=sum(1 for k in self.keepers if k.state != State.RUNNING),
             moves=sum(k.moves for k in self.keepers),
             per_pe=per_pe,
+            samples_percent=[round(v, 2) for v in samples],
+            settled_metric_percent=round(statistics.mean(settled), 2) if settled else None,
         )
 
     def _advance_to(self, at: float) -> None:

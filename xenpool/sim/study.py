@@ -24,6 +24,8 @@ def pe_overrides(args: argparse.Namespace) -> dict:
         overrides["load_update_interval_s"] = args.load_interval
     if args.smoothing is not None:
         overrides["load_smoothing_factor"] = args.smoothing
+    if getattr(args, "count_cpu_wait", False):
+        overrides["count_cpu_wait"] = True
     return overrides
 
 
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             sim = Simulation(
                 scenario, plugins, load_plugin=args.load_plugin, policy=args.policy, seed=args.seed + i,
                 load_options=load_options(args.load_weight), pe_overrides=pe_overrides(args),
-                rebalance=args.rebalance,
+                rebalance=args.rebalance, rebalance_interval_s=args.rebalance_interval,
             )  # fmt: skip
         except PluginError as err:
             print(f"xenpool sim: {err}")
@@ -57,13 +59,17 @@ def run(args: argparse.Namespace) -> int:
         "policy": args.policy or scenario.get("policy", "LeastUsed"),
         "pe_overrides": pe_overrides(args),
         "rebalance": args.rebalance,
+        "rebalance_interval_s": args.rebalance_interval if args.rebalance else None,
         "runs": [
             {"seed": args.seed + i, "metric_percent": r.metric_percent, "ram_failed_starts": r.ram_failed_starts,
-             "not_started": r.not_started, "moves": r.moves, "per_pe": r.per_pe}
+             "not_started": r.not_started, "moves": r.moves, "samples_percent": r.samples_percent,
+             "settled_metric_percent": r.settled_metric_percent, "per_pe": r.per_pe}
             for i, r in enumerate(results)
         ],  # fmt: skip
         "mean_metric_percent": round(statistics.mean(r.metric_percent for r in results), 2),
         "mean_ram_failed_starts": round(statistics.mean(r.ram_failed_starts for r in results), 2),
+        "mean_settled_metric_percent": _mean_or_none([r.settled_metric_percent for r in results]),
+        "mean_moves": round(statistics.mean(r.moves for r in results), 2),
         "wall_s": round(wall_s, 2),
     }
     if args.plot:
@@ -73,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _print(summary)
     return 0
+
+
+def _mean_or_none(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.mean(known), 2) if known else None
 
 
 def _print(summary: dict) -> None:
@@ -87,9 +98,12 @@ def _print(summary: dict) -> None:
         per_pe = "  ".join(f"{p['theoretical_cpu_percent']:.0f}% ({p['ram_mb']})" for p in run["per_pe"])
         table.add_row(str(run["seed"]), f"{run['metric_percent']:.1f} %", str(run["ram_failed_starts"]), str(run["not_started"]), per_pe)
     console.print(table)
+    settled = summary["mean_settled_metric_percent"]
     console.print(
-        f"mean deviation {summary['mean_metric_percent']:.1f} %, mean RAM-failed starts "
-        f"{summary['mean_ram_failed_starts']:.1f}, {len(summary['runs'])} runs in {summary['wall_s']:.1f} s"
+        f"mean deviation {summary['mean_metric_percent']:.1f} %"
+        + (f" (samples from 600 s after the last start on: {settled:.1f} %)" if settled is not None else "")
+        + f", mean RAM-failed starts {summary['mean_ram_failed_starts']:.1f}, mean moves {summary['mean_moves']:.1f},"
+        f" {len(summary['runs'])} runs in {summary['wall_s']:.1f} s"
     )
 
 
