@@ -27,7 +27,9 @@ from xenpool.registrar.handlespace import Handlespace
 from xenpool.registrar.peering import Peering
 from xenpool.registrar.service import EnrpMulticast
 
+from . import pcapcheck
 from .daemons import AsapClient, Daemon, free_port
+from .pcapcheck import tshark_fields, tshark_malformed
 
 ETC = Path(__file__).parents[1] / "etc" / "xenpool"
 POLICIES = {p.policy_type: p for p in (lambda pl: (pl.create("policy", n) for n in pl.names("policy")))(load_plugins())}
@@ -277,3 +279,41 @@ def test_registrars_find_their_enrp_peers_by_multicast(multicast_loopback, tmp_p
     finally:
         for daemon in reversed(daemons):
             daemon.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not pcapcheck.tshark_available(), reason="tshark not installed")
+def test_wireshark_decodes_the_announces_a_registrar_sends(multicast_loopback, tmp_path):
+    """Captured off loopback on the standard groups and ports, where Wireshark's
+    dissectors look without being told: a SERVER_ANNOUNCE and a PRESENCE naming the
+    registrar's real ASAP and ENRP ports, nothing malformed."""
+    capture = tmp_path / "announces.pcap"
+    tshark = processes.Process(
+        [pcapcheck.TSHARK, "-i", "lo", "-f", "udp and (dst host 239.0.0.50 or dst host 239.0.0.51)", "-c", "4",
+         "-a", "duration:30", "-w", str(capture)],
+    )  # fmt: skip
+    registrar = None
+    try:
+        tshark.wait_for("Capturing on")
+        asap, enrp = free_port(), free_port()
+        registrar = Daemon(
+            "xenpool-registrar", f"--asap=tcp:{asap}:interface=127.0.0.1", f"--enrp=tcp:{enrp}:interface=127.0.0.1",
+            "--registrar-id=0x0a0a0c01", "--announce=239.0.0.50:3863", "--enrp-announce=239.0.0.51:9901",
+            "--announce-interface=127.0.0.1", "--announce-interval=0.2", "--peer-heartbeat-interval=0.2",
+            ready="registrar 0x0a0a0c01 started", cwd=tmp_path,
+        )  # fmt: skip
+        assert tshark.proc.wait(timeout=30) == 0
+    finally:
+        if registrar is not None:
+            registrar.stop()
+        tshark.stop()
+    fields = ["asap.message_type", "asap.server_identifier", "asap.tcp_transport_port", "enrp.message_type",
+              "enrp.sender_servers_id", "enrp.server_information_server_identifier", "enrp.tcp_transport_port"]  # fmt: skip
+    packets = tshark_fields(capture, fields)
+    announces = [p for p in packets if p["asap.message_type"] == ["10"]]
+    presences = [p for p in packets if p["enrp.message_type"] == ["1"]]
+    assert announces and presences and len(announces) + len(presences) == 4
+    assert all(p["asap.server_identifier"] == ["0x0a0a0c01"] and p["asap.tcp_transport_port"] == [str(asap)] for p in announces)
+    assert all(p["enrp.server_information_server_identifier"] == ["0x0a0a0c01"] for p in presences)
+    assert all(p["enrp.tcp_transport_port"] == [str(enrp)] for p in presences)
+    assert tshark_malformed(capture) == []
