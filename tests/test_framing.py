@@ -437,3 +437,27 @@ def test_unknown_parameters_inside_a_transport():
         stream.next_message()
     assert caught.value.report and caught.value.cause == Cause.UNRECOGNIZED_PARAMETER
     assert caught.value.offset == stop.index(b"\x40\x20")
+
+
+def test_a_repeated_application_frame_decodes_to_the_same_message():
+    """Heartbeats repeat byte for byte: the stream reuses the last decoded message, which
+    must be exactly what decoding would give, whatever comes in between."""
+    beat = session.CheckRunning("web1", 1)
+    other = session.CheckRunning("web2", 1)
+    broken = shim_frame(session.XENPOOL_PPID, session.encode(beat)[:-1])  # interval cut short
+    stream = ShimStream()
+    stream.feed(frame_message(beat) * 2 + broken + frame_message(beat) + frame_message(other) + frame_message(beat))
+    got = drain(stream)
+    assert got[:2] == [(session.XENPOOL_PPID, beat)] * 2
+    assert isinstance(got[2], ProtocolError)
+    assert got[3:] == [(session.XENPOOL_PPID, beat), (session.XENPOOL_PPID, other), (session.XENPOOL_PPID, beat)]
+
+
+def test_asap_frames_are_decoded_every_time_and_still_report_unknown_parameters():
+    stream = ShimStream()
+    unknown = struct.pack("!HH", 0xCFFF, 4)  # type 11xx xxxx: skip and report
+    frame = GOOD + unknown
+    frame = frame[:2] + struct.pack("!H", len(frame)) + frame[4:]
+    stream.feed(shim_frame(messages.ASAP_PPID, frame) * 2)
+    assert [ppid for ppid, _ in drain(stream)] == [messages.ASAP_PPID] * 2
+    assert len(stream.reports) == 2

@@ -66,14 +66,20 @@ class SessionProtocol(Protocol):
         self.factory = factory
         self.stream = framing.ShimStream()
         self.last_heard = 0.0
+        self._sent: tuple[object, bytes] = (None, b"")  # the last message and its frame
 
     def connectionMade(self) -> None:
         self.last_heard = self.factory.clock.seconds()
         self.factory.sessions.add(self)
 
     def send(self, message: object) -> None:
+        # A heartbeat's answer is the same as the last one: encode it once.
+        last, data = self._sent
+        if message != last:
+            data = framing.frame_message(message)
+            self._sent = (message, data)
         # at once when nothing is queued: one reactor turn per heartbeat, not two
-        eager_write.write(self.transport, framing.frame_message(message))
+        eager_write.write(self.transport, data)
 
     def close(self) -> None:
         self.transport.loseConnection()

@@ -108,6 +108,12 @@ class ShimStream(_Framer["tuple[int, object]"]):
             messages.ASAP_PPID: lambda b: messages.decode(b, messages.ASAP_PPID, self.reports),
             session.XENPOOL_PPID: session.decode,
         }
+        # The last application frame and its message: a PU's heartbeats are the same
+        # bytes every time, and an application message is immutable and decoded without
+        # side effects, so an equal frame is the same message (ASAP messages are not
+        # cached: their decoding reports unknown parameters).
+        self._last_frame = b""
+        self._last_message: object = None
 
     def _frame_size(self, header: bytes) -> int:
         ppid, length = SHIM.unpack(header)
@@ -120,6 +126,15 @@ class ShimStream(_Framer["tuple[int, object]"]):
 
     def _decode(self, header: bytes, frame: bytes) -> tuple[int, object]:
         ppid, _length = SHIM.unpack(header)
+        if ppid == session.XENPOOL_PPID:
+            if frame == self._last_frame:
+                return ppid, self._last_message
+            message = self._decode_ppid(ppid, frame)
+            self._last_frame, self._last_message = frame, message
+            return ppid, message
+        return ppid, self._decode_ppid(ppid, frame)
+
+    def _decode_ppid(self, ppid: int, frame: bytes) -> object:
         decoder = self._decoders.get(ppid)
         if decoder is None:
             raise ProtocolError(
@@ -127,7 +142,7 @@ class ShimStream(_Framer["tuple[int, object]"]):
                 data=frame[: messages.MAX_ERROR_INFO],
             )  # fmt: skip
         try:
-            return ppid, decoder(frame[SHIM.size :])
+            return decoder(frame[SHIM.size :])
         except ProtocolError as err:
             err.offset += SHIM.size
             raise
