@@ -54,3 +54,4 @@ def xenpool_register_rebalancers(register):
 
     register("hot-cold", rebalance.HotToCold)
     register("gap-fit", rebalance.GapFit)
+    register("plan", rebalance.PlannedMoves)

@@ -1,4 +1,8 @@
-"""Rebalancing after start (seed open problem 4): move a VM from a hot PE to a cold one."""
+"""Rebalancing after start (seed open problem 4): move VMs from hot PEs to cold ones.
+
+``hot-cold`` and ``gap-fit`` decide on each PE alone, one VM at a time; ``plan`` plans
+for the whole pool on one PE (the leader) and names the target of each move.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import statistics
 
 from zope.interface import implementer
 
-from xenpool.interfaces import IRebalancer, LoadSample, PoolMember
+from xenpool.interfaces import IPoolPlanner, IRebalancer, LoadSample, Move, PlannedPe, PoolMember
 
 
 def _without(sample: LoadSample, name: str, ram_kb: int, ram_total_kb: int) -> LoadSample:
@@ -142,3 +146,114 @@ class GapFit:
     def _receiver(others: list[PoolMember], ram_kb: int) -> PoolMember | None:
         fitting = [m for m in others if m.free_ram_kb is None or m.free_ram_kb >= ram_kb]
         return min(fitting, key=lambda m: m.load, default=None)
+
+
+def _deviation(cores: list[float], cpus: list[int]) -> float:
+    """The pool's mean |load - mean load|, loads as shares of each PE's CPUs."""
+    loads = [c / n for c, n in zip(cores, cpus)]
+    mean = sum(loads) / len(loads)
+    return sum(abs(load - mean) for load in loads) / len(loads)
+
+
+@implementer(IPoolPlanner)
+class PlannedMoves:
+    """Plans a short list of moves for the whole pool: a deterministic local search from
+    the current placement. Each step takes the single move or the swap (two moves) that
+    lowers the pool's mean |load - mean| the most after paying ``move_cost`` per move,
+    with every move fitting in the RAM its target has free at that point, and no VM
+    moved twice in one plan. It stops when no step pays, or after ``max_moves``.
+    The plan is only made when it gains at least ``min_gain`` in all.
+
+    Swaps are what a single-move rebalancer cannot do: with VMs as coarse as 40 % of a
+    host, the last few percent come from exchanging a big VM for two smaller ones.
+    Loads are CPU demand (the PEs' measured cores over their CPUs); RAM is a constraint.
+    """
+
+    name = "plan"
+
+    def __init__(self, min_gain: float = 0.005, move_cost: float = 0.002, max_moves: int = 12,
+                 min_samples: int = 4, cooldown_s: float = 900.0) -> None:  # fmt: skip
+        min_gain, move_cost, max_moves = float(min_gain), float(move_cost), int(max_moves)
+        min_samples, cooldown_s = int(min_samples), float(cooldown_s)
+        if not 0 < min_gain < 1 or not 0 <= move_cost < 1:
+            raise ValueError(f"min_gain must be in (0, 1) and move_cost in [0, 1), got {min_gain}, {move_cost}")
+        if max_moves < 1 or min_samples < 1 or cooldown_s < 0:
+            raise ValueError(f"max_moves, min_samples must be >= 1 and cooldown_s >= 0, got {max_moves}, {min_samples}, {cooldown_s}")
+        self.min_gain, self.move_cost, self.max_moves = min_gain, move_cost, max_moves
+        self.min_samples, self.cooldown_s = min_samples, cooldown_s
+
+    def choose(self, own, vm_ram, pool, metric, ram_total_kb):
+        return None  # the leader plans for every PE; no PE decides alone
+
+    def plan(self, pool: list[PlannedPe]) -> list[Move]:
+        pes = sorted(pool, key=lambda pe: pe.identifier)
+        if len(pes) < 2:
+            return []
+        ids = [pe.identifier for pe in pes]
+        cpus = [pe.cpus for pe in pes]
+        cores = [pe.load * pe.cpus for pe in pes]
+        free = [pe.free_ram_kb for pe in pes]
+        # (server_id, PE index, cores, RAM) of every VM that may move, in a fixed order
+        vms = [(vm.server_id, i, vm.cpu_cores, vm.ram_kb) for i, pe in enumerate(pes)
+               for vm in sorted(pe.vms, key=lambda v: v.server_id) if vm.movable]  # fmt: skip
+        start = current = _deviation(cores, cpus)
+        moves: list[Move] = []
+        while len(moves) < self.max_moves:
+            step = self._best_step(vms, cores, cpus, free, current, self.max_moves - len(moves))
+            if step is None:
+                break
+            current = step[0]
+            for k, target in step[1]:
+                name, source, c, ram = vms[k]
+                cores[source] -= c
+                cores[target] += c
+                free[source] += ram
+                free[target] -= ram
+                moves.append(Move(name, ids[source], ids[target]))
+                vms[k] = (name, target, c, ram)
+            moved = {k for k, _ in step[1]}
+            vms = [vm for k, vm in enumerate(vms) if k not in moved]
+        if start - current < self.min_gain:
+            return []
+        return moves
+
+    def _best_step(self, vms, cores, cpus, free, current, room):
+        """(deviation after, [(VM index, target PE index), ...]) of the best paying step."""
+        best, best_score = None, 1e-12
+        n = len(cores)
+
+        def consider(after: float, step: list) -> None:
+            nonlocal best, best_score
+            score = current - after - self.move_cost * len(step)
+            if score > best_score + 1e-12:
+                best, best_score = (after, step), score
+
+        for k, (_, source, c, ram) in enumerate(vms):
+            for target in range(n):
+                if target != source and free[target] >= ram:
+                    cores[source] -= c
+                    cores[target] += c
+                    consider(_deviation(cores, cpus), [(k, target)])
+                    cores[source] += c
+                    cores[target] -= c
+        if room < 2:
+            return best
+        for a, (_, pa, ca, ra) in enumerate(vms):
+            for b in range(a + 1, len(vms)):
+                _, pb, cb, rb = vms[b]
+                if pa == pb:
+                    continue
+                # either order, as long as the first move fits before the second frees RAM
+                if free[pb] >= ra and free[pa] + ra >= rb:
+                    order = [(a, pb), (b, pa)]
+                elif free[pa] >= rb and free[pb] + rb >= ra:
+                    order = [(b, pa), (a, pb)]
+                else:
+                    continue
+                delta = cb - ca
+                cores[pa] += delta
+                cores[pb] -= delta
+                consider(_deviation(cores, cpus), order)
+                cores[pa] -= delta
+                cores[pb] += delta
+        return best

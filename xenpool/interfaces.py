@@ -90,6 +90,53 @@ class IRebalancer(Interface):
 
 
 @dataclass(frozen=True, slots=True)
+class PlannedVm:
+    """One VM as the rebalancing leader sees it. ``cpu_cores``: its measured demand;
+    ``movable``: a PU holds it, it is measured enough and was not moved lately."""
+
+    server_id: str
+    cpu_cores: float
+    ram_kb: int
+    movable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedPe:
+    """One PE of the pool as its VmReport shows it. ``base_cores``: CPU used beside
+    the listed VMs."""
+
+    identifier: int
+    cpus: int
+    free_ram_kb: int
+    vms: tuple[PlannedVm, ...] = ()
+    base_cores: float = 0.0
+
+    @property
+    def load(self) -> float:
+        return (self.base_cores + sum(vm.cpu_cores for vm in self.vms)) / self.cpus
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Move VM ``server_id`` from PE ``source`` to PE ``target``."""
+
+    server_id: str
+    source: int
+    target: int
+
+
+class IPoolPlanner(IRebalancer):
+    """A rebalancer that plans for the whole pool on one PE, the leader (the pool's
+    lowest PE identifier), from every PE's VM report; ``choose`` is never asked then.
+    ``cooldown_s`` is how long a moved VM stays where it went."""
+
+    def plan(pool: list) -> list:
+        """The Moves to make, in order, for ``pool`` (a PlannedPe per PE): each one must
+        fit in the RAM its target has free after the moves before it. [] to leave
+        the pool as it is."""
+
+
+@dataclass(frozen=True, slots=True)
 class FenceTarget:
     """Whom to fence: a host identity from a cookie, mapped through the PE config."""
 

@@ -7,14 +7,15 @@ comes from an injected IReactorTime, so tests drive every timer with a Clock.
 
 from __future__ import annotations
 
+import hmac
 import socket
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from ..interfaces import DomainSpec, PoolMember
+from ..interfaces import DomainSpec, IPoolPlanner, Move, PlannedPe, PlannedVm, PoolMember
 from ..logs import hex_id
 from ..protocol import cookie as C
 from ..protocol import messages as M
@@ -69,7 +70,23 @@ class ClaimAsker(Protocol):
         that cannot be reached (dead, or being fenced) are left out."""
 
 
+class PeerAsker(Protocol):
+    """How the rebalancing leader reaches another PE of the pool (its session port in
+    the daemon, memory in the simulator). Both fire None when the PE does not answer."""
+
+    def report(self, element: P.PoolElement) -> defer.Deferred:
+        """Its VmReport."""
+
+    def move(self, element: P.PoolElement, request: S.MoveRequest) -> defer.Deferred:
+        """Its MoveAnswer, once it stopped the VM (or why not)."""
+
+
 class PoolElementCore:
+    # The leader's pace through a plan: the next move once the last one runs again on
+    # its target (checked every MOVE_POLL_S), or once MOVE_TIMEOUT_S passed without.
+    MOVE_POLL_S = 1.0
+    MOVE_TIMEOUT_S = 120.0
+
     def __init__(self, settings: PeSettings, hypervisor, accounting: HostAccounting, metric, clock,
                  disk_xml: Callable[[str], object] | None = None,
                  load_changed: Callable[[], None] = lambda: None, fencer: Fencer | None = None,
@@ -91,6 +108,10 @@ class PoolElementCore:
         self.load_changed = load_changed
         self.fencer = fencer
         self.claims = claims
+        self.peers: PeerAsker | None = None  # for a planning rebalancer (IPoolPlanner)
+        self.planning = False  # this PE leads a rebalancing round now
+        self.planned_vm_set = None  # the pool's VMs at the last round: a change means starts
+        self.moved_at: dict[str, float] = {}  # when this leader last moved each VM
         self.starting: dict[str, S.CreateServer] = {}  # claimed, start in progress
         # Domain states as the hypervisor's lifecycle events report them; while events
         # flow (``events_live``), heartbeats are answered from here, without a libvirt call.
@@ -119,6 +140,12 @@ class PoolElementCore:
             session.send(self.answer_claim(message))
             session.close()
             return defer.succeed(None)
+        if isinstance(message, S.VmQuery):
+            session.send(self.vm_report())
+            self._close_unless_vm(session)
+            return defer.succeed(None)
+        if isinstance(message, S.MoveRequest):
+            return defer.Deferred.fromCoroutine(self._answer_move(message, session))
         self._answer_failure(session, "", S.ResultCode.INVALID_REQUEST, f"{type(message).__name__} is not a request a PE takes")
         return defer.succeed(None)
 
@@ -451,21 +478,18 @@ class PoolElementCore:
         ``pool``: the PoolElements of a registrar's resolution answer (or bare loads).
         Only VMs measured ``rebalancer.min_samples`` times take part: a VM just started
         (or just moved here) is still an estimate. Fires with the server ID moved, or None."""
+        if IPoolPlanner.providedBy(rebalancer):
+            return defer.Deferred.fromCoroutine(self._lead(rebalancer, pool))
         if self.moving or self.clock.seconds() < self.next_move_at:
             return defer.succeed(None)
         sample = self.accounting.sample()
-        # Where the hypervisor cannot measure CPU (libvirt's test driver) the estimate is
-        # all there will ever be, so every VM takes part.
-        measuring = getattr(self.hypervisor, "measures_cpu", True)
+        measuring = self._measuring()
         measured = {}
-        for name, share in sample.vm_cpu.items():
+        for name in sample.vm_cpu:
             if self._session_of(name) is None:
                 continue
-            if not measuring:
-                measured[name] = share
-            elif self.accounting.vms[name].samples >= rebalancer.min_samples:
-                window = self.accounting.window_share(name)
-                measured[name] = share if window is None else window
+            if not measuring or self.accounting.vms[name].samples >= rebalancer.min_samples:
+                measured[name] = self._demand_share(name)
         candidates = type(sample)(sample.cpu, sample.ram, measured)
         vm_ram = {n: vm.ram_kb for n, vm in self.accounting.vms.items()}
         members = self._pool_members(pool)
@@ -482,6 +506,17 @@ class PoolElementCore:
         self.next_move_at = self.clock.seconds() + rebalancer.cooldown_s  # let the pool see the effect first
         cores = measured[name] * self.accounting.node.cpus if measuring else 0.0
         return defer.Deferred.fromCoroutine(self._move_out(name, cores))
+
+    def _measuring(self) -> bool:
+        # Where the hypervisor cannot measure CPU (libvirt's test driver) the estimate is
+        # all there will ever be, so every VM counts as measured.
+        return getattr(self.hypervisor, "measures_cpu", True)
+
+    def _demand_share(self, name: str) -> float:
+        """A VM's CPU demand as a share of the host: over the recent window, unsmoothed,
+        once measured (free of the start estimate), else the booked estimate."""
+        window = self.accounting.window_share(name) if self._measuring() else None
+        return self.accounting.vms[name].cpu_share if window is None else window
 
     def _pool_members(self, pool: list) -> list[PoolMember]:
         """The pool as the rebalancer sees it; this PE's entry carries the load it would
@@ -504,9 +539,10 @@ class PoolElementCore:
     def _session_of(self, server_id: str):
         return next((session for session, vm in self.sessions.items() if vm.request.server_id == server_id), None)
 
-    async def _move_out(self, name: str, cpu_cores: float = 0.0) -> str | None:
+    async def _move_out(self, name: str, cpu_cores: float = 0.0, target_pe: int = 0) -> str | None:
         """A planned failover: stop the VM here, tell its PU it is not running any more
-        (so the next PE fences no one), and let the PU take it to another PE."""
+        (so the next PE fences no one), and let the PU take it to another PE: to
+        ``target_pe`` when the leader planned one, else where the pool policy says."""
         session = self._session_of(name)
         if session is None:
             return None
@@ -517,12 +553,150 @@ class PoolElementCore:
             await self._shut_down(None, vm)
             self.sessions.pop(session, None)
             session.send(self._cookie(vm, cpu_cores))  # the next PE counts it at what it used here
-            session.send(S.StopResult(name, S.ResultCode.MOVED, f"stopped on {self.settings.host} to even out the pool"))
+            session.send(S.StopResult(name, S.ResultCode.MOVED, f"stopped on {self.settings.host} to even out the pool", target_pe))
             session.close()
             self.moves += 1
             return name
         finally:
             self.moving = False
+
+    # ------------------------------------------------------------ planned rebalancing
+
+    def vm_report(self) -> S.VmReport:
+        """This PE's VMs with their CPU demand and RAM, for the rebalancing leader."""
+        node, me = self.accounting.node, self.settings.pe_identifier
+        samples_if_unmeasured = 0xFFFF  # the estimate is final: as measured as it gets
+        entries, unlisted = [], round(self.accounting.host_cpu_share * node.cpus * 1000)
+        for name, usage in self.accounting.vms.items():
+            millicores = round(self._demand_share(name) * node.cpus * 1000)
+            if not S.SERVER_ID_PATTERN.fullmatch(name) or len(name) > S.MAX_SERVER_ID:
+                unlisted += millicores  # a domain found at start-up with a name no PU uses
+                continue
+            movable = self._session_of(name) is not None and self.domain_states.get(name) == RUNNING
+            samples = min(usage.samples, 0xFFFF) if self._measuring() else samples_if_unmeasured
+            entries.append(S.VmEntry(name, usage.ram_kb, millicores, samples, movable))
+        entries.sort(key=lambda e: (-e.cpu_millicores, e.server_id))
+        unlisted += sum(e.cpu_millicores for e in entries[S.MAX_REPORT_VMS :])
+        free_kb = min(self.accounting.free_kb, node.ram_kb)
+        return S.VmReport(me, node.cpus, node.ram_kb, free_kb, unlisted, tuple(entries[: S.MAX_REPORT_VMS]))
+
+    def _close_unless_vm(self, session: Session) -> None:
+        """A PE-to-PE question gets its answer and the connection ends, unless it came
+        on a PU's session that holds a VM (closing that would orphan the VM)."""
+        if session not in self.sessions:
+            session.close()
+
+    def _move_mac(self, pe_identifier: int, server_id: str, target_pe: int) -> bytes:
+        secret = self.settings.secret
+        return S.move_request_mac(secret, pe_identifier, server_id, target_pe) if secret else b""
+
+    async def _answer_move(self, request: S.MoveRequest, session: Session) -> None:
+        session.send(await self.move_on_request(request))
+        self._close_unless_vm(session)
+
+    async def move_on_request(self, request: S.MoveRequest) -> S.MoveAnswer:
+        """The leader asks this PE to move a VM to another PE: stop it as a planned move
+        and send its PU to that PE. Refused for a VM without a PU here, a target that
+        is this PE, another move under way, or (with a pool secret) a wrong MAC."""
+        me, name = self.settings.pe_identifier, request.server_id
+
+        def refused(code: int, reason: str) -> S.MoveAnswer:
+            log.info("move of {server} refused: {reason}", server=name, reason=reason)
+            return S.MoveAnswer(me, name, code, reason)
+
+        expected = self._move_mac(request.pe_identifier, name, request.target_pe)
+        if not hmac.compare_digest(request.mac, expected):
+            return refused(S.ResultCode.INVALID_REQUEST, "not signed with the pool secret")
+        if request.target_pe == me:
+            return refused(S.ResultCode.INVALID_REQUEST, "the target is this PE")
+        if self._session_of(name) is None:
+            return refused(S.ResultCode.INVALID_REQUEST, f"{name} has no PU session here")
+        if self.moving:
+            return refused(S.ResultCode.UNSPECIFIED, "another move is under way")
+        cores = self._demand_share(name) * self.accounting.node.cpus if self._measuring() else 0.0
+        if await self._move_out(name, cores, request.target_pe) is None:
+            return refused(S.ResultCode.UNSPECIFIED, f"{name} ended meanwhile")
+        return S.MoveAnswer(me, name, S.ResultCode.MOVED, f"stopped on {self.settings.host}, its PU sent to PE {hex_id(request.target_pe)}")
+
+    async def _lead(self, planner, pool: list) -> list[str]:
+        """One rebalancing round, on the leader only: the PE with the lowest identifier
+        in the registrar's answer (when it dies, the next lowest leads). It gathers every
+        PE's VmReport, plans when the pool's set of VMs is the same as at the last round
+        (no start or stop meanwhile: the pool policy is still placing), and makes the
+        moves one after another. Fires with the server IDs moved."""
+        elements = {e.identifier: e for e in pool if isinstance(e, P.PoolElement)}
+        me = self.settings.pe_identifier
+        if self.planning or self.peers is None or me not in elements or min(elements) != me:
+            return []
+        self.planning = True
+        try:
+            others = {i: e for i, e in elements.items() if i != me}
+            reports = await self._gather(others)
+            if reports is None:
+                return []
+            vm_set = frozenset(vm.server_id for report in reports for vm in report.vms)
+            settled, self.planned_vm_set = vm_set == self.planned_vm_set, vm_set
+            if not settled:
+                return []
+            moves = planner.plan([self._planned_pe(report, planner) for report in reports])
+            done = []
+            for move in moves:
+                if not await self._make_move(move, others):
+                    break  # the rest was planned on a pool that is not there: plan again next round
+                done.append(move.server_id)
+            return done
+        finally:
+            self.planning = False
+
+    async def _gather(self, others: dict) -> list[S.VmReport] | None:
+        """Every PE's VmReport, this one's first; None when one did not answer (its VMs
+        and RAM unknown, no plan is safe)."""
+        asked = await defer.DeferredList([self.peers.report(e) for e in others.values()], consumeErrors=True)
+        reports = [self.vm_report()]
+        for identifier, (ok, report) in zip(others, asked):
+            if not ok or not isinstance(report, S.VmReport) or report.pe_identifier != identifier:
+                log.info("no rebalancing plan now: PE {pe} did not report its VMs", pe=hex_id(identifier))
+                return None
+            reports.append(report)
+        return reports
+
+    def _planned_pe(self, report: S.VmReport, planner) -> PlannedPe:
+        now = self.clock.seconds()
+
+        def movable(vm: S.VmEntry) -> bool:
+            recently = now - self.moved_at.get(vm.server_id, float("-inf")) < planner.cooldown_s
+            return vm.movable and vm.samples >= planner.min_samples and not recently
+
+        vms = tuple(PlannedVm(vm.server_id, vm.cpu_millicores / 1000, vm.ram_kb, movable(vm)) for vm in report.vms)
+        return PlannedPe(report.pe_identifier, report.cpus, report.free_ram_kb, vms, report.host_millicores / 1000)
+
+    async def _make_move(self, move: Move, others: dict) -> bool:
+        """Ask the VM's PE to move it, then wait until it runs on the target. False when
+        the move was refused or did not arrive in time."""
+        me = self.settings.pe_identifier
+        request = S.MoveRequest(me, move.server_id, move.target, self._move_mac(me, move.server_id, move.target))
+        if move.source == me:
+            answer = await self.move_on_request(request)
+        else:
+            answer = await self.peers.move(others[move.source], request)
+        if not isinstance(answer, S.MoveAnswer) or not answer.moved:
+            why = answer.reason if isinstance(answer, S.MoveAnswer) else "no answer"
+            log.info("planned move of {server} not made: {why}", server=move.server_id, why=why)
+            return False
+        self.moved_at[move.server_id] = self.clock.seconds()
+        log.info("moving {server} from PE {source} to PE {target} (planned)", server=move.server_id,
+                 source=hex_id(move.source), target=hex_id(move.target))  # fmt: skip
+        deadline = self.clock.seconds() + self.MOVE_TIMEOUT_S
+        while self.clock.seconds() < deadline:
+            # Wait first: the PEs' load updates must reach the registrar before the next
+            # move, or its answer to that VM's PU lacks the RAM this move just freed.
+            await task.deferLater(self.clock, self.MOVE_POLL_S, lambda: None)
+            report = self.vm_report() if move.target == me else await self.peers.report(others[move.target])
+            if isinstance(report, S.VmReport) and any(vm.server_id == move.server_id and vm.movable for vm in report.vms):
+                return True
+        log.warn("{server} does not run on PE {target} after {s} s", server=move.server_id,
+                 target=hex_id(move.target), s=self.MOVE_TIMEOUT_S)  # fmt: skip
+        return False
 
     def registration(self, policy, policy_arguments: list[str], transport, life_ms: int) -> M.Registration:
         """The REGISTRATION carrying this PE's current load (and its proof of the pool secret)."""

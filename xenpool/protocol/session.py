@@ -28,6 +28,11 @@ MAX_IP_LIST = 256
 MAX_REASON = 256
 MAX_HOST = 128
 MAX_SESSION_MESSAGE = 2048
+MAX_REPORT_VMS = 64  # VMs listed in one VmReport; the rest count in its host_millicores
+MAX_MAC = 64
+# StopResult header flag: a target PE identifier follows the reason (planned moves).
+# Without it the message is byte for byte what it was before targets existed.
+FLAG_TARGET = 0x01
 SERVER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -41,6 +46,10 @@ class SessionType(enum.IntEnum):
     STOP_RESULT = 0x21
     CLAIM_QUERY = 0x30
     CLAIM_ANSWER = 0x31
+    VM_QUERY = 0x40
+    VM_REPORT = 0x41
+    MOVE_REQUEST = 0x42
+    MOVE_ANSWER = 0x43
 
 
 class ResultCode(enum.IntEnum):
@@ -116,10 +125,14 @@ class StopServer(SessionMessage):
 
 @dataclass(frozen=True, slots=True)
 class StopResult(SessionMessage):
+    """``target_pe``: with code MOVED, the PE the VM is planned to go to (0: none, the
+    pool policy chooses)."""
+
     TYPE = SessionType.STOP_RESULT
     server_id: str
     code: int
     reason: str = ""
+    target_pe: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +158,77 @@ class ClaimAnswer(SessionMessage):
     pending: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class VmQuery(SessionMessage):
+    """PE to PE (the rebalancing leader): which VMs do you run, at what CPU and RAM?"""
+
+    TYPE = SessionType.VM_QUERY
+    pe_identifier: int  # the asking PE
+
+
+@dataclass(frozen=True, slots=True)
+class VmEntry:
+    """One VM in a VmReport. ``cpu_millicores``: its measured CPU demand in thousandths
+    of a core; ``samples``: measurements behind it (0xFFFF: a hypervisor that cannot
+    measure, the estimate is final); ``movable``: a PU holds it, so it can be moved."""
+
+    server_id: str
+    ram_kb: int
+    cpu_millicores: int
+    samples: int
+    movable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class VmReport(SessionMessage):
+    """The answer to a VmQuery. ``host_millicores``: CPU used beside the listed VMs
+    (the host's own, VMs beyond MAX_REPORT_VMS)."""
+
+    TYPE = SessionType.VM_REPORT
+    pe_identifier: int  # the answering PE
+    cpus: int
+    ram_kb: int
+    free_ram_kb: int
+    host_millicores: int
+    vms: tuple[VmEntry, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MoveRequest(SessionMessage):
+    """The leader asks a PE to move one of its VMs to PE ``target_pe`` (a planned
+    failover). ``mac``: HMAC-SHA256 over the fields with the pool secret (empty without)."""
+
+    TYPE = SessionType.MOVE_REQUEST
+    pe_identifier: int  # the asking PE (the leader)
+    server_id: str
+    target_pe: int
+    mac: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class MoveAnswer(SessionMessage):
+    """``code`` MOVED: the VM is stopped and its PU sent to the target; any other: why not."""
+
+    TYPE = SessionType.MOVE_ANSWER
+    pe_identifier: int  # the answering PE
+    server_id: str
+    code: int
+    reason: str = ""
+
+    @property
+    def moved(self) -> bool:
+        return self.code == ResultCode.MOVED
+
+
+def move_request_mac(secret: bytes, pe_identifier: int, server_id: str, target_pe: int) -> bytes:
+    """What proves a MoveRequest comes from a PE of the pool (which knows its secret)."""
+    import hashlib
+    import hmac
+
+    data = b"xenpool move\0" + struct.pack("!II", pe_identifier, target_pe) + server_id.encode()
+    return hmac.new(secret, data, hashlib.sha256).digest()
+
+
 _HEADER = struct.Struct("!BBHHH")
 _U16 = struct.Struct("!H")
 
@@ -163,6 +247,11 @@ class _Writer:
 
     def pack(self, fmt: str, *values: int) -> None:
         self.parts.append(struct.pack(fmt, *values))
+
+    def blob(self, value: bytes, limit: int, field: str) -> None:
+        if len(value) > limit:
+            raise ValueError(f"{field} longer than {limit} bytes")
+        self.parts.append(bytes([len(value)]) + value)
 
 
 class _Reader:
@@ -187,6 +276,18 @@ class _Reader:
             return self.data[start + 2 : end].decode()
         except UnicodeDecodeError:
             raise ProtocolError("not UTF-8", field=field, offset=start + 2) from None
+
+    def blob(self, limit: int, field: str) -> bytes:
+        start = self.pos
+        if start >= len(self.data):
+            raise ProtocolError("truncated length", field=field, offset=start)
+        n = self.data[start]
+        if n > limit:
+            raise ProtocolError(f"{n} bytes, at most {limit}", field=field, offset=start)
+        if start + 1 + n > len(self.data):
+            raise ProtocolError(f"says {n} bytes, message ends first", field=field, offset=start)
+        self.pos = start + 1 + n
+        return bytes(self.data[start + 1 : self.pos])
 
     def unpack(self, fmt: str, field: str) -> tuple:
         size = struct.calcsize(fmt)
@@ -234,6 +335,7 @@ def _server_id(r: _Reader, answer: bool = False) -> str:
 def encode(msg: SessionMessage) -> bytes:
     w = _Writer()
     mtype = msg.TYPE
+    flags = 0
     if isinstance(msg, CreateServer):
         w.text(msg.server_id, MAX_SERVER_ID, "server_id")
         w.text(msg.disk, MAX_DISK, "disk")
@@ -256,6 +358,9 @@ def encode(msg: SessionMessage) -> bytes:
         w.text(msg.server_id, MAX_SERVER_ID, "server_id")
         w.pack("!i", msg.code)
         w.text(msg.reason, MAX_REASON, "reason")
+        if msg.target_pe:
+            flags |= FLAG_TARGET
+            w.pack("!I", msg.target_pe)
     elif isinstance(msg, ClaimQuery):
         w.pack("!I", msg.pe_identifier)
         w.text(msg.server_id, MAX_SERVER_ID, "server_id")
@@ -265,17 +370,58 @@ def encode(msg: SessionMessage) -> bytes:
         w.pack("!IB3x", msg.pe_identifier, msg.pending)
         w.text(msg.host, MAX_HOST, "host")
         w.text(msg.conflict, MAX_REASON, "conflict")
+    elif isinstance(msg, VmQuery):
+        w.pack("!I", msg.pe_identifier)
+    elif isinstance(msg, VmReport):
+        if len(msg.vms) > MAX_REPORT_VMS:
+            raise ValueError(f"{len(msg.vms)} VMs in a report, at most {MAX_REPORT_VMS}")
+        w.pack("!IHQQIH", msg.pe_identifier, msg.cpus, msg.ram_kb, msg.free_ram_kb, msg.host_millicores, len(msg.vms))
+        for vm in msg.vms:
+            w.text(vm.server_id, MAX_SERVER_ID, "server_id")
+            w.pack("!QIHB", vm.ram_kb, vm.cpu_millicores, vm.samples, vm.movable)
+    elif isinstance(msg, MoveRequest):
+        w.pack("!II", msg.pe_identifier, msg.target_pe)
+        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+        w.blob(msg.mac, MAX_MAC, "mac")
+    elif isinstance(msg, MoveAnswer):
+        w.pack("!Ii", msg.pe_identifier, msg.code)
+        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+        w.text(msg.reason, MAX_REASON, "reason")
     else:
         raise TypeError(f"not a session message: {msg!r}")
     body = b"".join(w.parts)
-    return _HEADER.pack(mtype, 0, _HEADER.size + len(body), VERSION, 0) + body
+    if _HEADER.size + len(body) > MAX_SESSION_MESSAGE:
+        raise ValueError(f"{type(msg).__name__} of {_HEADER.size + len(body)} bytes, at most {MAX_SESSION_MESSAGE}")
+    return _HEADER.pack(mtype, flags, _HEADER.size + len(body), VERSION, 0) + body
+
+
+def _vm_report(r: _Reader) -> VmReport:
+    pe_id, cpus, ram_kb, free_kb, host_millicores, count = r.unpack("!IHQQIH", "pe_identifier")
+    if cpus == 0:
+        raise ProtocolError("a host has at least one CPU", field="cpus", offset=_HEADER.size + 4)
+    if free_kb > ram_kb:
+        raise ProtocolError(f"{free_kb} KB free of {ram_kb} KB", field="free_ram_kb", offset=_HEADER.size + 14)
+    if count > MAX_REPORT_VMS:
+        raise ProtocolError(f"{count} VMs, at most {MAX_REPORT_VMS}", field="vms", offset=r.pos - 2)
+    vms, seen = [], set()
+    for _ in range(count):
+        offset = r.pos
+        server_id = _server_id(r)
+        if server_id in seen:
+            raise ProtocolError(f"{server_id} listed twice", field="server_id", offset=offset)
+        seen.add(server_id)
+        vm_ram, millicores, samples, movable = r.unpack("!QIHB", "vm")
+        if movable > 1:
+            raise ProtocolError(f"{movable} is not a boolean", field="movable", offset=r.pos - 1)
+        vms.append(VmEntry(server_id, vm_ram, millicores, samples, bool(movable)))
+    return VmReport(pe_id, cpus, ram_kb, free_kb, host_millicores, tuple(vms))
 
 
 def decode(data: bytes) -> SessionMessage:
     """Decode exactly one application message; raises ProtocolError."""
     if len(data) < _HEADER.size:
         raise ProtocolError(f"{len(data)} bytes, a header needs {_HEADER.size}", field="length", offset=0)
-    mtype, _flags, length, version, _reserved = _HEADER.unpack_from(data, 0)
+    mtype, flags, length, version, _reserved = _HEADER.unpack_from(data, 0)
     if length != len(data):
         raise ProtocolError(f"says {length} bytes, has {len(data)}", field="length", offset=2)
     if version != VERSION:
@@ -308,13 +454,30 @@ def decode(data: bytes) -> SessionMessage:
     elif mtype == SessionType.STOP_RESULT:
         server_id = _server_id(r, answer=True)
         (code,) = r.unpack("!i", "code")
-        msg = StopResult(server_id, code, r.text(MAX_REASON, "reason"))
+        reason = r.text(MAX_REASON, "reason")
+        target = r.unpack("!I", "target_pe")[0] if flags & FLAG_TARGET else 0
+        if flags & FLAG_TARGET and (code != ResultCode.MOVED or target == 0):
+            raise ProtocolError(f"target PE {target} with code {code}: only a move (51) names one", field="target_pe",
+                                offset=r.pos - 4)  # fmt: skip
+        msg = StopResult(server_id, code, reason, target)
     elif mtype == SessionType.CLAIM_QUERY:
         (pe_id,) = r.unpack("!I", "pe_identifier")
         msg = ClaimQuery(pe_id, _server_id(r), r.text(MAX_DISK, "disk"), tuple(r.text(MAX_IP_LIST, "ips").split()))
     elif mtype == SessionType.CLAIM_ANSWER:
         pe_id, pending = r.unpack("!IB3x", "pe_identifier")
         msg = ClaimAnswer(pe_id, r.text(MAX_HOST, "host"), r.text(MAX_REASON, "conflict"), bool(pending))
+    elif mtype == SessionType.VM_QUERY:
+        msg = VmQuery(*r.unpack("!I", "pe_identifier"))
+    elif mtype == SessionType.VM_REPORT:
+        msg = _vm_report(r)
+    elif mtype == SessionType.MOVE_REQUEST:
+        pe_id, target = r.unpack("!II", "pe_identifier")
+        if target == 0:
+            raise ProtocolError("no target PE", field="target_pe", offset=_HEADER.size + 4)
+        msg = MoveRequest(pe_id, _server_id(r), target, r.blob(MAX_MAC, "mac"))
+    elif mtype == SessionType.MOVE_ANSWER:
+        pe_id, code = r.unpack("!Ii", "pe_identifier")
+        msg = MoveAnswer(pe_id, _server_id(r, answer=True), code, r.text(MAX_REASON, "reason"))
     else:
         raise ProtocolError(
             f"unknown message type 0x{mtype:02x}", field="type", offset=0, cause=Cause.UNRECOGNIZED_MESSAGE, data=bytes(data)

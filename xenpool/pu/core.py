@@ -105,6 +105,7 @@ class VmKeeper:
         self._stop_requested = False
         self._leaving = False
         self._wake: defer.Deferred | None = None
+        self._move_target = 0  # the PE a planned move sends the VM to (0: none)
 
     @property
     def server_id(self) -> str:
@@ -141,6 +142,11 @@ class VmKeeper:
                 # Back to the PE that ran it first: it may still hold it (re-adoption);
                 # any other PE would have to fence that one.
                 candidates.sort(key=lambda e: e.identifier != home)
+            if self._move_target:
+                # A planned move names its target: there first, if the pool still has
+                # it; should it refuse, the others follow in the policy's order.
+                candidates.sort(key=lambda e: e.identifier != self._move_target)
+                self._move_target = 0
             for element in candidates:
                 outcome = await self._session_with(element)
                 if outcome is None:  # the session ended after the VM ran: fail over now
@@ -229,7 +235,9 @@ class VmKeeper:
         ended = await self._heartbeat(channel)
         if isinstance(ended, S.StopResult):  # a planned move: no one to report or fence
             self.moves += 1
-            self._set(State.FAILING_OVER, f"moved off PE {hex_id(element.identifier)}: {ended.reason}")
+            self._move_target = ended.target_pe
+            to = f" to PE {hex_id(ended.target_pe)}" if ended.target_pe else ""
+            self._set(State.FAILING_OVER, f"moved off PE {hex_id(element.identifier)}{to}: {ended.reason}")
             return None
         if ended:
             if not self._leaving:

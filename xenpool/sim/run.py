@@ -88,6 +88,41 @@ class _PuSide:
             self.pe.core.session_lost(self.peer)
 
 
+class _AnswerSide:
+    """The asking PE's side of an in-memory PE-to-PE exchange: fires with the first
+    answer, or None when the other PE closes without one."""
+
+    def __init__(self) -> None:
+        self.answer: defer.Deferred = defer.Deferred()
+
+    def send(self, message) -> None:
+        if not self.answer.called:
+            self.answer.callback(_copy(message))
+
+    def close(self) -> None:
+        if not self.answer.called:
+            self.answer.callback(None)
+
+
+class SimPeers:
+    """The rebalancing leader's PeerAsker in memory: the other PE's core handles the
+    request as it would one from its session port."""
+
+    def __init__(self, sim: "Simulation", identifier: int) -> None:
+        self.sim, self.identifier = sim, identifier
+
+    def _ask(self, element: P.PoolElement, message) -> defer.Deferred:
+        side = _AnswerSide()
+        self.sim.pes[element.identifier].core.handle(_copy(message), side)
+        return side.answer
+
+    def report(self, element: P.PoolElement) -> defer.Deferred:
+        return self._ask(element, S.VmQuery(self.identifier))
+
+    def move(self, element: P.PoolElement, request: S.MoveRequest) -> defer.Deferred:
+        return self._ask(element, request)
+
+
 class SimPE:
     """A PE host: the real PE core on a simulated hypervisor, registered in memory."""
 
@@ -105,6 +140,7 @@ class SimPE:
             self.hypervisor, HostAccounting(node, sim.load_settings), sim.metric, sim.clock,
             load_changed=self.load_changed,
         )  # fmt: skip
+        self.core.peers = SimPeers(sim, identifier)
         self.association = _ToClient(self.from_registrar)
         self.transport = P.TcpTransport(5000 + identifier, (f"10.0.0.{identifier}",))
         self._early = None
