@@ -172,15 +172,17 @@ class PlannedMoves:
     name = "plan"
 
     def __init__(self, min_gain: float = 0.005, move_cost: float = 0.002, max_moves: int = 12,
-                 min_samples: int = 4, cooldown_s: float = 900.0) -> None:  # fmt: skip
+                 min_samples: int = 4, cooldown_s: float = 900.0, quiet_rounds: int = 2) -> None:  # fmt: skip
         min_gain, move_cost, max_moves = float(min_gain), float(move_cost), int(max_moves)
-        min_samples, cooldown_s = int(min_samples), float(cooldown_s)
+        min_samples, cooldown_s, quiet_rounds = int(min_samples), float(cooldown_s), int(quiet_rounds)
         if not 0 < min_gain < 1 or not 0 <= move_cost < 1:
             raise ValueError(f"min_gain must be in (0, 1) and move_cost in [0, 1), got {min_gain}, {move_cost}")
         if max_moves < 1 or min_samples < 1 or cooldown_s < 0:
             raise ValueError(f"max_moves, min_samples must be >= 1 and cooldown_s >= 0, got {max_moves}, {min_samples}, {cooldown_s}")
         self.min_gain, self.move_cost, self.max_moves = min_gain, move_cost, max_moves
         self.min_samples, self.cooldown_s = min_samples, cooldown_s
+        # the leader plans once the pool's VMs stayed the same this many rounds
+        self.quiet_rounds = max(quiet_rounds, 0)
 
     def choose(self, own, vm_ram, pool, metric, ram_total_kb):
         return None  # the leader plans for every PE; no PE decides alone

@@ -130,6 +130,8 @@ class IPoolPlanner(IRebalancer):
     lowest PE identifier), from every PE's VM report; ``choose`` is never asked then.
     ``cooldown_s`` is how long a moved VM stays where it went."""
 
+    quiet_rounds = Attribute("Rounds the pool's set of VMs must stay the same before the leader plans.")
+
     def plan(pool: list) -> list:
         """The Moves to make, in order, for ``pool`` (a PlannedPe per PE): each one must
         fit in the RAM its target has free after the moves before it. [] to leave

@@ -111,6 +111,7 @@ class PoolElementCore:
         self.peers: PeerAsker | None = None  # for a planning rebalancer (IPoolPlanner)
         self.planning = False  # this PE leads a rebalancing round now
         self.planned_vm_set = None  # the pool's VMs at the last round: a change means starts
+        self.quiet_rounds = 0  # rounds since the pool's VMs last changed
         self.moved_at: dict[str, float] = {}  # when this leader last moved each VM
         self.starting: dict[str, S.CreateServer] = {}  # claimed, start in progress
         # Domain states as the hypervisor's lifecycle events report them; while events
@@ -621,8 +622,9 @@ class PoolElementCore:
     async def _lead(self, planner, pool: list) -> list[str]:
         """One rebalancing round, on the leader only: the PE with the lowest identifier
         in the registrar's answer (when it dies, the next lowest leads). It gathers every
-        PE's VmReport, plans when the pool's set of VMs is the same as at the last round
-        (no start or stop meanwhile: the pool policy is still placing), and makes the
+        PE's VmReport, plans once the pool's set of VMs stayed the same for
+        ``planner.quiet_rounds`` rounds (no start or stop meanwhile: while VMs keep
+        coming the pool policy places them, and moves would be undone), and makes the
         moves one after another. Fires with the server IDs moved."""
         elements = {e.identifier: e for e in pool if isinstance(e, P.PoolElement)}
         me = self.settings.pe_identifier
@@ -635,8 +637,9 @@ class PoolElementCore:
             if reports is None:
                 return []
             vm_set = frozenset(vm.server_id for report in reports for vm in report.vms)
-            settled, self.planned_vm_set = vm_set == self.planned_vm_set, vm_set
-            if not settled:
+            self.quiet_rounds = self.quiet_rounds + 1 if vm_set == self.planned_vm_set else 0
+            self.planned_vm_set = vm_set
+            if self.quiet_rounds < planner.quiet_rounds:
                 return []
             moves = planner.plan([self._planned_pe(report, planner) for report in reports])
             done = []
