@@ -271,3 +271,245 @@ def test_gap_fit_evens_out_the_simulated_pool_and_keeps_by_type_order_even():
     assert again.samples_percent == result.samples_percent  # same seed, same run
     by_type = json.loads((scenarios / "thesis-by-type-order.json").read_text())
     assert Simulation(by_type, load_plugins(), rebalance="gap-fit", **options).run().metric_percent < 1
+
+
+# ------------------------------------------------------------------ planned rebalancing (plan)
+
+from xenpool.interfaces import Move, PlannedPe, PlannedVm  # noqa: E402
+from xenpool_plugins.rebalance import PlannedMoves  # noqa: E402
+
+
+def planned(identifier, *vms, free_mb=1000, cpus=2):
+    """A PlannedPe; each VM as (name, cores, RAM MB) or (name, cores, RAM MB, movable)."""
+    return PlannedPe(identifier, cpus, free_mb * MB, tuple(PlannedVm(v[0], v[1], v[2] * MB, *v[3:]) for v in vms))
+
+
+def test_plan_swaps_where_no_single_move_helps():
+    # 1.2 and 1.0 cores on two 2-core PEs: any single move overshoots (0.3 / 0.8 at
+    # best); exchanging a 0.6 for a 0.5 evens them exactly.
+    pool = [planned(1, ("a", 0.6, 64), ("b", 0.6, 64)), planned(2, ("c", 0.5, 64), ("d", 0.5, 64))]
+    assert PlannedMoves().plan(pool) == [Move("a", 1, 2), Move("c", 2, 1)]
+    # 0.7 / 0.5: swapping a (0.8) for c (0.4) only mirrors the imbalance; a for d evens it
+    pool = [planned(1, ("a", 0.8, 64), ("b", 0.6, 64)), planned(2, ("c", 0.4, 64), ("d", 0.6, 64))]
+    assert PlannedMoves().plan(pool) == [Move("a", 1, 2), Move("d", 2, 1)]
+
+
+def test_plan_keeps_ram_constraints_at_every_step():
+    # The second swap above ("c" pinned), but PE 2 has no room for "a" (300 MB) before
+    # "d" (150 MB) has left: d goes first.
+    pool = [planned(1, ("a", 0.8, 300), ("b", 0.6, 64), free_mb=200),
+            planned(2, ("c", 0.4, 64, False), ("d", 0.6, 150), free_mb=160)]  # fmt: skip
+    assert PlannedMoves().plan(pool) == [Move("d", 2, 1), Move("a", 1, 2)]
+    # Neither end can take the other's VM first: no swap, and no single move fits either.
+    tight = [planned(1, ("a", 0.8, 300), ("b", 0.6, 64), free_mb=10), planned(2, ("c", 0.4, 64), ("d", 0.6, 150), free_mb=10)]
+    assert PlannedMoves().plan(tight) == []
+
+
+def test_plan_moves_the_vm_that_fills_the_gap_to_the_coldest_pe_with_room():
+    pool = [
+        planned(1, ("hot1", 0.9, 64), ("hot2", 0.9, 64), ("small", 0.2, 64)),  # 1.0
+        planned(2, ("mid", 0.8, 64), free_mb=1000),  # 0.4
+        planned(3, ("mid2", 0.8, 64), free_mb=30),  # 0.4, but no room for anything
+    ]
+    moves = PlannedMoves().plan(pool)
+    assert moves[0] == Move("small", 1, 2) or moves[0].target == 2
+    assert all(move.target != 3 for move in moves)  # PE 3 has no room
+
+
+def test_plan_leaves_an_even_pool_alone_and_never_moves_what_may_not_move():
+    even = [planned(1, ("a", 0.5, 64), ("b", 0.5, 64)), planned(2, ("c", 0.5, 64), ("d", 0.48, 64))]
+    assert PlannedMoves().plan(even) == []  # a gain below min_gain is not worth a restart
+    pinned = [planned(1, ("a", 0.8, 64, False), ("b", 0.6, 64, False)), planned(2, ("c", 0.4, 64), ("d", 0.6, 64))]
+    assert all(move.server_id not in ("a", "b") for move in PlannedMoves().plan(pinned))
+
+
+def test_plan_moves_each_vm_at_most_once_and_is_deterministic():
+    pool = [planned(i, *((f"vm{i}-{k}", 0.1 * ((i * k) % 7 + 1), 64) for k in range(5))) for i in range(1, 6)]
+    moves = PlannedMoves().plan(pool)
+    assert moves and len({m.server_id for m in moves}) == len(moves) <= PlannedMoves().max_moves
+    assert PlannedMoves().plan(list(reversed(pool))) == moves
+
+
+def test_plan_is_a_verified_rebalancer_plugin_with_checked_options():
+    from zope.interface.verify import verifyObject
+
+    from xenpool.interfaces import IPoolPlanner
+
+    planner = load_plugins().create("rebalancer", "plan")
+    assert verifyObject(IPoolPlanner, planner) and planner.choose(SAMPLE, {}, [], CpuLoad(), 1) is None
+    for bad in ({"min_gain": 0}, {"move_cost": 1}, {"max_moves": 0}, {"min_samples": 0}, {"cooldown_s": -1}):
+        with pytest.raises(ValueError):
+            PlannedMoves(**bad)
+
+
+class Peers:
+    """PeerAsker over in-memory PE cores (unit tests only); records what was asked."""
+
+    def __init__(self, cores) -> None:
+        self.cores = {core.settings.pe_identifier: core for core in cores}
+        self.asked: list = []
+        self.silent: set[int] = set()
+
+    def _ask(self, element, message):
+        from twisted.internet import defer
+
+        self.asked.append((element.identifier, type(message).__name__))
+        if element.identifier in self.silent:
+            return defer.succeed(None)
+        answers = Session()
+        self.cores[element.identifier].handle(S.decode(S.encode(message)), answers)
+        return defer.succeed(answers.sent[0] if answers.sent else None)
+
+    def report(self, element):
+        return self._ask(element, S.VmQuery(0))
+
+    def move(self, element, request):
+        return self._ask(element, request)
+
+
+def _elements(*identifiers):
+    from .test_pu_core import element
+
+    return [element(i) for i in identifiers]
+
+
+def _two_pes(clock, secret=b""):
+    from xenpool.interfaces import NodeInfo
+    from xenpool.pe.accounting import HostAccounting
+    from xenpool.pe.core import PeSettings, PoolElementCore
+
+    from .test_pe_core import MemoryHypervisor
+
+    cores = [
+        PoolElementCore(PeSettings(pe_identifier=n, host=f"host{n}", secret=secret), MemoryHypervisor(),
+                        HostAccounting(NodeInfo(f"host{n}", 2, 1024 * MB)), CpuLoad(), clock)  # fmt: skip
+        for n in (1, 2)
+    ]
+    peers = Peers(cores)
+    for core in cores:
+        core.peers = peers
+    sessions = {}
+    for name, share, core in (("a", 0.4, cores[0]), ("b", 0.3, cores[0]), ("c", 0.05, cores[1])):
+        sessions[name] = create(core, name, 64)
+        core.accounting.vms[name].cpu_share, core.accounting.vms[name].samples = share, 10
+    return cores, peers, sessions
+
+
+def test_only_the_lowest_pe_identifier_leads(clock):  # noqa: F811
+    cores, peers, _ = _two_pes(clock)
+    moved = []
+    cores[1].rebalance(PlannedMoves(quiet_rounds=0), _elements(1, 2)).addCallback(moved.append)
+    assert moved == [[]] and peers.asked == []  # PE 2 is not the leader: it asks no one
+    cores[0].rebalance(PlannedMoves(quiet_rounds=0), _elements(2)).addCallback(moved.append)
+    assert moved == [[], []] and peers.asked == []  # not in the registrar's answer: not the leader either
+    cores[1].rebalance(PlannedMoves(quiet_rounds=0), _elements(2, 3)).addCallback(moved.append)
+    assert peers.asked == [(3, "VmQuery")]  # PE 1 gone: PE 2 leads (PE 3 does not answer here)
+
+
+def test_the_leader_moves_a_vm_to_the_planned_target_and_waits_for_it(clock):  # noqa: F811
+    from xenpool.protocol import cookie as C
+
+    cores, peers, sessions = _two_pes(clock)
+    planner = PlannedMoves(quiet_rounds=1)
+    moved = []
+    cores[0].rebalance(planner, _elements(1, 2)).addCallback(moved.append)
+    assert moved == [[]] and peers.asked == [(2, "VmQuery")]  # the first look: were VMs still starting?
+    cores[0].rebalance(planner, _elements(1, 2)).addCallback(moved.append)
+    # loads 0.7 / 0.05: moving "b" (0.6 cores) gives 0.4 / 0.35; "a" (0.8) would overshoot
+    stop = sessions["b"].sent[-1]
+    assert stop == S.StopResult("b", S.ResultCode.MOVED, "stopped on host1 to even out the pool", target_pe=2)
+    assert C.peek([m for m in sessions["b"].sent if isinstance(m, M.Cookie)][-1].cookie).running is False
+    assert "b" not in cores[0].hypervisor.domains and len(moved) == 1  # waiting for "b" to run on PE 2
+    create(cores[1], "b", 64)  # its PU arrives there
+    clock.advance(cores[0].MOVE_POLL_S)
+    assert moved == [[], ["b"]] and cores[0].moved_at == {"b": 0.0} and not sessions["a"].closed
+
+
+def test_a_move_that_does_not_arrive_in_time_is_not_counted(clock):  # noqa: F811
+    cores, peers, sessions = _two_pes(clock)
+    moved = []
+    cores[0].rebalance(PlannedMoves(quiet_rounds=0), _elements(1, 2)).addCallback(moved.append)
+    clock.pump([cores[0].MOVE_POLL_S] * int(cores[0].MOVE_TIMEOUT_S + 2))
+    assert moved == [[]] and "b" not in cores[1].hypervisor.domains  # "b" never ran on PE 2: the leader gave up
+
+
+def test_the_leader_does_not_plan_without_every_pe_report(clock):  # noqa: F811
+    cores, peers, sessions = _two_pes(clock)
+    peers.silent.add(2)
+    moved = []
+    cores[0].rebalance(PlannedMoves(quiet_rounds=0), _elements(1, 2)).addCallback(moved.append)
+    assert moved == [[]] and "a" in cores[0].hypervisor.domains
+
+
+@pytest.mark.parametrize(
+    "request_, reason",
+    [
+        (S.MoveRequest(1, "nosuch", 1), "nosuch has no PU session here"),
+        (S.MoveRequest(1, "c", 2), "the target is this PE"),
+        (S.MoveRequest(1, "c", 1, b"x" * 32), "not signed with the pool secret"),
+    ],
+)
+def test_a_pe_refuses_moves_it_cannot_or_may_not_make(clock, request_, reason):  # noqa: F811
+    cores, _, sessions = _two_pes(clock)
+    answer = Session()
+    cores[1].handle(request_, answer)
+    assert answer.sent == [S.MoveAnswer(2, request_.server_id, S.ResultCode.INVALID_REQUEST, reason)] and answer.closed
+    assert "c" in cores[1].hypervisor.domains and not sessions["c"].closed
+
+
+def test_with_a_pool_secret_a_move_needs_its_mac(clock):  # noqa: F811
+    cores, _, sessions = _two_pes(clock, secret=b"s3cret")
+    answer = Session()
+    cores[1].handle(S.MoveRequest(1, "c", 1), answer)
+    assert answer.sent[0].reason == "not signed with the pool secret" and "c" in cores[1].hypervisor.domains
+    signed = S.MoveRequest(1, "c", 1, S.move_request_mac(b"s3cret", 1, "c", 1))
+    cores[1].handle(signed, answer)
+    assert answer.sent[1].moved and sessions["c"].sent[-1].target_pe == 1
+
+
+def test_the_vm_report_lists_demand_ram_and_what_may_move(clock):  # noqa: F811
+    cores, _, _ = _two_pes(clock)
+    answer = Session()
+    cores[0].handle(S.VmQuery(2), answer)
+    report = answer.sent[0]
+    assert report == S.VmReport(1, 2, 1024 * MB, cores[0].accounting.free_kb, 0, (
+        S.VmEntry("a", 64 * MB, 800, 10, True), S.VmEntry("b", 64 * MB, 600, 10, True)))  # fmt: skip
+    assert answer.closed
+
+
+def test_the_pu_goes_to_the_planned_target_first():
+    clock = Clock()
+    first, second, third = ScriptedPE(1), ScriptedPE(2), ScriptedPE(3)
+    k = keeper(clock, Pool(clock, first, second, third))
+    k.run()
+    first.deliver(S.StopResult("web1", S.ResultCode.MOVED, "planned", target_pe=3))
+    first.die()
+    assert k.pe.identifier == 3 and k.moves == 1 and second.received == []
+    assert any("to PE 0x00000003" in why for _, why in k.history)
+
+
+def test_a_refused_target_falls_back_to_the_pool_policy():
+    clock = Clock()
+    first, second, third = ScriptedPE(1), ScriptedPE(2), ScriptedPE(3, refuse=S.ResultCode.NO_RAM)
+    k = keeper(clock, Pool(clock, first, second, third))
+    k.run()
+    first.deliver(S.StopResult("web1", S.ResultCode.MOVED, "planned", target_pe=3))
+    first.die()
+    assert len(third.received) == 1 and k.pe.identifier == 2 and k.state.value == "running"
+
+
+def test_plan_evens_out_the_simulated_pool_with_few_moves_and_keeps_by_type_order():
+    scenarios = Path(__file__).resolve().parents[1] / "scenarios"
+    options = {"load_plugin": "cpu", "policy": "LeastUsedFreeRAM", "seed": 3, "pe_overrides": {"count_cpu_wait": True},
+               "rebalance_interval_s": 60.0}  # fmt: skip
+    mixed = json.loads((scenarios / "thesis-mixed-order.json").read_text())
+    result = Simulation(mixed, load_plugins(), rebalance="plan", **options).run()
+    assert result.settled_metric_percent <= 2 and result.ram_failed_starts == 0 and result.not_started == 0
+    assert 0 < result.moves <= 40  # at most one move per VM
+    placed = [vm for pe in result.per_pe for vm in pe["vms"]]
+    assert len(placed) == len(set(placed)) == 40
+    again = Simulation(mixed, load_plugins(), rebalance="plan", **options).run()
+    assert again.samples_percent == result.samples_percent and again.moves == result.moves
+    by_type = json.loads((scenarios / "thesis-by-type-order.json").read_text())
+    even = Simulation(by_type, load_plugins(), rebalance="plan", **options).run()
+    assert even.metric_percent == 0 and even.moves == 0

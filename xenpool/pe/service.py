@@ -158,6 +158,11 @@ class PoolElementService(service.MultiService):
         self._load_loop = task.LoopingCall(self._regular_update)
         self._load_loop.clock = reactor
         self.rebalancer, self.pool_access = rebalancer, pool_access
+        if rebalancer is not None and pool_access is not None and core.peers is None:
+            # a planning leader reaches the other PEs at their session ports; a move's
+            # answer comes once the VM is shut down, so it may take the shutdown timeout
+            core.peers = TcpPeerAsker(reactor, pool_access, core.settings.pe_identifier,
+                                      move_timeout_s=core.settings.shutdown_timeout_s + 10)  # fmt: skip
         self._rebalance_loop = task.LoopingCall(self._rebalance)
         self._rebalance_loop.clock = reactor
         self.rebalance_interval_s = rebalance_interval_s
@@ -344,25 +349,53 @@ class TcpClaimAsker:
     async def _ask_one(self, element, query):
         from ..protocol.session import ClaimAnswer
 
-        answer: defer.Deferred = defer.Deferred()
+        return await ask_pe(self.reactor, self.access, element, query, ClaimAnswer, self.timeout_s, "claim query")
 
-        def deliver(message) -> None:
-            if isinstance(message, ClaimAnswer) and not answer.called:
-                answer.callback(message)
 
-        timer = self.reactor.callLater(self.timeout_s, lambda: answer.called or answer.callback(None))
-        try:
-            channel = await self.access.connect(element, deliver)
-        except Exception as err:  # noqa: BLE001 - unreachable: it cannot run anything we know of
-            if timer.active():
-                timer.cancel()
-            log.info("PE {pe} did not take the claim query: {err}", pe=hex_id(element.identifier), err=str(err))
-            return None
-        channel.send(query)
-        result = await answer
+async def ask_pe(reactor, access, element, request, answer_type: type, timeout_s: float, what: str):
+    """One PE-to-PE question over the other PE's session port: its first
+    ``answer_type`` message, or None when it cannot be reached or does not answer within
+    ``timeout_s``."""
+    answer: defer.Deferred = defer.Deferred()
+
+    def deliver(message) -> None:
+        if isinstance(message, answer_type) and not answer.called:
+            answer.callback(message)
+
+    timer = reactor.callLater(timeout_s, lambda: answer.called or answer.callback(None))
+    try:
+        channel = await access.connect(element, deliver)
+    except Exception as err:  # noqa: BLE001 - unreachable: it cannot run anything we know of
         if timer.active():
             timer.cancel()
-        channel.close()
-        if result is None:
-            log.warn("PE {pe} did not answer the claim query in time", pe=hex_id(element.identifier))
-        return result
+        log.info("PE {pe} did not take the {what}: {err}", pe=hex_id(element.identifier), what=what, err=str(err))
+        return None
+    channel.send(request)
+    result = await answer
+    if timer.active():
+        timer.cancel()
+    channel.close()
+    if result is None:
+        log.warn("PE {pe} did not answer the {what} in time", pe=hex_id(element.identifier), what=what)
+    return result
+
+
+class TcpPeerAsker:
+    """The rebalancing leader's PeerAsker: VmQuery and MoveRequest to another PE's
+    session port, like the claim query."""
+
+    def __init__(self, reactor, access, pe_identifier: int, timeout_s: float = 2.0, move_timeout_s: float = 40.0) -> None:
+        self.reactor, self.access, self.pe_identifier = reactor, access, pe_identifier
+        self.timeout_s, self.move_timeout_s = timeout_s, move_timeout_s
+
+    def report(self, element) -> defer.Deferred:
+        from ..protocol.session import VmQuery, VmReport
+
+        query = VmQuery(self.pe_identifier)
+        return defer.Deferred.fromCoroutine(ask_pe(self.reactor, self.access, element, query, VmReport, self.timeout_s, "VM query"))
+
+    def move(self, element, request) -> defer.Deferred:
+        from ..protocol.session import MoveAnswer
+
+        asked = ask_pe(self.reactor, self.access, element, request, MoveAnswer, self.move_timeout_s, "move request")
+        return defer.Deferred.fromCoroutine(asked)
