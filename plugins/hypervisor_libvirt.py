@@ -224,6 +224,13 @@ def _failed(what: str, err: libvirt.libvirtError) -> HypervisorError:
 # -- the hypervisor ----------------------------------------------------------------------------
 
 
+def cpu_wait_from_stats(stats: dict) -> int | None:
+    """Sum of the per-vCPU wait (Xen) or delay (QEMU) counters in a VIR_DOMAIN_STATS_VCPU
+    record, in ns; None if it has neither."""
+    waits = [int(v) for k, v in stats.items() if k.startswith("vcpu.") and k.endswith((".wait", ".delay"))]
+    return sum(waits) if waits else None
+
+
 @implementer(IHypervisor)
 class LibvirtHypervisor:
     """``IHypervisor`` through libvirt; see the module docstring for threads and connections.
@@ -364,6 +371,12 @@ class LibvirtHypervisor:
 
     def cpu_time_ns(self, name: str) -> defer.Deferred:
         return self._defer(self._cpu_time_ns, name)
+
+    def cpu_wait_ns(self, name: str) -> defer.Deferred:
+        """The domain's cumulative time runnable but waiting for a host core (Xen's
+        ``vcpu.N.wait``, QEMU's ``vcpu.N.delay``), summed over its vCPUs; None when the
+        driver does not report it. With it a PE measures CPU demand, not just CPU received."""
+        return self._defer(self._cpu_wait_ns, name)
 
     def destroy(self, name: str) -> defer.Deferred:
         """Stop the domain at once. Fires True if it was running, False if there was nothing
@@ -539,6 +552,16 @@ class LibvirtHypervisor:
             if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 raise UnknownDomain(f"no domain {name!r} on {self.uri}", err.get_error_code()) from None
             raise _failed(f"CPU time of {name!r}", err) from None
+
+    def _cpu_wait_ns(self, name: str) -> int | None:
+        dom = self._lookup(name)
+        try:
+            [(_, stats)] = self._conn().domainListGetStats([dom], libvirt.VIR_DOMAIN_STATS_VCPU)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise UnknownDomain(f"no domain {name!r} on {self.uri}", err.get_error_code()) from None
+            raise _failed(f"vCPU statistics of {name!r}", err) from None
+        return cpu_wait_from_stats(stats)
 
     def _is_off(self, name: str) -> bool:
         """True if the domain is gone or shut off."""

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyClass, verifyObject
 
 from xenpool_plugins.hypervisor_libvirt import (
+    cpu_wait_from_stats,
     DEFAULT_TEMPLATE_VARS,
     HypervisorError,
     LibvirtHypervisor,
@@ -202,6 +203,26 @@ def test_start_two_domains_list_states_and_cpu_time(hv):
     assert result_of(hv.state("web1")) == libvirt.VIR_DOMAIN_RUNNING
     cpu = result_of(hv.cpu_time_ns("db1"))
     assert isinstance(cpu, int) and cpu > 0  # the test driver's cpuTime is wall-clock time
+
+
+def test_cpu_wait_is_none_where_the_driver_does_not_report_it(hv):
+    result_of(hv.start(spec("web1")))
+    assert result_of(hv.cpu_wait_ns("web1")) is None  # the test driver has no vCPU wait counters
+    failure_of(hv.cpu_wait_ns("nothere"), UnknownDomain)
+
+
+@pytest.mark.parametrize(
+    "stats, wait",
+    [
+        ({"vcpu.current": 2, "vcpu.0.wait": 5, "vcpu.1.wait": 7, "vcpu.0.time": 100}, 12),  # Xen
+        ({"vcpu.current": 1, "vcpu.0.delay": 40, "vcpu.0.time": 100}, 40),  # QEMU
+        ({"vcpu.current": 1, "vcpu.0.time": 100}, None),
+        ({}, None),
+    ],
+    ids=["xen", "qemu", "neither", "empty"],
+)
+def test_cpu_wait_sums_the_vcpu_wait_or_delay_counters(stats, wait):
+    assert cpu_wait_from_stats(stats) == wait
 
 
 def test_domains_are_transient_and_carry_their_ips(hv):

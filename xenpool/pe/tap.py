@@ -65,13 +65,15 @@ SETTINGS = [
     Setting("load-interval", 30.0, positive_float, "seconds between load samples and re-registrations"),
     Setting("smoothing", 3.0, float, "load smoothing k: new = (sample + k * old) / (k + 1)"),
     Setting("raise-on-refusal", True, yes_no, "report load 1 after a refusal for lack of RAM until the next update"),
+    Setting("count-cpu-wait", False, yes_no,
+            "count the time a VM waited for a host core as CPU it wanted (Xen and QEMU report it) (yes/no)"),
     Setting("overhead-mb", 12.0, float, "hypervisor overhead: this many MB ..."),
     Setting("overhead-kb-per-mb", 7.0, float, "... plus this many KB per MB of host RAM"),
     Setting("host-reserve-mb", 0.0, float, "RAM the host keeps for itself"),
     Setting("registration-life", 90.0, positive_float, "seconds a registration lives without an update"),
     Setting("pool-secret-file", None, secret_file, "the pool's secret: seals cookies, proves registrations"),
     Setting("cookie-max-age", 86400.0, positive_float, "seconds a cookie is accepted after it was issued"),
-    Setting("rebalance", None, str, "a rebalancer plugin, e.g. hot-cold: move VMs off this PE when it is the hottest"),
+    Setting("rebalance", None, str, "a rebalancer plugin: plan (the lowest PE identifier plans moves for the pool), gap-fit, hot-cold"),
     Setting("rebalance-interval", 120.0, positive_float, "seconds between rebalancing decisions"),
     Setting("lease", 60.0, float, "seconds a VM outlives its PU, waiting for its keeper to come back (0: none)"),
     Setting("stonith", None, str, "fencing plugin for failovers: fence-agent, libvirt, command, manual"),
@@ -139,6 +141,7 @@ def makeService(options: Options):
     load_settings = LoadSettings(
         sample_interval_s=s["load-interval"], smoothing=s["smoothing"], raise_on_refusal=s["raise-on-refusal"],
         overhead_mb=s["overhead-mb"], overhead_kb_per_mb=s["overhead-kb-per-mb"], host_reserve_mb=s["host-reserve-mb"],
+        count_cpu_wait=s["count-cpu-wait"],
     )  # fmt: skip
     settings = PeSettings(
         pool_handle=s["pool"].encode(), pe_identifier=s["pe-id"] or random.SystemRandom().randrange(1, 2**32),
