@@ -475,7 +475,8 @@ class PoolElementCore:
     # ------------------------------------------------------------ rebalancing
 
     def rebalance(self, rebalancer, pool: list) -> defer.Deferred:
-        """Ask the rebalancer whether a VM should leave this PE, and move it if so.
+        """Ask the rebalancer whether a VM should leave this PE, and move it if so; a
+        planning rebalancer (IPoolPlanner) instead runs a leader's round (``_lead``).
         ``pool``: the PoolElements of a registrar's resolution answer (or bare loads).
         Only VMs measured ``rebalancer.min_samples`` times take part: a VM just started
         (or just moved here) is still an estimate. Fires with the server ID moved, or None."""
@@ -505,8 +506,7 @@ class PoolElementCore:
         if name is None:
             return defer.succeed(None)
         self.next_move_at = self.clock.seconds() + rebalancer.cooldown_s  # let the pool see the effect first
-        cores = measured[name] * self.accounting.node.cpus if measuring else 0.0
-        return defer.Deferred.fromCoroutine(self._move_out(name, cores))
+        return defer.Deferred.fromCoroutine(self._move_out(name, self._carried_cores(name)))
 
     def _measuring(self) -> bool:
         # Where the hypervisor cannot measure CPU (libvirt's test driver) the estimate is
@@ -518,6 +518,11 @@ class PoolElementCore:
         once measured (free of the start estimate), else the booked estimate."""
         window = self.accounting.window_share(name) if self._measuring() else None
         return self.accounting.vms[name].cpu_share if window is None else window
+
+    def _carried_cores(self, name: str) -> float:
+        """What a moving VM's cookie tells the next PE it uses: its measured demand in
+        cores (0 where nothing is measured: the next PE estimates it from its RAM)."""
+        return self._demand_share(name) * self.accounting.node.cpus if self._measuring() else 0.0
 
     def _pool_members(self, pool: list) -> list[PoolMember]:
         """The pool as the rebalancer sees it; this PE's entry carries the load it would
@@ -614,8 +619,7 @@ class PoolElementCore:
             return refused(S.ResultCode.INVALID_REQUEST, f"{name} has no PU session here")
         if self.moving:
             return refused(S.ResultCode.UNSPECIFIED, "another move is under way")
-        cores = self._demand_share(name) * self.accounting.node.cpus if self._measuring() else 0.0
-        if await self._move_out(name, cores, request.target_pe) is None:
+        if await self._move_out(name, self._carried_cores(name), request.target_pe) is None:
             return refused(S.ResultCode.UNSPECIFIED, f"{name} ended meanwhile")
         return S.MoveAnswer(me, name, S.ResultCode.MOVED, f"stopped on {self.settings.host}, its PU sent to PE {hex_id(request.target_pe)}")
 
