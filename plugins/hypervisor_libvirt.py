@@ -9,7 +9,7 @@ Threads. libvirt calls block, so every ``IHypervisor`` method hands its work to 
 thread pool of its own (``deferToThreadPool``) and returns a Deferred that fires on the
 reactor thread. The blocking halves are plain methods (``_node``, ``_free_ram_kb``,
 ``_domains``, ``_start``, ``_state``, ``_cpu_time_ns``, ``_request_shutdown``, ``_is_off``,
-``_destroy``) that may be called directly from any thread but the reactor's.
+``_destroy``, ``_migrate``) that may be called directly from any thread but the reactor's.
 
 ``start()`` (no argument) starts the pool and ``stop()`` stops it and closes the
 connection; ``start(spec)`` is ``IHypervisor.start`` and starts a domain. The first call
@@ -54,7 +54,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from xenpool.interfaces import DomainSpec, IHypervisor, NodeInfo
+from xenpool.interfaces import DomainSpec, IHypervisor, ILiveMigration, MigrationUnsupported, NodeInfo
 
 log = Logger()
 
@@ -231,7 +231,22 @@ def cpu_wait_from_stats(stats: dict) -> int | None:
     return sum(waits) if waits else None
 
 
-@implementer(IHypervisor)
+#: libvirt's answers for "this driver (or this pair of hosts) cannot migrate".
+UNSUPPORTED_CODES = {libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED}
+#: Peer to peer: the source libvirtd opens the destination URI itself, so the PE needs
+#: no connection to the other host and its credentials live with the libvirt daemons.
+MIGRATE_FLAGS = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+
+
+class MigrationFailed(HypervisorError):
+    """A live migration that did not happen; ``code`` as in HypervisorError."""
+
+
+class LibvirtMigrationUnsupported(MigrationFailed, MigrationUnsupported):
+    """libvirt said this driver (or pair of hosts) cannot live-migrate."""
+
+
+@implementer(IHypervisor, ILiveMigration)
 class LibvirtHypervisor:
     """``IHypervisor`` through libvirt; see the module docstring for threads and connections.
 
@@ -241,7 +256,9 @@ class LibvirtHypervisor:
     ``overhead_kb_per_mb`` (the hypervisor's own RAM); ``hostname`` (the host identity
     ``node()`` reports; default libvirt's ``getHostname()``, which for the test driver is
     this machine's name whatever the node file); ``template_vars`` (extra or overriding
-    template placeholders, such as ``bridge``).
+    template placeholders, such as ``bridge``); ``migration_timeout_s`` (a live migration
+    still running after this long is aborted: a guest dirtying memory faster than it can be
+    copied never converges).
     """
 
     #: Seconds between state checks while waiting for a guest to shut down.
@@ -259,10 +276,12 @@ class LibvirtHypervisor:
         hostname: str | None = None,
         template_vars: dict[str, str] | None = None,
         max_threads: int = 4,
+        migration_timeout_s: float = 120.0,
     ) -> None:
         if overhead_mb < 0 or overhead_kb_per_mb < 0:
             raise ValueError(f"overheads must be >= 0, got {overhead_mb} MB + {overhead_kb_per_mb} KB/MB")
         self.uri = uri
+        self.migration_timeout_s = float(migration_timeout_s)
         self.overhead_mb = float(overhead_mb)
         self.overhead_kb_per_mb = float(overhead_kb_per_mb)
         self.hostname = hostname
@@ -389,6 +408,27 @@ class LibvirtHypervisor:
         failed. Fires True for a clean shutdown (or nothing running), False if it had to be
         destroyed. Never holds a pool thread while waiting."""
         return defer.ensureDeferred(self._shutdown(name, float(timeout_s)))
+
+    @property
+    def live_migration(self) -> bool:
+        """False for libvirt's test driver (which has no migration); any other driver is
+        tried, and one that refuses raises MigrationUnsupported."""
+        return (self._driver_type or "").upper() != "TEST"
+
+    def migrate(self, name: str, destination_uri: str) -> defer.Deferred:
+        """``ILiveMigration.migrate``: live, peer to peer, the domain staying transient on
+        the destination (as it was started here). Aborted after ``migration_timeout_s``
+        (libvirt then resumes it here). Fails with MigrationFailed, or with
+        LibvirtMigrationUnsupported where libvirt cannot migrate."""
+        done = self._defer(self._migrate, name, destination_uri)
+        abort = self.reactor.callLater(self.migration_timeout_s, self._defer, self._abort_job, name)
+
+        def finished(result: Any) -> Any:
+            if abort.active():
+                abort.cancel()
+            return result
+
+        return done.addBoth(finished)
 
     def watch(self, callback: Callable[[str, int], object]) -> defer.Deferred:
         """Call ``callback(name, state)`` on the reactor thread for every lifecycle event
@@ -562,6 +602,21 @@ class LibvirtHypervisor:
                 raise UnknownDomain(f"no domain {name!r} on {self.uri}", err.get_error_code()) from None
             raise _failed(f"vCPU statistics of {name!r}", err) from None
         return cpu_wait_from_stats(stats)
+
+    def _migrate(self, name: str, destination_uri: str) -> None:
+        dom = self._lookup(name)
+        try:
+            dom.migrateToURI3(destination_uri, {}, MIGRATE_FLAGS)
+        except libvirt.libvirtError as err:
+            failure = LibvirtMigrationUnsupported if err.get_error_code() in UNSUPPORTED_CODES else MigrationFailed
+            raise failure(f"migrating {name!r} to {destination_uri}: {_reason(err)}", err.get_error_code()) from None
+
+    def _abort_job(self, name: str) -> None:
+        try:
+            self._lookup(name).abortJob()
+            log.warn("live migration of {name} still running after {s} s: aborted", name=name, s=self.migration_timeout_s)
+        except (HypervisorError, libvirt.libvirtError):
+            pass  # it finished (or ended) meanwhile
 
     def _is_off(self, name: str) -> bool:
         """True if the domain is gone or shut off."""

@@ -458,3 +458,15 @@ def test_a_template_with_an_unknown_placeholder_fails_clearly(make, tmp_path):
     custom.write_text("<domain type='test'><name>${name}</name><foo>${nosuch}</foo></domain>")
     err = failure_of(make(domain_template=custom).start(spec("web1")), HypervisorError)
     assert "unknown placeholder $nosuch" in str(err)
+
+
+def test_the_test_driver_cannot_live_migrate_and_says_so(hv):
+    from xenpool.interfaces import ILiveMigration, MigrationUnsupported
+
+    assert verifyObject(ILiveMigration, hv)
+    result_of(hv.start(spec("web1", 256)))
+    assert hv.live_migration is False  # known once connected: the PE does not even try
+    err = failure_of(hv.migrate("web1", "test:///default"), MigrationUnsupported)
+    assert "migrating 'web1' to test:///default" in str(err) and err.code == libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED
+    assert result_of(hv.state("web1")) == libvirt.VIR_DOMAIN_RUNNING  # still here
+    assert not hv.reactor.getDelayedCalls()  # the abort timer is gone with the answer

@@ -75,3 +75,50 @@ def test_the_move_mac_binds_leader_vm_and_target():
     mac = S.move_request_mac(b"secret", 1, "vm1", 2)
     assert len(mac) == 32 and mac != S.move_request_mac(b"secret", 1, "vm1", 3)
     assert mac != S.move_request_mac(b"secret", 1, "vm2", 2) and mac != S.move_request_mac(b"other", 1, "vm1", 2)
+
+
+MIGRATION = S.MigrationTarget("host2", "qemu+tcp://host2/system")
+
+
+@pytest.mark.parametrize(
+    "plain, with_migration",
+    [
+        (REPORT, S.VmReport(*[getattr(REPORT, f) for f in ("pe_identifier", "cpus", "ram_kb", "free_ram_kb",
+                                                           "host_millicores", "vms")], MIGRATION)),  # fmt: skip
+        (S.MoveRequest(1, "vm1", 2, b"m" * 32), S.MoveRequest(1, "vm1", 2, b"m" * 32, MIGRATION)),
+    ],
+)
+def test_a_migration_target_is_an_optional_trailer(plain, with_migration):
+    data, extended = S.encode(plain), S.encode(with_migration)
+    assert data[1] == 0 and extended[1] == S.FLAG_MIGRATION and extended[8:].startswith(data[8:])
+    assert S.decode(extended) == with_migration and S.decode(data) == plain
+
+
+@pytest.mark.parametrize(
+    "migration, field",
+    [
+        (S.MigrationTarget("", "qemu+tcp://host2/system"), "migration_host"),
+        (S.MigrationTarget("host2", "not a uri"), "migration_uri"),
+        (S.MigrationTarget("host2", "qemu+tcp://host2/system\n"), "migration_uri"),
+        (S.MigrationTarget("host2", "qemu+tcp://" + "h" * 250), "migration_uri"),
+    ],
+)
+def test_a_bad_migration_target_is_refused_both_ways(migration, field):
+    with pytest.raises(ValueError):
+        S.encode(S.MoveRequest(1, "vm1", 2, b"", migration))
+    raw = struct.pack("!H", len(migration.host)) + migration.host.encode()
+    raw += struct.pack("!H", len(migration.uri.encode())) + migration.uri.encode()
+    flagged = _retyped(S.encode(S.MoveRequest(1, "vm1", 2)), flags=S.FLAG_MIGRATION)
+    with pytest.raises(ProtocolError) as raised:
+        S.decode(_fix_length(flagged + raw))
+    assert raised.value.field == field
+    with pytest.raises(ProtocolError) as raised:  # the flag without the trailer
+        S.decode(_fix_length(flagged))
+    assert raised.value.field == "migration_host"
+
+
+def test_the_move_mac_covers_the_migration_target():
+    plain = S.move_request_mac(b"s", 1, "vm1", 2)
+    assert plain == S.move_request_mac(b"s", 1, "vm1", 2, None)  # unchanged for moves without
+    assert S.move_request_mac(b"s", 1, "vm1", 2, MIGRATION) not in (plain, S.move_request_mac(
+        b"s", 1, "vm1", 2, S.MigrationTarget("host2", "qemu+tcp://evil/system")))  # fmt: skip

@@ -230,3 +230,20 @@ class IHypervisor(Interface):
 
     def watch(callback: object) -> None:
         """Call ``callback(name, state)`` on every lifecycle event, where supported."""
+
+
+class ILiveMigration(Interface):
+    """An IHypervisor that may move a running domain to another host's hypervisor
+    without stopping it. Optional: a PE moves VMs by stop-and-restart without it."""
+
+    live_migration = Attribute("True when this hypervisor can live-migrate at all (known once connected).")
+
+    def migrate(name: str, destination_uri: str) -> object:
+        """Live-migrate domain ``name`` to the hypervisor at ``destination_uri``. The
+        Deferred fires once it runs there and is gone here; it fails with
+        MigrationUnsupported where the hypervisor cannot, else with the reason (the
+        domain then normally still runs here)."""
+
+
+class MigrationUnsupported(Exception):
+    """The hypervisor (or this pair of hypervisors) cannot live-migrate."""

@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from ..interfaces import DomainSpec, IPoolPlanner, Move, PlannedPe, PlannedVm, PoolMember
+from ..interfaces import DomainSpec, ILiveMigration, IPoolPlanner, Move, PlannedPe, PlannedVm, PoolMember
 from ..logs import hex_id
 from ..protocol import cookie as C
 from ..protocol import messages as M
@@ -42,6 +42,9 @@ class PeSettings:
     # How long a VM outlives its PU's session, waiting to be re-adopted (cookie echo)
     # by a restarted keeper; 0: shut down as soon as the PU is gone (the prototype).
     lease_s: float = 60.0
+    # The libvirt URI other PEs' hypervisors live-migrate VMs to this one at
+    # (qemu+tcp://host1/system, ...); '' takes moves by stop-and-restart only.
+    migration_uri: str = ""
 
 
 class Session(Protocol):
@@ -58,6 +61,7 @@ class VmSession:
     running: bool = False  # may be running (a start was attempted)
     lease_end: object = None  # the pending shutdown while no PU holds it
     stopping: bool = False  # this PE is stopping it: its lifecycle events are expected
+    migrating: bool = False  # being live-migrated away: it runs, here or there
 
 
 class Fencer(Protocol):
@@ -154,11 +158,14 @@ class PoolElementCore:
         """A malformed request: answer create_failed naming the field, end the session."""
         self._answer_failure(session, "", S.ResultCode.INVALID_REQUEST, str(err))
 
-    def _cookie(self, vm: VmSession, cpu_cores: float = 0.0) -> M.Cookie:
+    def _cookie(self, vm: VmSession, cpu_cores: float = 0.0, runs_on: tuple[int, str] | None = None) -> M.Cookie:
+        """``runs_on``: (PE identifier, host) of the PE that now runs it, after a live
+        migration; the PU takes the cookie there to re-adopt it."""
         r = vm.request
+        pe_identifier, host = runs_on or (self.settings.pe_identifier, self.settings.host)
         state = C.SessionState(
             self.settings.pool_handle, r.server_id, r.disk, r.ips, r.ram_mb, r.vcpus, vm.running,
-            self.settings.host, self.settings.pe_identifier, self.clock.seconds(), cpu_cores,
+            host, pe_identifier, self.clock.seconds(), cpu_cores,
         )  # fmt: skip
         return M.Cookie(C.seal(state, self.settings.secret))
 
@@ -277,7 +284,10 @@ class PoolElementCore:
             return self._answer_failure(session, "", S.ResultCode.COOKIE_REJECTED, err.reason)
         orphan = self.orphans.get(state.server_id)
         request = S.CreateServer(state.server_id, state.disk, state.ips, state.ram_mb, state.vcpus)
-        if orphan is not None and state.pe_identifier == self.settings.pe_identifier:
+        mine = state.pe_identifier == self.settings.pe_identifier
+        if orphan is None and mine and state.running and self.conflict_with(state.server_id, "", ()) is None:
+            orphan = await self._take_if_running(state.server_id)
+        if orphan is not None and mine:
             orphan.request = request  # the cookie knows its disk and IPs; a found domain did not
             return self._adopt(orphan, session)
         # Ask the pool first: a PE that answers holding the VM (the cookie's own host
@@ -306,6 +316,19 @@ class PoolElementCore:
         finally:
             self.starting.pop(request.server_id, None)
 
+    async def _take_if_running(self, name: str) -> VmSession | None:
+        """A cookie says ``name`` runs on this PE, which holds no such VM: one live-migrated
+        here whose arrival was not seen yet (no lifecycle event, or it is still on its
+        way). Held as an orphan when the hypervisor runs it; None when it does not."""
+        try:
+            domains = await self.hypervisor.domains()
+        except Exception as err:  # noqa: BLE001 - then it is started here as any other
+            log.warn("cannot list the domains to look for {server}: {err}", server=name, err=str(err))
+            return None
+        if name in domains:
+            self.found_running({name: domains[name]})
+        return self.orphans.get(name)
+
     def _adopt(self, vm: VmSession, session: Session) -> None:
         """A restarted keeper takes back a VM that kept running within its lease."""
         del self.orphans[vm.request.server_id]
@@ -313,6 +336,7 @@ class PoolElementCore:
             vm.lease_end.cancel()
         vm.lease_end = None
         self.sessions[session] = vm
+        self.domain_states.setdefault(vm.request.server_id, RUNNING)
         log.info("{server} re-adopted by its keeper", server=vm.request.server_id)
         session.send(self._cookie(vm))
         session.send(S.CreateResult(vm.request.server_id, S.ResultCode.STARTED, self.accounting.free_kb, "re-adopted, kept running"))
@@ -333,6 +357,8 @@ class PoolElementCore:
         if vm is None or vm.request.server_id != message.server_id:
             session.send(S.CheckRunningResponse(message.server_id, NOSTATE))
             return
+        if vm.migrating:
+            state = RUNNING  # a live migration keeps it running; here it ends "shut off"
         session.send(S.CheckRunningResponse(message.server_id, state))
         if state not in NORMAL_STATES:
             self._lost_domain(session, vm, state)
@@ -355,14 +381,29 @@ class PoolElementCore:
         next heartbeat, and the PU hears of it straight away."""
         self.domain_states[name] = state
         if state in NORMAL_STATES:
+            if state == RUNNING and self._session_of(name) is None and name not in self.orphans:
+                self._arrived(name)
             return
         for session, vm in list(self.sessions.items()):
-            if vm.request.server_id == name and vm.running and not vm.stopping:
+            if vm.request.server_id == name and vm.running and not (vm.stopping or vm.migrating):
                 session.send(S.CheckRunningResponse(name, state))
                 self._lost_domain(session, vm, state)
         orphan = self.orphans.get(name)
         if orphan is not None and orphan.running and not orphan.stopping:
             self._lost_domain(None, orphan, state)
+
+    def _arrived(self, name: str) -> None:
+        """A domain this PE did not start runs now: live-migrated here by another PE.
+        It is held like one found at start-up, until its PU comes with the cookie."""
+        if name in self.starting:
+            return
+
+        def found(domains: dict) -> None:
+            if name in domains:
+                log.info("{server} arrived here (live migration)", server=name)
+                self.found_running({name: domains[name]})
+
+        self.hypervisor.domains().addCallbacks(found, lambda f: log.failure("listing domains after {server} arrived", f, server=name))
 
     async def _stop(self, message: S.StopServer, session: Session) -> None:
         vm = self.sessions.get(session)
@@ -399,6 +440,7 @@ class PoolElementCore:
             vm = VmSession(S.CreateServer(name, "", (), max(1, ram_kb // 1024)), running=True)
             self.accounting.reserve(name, vm.request.ram_mb)
             self.orphans[name] = vm
+            self.domain_states[name] = state
             vm.lease_end = self.clock.callLater(max(self.settings.lease_s, 0), self._lease_over, vm)
             log.info("{server} was running here already; kept for its keeper for {lease} s", server=name,
                      lease=self.settings.lease_s)  # fmt: skip
@@ -506,7 +548,8 @@ class PoolElementCore:
         if name is None:
             return defer.succeed(None)
         self.next_move_at = self.clock.seconds() + rebalancer.cooldown_s  # let the pool see the effect first
-        return defer.Deferred.fromCoroutine(self._move_out(name, self._carried_cores(name)))
+        moved = defer.Deferred.fromCoroutine(self._move_out(name, self._carried_cores(name)))
+        return moved.addCallback(lambda how: None if how is None else name)
 
     def _measuring(self) -> bool:
         # Where the hypervisor cannot measure CPU (libvirt's test driver) the estimate is
@@ -545,26 +588,67 @@ class PoolElementCore:
     def _session_of(self, server_id: str):
         return next((session for session, vm in self.sessions.items() if vm.request.server_id == server_id), None)
 
-    async def _move_out(self, name: str, cpu_cores: float = 0.0, target_pe: int = 0) -> str | None:
+    async def _move_out(self, name: str, cpu_cores: float = 0.0, target_pe: int = 0,
+                        migration: S.MigrationTarget | None = None) -> str | None:  # fmt: skip
         """A planned failover: stop the VM here, tell its PU it is not running any more
         (so the next PE fences no one), and let the PU take it to another PE: to
-        ``target_pe`` when the leader planned one, else where the pool policy says."""
+        ``target_pe`` when the leader planned one, else where the pool policy says.
+        With the target's ``migration`` target and a hypervisor that can, the VM is
+        live-migrated instead, and its PU re-adopts it there with a cookie naming that PE.
+        Fires with how it moved (the reason its PU is told), None for a VM without a PU."""
         session = self._session_of(name)
         if session is None:
             return None
         vm = self.sessions[session]
         self.moving = True
         try:
-            log.info("moving {server} away to even out the pool", server=name)
-            await self._shut_down(None, vm)
-            self.sessions.pop(session, None)
-            session.send(self._cookie(vm, cpu_cores))  # the next PE counts it at what it used here
-            session.send(S.StopResult(name, S.ResultCode.MOVED, f"stopped on {self.settings.host} to even out the pool", target_pe))
+            if migration is not None and self.can_migrate() and await self._migrate(vm, migration):
+                self.sessions.pop(session, None)
+                self._release(vm)  # its RAM; not its disk, which it keeps using there
+                session.send(self._cookie(vm, cpu_cores, runs_on=(target_pe, migration.host)))
+                how = f"live-migrated from {self.settings.host} to {migration.host}"
+            else:
+                log.info("moving {server} away to even out the pool", server=name)
+                await self._shut_down(None, vm)
+                self.sessions.pop(session, None)
+                session.send(self._cookie(vm, cpu_cores))  # the next PE counts it at what it used here
+                how = f"stopped on {self.settings.host}"
+            session.send(S.StopResult(name, S.ResultCode.MOVED, f"{how} to even out the pool", target_pe))
             session.close()
             self.moves += 1
-            return name
+            return how
         finally:
             self.moving = False
+
+    def can_migrate(self) -> bool:
+        return ILiveMigration.providedBy(self.hypervisor) and bool(self.hypervisor.live_migration)
+
+    async def _migrate(self, vm: VmSession, migration: S.MigrationTarget) -> bool:
+        """Live-migrate ``vm`` to ``migration``. True once it runs there and not here.
+        False when it still runs here (the caller stops and restarts it instead): never
+        two copies, never none."""
+        name = vm.request.server_id
+        log.info("live-migrating {server} to {host} ({uri})", server=name, host=migration.host, uri=migration.uri)
+        vm.migrating = True
+        try:
+            await self.hypervisor.migrate(name, migration.uri)
+        except Exception as err:  # noqa: BLE001 - where the VM is now decides what next
+            try:
+                runs_here = await self.hypervisor.state(name) in NORMAL_STATES
+            except Exception:  # noqa: BLE001 - gone from this hypervisor
+                runs_here = False
+            if runs_here:
+                log.warn("live migration of {server} failed ({err}); stopping and restarting it instead",
+                         server=name, err=str(err))  # fmt: skip
+                return False
+            # Gone from here: on the target, or nowhere. The PU goes there with a cookie
+            # naming that PE, which re-adopts it if it runs there and starts it if not.
+            log.warn("live migration of {server} failed ({err}) but it left this host; its PU goes to {host}",
+                     server=name, err=str(err), host=migration.host)  # fmt: skip
+        finally:
+            vm.migrating = False
+        log.info("{server} live-migrated to {host}", server=name, host=migration.host)
+        return True
 
     # ------------------------------------------------------------ planned rebalancing
 
@@ -584,7 +668,13 @@ class PoolElementCore:
         entries.sort(key=lambda e: (-e.cpu_millicores, e.server_id))
         unlisted += sum(e.cpu_millicores for e in entries[S.MAX_REPORT_VMS :])
         free_kb = min(self.accounting.free_kb, node.ram_kb)
-        return S.VmReport(me, node.cpus, node.ram_kb, free_kb, unlisted, tuple(entries[: S.MAX_REPORT_VMS]))
+        return S.VmReport(me, node.cpus, node.ram_kb, free_kb, unlisted, tuple(entries[: S.MAX_REPORT_VMS]), self.migration_target())
+
+    def migration_target(self) -> S.MigrationTarget | None:
+        """Where other PEs live-migrate VMs to this one; None where it takes none."""
+        if not self.settings.migration_uri or not self.can_migrate():
+            return None
+        return S.MigrationTarget(self.settings.host, self.settings.migration_uri)
 
     def _close_unless_vm(self, session: Session) -> None:
         """A PE-to-PE question gets its answer and the connection ends, unless it came
@@ -592,9 +682,10 @@ class PoolElementCore:
         if session not in self.sessions:
             session.close()
 
-    def _move_mac(self, pe_identifier: int, server_id: str, target_pe: int) -> bytes:
+    def _move_mac(self, pe_identifier: int, server_id: str, target_pe: int,
+                  migration: S.MigrationTarget | None = None) -> bytes:  # fmt: skip
         secret = self.settings.secret
-        return S.move_request_mac(secret, pe_identifier, server_id, target_pe) if secret else b""
+        return S.move_request_mac(secret, pe_identifier, server_id, target_pe, migration) if secret else b""
 
     async def _answer_move(self, request: S.MoveRequest, session: Session) -> None:
         session.send(await self.move_on_request(request))
@@ -610,7 +701,7 @@ class PoolElementCore:
             log.info("move of {server} refused: {reason}", server=name, reason=reason)
             return S.MoveAnswer(me, name, code, reason)
 
-        expected = self._move_mac(request.pe_identifier, name, request.target_pe)
+        expected = self._move_mac(request.pe_identifier, name, request.target_pe, request.migration)
         if not hmac.compare_digest(request.mac, expected):
             return refused(S.ResultCode.INVALID_REQUEST, "not signed with the pool secret")
         if request.target_pe == me:
@@ -619,9 +710,10 @@ class PoolElementCore:
             return refused(S.ResultCode.INVALID_REQUEST, f"{name} has no PU session here")
         if self.moving:
             return refused(S.ResultCode.UNSPECIFIED, "another move is under way")
-        if await self._move_out(name, self._carried_cores(name), request.target_pe) is None:
+        how = await self._move_out(name, self._carried_cores(name), request.target_pe, request.migration)
+        if how is None:
             return refused(S.ResultCode.UNSPECIFIED, f"{name} ended meanwhile")
-        return S.MoveAnswer(me, name, S.ResultCode.MOVED, f"stopped on {self.settings.host}, its PU sent to PE {hex_id(request.target_pe)}")
+        return S.MoveAnswer(me, name, S.ResultCode.MOVED, f"{how}, its PU sent to PE {hex_id(request.target_pe)}")
 
     async def _lead(self, planner, pool: list) -> list[str]:
         """One rebalancing round, on the leader only: the PE with the lowest identifier
@@ -646,9 +738,10 @@ class PoolElementCore:
             if self.quiet_rounds < planner.quiet_rounds:
                 return []
             moves = planner.plan([self._planned_pe(report, planner) for report in reports])
+            migration_targets = {report.pe_identifier: report.migration for report in reports}
             done = []
             for move in moves:
-                if not await self._make_move(move, others):
+                if not await self._make_move(move, others, migration_targets.get(move.target)):
                     break  # the rest was planned on a pool that is not there: plan again next round
                 done.append(move.server_id)
             return done
@@ -677,11 +770,13 @@ class PoolElementCore:
         vms = tuple(PlannedVm(vm.server_id, vm.cpu_millicores / 1000, vm.ram_kb, movable(vm)) for vm in report.vms)
         return PlannedPe(report.pe_identifier, report.cpus, report.free_ram_kb, vms, report.host_millicores / 1000)
 
-    async def _make_move(self, move: Move, others: dict) -> bool:
-        """Ask the VM's PE to move it, then wait until it runs on the target. False when
-        the move was refused or did not arrive in time."""
+    async def _make_move(self, move: Move, others: dict, migration: S.MigrationTarget | None = None) -> bool:
+        """Ask the VM's PE to move it (live, to ``migration``, where the target takes
+        live migrations), then wait until it runs on the target. False when the move
+        was refused or did not arrive in time."""
         me = self.settings.pe_identifier
-        request = S.MoveRequest(me, move.server_id, move.target, self._move_mac(me, move.server_id, move.target))
+        mac = self._move_mac(me, move.server_id, move.target, migration)
+        request = S.MoveRequest(me, move.server_id, move.target, mac, migration)
         if move.source == me:
             answer = await self.move_on_request(request)
         else:

@@ -14,6 +14,7 @@ from twisted.python import usage
 from .. import discovery
 from ..config import Setting, id32, json_log, make_options, positive_float, positive_int, secret_file
 from ..discovery import listener_settings
+from ..protocol import session as S
 
 
 def weights(text: str) -> dict[str, float]:
@@ -59,6 +60,9 @@ SETTINGS = [
     Setting("host", socket.gethostname(), str, "this host's fencing identity, put in cookies"),
     Setting("libvirt-uri", "test:///default", str, "libvirt URI: test:///PATH/node.xml, qemu:///system, xen:///system, ..."),
     Setting("domain-template", None, str, "domain XML template (default: etc/xenpool/domain-<driver>.xml)"),
+    Setting("migration-uri", "", str,
+            "libvirt URI other hosts' libvirtd live-migrate VMs to this one at, e.g. qemu+tcp://host1/system "
+            "(default: none, planned moves here stop and restart VMs)"),
     Setting("load-plugin", "weighted", str, "load metric: max, cpu, weighted or an installed plugin"),
     Setting("load-weight", {}, weights, "options of the load metric, e.g. cpu=0.75,ram=0.25"),
     Setting("policy", "LeastUsed", str, "pool policy and its arguments, e.g. LeastUsedDegradation:0.05"),
@@ -104,6 +108,8 @@ class Options(make_options(SETTINGS, "pe", "Run a pool element on this hyperviso
             self.policy.make_parameter(0.0, self.policy_arguments)
         except (PluginError, ValueError) as err:
             raise usage.UsageError(f"--policy: {err}") from None
+        if s["migration-uri"] and not S.MIGRATION_URI_PATTERN.fullmatch(s["migration-uri"]):
+            raise usage.UsageError(f"--migration-uri: {s['migration-uri']!r} is not a libvirt URI")
         self.rebalancer = None
         if s["rebalance"]:
             try:
@@ -146,7 +152,7 @@ def makeService(options: Options):
     settings = PeSettings(
         pool_handle=s["pool"].encode(), pe_identifier=s["pe-id"] or random.SystemRandom().randrange(1, 2**32),
         host=s["host"], secret=s["pool-secret-file"] or b"", cookie_max_age_s=s["cookie-max-age"],
-        shutdown_timeout_s=s["shutdown-timeout"], lease_s=s["lease"],
+        shutdown_timeout_s=s["shutdown-timeout"], lease_s=s["lease"], migration_uri=s["migration-uri"],
     )  # fmt: skip
     from xenpool_plugins.storage import disk_release_function, disk_xml_function
 

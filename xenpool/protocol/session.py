@@ -33,6 +33,12 @@ MAX_MAC = 64
 # StopResult header flag: a target PE identifier follows the reason (planned moves).
 # Without it the message is byte for byte what it was before targets existed.
 FLAG_TARGET = 0x01
+# VmReport and MoveRequest header flag: a MigrationTarget (host, URI) follows the last
+# field. Without it both are byte for byte what they were before live migration.
+FLAG_MIGRATION = 0x02
+MAX_MIGRATION_URI = 256
+# A libvirt URI (qemu+tcp://host/system, xen+ssh://...): scheme, "://", printable ASCII.
+MIGRATION_URI_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*://[!-~]*")
 SERVER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -180,9 +186,19 @@ class VmEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class MigrationTarget:
+    """Where a live migration to a PE goes: the libvirt URI its hypervisor takes
+    incoming migrations at, and the host (fencing identity) its cookies name."""
+
+    host: str
+    uri: str
+
+
+@dataclass(frozen=True, slots=True)
 class VmReport(SessionMessage):
     """The answer to a VmQuery. ``host_millicores``: CPU used beside the listed VMs
-    (the host's own, VMs beyond MAX_REPORT_VMS)."""
+    (the host's own, VMs beyond MAX_REPORT_VMS). ``migration``: where VMs can be
+    live-migrated to this PE (None: only stop-and-restart moves come here)."""
 
     TYPE = SessionType.VM_REPORT
     pe_identifier: int  # the answering PE
@@ -191,23 +207,27 @@ class VmReport(SessionMessage):
     free_ram_kb: int
     host_millicores: int
     vms: tuple[VmEntry, ...] = ()
+    migration: MigrationTarget | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class MoveRequest(SessionMessage):
     """The leader asks a PE to move one of its VMs to PE ``target_pe`` (a planned
-    failover). ``mac``: HMAC-SHA256 over the fields with the pool secret (empty without)."""
+    failover). ``mac``: HMAC-SHA256 over the fields with the pool secret (empty without).
+    ``migration``: the target's, when it takes live migrations."""
 
     TYPE = SessionType.MOVE_REQUEST
     pe_identifier: int  # the asking PE (the leader)
     server_id: str
     target_pe: int
     mac: bytes = b""
+    migration: MigrationTarget | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class MoveAnswer(SessionMessage):
-    """``code`` MOVED: the VM is stopped and its PU sent to the target; any other: why not."""
+    """``code`` MOVED: the VM is stopped (or live-migrated) and its PU sent to the
+    target; any other: why not."""
 
     TYPE = SessionType.MOVE_ANSWER
     pe_identifier: int  # the answering PE
@@ -220,12 +240,16 @@ class MoveAnswer(SessionMessage):
         return self.code == ResultCode.MOVED
 
 
-def move_request_mac(secret: bytes, pe_identifier: int, server_id: str, target_pe: int) -> bytes:
-    """What proves a MoveRequest comes from a PE of the pool (which knows its secret)."""
+def move_request_mac(secret: bytes, pe_identifier: int, server_id: str, target_pe: int,
+                     migration: MigrationTarget | None = None) -> bytes:  # fmt: skip
+    """What proves a MoveRequest comes from a PE of the pool (which knows its secret).
+    The migration target is covered too: else anyone could send a VM to a host of theirs."""
     import hashlib
     import hmac
 
     data = b"xenpool move\0" + struct.pack("!II", pe_identifier, target_pe) + server_id.encode()
+    if migration is not None:
+        data += b"\0" + migration.host.encode() + b"\0" + migration.uri.encode()
     return hmac.new(secret, data, hashlib.sha256).digest()
 
 
@@ -323,6 +347,31 @@ def check_create(msg: CreateServer, offsets: dict[str, int] | None = None) -> No
             raise ProtocolError(f"{ip!r} is not an IP address", field="ips", offset=at("ips", 0)) from None
 
 
+def _write_migration(w: _Writer, migration: MigrationTarget | None) -> int:
+    """Append the optional migration target; returns the header flag it needs."""
+    if migration is None:
+        return 0
+    if not migration.host or not MIGRATION_URI_PATTERN.fullmatch(migration.uri):
+        raise ValueError(f"bad migration target {migration!r}")
+    w.text(migration.host, MAX_HOST, "migration_host")
+    w.text(migration.uri, MAX_MIGRATION_URI, "migration_uri")
+    return FLAG_MIGRATION
+
+
+def _read_migration(r: _Reader, flags: int) -> MigrationTarget | None:
+    if not flags & FLAG_MIGRATION:
+        return None
+    offset = r.pos
+    host = r.text(MAX_HOST, "migration_host")
+    if not host:
+        raise ProtocolError("empty", field="migration_host", offset=offset)
+    offset = r.pos
+    uri = r.text(MAX_MIGRATION_URI, "migration_uri")
+    if not MIGRATION_URI_PATTERN.fullmatch(uri):
+        raise ProtocolError(f"{uri!r} is not a libvirt URI", field="migration_uri", offset=offset)
+    return MigrationTarget(host, uri)
+
+
 def _server_id(r: _Reader, answer: bool = False) -> str:
     """A checked server ID; an answer to a request too broken to name one has ''."""
     offset = r.pos
@@ -379,10 +428,12 @@ def encode(msg: SessionMessage) -> bytes:
         for vm in msg.vms:
             w.text(vm.server_id, MAX_SERVER_ID, "server_id")
             w.pack("!QIHB", vm.ram_kb, vm.cpu_millicores, vm.samples, vm.movable)
+        flags |= _write_migration(w, msg.migration)
     elif isinstance(msg, MoveRequest):
         w.pack("!II", msg.pe_identifier, msg.target_pe)
         w.text(msg.server_id, MAX_SERVER_ID, "server_id")
         w.blob(msg.mac, MAX_MAC, "mac")
+        flags |= _write_migration(w, msg.migration)
     elif isinstance(msg, MoveAnswer):
         w.pack("!Ii", msg.pe_identifier, msg.code)
         w.text(msg.server_id, MAX_SERVER_ID, "server_id")
@@ -395,7 +446,7 @@ def encode(msg: SessionMessage) -> bytes:
     return _HEADER.pack(mtype, flags, _HEADER.size + len(body), VERSION, 0) + body
 
 
-def _vm_report(r: _Reader) -> VmReport:
+def _vm_report(r: _Reader, flags: int) -> VmReport:
     pe_id, cpus, ram_kb, free_kb, host_millicores, count = r.unpack("!IHQQIH", "pe_identifier")
     if cpus == 0:
         raise ProtocolError("a host has at least one CPU", field="cpus", offset=_HEADER.size + 4)
@@ -414,7 +465,7 @@ def _vm_report(r: _Reader) -> VmReport:
         if movable > 1:
             raise ProtocolError(f"{movable} is not a boolean", field="movable", offset=r.pos - 1)
         vms.append(VmEntry(server_id, vm_ram, millicores, samples, bool(movable)))
-    return VmReport(pe_id, cpus, ram_kb, free_kb, host_millicores, tuple(vms))
+    return VmReport(pe_id, cpus, ram_kb, free_kb, host_millicores, tuple(vms), _read_migration(r, flags))
 
 
 def decode(data: bytes) -> SessionMessage:
@@ -469,12 +520,12 @@ def decode(data: bytes) -> SessionMessage:
     elif mtype == SessionType.VM_QUERY:
         msg = VmQuery(*r.unpack("!I", "pe_identifier"))
     elif mtype == SessionType.VM_REPORT:
-        msg = _vm_report(r)
+        msg = _vm_report(r, flags)
     elif mtype == SessionType.MOVE_REQUEST:
         pe_id, target = r.unpack("!II", "pe_identifier")
         if target == 0:
             raise ProtocolError("no target PE", field="target_pe", offset=_HEADER.size + 4)
-        msg = MoveRequest(pe_id, _server_id(r), target, r.blob(MAX_MAC, "mac"))
+        msg = MoveRequest(pe_id, _server_id(r), target, r.blob(MAX_MAC, "mac"), _read_migration(r, flags))
     elif mtype == SessionType.MOVE_ANSWER:
         pe_id, code = r.unpack("!Ii", "pe_identifier")
         msg = MoveAnswer(pe_id, _server_id(r, answer=True), code, r.text(MAX_REASON, "reason"))
