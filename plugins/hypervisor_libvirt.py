@@ -258,7 +258,7 @@ class LibvirtHypervisor:
     this machine's name whatever the node file); ``template_vars`` (extra or overriding
     template placeholders, such as ``bridge``); ``migration_timeout_s`` (a live migration
     still running after this long is aborted: a guest dirtying memory faster than it can be
-    copied never converges).
+    copied never converges; 30 s stays within the rebalancing leader's wait for the answer).
     """
 
     #: Seconds between state checks while waiting for a guest to shut down.
@@ -276,7 +276,7 @@ class LibvirtHypervisor:
         hostname: str | None = None,
         template_vars: dict[str, str] | None = None,
         max_threads: int = 4,
-        migration_timeout_s: float = 120.0,
+        migration_timeout_s: float = 30.0,
     ) -> None:
         if overhead_mb < 0 or overhead_kb_per_mb < 0:
             raise ValueError(f"overheads must be >= 0, got {overhead_mb} MB + {overhead_kb_per_mb} KB/MB")
