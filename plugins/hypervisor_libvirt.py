@@ -381,7 +381,10 @@ class LibvirtHypervisor:
         return self._defer(self._free_ram_kb)
 
     def domains(self) -> defer.Deferred:
-        """{name: (state, ram_kb)} of the active guests (Xen's Domain-0 left out)."""
+        """{name: (state, ram_kb)} of the active guests xenpool started (their UUID is the
+        one xenpool derives from the name). Other domains on the host, Xen's Domain-0
+        among them, are never held, adopted or shut down by a PE; their RAM still counts
+        in ``free_ram_kb``."""
         return self._defer(self._domains)
 
     def state(self, name: str) -> defer.Deferred:
@@ -502,8 +505,8 @@ class LibvirtHypervisor:
             raise _failed(f"node info from {self.uri}", err) from None
         return NodeInfo(hostname=hostname, cpus=int(info[2]), ram_kb=int(info[1]) * 1024)
 
-    def _active(self) -> list[tuple[str, int, int, int]]:
-        """(name, id, state, current RAM KB) of every active domain, Domain-0 included."""
+    def _active(self) -> list[tuple[str, str, int, int]]:
+        """(name, UUID, state, current RAM KB) of every active domain, Domain-0 included."""
         try:
             doms = self._conn().listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
         except libvirt.libvirtError as err:
@@ -512,7 +515,7 @@ class LibvirtHypervisor:
         for dom in doms:
             try:
                 info = dom.info()  # [state, max KB, current KB, vcpus, cpu time ns]
-                result.append((dom.name(), dom.ID(), int(info[0]), int(info[2])))
+                result.append((dom.name(), dom.UUIDString(), int(info[0]), int(info[2])))
             except libvirt.libvirtError as err:
                 if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:  # gone meanwhile: skip
                     raise _failed(f"domain info on {self.uri}", err) from None
@@ -520,11 +523,11 @@ class LibvirtHypervisor:
 
     def _free_ram_kb(self) -> int:
         total_kb = self._node().ram_kb
-        used = sum(ram_kb for _name, _id, _state, ram_kb in self._active())
+        used = sum(ram_kb for _name, _uuid, _state, ram_kb in self._active())
         return max(0, total_kb - self.overhead_kb(total_kb) - used)
 
     def _domains(self) -> dict[str, tuple[int, int]]:
-        return {name: (state, ram_kb) for name, dom_id, state, ram_kb in self._active() if dom_id != 0}
+        return {name: (state, ram_kb) for name, uuid, state, ram_kb in self._active() if uuid == stable_uuid(name)}
 
     def _template(self) -> tuple[str, dict[str, str]]:
         """The domain template text for this connection's driver, and its default vars."""

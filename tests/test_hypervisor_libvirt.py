@@ -205,6 +205,17 @@ def test_start_two_domains_list_states_and_cpu_time(hv):
     assert isinstance(cpu, int) and cpu > 0  # the test driver's cpuTime is wall-clock time
 
 
+def test_domains_lists_only_what_xenpool_started(hv):
+    result_of(hv.start(spec("web1", 256)))
+    free = result_of(hv.free_ram_kb())
+    hv._conn().createXML(  # a domain someone else started on this host, with a UUID of its own
+        "<domain type='test'><name>theirs</name><uuid>6d9a4ad2-0c6e-4a1f-9b0a-1f4b2f3c4d5e</uuid>"
+        "<memory>131072</memory><vcpu>1</vcpu><os><type>hvm</type></os></domain>", 0
+    )
+    assert set(result_of(hv.domains())) == {"web1"}  # a PE never holds, adopts or stops it
+    assert result_of(hv.free_ram_kb()) == free - 131072  # but its RAM is not free
+
+
 def test_cpu_wait_is_none_where_the_driver_does_not_report_it(hv):
     result_of(hv.start(spec("web1")))
     assert result_of(hv.cpu_wait_ns("web1")) is None  # the test driver has no vCPU wait counters
@@ -293,9 +304,10 @@ def test_the_default_host_and_its_predefined_domain(reactor):
     try:
         info = result_of(hv.node())
         assert (info.cpus, info.ram_kb) == (16, 3072 * 1024)
-        domains = result_of(hv.domains())
-        assert domains["test"][0] == libvirt.VIR_DOMAIN_RUNNING
-        used = sum(ram for _state, ram in domains.values())
+        assert result_of(hv.domains()) == {}  # its domain "test" is not one of xenpool's
+        test = hv._conn().lookupByName("test")
+        assert test.isActive()
+        used = test.info()[2]  # but the RAM it uses is not free
         assert result_of(hv.free_ram_kb()) == info.ram_kb - hv.overhead_kb(info.ram_kb) - used
     finally:
         hv.stop()
