@@ -117,6 +117,7 @@ session_messages = st.one_of(
     st.builds(S.VmReport, u32, st.integers(1, 0xFFFF), st.integers(2**32, 2**40), st.integers(0, 2**32), u32,
               st.lists(st.builds(S.VmEntry, server_id_text, st.integers(0, 2**40), u32, u16, st.booleans()),
                        max_size=8, unique_by=lambda vm: vm.server_id).map(tuple)),
-    st.builds(S.MoveRequest, u32, server_id_text, st.integers(1, 2**32 - 1), st.binary(max_size=S.MAX_MAC)),
+    st.builds(S.MoveRequest, u32, server_id_text, st.integers(1, 2**32 - 1), st.binary(max_size=S.MAX_MAC),
+              issued_s=u32),
     st.builds(S.MoveAnswer, u32, server_id_text, i32, text),
 )  # fmt: skip

@@ -479,6 +479,29 @@ def test_with_a_pool_secret_a_move_needs_its_mac(clock):  # noqa: F811
     assert answer.sent[1].moved and sessions["c"].sent[-1].target_pe == 1
 
 
+def test_a_signed_move_is_taken_once_and_only_while_fresh(clock):  # noqa: F811
+    cores, _, sessions = _two_pes(clock, secret=b"s3cret")
+    clock.advance(1000)
+
+    def signed(issued: int) -> S.MoveRequest:
+        return S.MoveRequest(1, "c", 1, S.move_request_mac(b"s3cret", 1, "c", 1, None, issued), None, issued)
+
+    for issued, why in ((1000 - 61, "issued 61 s from now"), (1000 + 61, "issued -61 s from now")):
+        answer = Session()
+        cores[1].handle(signed(issued), answer)
+        assert answer.sent[0].reason.startswith(why) and "c" in cores[1].hypervisor.domains
+    fresh, answer = signed(1000 - 5), Session()
+    cores[1].handle(fresh, answer)
+    assert answer.sent[0].moved
+    replay = Session()
+    cores[1].handle(fresh, replay)
+    assert replay.sent[0].reason == "a replay of a request already taken"
+    assert cores[1].move_requests_seen  # remembered until it could no longer pass the age check
+    clock.advance(121)
+    cores[1]._replayed(signed(int(clock.seconds())))
+    assert list(cores[1].move_requests_seen) == [signed(int(clock.seconds())).mac]  # the old one is forgotten
+
+
 def test_the_vm_report_lists_demand_ram_and_what_may_move(clock):  # noqa: F811
     cores, _, _ = _two_pes(clock)
     answer = Session()

@@ -90,6 +90,8 @@ class PoolElementCore:
     # its target (checked every MOVE_POLL_S), or once MOVE_TIMEOUT_S passed without.
     MOVE_POLL_S = 1.0
     MOVE_TIMEOUT_S = 120.0
+    # A MoveRequest is taken only this close to its issue time, and only once.
+    MOVE_REQUEST_MAX_AGE_S = 60.0
 
     def __init__(self, settings: PeSettings, hypervisor, accounting: HostAccounting, metric, clock,
                  disk_xml: Callable[[str], object] | None = None,
@@ -117,6 +119,7 @@ class PoolElementCore:
         self.planned_vm_set = None  # the pool's VMs at the last round: a change means starts
         self.quiet_rounds = 0  # rounds since the pool's VMs last changed
         self.moved_at: dict[str, float] = {}  # when this leader last moved each VM
+        self.move_requests_seen: dict[bytes, float] = {}  # MAC -> when it may be forgotten
         self.starting: dict[str, S.CreateServer] = {}  # claimed, start in progress
         # Domain states as the hypervisor's lifecycle events report them; while events
         # flow (``events_live``), heartbeats are answered from here, without a libvirt call.
@@ -683,9 +686,23 @@ class PoolElementCore:
             session.close()
 
     def _move_mac(self, pe_identifier: int, server_id: str, target_pe: int,
-                  migration: S.MigrationTarget | None = None) -> bytes:  # fmt: skip
+                  migration: S.MigrationTarget | None = None, issued_s: int = 0) -> bytes:  # fmt: skip
         secret = self.settings.secret
-        return S.move_request_mac(secret, pe_identifier, server_id, target_pe, migration) if secret else b""
+        return S.move_request_mac(secret, pe_identifier, server_id, target_pe, migration, issued_s) if secret else b""
+
+    def _replayed(self, request: S.MoveRequest) -> str | None:
+        """Why a signed MoveRequest is not taken (too old, from the future, or seen
+        before), or None. Without a pool secret nothing is signed, so nothing to check."""
+        if not self.settings.secret:
+            return None
+        now = self.clock.seconds()
+        self.move_requests_seen = {mac: until for mac, until in self.move_requests_seen.items() if until > now}
+        if abs(now - request.issued_s) > self.MOVE_REQUEST_MAX_AGE_S:
+            return f"issued {now - request.issued_s:.0f} s from now, more than {self.MOVE_REQUEST_MAX_AGE_S:.0f} s"
+        if request.mac in self.move_requests_seen:
+            return "a replay of a request already taken"
+        self.move_requests_seen[request.mac] = now + 2 * self.MOVE_REQUEST_MAX_AGE_S
+        return None
 
     async def _answer_move(self, request: S.MoveRequest, session: Session) -> None:
         session.send(await self.move_on_request(request))
@@ -701,9 +718,11 @@ class PoolElementCore:
             log.info("move of {server} refused: {reason}", server=name, reason=reason)
             return S.MoveAnswer(me, name, code, reason)
 
-        expected = self._move_mac(request.pe_identifier, name, request.target_pe, request.migration)
+        expected = self._move_mac(request.pe_identifier, name, request.target_pe, request.migration, request.issued_s)
         if not hmac.compare_digest(request.mac, expected):
             return refused(S.ResultCode.INVALID_REQUEST, "not signed with the pool secret")
+        if (stale := self._replayed(request)) is not None:
+            return refused(S.ResultCode.INVALID_REQUEST, stale)
         if request.target_pe == me:
             return refused(S.ResultCode.INVALID_REQUEST, "the target is this PE")
         if self._session_of(name) is None:
@@ -775,8 +794,9 @@ class PoolElementCore:
         live migrations), then wait until it runs on the target. False when the move
         was refused or did not arrive in time."""
         me = self.settings.pe_identifier
-        mac = self._move_mac(me, move.server_id, move.target, migration)
-        request = S.MoveRequest(me, move.server_id, move.target, mac, migration)
+        issued = int(self.clock.seconds())
+        mac = self._move_mac(me, move.server_id, move.target, migration, issued)
+        request = S.MoveRequest(me, move.server_id, move.target, mac, migration, issued)
         if move.source == me:
             answer = await self.move_on_request(request)
         else:

@@ -214,7 +214,8 @@ class VmReport(SessionMessage):
 class MoveRequest(SessionMessage):
     """The leader asks a PE to move one of its VMs to PE ``target_pe`` (a planned
     failover). ``mac``: HMAC-SHA256 over the fields with the pool secret (empty without).
-    ``migration``: the target's, when it takes live migrations."""
+    ``migration``: the target's, when it takes live migrations. ``issued_s``: when the
+    leader sent it (seconds, its clock), so an old request cannot be replayed."""
 
     TYPE = SessionType.MOVE_REQUEST
     pe_identifier: int  # the asking PE (the leader)
@@ -222,6 +223,7 @@ class MoveRequest(SessionMessage):
     target_pe: int
     mac: bytes = b""
     migration: MigrationTarget | None = None
+    issued_s: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,13 +243,14 @@ class MoveAnswer(SessionMessage):
 
 
 def move_request_mac(secret: bytes, pe_identifier: int, server_id: str, target_pe: int,
-                     migration: MigrationTarget | None = None) -> bytes:  # fmt: skip
+                     migration: MigrationTarget | None = None, issued_s: int = 0) -> bytes:  # fmt: skip
     """What proves a MoveRequest comes from a PE of the pool (which knows its secret).
-    The migration target is covered too: else anyone could send a VM to a host of theirs."""
+    The migration target is covered too: else anyone could send a VM to a host of theirs;
+    and the issue time: else a recorded request could be sent again later."""
     import hashlib
     import hmac
 
-    data = b"xenpool move\0" + struct.pack("!II", pe_identifier, target_pe) + server_id.encode()
+    data = b"xenpool move\0" + struct.pack("!III", pe_identifier, target_pe, issued_s) + server_id.encode()
     if migration is not None:
         data += b"\0" + migration.host.encode() + b"\0" + migration.uri.encode()
     return hmac.new(secret, data, hashlib.sha256).digest()
@@ -430,7 +433,7 @@ def encode(msg: SessionMessage) -> bytes:
             w.pack("!QIHB", vm.ram_kb, vm.cpu_millicores, vm.samples, vm.movable)
         flags |= _write_migration(w, msg.migration)
     elif isinstance(msg, MoveRequest):
-        w.pack("!II", msg.pe_identifier, msg.target_pe)
+        w.pack("!III", msg.pe_identifier, msg.target_pe, msg.issued_s)
         w.text(msg.server_id, MAX_SERVER_ID, "server_id")
         w.blob(msg.mac, MAX_MAC, "mac")
         flags |= _write_migration(w, msg.migration)
@@ -522,10 +525,10 @@ def decode(data: bytes) -> SessionMessage:
     elif mtype == SessionType.VM_REPORT:
         msg = _vm_report(r, flags)
     elif mtype == SessionType.MOVE_REQUEST:
-        pe_id, target = r.unpack("!II", "pe_identifier")
+        pe_id, target, issued = r.unpack("!III", "pe_identifier")
         if target == 0:
             raise ProtocolError("no target PE", field="target_pe", offset=_HEADER.size + 4)
-        msg = MoveRequest(pe_id, _server_id(r), target, r.blob(MAX_MAC, "mac"), _read_migration(r, flags))
+        msg = MoveRequest(pe_id, _server_id(r), target, r.blob(MAX_MAC, "mac"), _read_migration(r, flags), issued)
     elif mtype == SessionType.MOVE_ANSWER:
         pe_id, code = r.unpack("!Ii", "pe_identifier")
         msg = MoveAnswer(pe_id, _server_id(r, answer=True), code, r.text(MAX_REASON, "reason"))
