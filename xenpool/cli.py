@@ -205,6 +205,8 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--rebalance", default=None, metavar="NAME", help="a rebalancer plugin the PEs run, e.g. hot-cold")
     sim.add_argument("--rebalance-interval", type=float, default=120.0, metavar="S",
                      help="seconds between a PE's rebalancing decisions (default 120)")
+    sim.add_argument("--greedy-oracle", action="store_true",
+                     help="instead: the bound of greedy placement that knows every VM's true CPU demand")
     sim.add_argument("--runs", type=_positive, default=1)
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--json", action="store_true")
