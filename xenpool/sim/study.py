@@ -160,7 +160,8 @@ def plot(scenario: dict, summary: dict, path: str) -> None:
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     axes[0][0].set_ylabel("theoretical CPU load (%)")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"{summary['scenario']}: {summary['load_plugin']}, {summary['policy']}", fontsize=10)
+    rebalance = f", rebalancing {summary['rebalance']}" if summary.get("rebalance") else ""
+    fig.suptitle(f"{summary['scenario']}: {summary['load_plugin']}, {summary['policy']}{rebalance} (at the end of each run)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
