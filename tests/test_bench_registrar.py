@@ -23,8 +23,8 @@ pytestmark = [
 ]
 
 KEYS = (
-    "resolutions_per_s", "ceiling_per_s", "ratio", "registrations_per_s",
-    "resolve_us_100", "resolve_us_100000", "bytes_per_pe",
+    "resolutions_per_s", "ceiling_per_s", "ratio", "registrations_per_s", "resolutions_per_s_with_updates",
+    "load_updates_sent", "resolve_us_100", "resolve_us_100000", "bytes_per_pe",
 )  # fmt: skip
 
 
@@ -43,7 +43,7 @@ def test_small_run_prints_every_measure_and_leaves_no_process():
     result = json.loads(out.splitlines()[-1])
     for key in KEYS:
         assert isinstance(result[key], (int, float)) and result[key] > 0, (key, result)
-    assert result["pes"] == 50
+    assert result["pes"] == 50 and result["load_updates_per_s"] == pytest.approx(50 / 30, abs=0.1)
     assert "registrar pid" in err  # the daemon really ran
     assert processes_with(marker) == []
 

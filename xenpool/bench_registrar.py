@@ -37,6 +37,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -54,6 +55,7 @@ REGISTER_CONNECTIONS = 4  # connections that register --pes PEs and stay open
 REGISTRAR_ID = 0x0BE0C400
 FIRST_NEW_PE = 0x40000000  # identifiers of the PEs registered during the measurement
 
+LOAD_UPDATE_INTERVAL_S = 30.0  # a PE's default --load-interval: the churn of a real pool
 TARGET_RESOLUTIONS_PER_S = 20_000
 TARGET_RATIO = 0.5
 TARGET_SCALING = 2.0  # resolve_us_100000 <= this x resolve_us_100
@@ -333,6 +335,39 @@ def register_pes(port: int, count: int) -> list[socket.socket]:
     return socks
 
 
+class LoadUpdates:
+    """While running, re-registers the PEs one after another with a new load, ``rate``
+    per second over their open connections (every PE once per 30 s is ``pes / 30``):
+    each update changes the pool, so the registrar's cached answers must be rebuilt."""
+
+    def __init__(self, socks: list[socket.socket], pes: int, rate: float) -> None:
+        self.socks, self.pes, self.rate = socks, pes, rate
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="load updates", daemon=True)
+
+    def __enter__(self) -> "LoadUpdates":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        while not self._stop.is_set():
+            i = self.sent % self.pes
+            sock = self.socks[i % len(self.socks)]  # the connection that registered PE i
+            load = ((i * 7919 + self.sent) % 1000) / 1000
+            sock.sendall(M.encode(M.Registration(POOL, pool_element(i, load))))
+            self.sent += 1
+            for s in self.socks:  # the answers are not needed; keep the buffers empty
+                with contextlib.suppress(BlockingIOError):
+                    s.recv(65536, socket.MSG_DONTWAIT)
+            self._stop.wait(max(0.0, started + self.sent / self.rate - time.monotonic()))
+
+
 def resolve_once(port: int, request: bytes, expected: int) -> bytes:
     """One HANDLE_RESOLUTION, checked; the raw answer (the ceiling's canned reply)."""
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
@@ -362,7 +397,8 @@ def registrar(pes: int, seconds: float, profile: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="xenpool-bench-") as tmp, contextlib.ExitStack() as stack:
         proc, port = stack.enter_context(registrar_daemon(Path(tmp), profile))
         _progress(f"registrar pid {proc.pid} on port {port}; registering {pes} PEs")
-        for sock in register_pes(port, pes):
+        pe_socks = register_pes(port, pes)
+        for sock in pe_socks:
             stack.callback(sock.close)
         reply = resolve_once(port, request, min(3, pes))
         result["request_bytes"], result["reply_bytes"] = len(request), len(reply)
@@ -371,6 +407,10 @@ def registrar(pes: int, seconds: float, profile: str | None = None) -> dict:
 
         _progress(f"resolving for {timing}")
         resolutions = load(port, proc.pid, resolving)
+        update_rate = pes / LOAD_UPDATE_INTERVAL_S
+        _progress(f"resolving while the PEs update their loads ({update_rate:g}/s) for {timing}")
+        with LoadUpdates(pe_socks, pes, update_rate) as updates:
+            with_updates = load(port, proc.pid, resolving)
         template, id_at, address_at = registration_template()
         registration_reply = len(M.encode(M.RegistrationResponse(POOL, 0)))
         _progress(f"registering new PEs for {timing}")
@@ -384,7 +424,8 @@ def registrar(pes: int, seconds: float, profile: str | None = None) -> dict:
             _progress(f"ceiling server pid {ceiling_proc.pid} on port {ceiling_port}; resolving for {timing}")
             ceiling = load(ceiling_port, ceiling_proc.pid, resolving)
 
-    for name, run in (("registrar", resolutions), ("registration", registrations), ("ceiling", ceiling)):
+    for name, run in (("registrar", resolutions), ("with updates", with_updates), ("registration", registrations),
+                      ("ceiling", ceiling)):  # fmt: skip
         if run["unexpected"]:
             raise BenchError(f"{run['unexpected']} of {run['answers']} answers in the {name} run were not as expected")
 
@@ -398,6 +439,9 @@ def registrar(pes: int, seconds: float, profile: str | None = None) -> dict:
         resolutions_per_s=round(resolutions["rate"]),
         ceiling_per_s=round(ceiling["rate"]),
         ratio=round(resolutions["rate"] / ceiling["rate"], 3) if ceiling["rate"] else 0.0,
+        resolutions_per_s_with_updates=round(with_updates["rate"]),
+        load_updates_per_s=round(update_rate, 1),
+        load_updates_sent=updates.sent,
         registrations_per_s=round(registrations["rate"]),
         resolve_us_100=round(small, 3),
         resolve_us_100000=round(large, 3),
@@ -408,7 +452,8 @@ def registrar(pes: int, seconds: float, profile: str | None = None) -> dict:
         # the client, not the server, set the pace.
         cpu={
             name: {"client": run["client_cpu"], "server": run.get("server_cpu")}
-            for name, run in (("resolutions", resolutions), ("registrations", registrations), ("ceiling", ceiling))
+            for name, run in (("resolutions", resolutions), ("with updates", with_updates),
+                              ("registrations", registrations), ("ceiling", ceiling))  # fmt: skip
         },
         targets={
             "resolutions_per_s": TARGET_RESOLUTIONS_PER_S,
@@ -438,6 +483,8 @@ def _print_table(r: dict) -> None:
          _verdict(r["resolutions_per_s"] >= t["resolutions_per_s"])),
         ("ceiling_per_s", f"{r['ceiling_per_s']:,}/s", "", ""),
         ("ratio", f"{r['ratio']:.3f}", f">= {t['ratio']}", _verdict(r["ratio"] >= t["ratio"])),
+        ("resolutions_per_s_with_updates", f"{r['resolutions_per_s_with_updates']:,}/s",
+         f"({r['load_updates_per_s']:g} load updates/s)", ""),
         ("registrations_per_s", f"{r['registrations_per_s']:,}/s", "", ""),
         ("resolve_us_100", f"{r['resolve_us_100']:.2f} us", "", ""),
         ("resolve_us_100000", f"{r['resolve_us_100000']:.2f} us", f"<= {scaling_limit:.2f} us",
@@ -459,6 +506,8 @@ def _print_table(r: dict) -> None:
         f"ceiling = a minimal Twisted server answering each request with a canned copy of the registrar's "
         f"{r['reply_bytes']}-byte answer; the pool does not change while resolving, so the registrar answers "
         f"from its answer cache after the first request (an uncached answer costs about resolve_us more); "
+        f"with updates = the same while every PE re-registers with a new load once per "
+        f"{LOAD_UPDATE_INTERVAL_S:g} s, each update invalidating the cache; "
         f"resolve_us = Handlespace.resolve() in-process; bytes_per_pe_with_audit "
         f"adds the registrar core's keep-alive timer.\nCPU per wall second: {cpu}"
     )
