@@ -30,6 +30,7 @@ import heapq
 import json
 import os
 import random
+import select
 import selectors
 import signal
 import socket
@@ -338,11 +339,14 @@ def register_pes(port: int, count: int) -> list[socket.socket]:
 class LoadUpdates:
     """While running, re-registers the PEs one after another with a new load, ``rate``
     per second over their open connections (every PE once per 30 s is ``pes / 30``):
-    each update changes the pool, so the registrar's cached answers must be rebuilt."""
+    each update changes the pool, so the registrar's cached answers must be rebuilt.
+    (PEs reporting exactly the same lowest load, idle ones say, are picked in turn by
+    LeastUsed, so their answers change every time and are never cached.)"""
 
     def __init__(self, socks: list[socket.socket], pes: int, rate: float) -> None:
         self.socks, self.pes, self.rate = socks, pes, rate
         self.sent = 0
+        self._random = random.Random(len(socks) * pes)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="load updates", daemon=True)
 
@@ -359,12 +363,12 @@ class LoadUpdates:
         while not self._stop.is_set():
             i = self.sent % self.pes
             sock = self.socks[i % len(self.socks)]  # the connection that registered PE i
-            load = ((i * 7919 + self.sent) % 1000) / 1000
+            load = self._random.random()  # measured loads: practically never two alike
             sock.sendall(M.encode(M.Registration(POOL, pool_element(i, load))))
             self.sent += 1
-            for s in self.socks:  # the answers are not needed; keep the buffers empty
-                with contextlib.suppress(BlockingIOError):
-                    s.recv(65536, socket.MSG_DONTWAIT)
+            readable, _, _ = select.select(self.socks, [], [], 0)
+            for s in readable:  # the answers are not needed; keep the buffers empty
+                s.recv(65536)
             self._stop.wait(max(0.0, started + self.sent / self.rate - time.monotonic()))
 
 
