@@ -46,24 +46,29 @@ class _Framer(Generic[T]):
         if len(self._buffer) >= self.header_size:
             self._frame_size(bytes(self._buffer[: self.header_size]))  # refuse a bad length now
 
-    def next_message(self) -> T | None:
+    def next_frame(self) -> bytes | None:
+        """The next whole frame's bytes, undecoded (None until one is complete)."""
         if self._broken:
             raise self._broken
         buf = self._buffer
         if len(buf) < self.header_size:
             return None
-        header = bytes(buf[: self.header_size])
-        size = self._frame_size(header)
+        size = self._frame_size(bytes(buf[: self.header_size]))
         if len(buf) < size:
             return None
         frame = bytes(buf[:size])
         del buf[:size]
-        offset = self._offset
         self._offset += size
+        return frame
+
+    def next_message(self) -> T | None:
+        frame = self.next_frame()
+        if frame is None:
+            return None
         try:
-            return self._decode(header, frame)
+            return self._decode(frame[: self.header_size], frame)
         except ProtocolError as err:
-            err.offset += offset
+            err.offset += self._offset - len(frame)
             raise
 
     @property

@@ -24,6 +24,7 @@ from ..protocol import framing
 from ..protocol import messages as M
 from ..protocol import params as P
 from ..protocol.errors import Cause, ProtocolError
+from . import enrp_auth
 from .core import Registrar
 from .handlespace import Handlespace, PoolEntry
 from .peering import Peering
@@ -149,13 +150,16 @@ class AsapProtocol(Protocol, TimeoutMixin):
 
 
 class EnrpProtocol(Protocol, TimeoutMixin):
-    """One ENRP connection to a peer registrar (inbound or outbound)."""
+    """One ENRP connection to a peer registrar (inbound or outbound). With ``secret``,
+    every message goes out signed and one that is not (validly) closes the connection."""
 
-    def __init__(self, peering: Peering, outbound: bool, idle_timeout: float, metrics: "Metrics") -> None:
+    def __init__(self, peering: Peering, outbound: bool, idle_timeout: float, metrics: "Metrics",
+                 secret: bytes | None = None) -> None:  # fmt: skip
         self.peering = peering
         self.outbound = outbound
         self.idle_timeout = idle_timeout
         self.metrics = metrics
+        self.secret = secret
         self.stream = framing.RSerPoolStream(M.ENRP_PPID)
 
     def connectionMade(self) -> None:
@@ -164,14 +168,20 @@ class EnrpProtocol(Protocol, TimeoutMixin):
             self.peering.channel_opened(self)
 
     def send(self, message: M.Message) -> None:
-        self.transport.write(M.encode(message))
+        frame = M.encode(message)
+        self.transport.write(enrp_auth.sign(frame, self.secret) if self.secret else frame)
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
         try:
             self.stream.feed(data)
-            while (message := self.stream.next_message()) is not None:
-                self.peering.handle(message, self)
+            while (frame := self.stream.next_frame()) is not None:
+                if self.secret and (frame := enrp_auth.verify(frame, self.secret)) is None:
+                    log.warn("ENRP message from {peer} without valid authentication: closing", peer=self.transport.getPeer())
+                    self.metrics.refused(Cause.SECURITY_REJECTION)
+                    self.transport.loseConnection()
+                    return
+                self.peering.handle(M.decode(frame, M.ENRP_PPID, self.stream.reports), self)
         except ProtocolError as err:
             log.info("bad ENRP input from {peer}: {err}", peer=self.transport.getPeer(), err=str(err))
             self.metrics.refused(err.cause)
@@ -199,8 +209,9 @@ class EnrpMulticast(DatagramProtocol):
     MAX_DIALLED = 64
 
     def __init__(self, peering: Peering, clock, group: str, port: int, *, interval_s: float, interface: str,
-                 ttl: int, connect) -> None:  # fmt: skip
+                 ttl: int, connect, secret: bytes | None = None) -> None:  # fmt: skip
         self.peering = peering
+        self.secret = secret
         self.destination = (group, port)
         self.interface = interface
         self.ttl = ttl
@@ -224,9 +235,13 @@ class EnrpMulticast(DatagramProtocol):
     def announce(self) -> None:
         presence = self.peering.announcement()
         if presence is not None:
-            self.transport.write(M.encode(presence), self.destination)
+            frame = M.encode(presence)
+            self.transport.write(enrp_auth.sign(frame, self.secret) if self.secret else frame, self.destination)
 
     def datagramReceived(self, data: bytes, address: tuple[str, int]) -> None:
+        if self.secret and (data := enrp_auth.verify(data, self.secret)) is None:
+            log.info("ignoring an ENRP announce from {host} without valid authentication", host=address[0])
+            return
         try:
             message = M.decode(data, M.ENRP_PPID)
         except ProtocolError as err:
@@ -249,11 +264,13 @@ class EnrpMulticast(DatagramProtocol):
 
 
 class EnrpFactory(Factory):
-    def __init__(self, peering: Peering, outbound: bool, idle_timeout: float, metrics: "Metrics") -> None:
+    def __init__(self, peering: Peering, outbound: bool, idle_timeout: float, metrics: "Metrics",
+                 secret: bytes | None = None) -> None:  # fmt: skip
         self.peering, self.outbound, self.idle_timeout, self.metrics = peering, outbound, idle_timeout, metrics
+        self.secret = secret
 
     def buildProtocol(self, addr) -> EnrpProtocol:
-        return EnrpProtocol(self.peering, self.outbound, self.idle_timeout, self.metrics)
+        return EnrpProtocol(self.peering, self.outbound, self.idle_timeout, self.metrics, self.secret)
 
 
 class AsapFactory(Factory):
@@ -403,9 +420,10 @@ class RegistrarService(service.MultiService):
                  enrp: list[str], peers: list[str], status: str | None, idle_timeout: float,
                  max_message_size: int, announce: tuple[str, int] | None = None, announce_interface: str = "",
                  announce_interval_s: float = DEFAULT_ANNOUNCE_INTERVAL_S, announce_ttl: int = 1,
-                 enrp_announce: tuple[str, int] | None = None) -> None:  # fmt: skip
+                 enrp_announce: tuple[str, int] | None = None, enrp_secret: bytes | None = None) -> None:  # fmt: skip
         super().__init__()
         self.reactor = reactor
+        self.enrp_secret = enrp_secret
         self.registrar = registrar
         self.peering = peering
         self.metrics = metrics
@@ -413,7 +431,7 @@ class RegistrarService(service.MultiService):
         self.announce_interface = announce_interface
         factory = AsapFactory(registrar, idle_timeout, max_message_size, metrics)
         self.asap_listeners = [_Listener(endpoints.serverFromString(reactor, d), factory) for d in asap]
-        enrp_factory = EnrpFactory(peering, False, idle_timeout, metrics)
+        enrp_factory = EnrpFactory(peering, False, idle_timeout, metrics, enrp_secret)
         self.enrp_listeners = [_Listener(endpoints.serverFromString(reactor, d), enrp_factory) for d in enrp]
         for listener in (*self.asap_listeners, *self.enrp_listeners):
             listener.setServiceParent(self)
@@ -425,7 +443,7 @@ class RegistrarService(service.MultiService):
         if enrp_announce is not None:
             multicast = EnrpMulticast(
                 peering, reactor, *enrp_announce, interval_s=peering.timers.heartbeat_interval,
-                interface=announce_interface, ttl=announce_ttl, connect=self._connect_peer,
+                interface=announce_interface, ttl=announce_ttl, connect=self._connect_peer, secret=enrp_secret,
             )  # fmt: skip
             MulticastServer(enrp_announce[1], multicast, listenMultiple=True).setServiceParent(self)
         for description in peers:
@@ -435,7 +453,7 @@ class RegistrarService(service.MultiService):
 
     def _connect(self, endpoint) -> None:
         ClientService(
-            endpoint, EnrpFactory(self.peering, True, self.idle_timeout, self.metrics),
+            endpoint, EnrpFactory(self.peering, True, self.idle_timeout, self.metrics, self.enrp_secret),
             retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=2.0),
         ).setServiceParent(self)  # fmt: skip
 

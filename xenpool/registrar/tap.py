@@ -10,7 +10,7 @@ import random
 
 from twisted.python import usage
 
-from ..config import Setting, id32, ipv4_address, json_log, make_options, pool_secret, positive_float, positive_int
+from ..config import Setting, id32, ipv4_address, json_log, make_options, pool_secret, positive_float, positive_int, secret_file
 from ..discovery import DEFAULT_ANNOUNCE_INTERVAL_S, multicast_address
 from ..protocol.messages import ASAP_PORT, MAX_MESSAGE_SIZE
 
@@ -34,6 +34,8 @@ SETTINGS = [
             "send SERVER_ANNOUNCEs of the ASAP endpoints to GROUP:PORT, e.g. 239.0.0.50:3863 (default: off)"),
     Setting("enrp-announce", None, multicast_address,
             "send and hear ENRP PRESENCEs on GROUP:PORT, e.g. 239.0.0.51:9901, and connect to the peers heard (default: off)"),
+    Setting("enrp-secret", None, secret_file,
+            "FILE: sign every ENRP message with this secret and take only messages signed with it"),
     Setting("announce-interface", "", ipv4_address, "the local IPv4 address whose interface announces use"),
     Setting("announce-interval", DEFAULT_ANNOUNCE_INTERVAL_S, positive_float, "seconds between announces"),
     Setting("announce-ttl", 1, positive_int, "multicast TTL of announces (1: this network only)"),
@@ -72,5 +74,5 @@ def makeService(options: usage.Options):
         registrar, peering, metrics, reactor, asap=s["asap"], enrp=s["enrp"], peers=s["peer"], status=s["status"],
         idle_timeout=s["idle-timeout"], max_message_size=s["max-message-size"], announce=s["announce"],
         announce_interface=s["announce-interface"], announce_interval_s=s["announce-interval"],
-        announce_ttl=s["announce-ttl"], enrp_announce=s["enrp-announce"],
+        announce_ttl=s["announce-ttl"], enrp_announce=s["enrp-announce"], enrp_secret=s["enrp-secret"],
     )  # fmt: skip
