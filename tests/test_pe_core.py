@@ -491,3 +491,27 @@ def test_a_silent_pu_session_is_dropped_after_the_idle_timeout(pe, clock):
         chatty.dataReceived(b"")  # any bytes count as a sign of life
     assert silent.transport.disconnecting and not chatty.transport.disconnecting
     factory.stopFactory()
+
+
+def test_a_session_waiting_for_its_answer_is_not_idle(pe, clock):
+    from twisted.internet.testing import StringTransport
+
+    from xenpool.pe.service import SessionFactory
+    from xenpool.protocol import framing
+
+    factory = SessionFactory(pe, idle_timeout=8, clock=clock)
+    factory.startFactory()
+    waiting = factory.buildProtocol(None)
+    waiting.makeConnection(StringTransport())
+    started = defer.Deferred()
+    pe.hypervisor.start = lambda spec: started  # a slow hypervisor: the start takes 30 s
+    waiting.dataReceived(framing.frame_message(S.CreateServer("slow1", "", (), 64)))
+    clock.advance(30)
+    assert waiting.pending == 1 and not waiting.transport.disconnecting
+    started.callback(None)
+    assert waiting.pending == 0 and b"slow1" in waiting.transport.value()
+    clock.advance(6)
+    assert not waiting.transport.disconnecting  # idle since its answer, not since its request
+    clock.advance(4)
+    assert waiting.transport.disconnecting
+    factory.stopFactory()

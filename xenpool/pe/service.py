@@ -66,6 +66,7 @@ class SessionProtocol(Protocol):
         self.factory = factory
         self.stream = framing.ShimStream()
         self.last_heard = 0.0
+        self.pending = 0  # requests being handled: such a session is waiting, not silent
         self._sent: tuple[object, bytes] = (None, b"")  # the last message and its frame
 
     def connectionMade(self) -> None:
@@ -89,7 +90,10 @@ class SessionProtocol(Protocol):
         try:
             self.stream.feed(data)
             while (item := self.stream.next_message()) is not None:
-                self.core.handle(item[1], self).addErrback(self._failed)
+                handled = self.core.handle(item[1], self).addErrback(self._failed)
+                if not handled.called:
+                    self.pending += 1
+                    handled.addBoth(self._done)
         except ProtocolError as err:
             log.info("bad request from {peer}: {err}", peer=str(self.transport.getPeer()), err=str(err))
             self.core.refuse(err, self)
@@ -98,6 +102,11 @@ class SessionProtocol(Protocol):
         log.failure("handling a PU request failed", failure)
         self.close()
 
+    def _done(self, result):
+        self.pending -= 1
+        self.last_heard = self.factory.clock.seconds()  # its idle time starts with the answer
+        return result
+
     def connectionLost(self, reason=None) -> None:
         self.factory.sessions.discard(self)
         self.core.session_lost(self).addErrback(lambda f: log.failure("stopping a VM failed", f))
@@ -105,7 +114,9 @@ class SessionProtocol(Protocol):
 
 class SessionFactory(Factory):
     """PU sessions. A PU heartbeats its VM, so silence beyond ``idle_timeout`` means it
-    is gone: one sweep finds such sessions (cheaper than a timer reset per message)."""
+    is gone: one sweep finds such sessions (cheaper than a timer reset per message). A
+    session whose request is still being handled (a slow start, a move) is waiting for
+    the PE, not silent."""
 
     def __init__(self, core: PoolElementCore, idle_timeout: float, clock) -> None:
         self.core, self.idle_timeout, self.clock = core, idle_timeout, clock
@@ -122,7 +133,7 @@ class SessionFactory(Factory):
 
     def _drop_silent(self) -> None:
         now = self.clock.seconds()
-        for session in [s for s in self.sessions if now - s.last_heard > self.idle_timeout]:
+        for session in [s for s in self.sessions if not s.pending and now - s.last_heard > self.idle_timeout]:
             session.transport.abortConnection()
 
     def buildProtocol(self, addr) -> SessionProtocol:
