@@ -110,14 +110,8 @@ class Registrar:
 
     # ------------------------------------------------------------------ ASAP
 
-    def handle(self, message: M.Message, association: Association, raw: bytes | None = None) -> None:
-        """One ASAP message from a PE or PU; answers go to ``association``.
-
-        ``raw``: the message's bytes, given for HANDLE_RESOLUTIONs so that an answer the
-        pool's policy would repeat can be found by ``cached_resolution``."""
-        if raw is not None and type(message) is M.HandleResolution:
-            self._resolution(message, association, raw)
-            return
+    def handle(self, message: M.Message, association: Association) -> None:
+        """One ASAP message from a PE or PU; answers go to ``association``."""
         handler = self._handlers.get(type(message))
         if handler is None:
             # A valid ASAP message a registrar does not take (e.g. COOKIE): RFC 5352
@@ -159,7 +153,9 @@ class Registrar:
         the pool is unchanged and its policy would answer the same (the fast path)."""
         return self.handlespace.cached_answer(request)
 
-    def _resolution(self, msg: M.HandleResolution, association: Association, raw: bytes | None = None) -> None:
+    def resolution(self, msg: M.HandleResolution, association: Association, raw: bytes | None = None) -> None:
+        """Answer a HANDLE_RESOLUTION. ``raw``: its bytes, when it came as them, so that an
+        answer the pool's policy would repeat can be found by ``cached_resolution``."""
         try:
             answer = self.handlespace.resolution_answer(msg.pool_handle, msg.items, msg.ram_mb, raw)
         except HandlespaceError as err:
@@ -181,7 +177,7 @@ class Registrar:
     _handlers = {
         M.Registration: _registration,
         M.Deregistration: _deregistration,
-        M.HandleResolution: _resolution,
+        M.HandleResolution: resolution,
         M.EndpointKeepAliveAck: _keep_alive_ack,
         M.EndpointUnreachable: _unreachable,
     }

@@ -126,7 +126,7 @@ class AsapProtocol(Protocol, TimeoutMixin):
             self._refuse(err)
             return not err.fatal
         # An answer that had to report unknown parameters is not one to repeat silently.
-        self.registrar.handle(message, self, None if reports else request)
+        self.registrar.resolution(message, self, None if reports else request)
         if reports:
             self.send(M.AsapError(M.unrecognized_parameters(reports)))
         return True
