@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 from xenpool.interfaces import LoadSample, PoolMember
 from xenpool.plugins import load_plugins
 from xenpool.protocol import messages as M
+from xenpool.protocol import params as P
 from xenpool.protocol import session as S
 from xenpool.sim.run import Simulation
 from xenpool_plugins.load import CpuLoad
@@ -22,6 +23,14 @@ from .test_pe_core import clock as clock  # noqa: F401 - the fixture
 from .test_pu_core import Pool, ScriptedPE, keeper
 
 SAMPLE = LoadSample(cpu=0.9, ram=0.5, vm_cpu={"small": 0.1, "medium": 0.3, "big": 0.5})
+
+
+def answer(*others: float) -> list[P.PoolElement]:
+    """A registrar's resolution answer: the PE under test (7, whose own load counts, not
+    the one listed), then PEs 8, 9, ... at ``others`` loads."""
+    policy = lambda load: P.PoolPolicy.make(P.PolicyType.LEAST_USED, load=P.load_to_wire(load))  # noqa: E731
+    transport = P.TcpTransport(1, ("10.0.0.1",))
+    return [P.PoolElement(i, 0, 1000, transport, policy(load)) for i, load in enumerate((0.5, *others), 7)]
 
 
 @pytest.mark.parametrize(
@@ -50,7 +59,7 @@ def test_the_pe_moves_a_measured_vm_as_a_planned_failover(pe, clock):  # noqa: F
     for name, share in (("web1", 0.6), ("web2", 0.1)):
         pe.accounting.vms[name].cpu_share, pe.accounting.vms[name].samples = share, 5
     moved = []
-    pe.rebalance(HotToCold(), [pe.load(), 0.0, 0.0, 0.0, 0.0]).addCallback(moved.append)
+    pe.rebalance(HotToCold(), answer(0.0, 0.0, 0.0, 0.0)).addCallback(moved.append)
     assert moved == ["web1"] and pe.moves == 1
     cookie = [m for m in session.sent if isinstance(m, M.Cookie)][-1]
     assert session.sent[-1] == S.StopResult("web1", S.ResultCode.MOVED, "stopped on pe1 to even out the pool")
@@ -59,7 +68,7 @@ def test_the_pe_moves_a_measured_vm_as_a_planned_failover(pe, clock):  # noqa: F
 
     assert C.peek(cookie.cookie).running is False  # the next PE fences no one
     moved.clear()
-    pe.rebalance(HotToCold(), [1.0, 0.0, 0.0]).addCallback(moved.append)
+    pe.rebalance(HotToCold(), answer(0.0, 0.0)).addCallback(moved.append)
     assert moved == [None]  # the cooldown: let the pool see the effect first
     assert not other.closed
 
@@ -210,20 +219,13 @@ def test_the_pe_waits_until_the_pool_has_settled(pe, clock):  # noqa: F811
     create(pe, "web2", 64)
     for name, share in (("web1", 0.6), ("web2", 0.1)):
         pe.accounting.vms[name].cpu_share, pe.accounting.vms[name].samples = share, 5
-    from xenpool.protocol import params as P
-
-    def elements(*others):  # this PE (7), as a registrar answers, then the others
-        policy = lambda load: P.PoolPolicy.make(P.PolicyType.LEAST_USED, load=P.load_to_wire(load))  # noqa: E731
-        transport = P.TcpTransport(1, ("10.0.0.1",))
-        return [P.PoolElement(i, 0, 1000, transport, policy(load)) for i, load in enumerate((0.5, *others), 7)]
-
     rebalancer = GapFit(room_mb=0)
     moved = []
-    pe.rebalance(rebalancer, elements(0.0, 0.0)).addCallback(moved.append)
+    pe.rebalance(rebalancer, answer(0.0, 0.0)).addCallback(moved.append)
     assert moved == [None]  # the first look: nothing to compare with yet
-    pe.rebalance(rebalancer, elements(0.3, 0.0)).addCallback(moved.append)
+    pe.rebalance(rebalancer, answer(0.3, 0.0)).addCallback(moved.append)
     assert moved == [None, None]  # the pool's load changed by 0.3: a start somewhere
-    pe.rebalance(rebalancer, elements(0.3, 0.0)).addCallback(moved.append)
+    pe.rebalance(rebalancer, answer(0.3, 0.0)).addCallback(moved.append)
     assert moved == [None, None, "web1"]
 
 
@@ -234,7 +236,7 @@ def test_a_moved_vm_carries_the_cpu_it_used_to_the_next_pe(pe, clock):  # noqa: 
     create(pe, "web2", 64)
     pe.accounting.vms["web1"].cpu_share, pe.accounting.vms["web1"].samples = 0.6, 5
     pe.accounting.vms["web2"].cpu_share, pe.accounting.vms["web2"].samples = 0.1, 5
-    pe.rebalance(HotToCold(), [pe.load(), 0.0, 0.0, 0.0, 0.0])
+    pe.rebalance(HotToCold(), answer(0.0, 0.0, 0.0, 0.0))
     cookie = [m for m in session.sent if isinstance(m, M.Cookie)][-1]
     cores = C.peek(cookie.cookie).cpu_cores
     assert cores == pytest.approx(0.6 * pe.accounting.node.cpus, abs=0.01)

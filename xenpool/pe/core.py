@@ -522,7 +522,7 @@ class PoolElementCore:
     def rebalance(self, rebalancer, pool: list) -> defer.Deferred:
         """Ask the rebalancer whether a VM should leave this PE, and move it if so; a
         planning rebalancer (IPoolPlanner) instead runs a leader's round (``_lead``).
-        ``pool``: the PoolElements of a registrar's resolution answer (or bare loads).
+        ``pool``: the PoolElements of a registrar's resolution answer.
         Only VMs measured ``rebalancer.min_samples`` times take part: a VM just started
         (or just moved here) is still an estimate. Fires with the server ID moved, or None."""
         if IPoolPlanner.providedBy(rebalancer):
@@ -572,20 +572,18 @@ class PoolElementCore:
 
     def _pool_members(self, pool: list) -> list[PoolMember]:
         """The pool as the rebalancer sees it; this PE's entry carries the load it would
-        report now, not the one the registrar last heard."""
+        report now, not the one the registrar last heard (and is added if the registrar
+        does not list this PE yet)."""
         members, own_seen = [], False
         for element in pool:
-            if isinstance(element, P.PoolElement):
-                policy = element.policy
-                free_mb = policy.free_ram_mb if "free_ram_mb" in P.POLICY_FIELDS.get(policy.policy_type, ()) else None
-                own = element.identifier == self.settings.pe_identifier
-                own_seen |= own
-                load = self.load() if own else P.load_from_wire(policy.load)
-                members.append(PoolMember(load, None if free_mb is None else free_mb * 1024, own))
-            else:  # a bare load: which one is this PE's is unknown
-                members.append(PoolMember(float(element)))
-        if not own_seen and len(members) != sum(1 for e in pool if not isinstance(e, P.PoolElement)):
-            members.append(PoolMember(self.load(), self.accounting.free_kb, own=True))  # not registered yet
+            policy = element.policy
+            free_mb = policy.free_ram_mb if "free_ram_mb" in P.POLICY_FIELDS.get(policy.policy_type, ()) else None
+            own = element.identifier == self.settings.pe_identifier
+            own_seen |= own
+            load = self.load() if own else P.load_from_wire(policy.load)
+            members.append(PoolMember(load, None if free_mb is None else free_mb * 1024, own))
+        if not own_seen:
+            members.append(PoolMember(self.load(), self.accounting.free_kb, own=True))
         return members
 
     def _session_of(self, server_id: str):
