@@ -71,12 +71,11 @@ class AnnouncedRegistrars:
         """Take one announce; False if it offers no TCP transport (nothing to reach)."""
         for transport in announce.transports:
             if isinstance(transport, P.TcpTransport) and transport.port:
-                addresses = [a for a in transport.addresses if not ipaddress.ip_address(a).is_unspecified]
-                known = self._heard.get(announce.server_id)
-                if known is None:
+                host = P.reachable_address(transport, source)
+                if announce.server_id not in self._heard:
                     log.info("registrar {id} announced at {host}:{port}", id=hex_id(announce.server_id),
-                             host=addresses[0] if addresses else source, port=transport.port)  # fmt: skip
-                self._heard[announce.server_id] = _Heard(addresses[0] if addresses else source, transport.port, now)
+                             host=host, port=transport.port)  # fmt: skip
+                self._heard[announce.server_id] = _Heard(host, transport.port, now)
                 return True
         return False
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import ipaddress
 import hmac
 import socket
 import struct
@@ -372,6 +373,15 @@ def encode_request_ram(ram_mb: int) -> bytes:
 
 def encode_pool_authentication(mac: bytes) -> bytes:
     return tlv(ParamType.POOL_AUTHENTICATION, mac)
+
+
+def reachable_address(transport, source: str) -> str:
+    """Where to reach ``transport``: its first specified address; an unspecified one
+    (0.0.0.0, ::) or none stands for ``source``, the address its message came from."""
+    for address in transport.addresses:
+        if not ipaddress.ip_address(address).is_unspecified:
+            return address
+    return source
 
 
 def registration_mac(secret: bytes, pool_handle: bytes, element: PoolElement) -> bytes:

@@ -104,8 +104,7 @@ class Peering:
             return None
         if info.server_id != msg.sender_id or not isinstance(info.transport, P.TcpTransport) or not info.transport.port:
             return None
-        specified = [a for a in info.transport.addresses if a not in ("0.0.0.0", "::")]
-        return (specified[0] if specified else source), info.transport.port
+        return P.reachable_address(info.transport, source), info.transport.port
 
     def channel_closed(self, channel: Channel) -> None:
         self.unidentified.discard(channel)
