@@ -515,3 +515,44 @@ def test_a_session_waiting_for_its_answer_is_not_idle(pe, clock):
     clock.advance(4)
     assert waiting.transport.disconnecting
     factory.stopFactory()
+
+
+def test_a_repeated_heartbeat_gets_its_last_answer_until_the_state_changes(pe, clock):
+    from twisted.internet.testing import StringTransport
+
+    from xenpool.pe.service import SessionFactory
+    from xenpool.protocol import framing
+
+    pe.events_live = True
+    factory = SessionFactory(pe, idle_timeout=8, clock=clock)
+    session = factory.buildProtocol(None)
+    session.makeConnection(StringTransport())
+    session.dataReceived(framing.frame_message(S.CreateServer("web1", "", (), 64)))
+    heartbeat = framing.frame_message(S.CheckRunning("web1", 1))
+    running = framing.frame_message(S.CheckRunningResponse("web1", RUNNING))
+    paused = framing.frame_message(S.CheckRunningResponse("web1", 3))
+    session.transport.clear()
+    session.dataReceived(heartbeat)
+    assert session.transport.value() == running
+
+    handle, pe.handle = pe.handle, lambda *a: pytest.fail("a repeated heartbeat was decoded and handled")
+    session.transport.clear()
+    session.dataReceived(heartbeat)
+    assert session.transport.value() == running
+    pe.handle = handle
+
+    pe.domain_event("web1", 3)  # paused: the remembered answer no longer holds
+    session.transport.clear()
+    session.dataReceived(heartbeat)
+    assert session.transport.value() == paused
+
+    session.transport.clear()
+    for _ in range(2):
+        session.dataReceived(heartbeat + heartbeat)  # two in one read: two answers
+    session.dataReceived(heartbeat[:5])
+    session.dataReceived(heartbeat[5:])  # one split over two reads: one answer
+    assert session.transport.value() == 5 * paused
+
+    pe.domain_event("web1", 6)  # crashed: the PU hears it, and the session ends
+    session.transport.clear()
+    assert not pe.sessions and session.transport.disconnecting

@@ -355,6 +355,18 @@ class PoolElementCore:
             state = SHUTOFF
         self._answer_heartbeat(message, session, state)
 
+    def repeatable_heartbeat_state(self, session: Session, server_id: str) -> int | None:
+        """The state a heartbeat for ``server_id`` in ``session`` is answered with when that
+        answer changes nothing here (events flow, it is the session's VM, in a normal state,
+        not migrating); None otherwise."""
+        if not self.events_live:
+            return None
+        vm = self.sessions.get(session)
+        if vm is None or vm.migrating or vm.request.server_id != server_id:
+            return None
+        state = self.domain_states.get(server_id, SHUTOFF)
+        return state if state in NORMAL_STATES else None
+
     def _answer_heartbeat(self, message: S.CheckRunning, session: Session, state: int) -> None:
         vm = self.sessions.get(session)
         if vm is None or vm.request.server_id != message.server_id:

@@ -20,6 +20,7 @@ from ..logs import hex_id, pool_name
 from ..protocol import framing
 from ..protocol import messages as M
 from ..protocol import params as P
+from ..protocol import session as S
 from ..protocol.errors import ProtocolError
 from .core import PoolElementCore
 
@@ -68,6 +69,9 @@ class SessionProtocol(Protocol):
         self.last_heard = 0.0
         self.pending = 0  # requests being handled: such a session is waiting, not silent
         self._sent: tuple[object, bytes] = (None, b"")  # the last message and its frame
+        # A PU repeats the same heartbeat frame: (its bytes, ServerID, state, answer frame)
+        # of the last one, answered again while the core says the state still holds.
+        self._repeat: tuple[bytes, str, int, bytes] | None = None
 
     def connectionMade(self) -> None:
         self.last_heard = self.factory.clock.seconds()
@@ -87,16 +91,32 @@ class SessionProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.last_heard = self.factory.clock.seconds()
+        repeat = self._repeat
+        if repeat is not None and data == repeat[0] and not self.pending and not self.stream.buffered:
+            if self.core.repeatable_heartbeat_state(self, repeat[1]) == repeat[2]:
+                eager_write.write(self.transport, repeat[3])
+                return
+        whole = not self.stream.buffered  # data starts a frame
         try:
             self.stream.feed(data)
             while (item := self.stream.next_message()) is not None:
-                handled = self.core.handle(item[1], self).addErrback(self._failed)
+                message = item[1]
+                handled = self.core.handle(message, self).addErrback(self._failed)
                 if not handled.called:
                     self.pending += 1
                     handled.addBoth(self._done)
+                elif whole and isinstance(message, S.CheckRunning) and not self.stream.buffered:
+                    self._remember_heartbeat(data, message)  # data is this one frame
+                whole = False
         except ProtocolError as err:
             log.info("bad request from {peer}: {err}", peer=str(self.transport.getPeer()), err=str(err))
             self.core.refuse(err, self)
+
+    def _remember_heartbeat(self, data: bytes, message: S.CheckRunning) -> None:
+        state = self.core.repeatable_heartbeat_state(self, message.server_id)
+        sent, frame = self._sent
+        if state is not None and sent == S.CheckRunningResponse(message.server_id, state):
+            self._repeat = (bytes(data), message.server_id, state, frame)
 
     def _failed(self, failure) -> None:
         log.failure("handling a PU request failed", failure)
