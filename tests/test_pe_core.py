@@ -556,3 +556,26 @@ def test_a_repeated_heartbeat_gets_its_last_answer_until_the_state_changes(pe, c
     pe.domain_event("web1", 6)  # crashed: the PU hears it, and the session ends
     session.transport.clear()
     assert not pe.sessions and session.transport.disconnecting
+
+
+def test_with_a_load_window_a_vm_s_load_is_its_mean_over_the_window():
+    node = NodeInfo("h", cpus=2, ram_kb=1024 * 1024)
+    accounting = HostAccounting(node, LoadSettings(sample_interval_s=30, load_window_s=90, window_samples=2))
+    accounting.reserve("vm", 64)
+    estimate = accounting.vms["vm"].cpu_share
+    accounting.sample_vm("vm", 0, 0.0)
+    assert accounting.vms["vm"].cpu_share == estimate  # nothing measured yet
+    cpu_ns = 0
+    for t, busy_s in ((30, 30), (60, 0), (90, 30), (120, 30), (150, 0)):  # seconds of one core
+        cpu_ns += int(busy_s * 1e9)
+        accounting.sample_vm("vm", cpu_ns, float(t))
+        if t == 30:
+            assert accounting.vms["vm"].cpu_share == pytest.approx(0.5)  # the first sample, no estimate left
+    # 60..150: 60 core-seconds over 90 s on 2 CPUs; what came before the window is gone
+    assert accounting.vms["vm"].cpu_share == pytest.approx(60 / 90 / 2)
+    assert accounting.window_share("vm") == pytest.approx(30 / 60 / 2)  # the rebalancers' 2 samples
+    with_smoothing = HostAccounting(node, LoadSettings(sample_interval_s=30))
+    with_smoothing.reserve("vm", 64)
+    with_smoothing.sample_vm("vm", 0, 0.0)
+    with_smoothing.sample_vm("vm", int(30e9), 30.0)
+    assert with_smoothing.vms["vm"].cpu_share == pytest.approx((0.5 + 3 * estimate) / 4)

@@ -163,6 +163,16 @@ def test_unknown_load_plugin_stops_with_the_installed_names(tmp_path):
     assert "--load-plugin: no load metric named 'nosuch'; installed: cpu, max, weighted" in output
 
 
+def test_a_negative_load_window_is_refused_by_name(tmp_path):
+    import subprocess
+
+    from .daemons import TWISTD
+
+    result = subprocess.run([TWISTD, "-n", "xenpool-pe", "--load-window=-5"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "--load-window: must be >= 0, got -5" in result.stdout + result.stderr
+
+
 def test_disks_are_checked_before_the_start(pool, tmp_path):
     _registrar, pes = pool
     disk = tmp_path / "web-disk.img"

@@ -62,6 +62,9 @@ def test_the_command_prints_json_and_draws_the_plot(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "xenpool.cli", "sim", str(MIXED), "--load-plugin", "nosuch"],
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "installed: cpu, max, weighted" in bad.stdout
+    bad = subprocess.run([sys.executable, "-m", "xenpool.cli", "sim", str(MIXED), "--load-window", "-1"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "--load-window: must be seconds >= 0, got '-1'" in bad.stderr
 
 
 def test_the_greedy_oracle_places_by_true_demand_within_ram():
@@ -94,3 +97,13 @@ def test_the_command_prints_the_greedy_oracle():
     summary = json.loads(out)
     assert len(summary["runs"]) == 20 and summary["min_metric_percent"] <= summary["mean_metric_percent"] <= summary["max_metric_percent"]
     assert summary["mean_metric_percent"] > 5  # arrival order defeats even perfect knowledge
+
+
+def test_a_load_window_reaches_the_simulated_pes(plugins):
+    def run(overrides):
+        return Simulation(json.loads(MIXED.read_text()), plugins, load_plugin="weighted", policy="LeastUsedFreeRAM",
+                          seed=5, pe_overrides=overrides)  # fmt: skip
+
+    windowed = run({"load_window_s": 1200})
+    assert windowed.load_settings.load_window_s == 1200
+    assert windowed.run().per_pe != run({}).run().per_pe  # the PEs report other loads, so VMs go elsewhere

@@ -11,6 +11,16 @@ import sys
 from . import __version__
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be seconds >= 0, got {text!r}")
+    return value
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.protocol:
         from .demo import run
@@ -200,6 +210,8 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--policy", default=None, help="the pool policy (default: the scenario's)")
     sim.add_argument("--load-interval", type=float, default=None, metavar="S", help="override the PEs' sampling interval")
     sim.add_argument("--smoothing", type=float, default=None, metavar="K", help="override the PEs' load smoothing")
+    sim.add_argument("--load-window", type=_seconds, default=None, metavar="S",
+                     help="PEs report a VM's load as its mean CPU over the last S seconds instead of smoothing")
     sim.add_argument("--count-cpu-wait", action="store_true",
                      help="PEs count the time a VM waited for a core as its load (what it wants, not what it got)")
     sim.add_argument("--rebalance", default=None, metavar="NAME", help="a rebalancer plugin the PEs run, e.g. hot-cold")

@@ -20,6 +20,10 @@ class LoadSettings:
     overhead_kb_per_mb: float = 7.0
     host_reserve_mb: float = 0.0  # RAM the host keeps for itself (Domain-0)
     window_samples: int = 10  # measurements in a VM's unsmoothed window share (rebalancing)
+    # Instead of smoothing: a VM's load is its mean share over the last this many seconds
+    # of samples (0: smoothing). A long window sees a steady VM's demand exactly, where
+    # smoothing starts from the RAM-share estimate and forgets it slowly.
+    load_window_s: float = 0.0
     # Count the time a VM waited for a core (libvirt's vcpu wait/delay, where the hypervisor
     # reports it) as its load: what it wants, not what a crowded host gave it.
     count_cpu_wait: bool = False
@@ -96,7 +100,18 @@ class HostAccounting:
             vm.samples += 1
         vm.last_cpu_ns, vm.last_sample_at = cpu_ns, now
         vm.history.append((now, cpu_ns))
-        del vm.history[: -(self.settings.window_samples + 1)]
+        keep = self.settings.window_samples + 1
+        window = self.settings.load_window_s
+        if window:
+            keep = max(keep, 1 + sum(1 for t, _ in vm.history if t >= now - window))
+        del vm.history[:-keep]
+        if window and vm.samples:
+            inside = [entry for entry in vm.history[:-1] if entry[0] >= now - window]
+            vm.cpu_share = self._share_between(inside[0] if inside else vm.history[-2], vm.history[-1])
+
+    def _share_between(self, first: tuple[float, int], last: tuple[float, int]) -> float:
+        (t0, ns0), (t1, ns1) = first, last
+        return min(max((ns1 - ns0) / ((t1 - t0) * 1e9 * self.node.cpus), 0.0), 1.0)
 
     def window_share(self, name: str) -> float | None:
         """A VM's mean share over its last ``window_samples`` measurements, unsmoothed
@@ -104,8 +119,7 @@ class HostAccounting:
         vm = self.vms.get(name)
         if vm is None or len(vm.history) < 2:
             return None
-        (t0, ns0), (t1, ns1) = vm.history[0], vm.history[-1]
-        return min(max((ns1 - ns0) / ((t1 - t0) * 1e9 * self.node.cpus), 0.0), 1.0)
+        return self._share_between(vm.history[-(self.settings.window_samples + 1) :][0], vm.history[-1])
 
     def sample_host(self, share: float) -> None:
         """The host's own CPU share (what is not a guest), smoothed."""

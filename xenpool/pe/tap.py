@@ -12,7 +12,7 @@ import socket
 from twisted.python import usage
 
 from .. import discovery
-from ..config import Setting, id32, json_log, make_options, positive_float, positive_int, secret_file
+from ..config import Setting, id32, json_log, make_options, non_negative_float, positive_float, positive_int, secret_file
 from ..discovery import listener_settings
 from ..protocol import session as S
 
@@ -68,6 +68,8 @@ SETTINGS = [
     Setting("policy", "LeastUsed", str, "pool policy and its arguments, e.g. LeastUsedDegradation:0.05"),
     Setting("load-interval", 30.0, positive_float, "seconds between load samples and re-registrations"),
     Setting("smoothing", 3.0, float, "load smoothing k: new = (sample + k * old) / (k + 1)"),
+    Setting("load-window", 0.0, non_negative_float,
+            "instead of smoothing: a VM's load is its mean CPU over the last this many seconds (0: smoothing)"),
     Setting("raise-on-refusal", True, yes_no, "report load 1 after a refusal for lack of RAM until the next update"),
     Setting("count-cpu-wait", False, yes_no,
             "count the time a VM waited for a host core as CPU it wanted (Xen and QEMU report it) (yes/no)"),
@@ -147,7 +149,7 @@ def makeService(options: Options):
     load_settings = LoadSettings(
         sample_interval_s=s["load-interval"], smoothing=s["smoothing"], raise_on_refusal=s["raise-on-refusal"],
         overhead_mb=s["overhead-mb"], overhead_kb_per_mb=s["overhead-kb-per-mb"], host_reserve_mb=s["host-reserve-mb"],
-        count_cpu_wait=s["count-cpu-wait"],
+        count_cpu_wait=s["count-cpu-wait"], load_window_s=s["load-window"],
     )  # fmt: skip
     settings = PeSettings(
         pool_handle=s["pool"].encode(), pe_identifier=s["pe-id"] or random.SystemRandom().randrange(1, 2**32),

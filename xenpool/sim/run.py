@@ -222,6 +222,7 @@ class Simulation:
             smoothing=constants.get("load_smoothing_factor", 3),
             raise_on_refusal=constants.get("temporary_load_raise", True),
             count_cpu_wait=constants.get("count_cpu_wait", False),
+            load_window_s=constants.get("load_window_s", 0.0),
         )
         generator = scenario["load_generator"]
         self.generator = {

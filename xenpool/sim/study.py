@@ -24,6 +24,8 @@ def pe_overrides(args: argparse.Namespace) -> dict:
         overrides["load_update_interval_s"] = args.load_interval
     if args.smoothing is not None:
         overrides["load_smoothing_factor"] = args.smoothing
+    if getattr(args, "load_window", None):
+        overrides["load_window_s"] = args.load_window
     if getattr(args, "count_cpu_wait", False):
         overrides["count_cpu_wait"] = True
     return overrides
