@@ -102,12 +102,12 @@ class HostAccounting:
         vm.history.append((now, cpu_ns))
         keep = self.settings.window_samples + 1
         window = self.settings.load_window_s
-        if window:
-            keep = max(keep, 1 + sum(1 for t, _ in vm.history if t >= now - window))
+        if window:  # the samples in the window, and at least the one before the newest
+            inside = max(2, sum(1 for t, _ in vm.history if t >= now - window))
+            keep = max(keep, inside)
         del vm.history[:-keep]
         if window and vm.samples:
-            inside = [entry for entry in vm.history[:-1] if entry[0] >= now - window]
-            vm.cpu_share = self._share_between(inside[0] if inside else vm.history[-2], vm.history[-1])
+            vm.cpu_share = self._share_between(vm.history[-inside], vm.history[-1])
 
     def _share_between(self, first: tuple[float, int], last: tuple[float, int]) -> float:
         (t0, ns0), (t1, ns1) = first, last
