@@ -16,6 +16,17 @@ from xenpool.protocol import framing
 from xenpool.protocol import messages as M
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
+
+
+def poll(get, until, timeout: float = 20.0):
+    """Call ``get`` (a round trip to a daemon) until ``until`` holds for its value or
+    ``timeout`` seconds have passed; the last value. For state that peers replicate at
+    their own pace (ENRP updates), where no log line marks the moment."""
+    deadline = time.monotonic() + timeout
+    value = get()
+    while not until(value) and time.monotonic() < deadline:
+        value = get()
+    return value
 # Daemons under test run twistd through this wrapper so their coverage is measured too.
 TWISTD_ARGV = [sys.executable, str(Path(__file__).with_name("twistd_cov.py"))]
 

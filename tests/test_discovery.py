@@ -28,7 +28,7 @@ from xenpool.registrar.peering import Peering
 from xenpool.registrar.service import EnrpMulticast
 
 from . import pcapcheck
-from .daemons import AsapClient, Daemon, free_port
+from .daemons import AsapClient, Daemon, free_port, poll
 from .pcapcheck import tshark_fields, tshark_malformed
 
 ETC = Path(__file__).parents[1] / "etc" / "xenpool"
@@ -270,10 +270,16 @@ def test_registrars_find_their_enrp_peers_by_multicast(multicast_loopback, tmp_p
         pe = AsapClient(first.asap)
         element = P.PoolElement(9, 0, 60_000, P.TcpTransport(5009, ("127.0.0.1",)), P.PoolPolicy.make(P.PolicyType.LEAST_USED))
         assert not pe.request(M.Registration(b"Xen", element)).reject
-        for _ in range(200):  # the HANDLE_UPDATE is on its way
-            answer = AsapClient(second.asap).request(M.HandleResolution(b"Xen"))
-            if isinstance(answer, M.HandleResolutionResponse) and answer.pool_elements:
-                break
+        def resolution():
+            client = AsapClient(second.asap)
+            try:
+                return client.request(M.HandleResolution(b"Xen"))
+            finally:
+                client.close()
+
+        answer = poll(  # the HANDLE_UPDATE is on its way
+            resolution, lambda answer: isinstance(answer, M.HandleResolutionResponse) and answer.pool_elements
+        )
         assert [e.identifier for e in answer.pool_elements] == [9]
         assert "announced at" not in second.log  # the higher ID waited to be called
     finally:

@@ -23,7 +23,7 @@ from xenpool.registrar.peering import Peering
 from xenpool.registrar.service import EnrpMulticast, EnrpProtocol, Metrics
 
 from . import pcapcheck
-from .daemons import AsapClient, Daemon, free_port
+from .daemons import AsapClient, Daemon, free_port, poll
 from .pcapcheck import Frame, tshark_fields, tshark_malformed, write_pcap
 from .test_enrp_e2e import element, resolvable
 
@@ -133,10 +133,7 @@ def test_registrars_with_the_secret_share_pes_and_a_stranger_adds_none(tmp_path)
         second.wait_for(f"ENRP peer {ids[1]:#010x} is up")
         pe = AsapClient(first.ports["asap"])
         assert not pe.request(M.Registration(b"Xen", element(1))).reject
-        for _ in range(200):  # the signed HANDLE_UPDATE is on its way
-            if resolvable(second) == {1}:
-                break
-        assert resolvable(second) == {1}
+        assert poll(lambda: resolvable(second), lambda pes: pes == {1}) == {1}  # the signed HANDLE_UPDATE came
 
         # A stranger speaks ENRP to the first without the secret: cut off, nothing added.
         since = len(first.log)

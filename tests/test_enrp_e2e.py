@@ -12,11 +12,12 @@ from xenpool.protocol import params as P
 
 from xenpool.processes import wait_for_any
 
-from .daemons import AsapClient, Daemon, free_port
+from .daemons import AsapClient, Daemon, free_port, poll
 
 pytestmark = pytest.mark.slow
 IDS = {1: 0x11111111, 2: 0x22222222, 3: 0x33333333}
 TIMERS = ["--peer-heartbeat-interval=0.2", "--peer-timeout=1.0"]
+ALL = {1, 2, 3, 4, 5}  # the PEs registered at the first registrar
 
 
 def start(n: int, ports: dict, cwd) -> Daemon:
@@ -67,19 +68,16 @@ def test_three_registrars(tmp_path):
             pes.append(client)
         # Registered at the first, resolvable at the second and third.
         for n in (2, 3):
-            for _ in range(200):
-                if resolvable(registrars[n]) == {1, 2, 3, 4, 5}:
-                    break
-            assert resolvable(registrars[n]) == {1, 2, 3, 4, 5}
+            assert poll(lambda: resolvable(registrars[n]), lambda pes: pes == ALL) == ALL
             assert set(pool_view(registrars[n]).values()) == {IDS[1]}
 
         # kill -9 the first: one of the others takes its PEs over, none is lost.
         registrars[1].kill()
         winner = wait_for_any([registrars[2], registrars[3]], f"took over 5 PEs of ENRP peer {IDS[1]:#010x}")
-        for _ in range(400):
-            views = [set(pool_view(registrars[n]).values()) for n in (2, 3)]
-            if views[0] == views[1] and len(views[0]) == 1 and IDS[1] not in views[0]:
-                break
+        views = poll(
+            lambda: [set(pool_view(registrars[n]).values()) for n in (2, 3)],
+            lambda views: views[0] == views[1] and len(views[0]) == 1 and IDS[1] not in views[0],
+        )
         (new_home,) = views[0]
         assert views == [{new_home}, {new_home}] and new_home == IDS[2 if winner is registrars[2] else 3]
         for n in (2, 3):
@@ -91,10 +89,7 @@ def test_three_registrars(tmp_path):
         registrars[1] = start(1, ports, tmp_path)
         for n in (2, 3):
             registrars[1].wait_for(f"ENRP peer {IDS[n]:#010x} is up")
-        for _ in range(200):
-            if resolvable(registrars[1]) == {1, 2, 3, 4, 5}:
-                break
-        assert resolvable(registrars[1]) == {1, 2, 3, 4, 5}
+        assert poll(lambda: resolvable(registrars[1]), lambda pes: pes == ALL) == ALL
         assert set(pool_view(registrars[1]).values()) == {new_home}
     finally:
         for client in pes:
@@ -122,10 +117,7 @@ def test_a_pe_moves_to_another_registrar_when_its_home_dies(tmp_path):
         since = pe.mark()
         registrars[1].kill()
         pe.wait_for("registered in pool Xen", since=since)  # now at the second registrar
-        for _ in range(200):
-            if pool_view(registrars[2]).get(0x77) == IDS[2]:
-                break
-        assert pool_view(registrars[2]) == {0x77: IDS[2]}  # its new home
+        assert poll(lambda: pool_view(registrars[2]), lambda view: view.get(0x77) == IDS[2]) == {0x77: IDS[2]}  # its new home
         assert 0x77 in resolvable(registrars[2])
     finally:
         for daemon in (pe, *registrars.values()):
