@@ -16,6 +16,8 @@ from xenpool.protocol import framing
 from xenpool.protocol import messages as M
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
+# Daemons under test run twistd through this wrapper so their coverage is measured too.
+TWISTD_ARGV = [sys.executable, str(Path(__file__).with_name("twistd_cov.py"))]
 
 
 def poll(get, until, timeout: float = 20.0):
@@ -27,8 +29,6 @@ def poll(get, until, timeout: float = 20.0):
     while not until(value) and time.monotonic() < deadline:
         value = get()
     return value
-# Daemons under test run twistd through this wrapper so their coverage is measured too.
-TWISTD_ARGV = [sys.executable, str(Path(__file__).with_name("twistd_cov.py"))]
 
 
 class Daemon(processes.Daemon):
