@@ -120,4 +120,11 @@ session_messages = st.one_of(
     st.builds(S.MoveRequest, u32, server_id_text, st.integers(1, 2**32 - 1), st.binary(max_size=S.MAX_MAC),
               issued_s=u32),
     st.builds(S.MoveAnswer, u32, server_id_text, i32, text),
+    st.builds(S.LeaseRequest, st.binary(min_size=1, max_size=32), u32, st.text(min_size=1, max_size=40).filter(str.strip),
+              st.sampled_from(list(S.LeaseAction)), u32, server_id_text, st.text(max_size=80),
+              st.lists(address, max_size=4).map(tuple), st.text(max_size=40), st.integers(0, 2**64 - 1), u32,
+              st.binary(max_size=S.MAX_MAC)),
+    st.builds(S.LeaseAnswer, u32, server_id_text, st.booleans(), u32,
+              st.none() | st.builds(S.Holder, u32, st.text(max_size=40)),
+              st.lists(st.builds(S.Holder, u32, st.text(max_size=40)), max_size=4).map(tuple), text),
 )  # fmt: skip

@@ -109,7 +109,7 @@ class Pe2Pe:
         peers = self
 
         class Claims:
-            def ask(self, query):
+            def ask(self, query, also=frozenset()):
                 answers = [peers._ask(i, query).result for i in peers.cores if i != me]
                 return defer.succeed([a for a in answers if a is not None])
 

@@ -283,7 +283,7 @@ class Pool:
         pool = self
 
         class Asker:
-            def ask(self, query):
+            def ask(self, query, also=frozenset()):
                 return defer.succeed([
                     core.answer_claim(query) for core in pool.cores
                     if core is not me and core.settings.pe_identifier not in pool.down
@@ -320,13 +320,15 @@ def test_serverid_disk_and_ip_are_unique_in_the_pool(pool, second, expected):
     assert len(pool.cores[1].hypervisor.domains) == 0
 
 
-def test_two_pes_starting_the_same_vm_at_once_the_lower_id_wins(pool):
+def test_a_pe_gives_way_to_one_that_is_starting_the_vm_whatever_the_identifiers(pool):
     low, high = pool.cores[0], pool.cores[1]
     low.starting["web1"] = S.CreateServer("web1", "", (), 64)  # PE 1 is in the middle of a start
-    assert create(high, "web1", 64).results()[0].code == S.ResultCode.ALREADY_RUNNING
+    result = create(high, "web1", 64).results()[0]
+    assert result.code == S.ResultCode.ALREADY_RUNNING and "which is starting it" in result.reason
     del low.starting["web1"]
     high.starting["web1"] = S.CreateServer("web1", "", (), 64)  # and the other way round
-    assert create(low, "web1", 64).results()[0].ok
+    assert create(low, "web1", 64).results()[0].code == S.ResultCode.ALREADY_RUNNING
+    assert not low.hypervisor.domains and not high.hypervisor.domains
 
 
 def test_a_replayed_cookie_for_a_vm_running_elsewhere_is_refused_without_fencing(pool, clock):
@@ -354,7 +356,7 @@ def test_a_dead_host_is_fenced_and_its_vm_started_once(pool):
 
 def test_no_start_when_the_pool_cannot_be_asked(pool):
     class Broken:
-        def ask(self, query):
+        def ask(self, query, also=frozenset()):
             return defer.fail(ConnectionError("no registrar answered"))
 
     pool.cores[0].claims = Broken()

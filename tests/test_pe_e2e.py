@@ -218,9 +218,10 @@ def test_pool_wide_uniqueness_and_cookie_refusals(pool, tmp_path):
     assert received[-1].code == S.ResultCode.STARTED
     cookie = [m for m in received if isinstance(m, M.Cookie)][-1].cookie
     for request, expected in (
-        (S.CreateServer("unique1", "", (), 64), "unique1 runs on host1"),
-        (S.CreateServer("unique2", str(disk), (), 64), f"disk {disk} is used by unique1 on host1"),
-        (S.CreateServer("unique3", "", ("10.7.0.9", "10.7.0.1"), 64), "IP 10.7.0.1 is used by unique1 on host1"),
+        # the voter (the registrar) refuses the lease first, naming the holder
+        (S.CreateServer("unique1", "", (), 64), "VM unique1 is held by host1"),
+        (S.CreateServer("unique2", str(disk), (), 64), f"disk {disk} is held by host1"),
+        (S.CreateServer("unique3", "", ("10.7.0.9", "10.7.0.1"), 64), "IP 10.7.0.1 is held by host1"),
     ):
         pu, answers = create_with(pes[2], request)
         assert answers[-1].code == S.ResultCode.ALREADY_RUNNING and expected in answers[-1].reason, answers[-1]

@@ -76,4 +76,8 @@ def all_session_messages() -> list[S.SessionMessage]:
         S.StopResult("web1", S.ResultCode.NORMAL_END, "shut down"),
         S.ClaimQuery(2, "web1", "nbd://san:10809/web1", ("10.0.5.1",)),
         S.ClaimAnswer(1, "host1", "web1 runs", pending=False),
+        S.LeaseRequest(b"Xen", 2, "host2", S.LeaseAction.ACQUIRE, 15_000, "web1", "nbd://san:10809/web1", ("10.0.5.1",),
+                       "host1", 1_700_000_000_000, 7, b"\x01" * 32),
+        S.LeaseAnswer(0x0A0A0A0A, "web1", True, 15_000, None, (S.Holder(1, "host1"),)),
+        S.LeaseAnswer(0x0A0A0A0A, "web1", False, 9_000, S.Holder(1, "host1"), (), "host1 holds it"),
     ]

@@ -23,6 +23,7 @@ from ..protocol import params as P
 from ..protocol import session as S
 from ..protocol.errors import ProtocolError
 from .accounting import HostAccounting
+from .leases import LeaseOutcome, LeaseSettings, VmLeases
 
 log = Logger()
 
@@ -69,9 +70,10 @@ class Fencer(Protocol):
 
 
 class ClaimAsker(Protocol):
-    def ask(self, query: S.ClaimQuery) -> defer.Deferred:
-        """The ClaimAnswers of every other PE of the pool that answered in time; PEs
-        that cannot be reached (dead, or being fenced) are left out."""
+    def ask(self, query: S.ClaimQuery, also: frozenset[int] = frozenset()) -> defer.Deferred:
+        """The ClaimAnswers of every other PE of the pool that answered in time, and of
+        the PEs ``also`` names that the pool no longer lists but whose address is known;
+        PEs that cannot be reached (dead, or being fenced) are left out."""
 
 
 class PeerAsker(Protocol):
@@ -97,8 +99,11 @@ class PoolElementCore:
                  disk_xml: Callable[[str], object] | None = None,
                  load_changed: Callable[[], None] = lambda: None, fencer: Fencer | None = None,
                  claims: "ClaimAsker | None" = None,
-                 disk_release: Callable[[str], object] | None = None) -> None:  # fmt: skip
+                 disk_release: Callable[[str], object] | None = None, leases: VmLeases | None = None) -> None:  # fmt: skip
         self.settings = settings
+        # Who may start a VM: a lease from a majority of the voters (none: every lease
+        # is granted, and only the claim query stands between two starts).
+        self.leases = leases or VmLeases([], LeaseSettings(settings.pool_handle, settings.pe_identifier, settings.host), clock)
         self.hypervisor = hypervisor
         self.accounting = accounting
         self.metric = metric
@@ -204,31 +209,107 @@ class PoolElementCore:
         conflict, starting = found if found else ("", False)
         return S.ClaimAnswer(self.settings.pe_identifier, self.settings.host, conflict, starting)
 
-    async def _claim(self, request: S.CreateServer) -> tuple[int, str] | None:
-        """Make sure no PE of the pool runs or starts the same ServerID, disk or IP,
-        whatever the PU claims. Returns why not, or None with the claim held here (in
-        ``starting``) until the start succeeded or failed."""
+    async def _claim(self, request: S.CreateServer, may_run_on: S.Holder | None = None) -> tuple[int, str] | None:
+        """Make sure this PE alone may start ``request``, whatever the PU claims: the
+        voters' lease (exactly one of two concurrent starters gets it), then every host
+        that may still run it (the lease's previous holders, ``may_run_on`` from the
+        cookie) asked directly and, where it does not answer, fenced, then the lease
+        confirmed again just before the start. Returns why not, or None with the claim
+        held here (in ``starting``, and the lease renewed) until the start ends."""
         local = self.conflict_with(request.server_id, request.disk, request.ips)
         if local is not None:
             return S.ResultCode.ALREADY_RUNNING, f"{local[0]} on this PE ({self.settings.host})"
         self.starting[request.server_id] = request
-        if self.claims is None:
-            return None
         try:
-            answers = await self.claims.ask(S.ClaimQuery(self.settings.pe_identifier, request.server_id, request.disk, request.ips))
+            refusal = await self._claim_lease(request, may_run_on)
+        except Exception as err:  # noqa: BLE001 - a claim that broke is no claim
+            log.failure("claiming {server}", server=request.server_id)
+            refusal = S.ResultCode.UNSPECIFIED, f"claiming {request.server_id} failed: {err}"
+        if refusal is not None:
+            if self.starting.get(request.server_id) is request:
+                del self.starting[request.server_id]
+            self._release_lease_unless_here(request)
+        return refusal
+
+    def _release_lease_unless_here(self, request: S.CreateServer) -> None:
+        """A start that did not happen gives its lease back (unless the VM runs here)."""
+        name = request.server_id
+        if self._session_of(name) is None and name not in self.orphans:
+            self.leases.release(request).addErrback(lambda f: log.failure("releasing the lease of {server}", f, server=name))
+
+    async def _claim_lease(self, request: S.CreateServer, may_run_on: S.Holder | None) -> tuple[int, str] | None:
+        me = self.settings.host
+        fenced: set[str] = set()
+        outcome = await self.leases.acquire(request)
+        if not outcome.granted:
+            blocker = outcome.blocker
+            if blocker is None or may_run_on is None or blocker.host != may_run_on.host:
+                code = S.ResultCode.ALREADY_RUNNING if blocker is not None else S.ResultCode.UNSPECIFIED
+                return code, f"no lease on {request.server_id}: {outcome.reason}"
+            # The host the PU lost still holds the lease: ask it; fence it only if it
+            # does not answer (a host that answers is alive: the PU's path to it is cut).
+            found = await self._ask_pool(request, {blocker})
+            if isinstance(found, tuple):
+                return found
+            if blocker.host in found:
+                return S.ResultCode.ALREADY_RUNNING, (f"{blocker.host} holds the lease on {request.server_id} and answers "
+                                                      f"that it does not run it; try again once its lease ends")  # fmt: skip
+            refusal = await self._fence(blocker.host, request.server_id)
+            if refusal is not None:
+                return refusal
+            fenced.add(blocker.host)
+            outcome = await self.leases.acquire(request, fenced=blocker.host)
+            if not outcome.granted:
+                return S.ResultCode.ALREADY_RUNNING, f"no lease on {request.server_id} after fencing {blocker.host}: {outcome.reason}"
+        suspects = {h for h in outcome.previous if h.host != me and h.host not in fenced}
+        if may_run_on is not None and may_run_on.host != me and may_run_on.host not in fenced:
+            suspects.add(may_run_on)
+        found = await self._ask_pool(request, suspects)
+        if isinstance(found, tuple):
+            return found
+        for suspect in sorted(suspects, key=lambda h: h.host):
+            if suspect.host in found or suspect.host in fenced:
+                continue  # it answered: it does not run it
+            refusal = await self._fence(suspect.host, request.server_id)
+            if refusal is not None:
+                return refusal
+            fenced.add(suspect.host)
+        if self.leases.enabled:
+            confirmed: LeaseOutcome = await self.leases.confirm(request)
+            if not confirmed.granted:
+                return S.ResultCode.ALREADY_RUNNING, f"lost the lease on {request.server_id} while fencing: {confirmed.reason}"
+        self.leases.hold(request)
+        return None
+
+    async def _ask_pool(self, request: S.CreateServer, suspects: set[S.Holder]) -> set[str] | tuple[int, str]:
+        """Ask every PE of the pool, and the suspects directly, whether it runs or starts
+        ``request``: a refusal when one does, else the hosts that answered (proof that
+        they do not run it)."""
+        if self.claims is None:
+            return set()
+        query = S.ClaimQuery(self.settings.pe_identifier, request.server_id, request.disk, request.ips)
+        try:
+            answers = await self.claims.ask(query, also=frozenset(h.pe_identifier for h in suspects))
         except Exception as err:  # noqa: BLE001 - without the pool's answer, no start
-            del self.starting[request.server_id]
             return S.ResultCode.UNSPECIFIED, f"cannot ask the pool whether it runs already: {err}"
         for answer in answers:
-            if not answer.conflict:
-                continue
-            # Two PEs starting the same thing at once both see each other's pending
-            # claim: the lower PE identifier keeps it, so exactly one goes on.
-            if answer.pending and self.settings.pe_identifier < answer.pe_identifier:
-                continue
-            del self.starting[request.server_id]
-            state = "is starting it" if answer.pending else "holds it"
-            return S.ResultCode.ALREADY_RUNNING, f"{answer.conflict} on {answer.host} (PE {hex_id(answer.pe_identifier)}, which {state})"
+            if answer.conflict:
+                # Also a PE only starting it: exactly one of two holds the lease, and the
+                # other gives way (never "the lower identifier wins" on answers a slow
+                # fence can outdate).
+                state = "is starting it" if answer.pending else "holds it"
+                return S.ResultCode.ALREADY_RUNNING, f"{answer.conflict} on {answer.host} (PE {hex_id(answer.pe_identifier)}, which {state})"
+        return {answer.host for answer in answers}
+
+    async def _fence(self, host: str, server_id: str) -> tuple[int, str] | None:
+        if self.fencer is None:
+            return S.ResultCode.FENCE_FAILED, f"{server_id} may still run on {host} and no fencing is configured"
+        try:
+            await self.fencer.fence(host)
+        except Exception as err:  # noqa: BLE001 - no start after a failed fence, ever
+            log.critical("FENCING {host} FAILED, {server} NOT STARTED: {err}", host=host, server=server_id, err=str(err))
+            return S.ResultCode.FENCE_FAILED, f"fencing {host} failed: {err}"
+        log.warn("fenced {host} before starting {server}", host=host, server=server_id)
         return None
 
     # ------------------------------------------------------------ starting
@@ -245,6 +326,7 @@ class PoolElementCore:
             await self._start(request, session, cpu_cores)
         finally:
             self.starting.pop(request.server_id, None)
+            self._release_lease_unless_here(request)
 
     async def _start(self, request: S.CreateServer, session: Session, cpu_cores: float = 0.0) -> None:
         vm = VmSession(request)
@@ -293,28 +375,14 @@ class PoolElementCore:
         if orphan is not None and mine:
             orphan.request = request  # the cookie knows its disk and IPs; a found domain did not
             return self._adopt(orphan, session)
-        # Ask the pool first: a PE that answers holding the VM (the cookie's own host
-        # included) is alive and runs it, so this is a stale or replayed cookie, and no
-        # one is fenced. Only a host that cannot answer is fenced.
-        refusal = await self._claim(request)
+        # The lease first, then the pool: a PE that answers holding the VM (the cookie's
+        # own host included) is alive and runs it, so this is a stale or replayed cookie,
+        # and no one is fenced. Only a host that cannot answer is fenced.
+        old_host = S.Holder(state.pe_identifier, state.host) if state.running and not mine else None
+        refusal = await self._claim(request, may_run_on=old_host)
         if refusal is not None:
             return self._answer_failure(session, state.server_id, *refusal)
         try:
-            if state.running and state.pe_identifier != self.settings.pe_identifier:
-                if self.fencer is None:
-                    return self._answer_failure(
-                        session, state.server_id, S.ResultCode.FENCE_FAILED,
-                        f"{state.server_id} may still run on {state.host} and no fencing is configured",
-                    )  # fmt: skip
-                try:
-                    await self.fencer.fence(state.host)
-                except Exception as err:  # noqa: BLE001 - no start after a failed fence, ever
-                    log.critical("FENCING {host} FAILED, {server} NOT STARTED: {err}", host=state.host,
-                                 server=state.server_id, err=str(err))  # fmt: skip
-                    return self._answer_failure(
-                        session, state.server_id, S.ResultCode.FENCE_FAILED, f"fencing {state.host} failed: {err}"
-                    )
-                log.warn("fenced {host} before starting {server}", host=state.host, server=state.server_id)
             await self._create(request, session, claimed=True, cpu_cores=state.cpu_cores)
         finally:
             self.starting.pop(request.server_id, None)
@@ -339,6 +407,7 @@ class PoolElementCore:
             vm.lease_end.cancel()
         vm.lease_end = None
         self.sessions[session] = vm
+        self.leases.hold(vm.request)
         self.domain_states.setdefault(vm.request.server_id, RUNNING)
         log.info("{server} re-adopted by its keeper", server=vm.request.server_id)
         session.send(self._cookie(vm))
@@ -455,6 +524,7 @@ class PoolElementCore:
             vm = VmSession(S.CreateServer(name, "", (), max(1, ram_kb // 1024)), running=True)
             self.accounting.reserve(name, vm.request.ram_mb)
             self.orphans[name] = vm
+            self.leases.hold(vm.request)
             self.domain_states[name] = state
             vm.lease_end = self.clock.callLater(max(self.settings.lease_s, 0), self._lease_over, vm)
             log.info("{server} was running here already; kept for its keeper for {lease} s", server=name,
@@ -497,6 +567,8 @@ class PoolElementCore:
             self._release(vm)
 
     def _release(self, vm: VmSession) -> None:
+        """The VM does not run here any more: its RAM and its lease go."""
+        self._release_lease_unless_here(vm.request)
         self.accounting.release(vm.request.server_id)
         self.domain_states.pop(vm.request.server_id, None)
         self.load_changed()
@@ -624,6 +696,7 @@ class PoolElementCore:
                 log.info("moving {server} away to even out the pool", server=name)
                 await self._shut_down(None, vm)
                 self.sessions.pop(session, None)
+                self._release_lease_unless_here(vm.request)
                 session.send(self._cookie(vm, cpu_cores))  # the next PE counts it at what it used here
                 how = f"stopped on {self.settings.host}"
             session.send(S.StopResult(name, S.ResultCode.MOVED, f"{how} to even out the pool", target_pe))

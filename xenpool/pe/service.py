@@ -200,6 +200,7 @@ class PoolElementService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
+        self.core.leases.start()
         self._load_loop.start(self.load_interval_s, now=False)
         if self.rebalancer is not None:
             self._rebalance_loop.start(self.rebalance_interval_s, now=False)
@@ -213,6 +214,7 @@ class PoolElementService(service.MultiService):
                  pool=pool_name(self.core.settings.pool_handle))  # fmt: skip
 
     def stopService(self):
+        self.core.leases.stop()
         for loop in (self._load_loop, self._rebalance_loop):
             if loop.running:
                 loop.stop()
@@ -357,8 +359,10 @@ class _PeMetrics(resource.Resource):
 
 class TcpClaimAsker:
     """Asks every other PE of the pool, over their session port, whether it runs or is
-    starting a ServerID, disk or IP (pool-wide uniqueness). A PE that does not answer
-    within ``timeout_s`` is left out: it is dead, stopped, or about to be fenced."""
+    starting a ServerID, disk or IP (pool-wide uniqueness), and PEs the pool no longer
+    lists at the address it last gave for them (a host cut off from the registrars, or
+    reported unreachable by a PU, may still be alive). A PE that does not answer within
+    ``timeout_s`` (connecting included) is left out: it is dead, stopped, or about to be fenced."""
 
     def __init__(self, reactor, access, pool_handle: bytes, pe_identifier: int, timeout_s: float = 0.5) -> None:
         self.reactor = reactor
@@ -366,13 +370,17 @@ class TcpClaimAsker:
         self.pool_handle = pool_handle
         self.pe_identifier = pe_identifier
         self.timeout_s = timeout_s
+        self.known: dict[int, P.PoolElement] = {}  # every PE seen in an answer, by identifier
 
-    def ask(self, query) -> defer.Deferred:
-        return defer.Deferred.fromCoroutine(self._ask(query))
+    def ask(self, query, also: frozenset[int] = frozenset()) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._ask(query, also))
 
-    async def _ask(self, query) -> list:
+    async def _ask(self, query, also: frozenset[int]) -> list:
         elements = await self.access.resolve(self.pool_handle, 256)
+        self.known.update((e.identifier, e) for e in elements)
+        listed = {e.identifier for e in elements}
         others = [e for e in elements if e.identifier != self.pe_identifier]
+        others += [self.known[i] for i in sorted(also) if i in self.known and i not in listed and i != self.pe_identifier]
         asks = [defer.Deferred.fromCoroutine(self._ask_one(e, query)) for e in others]
         results = await defer.DeferredList(asks, consumeErrors=True)
         return [answer for ok, answer in results if ok and answer is not None]
@@ -386,20 +394,22 @@ class TcpClaimAsker:
 async def ask_pe(reactor, access, element, request, answer_type: type, timeout_s: float, what: str):
     """One PE-to-PE question over the other PE's session port: its first
     ``answer_type`` message, or None when it cannot be reached or does not answer within
-    ``timeout_s``."""
+    ``timeout_s`` (from the start of the connection attempt: a host whose packets are
+    dropped costs ``timeout_s``, not the TCP connect timeout)."""
     answer: defer.Deferred = defer.Deferred()
 
     def deliver(message) -> None:
         if isinstance(message, answer_type) and not answer.called:
             answer.callback(message)
 
-    timer = reactor.callLater(timeout_s, lambda: answer.called or answer.callback(None))
+    connecting = access.connect(element, deliver)
+    timer = reactor.callLater(timeout_s, lambda: (connecting.cancel(), answer.called or answer.callback(None)))
     try:
-        channel = await access.connect(element, deliver)
+        channel = await connecting
     except Exception as err:  # noqa: BLE001 - unreachable: it cannot run anything we know of
         if timer.active():
             timer.cancel()
-        log.info("PE {pe} did not take the {what}: {err}", pe=hex_id(element.identifier), what=what, err=str(err))
+        log.info("PE {pe} did not take the {what}: {err}", pe=hex_id(element.identifier), what=what, err=str(err) or type(err).__name__)
         return None
     channel.send(request)
     result = await answer
@@ -409,6 +419,65 @@ async def ask_pe(reactor, access, element, request, answer_type: type, timeout_s
     if result is None:
         log.warn("PE {pe} did not answer the {what} in time", pe=hex_id(element.identifier), what=what)
     return result
+
+
+class _VoterSession(Protocol):
+    """Lease requests to one voter, answered in order on one connection."""
+
+    def __init__(self, requests: list, answers: defer.Deferred) -> None:
+        self.requests, self.answers = requests, answers
+        self.stream = framing.ShimStream()
+        self.received: list = []
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"".join(framing.frame_message(r) for r in self.requests))
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            self.stream.feed(data)
+            while (item := self.stream.next_message()) is not None:
+                self.received.append(item[1])
+        except ProtocolError as err:
+            log.warn("bad lease answer from a voter: {err}", err=str(err))
+            self.transport.loseConnection()
+            return
+        if len(self.received) >= len(self.requests):
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        if not self.answers.called:
+            self.answers.callback(self.received + [None] * (len(self.requests) - len(self.received)))
+
+
+class TcpVoter:
+    """A registrar voting on VM leases, at its ASAP endpoint (the shim's first byte tells
+    it a connection carries lease requests). An answer not there within ``timeout_s``
+    (connecting included) counts as none."""
+
+    def __init__(self, reactor, endpoint, timeout_s: float = 1.0) -> None:
+        self.reactor, self.endpoint, self.timeout_s = reactor, endpoint, timeout_s
+
+    def ask(self, requests: list) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._ask(requests))
+
+    async def _ask(self, requests: list) -> list:
+        answers: defer.Deferred = defer.Deferred()
+        connecting = self.endpoint.connect(Factory.forProtocol(lambda: _VoterSession(requests, answers)))
+        timer = self.reactor.callLater(self.timeout_s, connecting.cancel)
+        try:
+            session = await connecting
+        except Exception as err:  # noqa: BLE001 - an unreachable voter gives no answer
+            log.info("voter {voter} unreachable: {err}", voter=str(self.endpoint), err=str(err) or type(err).__name__)
+            return [None] * len(requests)
+        finally:
+            if timer.active():
+                timer.cancel()
+        timer = self.reactor.callLater(self.timeout_s, session.transport.abortConnection)
+        try:
+            return await answers
+        finally:
+            if timer.active():
+                timer.cancel()
 
 
 class TcpPeerAsker:

@@ -54,6 +54,10 @@ SETTINGS = [
             "a registrar's ASAP endpoint; tried in order (default: tcp:host=127.0.0.1:port=3863 unless --registrar-announce)",
             multiple=True),
     *listener_settings(),
+    Setting("voter", [], str,
+            "a registrar that votes on who may start a VM (its ASAP endpoint); a start needs a lease from a majority "
+            "of them; give every PE the same list (default: the --registrar list)", multiple=True),
+    Setting("vm-lease", 15.0, positive_float, "seconds a VM lease from the voters lasts; renewed every third of it"),
     Setting("port", 5001, positive_int, "TCP port for PU sessions"),
     Setting("address", "127.0.0.1", str, "address PUs reach this PE at (registered with the pool)"),
     Setting("bind", "", str, "interface to listen on (default: all)"),
@@ -159,16 +163,28 @@ def makeService(options: Options):
     from xenpool_plugins.storage import disk_release_function, disk_xml_function
 
     from ..pu.net import TcpPoolAccess
-    from .service import TcpClaimAsker
+    from twisted.internet import endpoints
+    from twisted.logger import Logger
+
+    from .leases import LeaseSettings, VmLeases
+    from .service import TcpClaimAsker, TcpVoter
+
+    log = Logger()
 
     target = "xvda" if s["libvirt-uri"].startswith("xen") else "vda"
     storage_options = {"nbd": {"reactor": reactor}, "iscsi": {"reactor": reactor}}
     registrars, announce_listener = discovery.registrars(reactor, s["registrar"], s["registrar-announce"], s["announce-interface"])
     pool_access = TcpPoolAccess(reactor, registrars)
     claims = TcpClaimAsker(reactor, pool_access, settings.pool_handle, settings.pe_identifier)
+    voters = [TcpVoter(reactor, endpoints.clientFromString(reactor, d)) for d in s["voter"] or s["registrar"]]
+    if not voters:
+        log.warn("no --voter and no --registrar list: starts are not arbitrated by VM leases, so two PEs asked at "
+                 "once may both start a VM; give every PE the same --voter list")  # fmt: skip
+    lease_settings = LeaseSettings(settings.pool_handle, settings.pe_identifier, settings.host, settings.secret, s["vm-lease"])
+    leases = VmLeases(voters, lease_settings, reactor)
     core = PoolElementCore(
         settings, hypervisor, HostAccounting(node, load_settings), options.metric, reactor, fencer=options.fencer,
-        claims=claims,
+        claims=claims, leases=leases,
         disk_xml=disk_xml_function(options.plugins, target, storage_options),
         disk_release=disk_release_function(options.plugins, storage_options),
     )  # fmt: skip

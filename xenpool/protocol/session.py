@@ -8,6 +8,7 @@ structs (THESIS-NOTES, "Application messages"), plus vCPUs, a reason text and a 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 import re
@@ -56,6 +57,8 @@ class SessionType(enum.IntEnum):
     VM_REPORT = 0x41
     MOVE_REQUEST = 0x42
     MOVE_ANSWER = 0x43
+    LEASE_REQUEST = 0x50
+    LEASE_ANSWER = 0x51
 
 
 class ResultCode(enum.IntEnum):
@@ -240,6 +243,72 @@ class MoveAnswer(SessionMessage):
     @property
     def moved(self) -> bool:
         return self.code == ResultCode.MOVED
+
+
+class LeaseAction(enum.IntEnum):
+    ACQUIRE = 1  # take the keys for a start (also after a fence)
+    RENEW = 2  # keep holding them: the VM may run here
+    RELEASE = 3  # the VM stopped here: forget the holder
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRequest(SessionMessage):
+    """PE to a voter (a registrar): hold a VM's keys (its ServerID, disk and IPs) for
+    ``duration_ms``, or release them. A voter grants at most one host per key while its
+    lease runs. ``fenced``: a host this PE has fenced (confirmed off), whose live lease it
+    may take over. ``issued_ms`` and ``nonce`` make every request unique; ``mac``:
+    HMAC-SHA256 over the fields with the pool secret (empty without one)."""
+
+    TYPE = SessionType.LEASE_REQUEST
+    pool_handle: bytes
+    pe_identifier: int
+    host: str
+    action: int
+    duration_ms: int
+    server_id: str
+    disk: str = ""
+    ips: tuple[str, ...] = ()
+    fenced: str = ""
+    issued_ms: int = 0
+    nonce: int = 0
+    mac: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """A host that held a VM's keys at a voter: the PE's identifier and its host."""
+
+    pe_identifier: int
+    host: str
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseAnswer(SessionMessage):
+    """A voter's answer. Granted: ``previous`` lists the hosts whose lease on these keys
+    ended without a release (the VM may still run there: fence them, or prove they do
+    not run it, before a start). Refused: ``holder`` holds a live lease for
+    ``remaining_ms`` more (no holder: refused for ``reason``)."""
+
+    TYPE = SessionType.LEASE_ANSWER
+    voter: int
+    server_id: str
+    granted: bool
+    remaining_ms: int = 0
+    holder: Holder | None = None
+    previous: tuple[Holder, ...] = ()
+    reason: str = ""
+
+
+MAX_LEASE_HOLDERS = 16
+
+
+def lease_request_mac(secret: bytes, request: LeaseRequest) -> bytes:
+    """What proves a LeaseRequest comes from a PE of the pool: every field is covered."""
+    import hashlib
+    import hmac
+
+    unsigned = dataclasses.replace(request, mac=b"")
+    return hmac.new(secret, b"xenpool lease\0" + encode(unsigned), hashlib.sha256).digest()
 
 
 def move_request_mac(secret: bytes, pe_identifier: int, server_id: str, target_pe: int,
@@ -441,6 +510,25 @@ def encode(msg: SessionMessage) -> bytes:
         w.pack("!Ii", msg.pe_identifier, msg.code)
         w.text(msg.server_id, MAX_SERVER_ID, "server_id")
         w.text(msg.reason, MAX_REASON, "reason")
+    elif isinstance(msg, LeaseRequest):
+        w.pack("!IBIQI", msg.pe_identifier, msg.action, msg.duration_ms, msg.issued_ms, msg.nonce)
+        w.blob(msg.pool_handle, MAX_MAC, "pool_handle")
+        w.text(msg.host, MAX_HOST, "host")
+        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+        w.text(msg.disk, MAX_DISK, "disk")
+        w.text(" ".join(msg.ips), MAX_IP_LIST, "ips")
+        w.text(msg.fenced, MAX_HOST, "fenced")
+        w.blob(msg.mac, MAX_MAC, "mac")
+    elif isinstance(msg, LeaseAnswer):
+        if len(msg.previous) > MAX_LEASE_HOLDERS:
+            raise ValueError(f"{len(msg.previous)} previous holders, at most {MAX_LEASE_HOLDERS}")
+        holders = ((msg.holder,) if msg.holder else ()) + msg.previous
+        w.pack("!IBIBB", msg.voter, msg.granted, msg.remaining_ms, msg.holder is not None, len(msg.previous))
+        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+        for holder in holders:
+            w.pack("!I", holder.pe_identifier)
+            w.text(holder.host, MAX_HOST, "host")
+        w.text(msg.reason, MAX_REASON, "reason")
     else:
         raise TypeError(f"not a session message: {msg!r}")
     body = b"".join(w.parts)
@@ -469,6 +557,50 @@ def _vm_report(r: _Reader, flags: int) -> VmReport:
             raise ProtocolError(f"{movable} is not a boolean", field="movable", offset=r.pos - 1)
         vms.append(VmEntry(server_id, vm_ram, millicores, samples, bool(movable)))
     return VmReport(pe_id, cpus, ram_kb, free_kb, host_millicores, tuple(vms), _read_migration(r, flags))
+
+
+def _boolean(value: int, field: str, offset: int) -> bool:
+    if value > 1:
+        raise ProtocolError(f"{value} is not a boolean", field=field, offset=offset)
+    return bool(value)
+
+
+def _lease_request(r: _Reader) -> LeaseRequest:
+    pe_id, action, duration_ms, issued_ms, nonce = r.unpack("!IBIQI", "pe_identifier")
+    if action not in LeaseAction.__members__.values():
+        raise ProtocolError(f"action {action}, expected 1-3", field="action", offset=_HEADER.size + 4)
+    pool_handle = r.blob(MAX_MAC, "pool_handle")
+    offset = r.pos
+    host = r.text(MAX_HOST, "host")
+    if not host:
+        raise ProtocolError("empty", field="host", offset=offset)
+    server_id = _server_id(r)
+    disk = r.text(MAX_DISK, "disk")
+    offset = r.pos
+    ips = tuple(r.text(MAX_IP_LIST, "ips").split())
+    for ip in ips:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise ProtocolError(f"{ip!r} is not an IP address", field="ips", offset=offset) from None
+    fenced = r.text(MAX_HOST, "fenced")
+    return LeaseRequest(pool_handle, pe_id, host, action, duration_ms, server_id, disk, ips, fenced, issued_ms, nonce,
+                        r.blob(MAX_MAC, "mac"))  # fmt: skip
+
+
+def _lease_answer(r: _Reader) -> LeaseAnswer:
+    voter, granted, remaining_ms, has_holder, count = r.unpack("!IBIBB", "voter")
+    granted = _boolean(granted, "granted", _HEADER.size + 4)
+    has_holder = _boolean(has_holder, "holder", _HEADER.size + 9)
+    if count > MAX_LEASE_HOLDERS:
+        raise ProtocolError(f"{count} previous holders, at most {MAX_LEASE_HOLDERS}", field="previous", offset=_HEADER.size + 10)
+    server_id = _server_id(r, answer=True)
+    holders = []
+    for _ in range(has_holder + count):
+        (pe_id,) = r.unpack("!I", "holder")
+        holders.append(Holder(pe_id, r.text(MAX_HOST, "holder_host")))
+    holder = holders.pop(0) if has_holder else None
+    return LeaseAnswer(voter, server_id, granted, remaining_ms, holder, tuple(holders), r.text(MAX_REASON, "reason"))
 
 
 def decode(data: bytes) -> SessionMessage:
@@ -532,6 +664,10 @@ def decode(data: bytes) -> SessionMessage:
     elif mtype == SessionType.MOVE_ANSWER:
         pe_id, code = r.unpack("!Ii", "pe_identifier")
         msg = MoveAnswer(pe_id, _server_id(r, answer=True), code, r.text(MAX_REASON, "reason"))
+    elif mtype == SessionType.LEASE_REQUEST:
+        msg = _lease_request(r)
+    elif mtype == SessionType.LEASE_ANSWER:
+        msg = _lease_answer(r)
     else:
         raise ProtocolError(
             f"unknown message type 0x{mtype:02x}", field="type", offset=0, cause=Cause.UNRECOGNIZED_MESSAGE, data=bytes(data)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import time
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -23,14 +26,60 @@ from zope.interface import implementer
 from ..protocol import framing
 from ..protocol import messages as M
 from ..protocol import params as P
+from ..protocol import session as S
 from ..protocol.errors import Cause, ProtocolError
 from . import enrp_auth
 from .core import Registrar
+from .leases import LeaseTable
 from .handlespace import Handlespace, PoolEntry
 from .peering import Peering
 
 log = Logger()
 _HANDLE_RESOLUTION = M.AsapType.HANDLE_RESOLUTION.value
+# A connection whose first byte is the shim's (its PPID, "XPL1") carries the PEs' lease
+# requests: over TCP the shim's PPID stands in for SCTP's, as on a PE's session port. No
+# ASAP message type starts with it.
+_SHIM_FIRST_BYTE = S.XENPOOL_PPID >> 24
+
+
+class Voting:
+    """This registrar's vote on who may run a VM: the lease table, kept in ``path``
+    (written whenever a holder changes) so a restart forgets no holder."""
+
+    def __init__(self, table: LeaseTable, clock, path: Path | None = None, wall_ms=None, fresh_wait_s: float = 0.0) -> None:
+        self.table = table
+        self.clock = clock
+        self.path = path
+        self.wall_ms = wall_ms or (lambda: int(time.time() * 1000))
+        self.fresh_wait_s = fresh_wait_s
+        self.granted = self.refused = 0
+
+    def load(self) -> None:
+        if self.path is None:
+            return
+        if self.path.exists():
+            self.table.load(self.path.read_text(), self.clock.seconds())
+            log.info("{n} VM leases read from {path}", n=len(self.table.leases), path=str(self.path))
+        elif self.fresh_wait_s:
+            self.table.quiet_until = self.clock.seconds() + self.fresh_wait_s
+            log.info("no lease file {path}: no new VM lease holder for {s} s", path=str(self.path), s=self.fresh_wait_s)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def handle(self, request: S.LeaseRequest) -> S.LeaseAnswer:
+        answer = self.table.handle(request, self.clock.seconds(), self.wall_ms())
+        if answer.granted:
+            self.granted += 1
+        else:
+            self.refused += 1
+            log.info("lease on {server} refused to {host}: {why}", server=request.server_id, host=request.host, why=answer.reason)
+        if self.table.changed and self.path is not None:
+            partial = self.path.with_suffix(".partial")
+            with open(partial, "w") as f:
+                f.write(self.table.dump())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, self.path)  # never a torn table after a crash
+        return answer
 
 
 @implementer(IPushProducer)
@@ -41,11 +90,15 @@ class AsapProtocol(Protocol, TimeoutMixin):
     transport's buffer fills, the registrar stops reading that client's requests, so a
     slow reader cannot pin memory."""
 
-    def __init__(self, registrar: Registrar, idle_timeout: float, max_message_size: int, metrics: "Metrics") -> None:
+    def __init__(self, registrar: Registrar, idle_timeout: float, max_message_size: int, metrics: "Metrics",
+                 voting: Voting | None = None) -> None:  # fmt: skip
         self.registrar = registrar
         self.idle_timeout = idle_timeout
         self.metrics = metrics
         self.stream = framing.RSerPoolStream(M.ASAP_PPID, max_message_size)
+        self.voting = voting
+        self.leases: framing.ShimStream | None = None  # a PE's lease requests on this connection
+        self._first = True
 
     def connectionMade(self) -> None:
         self.setTimeout(self.idle_timeout)
@@ -71,6 +124,13 @@ class AsapProtocol(Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
+        if self._first:
+            self._first = False
+            if self.voting is not None and data[0] == _SHIM_FIRST_BYTE:
+                self.leases = framing.ShimStream()
+        if self.leases is not None:
+            self._lease_requests(data)
+            return
         if not self.stream.buffered:
             data = self._answer_resolutions(data)
             if not data:
@@ -130,6 +190,22 @@ class AsapProtocol(Protocol, TimeoutMixin):
         if reports:
             self.send(M.AsapError(M.unrecognized_parameters(reports)))
         return True
+
+    def _lease_requests(self, data: bytes) -> None:
+        try:
+            self.leases.feed(data)
+            while (item := self.leases.next_message()) is not None:
+                request = item[1]
+                if not isinstance(request, S.LeaseRequest):
+                    raise ProtocolError(f"{type(request).__name__} is not a lease request", field="type", offset=0, fatal=True)
+                self.transport.write(framing.frame_message(self.voting.handle(request)))
+        except ProtocolError as err:
+            log.info("bad lease request from {peer}: {err}", peer=self.transport.getPeer(), err=str(err))
+            self.metrics.refused(err.cause)
+            answer = S.LeaseAnswer(self.voting.table.voter, "", False, reason=str(err)[: S.MAX_REASON])
+            self.transport.write(framing.frame_message(answer))
+            if err.fatal:
+                self.transport.loseConnection()
 
     def _refuse(self, err: ProtocolError) -> None:
         log.info("bad ASAP input from {peer}: {err}", peer=self.transport.getPeer(), err=str(err))
@@ -274,14 +350,16 @@ class EnrpFactory(Factory):
 
 
 class AsapFactory(Factory):
-    def __init__(self, registrar: Registrar, idle_timeout: float, max_message_size: int, metrics: "Metrics") -> None:
+    def __init__(self, registrar: Registrar, idle_timeout: float, max_message_size: int, metrics: "Metrics",
+                 voting: Voting | None = None) -> None:  # fmt: skip
         self.registrar = registrar
         self.idle_timeout = idle_timeout
         self.max_message_size = max_message_size
         self.metrics = metrics
+        self.voting = voting
 
     def buildProtocol(self, addr) -> AsapProtocol:
-        return AsapProtocol(self.registrar, self.idle_timeout, self.max_message_size, self.metrics)
+        return AsapProtocol(self.registrar, self.idle_timeout, self.max_message_size, self.metrics, self.voting)
 
 
 class Metrics:
@@ -420,16 +498,18 @@ class RegistrarService(service.MultiService):
                  enrp: list[str], peers: list[str], status: str | None, idle_timeout: float,
                  max_message_size: int, announce: tuple[str, int] | None = None, announce_interface: str = "",
                  announce_interval_s: float = DEFAULT_ANNOUNCE_INTERVAL_S, announce_ttl: int = 1,
-                 enrp_announce: tuple[str, int] | None = None, enrp_secret: bytes | None = None) -> None:  # fmt: skip
+                 enrp_announce: tuple[str, int] | None = None, enrp_secret: bytes | None = None,
+                 voting: Voting | None = None) -> None:  # fmt: skip
         super().__init__()
         self.reactor = reactor
+        self.voting = voting
         self.enrp_secret = enrp_secret
         self.registrar = registrar
         self.peering = peering
         self.metrics = metrics
         self.idle_timeout = idle_timeout
         self.announce_interface = announce_interface
-        factory = AsapFactory(registrar, idle_timeout, max_message_size, metrics)
+        factory = AsapFactory(registrar, idle_timeout, max_message_size, metrics, voting)
         self.asap_listeners = [_Listener(endpoints.serverFromString(reactor, d), factory) for d in asap]
         enrp_factory = EnrpFactory(peering, False, idle_timeout, metrics, enrp_secret)
         self.enrp_listeners = [_Listener(endpoints.serverFromString(reactor, d), enrp_factory) for d in enrp]
@@ -473,6 +553,8 @@ class RegistrarService(service.MultiService):
         return transports
 
     def startService(self) -> None:
+        if self.voting is not None:
+            self.voting.load()
         self.registrar.start()
         self.peering.start()
         log.info("registrar {id} started", id=hex_id(self.registrar.registrar_id))

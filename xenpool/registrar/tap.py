@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 
 from twisted.python import usage
 
-from ..config import Setting, id32, ipv4_address, json_log, make_options, pool_secret, positive_float, positive_int, secret_file
+from ..config import Setting, non_negative_float, id32, ipv4_address, json_log, make_options, pool_secret, positive_float, positive_int, secret_file
 from ..discovery import DEFAULT_ANNOUNCE_INTERVAL_S, multicast_address
 from ..protocol.messages import ASAP_PORT, MAX_MESSAGE_SIZE
 
@@ -36,6 +38,12 @@ SETTINGS = [
             "send and hear ENRP PRESENCEs on GROUP:PORT, e.g. 239.0.0.51:9901, and connect to the peers heard (default: off)"),
     Setting("enrp-secret", None, secret_file,
             "FILE: sign every ENRP message with this secret and take only messages signed with it"),
+    Setting("state-dir", ".", str,
+            "directory that keeps the VM leases this registrar granted across restarts (vm-leases-<ASAP endpoint>.json)"),
+    Setting("vm-lease-max", 60.0, positive_float, "longest VM lease granted to a PE, seconds"),
+    Setting("fresh-wait", 0.0, non_negative_float,
+            "seconds a registrar that finds no lease file takes no new lease holder (give it the PEs' --vm-lease "
+            "where a registrar's state may have been lost)"),
     Setting("announce-interface", "", ipv4_address, "the local IPv4 address whose interface announces use"),
     Setting("announce-interval", DEFAULT_ANNOUNCE_INTERVAL_S, positive_float, "seconds between announces"),
     Setting("announce-ttl", 1, positive_int, "multicast TTL of announces (1: this network only)"),
@@ -44,14 +52,20 @@ SETTINGS = [
 Options = make_options(SETTINGS, "registrar", "Run an RSerPool pool registrar.")
 
 
+def leases_file(state_dir: str, asap_endpoint: str) -> Path:
+    """One file per ASAP endpoint, so registrars sharing a directory keep theirs apart."""
+    return Path(state_dir) / ("vm-leases-" + re.sub(r"[^A-Za-z0-9.-]+", "_", asap_endpoint).strip("_") + ".json")
+
+
 def makeService(options: usage.Options):
     from twisted.internet import reactor
 
     from ..plugins import load_plugins
     from .core import Registrar, Timers
     from .handlespace import Handlespace
+    from .leases import LeaseTable
     from .peering import Peering, PeerTimers
-    from .service import Metrics, RegistrarService
+    from .service import Metrics, RegistrarService, Voting
 
     s = options.settings
     json_log(s["logfile"])
@@ -70,9 +84,12 @@ def makeService(options: usage.Options):
     peering = Peering(handlespace, reactor, timers=peer_timers, observer=metrics)
     timers = Timers(s["keep-alive-interval"], s["keep-alive-timeout"])
     registrar = Registrar(handlespace, reactor, timers, observers=[metrics, peering])
+    table = LeaseTable(registrar_id, max_duration_s=s["vm-lease-max"], secrets=dict(s["pool-secret"]))
+    voting = Voting(table, reactor, leases_file(s["state-dir"], s["asap"][0]), fresh_wait_s=s["fresh-wait"])
     return RegistrarService(
         registrar, peering, metrics, reactor, asap=s["asap"], enrp=s["enrp"], peers=s["peer"], status=s["status"],
         idle_timeout=s["idle-timeout"], max_message_size=s["max-message-size"], announce=s["announce"],
         announce_interface=s["announce-interface"], announce_interval_s=s["announce-interval"],
         announce_ttl=s["announce-ttl"], enrp_announce=s["enrp-announce"], enrp_secret=s["enrp-secret"],
+        voting=voting,
     )  # fmt: skip
