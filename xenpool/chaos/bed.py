@@ -320,5 +320,24 @@ class TestBed:
             signal.signal(s, handler)
         self._old_handlers = {}
 
+    def reset(self) -> None:
+        """A fresh first placement: keeper killed and its state wiped, every host
+        power-cycled, network healed, registrars started if gone, keeper started."""
+        self.keeper.kill()
+        self.reset_keeper_state()
+        self.heal_network()
+        for pe in self.pes:
+            pe.kill()
+        for node in self.registrars:
+            if node.stopped:
+                node.signal(signal.SIGCONT)
+            if not node.alive():
+                self.start_node(node)
+        for pe in self.pes:
+            pe.start()
+        for pe in self.pes:
+            self.wait_up(pe)
+        self.start_node(self.keeper)
+
     def reset_keeper_state(self) -> None:
         shutil.rmtree(self.state_dir, ignore_errors=True)

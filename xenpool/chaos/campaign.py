@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .bed import TestBed
 from .faults import FAULTS, Fault
-from .model import KINDS, RUNNING_STATES_EXCLUDED, Checker, HostView, Report, Round, check_attempts, log_events, schedule
+from .model import KINDS, RUNNING_STATES_EXCLUDED, Checker, HostView, LogReader, Report, Round, check_attempts, schedule
 
 
 class Monitor(threading.Thread):
@@ -120,15 +120,24 @@ def settle(bed: TestBed, monitor: Monitor, timeout: float) -> tuple[float | None
     return None, problems
 
 
-def run_trial(bed: TestBed, monitor: Monitor, trial, args, say) -> tuple[float | None, list[str]]:
+def run_trial(bed: TestBed, monitor: Monitor, trial, args, say, logs: dict[str, LogReader]) -> tuple[float | None, list[str]]:
     violations: list[str] = []
     took, problems = settle(bed, monitor, args.steady_timeout)
     if took is None:
+        # What the last trial left broken would fail every later one: start over from a
+        # first placement (keeper state wiped, every host power-cycled).
         violations.append(f"no steady state before the trial within {args.steady_timeout:.0f} s: {'; '.join(problems[:5])}")
-        return None, violations + monitor.take()
+        say(f"no steady state ({'; '.join(problems[:3])}): resetting the bed")
+        bed.reset()
+        took, problems = settle(bed, monitor, args.steady_timeout)
+        if took is None:
+            violations.append(f"no steady state after a reset of the bed: {'; '.join(problems[:5])}")
+            return None, violations + monitor.take()
     violations += monitor.take()  # from before this trial's fault: still shown, under this trial
+    for reader in logs.values():
+        reader.read()  # skip what came before this trial
     t0 = time.time()
-    fault = Fault(bed, random.Random(trial.seed), trial.hold_s, monitor.where)
+    fault = Fault(bed, random.Random(trial.seed), trial.hold_s, monitor.where, monitor.round_after)
     heal = FAULTS[trial.kind](fault)
     time.sleep(trial.hold_s)
     heal()
@@ -138,8 +147,9 @@ def run_trial(bed: TestBed, monitor: Monitor, trial, args, say) -> tuple[float |
         violations.append(f"not recovered {args.recovery_bound:.0f} s after the fault ended: {'; '.join(problems[:6])}")
     violations += fault.violations
     violations += monitor.take()
-    events = [e for pe in bed.pes for e in log_events(pe.name, bed.pe_log(pe.name), since=t0 - 0.5)]
-    violations += check_attempts(events, backoff_s=args.backoff, fence_tolerance=args.fence_tolerance)
+    events = [e for reader in logs.values() for e in reader.read(since=t0 - 0.5)]
+    violations += check_attempts(events, backoff_s=args.backoff, fence_tolerance=args.fence_tolerance,
+                                 unnamed=trial.kind != "garbage")  # fmt: skip
     say(f"{trial.kind} #{trial.index} seed {trial.seed} ({', '.join(fault.notes) or '-'}; held {trial.hold_s:.1f} s): "
         + (f"recovered in {recovery:.2f} s" if recovery is not None else "NOT recovered")
         + (f", {len(violations)} violations" if violations else ""))  # fmt: skip
@@ -173,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
     with bed:
         monitor = Monitor(bed, Checker(bed.vm_names), interval=args.poll)
         monitor.start()
+        logs = {pe.name: LogReader(pe.name, bed.pe_log(pe.name)) for pe in bed.pes}
         try:
             took, problems = settle(bed, monitor, args.steady_timeout)
             say(f"bed up on {bed.prefix}0/24: 2 registrars, {args.pes} PEs, a keeper of {args.vms} VMs; "
@@ -181,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
                 if args.budget and time.monotonic() - started > args.budget:
                     say(f"budget of {args.budget:.0f} s used up: no more trials")
                     break
-                recovery, violations = run_trial(bed, monitor, trial, args, say)
+                recovery, violations = run_trial(bed, monitor, trial, args, say, logs)
                 report.add_trial(trial, recovery, violations)
         finally:
             monitor.stop()
@@ -206,7 +217,8 @@ def add_parser(sub) -> None:
     c.add_argument("--heartbeat-timeout", type=float, default=1.5, metavar="S")
     c.add_argument("--recovery-bound", type=float, default=30.0, metavar="S",
                    help="invariants (b) and (d) must hold this long after a fault ends (default 30)")
-    c.add_argument("--steady-timeout", type=float, default=60.0, metavar="S")
+    c.add_argument("--steady-timeout", type=float, default=30.0, metavar="S",
+                   help="time for steady state before a trial; then the bed is reset (default 30)")
     c.add_argument("--poll", type=float, default=0.3, metavar="S", help="seconds between the monitor's rounds")
     c.add_argument("--backoff", type=float, default=0.5, metavar="S",
                    help="the keeper's back-off for invariant (c) (its initial retry delay, default 0.5)")

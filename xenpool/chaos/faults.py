@@ -26,6 +26,7 @@ class Fault:
     rng: random.Random
     hold_s: float
     where: Callable[[], dict[str, list[str]]]  # VM -> hosts, the monitor's latest view
+    round_after: Callable[[float], object]  # the monitor's first round after a monotonic time
     violations: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -204,9 +205,24 @@ def garbage(f: Fault) -> Heal:
     thread = threading.Thread(target=spray, daemon=True)
     thread.start()
 
+    registrations = [0]
+    pe_ids = {pe.extra["pe_id"] for pe in bed.pes}
+
+    def watch() -> None:  # no registration may be lost while the garbage flies
+        while not stop.is_set():
+            rnd = f.round_after(time.monotonic())
+            for name, known in rnd.registrars.items():
+                if known is not None and not pe_ids <= known and registrations[0] < 5:
+                    registrations[0] += 1
+                    f.violations.append(f"garbage: registrar {name} lost PEs {sorted(pe_ids - known)}")
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+
     def heal() -> None:
         stop.set()
         thread.join(10)
+        watcher.join(15)
         for s in held:
             s.close()
         f.notes.append(f"{sent[0]} garbage messages")
