@@ -120,12 +120,12 @@ def test_start_attempts_closer_than_the_backoff_are_flagged():
     ok = [LogEvent(0.0, "host1", "start", "vm1"), LogEvent(0.6, "host1", "start", "vm1"), LogEvent(0.1, "host2", "start", "vm1")]
     assert check_attempts(ok) == []
     hot = [LogEvent(t / 20, "host1", "start", "vm1") for t in range(5)]
-    assert check_attempts(hot) == ["start attempts: vm1 on host1: 5 attempts less than 0.25 s apart"]
+    assert check_attempts(hot) == ["start attempts: vm1: 4 less than 0.25 s after the one before on the same PE (host1 4)"]
 
 
 def test_a_keeper_in_a_hot_loop_on_a_bad_cookie_is_flagged():
-    loop = [LogEvent(t / 100, "host2", "start", UNNAMED) for t in range(50)]
-    assert check_attempts(loop) == [f"start attempts: {UNNAMED} on host2: 50 attempts less than 0.25 s apart"]
+    loop = [LogEvent(t / 100, pe, "start", UNNAMED) for t in range(50) for pe in ("host2", "host3")]
+    assert check_attempts(loop) == [f"start attempts: {UNNAMED}: 98 less than 0.25 s after the one before on the same PE (host2 49, host3 49)"]
     assert check_attempts(loop, unnamed=False) == []
 
 
@@ -180,6 +180,9 @@ def test_report_json_format():
         "violations": [{"kind": "pe-kill", "seed": 12, "what": "not recovered"}],
     }  # fmt: skip
     json.dumps(doc)
+    report.add_violation(Trial("garbage", 0, 13, 1.0), "still broken before the next trial")
+    assert report.as_json()["kinds"]["garbage"] == {"trials": 1, "violations": 1, "recovery_s": [0.1]}
+    assert report.as_json()["violations"][-1] == {"kind": "garbage", "seed": 13, "what": "still broken before the next trial"}
     from rich.console import Console
 
     console = Console(record=True, width=120)

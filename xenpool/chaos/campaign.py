@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .bed import TestBed
 from .faults import FAULTS, Fault
-from .model import KINDS, RUNNING_STATES_EXCLUDED, Checker, HostView, LogReader, Report, Round, check_attempts, schedule
+from .model import KINDS, Trial, RUNNING_STATES_EXCLUDED, Checker, HostView, LogReader, Report, Round, check_attempts, schedule
 
 
 class Monitor(threading.Thread):
@@ -120,20 +120,25 @@ def settle(bed: TestBed, monitor: Monitor, timeout: float) -> tuple[float | None
     return None, problems
 
 
-def run_trial(bed: TestBed, monitor: Monitor, trial, args, say, logs: dict[str, LogReader]) -> tuple[float | None, list[str]]:
+def steady(bed: TestBed, monitor: Monitor, args, say) -> list[str]:
+    """Bring the bed to steady state before a trial; what kept it from getting there
+    (violations of the trial before, which left it so)."""
     violations: list[str] = []
     took, problems = settle(bed, monitor, args.steady_timeout)
     if took is None:
         # What the last trial left broken would fail every later one: start over from a
         # first placement (keeper state wiped, every host power-cycled).
-        violations.append(f"no steady state before the trial within {args.steady_timeout:.0f} s: {'; '.join(problems[:5])}")
+        violations.append(f"still broken {args.steady_timeout:.0f} s later, before the next trial: {'; '.join(problems[:5])}")
         say(f"no steady state ({'; '.join(problems[:3])}): resetting the bed")
         bed.reset()
         took, problems = settle(bed, monitor, args.steady_timeout)
         if took is None:
-            violations.append(f"no steady state after a reset of the bed: {'; '.join(problems[:5])}")
-            return None, violations + monitor.take()
-    violations += monitor.take()  # from before this trial's fault: still shown, under this trial
+            violations.append(f"no steady state even after a reset of the bed: {'; '.join(problems[:5])}")
+    return violations + monitor.take()
+
+
+def run_trial(bed: TestBed, monitor: Monitor, trial, args, say, logs: dict[str, LogReader]) -> tuple[float | None, list[str]]:
+    violations: list[str] = []
     for reader in logs.values():
         reader.read()  # skip what came before this trial
     t0 = time.time()
@@ -188,12 +193,21 @@ def run(args: argparse.Namespace) -> int:
             took, problems = settle(bed, monitor, args.steady_timeout)
             say(f"bed up on {bed.prefix}0/24: 2 registrars, {args.pes} PEs, a keeper of {args.vms} VMs; "
                 + (f"steady after {took:.1f} s" if took is not None else f"NOT steady: {problems[:3]}"))  # fmt: skip
+            previous = None
             for trial in plan:
                 if args.budget and time.monotonic() - started > args.budget:
                     say(f"budget of {args.budget:.0f} s used up: no more trials")
                     break
+                before = steady(bed, monitor, args, say)
+                for what in before:
+                    say(f"    violation ({previous.kind if previous else 'bed start'}): {what}")
+                    # a broken bed is the fault of the trial before (kind "bed": it never got steady)
+                    report.add_violation(previous or Trial("bed", 0, args.seed, 0.0), what)
+                if any("even after a reset" in what for what in before):
+                    break
                 recovery, violations = run_trial(bed, monitor, trial, args, say, logs)
                 report.add_trial(trial, recovery, violations)
+                previous = trial
         finally:
             monitor.stop()
     if args.json:

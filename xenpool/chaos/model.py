@@ -257,11 +257,15 @@ def check_attempts(events: list[LogEvent], backoff_s: float = 0.5, tolerance: fl
     for e in events:
         if e.what == "start" and (unnamed or e.vm != UNNAMED):
             starts.setdefault((e.vm, e.pe), []).append(e.t)
+    hot: dict[str, dict[str, int]] = {}  # VM -> PE -> attempts too close to the one before
     for (vm, pe), times in sorted(starts.items()):
         times.sort()
         close = sum(1 for a, b in zip(times, times[1:]) if b - a < gap)
         if close:
-            found.append(f"start attempts: {vm} on {pe}: {close + 1} attempts less than {gap:.2f} s apart")
+            hot.setdefault(vm, {})[pe] = close
+    for vm, pes in hot.items():
+        on = ", ".join(f"{pe} {n}" for pe, n in pes.items())
+        found.append(f"start attempts: {vm}: {sum(pes.values())} less than {gap:.2f} s after the one before on the same PE ({on})")
     fences: dict[str, list[float]] = {}  # target host -> fence operations (times)
     per_pe: dict[tuple[str, str], list[float]] = {}
     for e in events:
@@ -298,6 +302,11 @@ class Report:
             entry["recovery_s"].append(round(recovery_s, 3))
         for what in violations:
             self.violations.append({"kind": trial.kind, "seed": trial.seed, "what": what})
+
+    def add_violation(self, trial: Trial, what: str) -> None:
+        """A violation found after ``trial`` was recorded (it left the bed broken)."""
+        self.kinds.setdefault(trial.kind, {"trials": 0, "violations": 0, "recovery_s": []})["violations"] += 1
+        self.violations.append({"kind": trial.kind, "seed": trial.seed, "what": what})
 
     @property
     def trials(self) -> int:
