@@ -27,7 +27,14 @@ from pathlib import Path
 
 from ..processes import TWISTD_ARGV
 
-ETC = Path(__file__).resolve().parents[2] / "etc" / "xenpool"
+# A host for libvirt's test driver: 2 cores, 1024 MB (etc/xenpool/node-host1.xml, inline
+# so that an installed xenpool needs no source tree).
+NODE_XML = """<node>
+  <cpu><mhz>2000</mhz><model>x86_64</model><active>2</active><nodes>1</nodes><sockets>1</sockets>
+    <cores>2</cores><threads>1</threads></cpu>
+  <memory>1048576</memory>
+</node>
+"""
 ASAP, ENRP, PE_PORT, STATUS = 3863, 9901, 5001, 8080
 
 
@@ -206,7 +213,6 @@ class TestBed:
         (d / "vms.conf").write_text(
             "".join(f"[vm {name}]\nram = {self.vm_ram_mb}\nips = 10.0.5.{i}\n" for i, name in enumerate(self.vm_names, 1))
         )
-        template = (ETC / "node-host1.xml").read_text()
         (d / "fence-map.ini").write_text("".join(f"[{pe.name}]\npidfile = {d / f'{pe.name}.pid'}\n" for pe in self.pes))
         r = self.registrars
         for i, reg in enumerate(r):
@@ -221,7 +227,7 @@ class TestBed:
         fence = f"command={sys.executable} -m xenpool.fence_process {{pidfile}}"
         for n, pe in enumerate(self.pes, 1):
             node_xml = d / f"node-{pe.name}.xml"
-            node_xml.write_text(template)
+            node_xml.write_text(NODE_XML)
             pe.pidfile = d / f"{pe.name}.pid"
             pe.extra["pe_id"] = f"{n:#010x}"
             pe.argv = [
