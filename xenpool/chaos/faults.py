@@ -81,7 +81,7 @@ def part_all(f: Fault) -> Heal:
 
 def part_asym(f: Fault) -> Heal:
     direction = f.rng.choice(["in", "out"])
-    f.notes.append(f"drops {direction}going")
+    f.notes.append(f"drops {'incoming' if direction == 'in' else 'outgoing'}")
     return _partition(f, list(f.bed.nodes.values()), direction)
 
 
