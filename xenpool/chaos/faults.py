@@ -12,6 +12,7 @@ import random
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -148,6 +149,24 @@ def corrupt_state(f: Fault) -> Heal:
     return bed.keeper.start
 
 
+def selftest_broken_fence(f: Fault) -> Heal:
+    """Breaks fencing on purpose: the victim's pidfile names a process that is gone, so a
+    fence of it "succeeds" while it only sleeps (SIGSTOP). Its VMs get started elsewhere:
+    invariant (a) must flag a double start. At heal the victim is really powered off."""
+    victim = f.victim()
+    real = victim.pidfile.read_text()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    victim.pidfile.write_text(str(gone.pid))
+    victim.signal(signal.SIGSTOP)
+
+    def heal() -> None:
+        victim.pidfile.write_text(real)
+        victim.kill()
+
+    return heal
+
+
 # ------------------------------------------------------------------ garbage
 
 
@@ -251,4 +270,5 @@ FAULTS: dict[str, Callable[[Fault], Heal]] = {
     "double": double,
     "corrupt-state": corrupt_state,
     "garbage": garbage,
+    "selftest-broken-fence": selftest_broken_fence,
 }
