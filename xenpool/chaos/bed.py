@@ -242,8 +242,7 @@ class TestBed:
             "xenpool-pu", f"--keep={d / 'vms.conf'}", *(f"--registrar={reg.address}:{ASAP}" for reg in r),
             f"--state-dir={self.state_dir}", f"--status=tcp:{STATUS}:interface={k.address}",
             f"--heartbeat-interval={self.heartbeat[0]}", f"--heartbeat-timeout={self.heartbeat[1]}",
-            f"--logfile={d / 'keeper.jsonl'}",
-        ]  # fmt: skip
+        ]  # fmt: skip  (no JSON log: a keeper retrying without back-off writes 100 MB a minute)
 
     def wait_up(self, node: Node, timeout: float = 30.0) -> None:
         """Until the daemon answers on its status port (a PE: and is registered)."""
