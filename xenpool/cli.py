@@ -1,4 +1,4 @@
-"""The ``xenpool`` command: demo, plugins, decode, bench and fuzz tools.
+"""The ``xenpool`` command: demo, plugins, decode, bench, fuzz and chaos tools.
 
 Exit status: 0 success, 1 a check failed (fuzz found a crash), 2 bad command line.
 """
@@ -229,6 +229,10 @@ def parser() -> argparse.ArgumentParser:
     fc.add_argument("host")
     fc.add_argument("--state-dir", default="/var/lib/xenpool/fence", help="the manual plugin's state_dir option")
     fc.set_defaults(func=_cmd_fence_confirm)
+
+    from .chaos.campaign import add_parser as add_chaos
+
+    add_chaos(sub)
 
     f = sub.add_parser("fuzz", help="feed random and mutated bytes to every decoder")
     f.add_argument("--cases", type=_positive, default=100_000)

@@ -1,0 +1,348 @@
+"""The chaos test bed: two registrars (ENRP peers), N PE hosts and one keeper, each in its
+own network namespace with its own address on a shared bridge, each a real ``twistd -n``
+process with a ``--status`` port that the controller (the root namespace, the bridge's
+first address) reaches. Root only.
+
+Fencing is ``--stonith command`` with ``python -m xenpool.fence_process PIDFILE``: kill -9
+of the target host's PE process (with libvirt's test driver its VMs live in that
+process: a power-off). Every host's pidfile is rewritten when its PE is (re)started.
+
+``with TestBed(...) as bed:`` tears everything down (processes, namespaces, the bridge,
+the one iptables rule in the root namespace) on any exit, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..processes import TWISTD_ARGV
+
+# A host for libvirt's test driver: 2 cores, 1024 MB (etc/xenpool/node-host1.xml, inline
+# so that an installed xenpool needs no source tree).
+NODE_XML = """<node>
+  <cpu><mhz>2000</mhz><model>x86_64</model><active>2</active><nodes>1</nodes><sockets>1</sockets>
+    <cores>2</cores><threads>1</threads></cpu>
+  <memory>1048576</memory>
+</node>
+"""
+ASAP, ENRP, PE_PORT, STATUS = 3863, 9901, 5001, 8080
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=check, capture_output=True, text=True)
+
+
+def get_json(address: str, path: str, timeout: float = 1.0):
+    with urllib.request.urlopen(f"http://{address}:{STATUS}{path}", timeout=timeout) as response:
+        return json.load(response)
+
+
+def _free_subnet() -> str:
+    used = sh("ip", "-4", "-o", "addr").stdout + sh("ip", "-4", "route").stdout
+    for third in range(200, 255):
+        prefix = f"10.213.{third}."
+        if prefix not in used:
+            return prefix
+    raise RuntimeError("no free 10.213.x.0/24 subnet for the chaos bed")
+
+
+@dataclass
+class Node:
+    """One namespace with one daemon in it."""
+
+    name: str  # r1, r2, host1.., keeper
+    netns: str
+    address: str
+    argv: list[str]
+    log: Path
+    proc: subprocess.Popen | None = None
+    stopped: bool = False  # SIGSTOPped by a fault
+    pidfile: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        if self.alive():
+            return
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.netns, *TWISTD_ARGV, "-n", "--pidfile=", f"--logfile={self.log}", *self.argv],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )  # fmt: skip
+        self.stopped = False
+        if self.pidfile is not None:  # ip netns exec execs: this pid is twistd's
+            self.pidfile.write_text(str(self.proc.pid))
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.proc.pid, sig)
+            if sig == signal.SIGSTOP:
+                self.stopped = True
+            elif sig == signal.SIGCONT:
+                self.stopped = False
+
+    def kill(self) -> None:
+        if self.alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.stopped = False
+
+    def stop(self) -> None:
+        """SIGTERM (a clean stop), SIGKILL after 10 s."""
+        if self.alive():
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.stopped = False
+
+    def status(self, path: str, timeout: float = 1.0):
+        return get_json(self.address, path, timeout)
+
+
+class TestBed:
+    __test__ = False  # not a pytest class
+
+    def __init__(self, workdir: Path, pes: int = 4, vms: int = 8, vm_ram_mb: int = 128,
+                 heartbeat_interval_s: float = 0.5, heartbeat_timeout_s: float = 1.5, lease_s: float = 30.0) -> None:  # fmt: skip
+        if os.geteuid() != 0:
+            raise PermissionError("the chaos bed needs root (network namespaces, veth, iptables)")
+        self.dir = Path(workdir)
+        self.n_pes = pes
+        self.vm_names = [f"vm{i}" for i in range(1, vms + 1)]
+        self.vm_ram_mb = vm_ram_mb
+        self.heartbeat = (heartbeat_interval_s, heartbeat_timeout_s)
+        self.lease_s = lease_s
+        self.tag = secrets.token_hex(2)
+        self.bridge = f"xc{self.tag}br"
+        self.prefix = ""
+        self.controller = ""
+        self.nodes: dict[str, Node] = {}
+        self._links: list[str] = []
+        self._namespaces: list[str] = []
+        self._forward_rule: list[str] | None = None
+        self._old_handlers: dict = {}
+
+    # ------------------------------------------------------------ properties
+    @property
+    def registrars(self) -> list[Node]:
+        return [n for k, n in self.nodes.items() if k.startswith("r")]
+
+    @property
+    def pes(self) -> list[Node]:
+        return [n for k, n in self.nodes.items() if k.startswith("host")]
+
+    @property
+    def keeper(self) -> Node:
+        return self.nodes["keeper"]
+
+    @property
+    def state_dir(self) -> Path:
+        return self.dir / "keeper-state"
+
+    def pe_log(self, host: str) -> Path:
+        return self.dir / f"{host}.jsonl"
+
+    # ------------------------------------------------------------ lifecycle
+    def __enter__(self) -> TestBed:
+        self._old_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+        for s in self._old_handlers:
+            signal.signal(s, self._terminated)
+        try:
+            self.build_network()
+            self.configure()
+            self.start_all()
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.teardown()
+
+    def _terminated(self, signum, frame) -> None:
+        raise SystemExit(128 + signum)  # unwinds through __exit__: a clean teardown
+
+    def build_network(self) -> None:
+        self.prefix = _free_subnet()
+        self.controller = f"{self.prefix}1"
+        sh("ip", "link", "add", self.bridge, "type", "bridge")
+        self._links.append(self.bridge)
+        sh("ip", "addr", "add", f"{self.controller}/24", "dev", self.bridge)
+        sh("ip", "link", "set", self.bridge, "up")
+        if Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists():
+            # bridged frames go through the root namespace's FORWARD chain (and its policy)
+            rule = ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
+            sh("iptables", "-I", *rule)
+            self._forward_rule = rule
+        names = ["r1", "r2", *(f"host{i}" for i in range(1, self.n_pes + 1)), "keeper"]
+        for i, name in enumerate(names):
+            netns = f"xc{self.tag}-{name}"
+            sh("ip", "netns", "add", netns)
+            self._namespaces.append(netns)
+            outside, inside = f"xc{self.tag}v{i}", f"xc{self.tag}p{i}"
+            sh("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
+            self._links.append(outside)
+            sh("ip", "link", "set", outside, "master", self.bridge, "up")
+            sh("ip", "link", "set", inside, "netns", netns)
+            address = f"{self.prefix}{10 + i}"
+            for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "link", "set", inside, "name", "eth0"],
+                        ["ip", "addr", "add", f"{address}/24", "dev", "eth0"], ["ip", "link", "set", "eth0", "up"]):  # fmt: skip
+                sh("ip", "netns", "exec", netns, *cmd)
+            self.nodes[name] = Node(name, netns, address, [], self.dir / f"{name}.log")
+
+    def configure(self) -> None:
+        d = self.dir
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "secret").write_text("the chaos bed's pool secret\n")
+        (d / "vms.conf").write_text(
+            "".join(f"[vm {name}]\nram = {self.vm_ram_mb}\nips = 10.0.5.{i}\n" for i, name in enumerate(self.vm_names, 1))
+        )
+        (d / "fence-map.ini").write_text("".join(f"[{pe.name}]\npidfile = {d / f'{pe.name}.pid'}\n" for pe in self.pes))
+        r = self.registrars
+        for i, reg in enumerate(r):
+            peers = [f"--peer=tcp:host={other.address}:port={ENRP}" for other in r[:i]]
+            reg.argv = [
+                "xenpool-registrar", f"--asap=tcp:{ASAP}:interface={reg.address}", f"--enrp=tcp:{ENRP}:interface={reg.address}",
+                f"--status=tcp:{STATUS}:interface={reg.address}", f"--registrar-id={0x0A0A0A01 + i:#x}",
+                "--peer-heartbeat-interval=0.5", "--peer-timeout=2", "--keep-alive-interval=1", "--keep-alive-timeout=1",
+                *peers,
+            ]  # fmt: skip
+        registrars = [f"--registrar=tcp:host={reg.address}:port={ASAP}" for reg in r]
+        fence = f"command={sys.executable} -m xenpool.fence_process {{pidfile}}"
+        for n, pe in enumerate(self.pes, 1):
+            node_xml = d / f"node-{pe.name}.xml"
+            node_xml.write_text(NODE_XML)
+            pe.pidfile = d / f"{pe.name}.pid"
+            pe.extra["pe_id"] = f"{n:#010x}"
+            pe.argv = [
+                "xenpool-pe", *registrars, f"--pe-id={n}", f"--port={PE_PORT}", f"--bind={pe.address}",
+                f"--address={pe.address}", f"--host={pe.name}", f"--libvirt-uri=test://{node_xml}",
+                f"--status=tcp:{STATUS}:interface={pe.address}", f"--pool-secret-file={d / 'secret'}",
+                "--stonith=command", f"--stonith-option={fence}", f"--fence-map={d / 'fence-map.ini'}",
+                "--load-interval=1", f"--lease={self.lease_s}", "--shutdown-timeout=2", f"--logfile={self.pe_log(pe.name)}",
+            ]  # fmt: skip
+        k = self.keeper
+        k.argv = [
+            "xenpool-pu", f"--keep={d / 'vms.conf'}", *(f"--registrar={reg.address}:{ASAP}" for reg in r),
+            f"--state-dir={self.state_dir}", f"--status=tcp:{STATUS}:interface={k.address}",
+            f"--heartbeat-interval={self.heartbeat[0]}", f"--heartbeat-timeout={self.heartbeat[1]}",
+        ]  # fmt: skip  (no JSON log: a keeper retrying without back-off writes 100 MB a minute)
+
+    def wait_up(self, node: Node, timeout: float = 30.0) -> None:
+        """Until the daemon answers on its status port (a PE: and is registered)."""
+        path = "/handlespace" if node.name.startswith("r") else "/vms" if node.name == "keeper" else "/status"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not node.alive():
+                raise RuntimeError(f"{node.name} exited ({node.proc.returncode}); log:\n{self.tail(node)}")
+            try:
+                answer = node.status(path)
+                if path != "/status" or answer.get("registered"):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{node.name} not up within {timeout:.0f} s; log:\n{self.tail(node)}")
+
+    def tail(self, node: Node, lines: int = 30) -> str:
+        try:
+            return "\n".join(node.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def start_node(self, node: Node, wait: bool = True) -> None:
+        node.start()
+        if wait:
+            self.wait_up(node)
+
+    def start_all(self) -> None:
+        for node in self.registrars:
+            self.start_node(node)
+        for node in self.pes:
+            node.start()
+        for node in self.pes:
+            self.wait_up(node)
+        self.start_node(self.keeper)
+
+    def power_on_dead(self) -> list[str]:
+        """Restart every daemon whose process is gone (killed or fenced); continue stopped ones."""
+        started = []
+        for node in self.nodes.values():
+            if node.stopped:
+                node.signal(signal.SIGCONT)
+            if not node.alive():
+                node.start()
+                started.append(node.name)
+        return started
+
+    def heal_network(self) -> None:
+        for node in self.nodes.values():
+            sh("ip", "netns", "exec", node.netns, "iptables", "-F", check=False)
+
+    def drop(self, node: Node, sources: list[Node], direction: str = "both") -> None:
+        """Drop traffic between ``node`` and ``sources`` inside ``node``'s namespace
+        (``in``: what it receives from them, ``out``: what it sends them)."""
+        for other in sources:
+            if direction in ("both", "in"):
+                sh("ip", "netns", "exec", node.netns, "iptables", "-A", "INPUT", "-s", other.address, "-j", "DROP")
+            if direction in ("both", "out"):
+                sh("ip", "netns", "exec", node.netns, "iptables", "-A", "OUTPUT", "-d", other.address, "-j", "DROP")
+
+    def teardown(self) -> None:
+        for node in self.nodes.values():
+            try:
+                if node.alive():
+                    os.kill(node.proc.pid, signal.SIGCONT)
+                    node.proc.kill()
+                    node.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        for netns in self._namespaces:
+            sh("ip", "netns", "del", netns, check=False)
+        for link in self._links:
+            sh("ip", "link", "del", link, check=False)
+        if self._forward_rule:
+            sh("iptables", "-D", *self._forward_rule, check=False)
+            self._forward_rule = None
+        self._namespaces, self._links = [], []
+        for s, handler in self._old_handlers.items():
+            signal.signal(s, handler)
+        self._old_handlers = {}
+
+    def reset(self) -> None:
+        """A fresh first placement: keeper killed and its state wiped, every host
+        power-cycled, network healed, registrars started if gone, keeper started."""
+        self.keeper.kill()
+        self.reset_keeper_state()
+        self.heal_network()
+        for pe in self.pes:
+            pe.kill()
+        for node in self.registrars:
+            if node.stopped:
+                node.signal(signal.SIGCONT)
+            if not node.alive():
+                self.start_node(node)
+        for pe in self.pes:
+            pe.start()
+        for pe in self.pes:
+            self.wait_up(pe)
+        self.start_node(self.keeper)
+
+    def reset_keeper_state(self) -> None:
+        shutil.rmtree(self.state_dir, ignore_errors=True)
