@@ -65,7 +65,7 @@ class VmSession:
 
 
 class Fencer(Protocol):
-    def fence(self, host: str) -> defer.Deferred: ...
+    def fence(self, host: str, pe_identifier: int = 0) -> defer.Deferred: ...
 
 
 class ClaimAsker(Protocol):
@@ -307,7 +307,7 @@ class PoolElementCore:
                         f"{state.server_id} may still run on {state.host} and no fencing is configured",
                     )  # fmt: skip
                 try:
-                    await self.fencer.fence(state.host)
+                    await self.fencer.fence(state.host, state.pe_identifier)
                 except Exception as err:  # noqa: BLE001 - no start after a failed fence, ever
                     log.critical("FENCING {host} FAILED, {server} NOT STARTED: {err}", host=state.host,
                                  server=state.server_id, err=str(err))  # fmt: skip

@@ -82,7 +82,7 @@ SETTINGS = [
     Setting("rebalance", None, str, "a rebalancer plugin: plan (the lowest PE identifier plans moves for the pool), gap-fit, hot-cold"),
     Setting("rebalance-interval", 120.0, positive_float, "seconds between rebalancing decisions"),
     Setting("lease", 60.0, float, "seconds a VM outlives its PU, waiting for its keeper to come back (0: none)"),
-    Setting("stonith", None, str, "fencing plugin for failovers: fence-agent, libvirt, command, manual"),
+    Setting("stonith", None, str, "fencing plugin for failovers: fence-agent, libvirt, command, manual, watchdog"),
     Setting("stonith-option", {}, options_list, "its options, e.g. agent=fence_virsh,ip=10.0.0.1"),
     Setting("fence-map", None, str, "INI file: a [HOST] section per fencing target with its options"),
     Setting("shutdown-timeout", 30.0, positive_float, "seconds a guest has to shut down before it is destroyed"),
@@ -128,6 +128,12 @@ class Options(make_options(SETTINGS, "pe", "Run a pool element on this hyperviso
                 raise usage.UsageError(f"--stonith: {err}") from None
             fence_map = read_fence_map(s["fence-map"]) if s["fence-map"] else {}
             self.fencer = StonithFencer(stonith, fence_map)
+            from ..interfaces import ISelfFencing
+
+            if ISelfFencing.providedBy(stonith) and not s["pe-id"]:
+                # a restarted PE must re-register as the same PE, or a takeover would wait out
+                # a watchdog that the new process keeps fed while the old VMs still run
+                raise usage.UsageError(f"--stonith {s['stonith']}: needs a fixed --pe-id")
 
 
 def makeService(options: Options):
@@ -187,5 +193,12 @@ def makeService(options: Options):
     HypervisorService(hypervisor).setServiceParent(pe)
     if announce_listener is not None:
         announce_listener.setServiceParent(pe)
+    if options.fencer is not None:
+        from .fencing import attach_self_fencing
+
+        try:  # a watchdog: opened (armed) now, so that a PE that cannot feed it never registers
+            attach_self_fencing(options.fencer.stonith, pe, core, registrars, reactor)
+        except (OSError, ValueError) as err:
+            raise usage.UsageError(f"--stonith-option {err.strerror if isinstance(err, OSError) and err.strerror else err}") from None
     return pe
 
