@@ -1055,7 +1055,8 @@ class WatchdogStonith:
     def feeder(self, clock: Any) -> WatchdogFeeder:
         device = WatchdogDevice(self.device, self.timeout, self._open_fd)
         device.open()
-        return WatchdogFeeder(device, self.lost_after, self.timeout, clock, now=self._now, holds_vms=self.holds_vms)
+        return WatchdogFeeder(device, self.lost_after, self.timeout, clock, now=self._now,
+                              holds_vms=lambda: self.holds_vms())  # fmt: skip - attach may come later
 
     def fence(self, target: FenceTarget) -> defer.Deferred:
         return _fenced(target.host, self._fence(target))

@@ -113,18 +113,17 @@ class PoolMembership:
         return False
 
 
-def attach_self_fencing(stonith, pe, core, registrars, reactor) -> None:
-    """Wire a self-fencing stonith provider (``watchdog``) into a PE daemon: it asks the
-    pool about other PEs, its feeder becomes a child service told of every registration
-    and its answer, and the PE refreshes its registration often enough to keep it fed.
-    Raises ValueError or OSError (the device cannot be opened) naming the problem."""
+def attach_self_fencing(stonith, feeder, pe, core, registrars, reactor) -> None:
+    """Wire a self-fencing stonith provider (``watchdog``) and its ``feeder`` (made with
+    the device opened, before the reactor runs) into a PE daemon: the provider asks the
+    pool about other PEs, the feeder becomes a child service told of every registration
+    and its answer, and the PE refreshes its registration often enough to keep it fed."""
     if not ISelfFencing.providedBy(stonith):
         return
     stonith.attach(
         PoolMembership(reactor, registrars, core.settings.pool_handle),
         lambda: bool(core.sessions or core.orphans or core.starting),
     )
-    feeder = stonith.feeder(reactor)
     feeder.setServiceParent(pe)
     pe.registration_watchers.append(feeder)
     pe.refresh_interval_s = min(pe.refresh_interval_s or stonith.refresh_interval_s, stonith.refresh_interval_s)

@@ -119,6 +119,7 @@ class Options(make_options(SETTINGS, "pe", "Run a pool element on this hyperviso
             except PluginError as err:
                 raise usage.UsageError(f"--rebalance: {err}") from None
         self.fencer = None
+        self.watchdog = None  # the feeder of a self-fencing stonith (watchdog)
         if s["stonith"]:
             from .fencing import StonithFencer, read_fence_map
 
@@ -134,6 +135,14 @@ class Options(make_options(SETTINGS, "pe", "Run a pool element on this hyperviso
                 # a restarted PE must re-register as the same PE, or a takeover would wait out
                 # a watchdog that the new process keeps fed while the old VMs still run
                 raise usage.UsageError(f"--stonith {s['stonith']}: needs a fixed --pe-id")
+            if ISelfFencing.providedBy(stonith):
+                from twisted.internet import reactor
+
+                try:  # opened (armed) now: a PE that cannot feed its watchdog never registers
+                    self.watchdog = stonith.feeder(reactor)
+                except (OSError, ValueError) as err:
+                    why = err.strerror if isinstance(err, OSError) and err.strerror else err
+                    raise usage.UsageError(f"--stonith-option {why}") from None
 
 
 def makeService(options: Options):
@@ -193,12 +202,9 @@ def makeService(options: Options):
     HypervisorService(hypervisor).setServiceParent(pe)
     if announce_listener is not None:
         announce_listener.setServiceParent(pe)
-    if options.fencer is not None:
+    if options.fencer is not None and options.watchdog is not None:
         from .fencing import attach_self_fencing
 
-        try:  # a watchdog: opened (armed) now, so that a PE that cannot feed it never registers
-            attach_self_fencing(options.fencer.stonith, pe, core, registrars, reactor)
-        except (OSError, ValueError) as err:
-            raise usage.UsageError(f"--stonith-option {err.strerror if isinstance(err, OSError) and err.strerror else err}") from None
+        attach_self_fencing(options.fencer.stonith, options.watchdog, pe, core, registrars, reactor)
     return pe
 
