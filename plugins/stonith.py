@@ -27,6 +27,18 @@ Four ``IStonith`` providers, registered by the built-in plugin under their names
     option) replaced in each argument, ``{{``/``}}`` for literal braces; ``timeout``.
     Exit 0 means "fenced and confirmed"; anything else fails with its stderr's last line.
 
+``watchdog``
+    Self-fencing for hosts without a fence device (like Pacemaker's SBD or Proxmox's
+    watchdog). Every PE configured with it feeds a Linux watchdog (``device``, default
+    ``/dev/watchdog``) while a registrar confirms its registrations, and stops feeding
+    ``lost-after`` seconds after the last registration a registrar answered was sent;
+    the device then resets the host within ``timeout`` seconds. A fence succeeds only
+    for a host whose PE no registrar has (``target.pe_identifier``, from the cookie),
+    after waiting ``lost-after + 2 * timeout + margin`` seconds during which it must
+    stay unregistered. Options: ``device``, ``lost-after`` (default 20), ``timeout``
+    (default 60, softdog's default; set on the device), ``margin`` (default 5); the
+    same values on every host. See ``WatchdogStonith``.
+
 ``manual``
     Refuses until an operator confirms the host is off (``confirm(state_dir, host)``,
     behind ``xenpool fence-confirm HOST``); then succeeds once and removes the
@@ -48,25 +60,30 @@ libvirt calls run in a thread pool (the reactor's unless one is given).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
 import shutil
+import stat
 import string
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from twisted.internet import defer
+from twisted.application.service import Service
+from twisted.internet import defer, task
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from xenpool.interfaces import FenceTarget, IStonith
+from xenpool.interfaces import FenceTarget, ISelfFencing, IStonith
 
 log = Logger()
 
@@ -769,5 +786,310 @@ class ManualStonith:
         return f"confirmed by an operator {max(age, 0):.0f}s ago"
 
 
+# -- watchdog ------------------------------------------------------------------------------------
+
+#: linux/watchdog.h: _IOWR('W', 6, int) and _IOR('W', 7, int).
+WDIOC_SETTIMEOUT = 0xC0045706
+WDIOC_GETTIMEOUT = 0x80045707
+#: What a feed writes: any byte but "V" (which, written just before close, disarms).
+FEED_BYTE = b"."
+MAGIC_CLOSE = b"V"
+
+
+def _number(name: str, value: object, *, zero: bool = False) -> float:
+    """``value`` as a number > 0 (>= 0 with ``zero``); ValueError naming ``name``."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not (number >= 0 if zero else number > 0) or number == float("inf"):
+        raise ValueError(f"{name} must be a number {'>= 0' if zero else '> 0'} of seconds, got {value!r}")
+    return number
+
+
+def _open_device(path: str) -> int:
+    # Non-blocking: a FIFO without a reader fails at once (ENXIO) instead of hanging.
+    return os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+class WatchdogDevice:
+    """A Linux watchdog device (``/dev/watchdog``), or in tests any file or FIFO.
+
+    ``open()`` opens it, which arms a real watchdog (a still-armed one, left by a PE
+    process that died, stays armed and is not fed by the open). A character device gets
+    ``timeout`` through WDIOC_SETTIMEOUT and is read back with WDIOC_GETTIMEOUT: a device
+    that ends up with a longer timeout than configured is refused (ValueError), because the
+    other hosts' fences wait for the configured one; a refused device is closed without the
+    magic character, so it stays armed. ``open_fd`` is the seam tests replace."""
+
+    def __init__(self, path: str, timeout: float, open_fd: Callable[[str], int] = _open_device) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._open_fd = open_fd
+        self.fd: int | None = None
+        self.device_timeout: int | None = None  # what a character device reported
+
+    def open(self) -> None:
+        try:
+            fd = self._open_fd(self.path)
+        except OSError as err:
+            raise OSError(err.errno, f"device: cannot open the watchdog {self.path}: {err.strerror}") from None
+        try:
+            if stat.S_ISCHR(os.fstat(fd).st_mode):
+                self.device_timeout = self._set_timeout(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def _set_timeout(self, fd: int) -> int:
+        import fcntl
+
+        try:
+            fcntl.ioctl(fd, WDIOC_SETTIMEOUT, struct.pack("i", math.ceil(self.timeout)))
+        except OSError as err:
+            log.warn("watchdog {path}: cannot set its timeout ({err}); checking the one it has",
+                     path=self.path, err=err.strerror)  # fmt: skip
+        try:
+            (actual,) = struct.unpack("i", fcntl.ioctl(fd, WDIOC_GETTIMEOUT, struct.pack("i", 0)))
+        except OSError as err:
+            raise ValueError(f"timeout: cannot read the timeout of the watchdog {self.path}: {err.strerror}") from None
+        if actual > self.timeout:
+            raise ValueError(
+                f"timeout: the watchdog {self.path} runs with {actual} s, more than timeout={self.timeout:g}; "
+                "configure a timeout it supports (the same on every host)"
+            )
+        return actual
+
+    def feed(self) -> None:
+        if self.fd is None:
+            raise OSError(f"the watchdog {self.path} is not open")
+        os.write(self.fd, FEED_BYTE)
+
+    def close(self, disarm: bool) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            if disarm:
+                os.write(fd, MAGIC_CLOSE)
+        finally:
+            os.close(fd)
+
+
+class WatchdogFeeder(Service):
+    """Feeds the watchdog every ``timeout / 4`` seconds while a registrar confirmed this
+    PE within ``lost_after`` seconds, and stops feeding once it has not.
+
+    Proof of contact is a REGISTRATION_RESPONSE accepting one of the PE's own
+    registrations; it is credited with the time that registration was *sent* (answers come
+    in order on one association), which is before the registrar saw it, so the credit never
+    runs ahead of what the registrar knows, however late the answer arrives. A keep-alive
+    from a registrar proves nothing: it does not show that the registrar hears the PE.
+    Nothing is fed before the first confirmed contact. ``now`` is a monotonic clock (a
+    wall clock set back must not extend the feeding); ``clock`` schedules the ticks.
+
+    A clean stop disarms the watchdog (the magic close) only when ``holds_vms()`` is false:
+    a PE that stops keeps its VMs running for their lease, its registration is gone, and
+    another PE may then fence its host by waiting out this very watchdog. With VMs the
+    device is closed armed and the host resets ``timeout`` seconds later unless a PE
+    (under the same ``--pe-id``) is registered and feeding again before then."""
+
+    def __init__(
+        self,
+        device: WatchdogDevice,
+        lost_after: float,
+        timeout: float,
+        clock: Any,
+        *,
+        now: Callable[[], float] = time.monotonic,
+        holds_vms: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.device = device
+        self.lost_after = lost_after
+        self.timeout = timeout
+        self.interval = timeout / 4
+        self.clock = clock
+        self.now = now
+        self.holds_vms = holds_vms
+        self.credit: float | None = None  # when the last registration a registrar accepted was sent
+        self.started_at: float | None = None
+        self.feeding = False  # whether the last tick fed
+        self.feeds = 0
+        self.failed_feeds = 0
+        self._sent: dict[int, tuple[object, list[float]]] = {}
+        self._warned_never = False
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = clock
+
+    # the PE service tells of registrations
+    def sent(self, channel: object) -> None:
+        self._sent.setdefault(id(channel), (channel, []))[1].append(self.now())
+
+    def answered(self, channel: object, accepted: bool) -> None:
+        entry = self._sent.get(id(channel))
+        if entry is None or entry[0] is not channel or not entry[1]:
+            return  # an answer to nothing this feeder saw sent: no proof of anything
+        sent_at = entry[1].pop(0)
+        if accepted and (self.credit is None or sent_at > self.credit):
+            self.credit = sent_at
+            if not self.feeding and self.running and self.contact():
+                self.tick()  # back in contact: feed at once
+
+    def lost(self, channel: object) -> None:
+        self._sent.pop(id(channel), None)
+
+    def contact(self) -> bool:
+        return self.credit is not None and self.now() - self.credit <= self.lost_after
+
+    def tick(self) -> None:
+        if self.contact():
+            try:
+                self.device.feed()
+            except OSError as err:
+                self.failed_feeds += 1
+                log.error("watchdog {path}: feeding failed: {err}", path=self.device.path, err=err.strerror or str(err))
+                return
+            self.feeds += 1
+            if not self.feeding:
+                log.warn("watchdog {path}: a registrar confirmed this PE; feeding every {interval:g}s",
+                         path=self.device.path, interval=self.interval)  # fmt: skip
+            self.feeding = True
+            return
+        if self.feeding:
+            log.critical(
+                "WATCHDOG STARVED: no registrar confirmed this PE for {lost:g}s; stopped feeding {path}, "
+                "the host resets within {timeout:g}s unless a registrar confirms it again",
+                lost=self.lost_after, path=self.device.path, timeout=self.timeout,
+            )  # fmt: skip
+            self.feeding = False
+        elif self.credit is None and not self._warned_never and self.started_at is not None:
+            if self.now() - self.started_at > self.lost_after:
+                self._warned_never = True
+                log.critical("WATCHDOG NOT FED: no registrar has confirmed this PE since it started; "
+                             "{path} resets the host", path=self.device.path)  # fmt: skip
+
+    def startService(self) -> None:
+        super().startService()
+        self.started_at = self.now()
+        log.info("watchdog {path} armed: fed while a registrar confirmed this PE within {lost:g}s",
+                 path=self.device.path, lost=self.lost_after)  # fmt: skip
+        self._loop.start(self.interval, now=True)
+
+    def stopService(self) -> Any:
+        if self._loop.running:
+            self._loop.stop()
+        holds = self.holds_vms()
+        try:
+            self.device.close(disarm=not holds)
+        except OSError as err:
+            log.error("watchdog {path}: closing failed: {err}", path=self.device.path, err=err.strerror)
+        if holds:
+            log.critical("watchdog {path} left ARMED: this PE stops with VMs running; the host resets within "
+                         "{timeout:g}s unless the PE is back and registered", path=self.device.path, timeout=self.timeout)  # fmt: skip
+        else:
+            log.info("watchdog {path} disarmed (magic close): no VM runs here", path=self.device.path)
+        return super().stopService()
+
+
+@implementer(ISelfFencing)
+class WatchdogStonith:
+    """``watchdog``: self-fencing through each host's own watchdog, decided by the pool.
+
+    ``device`` (default ``/dev/watchdog``), ``lost-after`` (seconds without a confirmed
+    registration before a PE stops feeding, default 20), ``timeout`` (the device's timeout,
+    set on it, default 60), ``margin`` (default 5): the same values on every host.
+
+    ``fence(target)`` asks the pool (every registrar) whether ``target.pe_identifier`` is
+    registered: if it is, or the pool cannot tell, the fence fails. Otherwise it waits
+    ``lost-after + 2 * timeout + margin`` seconds (measured on a monotonic clock), asking
+    again every ``check_interval`` seconds and at the end; any sighting fails the fence.
+    The timing argument is in the README ("Self-fencing with a watchdog").
+
+    ``reactor`` schedules the waits; ``now`` is the monotonic clock; ``open_fd`` opens the
+    device (tests pass a file or FIFO of their own)."""
+
+    name = "watchdog"
+
+    def __init__(
+        self,
+        device: str = "/dev/watchdog",
+        timeout: object = 60.0,
+        margin: object = 5.0,
+        *,
+        reactor: Any = None,
+        now: Callable[[], float] = time.monotonic,
+        open_fd: Callable[[str], int] = _open_device,
+        **options: object,
+    ) -> None:
+        lost_after = options.pop("lost-after", options.pop("lost_after", 20.0))
+        if options:
+            raise ValueError(
+                f"unknown option {', '.join(sorted(options))}; watchdog takes device, lost-after, timeout, margin"
+            )
+        if not str(device).strip():
+            raise ValueError("device must name a watchdog device, e.g. device=/dev/watchdog")
+        self.device = str(device).strip()
+        self.lost_after = _number("lost-after", lost_after)
+        self.timeout = _number("timeout", timeout)
+        self.margin = _number("margin", margin, zero=True)
+        self.wait_s = self.lost_after + 2 * self.timeout + self.margin
+        self.refresh_interval_s = self.lost_after / 3
+        self.check_interval = min(1.0, self.lost_after / 4)
+        self._reactor = reactor
+        self._now = now
+        self._open_fd = open_fd
+        self.membership: Any = None
+        self.holds_vms: Callable[[], bool] = lambda: True
+
+    @property
+    def reactor(self) -> Any:
+        if self._reactor is None:
+            self._reactor = _default_reactor()
+        return self._reactor
+
+    def attach(self, membership: Any, holds_vms: Callable[[], bool]) -> None:
+        self.membership = membership
+        self.holds_vms = holds_vms
+
+    def feeder(self, clock: Any) -> WatchdogFeeder:
+        device = WatchdogDevice(self.device, self.timeout, self._open_fd)
+        device.open()
+        return WatchdogFeeder(device, self.lost_after, self.timeout, clock, now=self._now,
+                              holds_vms=lambda: self.holds_vms())  # fmt: skip - attach may come later
+
+    def fence(self, target: FenceTarget) -> defer.Deferred:
+        return _fenced(target.host, self._fence(target))
+
+    async def _fence(self, target: FenceTarget) -> str:
+        host, pe = target.host, target.pe_identifier
+        if not pe:
+            raise FenceFailed(f"cannot fence {host} by its watchdog: which PE ran there is not known")
+        if self.membership is None:
+            raise FenceFailed("watchdog fencing asks the pool, and this provider is attached to none (only a PE daemon is)")
+        await self._unregistered(host, pe, waiting=False)
+        log.warn("fencing {host}: its PE {pe} is not registered with the pool; waiting {wait:g}s for its watchdog "
+                 "(lost-after {lost:g} + 2 x timeout {timeout:g} + margin {margin:g})", host=host, pe=f"0x{pe:08x}",
+                 wait=self.wait_s, lost=self.lost_after, timeout=self.timeout, margin=self.margin)  # fmt: skip
+        start = self._now()
+        deadline = start + self.wait_s
+        while (left := deadline - self._now()) > 0:
+            # the reactor's timers run on the wall clock; the loop goes by the monotonic one
+            await task.deferLater(self.reactor, min(left, self.check_interval), lambda: None)
+            await self._unregistered(host, pe, waiting=True)
+        return f"watchdog: PE 0x{pe:08x} unregistered for {self._now() - start:.1f}s, its watchdog has reset it"
+
+    async def _unregistered(self, host: str, pe: int, waiting: bool) -> None:
+        try:
+            registered = await self.membership.registered(pe)
+        except Exception as err:  # noqa: BLE001 - unknown is not off
+            raise FenceFailed(
+                f"cannot tell whether host {host} (PE 0x{pe:08x}) is still registered with the pool: {err}"
+            ) from None
+        if registered:
+            when = "registered with the pool again while its watchdog fence waited" if waiting else "still registered with the pool"
+            raise FenceFailed(f"host {host} is {when} (PE 0x{pe:08x}); a watchdog fence would not reset it")
+
+
 #: Every provider, as the built-in plugin registers them.
-PROVIDERS = (FenceAgentStonith, LibvirtStonith, CommandStonith, ManualStonith)
+PROVIDERS = (FenceAgentStonith, LibvirtStonith, CommandStonith, ManualStonith, WatchdogStonith)

@@ -163,7 +163,7 @@ class Fencer:
     def __init__(self) -> None:
         self.fenced: list[str] = []
 
-    def fence(self, host):
+    def fence(self, host, pe_identifier=0):
         self.fenced.append(host)
         return defer.succeed(None)
 

@@ -235,7 +235,7 @@ class Fencer:
     def __init__(self, fail: bool = False) -> None:
         self.fenced, self.fail = [], fail
 
-    def fence(self, host):
+    def fence(self, host, pe_identifier=0):
         self.fenced.append(host)
         return defer.fail(RuntimeError("agent said: status on")) if self.fail else defer.succeed(None)
 

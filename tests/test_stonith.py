@@ -126,16 +126,17 @@ def log_text(events) -> str:
 # -- registration -------------------------------------------------------------------------
 
 
-BUILTIN = {"fence-agent": {"agent": "fence_dummy"}, "libvirt": {}, "command": {"command": "true {host}"}}
+BUILTIN = {"fence-agent": {"agent": "fence_dummy"}, "libvirt": {}, "command": {"command": "true {host}"}, "watchdog": {}}
 
 
-def test_builtin_registers_the_four_providers(tmp_path):
+def test_builtin_registers_the_five_providers(tmp_path):
     plugins = load_plugins()
     assert {p.name for p in plugins.providers("stonith") if p.plugin == "builtin"} == {
         "fence-agent",
         "libvirt",
         "command",
         "manual",
+        "watchdog",
     }
     for name, options in {**BUILTIN, "manual": {"state_dir": str(tmp_path)}}.items():
         stonith = plugins.create("stonith", name, **options)

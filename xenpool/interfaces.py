@@ -140,10 +140,13 @@ class IPoolPlanner(IRebalancer):
 
 @dataclass(frozen=True, slots=True)
 class FenceTarget:
-    """Whom to fence: a host identity from a cookie, mapped through the PE config."""
+    """Whom to fence: a host identity from a cookie, mapped through the PE config.
+    ``pe_identifier``: the pool element that ran there, from the same cookie (0: not
+    known); only providers that ask the pool about it (``watchdog``) need it."""
 
     host: str
     options: dict[str, str] = field(default_factory=dict)
+    pe_identifier: int = 0
 
 
 class IStonith(Interface):
@@ -154,6 +157,26 @@ class IStonith(Interface):
     def fence(target: FenceTarget) -> object:
         """Power the target off and confirm it is off. Returns a Deferred that fires
         with None once it is off, or fails (never a start after a failed fence)."""
+
+
+class ISelfFencing(IStonith):
+    """A stonith provider whose hosts fence themselves (``watchdog``): every PE configured
+    with it feeds a watchdog while the registrars confirm its registrations, and a fence
+    asks the pool whether the old host's PE is still registered. The PE daemon wires it:
+    ``attach`` before the reactor runs, the feeder as a child service, and a registration
+    refresh at least every ``refresh_interval_s``."""
+
+    refresh_interval_s = Attribute("The longest a PE may go without sending a registration (refresh).")
+
+    def attach(membership: object, holds_vms: object) -> None:
+        """``membership.registered(pe_identifier)``: a Deferred firing True or False, or
+        failing when the pool cannot tell; ``holds_vms()``: whether the PE runs or keeps
+        any VM now (a clean stop may disarm the watchdog only when it does not)."""
+
+    def feeder(clock: object) -> object:
+        """The feeding service (an IService) of this PE, with the device opened (raises
+        OSError or ValueError naming the problem); it is told of registrations:
+        ``sent(channel)``, ``answered(channel, accepted)``, ``lost(channel)``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,7 +66,7 @@ class VmSession:
 
 
 class Fencer(Protocol):
-    def fence(self, host: str) -> defer.Deferred: ...
+    def fence(self, host: str, pe_identifier: int = 0) -> defer.Deferred: ...
 
 
 class ClaimAsker(Protocol):
@@ -254,7 +254,7 @@ class PoolElementCore:
             if blocker.host in found:
                 return S.ResultCode.ALREADY_RUNNING, (f"{blocker.host} holds the lease on {request.server_id} and answers "
                                                       f"that it does not run it; try again once its lease ends")  # fmt: skip
-            refusal = await self._fence(blocker.host, request.server_id)
+            refusal = await self._fence(blocker, request.server_id)
             if refusal is not None:
                 return refusal
             fenced.add(blocker.host)
@@ -270,7 +270,7 @@ class PoolElementCore:
         for suspect in sorted(suspects, key=lambda h: h.host):
             if suspect.host in found or suspect.host in fenced:
                 continue  # it answered: it does not run it
-            refusal = await self._fence(suspect.host, request.server_id)
+            refusal = await self._fence(suspect, request.server_id)
             if refusal is not None:
                 return refusal
             fenced.add(suspect.host)
@@ -301,11 +301,12 @@ class PoolElementCore:
                 return S.ResultCode.ALREADY_RUNNING, f"{answer.conflict} on {answer.host} (PE {hex_id(answer.pe_identifier)}, which {state})"
         return {answer.host for answer in answers}
 
-    async def _fence(self, host: str, server_id: str) -> tuple[int, str] | None:
+    async def _fence(self, target: S.Holder, server_id: str) -> tuple[int, str] | None:
+        host = target.host
         if self.fencer is None:
             return S.ResultCode.FENCE_FAILED, f"{server_id} may still run on {host} and no fencing is configured"
         try:
-            await self.fencer.fence(host)
+            await self.fencer.fence(host, target.pe_identifier)
         except Exception as err:  # noqa: BLE001 - no start after a failed fence, ever
             log.critical("FENCING {host} FAILED, {server} NOT STARTED: {err}", host=host, server=server_id, err=str(err))
             return S.ResultCode.FENCE_FAILED, f"fencing {host} failed: {err}"

@@ -56,6 +56,8 @@ class RegistrationProtocol(Protocol):
         if self.pe.registrar_channel is self:
             self.pe.registrar_channel = None
             self.pe.registered = False
+        for watcher in self.pe.registration_watchers:
+            watcher.lost(self)
         log.info("registrar connection lost; trying the registrars again")
 
 
@@ -179,6 +181,11 @@ class PoolElementService(service.MultiService):
         self.registrar_channel: RegistrationProtocol | None = None
         self.registered = False
         self.registrations = 0
+        # told of every registration sent, its answer and the channel's loss (a watchdog feeder)
+        self.registration_watchers: list = []
+        self.refresh_interval_s: float | None = None  # re-register at least this often, load or not
+        self._refresh_loop = task.LoopingCall(self.register)
+        self._refresh_loop.clock = reactor
         self._early_update = None
         core.load_changed = self.load_changed
         strports.service(user_endpoint, SessionFactory(core, idle_timeout, reactor)).setServiceParent(self)
@@ -202,6 +209,8 @@ class PoolElementService(service.MultiService):
         super().startService()
         self.core.leases.start()
         self._load_loop.start(self.load_interval_s, now=False)
+        if self.refresh_interval_s is not None and self.refresh_interval_s < self.load_interval_s:
+            self._refresh_loop.start(self.refresh_interval_s, now=False)
         if self.rebalancer is not None:
             self._rebalance_loop.start(self.rebalance_interval_s, now=False)
         defer.maybeDeferred(self.core.hypervisor.domains).addCallbacks(
@@ -215,7 +224,7 @@ class PoolElementService(service.MultiService):
 
     def stopService(self):
         self.core.leases.stop()
-        for loop in (self._load_loop, self._rebalance_loop):
+        for loop in (self._load_loop, self._rebalance_loop, self._refresh_loop):
             if loop.running:
                 loop.stop()
         if self._early_update is not None and self._early_update.active():
@@ -236,10 +245,14 @@ class PoolElementService(service.MultiService):
         if self.registrar_channel is not None:
             self.registrar_channel.send(self.registration())
             self.registrations += 1
+            for watcher in self.registration_watchers:
+                watcher.sent(self.registrar_channel)
 
     def from_registrar(self, message: M.Message, channel: RegistrationProtocol) -> None:
         settings = self.core.settings
         if isinstance(message, M.RegistrationResponse):
+            for watcher in self.registration_watchers:
+                watcher.answered(channel, not message.reject)
             if message.reject:
                 causes = ", ".join(f"cause {c.code}: {c.info.decode(errors='replace')}" for c in message.error.causes)
                 log.error("REGISTRATION REFUSED by the registrar: {causes}", causes=causes)

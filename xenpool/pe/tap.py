@@ -86,7 +86,7 @@ SETTINGS = [
     Setting("rebalance", None, str, "a rebalancer plugin: plan (the lowest PE identifier plans moves for the pool), gap-fit, hot-cold"),
     Setting("rebalance-interval", 120.0, positive_float, "seconds between rebalancing decisions"),
     Setting("lease", 60.0, float, "seconds a VM outlives its PU, waiting for its keeper to come back (0: none)"),
-    Setting("stonith", None, str, "fencing plugin for failovers: fence-agent, libvirt, command, manual"),
+    Setting("stonith", None, str, "fencing plugin for failovers: fence-agent, libvirt, command, manual, watchdog"),
     Setting("stonith-option", {}, options_list, "its options, e.g. agent=fence_virsh,ip=10.0.0.1"),
     Setting("fence-map", None, str, "INI file: a [HOST] section per fencing target with its options"),
     Setting("shutdown-timeout", 30.0, positive_float, "seconds a guest has to shut down before it is destroyed"),
@@ -123,6 +123,7 @@ class Options(make_options(SETTINGS, "pe", "Run a pool element on this hyperviso
             except PluginError as err:
                 raise usage.UsageError(f"--rebalance: {err}") from None
         self.fencer = None
+        self.watchdog = None  # the feeder of a self-fencing stonith (watchdog)
         if s["stonith"]:
             from .fencing import StonithFencer, read_fence_map
 
@@ -132,6 +133,20 @@ class Options(make_options(SETTINGS, "pe", "Run a pool element on this hyperviso
                 raise usage.UsageError(f"--stonith: {err}") from None
             fence_map = read_fence_map(s["fence-map"]) if s["fence-map"] else {}
             self.fencer = StonithFencer(stonith, fence_map)
+            from ..interfaces import ISelfFencing
+
+            if ISelfFencing.providedBy(stonith) and not s["pe-id"]:
+                # a restarted PE must re-register as the same PE, or a takeover would wait out
+                # a watchdog that the new process keeps fed while the old VMs still run
+                raise usage.UsageError(f"--stonith {s['stonith']}: needs a fixed --pe-id")
+            if ISelfFencing.providedBy(stonith):
+                from twisted.internet import reactor
+
+                try:  # opened (armed) now: a PE that cannot feed its watchdog never registers
+                    self.watchdog = stonith.feeder(reactor)
+                except (OSError, ValueError) as err:
+                    why = err.strerror if isinstance(err, OSError) and err.strerror else err
+                    raise usage.UsageError(f"--stonith-option {why}") from None
 
 
 def makeService(options: Options):
@@ -203,5 +218,9 @@ def makeService(options: Options):
     HypervisorService(hypervisor).setServiceParent(pe)
     if announce_listener is not None:
         announce_listener.setServiceParent(pe)
+    if options.fencer is not None and options.watchdog is not None:
+        from .fencing import attach_self_fencing
+
+        attach_self_fencing(options.fencer.stonith, options.watchdog, pe, core, registrars, reactor)
     return pe
 
