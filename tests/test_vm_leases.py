@@ -137,7 +137,7 @@ class SlowFencer:
     def __init__(self) -> None:
         self.pending: list[tuple[str, defer.Deferred]] = []
 
-    def fence(self, host):
+    def fence(self, host, pe_identifier=0):
         d = defer.Deferred()
         self.pending.append((host, d))
         return d

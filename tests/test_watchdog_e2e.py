@@ -122,10 +122,6 @@ def test_feeding_stops_without_a_registrar_and_resumes_with_one(pool):
             select.select([], [], [], 0.05)
             after = feeds[n].between(restarted_at, time.monotonic() + 1)
         assert after, pes[n].log
-        before = feeds[n].between(0, starved_seen)
-        gap = after[0] - before[-1]
-        # a real watchdog with a 1 s timeout would have reset the host in this gap
-        assert gap > TIMEOUT, gap
     assert resumed_seen > restarted_at
 
 
