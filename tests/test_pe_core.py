@@ -158,9 +158,30 @@ def test_pu_gone_the_vm_outlives_it_for_the_lease(pe, clock):
     pe.session_lost(session)
     clock.advance(59)
     assert pe.hypervisor.shutdowns == [] and pe.orphans.keys() == {"web1"}
-    assert create(pe, "web1").results()[0].code == S.ResultCode.ALREADY_RUNNING  # still taken
+    # still taken: another VM of that name (another disk) is refused
+    assert create(pe, "web1", disk="/dev/vg/other").results()[0].code == S.ResultCode.ALREADY_RUNNING
     clock.advance(1)
     assert pe.hypervisor.shutdowns == ["web1"] and pe.accounting.free_kb == free and not pe.orphans
+
+
+def test_a_keeper_back_without_its_cookie_takes_its_vm_back_with_a_plain_create(pe, clock):
+    """A keeper whose state file was lost or corrupt asks for its VM again: the PE that
+    kept it running for the lease re-adopts it instead of refusing or starting it twice."""
+    pe.session_lost(create(pe))
+    clock.advance(30)
+    again = create(pe)
+    assert again.results()[0].ok and again.results()[0].reason == "re-adopted, kept running"
+    clock.advance(60)
+    assert pe.hypervisor.shutdowns == [] and list(pe.hypervisor.domains) == ["web1"]
+
+
+def test_a_refusal_because_another_host_runs_the_vm_sends_a_cookie_naming_that_host(pool, clock):
+    """So a keeper without a cookie goes to that host next (and re-adopts there)."""
+    assert create(pool.cores[2], "web1", 64).results()[0].ok
+    refused = create(pool.cores[0], "web1", 64)
+    assert refused.results()[0].code == S.ResultCode.ALREADY_RUNNING
+    (state,) = refused.cookies(clock.seconds())
+    assert (state.host, state.pe_identifier, state.running) == ("host3", 3, True)
 
 
 def test_without_a_lease_pu_gone_shuts_the_vm_down(pe):

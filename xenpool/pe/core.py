@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import socket
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -63,6 +63,15 @@ class VmSession:
     lease_end: object = None  # the pending shutdown while no PU holds it
     stopping: bool = False  # this PE is stopping it: its lifecycle events are expected
     migrating: bool = False  # being live-migrated away: it runs, here or there
+    discovered: bool = False  # found running (start-up, live migration): its disk and IPs unknown
+
+
+class Refusal(NamedTuple):
+    """Why a start is refused; ``holder``: the host that runs (or holds the lease on) the VM."""
+
+    code: int
+    reason: str
+    holder: S.Holder | None = None
 
 
 class Fencer(Protocol):
@@ -85,6 +94,13 @@ class PeerAsker(Protocol):
 
     def move(self, element: P.PoolElement, request: S.MoveRequest) -> defer.Deferred:
         """Its MoveAnswer, once it stopped the VM (or why not)."""
+
+
+def _same_vm(held: "VmSession", asked: S.CreateServer) -> bool:
+    """A request for the very VM this PE started (not a domain merely found running:
+    that one only a cookie takes back)."""
+    request = held.request
+    return not held.discovered and (request.server_id, request.disk, request.ips) == (asked.server_id, asked.disk, asked.ips)
 
 
 class PoolElementCore:
@@ -177,6 +193,19 @@ class PoolElementCore:
         )  # fmt: skip
         return M.Cookie(C.seal(state, self.settings.secret))
 
+    def _refuse_start(self, session: Session, request: S.CreateServer, refusal: tuple) -> None:
+        """A refused start; where another host runs the VM (or holds its lease), the PU
+        first gets a cookie naming that host, so it goes there next: a keeper whose own
+        cookie was lost (a corrupt state file) finds its VM again instead of giving up."""
+        refusal = Refusal(*refusal)
+        if refusal.holder is not None and refusal.holder.host != self.settings.host:
+            state = C.SessionState(
+                self.settings.pool_handle, request.server_id, request.disk, request.ips, request.ram_mb, request.vcpus,
+                True, refusal.holder.host, refusal.holder.pe_identifier, self.clock.seconds(), 0.0,
+            )  # fmt: skip
+            session.send(M.Cookie(C.seal(state, self.settings.secret)))
+        self._answer_failure(session, request.server_id, refusal.code, refusal.reason)
+
     def _answer_failure(self, session: Session, server_id: str, code: int, reason: str) -> None:
         self.refusals[code] = self.refusals.get(code, 0) + 1
         log.info("refused {server}: {code} {reason}", server=server_id, code=int(code), reason=reason)
@@ -245,7 +274,7 @@ class PoolElementCore:
             blocker = outcome.blocker
             if blocker is None or may_run_on is None or blocker.host != may_run_on.host:
                 code = S.ResultCode.ALREADY_RUNNING if blocker is not None else S.ResultCode.UNSPECIFIED
-                return code, f"no lease on {request.server_id}: {outcome.reason}"
+                return Refusal(code, f"no lease on {request.server_id}: {outcome.reason}", blocker)
             # The host the PU lost still holds the lease: ask it; fence it only if it
             # does not answer (a host that answers is alive: the PU's path to it is cut).
             found = await self._ask_pool(request, {blocker})
@@ -298,7 +327,9 @@ class PoolElementCore:
                 # other gives way (never "the lower identifier wins" on answers a slow
                 # fence can outdate).
                 state = "is starting it" if answer.pending else "holds it"
-                return S.ResultCode.ALREADY_RUNNING, f"{answer.conflict} on {answer.host} (PE {hex_id(answer.pe_identifier)}, which {state})"
+                holder = None if answer.pending else S.Holder(answer.pe_identifier, answer.host)
+                return Refusal(S.ResultCode.ALREADY_RUNNING,
+                               f"{answer.conflict} on {answer.host} (PE {hex_id(answer.pe_identifier)}, which {state})", holder)
         return {answer.host for answer in answers}
 
     async def _fence(self, target: S.Holder, server_id: str) -> tuple[int, str] | None:
@@ -319,10 +350,15 @@ class PoolElementCore:
                       cpu_cores: float = 0.0) -> None:  # fmt: skip
         if session in self.sessions:
             return self._answer_failure(session, request.server_id, S.ResultCode.INVALID_REQUEST, "this session already has a VM")
+        orphan = self.orphans.get(request.server_id)
+        if not claimed and orphan is not None and _same_vm(orphan, request):
+            # Its keeper is back without a cookie (it lost its state): the VM kept
+            # running here for its lease, so it is taken back, not started twice.
+            return self._adopt(orphan, session)
         if not claimed:
             refusal = await self._claim(request)
             if refusal is not None:
-                return self._answer_failure(session, request.server_id, *refusal)
+                return self._refuse_start(session, request, refusal)
         try:
             await self._start(request, session, cpu_cores)
         finally:
@@ -374,7 +410,7 @@ class PoolElementCore:
         if orphan is None and mine and state.running and self.conflict_with(state.server_id, "", ()) is None:
             orphan = await self._take_if_running(state.server_id)
         if orphan is not None and mine:
-            orphan.request = request  # the cookie knows its disk and IPs; a found domain did not
+            orphan.request, orphan.discovered = request, False  # the cookie knows its disk and IPs
             return self._adopt(orphan, session)
         # The lease first, then the pool: a PE that answers holding the VM (the cookie's
         # own host included) is alive and runs it, so this is a stale or replayed cookie,
@@ -382,7 +418,7 @@ class PoolElementCore:
         old_host = S.Holder(state.pe_identifier, state.host) if state.running and not mine else None
         refusal = await self._claim(request, may_run_on=old_host)
         if refusal is not None:
-            return self._answer_failure(session, state.server_id, *refusal)
+            return self._refuse_start(session, request, refusal)
         try:
             await self._create(request, session, claimed=True, cpu_cores=state.cpu_cores)
         finally:
@@ -522,7 +558,7 @@ class PoolElementCore:
         for name, (state, ram_kb) in domains.items():
             if name in self.orphans or self._session_of(name) is not None or state not in NORMAL_STATES:
                 continue
-            vm = VmSession(S.CreateServer(name, "", (), max(1, ram_kb // 1024)), running=True)
+            vm = VmSession(S.CreateServer(name, "", (), max(1, ram_kb // 1024)), running=True, discovered=True)
             self.accounting.reserve(name, vm.request.ram_mb)
             self.orphans[name] = vm
             self.leases.hold(vm.request)
