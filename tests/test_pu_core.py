@@ -188,3 +188,38 @@ def test_after_a_glitch_the_pu_goes_back_to_the_old_pe_that_still_holds_the_vm(c
     assert k.state == State.WAITING  # PE 2 answered 13: not final
     clock.advance(1)
     assert k.state == State.RUNNING and k.pe.identifier == 1
+
+
+class SlowPE(ScriptedPE):
+    """Answers a start only when the test says so."""
+
+    def send(self, message) -> None:
+        if isinstance(message, (S.CreateServer, M.CookieEcho)):
+            self.received.append(message)
+            self.start_deliver = self.deliver
+            return
+        super().send(message)
+
+    def answer_start(self) -> None:
+        self.start_deliver(M.Cookie(f"cookie from {self.identifier}".encode()))
+        self.start_deliver(S.CreateResult("web1", 0, 1000, f"started on pe{self.identifier}"))
+
+
+def test_a_refused_sessions_late_loss_does_not_end_the_next_session(clock):
+    """Over TCP a refused session's connectionLost arrives after the keeper closed it,
+    while it is already starting the VM on the next PE: it must not be read as that PE's
+    answer (the keeper would drop a VM that PE has just started and ask a third one)."""
+    full, starter, third = ScriptedPE(1, refuse=S.ResultCode.NO_RAM), SlowPE(2), ScriptedPE(3)
+    pool = Pool(clock, full, starter, third)
+    k = keeper(clock, pool)
+    k.run()
+    stale_deliver = full.deliver
+    assert k.state == State.STARTING and k.pe.identifier == 2
+    stale_deliver(LOST)  # the refused session's connectionLost, late
+    starter.answer_start()
+    assert k.state == State.RUNNING and k.pe.identifier == 2 and third.received == []
+    clock.advance(0.5)
+    stale_deliver(LOST)  # again, between two heartbeats of the running session
+    clock.advance(5)
+    assert k.state == State.RUNNING and k.pe.identifier == 2 and not starter.closed
+    assert pool.unreachable == [] and third.received == [] and k.failovers == 0

@@ -59,6 +59,25 @@ class PoolAccess(Protocol):
     def report_unreachable(self, pool_handle: bytes, identifier: int) -> None: ...
 
 
+class _Session:
+    """One session with one PE, with its own queue: whatever its channel delivers after the
+    session ended (a refused session's late connectionLost, say) is dropped, so it can never
+    be read as the next session's answer."""
+
+    def __init__(self) -> None:
+        self.queue = DeferredQueue()
+        self.channel: Channel | None = None
+        self.ended = False
+        self.heartbeat_pause: defer.Deferred | None = None
+
+    def deliver(self, message: object) -> None:
+        if self.ended:
+            return
+        self.queue.put(message)
+        if message is LOST and self.heartbeat_pause is not None:
+            self.heartbeat_pause.cancel()  # between heartbeats: fail over now, not at the next one
+
+
 class State(enum.Enum):
     RESOLVING = "resolving"
     STARTING = "starting"
@@ -100,8 +119,7 @@ class VmKeeper:
     running_since: float | None = None  # when the PE last confirmed a start
 
     def __post_init__(self) -> None:
-        self._channel: Channel | None = None
-        self._queue: DeferredQueue | None = None
+        self._session: _Session | None = None
         self._stop_requested = False
         self._leaving = False
         self._wake: defer.Deferred | None = None
@@ -187,17 +205,8 @@ class VmKeeper:
 
     async def _pause(self, seconds: float) -> None:
         self._wake = task.deferLater(self.clock, seconds, lambda: None)
-        try:
-            await self._wake
-        except defer.CancelledError:
-            pass
-        finally:
-            self._wake = None
-
-    def _deliver(self, message: object) -> None:
-        self._queue.put(message)
-        if message is LOST and self._wake is not None:
-            self._wake.cancel()  # between heartbeats: fail over now, not at the next one
+        await _unless_cancelled(self._wake)
+        self._wake = None
 
     async def _session_with(self, element: P.PoolElement):
         """Start (or take over) the VM on one PE and keep it there.
@@ -205,17 +214,17 @@ class VmKeeper:
         Returns a result code when the PE refused, or None once a running VM's session
         ended (the PE was lost)."""
         self._last_reason = ""
-        self._queue = DeferredQueue()
+        session = self._session = _Session()
         try:
-            channel = await self.access.connect(element, self._deliver)
+            channel = await self.access.connect(element, session.deliver)
         except Exception as err:  # noqa: BLE001 - unreachable PE
             self._last_reason = f"PE {hex_id(element.identifier)} unreachable: {err}"
             self.access.report_unreachable(self.settings.pool_handle, element.identifier)
             return S.ResultCode.UNSPECIFIED
-        self._channel, self.pe = channel, element
+        session.channel, self.pe = channel, element
         self._set(State.STARTING, f"on PE {hex_id(element.identifier)}")
         channel.send(M.CookieEcho(self.cookie) if self.cookie else self.request)
-        result = await self._await(S.CreateResult, self.settings.create_timeout_s)
+        result = await self._await(session, S.CreateResult, self.settings.create_timeout_s)
         if not isinstance(result, S.CreateResult):
             channel.close()
             self._last_reason = f"PE {hex_id(element.identifier)} gave no answer"
@@ -232,7 +241,7 @@ class VmKeeper:
             self.failovers += 1
         self.lost_at = None
         self._set(State.RUNNING, f"on PE {hex_id(element.identifier)}: {result.reason}")
-        ended = await self._heartbeat(channel)
+        ended = await self._heartbeat(session)
         if isinstance(ended, S.StopResult):  # a planned move: no one to report or fence
             self.moves += 1
             self._move_target = ended.target_pe
@@ -241,14 +250,14 @@ class VmKeeper:
             return None
         if ended:
             if not self._leaving:
-                await self._stop_on(channel)
+                await self._stop_on(session)
             return S.ResultCode.NORMAL_END
         self.lost_at = self.clock.seconds()
         self.access.report_unreachable(self.settings.pool_handle, element.identifier)
         self._set(State.FAILING_OVER, f"PE {hex_id(element.identifier)} lost")
         return None
 
-    async def _await(self, kind: type, timeout: float):
+    async def _await(self, session: _Session, kind: type, timeout: float):
         """The next ``kind`` message, keeping every cookie on the way; LOST if the
         session ended, None on timeout."""
         deadline = self.clock.seconds() + timeout
@@ -256,7 +265,7 @@ class VmKeeper:
             left = deadline - self.clock.seconds()
             if left <= 0:
                 return None
-            d = self._queue.get()
+            d = session.queue.get()
             timer = self.clock.callLater(left, d.cancel)
             try:
                 message = await d
@@ -273,21 +282,21 @@ class VmKeeper:
             elif isinstance(message, kind) or (isinstance(message, S.StopResult) and message.code == S.ResultCode.MOVED):
                 return message
 
-    async def _heartbeat(self, channel: Channel) -> bool | S.StopResult:
+    async def _heartbeat(self, session: _Session) -> bool | S.StopResult:
         """CheckRunning every interval. Returns True when a stop was asked, False
         when the session was lost (closed, or a heartbeat went unanswered), and the PE's
         StopResult when it moved the VM away (rebalancing)."""
         last_answer = self.clock.seconds()
         while not self._stop_requested:
-            channel.send(S.CheckRunning(self.server_id, max(1, round(self.settings.heartbeat_interval_s))))
+            session.channel.send(S.CheckRunning(self.server_id, max(1, round(self.settings.heartbeat_interval_s))))
             # The timeout runs from the last answer, not from this request: a silent PE
             # is given up heartbeat_timeout_s after it was last heard, whatever the interval.
             left = last_answer + self.settings.heartbeat_timeout_s - self.clock.seconds()
-            answer = await self._await(S.CheckRunningResponse, max(left, 0.001))
+            answer = await self._await(session, S.CheckRunningResponse, max(left, 0.001))
             if answer is LOST:
                 return False
             if answer is None:
-                channel.close()
+                session.channel.close()
                 return False
             if isinstance(answer, S.StopResult):
                 return answer
@@ -295,7 +304,9 @@ class VmKeeper:
             if answer.state != self.domain_state:
                 self.domain_state = answer.state
                 self._set(State.RUNNING, f"domain state {answer.state}")
-            await self._pause(self.settings.heartbeat_interval_s)
+            session.heartbeat_pause = task.deferLater(self.clock, self.settings.heartbeat_interval_s, lambda: None)
+            await _unless_cancelled(session.heartbeat_pause)
+            session.heartbeat_pause = None
         return True
 
     # ------------------------------------------------------------------ stopping
@@ -307,20 +318,29 @@ class VmKeeper:
         self._leaving = True
         if self._wake is not None:
             self._wake.cancel()
-        if self._channel is not None:
-            self._channel.close()
+        if self._session is not None and self._session.channel is not None:
+            self._session.channel.close()
 
     def stop(self) -> defer.Deferred:
         """Stop the VM cleanly (StopServer) and end the session; fires with the final State."""
         self._stop_requested = True
         if self._wake is not None:
             self._wake.cancel()
+        if self._session is not None and self._session.heartbeat_pause is not None:
+            self._session.heartbeat_pause.cancel()
         return self._running
 
-    async def _stop_on(self, channel: Channel) -> None:
+    async def _stop_on(self, session: _Session) -> None:
         self._set(State.STOPPING, "asking the PE to stop it")
-        channel.send(S.StopServer(self.server_id))
-        answer = await self._await(S.StopResult, max(30.0, self.settings.heartbeat_timeout_s))
+        session.channel.send(S.StopServer(self.server_id))
+        answer = await self._await(session, S.StopResult, max(30.0, self.settings.heartbeat_timeout_s))
         if not isinstance(answer, S.StopResult):
             log.warn("{server}: the PE did not confirm the stop", server=self.server_id)
-        channel.close()
+        session.channel.close()
+
+
+async def _unless_cancelled(d: defer.Deferred) -> None:
+    try:
+        await d
+    except defer.CancelledError:
+        pass
