@@ -76,8 +76,8 @@ def clock():
     return Clock()
 
 
-def keeper(clock, pool, **settings) -> VmKeeper:
-    k = VmKeeper(REQUEST, pool, clock, PuSettings(**settings))
+def keeper(clock, pool, rng=lambda: 0.0, **settings) -> VmKeeper:
+    k = VmKeeper(REQUEST, pool, clock, PuSettings(**settings), rng=rng)
     k.history = []
     k.events.on_state = lambda kp, state, why: k.history.append((state, why))
     return k
@@ -223,3 +223,59 @@ def test_a_refused_sessions_late_loss_does_not_end_the_next_session(clock):
     clock.advance(5)
     assert k.state == State.RUNNING and k.pe.identifier == 2 and not starter.closed
     assert pool.unreachable == [] and third.received == [] and k.failovers == 0
+
+
+class TcpLikePE(ScriptedPE):
+    """Its session's connectionLost comes a moment after the keeper closed it, as over TCP."""
+
+    def __init__(self, clock: Clock, identifier: int, **kwargs) -> None:
+        super().__init__(identifier, **kwargs)
+        self.clock = clock
+
+    def close(self) -> None:
+        super().close()
+        if len(self.received) < 100:  # a keeper that never waits fails the test, not hangs it
+            self.clock.callLater(0, self.deliver, LOST)
+
+
+def start_times(pe: ScriptedPE) -> list[float]:
+    return [at for at, message in pe.timed if isinstance(message, (S.CreateServer, M.CookieEcho))]
+
+
+def timed(clock: Clock, pe: ScriptedPE) -> ScriptedPE:
+    """Record when each message reached ``pe``."""
+    pe.timed = []
+    send = pe.send
+
+    def timed_send(message) -> None:
+        pe.timed.append((clock.seconds(), message))
+        send(message)
+
+    pe.send = timed_send
+    return pe
+
+
+def test_the_back_off_waits_although_refused_sessions_end_late(clock):
+    """A refused session's late connectionLost cut the back-off short: the keeper retried
+    thousands of times a second while saying "retrying in 30.0 s"."""
+    pes = [timed(clock, TcpLikePE(clock, i, refuse=S.ResultCode.NO_RAM)) for i in (1, 2)]
+    k = keeper(clock, Pool(clock, *pes), retry_initial_s=1, retry_max_s=4)
+    k.run()
+    for _ in range(20):
+        clock.advance(0.5)
+    for pe in pes:  # one round per back-off period: 1, 2, 4, then 4 s
+        assert start_times(pe) == pytest.approx([0, 1, 3, 7])
+    assert k.state == State.WAITING and k.history[-1][1].endswith("retrying in 4.0 s")
+
+
+def test_the_back_off_has_jitter_and_its_cap(clock):
+    draws = iter([1.0, 0.5, 0.0, 1.0, 1.0])
+    pe = timed(clock, ScriptedPE(1, refuse=S.ResultCode.NO_RAM))
+    k = keeper(clock, Pool(clock, pe), rng=lambda: next(draws, 1.0), retry_initial_s=2, retry_max_s=8, retry_jitter=0.5)
+    k.run()
+    for _ in range(60):
+        clock.advance(0.5)
+    # back-offs 2, 4, 8, 8, ..., each shortened by jitter * draw (then 1.0 draws)
+    assert start_times(pe) == pytest.approx([0, 1, 4, 12, 16, 20, 24, 28])
+    waits = [why.split("retrying in ")[1] for state, why in k.history if state == State.WAITING]
+    assert waits[:5] == ["1.0 s", "3.0 s", "8.0 s", "4.0 s", "4.0 s"]

@@ -13,6 +13,7 @@ says the VM may be running. With no PE able to take it, it retries with backoff.
 from __future__ import annotations
 
 import enum
+import random
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -36,8 +37,11 @@ class PuSettings:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 3.0
     create_timeout_s: float = 120.0  # a start may include a fence and a boot
-    retry_initial_s: float = 0.5
+    retry_initial_s: float = 0.5  # the first back-off after a round of refusals; doubles up to retry_max_s
     retry_max_s: float = 30.0
+    # Each wait is shortened by up to this share of the back-off, at random, so keepers
+    # refused together do not come back together.
+    retry_jitter: float = 0.5
     resolution_items: int = 8
 
 
@@ -117,12 +121,13 @@ class VmKeeper:
     failovers: int = 0
     moves: int = 0  # planned moves by a rebalancing PE
     running_since: float | None = None  # when the PE last confirmed a start
+    rng: Callable[[], float] = field(default=random.random, repr=False)  # uniform in [0, 1): the back-off's jitter
 
     def __post_init__(self) -> None:
         self._session: _Session | None = None
         self._stop_requested = False
         self._leaving = False
-        self._wake: defer.Deferred | None = None
+        self._backoff_pause: defer.Deferred | None = None
         self._move_target = 0  # the PE a planned move sends the VM to (0: none)
 
     @property
@@ -141,7 +146,10 @@ class VmKeeper:
         return self._running
 
     async def _run(self) -> State:
-        delay = self.settings.retry_initial_s
+        """Rounds of start attempts (each PE the pool names at most once), a back-off
+        after each round no PE took; only a VM that ran and was lost (or moved) is
+        tried again at once."""
+        backoff = self.settings.retry_initial_s
         failed: set[int] = set()
         while not self._stop_requested:
             self._set(State.RESOLVING if self.lost_at is None else State.FAILING_OVER, "asking the pool for a PE")
@@ -169,7 +177,7 @@ class VmKeeper:
                 outcome = await self._session_with(element)
                 if outcome is None:  # the session ended after the VM ran: fail over now
                     failed = {element.identifier}
-                    delay = self.settings.retry_initial_s
+                    backoff = self.settings.retry_initial_s
                     break
                 if self._stop_requested:
                     break
@@ -179,9 +187,10 @@ class VmKeeper:
             else:
                 if self._stop_requested:
                     break
-                self._set(State.WAITING, f"{why}; retrying in {delay:.1f} s")
-                await self._pause(delay)
-                delay = min(delay * 2, self.settings.retry_max_s)
+                wait = backoff * (1 - self.settings.retry_jitter * self.rng())
+                self._set(State.WAITING, f"{why}; retrying in {wait:.1f} s")
+                await self._pause(wait)
+                backoff = min(backoff * 2, self.settings.retry_max_s)
                 failed = set()
         if self._leaving:
             self._set(State.LEFT, "its PE keeps it for the lease")
@@ -204,9 +213,10 @@ class VmKeeper:
             return None
 
     async def _pause(self, seconds: float) -> None:
-        self._wake = task.deferLater(self.clock, seconds, lambda: None)
-        await _unless_cancelled(self._wake)
-        self._wake = None
+        """The back-off: only stop() and leave() cut it short."""
+        self._backoff_pause = task.deferLater(self.clock, seconds, lambda: None)
+        await _unless_cancelled(self._backoff_pause)
+        self._backoff_pause = None
 
     async def _session_with(self, element: P.PoolElement):
         """Start (or take over) the VM on one PE and keep it there.
@@ -316,16 +326,16 @@ class VmKeeper:
         its lease, and a keeper that comes back with the cookie re-adopts it."""
         self._stop_requested = True
         self._leaving = True
-        if self._wake is not None:
-            self._wake.cancel()
+        if self._backoff_pause is not None:
+            self._backoff_pause.cancel()
         if self._session is not None and self._session.channel is not None:
             self._session.channel.close()
 
     def stop(self) -> defer.Deferred:
         """Stop the VM cleanly (StopServer) and end the session; fires with the final State."""
         self._stop_requested = True
-        if self._wake is not None:
-            self._wake.cancel()
+        if self._backoff_pause is not None:
+            self._backoff_pause.cancel()
         if self._session is not None and self._session.heartbeat_pause is not None:
             self._session.heartbeat_pause.cancel()
         return self._running
