@@ -33,7 +33,7 @@ class ScriptedPE:
             return
         if isinstance(message, (S.CreateServer, M.CookieEcho)):
             if self.refuse is not None:
-                self.deliver(S.CreateResult("web1", self.refuse, 0, "no"))
+                self.deliver(S.CreateResult("web1", self.refuse, 0, getattr(self, "reason", "no")))
                 return
             self.deliver(M.Cookie(f"cookie from {self.identifier}".encode()))
             self.deliver(S.CreateResult("web1", 0, 1000, f"started on pe{self.identifier}"))
@@ -279,3 +279,37 @@ def test_the_back_off_has_jitter_and_its_cap(clock):
     assert start_times(pe) == pytest.approx([0, 1, 4, 12, 16, 20, 24, 28])
     waits = [why.split("retrying in ")[1] for state, why in k.history if state == State.WAITING]
     assert waits[:5] == ["1.0 s", "3.0 s", "8.0 s", "4.0 s", "4.0 s"]
+
+
+def test_the_waiting_message_names_every_pes_reason(clock):
+    """With more than one PE the keeper said "PE ... gave no answer" while one PE had
+    refused with code 12 and a clear reason."""
+    no_disk = TcpLikePE(clock, 1, refuse=S.ResultCode.DISK_UNREACHABLE)
+    no_disk.reason = "disk unreachable: nbd://san:10809/web1: connection refused"
+    pool = Pool(clock, no_disk, ScriptedPE(2), ScriptedPE(3, silent=True))
+    pool.down.add(2)
+    pool.resolve = lambda *args, **kwargs: defer.succeed([element(1), element(2), element(3)])
+    k = keeper(clock, pool, create_timeout_s=10)
+    k.run()
+    clock.advance(10)
+    assert k.state == State.WAITING
+    assert k.history[-1][1] == (
+        "PE 0x00000001 refused: code 12, disk unreachable: nbd://san:10809/web1: connection refused; "
+        "PE 0x00000002 unreachable: refused; PE 0x00000003 gave no answer in 10 s; retrying in 0.5 s"
+    )
+
+
+def test_the_create_command_prints_each_pes_refusal(clock, capsys):
+    from xenpool.pu import cli
+
+    no_ram, no_disk = ScriptedPE(1, refuse=S.ResultCode.NO_RAM), TcpLikePE(clock, 2, refuse=S.ResultCode.DISK_UNREACHABLE)
+    no_ram.reason, no_disk.reason = "needs 300 MB, 120 MB free", "disk unreachable: nbd://san:10809/web1"
+    k = keeper(clock, Pool(clock, no_ram, no_disk))
+    k.events.on_state = cli.show
+    k.run()
+    clock.advance(0)
+    waiting = capsys.readouterr().out.splitlines()[-1]
+    assert waiting.endswith(
+        "web1: waiting: PE 0x00000001 refused: code 11, needs 300 MB, 120 MB free; "
+        "PE 0x00000002 refused: code 12, disk unreachable: nbd://san:10809/web1; retrying in 0.5 s"
+    )

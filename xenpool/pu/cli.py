@@ -80,6 +80,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def status_line(k: VmKeeper, state: State, why: str) -> str:
+    """What the terminal shows for each state change: while waiting, every PE's answer."""
+    extra = f" (failover took {k.last_failover_s:.2f} s)" if state == State.RUNNING and k.last_failover_s else ""
+    return f"{time.strftime('%H:%M:%S')} {k.server_id}: {state.value}: {why}{extra}"
+
+
+def show(k: VmKeeper, state: State, why: str) -> None:
+    print(status_line(k, state, why), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     request = S.CreateServer(args.server_id, args.disk, tuple(args.ip), args.ram, args.vcpus)
@@ -101,10 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         announce_listener.startService()
     access = TcpPoolAccess(reactor, registrars)
     keeper = VmKeeper(request, access, reactor, settings)
-
-    def show(k: VmKeeper, state: State, why: str) -> None:
-        extra = f" (failover took {k.last_failover_s:.2f} s)" if state == State.RUNNING and k.last_failover_s else ""
-        print(f"{time.strftime('%H:%M:%S')} {k.server_id}: {state.value}: {why}{extra}", flush=True)
 
     keeper.events.on_state = show
     outcome: list[State] = []

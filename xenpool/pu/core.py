@@ -158,10 +158,10 @@ class VmKeeper:
                     self.settings.pool_handle, self.settings.resolution_items, ram_mb=self.request.ram_mb
                 )
             except Exception as err:  # noqa: BLE001 - no registrar answered
-                why = f"no registrar answered: {err}"
+                reasons = [f"no registrar answered: {err}"]
                 elements = []
             else:
-                why = "the pool has no PE" if not elements else ""
+                reasons = [] if elements else ["the pool has no PE"]
             candidates = [e for e in elements if e.identifier not in failed] or elements
             home = self._cookie_home()
             if home is not None:
@@ -183,12 +183,13 @@ class VmKeeper:
                     break
                 if self._final(outcome):
                     return self.state
-                why = self._last_reason
+                reasons.append(self._last_reason)
             else:
                 if self._stop_requested:
                     break
                 wait = backoff * (1 - self.settings.retry_jitter * self.rng())
-                self._set(State.WAITING, f"{why}; retrying in {wait:.1f} s")
+                # Every PE's own answer: the last one alone may hide the real reason.
+                self._set(State.WAITING, f"{'; '.join(reasons)}; retrying in {wait:.1f} s")
                 await self._pause(wait)
                 backoff = min(backoff * 2, self.settings.retry_max_s)
                 failed = set()
@@ -237,7 +238,10 @@ class VmKeeper:
         result = await self._await(session, S.CreateResult, self.settings.create_timeout_s)
         if not isinstance(result, S.CreateResult):
             channel.close()
-            self._last_reason = f"PE {hex_id(element.identifier)} gave no answer"
+            if result is LOST:
+                self._last_reason = f"PE {hex_id(element.identifier)} closed the session without an answer"
+            else:
+                self._last_reason = f"PE {hex_id(element.identifier)} gave no answer in {self.settings.create_timeout_s:g} s"
             return S.ResultCode.UNSPECIFIED
         if not result.ok:
             self._last_reason = f"PE {hex_id(element.identifier)} refused: code {result.code}, {result.reason}"
