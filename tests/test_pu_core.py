@@ -313,3 +313,68 @@ def test_the_create_command_prints_each_pes_refusal(clock, capsys):
         "web1: waiting: PE 0x00000001 refused: code 11, needs 300 MB, 120 MB free; "
         "PE 0x00000002 refused: code 12, disk unreachable: nbd://san:10809/web1; retrying in 0.5 s"
     )
+
+
+def sealed(pe: int, running: bool) -> bytes:
+    from xenpool.protocol import cookie as C
+
+    return C.seal(C.SessionState(b"Xen", "web1", "", (), 300, 1, running, f"pe{pe}", pe, 0.0), b"secret")
+
+
+class SealingPE(ScriptedPE):
+    """Sends real cookies as a PE does: one (not running) when a start begins, before it
+    may refuse, one (running) once the VM runs."""
+
+    def send(self, message) -> None:
+        if isinstance(message, (S.CreateServer, M.CookieEcho)) and not self.silent and self.deliver is not None:
+            self.received.append(message)
+            self.deliver(M.Cookie(sealed(self.identifier, False)))
+            if self.refuse is not None:
+                self.deliver(S.CreateResult("web1", self.refuse, 0, "no"))
+                return
+            self.deliver(M.Cookie(sealed(self.identifier, True)))
+            self.deliver(S.CreateResult("web1", 0, 1000, f"started on pe{self.identifier}"))
+            return
+        super().send(message)
+
+
+def test_a_refusing_pes_cookie_does_not_replace_the_holders(clock):
+    """PE 2 sends its cookie, then refuses with 13 (the VM runs on PE 1): the keeper must
+    keep PE 1's cookie and go back there, not to PE 2 forever."""
+    holder, other = SealingPE(1), SealingPE(2, refuse=S.ResultCode.ALREADY_RUNNING)
+    k = keeper(clock, Pool(clock, holder, other), retry_initial_s=1)
+    saved = []
+    k.events.on_cookie = lambda kp, cookie: saved.append(cookie)
+    k.run()
+    assert k.state == State.RUNNING and k.cookie == sealed(1, True)
+    holder.die()  # the session breaks; PE 1 lives on and holds the VM
+    assert k.state == State.WAITING and len(other.received) == 1
+    assert k.cookie == sealed(1, True)
+    clock.advance(1)
+    assert k.state == State.RUNNING and k.pe.identifier == 1 and len(other.received) == 1
+    assert holder.received[-2] == M.CookieEcho(sealed(1, True))
+    assert sealed(2, False) not in saved and saved[-1] == sealed(1, True)
+
+
+def test_a_running_cookie_is_kept_even_when_the_session_then_breaks(clock):
+    """PE 2 said "running" (it fenced PE 1 and started the VM), then vanished before its
+    answer: PE 2 is the one to fence next, so its cookie is the one to echo."""
+    first, second, third = SealingPE(1), ScriptedPE(2), ScriptedPE(3)
+    pool = Pool(clock, first, second, third)
+    k = keeper(clock, pool)
+    saved = []
+    k.events.on_cookie = lambda kp, cookie: saved.append(cookie)
+    k.run()
+    pool.down.add(1)
+
+    def starts_then_vanishes(message) -> None:
+        second.received.append(message)
+        if isinstance(message, M.CookieEcho):
+            second.deliver(M.Cookie(sealed(2, True)))
+            pool.down.add(2)
+            second.die()
+
+    second.send = starts_then_vanishes
+    first.die()
+    assert k.state == State.RUNNING and k.pe.identifier == 3
+    assert third.received[0] == M.CookieEcho(sealed(2, True)) and sealed(2, True) in saved

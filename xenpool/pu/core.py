@@ -73,6 +73,8 @@ class _Session:
         self.channel: Channel | None = None
         self.ended = False
         self.heartbeat_pause: defer.Deferred | None = None
+        self.started = False  # the PE confirmed the start
+        self.pending_cookie: bytes | None = None  # from before that: kept only if the start succeeds
 
     def deliver(self, message: object) -> None:
         if self.ended:
@@ -249,6 +251,10 @@ class VmKeeper:
                 self._set(State.REFUSED, self._last_reason)
             channel.close()
             return result.code
+        session.started = True
+        if session.pending_cookie is not None:
+            self._keep_cookie(session.pending_cookie)
+            session.pending_cookie = None
         self.running_since = self.clock.seconds()
         if self.lost_at is not None:
             self.last_failover_s = self.running_since - self.lost_at
@@ -291,10 +297,25 @@ class VmKeeper:
             if message is LOST:
                 return LOST
             if isinstance(message, M.Cookie):
-                self.cookie = message.cookie
-                self.events.on_cookie(self, message.cookie)
+                self._cookie_arrived(session, message.cookie)
             elif isinstance(message, kind) or (isinstance(message, S.StopResult) and message.code == S.ResultCode.MOVED):
                 return message
+
+    def _cookie_arrived(self, session: _Session, cookie: bytes) -> None:
+        """A PE sends a cookie (not running) when it begins a start it may still refuse:
+        kept, it would send this keeper to a PE that never had the VM instead of the one
+        that holds it. So it waits for the start's success. A cookie saying "running" is
+        kept at once: that PE may run the VM now (it fenced or checked the last host first)
+        and must be the one fenced should it vanish."""
+        if session.started or _says_running(cookie):
+            session.pending_cookie = None
+            self._keep_cookie(cookie)
+        else:
+            session.pending_cookie = cookie
+
+    def _keep_cookie(self, cookie: bytes) -> None:
+        self.cookie = cookie
+        self.events.on_cookie(self, cookie)
 
     async def _heartbeat(self, session: _Session) -> bool | S.StopResult:
         """CheckRunning every interval. Returns True when a stop was asked, False
@@ -351,6 +372,13 @@ class VmKeeper:
         if not isinstance(answer, S.StopResult):
             log.warn("{server}: the PE did not confirm the stop", server=self.server_id)
         session.channel.close()
+
+
+def _says_running(cookie: bytes) -> bool:
+    try:
+        return C.peek(cookie).running
+    except C.CookieError:
+        return False
 
 
 async def _unless_cancelled(d: defer.Deferred) -> None:
