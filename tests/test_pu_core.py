@@ -378,3 +378,23 @@ def test_a_running_cookie_is_kept_even_when_the_session_then_breaks(clock):
     first.die()
     assert k.state == State.RUNNING and k.pe.identifier == 3
     assert third.received[0] == M.CookieEcho(sealed(2, True)) and sealed(2, True) in saved
+
+
+class CookieRefusingPE(ScriptedPE):
+    """Refuses every cookie echo with 14, as a PE does a cookie it cannot verify."""
+
+    def send(self, message) -> None:
+        if isinstance(message, M.CookieEcho):
+            self.received.append(message)
+            self.deliver(S.CreateResult("", S.ResultCode.COOKIE_REJECTED, 0, f"{len(message.cookie)} bytes is not a xenpool cookie"))
+            return
+        super().send(message)
+
+
+def test_a_refused_cookie_is_dropped_and_a_plain_request_sent(clock):
+    pe = CookieRefusingPE(1)
+    k = keeper(clock, Pool(clock, pe))
+    k.cookie = b"broken"
+    k.run()
+    assert pe.received[:2] == [M.CookieEcho(b"broken"), REQUEST]
+    assert k.state == State.RUNNING and k.cookie == b"cookie from 1"

@@ -124,6 +124,9 @@ class VmKeeper:
     moves: int = 0  # planned moves by a rebalancing PE
     running_since: float | None = None  # when the PE last confirmed a start
     rng: Callable[[], float] = field(default=random.random, repr=False)  # uniform in [0, 1): the back-off's jitter
+    # This keeper ran the VM before (it had a cookie, perhaps one no PE accepts): "already
+    # running" then means its old PE may still hold it, not that someone else's VM has the name.
+    ran_before: bool = False
 
     def __post_init__(self) -> None:
         self._session: _Session | None = None
@@ -177,6 +180,12 @@ class VmKeeper:
                 self._move_target = 0
             for element in candidates:
                 outcome = await self._session_with(element)
+                if outcome == S.ResultCode.COOKIE_REJECTED and self.cookie is not None and not self._stop_requested:
+                    # Echoed forever, a cookie no PE accepts would keep the VM down. The
+                    # PEs' pool-wide uniqueness check keeps a plain request from a second start.
+                    reasons.append(self._last_reason)
+                    self._drop_cookie()
+                    outcome = await self._session_with(element)
                 if outcome is None:  # the session ended after the VM ran: fail over now
                     failed = {element.identifier}
                     backoff = self.settings.retry_initial_s
@@ -205,7 +214,7 @@ class VmKeeper:
         """A refusal to give up on. "Already running" is final for a new VM; for one this
         PU already ran (it has its cookie) it means its old PE is alive and holds it, so
         the PU goes on, and back to that PE first after the back-off."""
-        if code == S.ResultCode.ALREADY_RUNNING and self.cookie is not None:
+        if code == S.ResultCode.ALREADY_RUNNING and (self.cookie is not None or self.ran_before):
             return False
         return code in FINAL_CODES
 
@@ -312,6 +321,11 @@ class VmKeeper:
             self._keep_cookie(cookie)
         else:
             session.pending_cookie = cookie
+
+    def _drop_cookie(self) -> None:
+        log.warn("{server}: its cookie was refused ({why}); asking with a plain request", server=self.server_id, why=self._last_reason)
+        self.cookie = None
+        self.ran_before = True
 
     def _keep_cookie(self, cookie: bytes) -> None:
         self.cookie = cookie
