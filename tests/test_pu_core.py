@@ -398,3 +398,98 @@ def test_a_refused_cookie_is_dropped_and_a_plain_request_sent(clock):
     k.run()
     assert pe.received[:2] == [M.CookieEcho(b"broken"), REQUEST]
     assert k.state == State.RUNNING and k.cookie == b"cookie from 1"
+
+
+class TrackedChannel:
+    """One connection to a scripted PE, so that a test sees which are still open."""
+
+    def __init__(self, pool: "OneSessionPool", pe: ScriptedPE) -> None:
+        self.pool, self.pe, self.closed = pool, pe, False
+
+    def send(self, message) -> None:
+        assert not self.closed, f"sent {message} on a closed channel"
+        self.pe.send(message)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.pool.open.remove(self)
+            self.pe.close()
+
+
+class OneSessionPool(Pool):
+    """Records the most sessions ever open at once; ``hold`` keeps connects pending."""
+
+    def __init__(self, clock: Clock, *pes: ScriptedPE) -> None:
+        super().__init__(clock, *pes)
+        self.open: list[TrackedChannel] = []
+        self.most_open = 0
+        self.hold: list[defer.Deferred] | None = None
+
+    def connect(self, element, deliver):
+        d = super().connect(element, deliver)
+
+        def connected(pe):
+            channel = TrackedChannel(self, pe)
+            self.open.append(channel)
+            self.most_open = max(self.most_open, len(self.open))
+            return channel
+
+        d.addCallback(connected)
+        if self.hold is not None:
+            held = defer.Deferred()
+            self.hold.append(held)
+            return held.addCallback(lambda _: d)
+        return d
+
+
+def test_a_planned_move_ends_the_session_before_the_next_opens(clock):
+    first, second = ScriptedPE(1), ScriptedPE(2)
+    pool = OneSessionPool(clock, first, second)
+    k = keeper(clock, pool)
+    k.run()
+    first.deliver(S.StopResult("web1", S.ResultCode.MOVED, "planned", target_pe=2))  # and PE 1 keeps the connection
+    clock.advance(1)
+    assert k.pe.identifier == 2 and k.state == State.RUNNING
+    assert pool.most_open == 1 and first.closed
+
+
+def test_refusals_and_a_create_timeout_never_overlap_sessions(clock):
+    silent, full, good = ScriptedPE(1, silent=True), ScriptedPE(2, refuse=S.ResultCode.NO_RAM), ScriptedPE(3)
+    pool = OneSessionPool(clock, silent, full, good)
+    k = keeper(clock, pool, create_timeout_s=5)
+    k.run()
+    clock.advance(5)
+    assert k.pe.identifier == 3 and k.state == State.RUNNING
+    assert pool.most_open == 1 and silent.closed and full.closed
+
+
+@pytest.mark.parametrize("how", ["leave", "stop"])
+def test_leaving_or_stopping_while_connecting_closes_that_session(clock, how):
+    pe = ScriptedPE(1)
+    pool = OneSessionPool(clock, pe)
+    pool.hold = []
+    k = keeper(clock, pool)
+    done = k.run()
+    getattr(k, how)()
+    pool.hold[0].callback(None)  # the connection comes up after all
+    assert pe.received == [] and pool.open == [] and done.called
+    assert k.state == (State.LEFT if how == "leave" else State.STOPPED)
+
+
+def test_leaving_a_running_vm_reports_no_one_unreachable(clock):
+    pe = ScriptedPE(1)
+    pool = OneSessionPool(clock, pe)
+    k = keeper(clock, pool)
+    done = k.run()
+    clock.advance(0.5)
+    k.leave()
+    assert done.called and k.state == State.LEFT and pool.open == [] and pool.unreachable == []
+    assert not any(isinstance(m, S.StopServer) for m in pe.received)
+
+
+def test_a_second_run_is_refused(clock):
+    k = keeper(clock, Pool(clock, ScriptedPE(1)))
+    k.run()
+    with pytest.raises(RuntimeError):
+        k.run()

@@ -83,6 +83,26 @@ class _Session:
         if message is LOST and self.heartbeat_pause is not None:
             self.heartbeat_pause.cancel()  # between heartbeats: fail over now, not at the next one
 
+    def attach(self, channel: Channel) -> None:
+        self.channel = channel
+        if self.ended:  # interrupted while connecting
+            channel.close()
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            if self.channel is not None:
+                self.channel.close()
+
+    def interrupt(self) -> None:
+        """End it from outside, then wake whoever waits on it (LOST): only after the
+        channel is closed, so the waiter cannot open the next session while this one is."""
+        if not self.ended:
+            self.end()
+            self.queue.put(LOST)
+            if self.heartbeat_pause is not None:
+                self.heartbeat_pause.cancel()
+
 
 class State(enum.Enum):
     RESOLVING = "resolving"
@@ -147,6 +167,8 @@ class VmKeeper:
 
     def run(self) -> defer.Deferred:
         """Keep the VM until stop(); fires with the final State."""
+        if getattr(self, "_running", None) is not None and not self._running.called:
+            raise RuntimeError(f"{self.server_id} is kept already")  # two runs: two sessions for one VM
         self._running = defer.Deferred.fromCoroutine(self._run())
         return self._running
 
@@ -234,21 +256,33 @@ class VmKeeper:
         """Start (or take over) the VM on one PE and keep it there.
 
         Returns a result code when the PE refused, or None once a running VM's session
-        ended (the PE was lost)."""
+        ended (the PE was lost, or moved the VM). Whatever happens, the session has ended
+        and its channel is closed when this returns: one PE at a time holds a session
+        for this VM."""
+        if self._session is not None and not self._session.ended:
+            raise RuntimeError(f"{self.server_id}: a second session while one is open")
         self._last_reason = ""
         session = self._session = _Session()
+        try:
+            return await self._start_and_keep(session, element)
+        finally:
+            session.end()
+
+    async def _start_and_keep(self, session: _Session, element: P.PoolElement):
         try:
             channel = await self.access.connect(element, session.deliver)
         except Exception as err:  # noqa: BLE001 - unreachable PE
             self._last_reason = f"PE {hex_id(element.identifier)} unreachable: {err}"
             self.access.report_unreachable(self.settings.pool_handle, element.identifier)
             return S.ResultCode.UNSPECIFIED
-        session.channel, self.pe = channel, element
+        session.attach(channel)
+        if self._stop_requested or session.ended:  # stop() or leave() while connecting
+            return S.ResultCode.NORMAL_END
+        self.pe = element
         self._set(State.STARTING, f"on PE {hex_id(element.identifier)}")
         channel.send(M.CookieEcho(self.cookie) if self.cookie else self.request)
         result = await self._await(session, S.CreateResult, self.settings.create_timeout_s)
         if not isinstance(result, S.CreateResult):
-            channel.close()
             if result is LOST:
                 self._last_reason = f"PE {hex_id(element.identifier)} closed the session without an answer"
             else:
@@ -258,7 +292,6 @@ class VmKeeper:
             self._last_reason = f"PE {hex_id(element.identifier)} refused: code {result.code}, {result.reason}"
             if self._final(result.code):
                 self._set(State.REFUSED, self._last_reason)
-            channel.close()
             return result.code
         session.started = True
         if session.pending_cookie is not None:
@@ -277,9 +310,9 @@ class VmKeeper:
             to = f" to PE {hex_id(ended.target_pe)}" if ended.target_pe else ""
             self._set(State.FAILING_OVER, f"moved off PE {hex_id(element.identifier)}{to}: {ended.reason}")
             return None
-        if ended:
-            if not self._leaving:
-                await self._stop_on(session)
+        if ended is True and not self._leaving:
+            await self._stop_on(session)
+        if self._stop_requested:  # asked to stop or leave: not a loss, no one to report
             return S.ResultCode.NORMAL_END
         self.lost_at = self.clock.seconds()
         self.access.report_unreachable(self.settings.pool_handle, element.identifier)
@@ -345,7 +378,7 @@ class VmKeeper:
             if answer is LOST:
                 return False
             if answer is None:
-                session.channel.close()
+                session.end()
                 return False
             if isinstance(answer, S.StopResult):
                 return answer
@@ -367,8 +400,8 @@ class VmKeeper:
         self._leaving = True
         if self._backoff_pause is not None:
             self._backoff_pause.cancel()
-        if self._session is not None and self._session.channel is not None:
-            self._session.channel.close()
+        if self._session is not None:
+            self._session.interrupt()
 
     def stop(self) -> defer.Deferred:
         """Stop the VM cleanly (StopServer) and end the session; fires with the final State."""
@@ -385,7 +418,6 @@ class VmKeeper:
         answer = await self._await(session, S.StopResult, max(30.0, self.settings.heartbeat_timeout_s))
         if not isinstance(answer, S.StopResult):
             log.warn("{server}: the PE did not confirm the stop", server=self.server_id)
-        session.channel.close()
 
 
 def _says_running(cookie: bytes) -> bool:
