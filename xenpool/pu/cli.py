@@ -77,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--heartbeat-interval", type=positive(float), default=1.0, metavar="S", help="default 1")
     c.add_argument("--heartbeat-timeout", type=positive(float), default=3.0, metavar="S",
                    help="seconds without an answer before failing over (default 3)")  # fmt: skip
+    c.add_argument("--connect-timeout", type=positive(float), default=PuSettings.connect_timeout_s, metavar="S",
+                   help="seconds to wait for a PE's connection before trying the next one (default 2)")  # fmt: skip
     return p
 
 
@@ -104,12 +106,12 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = PuSettings(
         pool_handle=args.pool.encode(), heartbeat_interval_s=args.heartbeat_interval,
-        heartbeat_timeout_s=args.heartbeat_timeout,
+        heartbeat_timeout_s=args.heartbeat_timeout, connect_timeout_s=args.connect_timeout,
     )  # fmt: skip
     registrars, announce_listener = discovery.registrars(reactor, args.registrar, args.registrar_announce, args.announce_interface or "")
     if announce_listener is not None:
         announce_listener.startService()
-    access = TcpPoolAccess(reactor, registrars)
+    access = TcpPoolAccess(reactor, registrars, pe_connect_timeout_s=settings.connect_timeout_s)
     keeper = VmKeeper(request, access, reactor, settings)
 
     keeper.events.on_state = show

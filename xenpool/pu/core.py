@@ -43,6 +43,7 @@ class PuSettings:
     # refused together do not come back together.
     retry_jitter: float = 0.5
     resolution_items: int = 8
+    connect_timeout_s: float = 2.0  # a PE not connected within this is skipped (for the PoolAccess)
 
 
 class Channel(Protocol):
