@@ -493,3 +493,15 @@ def test_a_second_run_is_refused(clock):
     k.run()
     with pytest.raises(RuntimeError):
         k.run()
+
+
+def test_stopping_while_resolving_opens_no_session(clock):
+    pe = ScriptedPE(1)
+    pool = OneSessionPool(clock, pe)
+    answer = defer.Deferred()
+    pool.resolve = lambda *args, **kwargs: answer
+    k = keeper(clock, pool)
+    done = k.run()
+    k.stop()
+    answer.callback([element(1)])
+    assert done.called and k.state == State.STOPPED and pool.most_open == 0 and pe.received == []

@@ -202,6 +202,8 @@ class VmKeeper:
                 candidates.sort(key=lambda e: e.identifier != self._move_target)
                 self._move_target = 0
             for element in candidates:
+                if self._stop_requested:  # stop() or leave() while resolving or between PEs
+                    break
                 outcome = await self._session_with(element)
                 if outcome == S.ResultCode.COOKIE_REJECTED and self.cookie is not None and not self._stop_requested:
                     # Echoed forever, a cookie no PE accepts would keep the VM down. The
@@ -235,7 +237,7 @@ class VmKeeper:
 
     def _final(self, code) -> bool:
         """A refusal to give up on. "Already running" is final for a new VM; for one this
-        PU already ran (it has its cookie) it means its old PE is alive and holds it, so
+        PU already ran (it has its cookie, or had one) it means its old PE is alive and holds it, so
         the PU goes on, and back to that PE first after the back-off."""
         if code == S.ResultCode.ALREADY_RUNNING and (self.cookie is not None or self.ran_before):
             return False
