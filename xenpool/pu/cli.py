@@ -77,7 +77,19 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--heartbeat-interval", type=positive(float), default=1.0, metavar="S", help="default 1")
     c.add_argument("--heartbeat-timeout", type=positive(float), default=3.0, metavar="S",
                    help="seconds without an answer before failing over (default 3)")  # fmt: skip
+    c.add_argument("--connect-timeout", type=positive(float), default=PuSettings.connect_timeout_s, metavar="S",
+                   help="seconds to wait for a PE's connection before trying the next one (default 2)")  # fmt: skip
     return p
+
+
+def status_line(k: VmKeeper, state: State, why: str) -> str:
+    """What the terminal shows for each state change: while waiting, every PE's answer."""
+    extra = f" (failover took {k.last_failover_s:.2f} s)" if state == State.RUNNING and k.last_failover_s else ""
+    return f"{time.strftime('%H:%M:%S')} {k.server_id}: {state.value}: {why}{extra}"
+
+
+def show(k: VmKeeper, state: State, why: str) -> None:
+    print(status_line(k, state, why), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,17 +106,13 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = PuSettings(
         pool_handle=args.pool.encode(), heartbeat_interval_s=args.heartbeat_interval,
-        heartbeat_timeout_s=args.heartbeat_timeout,
+        heartbeat_timeout_s=args.heartbeat_timeout, connect_timeout_s=args.connect_timeout,
     )  # fmt: skip
     registrars, announce_listener = discovery.registrars(reactor, args.registrar, args.registrar_announce, args.announce_interface or "")
     if announce_listener is not None:
         announce_listener.startService()
-    access = TcpPoolAccess(reactor, registrars)
+    access = TcpPoolAccess(reactor, registrars, pe_connect_timeout_s=settings.connect_timeout_s)
     keeper = VmKeeper(request, access, reactor, settings)
-
-    def show(k: VmKeeper, state: State, why: str) -> None:
-        extra = f" (failover took {k.last_failover_s:.2f} s)" if state == State.RUNNING and k.last_failover_s else ""
-        print(f"{time.strftime('%H:%M:%S')} {k.server_id}: {state.value}: {why}{extra}", flush=True)
 
     keeper.events.on_state = show
     outcome: list[State] = []

@@ -13,6 +13,7 @@ says the VM may be running. With no PE able to take it, it retries with backoff.
 from __future__ import annotations
 
 import enum
+import random
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -36,9 +37,13 @@ class PuSettings:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 3.0
     create_timeout_s: float = 120.0  # a start may include a fence and a boot
-    retry_initial_s: float = 0.5
+    retry_initial_s: float = 0.5  # the first back-off after a round of refusals; doubles up to retry_max_s
     retry_max_s: float = 30.0
+    # Each wait is shortened by up to this share of the back-off, at random, so keepers
+    # refused together do not come back together.
+    retry_jitter: float = 0.5
     resolution_items: int = 8
+    connect_timeout_s: float = 2.0  # a PE not connected within this is skipped (for the PoolAccess)
 
 
 class Channel(Protocol):
@@ -57,6 +62,47 @@ class PoolAccess(Protocol):
     def connect(self, element: P.PoolElement, deliver: Callable[[object], None]) -> defer.Deferred: ...  # -> Channel
 
     def report_unreachable(self, pool_handle: bytes, identifier: int) -> None: ...
+
+
+class _Session:
+    """One session with one PE, with its own queue: whatever its channel delivers after the
+    session ended (a refused session's late connectionLost, say) is dropped, so it can never
+    be read as the next session's answer."""
+
+    def __init__(self) -> None:
+        self.queue = DeferredQueue()
+        self.channel: Channel | None = None
+        self.ended = False
+        self.heartbeat_pause: defer.Deferred | None = None
+        self.started = False  # the PE confirmed the start
+        self.pending_cookie: bytes | None = None  # from before that: kept only if the start succeeds
+
+    def deliver(self, message: object) -> None:
+        if self.ended:
+            return
+        self.queue.put(message)
+        if message is LOST and self.heartbeat_pause is not None:
+            self.heartbeat_pause.cancel()  # between heartbeats: fail over now, not at the next one
+
+    def attach(self, channel: Channel) -> None:
+        self.channel = channel
+        if self.ended:  # interrupted while connecting
+            channel.close()
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            if self.channel is not None:
+                self.channel.close()
+
+    def interrupt(self) -> None:
+        """End it from outside, then wake whoever waits on it (LOST): only after the
+        channel is closed, so the waiter cannot open the next session while this one is."""
+        if not self.ended:
+            self.end()
+            self.queue.put(LOST)
+            if self.heartbeat_pause is not None:
+                self.heartbeat_pause.cancel()
 
 
 class State(enum.Enum):
@@ -98,13 +144,16 @@ class VmKeeper:
     failovers: int = 0
     moves: int = 0  # planned moves by a rebalancing PE
     running_since: float | None = None  # when the PE last confirmed a start
+    rng: Callable[[], float] = field(default=random.random, repr=False)  # uniform in [0, 1): the back-off's jitter
+    # This keeper ran the VM before (it had a cookie, perhaps one no PE accepts): "already
+    # running" then means its old PE may still hold it, not that someone else's VM has the name.
+    ran_before: bool = False
 
     def __post_init__(self) -> None:
-        self._channel: Channel | None = None
-        self._queue: DeferredQueue | None = None
+        self._session: _Session | None = None
         self._stop_requested = False
         self._leaving = False
-        self._wake: defer.Deferred | None = None
+        self._backoff_pause: defer.Deferred | None = None
         self._move_target = 0  # the PE a planned move sends the VM to (0: none)
 
     @property
@@ -119,11 +168,16 @@ class VmKeeper:
 
     def run(self) -> defer.Deferred:
         """Keep the VM until stop(); fires with the final State."""
+        if getattr(self, "_running", None) is not None and not self._running.called:
+            raise RuntimeError(f"{self.server_id} is kept already")  # two runs: two sessions for one VM
         self._running = defer.Deferred.fromCoroutine(self._run())
         return self._running
 
     async def _run(self) -> State:
-        delay = self.settings.retry_initial_s
+        """Rounds of start attempts (each PE the pool names at most once), a back-off
+        after each round no PE took; only a VM that ran and was lost (or moved) is
+        tried again at once."""
+        backoff = self.settings.retry_initial_s
         failed: set[int] = set()
         while not self._stop_requested:
             self._set(State.RESOLVING if self.lost_at is None else State.FAILING_OVER, "asking the pool for a PE")
@@ -132,10 +186,10 @@ class VmKeeper:
                     self.settings.pool_handle, self.settings.resolution_items, ram_mb=self.request.ram_mb
                 )
             except Exception as err:  # noqa: BLE001 - no registrar answered
-                why = f"no registrar answered: {err}"
+                reasons = [f"no registrar answered: {err}"]
                 elements = []
             else:
-                why = "the pool has no PE" if not elements else ""
+                reasons = [] if elements else ["the pool has no PE"]
             candidates = [e for e in elements if e.identifier not in failed] or elements
             home = self._cookie_home()
             if home is not None:
@@ -148,22 +202,32 @@ class VmKeeper:
                 candidates.sort(key=lambda e: e.identifier != self._move_target)
                 self._move_target = 0
             for element in candidates:
+                if self._stop_requested:  # stop() or leave() while resolving or between PEs
+                    break
                 outcome = await self._session_with(element)
+                if outcome == S.ResultCode.COOKIE_REJECTED and self.cookie is not None and not self._stop_requested:
+                    # Echoed forever, a cookie no PE accepts would keep the VM down. The
+                    # PEs' pool-wide uniqueness check keeps a plain request from a second start.
+                    reasons.append(self._last_reason)
+                    self._drop_cookie()
+                    outcome = await self._session_with(element)
                 if outcome is None:  # the session ended after the VM ran: fail over now
                     failed = {element.identifier}
-                    delay = self.settings.retry_initial_s
+                    backoff = self.settings.retry_initial_s
                     break
                 if self._stop_requested:
                     break
                 if self._final(outcome):
                     return self.state
-                why = self._last_reason
+                reasons.append(self._last_reason)
             else:
                 if self._stop_requested:
                     break
-                self._set(State.WAITING, f"{why}; retrying in {delay:.1f} s")
-                await self._pause(delay)
-                delay = min(delay * 2, self.settings.retry_max_s)
+                wait = backoff * (1 - self.settings.retry_jitter * self.rng())
+                # Every PE's own answer: the last one alone may hide the real reason.
+                self._set(State.WAITING, f"{'; '.join(reasons)}; retrying in {wait:.1f} s")
+                await self._pause(wait)
+                backoff = min(backoff * 2, self.settings.retry_max_s)
                 failed = set()
         if self._leaving:
             self._set(State.LEFT, "its PE keeps it for the lease")
@@ -173,9 +237,9 @@ class VmKeeper:
 
     def _final(self, code) -> bool:
         """A refusal to give up on. "Already running" is final for a new VM; for one this
-        PU already ran (it has its cookie) it means its old PE is alive and holds it, so
+        PU already ran (it has its cookie, or had one) it means its old PE is alive and holds it, so
         the PU goes on, and back to that PE first after the back-off."""
-        if code == S.ResultCode.ALREADY_RUNNING and self.cookie is not None:
+        if code == S.ResultCode.ALREADY_RUNNING and (self.cookie is not None or self.ran_before):
             return False
         return code in FINAL_CODES
 
@@ -186,69 +250,79 @@ class VmKeeper:
             return None
 
     async def _pause(self, seconds: float) -> None:
-        self._wake = task.deferLater(self.clock, seconds, lambda: None)
-        try:
-            await self._wake
-        except defer.CancelledError:
-            pass
-        finally:
-            self._wake = None
-
-    def _deliver(self, message: object) -> None:
-        self._queue.put(message)
-        if message is LOST and self._wake is not None:
-            self._wake.cancel()  # between heartbeats: fail over now, not at the next one
+        """The back-off: only stop() and leave() cut it short."""
+        self._backoff_pause = task.deferLater(self.clock, seconds, lambda: None)
+        await _unless_cancelled(self._backoff_pause)
+        self._backoff_pause = None
 
     async def _session_with(self, element: P.PoolElement):
         """Start (or take over) the VM on one PE and keep it there.
 
         Returns a result code when the PE refused, or None once a running VM's session
-        ended (the PE was lost)."""
+        ended (the PE was lost, or moved the VM). Whatever happens, the session has ended
+        and its channel is closed when this returns: one PE at a time holds a session
+        for this VM."""
+        if self._session is not None and not self._session.ended:
+            raise RuntimeError(f"{self.server_id}: a second session while one is open")
         self._last_reason = ""
-        self._queue = DeferredQueue()
+        session = self._session = _Session()
         try:
-            channel = await self.access.connect(element, self._deliver)
+            return await self._start_and_keep(session, element)
+        finally:
+            session.end()
+
+    async def _start_and_keep(self, session: _Session, element: P.PoolElement):
+        try:
+            channel = await self.access.connect(element, session.deliver)
         except Exception as err:  # noqa: BLE001 - unreachable PE
             self._last_reason = f"PE {hex_id(element.identifier)} unreachable: {err}"
             self.access.report_unreachable(self.settings.pool_handle, element.identifier)
             return S.ResultCode.UNSPECIFIED
-        self._channel, self.pe = channel, element
+        session.attach(channel)
+        if self._stop_requested or session.ended:  # stop() or leave() while connecting
+            return S.ResultCode.NORMAL_END
+        self.pe = element
         self._set(State.STARTING, f"on PE {hex_id(element.identifier)}")
         channel.send(M.CookieEcho(self.cookie) if self.cookie else self.request)
-        result = await self._await(S.CreateResult, self.settings.create_timeout_s)
+        result = await self._await(session, S.CreateResult, self.settings.create_timeout_s)
         if not isinstance(result, S.CreateResult):
-            channel.close()
-            self._last_reason = f"PE {hex_id(element.identifier)} gave no answer"
+            if result is LOST:
+                self._last_reason = f"PE {hex_id(element.identifier)} closed the session without an answer"
+            else:
+                self._last_reason = f"PE {hex_id(element.identifier)} gave no answer in {self.settings.create_timeout_s:g} s"
             return S.ResultCode.UNSPECIFIED
         if not result.ok:
             self._last_reason = f"PE {hex_id(element.identifier)} refused: code {result.code}, {result.reason}"
             if self._final(result.code):
                 self._set(State.REFUSED, self._last_reason)
-            channel.close()
             return result.code
+        session.started = True
+        if session.pending_cookie is not None:
+            self._keep_cookie(session.pending_cookie)
+            session.pending_cookie = None
         self.running_since = self.clock.seconds()
         if self.lost_at is not None:
             self.last_failover_s = self.running_since - self.lost_at
             self.failovers += 1
         self.lost_at = None
         self._set(State.RUNNING, f"on PE {hex_id(element.identifier)}: {result.reason}")
-        ended = await self._heartbeat(channel)
+        ended = await self._heartbeat(session)
         if isinstance(ended, S.StopResult):  # a planned move: no one to report or fence
             self.moves += 1
             self._move_target = ended.target_pe
             to = f" to PE {hex_id(ended.target_pe)}" if ended.target_pe else ""
             self._set(State.FAILING_OVER, f"moved off PE {hex_id(element.identifier)}{to}: {ended.reason}")
             return None
-        if ended:
-            if not self._leaving:
-                await self._stop_on(channel)
+        if ended is True and not self._leaving:
+            await self._stop_on(session)
+        if self._stop_requested:  # asked to stop or leave: not a loss, no one to report
             return S.ResultCode.NORMAL_END
         self.lost_at = self.clock.seconds()
         self.access.report_unreachable(self.settings.pool_handle, element.identifier)
         self._set(State.FAILING_OVER, f"PE {hex_id(element.identifier)} lost")
         return None
 
-    async def _await(self, kind: type, timeout: float):
+    async def _await(self, session: _Session, kind: type, timeout: float):
         """The next ``kind`` message, keeping every cookie on the way; LOST if the
         session ended, None on timeout."""
         deadline = self.clock.seconds() + timeout
@@ -256,7 +330,7 @@ class VmKeeper:
             left = deadline - self.clock.seconds()
             if left <= 0:
                 return None
-            d = self._queue.get()
+            d = session.queue.get()
             timer = self.clock.callLater(left, d.cancel)
             try:
                 message = await d
@@ -268,26 +342,46 @@ class VmKeeper:
             if message is LOST:
                 return LOST
             if isinstance(message, M.Cookie):
-                self.cookie = message.cookie
-                self.events.on_cookie(self, message.cookie)
+                self._cookie_arrived(session, message.cookie)
             elif isinstance(message, kind) or (isinstance(message, S.StopResult) and message.code == S.ResultCode.MOVED):
                 return message
 
-    async def _heartbeat(self, channel: Channel) -> bool | S.StopResult:
+    def _cookie_arrived(self, session: _Session, cookie: bytes) -> None:
+        """A PE sends a cookie (not running) when it begins a start it may still refuse:
+        kept, it would send this keeper to a PE that never had the VM instead of the one
+        that holds it. So it waits for the start's success. A cookie saying "running" is
+        kept at once: that PE may run the VM now (it fenced or checked the last host first)
+        and must be the one fenced should it vanish."""
+        if session.started or _says_running(cookie):
+            session.pending_cookie = None
+            self._keep_cookie(cookie)
+        else:
+            session.pending_cookie = cookie
+
+    def _drop_cookie(self) -> None:
+        log.warn("{server}: its cookie was refused ({why}); asking with a plain request", server=self.server_id, why=self._last_reason)
+        self.cookie = None
+        self.ran_before = True
+
+    def _keep_cookie(self, cookie: bytes) -> None:
+        self.cookie = cookie
+        self.events.on_cookie(self, cookie)
+
+    async def _heartbeat(self, session: _Session) -> bool | S.StopResult:
         """CheckRunning every interval. Returns True when a stop was asked, False
         when the session was lost (closed, or a heartbeat went unanswered), and the PE's
         StopResult when it moved the VM away (rebalancing)."""
         last_answer = self.clock.seconds()
         while not self._stop_requested:
-            channel.send(S.CheckRunning(self.server_id, max(1, round(self.settings.heartbeat_interval_s))))
+            session.channel.send(S.CheckRunning(self.server_id, max(1, round(self.settings.heartbeat_interval_s))))
             # The timeout runs from the last answer, not from this request: a silent PE
             # is given up heartbeat_timeout_s after it was last heard, whatever the interval.
             left = last_answer + self.settings.heartbeat_timeout_s - self.clock.seconds()
-            answer = await self._await(S.CheckRunningResponse, max(left, 0.001))
+            answer = await self._await(session, S.CheckRunningResponse, max(left, 0.001))
             if answer is LOST:
                 return False
             if answer is None:
-                channel.close()
+                session.end()
                 return False
             if isinstance(answer, S.StopResult):
                 return answer
@@ -295,7 +389,9 @@ class VmKeeper:
             if answer.state != self.domain_state:
                 self.domain_state = answer.state
                 self._set(State.RUNNING, f"domain state {answer.state}")
-            await self._pause(self.settings.heartbeat_interval_s)
+            session.heartbeat_pause = task.deferLater(self.clock, self.settings.heartbeat_interval_s, lambda: None)
+            await _unless_cancelled(session.heartbeat_pause)
+            session.heartbeat_pause = None
         return True
 
     # ------------------------------------------------------------------ stopping
@@ -305,22 +401,37 @@ class VmKeeper:
         its lease, and a keeper that comes back with the cookie re-adopts it."""
         self._stop_requested = True
         self._leaving = True
-        if self._wake is not None:
-            self._wake.cancel()
-        if self._channel is not None:
-            self._channel.close()
+        if self._backoff_pause is not None:
+            self._backoff_pause.cancel()
+        if self._session is not None:
+            self._session.interrupt()
 
     def stop(self) -> defer.Deferred:
         """Stop the VM cleanly (StopServer) and end the session; fires with the final State."""
         self._stop_requested = True
-        if self._wake is not None:
-            self._wake.cancel()
+        if self._backoff_pause is not None:
+            self._backoff_pause.cancel()
+        if self._session is not None and self._session.heartbeat_pause is not None:
+            self._session.heartbeat_pause.cancel()
         return self._running
 
-    async def _stop_on(self, channel: Channel) -> None:
+    async def _stop_on(self, session: _Session) -> None:
         self._set(State.STOPPING, "asking the PE to stop it")
-        channel.send(S.StopServer(self.server_id))
-        answer = await self._await(S.StopResult, max(30.0, self.settings.heartbeat_timeout_s))
+        session.channel.send(S.StopServer(self.server_id))
+        answer = await self._await(session, S.StopResult, max(30.0, self.settings.heartbeat_timeout_s))
         if not isinstance(answer, S.StopResult):
             log.warn("{server}: the PE did not confirm the stop", server=self.server_id)
-        channel.close()
+
+
+def _says_running(cookie: bytes) -> bool:
+    try:
+        return C.peek(cookie).running
+    except C.CookieError:
+        return False
+
+
+async def _unless_cancelled(d: defer.Deferred) -> None:
+    try:
+        await d
+    except defer.CancelledError:
+        pass

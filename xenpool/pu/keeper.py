@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from ..logs import hex_id
+from ..protocol import cookie as C
 from ..protocol import session as S
 from .core import PuSettings, State, VmKeeper
 
@@ -36,10 +37,7 @@ class KeeperService(service.MultiService):
         super().startService()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for keeper in self.keepers:
-            path = self._cookie_path(keeper)
-            if path.exists():
-                keeper.cookie = path.read_bytes()
-                log.info("{server}: found its last cookie; going back to it", server=keeper.server_id)
+            self._load_cookie(keeper)
             keeper.run().addErrback(lambda f, k=keeper: log.failure("keeping {server} failed", f, server=k.server_id))
 
     def stopService(self):
@@ -48,17 +46,41 @@ class KeeperService(service.MultiService):
             keeper.leave()
         return super().stopService()
 
+    def _load_cookie(self, keeper: VmKeeper) -> None:
+        """The VM's last cookie, if its state file holds one. A file that cannot be read
+        or holds no cookie must not keep the VM down: the keeper asks with a plain
+        request (the PEs' uniqueness check refuses a second start)."""
+        path = self._cookie_path(keeper)
+        try:
+            cookie = path.read_bytes()
+            C.peek(cookie)
+        except FileNotFoundError:
+            return
+        except (OSError, C.CookieError) as err:
+            keeper.ran_before = True
+            log.warn("{server}: ignoring its state file {path}: {err}; asking with a plain request",
+                     server=keeper.server_id, path=str(path), err=getattr(err, "reason", None) or str(err))  # fmt: skip
+            return
+        keeper.cookie = cookie
+        log.info("{server}: found its last cookie; going back to it", server=keeper.server_id)
+
     def _save_cookie(self, keeper: VmKeeper, cookie: bytes) -> None:
         path = self._cookie_path(keeper)
         partial = path.with_suffix(".partial")
-        partial.write_bytes(cookie)
-        os.replace(partial, path)  # never a torn cookie after a crash
+        try:
+            partial.write_bytes(cookie)
+            os.replace(partial, path)  # never a torn cookie after a crash
+        except OSError as err:  # the VM runs on; only a restarted keeper would miss the cookie
+            log.warn("{server}: cannot save its cookie in {path}: {err}", server=keeper.server_id, path=str(path), err=str(err))
 
     def _state(self, keeper: VmKeeper, state: State, why: str) -> None:
         took = f" after a failover of {keeper.last_failover_s:.2f} s" if state == State.RUNNING and keeper.last_failover_s else ""
         log.info("{server}: {state}: {why}{took}", server=keeper.server_id, state=state.value, why=why, took=took)
         if state in (State.STOPPED, State.REFUSED):
-            self._cookie_path(keeper).unlink(missing_ok=True)
+            try:
+                self._cookie_path(keeper).unlink(missing_ok=True)
+            except OSError as err:
+                log.warn("{server}: cannot remove its state file: {err}", server=keeper.server_id, err=str(err))
 
     def describe(self) -> list[dict]:
         return [

@@ -78,12 +78,15 @@ class _PeSession(Protocol):
 
 class TcpPoolAccess:
     """PoolAccess over TCP: registrars tried in order (configured, then announced), PEs
-    at their user transport."""
+    at their user transport. ``timeout_s`` bounds a registrar's answer (and a PE's connect
+    unless ``pe_connect_timeout_s`` is given: a PU sets it short, every partitioned PE
+    in a round costs it that long)."""
 
-    def __init__(self, reactor, registrars: Registrars, timeout_s: float = 5.0) -> None:
+    def __init__(self, reactor, registrars: Registrars, timeout_s: float = 5.0, pe_connect_timeout_s: float | None = None) -> None:
         self.reactor = reactor
         self.registrars = registrars
         self.timeout_s = timeout_s
+        self.pe_connect_timeout_s = timeout_s if pe_connect_timeout_s is None else pe_connect_timeout_s
 
     async def _ask(self, request: M.Message) -> M.Message:
         errors = []
@@ -114,9 +117,8 @@ class TcpPoolAccess:
         transport = element.user_transport
         if not isinstance(transport, P.TcpTransport):
             return defer.fail(ConnectionError(f"PE offers {type(transport).__name__}, this PU speaks TCP"))
-        endpoint = endpoints.TCP4ClientEndpoint(self.reactor, transport.addresses[0], transport.port, timeout=self.timeout_s)
-        if ":" in transport.addresses[0]:
-            endpoint = endpoints.TCP6ClientEndpoint(self.reactor, transport.addresses[0], transport.port, timeout=self.timeout_s)
+        kind = endpoints.TCP6ClientEndpoint if ":" in transport.addresses[0] else endpoints.TCP4ClientEndpoint
+        endpoint = kind(self.reactor, transport.addresses[0], transport.port, timeout=self.pe_connect_timeout_s)
         return endpoint.connect(Factory.forProtocol(lambda: _PeSession(deliver)))
 
     def report_unreachable(self, pool_handle: bytes, identifier: int) -> None:

@@ -23,6 +23,7 @@ SETTINGS = [
     Setting("state-dir", "/var/lib/xenpool/keeper", str, "where each VM's last cookie is kept"),
     Setting("heartbeat-interval", 1.0, positive_float, "seconds between heartbeats"),
     Setting("heartbeat-timeout", 3.0, positive_float, "seconds without an answer before failing over"),
+    Setting("connect-timeout", 2.0, positive_float, "seconds to wait for a PE's connection before trying the next one"),
     Setting("status", None, str, "HTTP endpoint for /vms (JSON)"),
     Setting("logfile", None, str, "also write structured logs to this file as JSON lines"),
 ]
@@ -80,10 +81,11 @@ def makeService(options: Options):
     json_log(s["logfile"])
     settings = PuSettings(
         pool_handle=s["pool"].encode(), heartbeat_interval_s=s["heartbeat-interval"],
-        heartbeat_timeout_s=s["heartbeat-timeout"], resolution_items=256,
+        heartbeat_timeout_s=s["heartbeat-timeout"], resolution_items=256, connect_timeout_s=s["connect-timeout"],
     )  # fmt: skip
     registrars, announce_listener = discovery.registrars(reactor, s["registrar"], s["registrar-announce"], s["announce-interface"])
-    keeper = KeeperService(options.vms, TcpPoolAccess(reactor, registrars), reactor, settings, s["state-dir"], s["status"])
+    access = TcpPoolAccess(reactor, registrars, pe_connect_timeout_s=settings.connect_timeout_s)
+    keeper = KeeperService(options.vms, access, reactor, settings, s["state-dir"], s["status"])
     if announce_listener is not None:
         announce_listener.setServiceParent(keeper)
     return keeper

@@ -213,6 +213,7 @@ class Simulation:
         self.scenario = scenario
         self.clock = Clock()
         self.rng = random.Random(seed)
+        self.backoff_rng = random.Random(f"pu back-off {seed}")  # its own stream: the runs' other draws stay as they were
         self.pool_handle = scenario.get("pool_handle", "Xen").encode()
         self.types = scenario["vm_types"]
         self.vm_type = {start["server_id"]: start["type"] for start in scenario["starts"]}
@@ -252,7 +253,8 @@ class Simulation:
 
     def _start_vm(self, start: dict) -> None:
         vm = self.types[start["type"]]
-        keeper = VmKeeper(S.CreateServer(start["server_id"], "", (), vm["ram_mb"]), self.access, self.clock, self.pu_settings)
+        keeper = VmKeeper(S.CreateServer(start["server_id"], "", (), vm["ram_mb"]), self.access, self.clock, self.pu_settings,
+                          rng=self.backoff_rng.random)  # fmt: skip
         self.keepers.append(keeper)
         keeper.run()
 
