@@ -505,3 +505,44 @@ def test_stopping_while_resolving_opens_no_session(clock):
     k.stop()
     answer.callback([element(1)])
     assert done.called and k.state == State.STOPPED and pool.most_open == 0 and pe.received == []
+
+
+def cookie_naming(pe: int) -> bytes:
+    from xenpool.protocol import cookie as C
+
+    return C.seal(C.SessionState(b"Xen", "web1", "", ("10.0.5.1",), 300, 1, True, f"host{pe}", pe, 0.0), b"a secret")
+
+
+class RedirectingPE(ScriptedPE):
+    """Refuses with 13 after a cookie naming the host that runs the VM, as a real PE does."""
+
+    def __init__(self, identifier: int, holder: int) -> None:
+        super().__init__(identifier, refuse=S.ResultCode.ALREADY_RUNNING)
+        self.holder = holder
+
+    def send(self, message) -> None:
+        if isinstance(message, (S.CreateServer, M.CookieEcho)) and self.deliver is not None:
+            self.received.append(message)
+            self.deliver(M.Cookie(cookie_naming(self.holder)))
+            self.deliver(S.CreateResult("web1", S.ResultCode.ALREADY_RUNNING, 0, f"web1 runs on host{self.holder}"))
+            return
+        super().send(message)
+
+
+def test_a_new_vm_refused_with_a_cookie_naming_the_holder_is_still_refused_for_good(clock):
+    k = keeper(clock, Pool(clock, RedirectingPE(1, holder=2)))
+    done = k.run()
+    assert done.called and k.state == State.REFUSED and "web1 runs on host2" in k._last_reason
+
+
+def test_a_keeper_that_lost_its_cookie_follows_the_cookie_to_the_holder(clock):
+    """Its state file was corrupt: the PE it asks first refuses, naming the host that kept
+    the VM running; the keeper goes there next (first, by the cookie) and keeps it."""
+    holder = ScriptedPE(2)
+    pool = Pool(clock, RedirectingPE(1, holder=2), holder)
+    k = VmKeeper(REQUEST, pool, clock, PuSettings(), rng=lambda: 0.0, ran_before=True)
+    k.run()
+    for _ in range(10):
+        clock.advance(1)
+    assert k.state == State.RUNNING and k.pe.identifier == 2
+    assert holder.received[0] == M.CookieEcho(cookie_naming(2))

@@ -170,6 +170,8 @@ class VmKeeper:
         """Keep the VM until stop(); fires with the final State."""
         if getattr(self, "_running", None) is not None and not self._running.called:
             raise RuntimeError(f"{self.server_id} is kept already")  # two runs: two sessions for one VM
+        if self.cookie is not None:
+            self.ran_before = True  # a cookie saved by an earlier run: the VM is this keeper's
         self._running = defer.Deferred.fromCoroutine(self._run())
         return self._running
 
@@ -236,10 +238,11 @@ class VmKeeper:
         return self.state
 
     def _final(self, code) -> bool:
-        """A refusal to give up on. "Already running" is final for a new VM; for one this
-        PU already ran (it has its cookie, or had one) it means its old PE is alive and holds it, so
-        the PU goes on, and back to that PE first after the back-off."""
-        if code == S.ResultCode.ALREADY_RUNNING and (self.cookie is not None or self.ran_before):
+        """A refusal to give up on. "Already running" is final for a new VM (a cookie a
+        refusing PE sent naming the holder does not make it this PU's); for one this PU
+        already ran (it started it, or had a cookie from an earlier run) it means its old
+        PE is alive and holds it, so the PU goes on, and back to that PE first after the back-off."""
+        if code == S.ResultCode.ALREADY_RUNNING and self.ran_before:
             return False
         return code in FINAL_CODES
 
@@ -301,6 +304,7 @@ class VmKeeper:
             self._keep_cookie(session.pending_cookie)
             session.pending_cookie = None
         self.running_since = self.clock.seconds()
+        self.ran_before = True
         if self.lost_at is not None:
             self.last_failover_s = self.running_since - self.lost_at
             self.failovers += 1
