@@ -218,10 +218,10 @@ def test_pool_wide_uniqueness_and_cookie_refusals(pool, tmp_path):
     assert received[-1].code == S.ResultCode.STARTED
     cookie = [m for m in received if isinstance(m, M.Cookie)][-1].cookie
     for request, expected in (
-        # the voter (the registrar) refuses the lease first, naming the holder
-        (S.CreateServer("unique1", "", (), 64), "VM unique1 is held by host1"),
-        (S.CreateServer("unique2", str(disk), (), 64), f"disk {disk} is held by host1"),
-        (S.CreateServer("unique3", "", ("10.7.0.9", "10.7.0.1"), 64), "IP 10.7.0.1 is held by host1"),
+        # the voters refuse the lease to host2; host1, which holds it, answers that it runs it
+        (S.CreateServer("unique1", "", (), 64), "unique1 runs on host1"),
+        (S.CreateServer("unique2", str(disk), (), 64), f"disk {disk} is used by unique1 on host1"),
+        (S.CreateServer("unique3", "", ("10.7.0.9", "10.7.0.1"), 64), "IP 10.7.0.1 is used by unique1 on host1"),
     ):
         pu, answers = create_with(pes[2], request)
         assert answers[-1].code == S.ResultCode.ALREADY_RUNNING and expected in answers[-1].reason, answers[-1]
@@ -284,7 +284,7 @@ def test_xenpool_pu_create_keeps_the_vm_and_ctrl_c_stops_it(pool):
         [str(Path(sys.executable).with_name("xenpool-pu")), "create", "--server-id", "cli2", "--ram", "64",
          "--registrar", f"127.0.0.1:{registrar.asap}"], capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert refused.returncode == 3 and "code 13" in refused.stdout and "VM cli2 is held by host1" in refused.stdout
+    assert refused.returncode == 3 and "code 13, cli2 runs" in refused.stdout and "host1" in refused.stdout
     holder.close()
     bad = subprocess.run([str(Path(sys.executable).with_name("xenpool-pu")), "create", "--server-id", "x y", "--ram", "1"],
                          capture_output=True, text=True)  # fmt: skip

@@ -25,9 +25,9 @@ from .test_pe_core import NODE, SECRET, MemoryHypervisor, Session
 ACQUIRE, RENEW, RELEASE = S.LeaseAction.ACQUIRE, S.LeaseAction.RENEW, S.LeaseAction.RELEASE
 
 
-def request(host: str, action=ACQUIRE, server_id="web1", pe=None, fenced="", disk="", ips=(), duration_ms=15_000):
+def request(host: str, action=ACQUIRE, server_id="web1", pe=None, cleared="", disk="", ips=(), duration_ms=15_000):
     pe = pe if pe is not None else int(host[-1])
-    return S.LeaseRequest(b"Xen", pe, host, action, duration_ms, server_id, disk, ips, fenced)
+    return S.LeaseRequest(b"Xen", pe, host, action, duration_ms, server_id, disk, ips, cleared)
 
 
 # ------------------------------------------------------------------ one voter
@@ -58,7 +58,7 @@ def test_a_lease_that_ran_out_names_its_host_until_it_releases():
     assert taken.granted and taken.previous == (S.Holder(1, "host1"),)
     table.handle(request("host2", RELEASE), now=17)  # host2's start failed: host1 is still a suspect
     assert table.handle(request("host3"), now=18).previous == (S.Holder(1, "host1"),)
-    # host3 started it, having fenced host1: its renewal clears the suspects
+    # host3 started it, having cleared host1: its renewal clears the suspects
     assert table.handle(request("host3", RENEW), now=19).granted
     table.handle(request("host3", RELEASE), now=20)
     assert table.handle(request("host2"), now=21).previous == ()
@@ -71,10 +71,10 @@ def test_a_fenced_holder_loses_its_live_lease_to_the_host_that_fenced_it():
     table = LeaseTable(7)
     table.handle(request("host1"), now=0)
     assert not table.handle(request("host2"), now=1).granted
-    taken = table.handle(request("host2", fenced="host1"), now=2)
+    taken = table.handle(request("host2", cleared="host1"), now=2)
     assert taken.granted and taken.previous == ()
-    # a second PE that fenced host1 too comes later: host2 holds it now
-    late = table.handle(request("host3", fenced="host1"), now=3)
+    # a second PE that cleared host1 too comes later: host2 holds it now
+    late = table.handle(request("host3", cleared="host1"), now=3)
     assert not late.granted and late.holder == S.Holder(2, "host2")
 
 
@@ -351,3 +351,27 @@ def test_a_registrar_votes_on_its_asap_port_and_remembers_its_leases_across_kill
         voter.close()
     finally:
         registrar.stop()
+
+
+def test_a_live_lease_of_a_host_that_answers_without_the_vm_is_taken_over(clock):
+    """host2 restarted (or its release was lost): the voters still count its lease as
+    live, but host2 answers that it runs no web1. host1 takes the lease over, asks host2
+    once more after holding it, and starts web1 without fencing anyone."""
+    pool = Pool(clock)
+    pool.cores["host2"].leases.acquire(S.CreateServer("web1", "", (), 64))  # a lease, no VM
+    session = Session()
+    pool.cores["host1"].handle(S.CreateServer("web1", "", (), 64), session)
+    assert session.results()[0].ok and pool.fencer.pending == [] and pool.running("web1") == ["host1"]
+    # host2 can no longer start it on its stale lease: its confirmation is refused
+    assert not pool.cores["host2"].leases.confirm(S.CreateServer("web1", "", (), 64)).result.granted
+
+
+def test_a_live_lease_of_a_silent_host_the_pu_did_not_lose_is_not_fenced(clock):
+    pool = Pool(clock)
+    pool.cores["host2"].handle(S.CreateServer("web1", "", (), 64), Session())
+    pool.dead.add("host2")  # silent, but the keeper's cookie names no one: no reason to fence it
+    session = Session()
+    pool.cores["host1"].handle(S.CreateServer("web1", "", (), 64), session)
+    result = session.results()[0]
+    assert result.code == S.ResultCode.ALREADY_RUNNING and "host2 does not answer" in result.reason
+    assert pool.fencer.pending == []

@@ -269,28 +269,32 @@ class PoolElementCore:
     async def _claim_lease(self, request: S.CreateServer, may_run_on: S.Holder | None) -> tuple[int, str] | None:
         me = self.settings.host
         fenced: set[str] = set()
+        cleared: set[S.Holder] = set()  # took over its live lease: asked again below
         outcome = await self.leases.acquire(request)
         if not outcome.granted:
             blocker = outcome.blocker
-            if blocker is None or may_run_on is None or blocker.host != may_run_on.host:
-                code = S.ResultCode.ALREADY_RUNNING if blocker is not None else S.ResultCode.UNSPECIFIED
-                return Refusal(code, f"no lease on {request.server_id}: {outcome.reason}", blocker)
-            # The host the PU lost still holds the lease: ask it; fence it only if it
-            # does not answer (a host that answers is alive: the PU's path to it is cut).
+            if blocker is None:
+                return S.ResultCode.UNSPECIFIED, f"no lease on {request.server_id}: {outcome.reason}"
+            # Ask the holder itself: one that runs or starts it wins; one that answers
+            # without it holds a stale lease (it restarted, or its release was lost).
             found = await self._ask_pool(request, {blocker})
             if isinstance(found, tuple):
                 return found
             if blocker.host in found:
-                return S.ResultCode.ALREADY_RUNNING, (f"{blocker.host} holds the lease on {request.server_id} and answers "
-                                                      f"that it does not run it; try again once its lease ends")  # fmt: skip
-            refusal = await self._fence(blocker, request.server_id)
-            if refusal is not None:
-                return refusal
-            fenced.add(blocker.host)
-            outcome = await self.leases.acquire(request, fenced=blocker.host)
+                cleared.add(blocker)
+            elif may_run_on is not None and blocker.host == may_run_on.host:
+                # The host the PU lost holds the lease and does not answer: fenced.
+                refusal = await self._fence(blocker, request.server_id)
+                if refusal is not None:
+                    return refusal
+                fenced.add(blocker.host)
+            else:
+                return Refusal(S.ResultCode.ALREADY_RUNNING, f"no lease on {request.server_id}: {outcome.reason}, "
+                                                             f"and {blocker.host} does not answer", blocker)  # fmt: skip
+            outcome = await self.leases.acquire(request, cleared=blocker.host)
             if not outcome.granted:
-                return S.ResultCode.ALREADY_RUNNING, f"no lease on {request.server_id} after fencing {blocker.host}: {outcome.reason}"
-        suspects = {h for h in outcome.previous if h.host != me and h.host not in fenced}
+                return S.ResultCode.ALREADY_RUNNING, f"no lease on {request.server_id} after clearing {blocker.host}: {outcome.reason}"
+        suspects = {h for h in outcome.previous | cleared if h.host != me and h.host not in fenced}
         if may_run_on is not None and may_run_on.host != me and may_run_on.host not in fenced:
             suspects.add(may_run_on)
         found = await self._ask_pool(request, suspects)
@@ -298,7 +302,7 @@ class PoolElementCore:
             return found
         for suspect in sorted(suspects, key=lambda h: h.host):
             if suspect.host in found or suspect.host in fenced:
-                continue  # it answered: it does not run it
+                continue  # it answered: it does not run it (and holds no lease to start it now)
             refusal = await self._fence(suspect, request.server_id)
             if refusal is not None:
                 return refusal

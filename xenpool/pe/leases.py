@@ -82,10 +82,10 @@ class VmLeases:
         if self._loop.running:
             self._loop.stop()
 
-    def _request(self, action: int, vm: S.CreateServer, fenced: str = "") -> S.LeaseRequest:
+    def _request(self, action: int, vm: S.CreateServer, cleared: str = "") -> S.LeaseRequest:
         s = self.settings
         request = S.LeaseRequest(s.pool_handle, s.pe_identifier, s.host, action, round(s.duration_s * 1000), vm.server_id,
-                                 vm.disk, vm.ips, fenced, self.wall_ms(), self.nonce())  # fmt: skip
+                                 vm.disk, vm.ips, cleared, self.wall_ms(), self.nonce())  # fmt: skip
         return dataclasses.replace(request, mac=S.lease_request_mac(s.secret, request)) if s.secret else request
 
     async def _ask_all(self, requests: list[S.LeaseRequest]) -> list[list[S.LeaseAnswer | None]]:
@@ -115,16 +115,16 @@ class VmLeases:
 
     # ------------------------------------------------------------------ requests
 
-    def acquire(self, vm: S.CreateServer, fenced: str = "") -> defer.Deferred:
-        """-> LeaseOutcome for a start of ``vm`` here (``fenced``: a host just fenced,
-        whose live lease may be taken over). A refused acquisition is released again
+    def acquire(self, vm: S.CreateServer, cleared: str = "") -> defer.Deferred:
+        """-> LeaseOutcome for a start of ``vm`` here (``cleared``: a host just fenced, or
+        that answered it does not run ``vm``, whose live lease may be taken over). A refused acquisition is released again
         where it was granted, so it blocks no one."""
-        return defer.Deferred.fromCoroutine(self._acquire(vm, fenced))
+        return defer.Deferred.fromCoroutine(self._acquire(vm, cleared))
 
-    async def _acquire(self, vm: S.CreateServer, fenced: str) -> LeaseOutcome:
+    async def _acquire(self, vm: S.CreateServer, cleared: str) -> LeaseOutcome:
         if not self.enabled:
             return LeaseOutcome(True)
-        (answers,) = await self._ask_all([self._request(S.LeaseAction.ACQUIRE, vm, fenced)])
+        (answers,) = await self._ask_all([self._request(S.LeaseAction.ACQUIRE, vm, cleared)])
         outcome = self._outcome(answers)
         if not outcome.granted and any(a is not None and a.granted for a in answers) and vm.server_id not in self.held:
             self.release(vm)

@@ -255,8 +255,8 @@ class LeaseAction(enum.IntEnum):
 class LeaseRequest(SessionMessage):
     """PE to a voter (a registrar): hold a VM's keys (its ServerID, disk and IPs) for
     ``duration_ms``, or release them. A voter grants at most one host per key while its
-    lease runs. ``fenced``: a host this PE has fenced (confirmed off), whose live lease it
-    may take over. ``issued_ms`` and ``nonce`` make every request unique; ``mac``:
+    lease runs. ``cleared``: a host this PE has fenced (confirmed off), or that answered it
+    does not run the VM: its live lease may be taken over. ``issued_ms`` and ``nonce`` make every request unique; ``mac``:
     HMAC-SHA256 over the fields with the pool secret (empty without one)."""
 
     TYPE = SessionType.LEASE_REQUEST
@@ -268,7 +268,7 @@ class LeaseRequest(SessionMessage):
     server_id: str
     disk: str = ""
     ips: tuple[str, ...] = ()
-    fenced: str = ""
+    cleared: str = ""
     issued_ms: int = 0
     nonce: int = 0
     mac: bytes = b""
@@ -517,7 +517,7 @@ def encode(msg: SessionMessage) -> bytes:
         w.text(msg.server_id, MAX_SERVER_ID, "server_id")
         w.text(msg.disk, MAX_DISK, "disk")
         w.text(" ".join(msg.ips), MAX_IP_LIST, "ips")
-        w.text(msg.fenced, MAX_HOST, "fenced")
+        w.text(msg.cleared, MAX_HOST, "cleared")
         w.blob(msg.mac, MAX_MAC, "mac")
     elif isinstance(msg, LeaseAnswer):
         if len(msg.previous) > MAX_LEASE_HOLDERS:
@@ -583,8 +583,8 @@ def _lease_request(r: _Reader) -> LeaseRequest:
             ipaddress.ip_address(ip)
         except ValueError:
             raise ProtocolError(f"{ip!r} is not an IP address", field="ips", offset=offset) from None
-    fenced = r.text(MAX_HOST, "fenced")
-    return LeaseRequest(pool_handle, pe_id, host, action, duration_ms, server_id, disk, ips, fenced, issued_ms, nonce,
+    cleared = r.text(MAX_HOST, "cleared")
+    return LeaseRequest(pool_handle, pe_id, host, action, duration_ms, server_id, disk, ips, cleared, issued_ms, nonce,
                         r.blob(MAX_MAC, "mac"))  # fmt: skip
 
 

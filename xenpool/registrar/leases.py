@@ -84,7 +84,7 @@ class LeaseTable:
         for key in keys:
             lease = self.leases.get(key)
             holder = lease.holder if lease else None
-            if holder is not None and holder.host not in (request.host, request.fenced) and lease.expires > now:
+            if holder is not None and holder.host not in (request.host, request.cleared) and lease.expires > now:
                 remaining = round((lease.expires - now) * 1000)
                 return self._answer(request, False, remaining, holder,
                                     reason=f"{KIND_NAMES[key[1]]} {key[2]} is held by {holder.host} for {remaining / 1000:.1f} s more")  # fmt: skip
@@ -94,11 +94,11 @@ class LeaseTable:
             lease = self.leases.get(key)
             prior: set[S.Holder] = set(lease.prior) if lease else set()
             if lease is not None and lease.holder is not None and lease.holder.host != request.host:
-                prior.add(lease.holder)  # its lease ran out (or it was fenced) without a release
+                prior.add(lease.holder)  # its lease ran out without a release
             if request.action == S.LeaseAction.RENEW and lease is not None and lease.holder is not None \
                     and lease.holder.host == request.host:
                 prior.clear()  # the holder runs it, having fenced or asked every previous host
-            prior = {h for h in prior if h.host not in (request.host, request.fenced)}
+            prior = {h for h in prior if h.host not in (request.host, request.cleared)}
             previous |= prior
             if lease is None or lease.holder != me or lease.prior != frozenset(prior):
                 self.changed = True
