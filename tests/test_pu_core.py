@@ -546,3 +546,16 @@ def test_a_keeper_that_lost_its_cookie_follows_the_cookie_to_the_holder(clock):
         clock.advance(1)
     assert k.state == State.RUNNING and k.pe.identifier == 2
     assert holder.received[0] == M.CookieEcho(cookie_naming(2))
+
+
+def test_a_failed_fence_ends_the_round(clock):
+    """Every other PE would fence the same host: after code 15 the PU waits its back-off
+    instead of making the next PE run the same failing fence."""
+    first, second = ScriptedPE(1, refuse=S.ResultCode.FENCE_FAILED), ScriptedPE(2, refuse=S.ResultCode.FENCE_FAILED)
+    k = keeper(clock, Pool(clock, first, second))
+    k.run()
+    assert len(first.received) == 1 and second.received == [] and k.state == State.WAITING
+    clock.advance(0.5)
+    assert len(first.received) == 1 and len(second.received) == 1  # another PE's fencing may work
+    clock.advance(1.0)
+    assert len(first.received) == 2 and len(second.received) == 1

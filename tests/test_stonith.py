@@ -618,3 +618,46 @@ def test_libvirt_with_the_real_reactor_and_threads():
     outcome = run_fence("libvirt", {"uri": "test:///default"}, "host1", {"domain": "test"})
     assert outcome["ok"], outcome
     assert "fenced host1: off confirmed (libvirt test:///default: destroyed test; test not active)" in outcome["log"]
+
+
+def test_a_failed_fence_is_not_tried_again_until_its_hold_off_ends():
+    """A failing power controller is asked once per hold-off (2 s doubling to 60 s, with
+    jitter), not once per failover attempt; a success ends the hold-off."""
+    from twisted.internet import defer
+
+    from xenpool.pe.fencing import FenceHeldOff, StonithFencer
+
+    class Flaky:
+        name = "flaky"
+
+        def __init__(self):
+            self.calls, self.fail = 0, True
+
+        def fence(self, target):
+            self.calls += 1
+            return defer.fail(RuntimeError("BMC says no")) if self.fail else defer.succeed(None)
+
+    clock, stonith = Clock(), Flaky()
+    fencer = StonithFencer(stonith, {}, clock=clock, rng=lambda: 1.0)  # no jitter: the full hold-off
+    failures = []
+    fencer.fence("host2").addErrback(failures.append)
+    for _ in range(100):  # a keeper retrying as fast as it can
+        fencer.fence("host2").addErrback(failures.append)
+    assert stonith.calls == 1 and failures[0].check(RuntimeError) and all(f.check(FenceHeldOff) for f in failures[1:])
+    assert "failed 0.0 s ago" in failures[1].getErrorMessage()
+    clock.advance(2)
+    fencer.fence("host2").addErrback(failures.append)
+    assert stonith.calls == 2
+    clock.advance(3.9)  # the second hold-off is 4 s
+    fencer.fence("host2").addErrback(failures.append)
+    assert stonith.calls == 2
+    clock.advance(0.1)
+    stonith.fail = False
+    done = []
+    fencer.fence("host2").addCallback(done.append)
+    assert stonith.calls == 3 and done == [None]
+    fencer.fence("host2").addCallback(done.append)  # the same failure's other VMs: no second power-off
+    assert stonith.calls == 3 and done == [None, None]
+    clock.advance(2)
+    fencer.fence("host2").addCallback(done.append)  # later: the host may be back, fenced again
+    assert stonith.calls == 4

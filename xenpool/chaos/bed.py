@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ NODE_XML = """<node>
 </node>
 """
 ASAP, ENRP, PE_PORT, STATUS = 3863, 9901, 5001, 8080
+NBD = 10809
 
 
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -69,6 +71,7 @@ class Node:
     stopped: bool = False  # SIGSTOPped by a fault
     pidfile: Path | None = None
     extra: dict = field(default_factory=dict)
+    command: list[str] | None = None  # a plain program instead of a twistd daemon (the NBD server)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -78,7 +81,8 @@ class Node:
             return
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns, *TWISTD_ARGV, "-n", "--pidfile=", f"--logfile={self.log}", *self.argv],
+                ["ip", "netns", "exec", self.netns,
+                 *(self.command or [*TWISTD_ARGV, "-n", "--pidfile=", f"--logfile={self.log}"]), *self.argv],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip
@@ -152,6 +156,15 @@ class TestBed:
         return self.nodes["keeper"]
 
     @property
+    def san(self) -> Node:
+        """The storage host: nbdkit exporting every VM's disk (any export name)."""
+        return self.nodes["san"]
+
+    @property
+    def daemons(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.command is None]
+
+    @property
     def state_dir(self) -> Path:
         return self.dir / "keeper-state"
 
@@ -190,7 +203,7 @@ class TestBed:
             rule = ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
             sh("iptables", "-I", *rule)
             self._forward_rule = rule
-        names = ["r1", "r2", *(f"host{i}" for i in range(1, self.n_pes + 1)), "keeper"]
+        names = ["r1", "r2", *(f"host{i}" for i in range(1, self.n_pes + 1)), "keeper", "san"]
         for i, name in enumerate(names):
             netns = f"xc{self.tag}-{name}"
             sh("ip", "netns", "add", netns)
@@ -210,9 +223,13 @@ class TestBed:
         d = self.dir
         d.mkdir(parents=True, exist_ok=True)
         (d / "secret").write_text("the chaos bed's pool secret\n")
-        (d / "vms.conf").write_text(
-            "".join(f"[vm {name}]\nram = {self.vm_ram_mb}\nips = 10.0.5.{i}\n" for i, name in enumerate(self.vm_names, 1))
-        )
+        san = self.san
+        san.command = [shutil.which("nbdkit") or "nbdkit", "--foreground", "--exit-with-parent", "-i", san.address, "-p", str(NBD)]
+        san.argv = ["memory", "1M"]
+        (d / "vms.conf").write_text("".join(
+            f"[vm {name}]\nram = {self.vm_ram_mb}\nips = 10.0.5.{i}\ndisk = nbd://{san.address}:{NBD}/{name}\n"
+            for i, name in enumerate(self.vm_names, 1)
+        ))  # fmt: skip
         (d / "fence-map.ini").write_text("".join(f"[{pe.name}]\npidfile = {d / f'{pe.name}.pid'}\n" for pe in self.pes))
         r = self.registrars
         for i, reg in enumerate(r):
@@ -245,7 +262,10 @@ class TestBed:
         ]  # fmt: skip  (no JSON log: a keeper retrying without back-off writes 100 MB a minute)
 
     def wait_up(self, node: Node, timeout: float = 30.0) -> None:
-        """Until the daemon answers on its status port (a PE: and is registered)."""
+        """Until the daemon answers on its status port (a PE: and is registered; the NBD
+        server: accepts connections)."""
+        if node.command is not None:
+            return self._wait_listening(node, NBD, timeout)
         path = "/handlespace" if node.name.startswith("r") else "/vms" if node.name == "keeper" else "/status"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -260,6 +280,18 @@ class TestBed:
             time.sleep(0.1)
         raise RuntimeError(f"{node.name} not up within {timeout:.0f} s; log:\n{self.tail(node)}")
 
+    def _wait_listening(self, node: Node, port: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not node.alive():
+                raise RuntimeError(f"{node.name} exited ({node.proc.returncode}); log:\n{self.tail(node)}")
+            try:
+                socket.create_connection((node.address, port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"{node.name} not listening on {port} within {timeout:.0f} s; log:\n{self.tail(node)}")
+
     def tail(self, node: Node, lines: int = 30) -> str:
         try:
             return "\n".join(node.log.read_text(errors="replace").splitlines()[-lines:])
@@ -272,6 +304,7 @@ class TestBed:
             self.wait_up(node)
 
     def start_all(self) -> None:
+        self.start_node(self.san)
         for node in self.registrars:
             self.start_node(node)
         for node in self.pes:
@@ -331,6 +364,8 @@ class TestBed:
         self.keeper.kill()
         self.reset_keeper_state()
         self.heal_network()
+        if not self.san.alive():
+            self.start_node(self.san)
         for pe in self.pes:
             pe.kill()
         for node in self.registrars:

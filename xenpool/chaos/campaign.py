@@ -236,8 +236,8 @@ def add_parser(sub) -> None:
     c.add_argument("--poll", type=float, default=0.3, metavar="S", help="seconds between the monitor's rounds")
     c.add_argument("--backoff", type=float, default=0.5, metavar="S",
                    help="the keeper's back-off for invariant (c) (its initial retry delay, default 0.5)")
-    c.add_argument("--fence-tolerance", type=int, default=1,
-                   help="fences of one host beyond the first allowed in one back-off window (default 1)")
+    c.add_argument("--fence-tolerance", type=int, default=0,
+                   help="fences of one host by one PE beyond the first allowed within 2 s (default 0)")
     c.add_argument("--workdir", default=None, help="where logs and state go (default: a new temporary directory, kept)")
     c.add_argument("--json", action="store_true", help="print the result as one JSON object")
     c.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

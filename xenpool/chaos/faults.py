@@ -149,6 +149,37 @@ def corrupt_state(f: Fault) -> Heal:
     return bed.keeper.start
 
 
+def pe_stop_fence_fails(f: Fault) -> Heal:
+    """SIGSTOP of a PE whose fence fails (its fence map names no process): its VMs must not
+    start elsewhere, the PEs must not hammer the fence, and after SIGCONT its keeper
+    takes them back."""
+    victim = f.victim()
+    real = victim.pidfile.read_text()
+    victim.pidfile.write_text("not a pid\n")
+    victim.signal(signal.SIGSTOP)
+
+    def heal() -> None:
+        victim.pidfile.write_text(real)
+        victim.signal(signal.SIGCONT)
+
+    return heal
+
+
+def nbd_away(f: Fault) -> Heal:
+    """The NBD server of every VM's disk goes away, and a host dies meanwhile: its VMs
+    cannot be started elsewhere (code 12) until the disks are back; the keeper backs off."""
+    bed = f.bed
+    bed.san.kill()
+    victim = f.victim()
+    victim.kill()
+
+    def heal() -> None:
+        bed.start_node(bed.san)
+        victim.start()
+
+    return heal
+
+
 def selftest_broken_fence(f: Fault) -> Heal:
     """Breaks fencing on purpose: the victim's pidfile names a process that is gone, so a
     fence of it "succeeds" while it only sleeps (SIGSTOP). Its VMs get started elsewhere:
@@ -245,7 +276,7 @@ def garbage(f: Fault) -> Heal:
         for s in held:
             s.close()
         f.notes.append(f"{sent[0]} garbage messages")
-        for node in bed.nodes.values():
+        for node in bed.daemons:
             if not node.alive():
                 f.violations.append(f"garbage: {node.name} died ({node.proc.returncode})")
         after = f.where()
@@ -259,6 +290,7 @@ def garbage(f: Fault) -> Heal:
 FAULTS: dict[str, Callable[[Fault], Heal]] = {
     "pe-kill": pe_kill,
     "pe-stop": pe_stop,
+    "pe-stop-fence-fails": pe_stop_fence_fails,
     "part-keeper": part_keeper,
     "part-keeper-pes": part_keeper_pes,
     "part-registrars": part_registrars,
@@ -270,5 +302,6 @@ FAULTS: dict[str, Callable[[Fault], Heal]] = {
     "double": double,
     "corrupt-state": corrupt_state,
     "garbage": garbage,
+    "nbd-away": nbd_away,
     "selftest-broken-fence": selftest_broken_fence,
 }

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import random
+from typing import Callable
+
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..config import read_ini
 from ..interfaces import FenceTarget, ISelfFencing
 from ..protocol import messages as M
 from ..protocol.errors import Cause
+
+log = Logger()
 
 
 def read_fence_map(path: str) -> dict[str, dict[str, str]]:
@@ -18,30 +24,63 @@ def read_fence_map(path: str) -> dict[str, dict[str, str]]:
     return {host: dict(parser.items(host)) for host in parser.sections()}
 
 
+class FenceHeldOff(Exception):
+    """A fence of this host failed a moment ago; it is not tried again yet."""
+
+
 class StonithFencer:
     """Fences a host by its identity with an IStonith provider and the host's options.
 
     Failovers of several VMs from one dead host share one fence while it runs (one
-    power-off, one operator confirmation for ``manual``). A finished fence is never
-    reused: the host may have come back since."""
+    power-off, one operator confirmation for ``manual``), and a fence that succeeded
+    ``REUSE_S`` ago at most. A failed one is not tried again for a
+    while (``HOLD_OFF_S``, doubling up to ``HOLD_OFF_MAX_S``, with jitter; with a clock):
+    asking a power controller thousands of times a second is an attack on it."""
 
-    def __init__(self, stonith, fence_map: dict[str, dict[str, str]]) -> None:
+    HOLD_OFF_S = 2.0
+    HOLD_OFF_MAX_S = 60.0
+    # A fence that succeeded this recently stands for the other VMs of the same failure
+    # (a host that was just powered off runs none of them, and starts none without a lease).
+    REUSE_S = 2.0
+
+    def __init__(self, stonith, fence_map: dict[str, dict[str, str]], clock=None,
+                 rng: Callable[[], float] = random.random) -> None:  # fmt: skip
         self.stonith = stonith
         self.fence_map = fence_map
+        self.clock = clock
+        self.rng = rng
         self._running: dict[str, list[defer.Deferred]] = {}
+        self._failed: dict[str, tuple[float, float, float]] = {}  # host -> (failed at, hold-off, until)
+        self._fenced_at: dict[str, float] = {}
 
     def fence(self, host: str, pe_identifier: int = 0) -> defer.Deferred:
+        held = self._failed.get(host)
+        if held is not None and self.clock is not None and self.clock.seconds() < held[2]:
+            now = self.clock.seconds()
+            return defer.fail(FenceHeldOff(f"fencing {host} failed {now - held[0]:.1f} s ago; not tried again "
+                                           f"for {held[2] - now:.1f} s"))  # fmt: skip
+        if self.clock is not None and self.clock.seconds() - self._fenced_at.get(host, float("-inf")) < self.REUSE_S:
+            return defer.succeed(None)
         waiter: defer.Deferred = defer.Deferred()
         waiters = self._running.get(host)
         if waiters is not None:
             waiters.append(waiter)
             return waiter
         self._running[host] = [waiter]
+        log.info("fencing {host}: asking {provider}", host=host, provider=getattr(self.stonith, "name", "the stonith plugin"))
         target = FenceTarget(host, dict(self.fence_map.get(host, {})), pe_identifier)
         defer.maybeDeferred(self.stonith.fence, target).addBoth(self._done, host)
         return waiter
 
     def _done(self, result, host: str) -> None:
+        if self.clock is not None:
+            if isinstance(result, Failure):
+                hold_off = min(self._failed[host][1] * 2, self.HOLD_OFF_MAX_S) if host in self._failed else self.HOLD_OFF_S
+                now = self.clock.seconds()
+                self._failed[host] = (now, hold_off, now + hold_off * (0.5 + 0.5 * self.rng()))
+            else:
+                self._failed.pop(host, None)
+                self._fenced_at[host] = self.clock.seconds()
         for waiter in self._running.pop(host):
             waiter.errback(result) if isinstance(result, Failure) else waiter.callback(result)
 

@@ -197,6 +197,8 @@ def makeService(options: Options):
                  "once may both start a VM; give every PE the same --voter list")  # fmt: skip
     lease_settings = LeaseSettings(settings.pool_handle, settings.pe_identifier, settings.host, settings.secret, s["vm-lease"])
     leases = VmLeases(voters, lease_settings, reactor)
+    if options.fencer is not None:
+        options.fencer.clock = reactor  # failed fences are held off for a while
     core = PoolElementCore(
         settings, hypervisor, HostAccounting(node, load_settings), options.metric, reactor, fencer=options.fencer,
         claims=claims, leases=leases,

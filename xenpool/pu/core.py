@@ -203,6 +203,7 @@ class VmKeeper:
                 # it; should it refuse, the others follow in the policy's order.
                 candidates.sort(key=lambda e: e.identifier != self._move_target)
                 self._move_target = 0
+            retry_now, fence_failed = False, set()
             for element in candidates:
                 if self._stop_requested:  # stop() or leave() while resolving or between PEs
                     break
@@ -216,21 +217,27 @@ class VmKeeper:
                 if outcome is None:  # the session ended after the VM ran: fail over now
                     failed = {element.identifier}
                     backoff = self.settings.retry_initial_s
+                    retry_now = True
                     break
                 if self._stop_requested:
                     break
                 if self._final(outcome):
                     return self.state
                 reasons.append(self._last_reason)
-            else:
-                if self._stop_requested:
+                if outcome == S.ResultCode.FENCE_FAILED:
+                    # The next PE would fence the same host: wait, do not hammer its fence
+                    # device; the next round starts with another PE (its fencing may work).
+                    fence_failed = {element.identifier}
                     break
+            if self._stop_requested:
+                break
+            if not retry_now:
                 wait = backoff * (1 - self.settings.retry_jitter * self.rng())
                 # Every PE's own answer: the last one alone may hide the real reason.
                 self._set(State.WAITING, f"{'; '.join(reasons)}; retrying in {wait:.1f} s")
                 await self._pause(wait)
                 backoff = min(backoff * 2, self.settings.retry_max_s)
-                failed = set()
+                failed = fence_failed
         if self._leaving:
             self._set(State.LEFT, "its PE keeps it for the lease")
         else:
