@@ -238,6 +238,7 @@ class TestBed:
                 "xenpool-registrar", f"--asap=tcp:{ASAP}:interface={reg.address}", f"--enrp=tcp:{ENRP}:interface={reg.address}",
                 f"--status=tcp:{STATUS}:interface={reg.address}", f"--registrar-id={0x0A0A0A01 + i:#x}",
                 "--peer-heartbeat-interval=0.5", "--peer-timeout=2", "--keep-alive-interval=1", "--keep-alive-timeout=1",
+                f"--state-dir={d / reg.name}", f"--pool-secret=Xen:{d / 'secret'}",
                 *peers,
             ]  # fmt: skip
         registrars = [f"--registrar=tcp:host={reg.address}:port={ASAP}" for reg in r]
