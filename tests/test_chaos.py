@@ -208,10 +208,10 @@ SELFTEST = "selftest-broken-fence"  # breaks fencing on purpose: must be caught 
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="the chaos bed needs root (network namespaces, veth, iptables)")
 def test_a_short_real_campaign(tmp_path):
-    """One trial of every kind with the real ``xenpool chaos`` command (about 2 minutes)."""
+    """Two trials of every kind with the real ``xenpool chaos`` command (about 3 minutes)."""
     before = set(netns_names())
     proc = subprocess.run(
-        [sys.executable, "-m", "xenpool.cli", "chaos", "--kinds", f"{CAMPAIGN_KINDS},{SELFTEST}", "--trials", "1", "--seed", "1",
+        [sys.executable, "-m", "xenpool.cli", "chaos", "--kinds", f"{CAMPAIGN_KINDS},{SELFTEST}", "--trials", "2", "--seed", "1",
          "--recovery-bound", "30", "--json", "--workdir", str(tmp_path / "bed")],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -220,9 +220,9 @@ def test_a_short_real_campaign(tmp_path):
     report = json.loads(proc.stdout)
     assert set(report) == {"trials", "kinds", "violations"}
     kinds = [*CAMPAIGN_KINDS.split(","), SELFTEST]
-    assert report["trials"] == len(kinds) and sorted(report["kinds"]) == sorted(kinds)
+    assert report["trials"] == 2 * len(kinds) and sorted(report["kinds"]) == sorted(kinds)
     for kind, k in report["kinds"].items():
-        assert set(k) == {"trials", "violations", "recovery_s"} and k["trials"] == 1
+        assert set(k) == {"trials", "violations", "recovery_s"} and k["trials"] == 2
         assert k["recovery_s"], f"{kind}: the bed did not recover: {report['violations']}"  # the bed recovered
         assert all(0 <= s <= 30 for s in k["recovery_s"])
     for v in report["violations"]:

@@ -98,6 +98,23 @@ def keeper_kill(f: Fault) -> Heal:
     return f.bed.keeper.start
 
 
+def keeper_kill_pe_kill(f: Fault) -> Heal:
+    """kill -9 of a PE and, a moment later, of the keeper: the keeper comes back while the
+    host is still off, with cookies naming it, and must get its VMs started elsewhere."""
+    victim = f.victim()
+    victim.kill()
+    delay = f.rng.uniform(0.0, 1.5)
+    f.notes.append(f"keeper killed {delay:.2f} s after the PE")
+    time.sleep(delay)
+    f.bed.keeper.kill()
+    f.bed.keeper.start()
+
+    def heal() -> None:
+        victim.start()
+
+    return heal
+
+
 def keeper_kill_placement(f: Fault) -> Heal:
     """A first placement from scratch (keeper state gone, every host power-cycled), and
     the keeper killed while it places."""
@@ -299,6 +316,7 @@ FAULTS: dict[str, Callable[[Fault], Heal]] = {
     "registrar-kill": registrar_kill,
     "keeper-kill": keeper_kill,
     "keeper-kill-placement": keeper_kill_placement,
+    "keeper-kill-pe-kill": keeper_kill_pe_kill,
     "double": double,
     "corrupt-state": corrupt_state,
     "garbage": garbage,

@@ -49,6 +49,7 @@ KINDS: dict[str, tuple[float, float]] = {
     "registrar-kill": (1.0, 4.0),     # kill -9 of a registrar, restarted at heal
     "keeper-kill": (0.5, 3.0),        # kill -9 of the keeper, restarted at heal
     "keeper-kill-placement": (0.5, 2.0),  # kill -9 of the keeper during a first placement
+    "keeper-kill-pe-kill": (1.0, 4.0),  # kill -9 of a PE, then of the keeper (restarted at once)
     "double": (2.0, 4.0),             # kill -9 of one PE, SIGSTOP of another 0.7 s later
     "corrupt-state": (0.2, 1.0),      # a keeper cookie file overwritten with garbage
     "garbage": (1.0, 3.0),            # random bytes and truncated frames on every port
