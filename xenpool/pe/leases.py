@@ -117,8 +117,8 @@ class VmLeases:
 
     def acquire(self, vm: S.CreateServer, cleared: str = "") -> defer.Deferred:
         """-> LeaseOutcome for a start of ``vm`` here (``cleared``: a host just fenced, or
-        that answered it does not run ``vm``, whose live lease may be taken over). A refused acquisition is released again
-        where it was granted, so it blocks no one."""
+        that answered it does not run ``vm``, whose live lease may be taken over). A refused
+        acquisition is released again where it was granted, so it blocks no one."""
         return defer.Deferred.fromCoroutine(self._acquire(vm, cleared))
 
     async def _acquire(self, vm: S.CreateServer, cleared: str) -> LeaseOutcome:

@@ -191,7 +191,7 @@ def makeService(options: Options):
     registrars, announce_listener = discovery.registrars(reactor, s["registrar"], s["registrar-announce"], s["announce-interface"])
     pool_access = TcpPoolAccess(reactor, registrars)
     claims = TcpClaimAsker(reactor, pool_access, settings.pool_handle, settings.pe_identifier)
-    voters = [TcpVoter(reactor, endpoints.clientFromString(reactor, d)) for d in s["voter"] or s["registrar"]]
+    voters = [TcpVoter(reactor, endpoints.clientFromString(reactor, d)) for d in dict.fromkeys(s["voter"] or s["registrar"])]
     if not voters:
         log.warn("no --voter and no --registrar list: starts are not arbitrated by VM leases, so two PEs asked at "
                  "once may both start a VM; give every PE the same --voter list")  # fmt: skip
