@@ -165,7 +165,9 @@ def test_structured_json_log(registrar, tmp_path_factory):
 
 
 def test_bad_command_line_and_config_are_named(tmp_path):
+    (tmp_path / "a-file").write_text("")
     for args, expected in (
+        ([f"--state-dir={tmp_path / 'a-file' / 'leases'}"], "--state-dir"),
         (["--keep-alive-interval=-1"], "--keep-alive-interval: must be > 0"),
         (["--registrar-id=0"], "--registrar-id: must be a 32-bit number"),
         ([f"--config={tmp_path}/missing.conf"], "--config: cannot read"),

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from pathlib import Path
@@ -49,7 +50,16 @@ SETTINGS = [
     Setting("announce-ttl", 1, positive_int, "multicast TTL of announces (1: this network only)"),
 ]
 
-Options = make_options(SETTINGS, "registrar", "Run an RSerPool pool registrar.")
+class Options(make_options(SETTINGS, "registrar", "Run an RSerPool pool registrar.")):
+    def postOptions(self) -> None:
+        super().postOptions()
+        state_dir = Path(self.settings["state-dir"])
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise usage.UsageError(f"--state-dir {state_dir}: {err.strerror}") from None
+        if not os.access(state_dir, os.W_OK):
+            raise usage.UsageError(f"--state-dir {state_dir}: not writable (the VM leases this registrar grants are kept there)")
 
 
 def leases_file(state_dir: str, asap_endpoint: str) -> Path:
