@@ -257,6 +257,7 @@ def test_a_host_that_answers_is_not_fenced_even_when_its_pu_lost_it(clock):
     session = echo(pool.cores["host1"], cookie_on("host3", 3, clock))
     result = session.results()[0]
     assert result.code == S.ResultCode.ALREADY_RUNNING and "web1 runs on host3" in result.reason
+    assert "only the PU's path to it is cut" in result.reason
     assert pool.fencer.pending == [] and pool.running("web1") == ["host3"]
 
 

@@ -96,6 +96,15 @@ class PeerAsker(Protocol):
         """Its MoveAnswer, once it stopped the VM (or why not)."""
 
 
+def _path_cut(refusal: tuple, lost: S.Holder | None) -> tuple:
+    """A refusal because the host the PU lost runs the VM and answered this PE: the PU's
+    own path to that host is cut, not the host dead; say so."""
+    refusal = Refusal(*refusal)
+    if lost is not None and refusal.holder is not None and refusal.holder.host == lost.host:
+        return refusal._replace(reason=f"{refusal.reason}; it answers this PE, so only the PU's path to it is cut")
+    return refusal
+
+
 def _same_vm(held: "VmSession", asked: S.CreateServer) -> bool:
     """A request for the very VM this PE started (not a domain merely found running:
     that one only a cookie takes back)."""
@@ -279,7 +288,7 @@ class PoolElementCore:
             # without it holds a stale lease (it restarted, or its release was lost).
             found = await self._ask_pool(request, {blocker})
             if isinstance(found, tuple):
-                return found
+                return _path_cut(found, may_run_on)
             if blocker.host in found:
                 cleared.add(blocker)
             elif may_run_on is not None and blocker.host == may_run_on.host:
@@ -299,7 +308,7 @@ class PoolElementCore:
             suspects.add(may_run_on)
         found = await self._ask_pool(request, suspects)
         if isinstance(found, tuple):
-            return found
+            return _path_cut(found, may_run_on)
         for suspect in sorted(suspects, key=lambda h: h.host):
             if suspect.host in found or suspect.host in fenced:
                 continue  # it answered: it does not run it (and holds no lease to start it now)
