@@ -115,7 +115,10 @@ def settle(bed: TestBed, monitor: Monitor, timeout: float) -> tuple[float | None
         rnd = monitor.round_after(time.monotonic())
         with monitor.lock:
             problems = monitor.checker.settled(rnd)
-        if not problems and all(v.registered for v in rnd.hosts.values()):
+        every_pe = {pe.extra["pe_id"] for pe in bed.pes}
+        if not problems and all(v.registered for v in rnd.hosts.values()) and all(
+            known is not None and every_pe <= known for known in rnd.registrars.values()
+        ):  # every host up and known to every registrar: a trial starts from a whole pool
             return rnd.t - start, []
     return None, problems
 
