@@ -102,6 +102,7 @@ class Node:
         if self.alive():
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+            self.extra["off_since"] = time.monotonic()
         self.stopped = False
 
     def stop(self) -> None:
@@ -314,15 +315,36 @@ class TestBed:
             self.wait_up(node)
         self.start_node(self.keeper)
 
+    # A powered-off host takes this long to boot again: a fence still on its way when it
+    # went down (a failover that began during the fault) then finds it off, as with real
+    # hardware, instead of killing the freshly started PE.
+    BOOT_S = 3.0
+
+    def power_on(self, node: Node) -> None:
+        """Boot a PE host that was powered off: once it has been off for BOOT_S."""
+        if not node.alive():
+            off_since = node.extra.setdefault("off_since", time.monotonic())
+            time.sleep(max(0.0, self.BOOT_S - (time.monotonic() - off_since)))
+        node.start()
+        node.extra.pop("off_since", None)
+
     def power_on_dead(self) -> list[str]:
-        """Restart every daemon whose process is gone (killed or fenced); continue stopped ones."""
+        """Restart every daemon whose process is gone (killed or fenced; a PE host once it
+        has been off for BOOT_S); continue stopped ones."""
         started = []
+        now = time.monotonic()
         for node in self.nodes.values():
             if node.stopped:
                 node.signal(signal.SIGCONT)
-            if not node.alive():
-                node.start()
-                started.append(node.name)
+            if node.alive():
+                node.extra.pop("off_since", None)
+                continue
+            off_since = node.extra.setdefault("off_since", now)
+            if node in self.pes and now - off_since < self.BOOT_S:
+                continue
+            node.start()
+            node.extra.pop("off_since", None)
+            started.append(node.name)
         return started
 
     def heal_network(self) -> None:

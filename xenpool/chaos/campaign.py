@@ -106,8 +106,9 @@ class Monitor(threading.Thread):
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def settle(bed: TestBed, monitor: Monitor, timeout: float) -> tuple[float | None, list[str]]:
-    """Wait until (b) and (d) hold, powering on dead hosts meanwhile; (seconds, last problems)."""
+def settle(bed: TestBed, monitor: Monitor, timeout: float, whole: bool = False) -> tuple[float | None, list[str]]:
+    """Wait until (b) and (d) hold, powering on dead hosts meanwhile; (seconds, last problems).
+    ``whole``: also until every host is up and known to every registrar (before a trial)."""
     start = time.monotonic()
     problems = ["not polled yet"]
     while time.monotonic() - start < timeout:
@@ -116,9 +117,9 @@ def settle(bed: TestBed, monitor: Monitor, timeout: float) -> tuple[float | None
         with monitor.lock:
             problems = monitor.checker.settled(rnd)
         every_pe = {pe.extra["pe_id"] for pe in bed.pes}
-        if not problems and all(v.registered for v in rnd.hosts.values()) and all(
+        if not problems and all(v.registered for v in rnd.hosts.values() if v.alive or whole) and (not whole or all(
             known is not None and every_pe <= known for known in rnd.registrars.values()
-        ):  # every host up and known to every registrar: a trial starts from a whole pool
+        )):  # fmt: skip  (whole: every host up and known to every registrar, a whole pool)
             return rnd.t - start, []
     return None, problems
 
@@ -127,14 +128,14 @@ def steady(bed: TestBed, monitor: Monitor, args, say) -> list[str]:
     """Bring the bed to steady state before a trial; what kept it from getting there
     (violations of the trial before, which left it so)."""
     violations: list[str] = []
-    took, problems = settle(bed, monitor, args.steady_timeout)
+    took, problems = settle(bed, monitor, args.steady_timeout, whole=True)
     if took is None:
         # What the last trial left broken would fail every later one: start over from a
         # first placement (keeper state wiped, every host power-cycled).
         violations.append(f"still broken {args.steady_timeout:.0f} s later, before the next trial: {'; '.join(problems[:5])}")
         say(f"no steady state ({'; '.join(problems[:3])}): resetting the bed")
         bed.reset()
-        took, problems = settle(bed, monitor, args.steady_timeout)
+        took, problems = settle(bed, monitor, args.steady_timeout, whole=True)
         if took is None:
             violations.append(f"no steady state even after a reset of the bed: {'; '.join(problems[:5])}")
     return violations + monitor.take()
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         monitor.start()
         logs = {pe.name: LogReader(pe.name, bed.pe_log(pe.name)) for pe in bed.pes}
         try:
-            took, problems = settle(bed, monitor, args.steady_timeout)
+            took, problems = settle(bed, monitor, args.steady_timeout, whole=True)
             say(f"bed up on {bed.prefix}0/24: 2 registrars, {args.pes} PEs, a keeper of {args.vms} VMs; "
                 + (f"steady after {took:.1f} s" if took is not None else f"NOT steady: {problems[:3]}"))  # fmt: skip
             previous = None

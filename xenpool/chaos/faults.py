@@ -49,7 +49,7 @@ Heal = Callable[[], None]
 def pe_kill(f: Fault) -> Heal:
     victim = f.victim()
     victim.kill()
-    return victim.start
+    return lambda: f.bed.power_on(victim)
 
 
 def pe_stop(f: Fault) -> Heal:
@@ -90,7 +90,7 @@ def registrar_kill(f: Fault) -> Heal:
     victim = f.rng.choice(f.bed.registrars)
     f.notes.append(victim.name)
     victim.kill()
-    return victim.start
+    return lambda: f.bed.power_on(victim)
 
 
 def keeper_kill(f: Fault) -> Heal:
@@ -110,7 +110,7 @@ def keeper_kill_pe_kill(f: Fault) -> Heal:
     f.bed.keeper.start()
 
     def heal() -> None:
-        victim.start()
+        f.bed.power_on(victim)
 
     return heal
 
@@ -148,7 +148,7 @@ def double(f: Fault) -> Heal:
 
     def heal() -> None:
         stopped.signal(signal.SIGCONT)
-        killed.start()
+        f.bed.power_on(killed)
 
     return heal
 
@@ -192,7 +192,7 @@ def nbd_away(f: Fault) -> Heal:
 
     def heal() -> None:
         bed.start_node(bed.san)
-        victim.start()
+        bed.power_on(victim)
 
     return heal
 
