@@ -83,7 +83,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from xenpool.interfaces import FenceTarget, ISelfFencing, IStonith
+from xenpool.interfaces import FenceTarget, IOperatorConfirmed, ISelfFencing, IStonith
 
 log = Logger()
 
@@ -739,7 +739,7 @@ def confirm(state_dir: str | os.PathLike[str], host: str) -> Path:
     return path
 
 
-@implementer(IStonith)
+@implementer(IOperatorConfirmed)
 class ManualStonith:
     """``manual``: refuse until an operator confirmed the host is off (``confirm``).
 
@@ -757,6 +757,10 @@ class ManualStonith:
         self.state_dir = Path(state_dir)
         self.max_age = float(max_age)
         self._now = now
+
+    def confirm(self, host: str) -> Path:
+        """``confirm(state_dir, host)`` in this plugin's ``state_dir``."""
+        return confirm(self.state_dir, host)
 
     def fence(self, target: FenceTarget) -> defer.Deferred:
         return _fenced(target.host, self._fence(target.host))

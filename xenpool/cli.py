@@ -127,11 +127,15 @@ def _cmd_bench_failover(args: argparse.Namespace) -> int:
 
 
 def _cmd_fence_confirm(args: argparse.Namespace) -> int:
-    from xenpool_plugins.stonith import confirm
+    from .interfaces import IOperatorConfirmed
+    from .plugins import PluginError, load_plugins
 
     try:
-        path = confirm(args.state_dir, args.host)
-    except (ValueError, OSError) as err:
+        manual = load_plugins().create("stonith", "manual", state_dir=args.state_dir)
+        if not IOperatorConfirmed.providedBy(manual):
+            raise ValueError("the installed 'manual' stonith plugin takes no operator confirmations")
+        path = manual.confirm(args.host)
+    except (PluginError, ValueError, OSError) as err:
         print(f"xenpool fence-confirm: {err}", file=sys.stderr)
         return 2
     print(f"{args.host} confirmed off ({path}); the next manual fence of it goes ahead, once")

@@ -159,6 +159,15 @@ class IStonith(Interface):
         with None once it is off, or fails (never a start after a failed fence)."""
 
 
+class IOperatorConfirmed(IStonith):
+    """A stonith provider that fences by an operator's word (``manual``): ``xenpool
+    fence-confirm HOST`` records through it that the operator saw ``host`` is off."""
+
+    def confirm(host: str) -> object:
+        """Record that an operator confirmed ``host`` is off, so its next fence succeeds
+        (once); returns where it was recorded. Raises ValueError or OSError naming the problem."""
+
+
 class ISelfFencing(IStonith):
     """A stonith provider whose hosts fence themselves (``watchdog``): every PE configured
     with it feeds a watchdog while the registrars confirm its registrations, and a fence
@@ -177,6 +186,11 @@ class ISelfFencing(IStonith):
         """The feeding service (an IService) of this PE, with the device opened (raises
         OSError or ValueError naming the problem); it is told of registrations:
         ``sent(channel)``, ``answered(channel, accepted)``, ``lost(channel)``."""
+
+
+class DiskSpecError(ValueError):
+    """A disk spec that cannot be used; the message (one line) names the problem. Raised by
+    ``IStorage.parse`` and by the PE's dispatch of a spec to its storage plugin."""
 
 
 @dataclass(frozen=True, slots=True)

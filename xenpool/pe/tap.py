@@ -175,12 +175,11 @@ def makeService(options: Options):
         host=s["host"], secret=s["pool-secret-file"] or b"", cookie_max_age_s=s["cookie-max-age"],
         shutdown_timeout_s=s["shutdown-timeout"], lease_s=s["lease"], migration_uri=s["migration-uri"],
     )  # fmt: skip
-    from xenpool_plugins.storage import disk_release_function, disk_xml_function
-
     from ..pu.net import TcpPoolAccess
     from twisted.internet import endpoints
     from twisted.logger import Logger
 
+    from .disks import disk_release_function, disk_xml_function
     from .leases import LeaseSettings, VmLeases
     from .service import TcpClaimAsker, TcpVoter
 

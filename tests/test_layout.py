@@ -1,0 +1,38 @@
+"""The layout keeps its promises: the core reaches plugins only through their contracts."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CORE = ROOT / "xenpool"
+#: The one module that may name the built-in plugins' package: the plugin loader.
+LOADER = CORE / "plugins.py"
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every absolute module an import statement of ``path`` names, and every string
+    constant that looks like a dotted module name (``importlib.import_module("x.y")``,
+    ``python -m x.y`` command lines)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.update(word for word in node.value.split() if word.startswith("xenpool_plugins"))
+    return found
+
+
+def test_nothing_in_the_core_imports_the_builtin_plugins_but_the_loader():
+    modules = sorted(CORE.rglob("*.py"))
+    assert len(modules) > 20
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(name for name in _imported_modules(path) if name.split(".")[0] == "xenpool_plugins")
+        for path in modules
+        if path != LOADER
+    }
+    assert not {path: names for path, names in offenders.items() if names}
