@@ -11,6 +11,15 @@ CORE = ROOT / "xenpool"
 LOADER = CORE / "plugins.py"
 
 
+def _resolve(path: Path, level: int, module: str | None) -> str:
+    """The absolute name of a relative import ``from .{level}module import ...`` in ``path``."""
+    package = list(path.relative_to(ROOT).with_suffix("").parts)
+    if path.name != "__init__.py":
+        package = package[:-1]
+    base = package[: len(package) - (level - 1)] if level > 1 else package
+    return ".".join(base + ([module] if module else []))
+
+
 def _imported_modules(path: Path) -> set[str]:
     """Every absolute module an import statement of ``path`` names, and every string
     constant that looks like a dotted module name (``importlib.import_module("x.y")``,
@@ -22,6 +31,10 @@ def _imported_modules(path: Path) -> set[str]:
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve(path, node.level, node.module)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             found.update(word for word in node.value.split() if word.startswith("xenpool_plugins"))
     return found
@@ -36,3 +49,13 @@ def test_nothing_in_the_core_imports_the_builtin_plugins_but_the_loader():
         if path != LOADER
     }
     assert not {path: names for path, names in offenders.items() if names}
+
+
+def test_the_pool_element_does_not_import_the_pool_user():
+    # What both use (the ASAP client) lives in a neutral module, xenpool.asap_client.
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(n for n in _imported_modules(path) if n == "xenpool.pu" or n.startswith("xenpool.pu."))
+        for path in sorted((CORE / "pe").rglob("*.py"))
+    }
+    assert not {path: names for path, names in offenders.items() if names}
+    assert "xenpool.asap_client" in _imported_modules(CORE / "pe" / "tap.py")

@@ -379,7 +379,7 @@ class TcpClaimAsker:
 
     def __init__(self, reactor, access, pool_handle: bytes, pe_identifier: int, timeout_s: float = 0.5) -> None:
         self.reactor = reactor
-        self.access = access  # a xenpool.pu.net.TcpPoolAccess: resolution and sessions
+        self.access = access  # a xenpool.asap_client.TcpPoolAccess: resolution and sessions
         self.pool_handle = pool_handle
         self.pe_identifier = pe_identifier
         self.timeout_s = timeout_s

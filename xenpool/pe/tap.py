@@ -175,7 +175,7 @@ def makeService(options: Options):
         host=s["host"], secret=s["pool-secret-file"] or b"", cookie_max_age_s=s["cookie-max-age"],
         shutdown_timeout_s=s["shutdown-timeout"], lease_s=s["lease"], migration_uri=s["migration-uri"],
     )  # fmt: skip
-    from ..pu.net import TcpPoolAccess
+    from ..asap_client import TcpPoolAccess
     from twisted.internet import endpoints
     from twisted.logger import Logger
 
