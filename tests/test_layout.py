@@ -59,3 +59,24 @@ def test_the_pool_element_does_not_import_the_pool_user():
     }
     assert not {path: names for path, names in offenders.items() if names}
     assert "xenpool.asap_client" in _imported_modules(CORE / "pe" / "tap.py")
+
+
+def test_the_daemons_do_not_import_the_developer_tools():
+    # xenpool/tools/ (demos, fuzzer, benchmarks, process helpers) sits on top: the command
+    # line and the chaos bed may use it, the daemons and their contracts never do.
+    users = {CORE / "cli.py", *(CORE / "chaos").rglob("*.py"), *(CORE / "tools").rglob("*.py")}
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(n for n in _imported_modules(path) if n.startswith("xenpool.tools"))
+        for path in sorted(CORE.rglob("*.py"))
+        if path not in users
+    }
+    assert not {path: names for path, names in offenders.items() if names}
+
+
+def test_the_benchmarks_share_one_module_not_each_others_privates():
+    for path in sorted((CORE / "tools").glob("bench_*.py")):
+        for name in _imported_modules(path):
+            if name.startswith("xenpool.tools.bench_"):
+                raise AssertionError(f"{path.name} imports {name}: shared code belongs in xenpool/tools/bench.py")
+    tree = ast.parse((CORE / "tools" / "bench.py").read_text(encoding="utf-8"))
+    assert "BenchError" in {node.name for node in tree.body if isinstance(node, ast.ClassDef)}

@@ -23,9 +23,9 @@ def _seconds(text: str) -> float:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.protocol:
-        from .demo import run
+        from .tools.demo import run
     else:
-        from .cluster_demo import run
+        from .tools.cluster_demo import run
     return run()
 
 
@@ -103,25 +103,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from .tools import bench_codec
 
-    return bench.run(args)
+    return bench_codec.run(args)
 
 
 def _cmd_bench_registrar(args: argparse.Namespace) -> int:
-    from . import bench_registrar
+    from .tools import bench_registrar
 
     return bench_registrar.run(args)
 
 
 def _cmd_bench_pe(args: argparse.Namespace) -> int:
-    from . import bench_pe
+    from .tools import bench_pe
 
     return bench_pe.run(args)
 
 
 def _cmd_bench_failover(args: argparse.Namespace) -> int:
-    from .bench_failover import run
+    from .tools.bench_failover import run
 
     return run(args)
 
@@ -149,7 +149,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 
 
 def _cmd_fuzz(args: argparse.Namespace) -> int:
-    from .fuzz import run
+    from .tools.fuzz import run
 
     return run(cases=args.cases, seed=args.seed, progress=not args.quiet)
 

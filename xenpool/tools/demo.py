@@ -13,11 +13,12 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from . import __version__, samples
-from .interfaces import LoadSample
-from .plugins import KINDS, load_plugins
-from .protocol import cookie, framing, messages, params, session
-from .protocol.errors import ProtocolError
+from .. import __version__
+from . import samples
+from ..interfaces import LoadSample
+from ..plugins import KINDS, load_plugins
+from ..protocol import cookie, framing, messages, params, session
+from ..protocol.errors import ProtocolError
 
 
 def _hex(data: bytes, width: int = 32) -> str:
