@@ -221,6 +221,12 @@ class IStorage(Interface):
         """A Deferred firing once the disk is released after its VM stopped."""
 
 
+# libvirt domain states (virDomainState): what IHypervisor.state and domains report.
+NOSTATE, RUNNING, BLOCKED, PAUSED, SHUTDOWN, SHUTOFF, CRASHED, PMSUSPENDED = range(8)
+#: States of a domain that exists and may run: it is "running" for a PE.
+NORMAL_STATES = {NOSTATE, RUNNING, BLOCKED, PAUSED}
+
+
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
     hostname: str
