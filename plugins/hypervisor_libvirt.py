@@ -376,6 +376,10 @@ class LibvirtHypervisor:
         """NodeInfo(hostname, cpus, ram_kb)."""
         return self._defer(self._node)
 
+    def node_info(self) -> NodeInfo:
+        """``IHypervisor.node_info``: the node, blocking (connects if needed)."""
+        return self._node()
+
     def free_ram_kb(self) -> defer.Deferred:
         """KB left for new guests (never below 0)."""
         return self._defer(self._free_ram_kb)

@@ -80,3 +80,12 @@ def test_the_benchmarks_share_one_module_not_each_others_privates():
                 raise AssertionError(f"{path.name} imports {name}: shared code belongs in xenpool/tools/bench.py")
     tree = ast.parse((CORE / "tools" / "bench.py").read_text(encoding="utf-8"))
     assert "BenchError" in {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+
+
+def test_the_core_uses_the_hypervisor_through_its_contract():
+    # What the PE needs of a hypervisor (measures_cpu, cpu_wait_ns, node_info) is declared
+    # in IHypervisor: no probing for optional members, no calls of a plugin's privates.
+    for path in sorted(CORE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for probe in ("hasattr(self.hypervisor", "getattr(self.hypervisor", "hypervisor._"):
+            assert probe not in text, f"{path.relative_to(ROOT)}: {probe}"

@@ -245,10 +245,20 @@ class DomainSpec:
 
 class IHypervisor(Interface):
     """A host's hypervisor. Every method returns a Deferred: calls may block (libvirt),
-    so implementations run them off the reactor thread."""
+    so implementations run them off the reactor thread (except ``node_info``)."""
+
+    measures_cpu = Attribute(
+        "True when cpu_time_ns is the CPU time a guest received; False where it is not load "
+        "(libvirt's test driver reports wall-clock time): a PE then keeps each VM's estimate."
+    )
 
     def node() -> object:
         """NodeInfo of this host."""
+
+    def node_info() -> NodeInfo:
+        """NodeInfo of this host, blocking: asked once before the reactor runs, because
+        the PE's accounting needs the host's CPUs and RAM to start. Raises with the
+        hypervisor's own message when it cannot be reached."""
 
     def free_ram_kb() -> object:
         """RAM left for new guests, in KB."""
@@ -264,6 +274,10 @@ class IHypervisor(Interface):
 
     def cpu_time_ns(name: str) -> object:
         """Cumulative CPU time of the domain in nanoseconds."""
+
+    def cpu_wait_ns(name: str) -> object:
+        """Cumulative time the domain's vCPUs waited for a core, in nanoseconds; None
+        where the hypervisor does not tell (a PE counts it with ``count_cpu_wait``)."""
 
     def shutdown(name: str, timeout_s: float) -> object:
         """Ask the guest to shut down; destroy it if it has not after ``timeout_s``."""

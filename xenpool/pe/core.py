@@ -598,9 +598,9 @@ class PoolElementCore(Rebalancing):
 
     async def _sample_load(self) -> None:
         now = self.clock.seconds()
-        # Only some hypervisors report how long a VM waited for a core (optional method).
-        waits = self.accounting.settings.count_cpu_wait and hasattr(self.hypervisor, "cpu_wait_ns")
-        if getattr(self.hypervisor, "measures_cpu", True):
+        # Only some hypervisors report how long a VM waited for a core (the others: None).
+        waits = self.accounting.settings.count_cpu_wait
+        if self.hypervisor.measures_cpu:
             for vm in [*self.sessions.values(), *self.orphans.values()]:
                 if vm.running:
                     name = vm.request.server_id

@@ -107,7 +107,7 @@ class Rebalancing:
     def _measuring(self) -> bool:
         # Where the hypervisor cannot measure CPU (libvirt's test driver) the estimate is
         # all there will ever be, so every VM counts as measured.
-        return getattr(self.hypervisor, "measures_cpu", True)
+        return self.hypervisor.measures_cpu
 
     def _demand_share(self, name: str) -> float:
         """A VM's CPU demand as a share of the host: over the recent window, unsmoothed,

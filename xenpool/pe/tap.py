@@ -162,7 +162,7 @@ def makeService(options: Options):
         "hypervisor", "libvirt", uri=s["libvirt-uri"], reactor=reactor, domain_template=s["domain-template"]
     )
     try:
-        node = hypervisor._node()  # blocking, once, before the reactor runs
+        node = hypervisor.node_info()  # blocking, once, before the reactor runs
     except Exception as err:  # noqa: BLE001 - libvirt's own message is the clearest
         raise usage.UsageError(f"--libvirt-uri {s['libvirt-uri']}: {err}") from None
     load_settings = LoadSettings(

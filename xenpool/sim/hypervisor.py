@@ -287,7 +287,10 @@ class SimulatedHypervisor:
     # -- IHypervisor ---------------------------------------------------------------------
 
     def node(self) -> defer.Deferred:
-        return defer.succeed(NodeInfo(self.name, self.cpus, self.memory_mb * 1024))
+        return defer.succeed(self.node_info())
+
+    def node_info(self) -> NodeInfo:
+        return NodeInfo(self.name, self.cpus, self.memory_mb * 1024)
 
     def free_ram_kb(self) -> defer.Deferred:
         """Total - overhead (12 MB + 7 KB per MB of host RAM) - every guest's RAM; >= 0."""
