@@ -55,6 +55,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from xenpool.interfaces import DomainSpec, IHypervisor, ILiveMigration, MigrationUnsupported, NodeInfo
+from xenpool.plugins import global_reactor
 
 log = Logger()
 
@@ -307,9 +308,7 @@ class LibvirtHypervisor:
     @property
     def reactor(self) -> Any:
         if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
+            self._reactor = global_reactor()
         return self._reactor
 
     def start(self, spec: DomainSpec | None = None) -> defer.Deferred | None:

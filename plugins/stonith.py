@@ -84,6 +84,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenpool.interfaces import FenceTarget, IOperatorConfirmed, ISelfFencing, IStonith
+from xenpool.plugins import global_reactor
 
 log = Logger()
 
@@ -210,12 +211,6 @@ def _fenced(host: str, work: Any, secrets: Iterable[str] = ()) -> defer.Deferred
 
     d.addCallbacks(confirmed, failed)
     return d
-
-
-def _default_reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 # -- running a process -------------------------------------------------------------------------
@@ -399,7 +394,7 @@ class FenceAgentStonith:
     @property
     def reactor(self) -> Any:
         if self._reactor is None:
-            self._reactor = _default_reactor()
+            self._reactor = global_reactor()
         return self._reactor
 
     def fence(self, target: FenceTarget) -> defer.Deferred:
@@ -537,7 +532,7 @@ class CommandStonith:
     @property
     def reactor(self) -> Any:
         if self._reactor is None:
-            self._reactor = _default_reactor()
+            self._reactor = global_reactor()
         return self._reactor
 
     def command_for(self, target: FenceTarget) -> list[str]:
@@ -691,7 +686,7 @@ class LibvirtStonith:
     @property
     def reactor(self) -> Any:
         if self._reactor is None:
-            self._reactor = _default_reactor()
+            self._reactor = global_reactor()
         return self._reactor
 
     def uri_for(self, target: FenceTarget) -> str:
@@ -1049,7 +1044,7 @@ class WatchdogStonith:
     @property
     def reactor(self) -> Any:
         if self._reactor is None:
-            self._reactor = _default_reactor()
+            self._reactor = global_reactor()
         return self._reactor
 
     def attach(self, membership: Any, holds_vms: Callable[[], bool]) -> None:

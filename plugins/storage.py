@@ -67,6 +67,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenpool.interfaces import Disk, DiskSpecError, IStorage
+from xenpool.plugins import global_reactor
 
 NBD_DEFAULT_PORT = 10809
 ISCSI_DEFAULT_PORT = 3260
@@ -554,14 +555,6 @@ class _AcceptProtocol(Protocol):
         self.transport.loseConnection()
 
 
-def _default_reactor(reactor: Any) -> Any:
-    if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        return global_reactor
-    return reactor
-
-
 def _check_timeout(timeout_s: float) -> float:
     timeout_s = float(timeout_s)
     if not timeout_s > 0:
@@ -618,7 +611,7 @@ class NbdStorage:
         except ValueError as err:
             return defer.fail(err)
         host, port = disk.parts["host"], int(disk.parts["port"])
-        probe = TcpProbe(_default_reactor(self._reactor), "NBD server", host, port, self.timeout_s,
+        probe = TcpProbe(global_reactor() if self._reactor is None else self._reactor, "NBD server", host, port, self.timeout_s,
                          lambda p: NbdCheckProtocol(p, handshake))  # fmt: skip
         return probe.start()
 
@@ -697,7 +690,7 @@ class IscsiStorage:
             _expect(disk, "iscsi")
         except ValueError as err:
             return defer.fail(err)
-        probe = TcpProbe(_default_reactor(self._reactor), "iSCSI portal", disk.parts["host"], int(disk.parts["port"]),
+        probe = TcpProbe(global_reactor() if self._reactor is None else self._reactor, "iSCSI portal", disk.parts["host"], int(disk.parts["port"]),
                          self.timeout_s, _AcceptProtocol)  # fmt: skip
         return probe.start()
 

@@ -419,3 +419,16 @@ def test_a_hook_with_the_wrong_argument_is_reported():
     plugin.xenpool_register_load_metrics = xenpool_register_load_metrics
     with pytest.raises(PluginError, match="wrong_argument_plugin"):
         load_plugins(entry_points=False, modules=[plugin])
+
+
+def test_create_passes_the_plugin_sets_reactor_to_factories_that_take_one():
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    plugins = load_plugins(reactor=reactor)
+    nbd = plugins.create("storage", "nbd")
+    assert nbd._reactor is reactor  # NbdStorage(reactor=None, timeout_s=...)
+    other = MemoryReactorClock()
+    assert plugins.create("storage", "nbd", reactor=other)._reactor is other  # an explicit one wins
+    assert plugins.create("load", "weighted").load(LoadSample(cpu=0.0, ram=0.0)) == 0.0  # takes none: given none
+    assert load_plugins().create("storage", "nbd")._reactor is None  # none given: the global one, when needed
