@@ -311,20 +311,23 @@ class LibvirtHypervisor:
             self._reactor = global_reactor()
         return self._reactor
 
+    def open(self) -> None:
+        """``IHypervisor.open``: start the thread pool (idempotent; the first hypervisor
+        call does it anyway) and, with a pool of its own, arrange ``close()`` at reactor
+        shutdown."""
+        self._start_pool()
+
     def start(self, spec: DomainSpec | None = None) -> defer.Deferred | None:
-        """Two calls in one name, as the PE uses them:
+        """``IHypervisor.start``: start ``spec`` as a transient domain from the template.
+        The Deferred fires with its state (``VIR_DOMAIN_RUNNING``) or fails with
+        HypervisorError if it cannot be started.
 
-        ``start()`` starts the thread pool (idempotent; the first hypervisor call does it
-        anyway) and, with a pool of its own, arranges ``stop()`` at reactor shutdown.
-        Returns None.
-
-        ``start(spec)`` is ``IHypervisor.start``: start ``spec`` as a transient domain from
-        the template. The Deferred fires with its state (``VIR_DOMAIN_RUNNING``) or fails
-        with HypervisorError if it cannot be started.
+        ``start()`` without a spec is the old name of ``open()`` (returns None), kept for
+        callers from before the lifecycle had names of its own.
         """
         if spec is not None:
             return self._defer(self._start, spec)
-        self._start_pool()
+        self.open()
         return None
 
     def _new_pool(self) -> ThreadPool:
@@ -338,10 +341,14 @@ class LibvirtHypervisor:
             self._pool.start()
             add_trigger = getattr(self.reactor, "addSystemEventTrigger", None)
             if add_trigger is not None:
-                self._shutdown_trigger = add_trigger("during", "shutdown", self.stop)
+                self._shutdown_trigger = add_trigger("during", "shutdown", self.close)
 
     def stop(self) -> None:
-        """Stop the thread pool (waits for calls in progress), drop the event registration
+        """The same as ``close()``."""
+        self.close()
+
+    def close(self) -> None:
+        """``IHypervisor.close``: stop the thread pool (waits for calls in progress), drop the event registration
         and close the connection. Blocks briefly; meant for shutdown. A later call opens a
         new connection, which for a test driver URI is a new, empty host."""
         if self._own_pool and self._pool_started:

@@ -296,10 +296,10 @@ class HypervisorService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self.hypervisor.start()
+        self.hypervisor.open()
 
     def stopService(self):
-        self.hypervisor.stop()
+        self.hypervisor.close()
         return super().stopService()
 
 

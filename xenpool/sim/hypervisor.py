@@ -286,6 +286,12 @@ class SimulatedHypervisor:
 
     # -- IHypervisor ---------------------------------------------------------------------
 
+    def open(self) -> None:
+        """Nothing to open: the guests are simulated in this process."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
     def node(self) -> defer.Deferred:
         return defer.succeed(self.node_info())
 
