@@ -1,4 +1,4 @@
-"""The built-in storage plugins: where a VM's disk comes from (DESIGN, "Failover, fencing, storage").
+"""The built-in storage plugins: where a VM's disk comes from, one IStorage provider per disk spec scheme.
 
 A create request names its disk with a *spec*; one ``IStorage`` provider per scheme turns it
 into a libvirt ``<disk>`` element:
