@@ -62,9 +62,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.xenpool-installed"
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    echo "installing xenpool into $VENV (editable, with test extras)"
+    echo "installing xenpool into $VENV (editable, with the test and sim extras)"
     "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    "$VENV/bin/python" -m pip install -q -e '.[test,sim]'
     touch "$stamp"
 fi
 # twistd looks for drop-ins only on sys.path, where an editable install does not put the
