@@ -1,4 +1,4 @@
-"""Finding and checking plugins.
+"""The plugin loader: finds the providers plugins register (entry points) and checks them against their contracts.
 
 ``load_plugins()`` builds a pluggy manager, loads the ``xenpool`` entry-point group (the
 built-ins are listed there too), asks every plugin to register its providers, and checks
