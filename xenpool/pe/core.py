@@ -30,6 +30,7 @@ from ..protocol.errors import ProtocolError
 from .accounting import HostAccounting
 from .leases import LeaseOutcome, LeaseSettings, VmLeases
 from .moves import Rebalancing
+from .sessions import Session, VmSession
 
 log = Logger()
 
@@ -49,24 +50,6 @@ class PeSettings:
     # The libvirt URI other PEs' hypervisors live-migrate VMs to this one at
     # (qemu+tcp://host1/system, ...); '' takes moves by stop-and-restart only.
     migration_uri: str = ""
-
-
-class Session(Protocol):
-    def send(self, message: object) -> None: ...
-
-    def close(self) -> None: ...
-
-
-@dataclass(eq=False)
-class VmSession:
-    """One VM kept for one PU connection."""
-
-    request: S.CreateServer
-    running: bool = False  # may be running (a start was attempted)
-    lease_end: object = None  # the pending shutdown while no PU holds it
-    stopping: bool = False  # this PE is stopping it: its lifecycle events are expected
-    migrating: bool = False  # being live-migrated away: it runs, here or there
-    discovered: bool = False  # found running (start-up, live migration): its disk and IPs unknown
 
 
 class Refusal(NamedTuple):

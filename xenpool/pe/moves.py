@@ -20,7 +20,7 @@ What it uses of the core: ``settings``, ``clock``, ``hypervisor``, ``accounting`
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -29,9 +29,7 @@ from ..interfaces import NORMAL_STATES, RUNNING, ILiveMigration, IPoolPlanner, M
 from ..logs import hex_id
 from ..protocol import params as P
 from ..protocol import session as S
-
-if TYPE_CHECKING:
-    from .core import Session, VmSession
+from .sessions import Session, VmSession
 
 log = Logger()
 
