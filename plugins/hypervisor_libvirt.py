@@ -55,6 +55,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from xenpool.interfaces import DomainSpec, IHypervisor, ILiveMigration, MigrationUnsupported, NodeInfo
+from xenpool.plugins import global_reactor
 
 log = Logger()
 
@@ -307,25 +308,26 @@ class LibvirtHypervisor:
     @property
     def reactor(self) -> Any:
         if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
+            self._reactor = global_reactor()
         return self._reactor
 
+    def open(self) -> None:
+        """``IHypervisor.open``: start the thread pool (idempotent; the first hypervisor
+        call does it anyway) and, with a pool of its own, arrange ``close()`` at reactor
+        shutdown."""
+        self._start_pool()
+
     def start(self, spec: DomainSpec | None = None) -> defer.Deferred | None:
-        """Two calls in one name, as the PE uses them:
+        """``IHypervisor.start``: start ``spec`` as a transient domain from the template.
+        The Deferred fires with its state (``VIR_DOMAIN_RUNNING``) or fails with
+        HypervisorError if it cannot be started.
 
-        ``start()`` starts the thread pool (idempotent; the first hypervisor call does it
-        anyway) and, with a pool of its own, arranges ``stop()`` at reactor shutdown.
-        Returns None.
-
-        ``start(spec)`` is ``IHypervisor.start``: start ``spec`` as a transient domain from
-        the template. The Deferred fires with its state (``VIR_DOMAIN_RUNNING``) or fails
-        with HypervisorError if it cannot be started.
+        ``start()`` without a spec is the old name of ``open()`` (returns None), kept for
+        callers from before the lifecycle had names of its own.
         """
         if spec is not None:
             return self._defer(self._start, spec)
-        self._start_pool()
+        self.open()
         return None
 
     def _new_pool(self) -> ThreadPool:
@@ -339,10 +341,14 @@ class LibvirtHypervisor:
             self._pool.start()
             add_trigger = getattr(self.reactor, "addSystemEventTrigger", None)
             if add_trigger is not None:
-                self._shutdown_trigger = add_trigger("during", "shutdown", self.stop)
+                self._shutdown_trigger = add_trigger("during", "shutdown", self.close)
 
     def stop(self) -> None:
-        """Stop the thread pool (waits for calls in progress), drop the event registration
+        """The same as ``close()``."""
+        self.close()
+
+    def close(self) -> None:
+        """``IHypervisor.close``: stop the thread pool (waits for calls in progress), drop the event registration
         and close the connection. Blocks briefly; meant for shutdown. A later call opens a
         new connection, which for a test driver URI is a new, empty host."""
         if self._own_pool and self._pool_started:
@@ -375,6 +381,10 @@ class LibvirtHypervisor:
     def node(self) -> defer.Deferred:
         """NodeInfo(hostname, cpus, ram_kb)."""
         return self._defer(self._node)
+
+    def node_info(self) -> NodeInfo:
+        """``IHypervisor.node_info``: the node, blocking (connects if needed)."""
+        return self._node()
 
     def free_ram_kb(self) -> defer.Deferred:
         """KB left for new guests (never below 0)."""

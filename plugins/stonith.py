@@ -83,7 +83,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from xenpool.interfaces import FenceTarget, ISelfFencing, IStonith
+from xenpool.interfaces import FenceTarget, IOperatorConfirmed, ISelfFencing, IStonith
+from xenpool.plugins import global_reactor
 
 log = Logger()
 
@@ -210,12 +211,6 @@ def _fenced(host: str, work: Any, secrets: Iterable[str] = ()) -> defer.Deferred
 
     d.addCallbacks(confirmed, failed)
     return d
-
-
-def _default_reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 # -- running a process -------------------------------------------------------------------------
@@ -399,7 +394,7 @@ class FenceAgentStonith:
     @property
     def reactor(self) -> Any:
         if self._reactor is None:
-            self._reactor = _default_reactor()
+            self._reactor = global_reactor()
         return self._reactor
 
     def fence(self, target: FenceTarget) -> defer.Deferred:
@@ -537,7 +532,7 @@ class CommandStonith:
     @property
     def reactor(self) -> Any:
         if self._reactor is None:
-            self._reactor = _default_reactor()
+            self._reactor = global_reactor()
         return self._reactor
 
     def command_for(self, target: FenceTarget) -> list[str]:
@@ -691,7 +686,7 @@ class LibvirtStonith:
     @property
     def reactor(self) -> Any:
         if self._reactor is None:
-            self._reactor = _default_reactor()
+            self._reactor = global_reactor()
         return self._reactor
 
     def uri_for(self, target: FenceTarget) -> str:
@@ -739,7 +734,7 @@ def confirm(state_dir: str | os.PathLike[str], host: str) -> Path:
     return path
 
 
-@implementer(IStonith)
+@implementer(IOperatorConfirmed)
 class ManualStonith:
     """``manual``: refuse until an operator confirmed the host is off (``confirm``).
 
@@ -757,6 +752,10 @@ class ManualStonith:
         self.state_dir = Path(state_dir)
         self.max_age = float(max_age)
         self._now = now
+
+    def confirm(self, host: str) -> Path:
+        """``confirm(state_dir, host)`` in this plugin's ``state_dir``."""
+        return confirm(self.state_dir, host)
 
     def fence(self, target: FenceTarget) -> defer.Deferred:
         return _fenced(target.host, self._fence(target.host))
@@ -1045,7 +1044,7 @@ class WatchdogStonith:
     @property
     def reactor(self) -> Any:
         if self._reactor is None:
-            self._reactor = _default_reactor()
+            self._reactor = global_reactor()
         return self._reactor
 
     def attach(self, membership: Any, holds_vms: Callable[[], bool]) -> None:

@@ -1,4 +1,4 @@
-"""The built-in storage plugins: where a VM's disk comes from (DESIGN, "Failover, fencing, storage").
+"""The built-in storage plugins: where a VM's disk comes from, one IStorage provider per disk spec scheme.
 
 A create request names its disk with a *spec*; one ``IStorage`` provider per scheme turns it
 into a libvirt ``<disk>`` element:
@@ -14,9 +14,9 @@ provider  spec                                        libvirt disk
 
 HOST is a DNS name, an IPv4 address or an IPv6 address in brackets (``[::1]``). An NBD
 export name is percent-decoded (``%2F`` is ``/``), as in the NBD URI specification. The empty
-spec means "no disk": ``storage_for`` answers it with ``NO_DISK``, whose XML is ``""``.
+spec means "no disk": the PE's dispatch (``xenpool.pe.disks``) handles it without a plugin.
 
-The PE's order, for every start (a fresh create or a failover)::
+The PE's order (``xenpool.pe.disks``), for every start (a fresh create or a failover)::
 
     provider, disk = storage_for(plugins, spec)   # ValueError: bad spec / no plugin
     await provider.check(disk)                    # DiskUnreachable: do not start
@@ -24,8 +24,8 @@ The PE's order, for every start (a fresh create or a failover)::
     ...                                           # the VM runs, then stops
     await provider.release(disk)
 
-``disk_xml_function`` wraps the first three steps into the ``disk spec -> Deferred[XML]``
-callable ``PoolElementCore`` takes.
+``xenpool.pe.disks.disk_xml_function`` wraps the first three steps into the
+``disk spec -> Deferred[XML]`` callable ``PoolElementCore`` takes.
 
 Reachability. ``check`` is a probe, not a lock: it tells an operator early that a disk is
 unreachable from this host, it does not keep two hosts from writing one disk (fencing does).
@@ -58,7 +58,7 @@ import re
 import stat
 import struct
 import xml.etree.ElementTree as ET
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 from urllib.parse import unquote
 
 from twisted.internet import defer, error as neterror
@@ -66,7 +66,8 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from xenpool.interfaces import Disk, IStorage
+from xenpool.interfaces import Disk, DiskSpecError, IStorage
+from xenpool.plugins import global_reactor
 
 NBD_DEFAULT_PORT = 10809
 ISCSI_DEFAULT_PORT = 3260
@@ -80,10 +81,6 @@ AOE_MAX_SLOT = 254
 #: LUNs libiscsi/QEMU address (SAM flat space).
 ISCSI_MAX_LUN = 16383
 ETHERD = "/dev/etherd"
-
-
-class DiskSpecError(ValueError):
-    """A disk spec that cannot be used; the message (one line) names the problem."""
 
 
 class DiskUnreachable(Exception):
@@ -100,25 +97,11 @@ class NoSuchExport(DiskUnreachable):
 
 # -- spec parsing helpers ------------------------------------------------------------------
 
-_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 _URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/?#]*)(?P<path>[^?#]*)(?P<rest>.*)", re.S)
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _PORT = re.compile(r"[0-9]{1,5}")
 # Characters XML 1.0 cannot carry at all (escaping does not help), and other controls.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def scheme_of(spec: str) -> str | None:
-    """The scheme a disk spec names: ``nbd``, ``iscsi``, ``aoe``, ``file``, ... (lower case),
-    ``path`` for a plain absolute path, None for the empty spec ("no disk")."""
-    if spec == "":
-        return None
-    if spec.startswith("/"):
-        return "path"
-    m = _SCHEME.match(spec)
-    if m is None:
-        raise DiskSpecError(f"disk spec {spec!r} is neither an absolute path nor SCHEME:...")
-    return m.group(1).lower()
 
 
 def _bad(label: str, spec: str, problem: str, form: str) -> DiskSpecError:
@@ -572,14 +555,6 @@ class _AcceptProtocol(Protocol):
         self.transport.loseConnection()
 
 
-def _default_reactor(reactor: Any) -> Any:
-    if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        return global_reactor
-    return reactor
-
-
 def _check_timeout(timeout_s: float) -> float:
     timeout_s = float(timeout_s)
     if not timeout_s > 0:
@@ -636,7 +611,7 @@ class NbdStorage:
         except ValueError as err:
             return defer.fail(err)
         host, port = disk.parts["host"], int(disk.parts["port"])
-        probe = TcpProbe(_default_reactor(self._reactor), "NBD server", host, port, self.timeout_s,
+        probe = TcpProbe(global_reactor() if self._reactor is None else self._reactor, "NBD server", host, port, self.timeout_s,
                          lambda p: NbdCheckProtocol(p, handshake))  # fmt: skip
         return probe.start()
 
@@ -715,7 +690,7 @@ class IscsiStorage:
             _expect(disk, "iscsi")
         except ValueError as err:
             return defer.fail(err)
-        probe = TcpProbe(_default_reactor(self._reactor), "iSCSI portal", disk.parts["host"], int(disk.parts["port"]),
+        probe = TcpProbe(global_reactor() if self._reactor is None else self._reactor, "iSCSI portal", disk.parts["host"], int(disk.parts["port"]),
                          self.timeout_s, _AcceptProtocol)  # fmt: skip
         return probe.start()
 
@@ -851,112 +826,5 @@ class PathStorage:
         return defer.succeed(None)
 
 
-@implementer(IStorage)
-class NoStorage:
-    """The empty spec: a VM without a disk (diskless, or booting from the network)."""
-
-    name = "none"
-    schemes = ("",)
-
-    def parse(self, spec: str) -> Disk:
-        if spec != "":
-            raise DiskSpecError(f"the no-disk storage takes only the empty spec, got {spec!r}")
-        return Disk("", "", {})
-
-    def check(self, disk: Disk) -> defer.Deferred:
-        return defer.succeed(None)
-
-    def domain_xml(self, disk: Disk, target: str) -> str:
-        return ""
-
-    def release(self, disk: Disk) -> defer.Deferred:
-        return defer.succeed(None)
-
-
-#: What ``storage_for`` answers the empty spec with.
-NO_DISK = NoStorage()
-
 #: The built-in providers, as ``plugins/builtin.py`` registers them.
 PROVIDERS = (NbdStorage, IscsiStorage, AoeStorage, PathStorage)
-
-
-# -- for the PE ----------------------------------------------------------------------------------
-
-
-def _schemes(provider: Any, create: Callable[[], Any]) -> tuple[str, ...]:
-    schemes = getattr(provider.factory, "schemes", None)
-    if schemes is None:  # a factory function: ask an instance
-        schemes = getattr(create(), "schemes", ())
-    return tuple(s.lower() for s in schemes)
-
-
-def supported_schemes(plugins: Any) -> list[str]:
-    """Every scheme some installed storage plugin handles, sorted."""
-    found: set[str] = set()
-    for provider in plugins.providers("storage"):
-        found.update(_schemes(provider, lambda p=provider: plugins.create("storage", p.name)))
-    return sorted(found)
-
-
-def storage_for(plugins: Any, spec: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Any, Disk]:
-    """The storage provider for a disk spec and the parsed disk: ``(provider, Disk)``.
-
-    ``plugins`` is a ``xenpool.plugins.Plugins``; the provider is the one whose ``schemes``
-    has the spec's scheme (``path`` for a plain absolute path) and is made with
-    ``options[provider name]`` as keyword arguments (``{"nbd": {"timeout_s": 2}}``). The
-    empty spec means no disk: ``(NO_DISK, Disk("", "", {}))``. Raises ``DiskSpecError``
-    (a ValueError) for a spec no plugin handles, listing the supported schemes, or that its
-    plugin refuses; ``PluginError`` if the plugin cannot be made.
-    """
-    try:
-        scheme = scheme_of(spec)
-    except DiskSpecError as err:
-        raise DiskSpecError(f"{err}; supported schemes: {', '.join(supported_schemes(plugins)) or 'none'}") from None
-    if scheme is None:
-        return NO_DISK, NO_DISK.parse("")
-    options = options or {}
-    matches = []
-    for provider in plugins.providers("storage"):
-        opts = dict(options.get(provider.name, {}))
-        if scheme in _schemes(provider, lambda p=provider, o=opts: plugins.create("storage", p.name, **o)):
-            matches.append(provider)
-    if not matches:
-        supported = ", ".join(supported_schemes(plugins)) or "none"
-        raise DiskSpecError(
-            f"no storage plugin handles {scheme!r} disks like {spec!r}; supported schemes: {supported} "
-            "('path' is a plain absolute path)"
-        )
-    if len(matches) > 1:
-        names = ", ".join(f"{p.name} (plugin {p.plugin})" for p in matches)
-        raise DiskSpecError(f"{scheme!r} disks are handled by more than one storage plugin: {names}")
-    provider = plugins.create("storage", matches[0].name, **dict(options.get(matches[0].name, {})))
-    return provider, provider.parse(spec)
-
-
-def disk_xml_function(plugins: Any, target: str = "vda",
-                      options: Mapping[str, Mapping[str, Any]] | None = None) -> Callable[[str], defer.Deferred]:  # fmt: skip
-    """The ``disk spec -> Deferred[disk XML]`` callable ``PoolElementCore(disk_xml=...)`` takes:
-    parse the spec, check the disk is reachable, then give its ``<disk>`` element for
-    ``target`` (``vda`` for KVM and the test driver, ``xvda`` for Xen). The Deferred fails with
-    ``DiskSpecError`` or ``DiskUnreachable`` (the PE answers DISK_UNREACHABLE with its text)."""
-
-    async def disk_xml(spec: str) -> str:
-        provider, disk = storage_for(plugins, spec, options)
-        await provider.check(disk)
-        return provider.domain_xml(disk, target)
-
-    def run(spec: str) -> defer.Deferred:
-        return defer.Deferred.fromCoroutine(disk_xml(spec))
-
-    return run
-
-
-def disk_release_function(plugins: Any, options: Mapping[str, Mapping[str, Any]] | None = None) -> Callable[[str], defer.Deferred]:
-    """The ``disk spec -> Deferred`` callable ``PoolElementCore(disk_release=...)`` takes:
-    release the disk through its storage plugin after its VM stopped."""
-
-    def run(spec: str) -> defer.Deferred:
-        provider, disk = storage_for(plugins, spec, options)
-        return defer.maybeDeferred(provider.release, disk)
-
-    return run

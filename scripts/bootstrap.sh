@@ -62,12 +62,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.xenpool-installed"
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    echo "installing xenpool into $VENV (editable, with test extras)"
+    echo "installing xenpool into $VENV (editable, with the test and sim extras)"
     "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    "$VENV/bin/python" -m pip install -q -e '.[test,sim]'
     touch "$stamp"
 fi
-# An editable install does not put the checkout on sys.path, so twistd would not find
-# twisted/plugins/xenpool_plugins.py; a path entry for the checkout makes it visible.
-site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-[ -f "$site/xenpool-twisted-dropins.pth" ] || pwd > "$site/xenpool-twisted-dropins.pth"
+# twistd looks for drop-ins only on sys.path, where an editable install does not put the
+# checkout (nor should it: plugins/ and tests/ would become importable top-level packages).
+./scripts/link-twisted-dropin.sh "$VENV"

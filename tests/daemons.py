@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from xenpool import processes
-from xenpool.processes import free_port  # noqa: F401 - re-exported for the tests
+from xenpool.tools import processes
+from xenpool.tools.processes import free_port  # noqa: F401 - re-exported for the tests
 from xenpool.protocol import framing
 from xenpool.protocol import messages as M
 

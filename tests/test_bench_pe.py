@@ -63,7 +63,7 @@ def test_terminated_mid_run_stops_its_processes():
         read_until(proc, "idle window")
         commands = processes_with(marker)
         assert sum("twistd" in cmd for cmd in commands) == 2, commands  # the registrar and the PE
-        assert any("xenpool.bench_pe client" in cmd for cmd in commands), commands
+        assert any("xenpool.tools.bench_pe client" in cmd for cmd in commands), commands
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 128 + signal.SIGTERM
     finally:

@@ -10,7 +10,8 @@ import sys
 import pytest
 from rich.console import Console
 
-from xenpool import __version__, cli, demo
+from xenpool import __version__, cli
+from xenpool.tools import demo
 
 
 def test_demo_walks_through_the_protocol_and_refusals():

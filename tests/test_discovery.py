@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
-from xenpool import processes
+from xenpool.tools import processes
 from xenpool.discovery import AnnouncedRegistrars, AnnounceListener, FailoverEndpoint, Registrars, multicast_address
 from xenpool.plugins import load_plugins
 from xenpool.protocol import messages as M

@@ -86,3 +86,30 @@ def test_other_transports_get_an_ordinary_write():
     transport = StringTransport()
     eager_write.write(transport, b"answer")
     assert transport.value() == b"answer"
+
+
+def test_a_twisted_without_the_buffer_attributes_gets_an_ordinary_write():
+    # The fallback for a Twisted whose FileDescriptor lacks what _idle reads (here: offset).
+    class OtherTwistedServer(tcp.Server):
+        @property
+        def offset(self):
+            raise AttributeError("offset")
+
+        @offset.setter
+        def offset(self, value):
+            pass
+
+    ours, peer = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        peer.setblocking(False)
+        reactor = MemoryReactor()
+        protocol = Protocol()
+        transport = OtherTwistedServer(ours, protocol, ("127.0.0.1", 1), None, 1, reactor)
+        protocol.makeConnection(transport)
+        eager_write.write(transport, b"answer")
+        assert received(peer) == b""  # queued by transport.write, not sent at once
+        assert transport in reactor.getWriters()
+    finally:
+        ours.close()
+        peer.close()

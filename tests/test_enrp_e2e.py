@@ -10,7 +10,7 @@ import pytest
 from xenpool.protocol import messages as M
 from xenpool.protocol import params as P
 
-from xenpool.processes import wait_for_any
+from xenpool.tools.processes import wait_for_any
 
 from .daemons import AsapClient, Daemon, free_port, poll
 

@@ -50,7 +50,7 @@ def cluster(tmp_path):
             "xenpool-pe", f"--registrar=tcp:host=127.0.0.1:port={asap}", f"--pe-id={n}", f"--port={free_port()}",
             "--bind=127.0.0.1", f"--host=host{n}", f"--libvirt-uri=test://{ETC / f'node-host{n}.xml'}",
             f"--status=tcp:{free_port()}:interface=127.0.0.1", f"--pool-secret-file={secret}", "--lease=30",
-            "--stonith=command", f"--stonith-option=command={sys.executable} -m xenpool.fence_process {{pidfile}}",
+            "--stonith=command", f"--stonith-option=command={sys.executable} -m xenpool.tools.fence_process {{pidfile}}",
             f"--fence-map={fence_map}", "--load-interval=1", "--shutdown-timeout=2",
             ready="registered in pool Xen", cwd=tmp_path,
         )  # fmt: skip

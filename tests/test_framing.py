@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from xenpool import samples
+from xenpool.tools import samples
 from xenpool.protocol import framing, messages, session
 from xenpool.protocol import params as P
 from xenpool.protocol.errors import Cause, ProtocolError

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xenpool import cli, fuzz
+from xenpool import cli
+from xenpool.tools import fuzz
 from xenpool.protocol import cookie, framing, messages, session
 from xenpool.protocol.errors import Cause, ProtocolError
 

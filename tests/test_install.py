@@ -1,10 +1,11 @@
-"""In a fresh venv, `pip install .` then `twistd --help` lists the xenpool daemons.
+"""In a fresh venv, `pip install .` (or `pip install -e .`) then `twistd --help` lists the xenpool daemons.
 
 The fresh venv gets no pip and no dependencies of its own: a .pth file puts this venv's
 site-packages on its path as a plain directory, so Twisted, pluggy, pip, setuptools...
 resolve from here, while this venv's .pth files (the editable-install finder, the
-checkout path for twistd) are not processed. xenpool itself is a real, non-editable
-install in the fresh venv's site-packages.
+drop-in directory for twistd) are not processed. xenpool itself is a real, non-editable
+install in the fresh venv's site-packages (and, for the editable checks, an editable
+install of a copy of the tree).
 """
 
 from __future__ import annotations
@@ -53,10 +54,7 @@ class Fresh(NamedTuple):
     source: Path  # the copy of the working tree that was installed
 
 
-@pytest.fixture(scope="module")
-def fresh(tmp_path_factory) -> Fresh:
-    """A fresh venv with xenpool pip-installed from the working tree (not editable)."""
-    base = tmp_path_factory.mktemp("install")
+def _fresh_install(base: Path, *, editable: bool) -> Fresh:
     cwd = base / "elsewhere"  # neither the checkout nor the venv: nothing on sys.path by accident
     cwd.mkdir()
     _ensure_build_tools(cwd)
@@ -73,8 +71,47 @@ def fresh(tmp_path_factory) -> Fresh:
     # xenpool.egg-info into the checkout (and reuse a stale build/lib).
     source = base / "source"
     shutil.copytree(ROOT, source, ignore=NOT_SOURCE)
-    run(python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", source, cwd=cwd)
+    if editable:
+        # What scripts/bootstrap.sh does for a checkout: an editable install, then the
+        # drop-in link that lets twistd find twisted/plugins/xenpool_plugins.py.
+        run(python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", source, cwd=cwd)
+        run(source / "scripts" / "link-twisted-dropin.sh", venv, cwd=cwd)
+    else:
+        run(python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", source, cwd=cwd)
     return Fresh(venv, site, cwd, source)
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory) -> Fresh:
+    """A fresh venv with xenpool pip-installed from the working tree (not editable)."""
+    return _fresh_install(tmp_path_factory.mktemp("install"), editable=False)
+
+
+@pytest.fixture(scope="module")
+def fresh_editable(tmp_path_factory) -> Fresh:
+    """A fresh venv with a copy of the working tree installed in editable mode, as bootstrap does."""
+    return _fresh_install(tmp_path_factory.mktemp("install-editable"), editable=True)
+
+
+@pytest.fixture(params=["non-editable", "editable"])
+def either_install(request) -> Fresh:
+    return request.getfixturevalue("fresh" if request.param == "non-editable" else "fresh_editable")
+
+
+def test_only_xenpool_plugins_is_importable_and_twistd_finds_the_daemons(either_install):
+    # The built-in plugins have one import name, xenpool_plugins: neither the checkout's
+    # plugins/ nor its tests/ is a top-level package, yet twistd finds the drop-in.
+    venv, site, cwd, source = either_install
+    python = venv / "bin" / "python"
+    for name in ("plugins", "tests"):
+        result = subprocess.run([python, "-c", f"import {name}"], cwd=cwd, capture_output=True, text=True)
+        assert result.returncode != 0 and "ModuleNotFoundError" in result.stderr, (name, result)
+    found = run(python, "-c", "import xenpool_plugins; print(xenpool_plugins.__file__)", cwd=cwd).stdout
+    assert not Path(found.strip()).is_relative_to(ROOT)
+    twistd_help = "import sys; from twisted.scripts.twistd import run; sys.argv = ['twistd', '--help']; run()"
+    out = run(python, "-c", twistd_help, cwd=cwd).stdout
+    for daemon in DAEMONS:
+        assert daemon in out, out
 
 
 def test_twistd_help_lists_the_xenpool_daemons(fresh):

@@ -21,6 +21,8 @@ NODE = NodeInfo("pe1", cpus=2, ram_kb=1024 * 1024)
 class MemoryHypervisor:
     """In-memory stand-in for IHypervisor (unit tests only)."""
 
+    measures_cpu = True
+
     def __init__(self) -> None:
         self.domains: dict[str, dict] = {}
         self.fail_start: str | None = None
@@ -37,6 +39,9 @@ class MemoryHypervisor:
 
     def cpu_time_ns(self, name):
         return defer.succeed(self.domains[name]["cpu_ns"])
+
+    def cpu_wait_ns(self, name):
+        return defer.succeed(None)  # not told
 
     def shutdown(self, name, timeout_s):
         self.shutdowns.append(name)

@@ -256,7 +256,7 @@ def test_xenpool_pu_create_keeps_the_vm_and_ctrl_c_stops_it(pool):
     import subprocess
     import sys
 
-    from xenpool import processes
+    from xenpool.tools import processes
 
     registrar, pes = pool
     pu = processes.Process(

@@ -3,8 +3,6 @@ example third-party plugin in examples/xenpool-ram-load installed for real."""
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import importlib.util
 import json
 import os
@@ -12,10 +10,10 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import textwrap
 import types
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from zope.interface import implementer
@@ -268,12 +266,12 @@ def test_weighted_defaults_are_the_prototypes():
     assert (metric.cpu_weight, metric.ram_weight) == (0.75, 0.25)
 
 
-# -- the example plugin, pip-installed into this very venv -------------------------------
+# -- the example plugin, pip-installed into a throwaway venv ---------------------------
 
 
-def _pip(*args: str) -> subprocess.CompletedProcess:
+def _pip(python: Path | str, *args: str) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=600
+        [str(python), "-m", "pip", *args], capture_output=True, text=True, timeout=600
     )
     # pip may warn about unreachable find-links / index locations; only the status counts.
     assert result.returncode == 0, f"pip {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
@@ -285,42 +283,37 @@ def _ensure_build_tools() -> None:
     setuptools 70.1, wheel's bdist_wheel)."""
     missing = [name for name in ("setuptools", "wheel") if importlib.util.find_spec(name) is None]
     if missing:
-        _pip("install", "--quiet", *missing)
+        _pip(sys.executable, "install", "--quiet", *missing)
 
 
-def _installed(distribution: str) -> bool:
-    return (
-        subprocess.run(
-            [sys.executable, "-m", "pip", "show", "--quiet", distribution], capture_output=True
-        ).returncode
-        == 0
-    )
+class ThrowawayVenv(NamedTuple):
+    python: Path
+    site: Path  # its own site-packages, where the example is installed
 
 
 @pytest.fixture(scope="module")
-def ram_load_installed(tmp_path_factory):
-    """examples/xenpool-ram-load installed (not editable) into the venv running the tests,
-    uninstalled again afterwards.
+def ram_load_installed(tmp_path_factory) -> ThrowawayVenv:
+    """examples/xenpool-ram-load installed (not editable) into a throwaway venv layered
+    on the one running the tests: the throwaway venv's own site-packages come first, then
+    this venv's (with its .pth files, so xenpool, pip and pytest are there as here). The
+    venv running the tests is never changed.
 
-    Built from a copy so the build leaves no build/ or *.egg-info in the checkout. A lock
-    keeps two test runs sharing the venv from installing and uninstalling it under each
-    other."""
-    lock_name = hashlib.sha256(sys.prefix.encode()).hexdigest()[:16]
-    lock = open(Path(tempfile.gettempdir()) / f"xenpool-ram-load-test-{lock_name}.lock", "w")
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-        if _installed("xenpool-ram-load"):
-            pytest.skip("xenpool-ram-load is already installed in this venv; uninstall it to run this test")
-        _ensure_build_tools()
-        source = tmp_path_factory.mktemp("example") / EXAMPLE.name
-        shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-        try:
-            _pip("install", "--quiet", "--no-deps", "--no-build-isolation", str(source))
-            yield
-        finally:
-            _pip("uninstall", "--yes", "--quiet", "xenpool-ram-load")
-    finally:
-        lock.close()
+    Built from a copy so the build leaves no build/ or *.egg-info in the checkout."""
+    _ensure_build_tools()
+    base = tmp_path_factory.mktemp("example")
+    venv = base / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = Path(subprocess.run([python, "-c", purelib], capture_output=True, text=True, check=True).stdout.strip())
+    ours = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    (site / "zz-layered-on-the-test-venv.pth").write_text(
+        "import site; " + "; ".join(f"site.addsitedir({path!r})" for path in ours) + "\n"
+    )
+    source = base / EXAMPLE.name
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    _pip(python, "install", "--quiet", "--no-deps", "--no-build-isolation", str(source))
+    return ThrowawayVenv(python, site)
 
 
 CHECK_INSTALLED = textwrap.dedent(
@@ -343,9 +336,10 @@ CHECK_INSTALLED = textwrap.dedent(
 
 @pytest.mark.slow
 def test_installed_example_plugin_is_found_through_its_entry_point(ram_load_installed, tmp_path):
+    python, site = ram_load_installed
     # A fresh interpreter: entry points are read from the installed metadata at start-up.
     result = subprocess.run(
-        [sys.executable, "-c", CHECK_INSTALLED], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [python, "-c", CHECK_INSTALLED], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout)
@@ -353,12 +347,12 @@ def test_installed_example_plugin_is_found_through_its_entry_point(ram_load_inst
     assert BUILTIN_LOAD_METRICS <= set(found["names"])
     assert found["plugin"] == "xenpool-ram-load:ram-load"
     assert found["load"] == 0.3
-    site_packages = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    assert os.path.dirname(found["module"]) in site_packages
+    assert os.path.dirname(found["module"]) == str(site)  # the installed copy, in the throwaway venv
+    assert importlib.util.find_spec("xenpool_ram_load") is None  # and not in the venv running the tests
 
     # The example's own tests pass against the installed package.
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -419,3 +413,16 @@ def test_a_hook_with_the_wrong_argument_is_reported():
     plugin.xenpool_register_load_metrics = xenpool_register_load_metrics
     with pytest.raises(PluginError, match="wrong_argument_plugin"):
         load_plugins(entry_points=False, modules=[plugin])
+
+
+def test_create_passes_the_plugin_sets_reactor_to_factories_that_take_one():
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    plugins = load_plugins(reactor=reactor)
+    nbd = plugins.create("storage", "nbd")
+    assert nbd._reactor is reactor  # NbdStorage(reactor=None, timeout_s=...)
+    other = MemoryReactorClock()
+    assert plugins.create("storage", "nbd", reactor=other)._reactor is other  # an explicit one wins
+    assert plugins.create("load", "weighted").load(LoadSample(cpu=0.0, ram=0.0)) == 0.0  # takes none: given none
+    assert load_plugins().create("storage", "nbd")._reactor is None  # none given: the global one, when needed

@@ -6,7 +6,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from xenpool.discovery import Registrars
 from xenpool.pu import cli, tap
-from xenpool.pu.net import TcpPoolAccess
+from xenpool.asap_client import TcpPoolAccess
 
 from .test_pu_core import element
 

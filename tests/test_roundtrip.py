@@ -78,3 +78,11 @@ def test_load_scaling():
     assert P.load_to_wire(0.5) == 0x80000000
     assert P.load_to_wire(-3) == 0 and P.load_to_wire(7) == 0xFFFFFFFF
     assert P.load_from_wire(P.load_to_wire(0.25)) == pytest.approx(0.25)
+
+
+def test_the_session_codec_table_covers_every_message_and_type():
+    from xenpool.protocol import session as S
+
+    messages = {cls for cls in vars(S).values() if isinstance(cls, type) and issubclass(cls, S.SessionMessage)}
+    assert set(S._ENCODERS) == messages - {S.SessionMessage}
+    assert set(S._DECODERS) == set(S.SessionType)

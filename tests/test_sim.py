@@ -107,3 +107,12 @@ def test_a_load_window_reaches_the_simulated_pes(plugins):
     windowed = run({"load_window_s": 1200})
     assert windowed.load_settings.load_window_s == 1200
     assert windowed.run().per_pe != run({}).run().per_pe  # the PEs report other loads, so VMs go elsewhere
+
+
+def test_plot_without_matplotlib_says_which_extra_to_install(tmp_path, monkeypatch, capsys):
+    from xenpool import cli
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert cli.main(["sim", str(MIXED), "--runs", "1", "--plot", str(tmp_path / "plot.png")]) == 2
+    assert "pip install 'xenpool[sim]'" in capsys.readouterr().out
+    assert not (tmp_path / "plot.png").exists()

@@ -38,8 +38,8 @@ from zope.interface.verify import verifyClass, verifyObject
 from xenpool.interfaces import Disk, IStorage
 from xenpool.plugins import load_plugins
 from xenpool_plugins import storage as S
+from xenpool.pe.disks import NO_DISK, disk_xml_function, storage_for, supported_schemes
 from xenpool_plugins.storage import (
-    NO_DISK,
     AoeStorage,
     DiskSpecError,
     DiskUnreachable,
@@ -48,8 +48,6 @@ from xenpool_plugins.storage import (
     NbdStorage,
     NoSuchExport,
     PathStorage,
-    disk_xml_function,
-    storage_for,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -827,7 +825,7 @@ REACTOR_SCRIPT = textwrap.dedent(
     import json, sys
     from twisted.internet import defer, task
     from xenpool.plugins import load_plugins
-    from xenpool_plugins.storage import storage_for
+    from xenpool.pe.disks import storage_for
 
     async def main(reactor, specs):
         plugins = load_plugins()
@@ -1065,4 +1063,4 @@ def test_storage_for_asks_a_factory_function_for_its_schemes():
     plugins = load_plugins(modules=[Module])
     provider, disk = storage_for(plugins, "rbd:pool/image")
     assert provider.name == "rbd" and disk.scheme == "rbd"
-    assert "rbd" in S.supported_schemes(plugins)
+    assert "rbd" in supported_schemes(plugins)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from xenpool import samples
+from xenpool.tools import samples
 from xenpool.protocol import messages as M
 from xenpool.protocol import params as P
 from xenpool.protocol.errors import Cause

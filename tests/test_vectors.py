@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 
-from xenpool import samples
+from xenpool.tools import samples
 from xenpool.protocol import messages as M
 from xenpool.protocol import params as P
 from xenpool.protocol.errors import Cause

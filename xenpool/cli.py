@@ -23,9 +23,9 @@ def _seconds(text: str) -> float:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.protocol:
-        from .demo import run
+        from .tools.demo import run
     else:
-        from .cluster_demo import run
+        from .tools.cluster_demo import run
     return run()
 
 
@@ -103,35 +103,39 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from .tools import bench_codec
 
-    return bench.run(args)
+    return bench_codec.run(args)
 
 
 def _cmd_bench_registrar(args: argparse.Namespace) -> int:
-    from . import bench_registrar
+    from .tools import bench_registrar
 
     return bench_registrar.run(args)
 
 
 def _cmd_bench_pe(args: argparse.Namespace) -> int:
-    from . import bench_pe
+    from .tools import bench_pe
 
     return bench_pe.run(args)
 
 
 def _cmd_bench_failover(args: argparse.Namespace) -> int:
-    from .bench_failover import run
+    from .tools.bench_failover import run
 
     return run(args)
 
 
 def _cmd_fence_confirm(args: argparse.Namespace) -> int:
-    from xenpool_plugins.stonith import confirm
+    from .interfaces import IOperatorConfirmed
+    from .plugins import PluginError, load_plugins
 
     try:
-        path = confirm(args.state_dir, args.host)
-    except (ValueError, OSError) as err:
+        manual = load_plugins().create("stonith", "manual", state_dir=args.state_dir)
+        if not IOperatorConfirmed.providedBy(manual):
+            raise ValueError("the installed 'manual' stonith plugin takes no operator confirmations")
+        path = manual.confirm(args.host)
+    except (PluginError, ValueError, OSError) as err:
         print(f"xenpool fence-confirm: {err}", file=sys.stderr)
         return 2
     print(f"{args.host} confirmed off ({path}); the next manual fence of it goes ahead, once")
@@ -145,7 +149,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 
 
 def _cmd_fuzz(args: argparse.Namespace) -> int:
-    from .fuzz import run
+    from .tools.fuzz import run
 
     return run(cases=args.cases, seed=args.seed, progress=not args.quiet)
 

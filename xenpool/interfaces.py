@@ -11,8 +11,12 @@ others are plain, side-effect free functions of their arguments.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,9 +158,18 @@ class IStonith(Interface):
 
     name = Attribute("The name a PE config selects it by.")
 
-    def fence(target: FenceTarget) -> object:
+    def fence(target: FenceTarget) -> Deferred[None]:
         """Power the target off and confirm it is off. Returns a Deferred that fires
         with None once it is off, or fails (never a start after a failed fence)."""
+
+
+class IOperatorConfirmed(IStonith):
+    """A stonith provider that fences by an operator's word (``manual``): ``xenpool
+    fence-confirm HOST`` records through it that the operator saw ``host`` is off."""
+
+    def confirm(host: str) -> object:
+        """Record that an operator confirmed ``host`` is off, so its next fence succeeds
+        (once); returns where it was recorded. Raises ValueError or OSError naming the problem."""
 
 
 class ISelfFencing(IStonith):
@@ -179,6 +192,11 @@ class ISelfFencing(IStonith):
         ``sent(channel)``, ``answered(channel, accepted)``, ``lost(channel)``."""
 
 
+class DiskSpecError(ValueError):
+    """A disk spec that cannot be used; the message (one line) names the problem. Raised by
+    ``IStorage.parse`` and by the PE's dispatch of a spec to its storage plugin."""
+
+
 @dataclass(frozen=True, slots=True)
 class Disk:
     """A parsed disk spec: its scheme and the parts the storage plugin needs."""
@@ -197,14 +215,20 @@ class IStorage(Interface):
     def parse(spec: str) -> Disk:
         """Parse and validate ``spec``; raises ValueError naming the problem."""
 
-    def check(disk: Disk) -> object:
+    def check(disk: Disk) -> Deferred[None]:
         """A Deferred firing None when the disk is reachable, failing when not."""
 
     def domain_xml(disk: Disk, target: str) -> str:
         """The libvirt ``<disk>`` element attaching ``disk`` as device ``target``."""
 
-    def release(disk: Disk) -> object:
+    def release(disk: Disk) -> Deferred[None]:
         """A Deferred firing once the disk is released after its VM stopped."""
+
+
+# libvirt domain states (virDomainState): what IHypervisor.state and domains report.
+NOSTATE, RUNNING, BLOCKED, PAUSED, SHUTDOWN, SHUTOFF, CRASHED, PMSUSPENDED = range(8)
+#: States of a domain that exists and may run: it is "running" for a PE.
+NORMAL_STATES = {NOSTATE, RUNNING, BLOCKED, PAUSED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,30 +249,52 @@ class DomainSpec:
 
 class IHypervisor(Interface):
     """A host's hypervisor. Every method returns a Deferred: calls may block (libvirt),
-    so implementations run them off the reactor thread."""
+    so implementations run them off the reactor thread (except ``node_info``)."""
 
-    def node() -> object:
+    measures_cpu = Attribute(
+        "True when cpu_time_ns is the CPU time a guest received; False where it is not load "
+        "(libvirt's test driver reports wall-clock time): a PE then keeps each VM's estimate."
+    )
+
+    def open() -> None:
+        """Make ready what calls need (threads, a connection); idempotent. The PE calls
+        it when its service starts; a call made before opens it too."""
+
+    def close() -> None:
+        """Release that again (blocks briefly; meant for shutdown); a later call opens anew."""
+
+    def node() -> Deferred[NodeInfo]:
         """NodeInfo of this host."""
 
-    def free_ram_kb() -> object:
+    def node_info() -> NodeInfo:
+        """NodeInfo of this host, blocking: asked once before the reactor runs, because
+        the PE's accounting needs the host's CPUs and RAM to start. Raises with the
+        hypervisor's own message when it cannot be reached."""
+
+    def free_ram_kb() -> Deferred[int]:
         """RAM left for new guests, in KB."""
 
-    def domains() -> object:
+    def domains() -> Deferred[dict[str, tuple[int, int]]]:
         """{name: (state, ram_kb)} of every domain that is running (or paused, ...)."""
 
-    def start(spec: DomainSpec) -> object:
-        """Define and start a domain; fails if it cannot."""
+    def start(spec: DomainSpec) -> Deferred[object]:
+        """Define and start a domain; fails if it cannot. (Not the service lifecycle:
+        that is ``open``/``close``.)"""
 
-    def state(name: str) -> object:
+    def state(name: str) -> Deferred[int]:
         """The libvirt domain state (int), or fails if the domain is unknown."""
 
-    def cpu_time_ns(name: str) -> object:
+    def cpu_time_ns(name: str) -> Deferred[int]:
         """Cumulative CPU time of the domain in nanoseconds."""
 
-    def shutdown(name: str, timeout_s: float) -> object:
+    def cpu_wait_ns(name: str) -> Deferred[int | None]:
+        """Cumulative time the domain's vCPUs waited for a core, in nanoseconds; None
+        where the hypervisor does not tell (a PE counts it with ``count_cpu_wait``)."""
+
+    def shutdown(name: str, timeout_s: float) -> Deferred[object]:
         """Ask the guest to shut down; destroy it if it has not after ``timeout_s``."""
 
-    def destroy(name: str) -> object:
+    def destroy(name: str) -> Deferred[object]:
         """Stop the domain at once."""
 
     def watch(callback: object) -> None:
@@ -261,7 +307,7 @@ class ILiveMigration(Interface):
 
     live_migration = Attribute("True when this hypervisor can live-migrate at all (known once connected).")
 
-    def migrate(name: str, destination_uri: str) -> object:
+    def migrate(name: str, destination_uri: str) -> Deferred[None]:
         """Live-migrate domain ``name`` to the hypervisor at ``destination_uri``. The
         Deferred fires once it runs there and is gone here; it fails with
         MigrationUnsupported where the hypervisor cannot, else with the reason (the

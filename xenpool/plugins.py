@@ -1,14 +1,19 @@
-"""Finding and checking plugins.
+"""The plugin loader: finds the providers plugins register (entry points) and checks them against their contracts.
 
 ``load_plugins()`` builds a pluggy manager, loads the ``xenpool`` entry-point group (the
 built-ins are listed there too), asks every plugin to register its providers, and checks
 each factory against its interface. There is no global manager: daemons build one at
 start-up and pass it on; tests build their own from plain modules.
+
+A daemon gives ``load_plugins`` its reactor; ``Plugins.create`` passes it to every factory
+that takes a ``reactor`` keyword (stonith, storage, hypervisor providers) and was not given
+one. A provider made without one uses ``global_reactor()``, imported when first needed.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -54,11 +59,30 @@ class Provider:
     plugin: str  # the plugin (module / entry point) that registered it
 
 
-class Plugins:
-    """The providers every loaded plugin registered, by kind and name."""
+def global_reactor() -> Any:
+    """The process's reactor, imported on first use: what a provider made without a
+    ``reactor`` option runs on."""
+    from twisted.internet import reactor
 
-    def __init__(self, manager: pluggy.PluginManager) -> None:
+    return reactor
+
+
+def _takes_reactor(factory: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    parameter = parameters.get("reactor")
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+
+
+class Plugins:
+    """The providers every loaded plugin registered, by kind and name. ``reactor``: given
+    to every factory that takes a ``reactor`` keyword (None: each uses the global one)."""
+
+    def __init__(self, manager: pluggy.PluginManager, reactor: Any = None) -> None:
         self.manager = manager
+        self.reactor = reactor
         self._providers: dict[str, dict[str, Provider]] = {kind: {} for kind in KINDS}
         for kind, spec in KINDS.items():
             hook = getattr(manager.hook, spec.hook)
@@ -104,6 +128,8 @@ class Plugins:
         """Make a provider object and check it against its interface."""
         provider = self.get(kind, name)
         spec = KINDS[kind]
+        if self.reactor is not None and "reactor" not in options and _takes_reactor(provider.factory):
+            options = {**options, "reactor": self.reactor}
         try:
             obj = provider.factory(**options)
         except Exception as err:  # a plugin's failure must not escape as a traceback
@@ -129,9 +155,10 @@ def _register(manager: pluggy.PluginManager, plugin: object, name: str) -> None:
         raise PluginError(f"plugin {name!r}: {_one_line(err)}") from None
 
 
-def load_plugins(*, entry_points: bool = True, modules: Iterable[object] = ()) -> Plugins:
+def load_plugins(*, entry_points: bool = True, modules: Iterable[object] = (), reactor: Any = None) -> Plugins:
     """Build the plugin set: the ``xenpool`` entry points (built-ins included) and any
-    extra plugin ``modules`` (handy in tests).
+    extra plugin ``modules`` (handy in tests). ``reactor`` goes to the providers' factories
+    that take one (``Plugins.create``).
 
     Entry points are loaded here, not at import. Each is named ``dist:entry`` so two
     packages cannot shadow each other by choosing the same entry-point name.
@@ -155,4 +182,4 @@ def load_plugins(*, entry_points: bool = True, modules: Iterable[object] = ()) -
         manager.check_pending()
     except pluggy.PluginValidationError as err:
         raise PluginError(_one_line(err)) from None
-    return Plugins(manager)
+    return Plugins(manager, reactor)

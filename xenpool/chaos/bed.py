@@ -3,7 +3,7 @@ own network namespace with its own address on a shared bridge, each a real ``twi
 process with a ``--status`` port that the controller (the root namespace, the bridge's
 first address) reaches. Root only.
 
-Fencing is ``--stonith command`` with ``python -m xenpool.fence_process PIDFILE``: kill -9
+Fencing is ``--stonith command`` with ``python -m xenpool.tools.fence_process PIDFILE``: kill -9
 of the target host's PE process (with libvirt's test driver its VMs live in that
 process: a power-off). Every host's pidfile is rewritten when its PE is (re)started.
 
@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..processes import TWISTD_ARGV
+from ..tools.processes import TWISTD_ARGV
 
 # A host for libvirt's test driver: 2 cores, 1024 MB (etc/xenpool/node-host1.xml, inline
 # so that an installed xenpool needs no source tree).
@@ -243,7 +243,7 @@ class TestBed:
                 *peers,
             ]  # fmt: skip
         registrars = [f"--registrar=tcp:host={reg.address}:port={ASAP}" for reg in r]
-        fence = f"command={sys.executable} -m xenpool.fence_process {{pidfile}}"
+        fence = f"command={sys.executable} -m xenpool.tools.fence_process {{pidfile}}"
         for n, pe in enumerate(self.pes, 1):
             node_xml = d / f"node-{pe.name}.xml"
             node_xml.write_text(NODE_XML)

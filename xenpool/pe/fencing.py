@@ -121,14 +121,14 @@ class PoolMembership:
         return defer.Deferred.fromCoroutine(self._registered(pe_identifier))
 
     async def _registered(self, pe_identifier: int) -> bool:
-        from ..pu.net import TcpPoolAccess
+        from ..asap_client import TcpPoolAccess
 
         endpoints = self.registrars.endpoints()
         if not endpoints:
             raise MembershipUnknown("no registrar configured, and none announced")
         asks = [
             defer.Deferred.fromCoroutine(
-                TcpPoolAccess(self.reactor, _OneRegistrar(e), self.timeout_s)._ask(M.HandleResolution(self.pool_handle, self.items))
+                TcpPoolAccess(self.reactor, _OneRegistrar(e), self.timeout_s).ask(M.HandleResolution(self.pool_handle, self.items))
             )
             for e in endpoints
         ]  # fmt: skip

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application import service, strports
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.web import server
 from zope.interface import implementer
 
 from .. import eager_write
@@ -22,6 +20,7 @@ from ..protocol import messages as M
 from ..protocol import params as P
 from ..protocol import session as S
 from ..protocol.errors import ProtocolError
+from ..status import StatusResource
 from .core import PoolElementCore
 
 log = Logger()
@@ -192,7 +191,7 @@ class PoolElementService(service.MultiService):
         factory = Factory.forProtocol(lambda: RegistrationProtocol(self))
         ClientService(FailoverEndpoint(registrars), factory, retryPolicy=backoffPolicy(0.2, maxDelay=2.0)).setServiceParent(self)
         if status:
-            strports.service(status, server.Site(PeStatus(self))).setServiceParent(self)
+            strports.service(status, server.Site(status_resource(self))).setServiceParent(self)
         self._load_loop = task.LoopingCall(self._regular_update)
         self._load_loop.clock = reactor
         self.rebalancer, self.pool_access = rebalancer, pool_access
@@ -297,54 +296,41 @@ class HypervisorService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self.hypervisor.start()
+        self.hypervisor.open()
 
     def stopService(self):
-        self.hypervisor.stop()
+        self.hypervisor.close()
         return super().stopService()
 
 
-class PeStatus(resource.Resource):
+def status_resource(pe: PoolElementService) -> StatusResource:
+    """The PE's status site: ``/status`` (JSON: what the PE accounts for and what the
+    hypervisor reports) and ``/metrics``."""
+    registry = CollectorRegistry()
+    registry.register(_PeCollector(pe))
+    return StatusResource({b"status": lambda: _status(pe)}, registry)
+
+
+def _status(pe: PoolElementService) -> defer.Deferred:
+    status = {**pe.core.describe(), "registered": pe.registered}
+
+    def domains(found) -> dict:
+        # what the hypervisor itself reports, next to what the PE accounts for
+        status["domains"] = {name: {"state": state, "ram_kb": ram_kb} for name, (state, ram_kb) in found.items()}
+        return status
+
+    def failed(failure) -> dict:
+        status["domains_error"] = failure.getErrorMessage()
+        return status
+
+    return pe.core.hypervisor.domains().addCallbacks(domains, failed)
+
+
+class _PeCollector:
+    """The PE's Prometheus metrics, collected when scraped."""
+
     def __init__(self, pe: PoolElementService) -> None:
-        super().__init__()
-        self.putChild(b"status", _Status(pe))
-        self.putChild(b"metrics", _PeMetrics(pe))
-
-
-class _Status(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, pe: PoolElementService) -> None:
-        super().__init__()
         self.pe = pe
-
-    def render_GET(self, request):
-        request.setHeader(b"content-type", b"application/json")
-        status = {**self.pe.core.describe(), "registered": self.pe.registered}
-
-        def write(domains) -> None:
-            # what the hypervisor itself reports, next to what the PE accounts for
-            status["domains"] = {name: {"state": state, "ram_kb": ram_kb} for name, (state, ram_kb) in domains.items()}
-            request.write(json.dumps(status, indent=1).encode())
-            request.finish()
-
-        def failed(failure) -> None:
-            status["domains_error"] = failure.getErrorMessage()
-            request.write(json.dumps(status, indent=1).encode())
-            request.finish()
-
-        self.pe.core.hypervisor.domains().addCallbacks(write, failed)
-        return server.NOT_DONE_YET
-
-
-class _PeMetrics(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, pe: PoolElementService) -> None:
-        super().__init__()
-        self.pe = pe
-        self.registry = CollectorRegistry()
-        self.registry.register(self)
 
     def collect(self):
         status = self.pe.core.describe()
@@ -365,10 +351,6 @@ class _PeMetrics(resource.Resource):
             refusals.add_metric([code], count)
         yield refusals
 
-    def render_GET(self, request) -> bytes:
-        request.setHeader(b"content-type", b"text/plain; version=0.0.4")
-        return generate_latest(self.registry)
-
 
 class TcpClaimAsker:
     """Asks every other PE of the pool, over their session port, whether it runs or is
@@ -379,7 +361,7 @@ class TcpClaimAsker:
 
     def __init__(self, reactor, access, pool_handle: bytes, pe_identifier: int, timeout_s: float = 0.5) -> None:
         self.reactor = reactor
-        self.access = access  # a xenpool.pu.net.TcpPoolAccess: resolution and sessions
+        self.access = access  # a xenpool.asap_client.TcpPoolAccess: resolution and sessions
         self.pool_handle = pool_handle
         self.pe_identifier = pe_identifier
         self.timeout_s = timeout_s

@@ -99,10 +99,12 @@ SETTINGS = [
 class Options(make_options(SETTINGS, "pe", "Run a pool element on this hypervisor host.")):
     def postOptions(self) -> None:
         super().postOptions()
+        from twisted.internet import reactor
+
         from ..plugins import PluginError, load_plugins
 
         s = self.settings
-        self.plugins = load_plugins()
+        self.plugins = load_plugins(reactor=reactor)  # passed to the stonith, storage and hypervisor providers
         try:
             self.metric = self.plugins.create("load", s["load-plugin"], **s["load-weight"])
         except PluginError as err:
@@ -140,8 +142,6 @@ class Options(make_options(SETTINGS, "pe", "Run a pool element on this hyperviso
                 # a watchdog that the new process keeps fed while the old VMs still run
                 raise usage.UsageError(f"--stonith {s['stonith']}: needs a fixed --pe-id")
             if ISelfFencing.providedBy(stonith):
-                from twisted.internet import reactor
-
                 try:  # opened (armed) now: a PE that cannot feed its watchdog never registers
                     self.watchdog = stonith.feeder(reactor)
                 except (OSError, ValueError) as err:
@@ -159,10 +159,10 @@ def makeService(options: Options):
     s = options.settings
     json_log(s["logfile"])
     hypervisor = options.plugins.create(
-        "hypervisor", "libvirt", uri=s["libvirt-uri"], reactor=reactor, domain_template=s["domain-template"]
+        "hypervisor", "libvirt", uri=s["libvirt-uri"], domain_template=s["domain-template"]
     )
     try:
-        node = hypervisor._node()  # blocking, once, before the reactor runs
+        node = hypervisor.node_info()  # blocking, once, before the reactor runs
     except Exception as err:  # noqa: BLE001 - libvirt's own message is the clearest
         raise usage.UsageError(f"--libvirt-uri {s['libvirt-uri']}: {err}") from None
     load_settings = LoadSettings(
@@ -175,19 +175,17 @@ def makeService(options: Options):
         host=s["host"], secret=s["pool-secret-file"] or b"", cookie_max_age_s=s["cookie-max-age"],
         shutdown_timeout_s=s["shutdown-timeout"], lease_s=s["lease"], migration_uri=s["migration-uri"],
     )  # fmt: skip
-    from xenpool_plugins.storage import disk_release_function, disk_xml_function
-
-    from ..pu.net import TcpPoolAccess
+    from ..asap_client import TcpPoolAccess
     from twisted.internet import endpoints
     from twisted.logger import Logger
 
+    from .disks import disk_release_function, disk_xml_function
     from .leases import LeaseSettings, VmLeases
     from .service import TcpClaimAsker, TcpVoter
 
     log = Logger()
 
     target = "xvda" if s["libvirt-uri"].startswith("xen") else "vda"
-    storage_options = {"nbd": {"reactor": reactor}, "iscsi": {"reactor": reactor}}
     registrars, announce_listener = discovery.registrars(reactor, s["registrar"], s["registrar-announce"], s["announce-interface"])
     pool_access = TcpPoolAccess(reactor, registrars)
     claims = TcpClaimAsker(reactor, pool_access, settings.pool_handle, settings.pe_identifier)
@@ -202,8 +200,8 @@ def makeService(options: Options):
     core = PoolElementCore(
         settings, hypervisor, HostAccounting(node, load_settings), options.metric, reactor, fencer=options.fencer,
         claims=claims, leases=leases,
-        disk_xml=disk_xml_function(options.plugins, target, storage_options),
-        disk_release=disk_release_function(options.plugins, storage_options),
+        disk_xml=disk_xml_function(options.plugins, target),
+        disk_release=disk_release_function(options.plugins),
     )  # fmt: skip
     bind = f":interface={s['bind']}" if s["bind"] else ""
     pe = PoolElementService(

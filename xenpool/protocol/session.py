@@ -453,91 +453,124 @@ def _server_id(r: _Reader, answer: bool = False) -> str:
     return server_id
 
 
-def encode(msg: SessionMessage) -> bytes:
-    w = _Writer()
-    mtype = msg.TYPE
-    flags = 0
-    if isinstance(msg, CreateServer):
-        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
-        w.text(msg.disk, MAX_DISK, "disk")
-        w.text(" ".join(msg.ips), MAX_IP_LIST, "ips")
-        w.pack("!IH2x", msg.ram_mb, msg.vcpus)
-    elif isinstance(msg, CreateResult):
-        mtype = SessionType.CREATE_SUCCESS if msg.ok else SessionType.CREATE_FAILED
-        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
-        w.pack("!iQ", msg.code, msg.available_ram_kb)
-        w.text(msg.reason, MAX_REASON, "reason")
-    elif isinstance(msg, CheckRunning):
-        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
-        w.pack("!I", msg.interval_s)
-    elif isinstance(msg, CheckRunningResponse):
-        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
-        w.pack("!i", msg.state)
-    elif isinstance(msg, StopServer):
-        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
-    elif isinstance(msg, StopResult):
-        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
-        w.pack("!i", msg.code)
-        w.text(msg.reason, MAX_REASON, "reason")
-        if msg.target_pe:
-            flags |= FLAG_TARGET
-            w.pack("!I", msg.target_pe)
-    elif isinstance(msg, ClaimQuery):
-        w.pack("!I", msg.pe_identifier)
-        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
-        w.text(msg.disk, MAX_DISK, "disk")
-        w.text(" ".join(msg.ips), MAX_IP_LIST, "ips")
-    elif isinstance(msg, ClaimAnswer):
-        w.pack("!IB3x", msg.pe_identifier, msg.pending)
-        w.text(msg.host, MAX_HOST, "host")
-        w.text(msg.conflict, MAX_REASON, "conflict")
-    elif isinstance(msg, VmQuery):
-        w.pack("!I", msg.pe_identifier)
-    elif isinstance(msg, VmReport):
-        if len(msg.vms) > MAX_REPORT_VMS:
-            raise ValueError(f"{len(msg.vms)} VMs in a report, at most {MAX_REPORT_VMS}")
-        w.pack("!IHQQIH", msg.pe_identifier, msg.cpus, msg.ram_kb, msg.free_ram_kb, msg.host_millicores, len(msg.vms))
-        for vm in msg.vms:
-            w.text(vm.server_id, MAX_SERVER_ID, "server_id")
-            w.pack("!QIHB", vm.ram_kb, vm.cpu_millicores, vm.samples, vm.movable)
-        flags |= _write_migration(w, msg.migration)
-    elif isinstance(msg, MoveRequest):
-        w.pack("!III", msg.pe_identifier, msg.target_pe, msg.issued_s)
-        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
-        w.blob(msg.mac, MAX_MAC, "mac")
-        flags |= _write_migration(w, msg.migration)
-    elif isinstance(msg, MoveAnswer):
-        w.pack("!Ii", msg.pe_identifier, msg.code)
-        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
-        w.text(msg.reason, MAX_REASON, "reason")
-    elif isinstance(msg, LeaseRequest):
-        w.pack("!IBIQI", msg.pe_identifier, msg.action, msg.duration_ms, msg.issued_ms, msg.nonce)
-        w.blob(msg.pool_handle, MAX_MAC, "pool_handle")
-        w.text(msg.host, MAX_HOST, "host")
-        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
-        w.text(msg.disk, MAX_DISK, "disk")
-        w.text(" ".join(msg.ips), MAX_IP_LIST, "ips")
-        w.text(msg.cleared, MAX_HOST, "cleared")
-        w.blob(msg.mac, MAX_MAC, "mac")
-    elif isinstance(msg, LeaseAnswer):
-        if len(msg.previous) > MAX_LEASE_HOLDERS:
-            raise ValueError(f"{len(msg.previous)} previous holders, at most {MAX_LEASE_HOLDERS}")
-        holders = ((msg.holder,) if msg.holder else ()) + msg.previous
-        w.pack("!IBIBB", msg.voter, msg.granted, msg.remaining_ms, msg.holder is not None, len(msg.previous))
-        w.text(msg.server_id, MAX_SERVER_ID, "server_id")
-        for holder in holders:
-            w.pack("!I", holder.pe_identifier)
-            w.text(holder.host, MAX_HOST, "host")
-        w.text(msg.reason, MAX_REASON, "reason")
-    else:
-        raise TypeError(f"not a session message: {msg!r}")
-    body = b"".join(w.parts)
-    if _HEADER.size + len(body) > MAX_SESSION_MESSAGE:
-        raise ValueError(f"{type(msg).__name__} of {_HEADER.size + len(body)} bytes, at most {MAX_SESSION_MESSAGE}")
-    return _HEADER.pack(mtype, flags, _HEADER.size + len(body), VERSION, 0) + body
+# -- the codec table: one encoder and one decoder per message ------------------------------
+#
+# An encoder writes a message's body and returns (message type, header flags); a decoder
+# reads the body after the header, given the type and flags, and returns the message.
 
 
-def _vm_report(r: _Reader, flags: int) -> VmReport:
+def _enc_create_server(w: _Writer, msg: CreateServer) -> tuple[int, int]:
+    w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+    w.text(msg.disk, MAX_DISK, "disk")
+    w.text(" ".join(msg.ips), MAX_IP_LIST, "ips")
+    w.pack("!IH2x", msg.ram_mb, msg.vcpus)
+    return msg.TYPE, 0
+
+
+def _enc_create_result(w: _Writer, msg: CreateResult) -> tuple[int, int]:
+    w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+    w.pack("!iQ", msg.code, msg.available_ram_kb)
+    w.text(msg.reason, MAX_REASON, "reason")
+    return (SessionType.CREATE_SUCCESS if msg.ok else SessionType.CREATE_FAILED), 0
+
+
+def _enc_check_running(w: _Writer, msg: CheckRunning) -> tuple[int, int]:
+    w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+    w.pack("!I", msg.interval_s)
+    return msg.TYPE, 0
+
+
+def _enc_check_running_response(w: _Writer, msg: CheckRunningResponse) -> tuple[int, int]:
+    w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+    w.pack("!i", msg.state)
+    return msg.TYPE, 0
+
+
+def _enc_stop_server(w: _Writer, msg: StopServer) -> tuple[int, int]:
+    w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+    return msg.TYPE, 0
+
+
+def _enc_stop_result(w: _Writer, msg: StopResult) -> tuple[int, int]:
+    w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+    w.pack("!i", msg.code)
+    w.text(msg.reason, MAX_REASON, "reason")
+    if not msg.target_pe:
+        return msg.TYPE, 0
+    w.pack("!I", msg.target_pe)
+    return msg.TYPE, FLAG_TARGET
+
+
+def _enc_claim_query(w: _Writer, msg: ClaimQuery) -> tuple[int, int]:
+    w.pack("!I", msg.pe_identifier)
+    w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+    w.text(msg.disk, MAX_DISK, "disk")
+    w.text(" ".join(msg.ips), MAX_IP_LIST, "ips")
+    return msg.TYPE, 0
+
+
+def _enc_claim_answer(w: _Writer, msg: ClaimAnswer) -> tuple[int, int]:
+    w.pack("!IB3x", msg.pe_identifier, msg.pending)
+    w.text(msg.host, MAX_HOST, "host")
+    w.text(msg.conflict, MAX_REASON, "conflict")
+    return msg.TYPE, 0
+
+
+def _enc_vm_query(w: _Writer, msg: VmQuery) -> tuple[int, int]:
+    w.pack("!I", msg.pe_identifier)
+    return msg.TYPE, 0
+
+
+def _enc_vm_report(w: _Writer, msg: VmReport) -> tuple[int, int]:
+    if len(msg.vms) > MAX_REPORT_VMS:
+        raise ValueError(f"{len(msg.vms)} VMs in a report, at most {MAX_REPORT_VMS}")
+    w.pack("!IHQQIH", msg.pe_identifier, msg.cpus, msg.ram_kb, msg.free_ram_kb, msg.host_millicores, len(msg.vms))
+    for vm in msg.vms:
+        w.text(vm.server_id, MAX_SERVER_ID, "server_id")
+        w.pack("!QIHB", vm.ram_kb, vm.cpu_millicores, vm.samples, vm.movable)
+    return msg.TYPE, _write_migration(w, msg.migration)
+
+
+def _enc_move_request(w: _Writer, msg: MoveRequest) -> tuple[int, int]:
+    w.pack("!III", msg.pe_identifier, msg.target_pe, msg.issued_s)
+    w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+    w.blob(msg.mac, MAX_MAC, "mac")
+    return msg.TYPE, _write_migration(w, msg.migration)
+
+
+def _enc_move_answer(w: _Writer, msg: MoveAnswer) -> tuple[int, int]:
+    w.pack("!Ii", msg.pe_identifier, msg.code)
+    w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+    w.text(msg.reason, MAX_REASON, "reason")
+    return msg.TYPE, 0
+
+
+def _enc_lease_request(w: _Writer, msg: LeaseRequest) -> tuple[int, int]:
+    w.pack("!IBIQI", msg.pe_identifier, msg.action, msg.duration_ms, msg.issued_ms, msg.nonce)
+    w.blob(msg.pool_handle, MAX_MAC, "pool_handle")
+    w.text(msg.host, MAX_HOST, "host")
+    w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+    w.text(msg.disk, MAX_DISK, "disk")
+    w.text(" ".join(msg.ips), MAX_IP_LIST, "ips")
+    w.text(msg.cleared, MAX_HOST, "cleared")
+    w.blob(msg.mac, MAX_MAC, "mac")
+    return msg.TYPE, 0
+
+
+def _enc_lease_answer(w: _Writer, msg: LeaseAnswer) -> tuple[int, int]:
+    if len(msg.previous) > MAX_LEASE_HOLDERS:
+        raise ValueError(f"{len(msg.previous)} previous holders, at most {MAX_LEASE_HOLDERS}")
+    holders = ((msg.holder,) if msg.holder else ()) + msg.previous
+    w.pack("!IBIBB", msg.voter, msg.granted, msg.remaining_ms, msg.holder is not None, len(msg.previous))
+    w.text(msg.server_id, MAX_SERVER_ID, "server_id")
+    for holder in holders:
+        w.pack("!I", holder.pe_identifier)
+        w.text(holder.host, MAX_HOST, "host")
+    w.text(msg.reason, MAX_REASON, "reason")
+    return msg.TYPE, 0
+
+
+def _dec_vm_report(r: _Reader, mtype: int, flags: int) -> VmReport:
     pe_id, cpus, ram_kb, free_kb, host_millicores, count = r.unpack("!IHQQIH", "pe_identifier")
     if cpus == 0:
         raise ProtocolError("a host has at least one CPU", field="cpus", offset=_HEADER.size + 4)
@@ -565,7 +598,7 @@ def _boolean(value: int, field: str, offset: int) -> bool:
     return bool(value)
 
 
-def _lease_request(r: _Reader) -> LeaseRequest:
+def _dec_lease_request(r: _Reader, mtype: int, flags: int) -> LeaseRequest:
     pe_id, action, duration_ms, issued_ms, nonce = r.unpack("!IBIQI", "pe_identifier")
     if action not in LeaseAction.__members__.values():
         raise ProtocolError(f"action {action}, expected 1-3", field="action", offset=_HEADER.size + 4)
@@ -588,7 +621,7 @@ def _lease_request(r: _Reader) -> LeaseRequest:
                         r.blob(MAX_MAC, "mac"))  # fmt: skip
 
 
-def _lease_answer(r: _Reader) -> LeaseAnswer:
+def _dec_lease_answer(r: _Reader, mtype: int, flags: int) -> LeaseAnswer:
     voter, granted, remaining_ms, has_holder, count = r.unpack("!IBIBB", "voter")
     granted = _boolean(granted, "granted", _HEADER.size + 4)
     has_holder = _boolean(has_holder, "holder", _HEADER.size + 9)
@@ -603,6 +636,131 @@ def _lease_answer(r: _Reader) -> LeaseAnswer:
     return LeaseAnswer(voter, server_id, granted, remaining_ms, holder, tuple(holders), r.text(MAX_REASON, "reason"))
 
 
+def _dec_create_server(r: _Reader, mtype: int, flags: int) -> CreateServer:
+    offsets = {}
+    offsets["server_id"] = r.pos
+    server_id = r.text(MAX_SERVER_ID, "server_id")
+    disk = r.text(MAX_DISK, "disk")
+    offsets["ips"] = r.pos
+    ips = tuple(r.text(MAX_IP_LIST, "ips").split())
+    offsets["ram_mb"] = r.pos
+    ram_mb, vcpus = r.unpack("!IH2x", "ram_mb")
+    msg = CreateServer(server_id, disk, ips, ram_mb, vcpus)
+    check_create(msg, offsets)
+    return msg
+
+
+def _dec_create_result(r: _Reader, mtype: int, flags: int) -> CreateResult:
+    server_id = _server_id(r, answer=True)
+    code, ram_kb = r.unpack("!iQ", "code")
+    if (code == ResultCode.STARTED) != (mtype == SessionType.CREATE_SUCCESS):
+        raise ProtocolError(f"code {code} in message type {mtype}", field="code", offset=r.pos - 12)
+    return CreateResult(server_id, code, ram_kb, r.text(MAX_REASON, "reason"))
+
+
+def _dec_check_running(r: _Reader, mtype: int, flags: int) -> CheckRunning:
+    return CheckRunning(_server_id(r), *r.unpack("!I", "interval_s"))
+
+
+def _dec_check_running_response(r: _Reader, mtype: int, flags: int) -> CheckRunningResponse:
+    return CheckRunningResponse(_server_id(r), *r.unpack("!i", "state"))
+
+
+def _dec_stop_server(r: _Reader, mtype: int, flags: int) -> StopServer:
+    return StopServer(_server_id(r))
+
+
+def _dec_stop_result(r: _Reader, mtype: int, flags: int) -> StopResult:
+    server_id = _server_id(r, answer=True)
+    (code,) = r.unpack("!i", "code")
+    reason = r.text(MAX_REASON, "reason")
+    target = r.unpack("!I", "target_pe")[0] if flags & FLAG_TARGET else 0
+    if flags & FLAG_TARGET and (code != ResultCode.MOVED or target == 0):
+        raise ProtocolError(f"target PE {target} with code {code}: only a move (51) names one", field="target_pe",
+                            offset=r.pos - 4)  # fmt: skip
+    return StopResult(server_id, code, reason, target)
+
+
+def _dec_claim_query(r: _Reader, mtype: int, flags: int) -> ClaimQuery:
+    (pe_id,) = r.unpack("!I", "pe_identifier")
+    return ClaimQuery(pe_id, _server_id(r), r.text(MAX_DISK, "disk"), tuple(r.text(MAX_IP_LIST, "ips").split()))
+
+
+def _dec_claim_answer(r: _Reader, mtype: int, flags: int) -> ClaimAnswer:
+    pe_id, pending = r.unpack("!IB3x", "pe_identifier")
+    return ClaimAnswer(pe_id, r.text(MAX_HOST, "host"), r.text(MAX_REASON, "conflict"), bool(pending))
+
+
+def _dec_vm_query(r: _Reader, mtype: int, flags: int) -> VmQuery:
+    return VmQuery(*r.unpack("!I", "pe_identifier"))
+
+
+def _dec_move_request(r: _Reader, mtype: int, flags: int) -> MoveRequest:
+    pe_id, target, issued = r.unpack("!III", "pe_identifier")
+    if target == 0:
+        raise ProtocolError("no target PE", field="target_pe", offset=_HEADER.size + 4)
+    return MoveRequest(pe_id, _server_id(r), target, r.blob(MAX_MAC, "mac"), _read_migration(r, flags), issued)
+
+
+def _dec_move_answer(r: _Reader, mtype: int, flags: int) -> MoveAnswer:
+    pe_id, code = r.unpack("!Ii", "pe_identifier")
+    return MoveAnswer(pe_id, _server_id(r, answer=True), code, r.text(MAX_REASON, "reason"))
+
+
+#: Message class -> its encoder; the wire type -> its decoder (both CREATE_SUCCESS and
+#: CREATE_FAILED are a CreateResult).
+_ENCODERS = {
+    CreateServer: _enc_create_server,
+    CreateResult: _enc_create_result,
+    CheckRunning: _enc_check_running,
+    CheckRunningResponse: _enc_check_running_response,
+    StopServer: _enc_stop_server,
+    StopResult: _enc_stop_result,
+    ClaimQuery: _enc_claim_query,
+    ClaimAnswer: _enc_claim_answer,
+    VmQuery: _enc_vm_query,
+    VmReport: _enc_vm_report,
+    MoveRequest: _enc_move_request,
+    MoveAnswer: _enc_move_answer,
+    LeaseRequest: _enc_lease_request,
+    LeaseAnswer: _enc_lease_answer,
+}
+_DECODERS = {
+    SessionType.CREATE_SERVER: _dec_create_server,
+    SessionType.CREATE_SUCCESS: _dec_create_result,
+    SessionType.CREATE_FAILED: _dec_create_result,
+    SessionType.CHECK_RUNNING: _dec_check_running,
+    SessionType.CHECK_RUNNING_RESPONSE: _dec_check_running_response,
+    SessionType.STOP_SERVER: _dec_stop_server,
+    SessionType.STOP_RESULT: _dec_stop_result,
+    SessionType.CLAIM_QUERY: _dec_claim_query,
+    SessionType.CLAIM_ANSWER: _dec_claim_answer,
+    SessionType.VM_QUERY: _dec_vm_query,
+    SessionType.VM_REPORT: _dec_vm_report,
+    SessionType.MOVE_REQUEST: _dec_move_request,
+    SessionType.MOVE_ANSWER: _dec_move_answer,
+    SessionType.LEASE_REQUEST: _dec_lease_request,
+    SessionType.LEASE_ANSWER: _dec_lease_answer,
+}
+
+
+def _encoder(msg: object):
+    for cls in type(msg).__mro__:  # a subclass of a message encodes as that message
+        encoder = _ENCODERS.get(cls)
+        if encoder is not None:
+            return encoder
+    raise TypeError(f"not a session message: {msg!r}")
+
+
+def encode(msg: SessionMessage) -> bytes:
+    w = _Writer()
+    mtype, flags = _encoder(msg)(w, msg)
+    body = b"".join(w.parts)
+    if _HEADER.size + len(body) > MAX_SESSION_MESSAGE:
+        raise ValueError(f"{type(msg).__name__} of {_HEADER.size + len(body)} bytes, at most {MAX_SESSION_MESSAGE}")
+    return _HEADER.pack(mtype, flags, _HEADER.size + len(body), VERSION, 0) + body
+
+
 def decode(data: bytes) -> SessionMessage:
     """Decode exactly one application message; raises ProtocolError."""
     if len(data) < _HEADER.size:
@@ -612,66 +770,13 @@ def decode(data: bytes) -> SessionMessage:
         raise ProtocolError(f"says {length} bytes, has {len(data)}", field="length", offset=2)
     if version != VERSION:
         raise ProtocolError(f"version {version}, this speaks {VERSION}", field="version", offset=4)
-    r = _Reader(data, _HEADER.size)
-    msg: SessionMessage
-    if mtype == SessionType.CREATE_SERVER:
-        offsets = {}
-        offsets["server_id"] = r.pos
-        server_id = r.text(MAX_SERVER_ID, "server_id")
-        disk = r.text(MAX_DISK, "disk")
-        offsets["ips"] = r.pos
-        ips = tuple(r.text(MAX_IP_LIST, "ips").split())
-        offsets["ram_mb"] = r.pos
-        ram_mb, vcpus = r.unpack("!IH2x", "ram_mb")
-        msg = CreateServer(server_id, disk, ips, ram_mb, vcpus)
-        check_create(msg, offsets)
-    elif mtype in (SessionType.CREATE_SUCCESS, SessionType.CREATE_FAILED):
-        server_id = _server_id(r, answer=True)
-        code, ram_kb = r.unpack("!iQ", "code")
-        if (code == ResultCode.STARTED) != (mtype == SessionType.CREATE_SUCCESS):
-            raise ProtocolError(f"code {code} in message type {mtype}", field="code", offset=r.pos - 12)
-        msg = CreateResult(server_id, code, ram_kb, r.text(MAX_REASON, "reason"))
-    elif mtype == SessionType.CHECK_RUNNING:
-        msg = CheckRunning(_server_id(r), *r.unpack("!I", "interval_s"))
-    elif mtype == SessionType.CHECK_RUNNING_RESPONSE:
-        msg = CheckRunningResponse(_server_id(r), *r.unpack("!i", "state"))
-    elif mtype == SessionType.STOP_SERVER:
-        msg = StopServer(_server_id(r))
-    elif mtype == SessionType.STOP_RESULT:
-        server_id = _server_id(r, answer=True)
-        (code,) = r.unpack("!i", "code")
-        reason = r.text(MAX_REASON, "reason")
-        target = r.unpack("!I", "target_pe")[0] if flags & FLAG_TARGET else 0
-        if flags & FLAG_TARGET and (code != ResultCode.MOVED or target == 0):
-            raise ProtocolError(f"target PE {target} with code {code}: only a move (51) names one", field="target_pe",
-                                offset=r.pos - 4)  # fmt: skip
-        msg = StopResult(server_id, code, reason, target)
-    elif mtype == SessionType.CLAIM_QUERY:
-        (pe_id,) = r.unpack("!I", "pe_identifier")
-        msg = ClaimQuery(pe_id, _server_id(r), r.text(MAX_DISK, "disk"), tuple(r.text(MAX_IP_LIST, "ips").split()))
-    elif mtype == SessionType.CLAIM_ANSWER:
-        pe_id, pending = r.unpack("!IB3x", "pe_identifier")
-        msg = ClaimAnswer(pe_id, r.text(MAX_HOST, "host"), r.text(MAX_REASON, "conflict"), bool(pending))
-    elif mtype == SessionType.VM_QUERY:
-        msg = VmQuery(*r.unpack("!I", "pe_identifier"))
-    elif mtype == SessionType.VM_REPORT:
-        msg = _vm_report(r, flags)
-    elif mtype == SessionType.MOVE_REQUEST:
-        pe_id, target, issued = r.unpack("!III", "pe_identifier")
-        if target == 0:
-            raise ProtocolError("no target PE", field="target_pe", offset=_HEADER.size + 4)
-        msg = MoveRequest(pe_id, _server_id(r), target, r.blob(MAX_MAC, "mac"), _read_migration(r, flags), issued)
-    elif mtype == SessionType.MOVE_ANSWER:
-        pe_id, code = r.unpack("!Ii", "pe_identifier")
-        msg = MoveAnswer(pe_id, _server_id(r, answer=True), code, r.text(MAX_REASON, "reason"))
-    elif mtype == SessionType.LEASE_REQUEST:
-        msg = _lease_request(r)
-    elif mtype == SessionType.LEASE_ANSWER:
-        msg = _lease_answer(r)
-    else:
+    decoder = _DECODERS.get(mtype)
+    if decoder is None:
         raise ProtocolError(
             f"unknown message type 0x{mtype:02x}", field="type", offset=0, cause=Cause.UNRECOGNIZED_MESSAGE, data=bytes(data)
         )
+    r = _Reader(data, _HEADER.size)
+    msg = decoder(r, mtype, flags)
     if r.pos != len(data):
         raise ProtocolError(f"{len(data) - r.pos} bytes after the last field", field="length", offset=r.pos)
     return msg

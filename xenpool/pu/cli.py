@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from twisted.internet import reactor
 
-    from .net import TcpPoolAccess
+    from ..asap_client import TcpPoolAccess
 
     settings = PuSettings(
         pool_handle=args.pool.encode(), heartbeat_interval_s=args.heartbeat_interval,

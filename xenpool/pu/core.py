@@ -21,6 +21,7 @@ from twisted.internet import defer, task
 from twisted.internet.defer import DeferredQueue
 from twisted.logger import Logger
 
+from ..asap_client import LOST
 from ..logs import hex_id
 from ..protocol import cookie as C
 from ..protocol import messages as M
@@ -28,7 +29,6 @@ from ..protocol import params as P
 from ..protocol import session as S
 
 log = Logger()
-LOST = object()  # queued when the session ends
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ def makeService(options: Options):
 
     from .core import PuSettings
     from .keeper import KeeperService
-    from .net import TcpPoolAccess
+    from ..asap_client import TcpPoolAccess
 
     s = options.settings
     json_log(s["logfile"])

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application import service, strports
 from twisted.application.internet import ClientService, MulticastServer, backoffPolicy
@@ -19,8 +18,9 @@ from twisted.logger import Logger
 
 from ..discovery import DEFAULT_ANNOUNCE_INTERVAL_S, Announcer
 from ..logs import hex_id
+from ..status import StatusResource
 from twisted.protocols.policies import TimeoutMixin
-from twisted.web import resource, server
+from twisted.web import server
 from zope.interface import implementer
 
 from ..protocol import framing
@@ -431,35 +431,9 @@ def handlespace_json(registrar: Registrar, now: float) -> dict:
     return {"registrar_id": registrar.registrar_id, "pools": pools}
 
 
-class StatusResource(resource.Resource):
-    def __init__(self, registrar: Registrar, metrics: Metrics) -> None:
-        super().__init__()
-        self.putChild(b"handlespace", _Handlespace(registrar))
-        self.putChild(b"metrics", _Metrics(metrics))
-
-
-class _Handlespace(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, registrar: Registrar) -> None:
-        super().__init__()
-        self.registrar = registrar
-
-    def render_GET(self, request) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(handlespace_json(self.registrar, self.registrar.clock.seconds()), indent=1).encode()
-
-
-class _Metrics(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, metrics: Metrics) -> None:
-        super().__init__()
-        self.metrics = metrics
-
-    def render_GET(self, request) -> bytes:
-        request.setHeader(b"content-type", b"text/plain; version=0.0.4")
-        return generate_latest(self.metrics.registry)
+def status_resource(registrar: Registrar, metrics: Metrics) -> StatusResource:
+    """The registrar's status site: ``/handlespace`` (JSON) and ``/metrics``."""
+    return StatusResource({b"handlespace": lambda: handlespace_json(registrar, registrar.clock.seconds())}, metrics.registry)
 
 
 class _Listener(service.Service):
@@ -529,7 +503,7 @@ class RegistrarService(service.MultiService):
         for description in peers:
             self._connect(endpoints.clientFromString(reactor, description))
         if status:
-            strports.service(status, server.Site(StatusResource(registrar, metrics))).setServiceParent(self)
+            strports.service(status, server.Site(status_resource(registrar, metrics))).setServiceParent(self)
 
     def _connect(self, endpoint) -> None:
         ClientService(

@@ -286,8 +286,17 @@ class SimulatedHypervisor:
 
     # -- IHypervisor ---------------------------------------------------------------------
 
+    def open(self) -> None:
+        """Nothing to open: the guests are simulated in this process."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
     def node(self) -> defer.Deferred:
-        return defer.succeed(NodeInfo(self.name, self.cpus, self.memory_mb * 1024))
+        return defer.succeed(self.node_info())
+
+    def node_info(self) -> NodeInfo:
+        return NodeInfo(self.name, self.cpus, self.memory_mb * 1024)
 
     def free_ram_kb(self) -> defer.Deferred:
         """Total - overhead (12 MB + 7 KB per MB of host RAM) - every guest's RAM; >= 0."""

@@ -31,10 +31,22 @@ def pe_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def _plotting_missing() -> str | None:
+    """Why ``--plot`` cannot draw here, or None: matplotlib is the ``sim`` extra."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "--plot needs matplotlib, which is not installed: pip install 'xenpool[sim]'"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..plugins import PluginError, load_plugins
     from .run import Simulation
 
+    if getattr(args, "plot", None) and (missing := _plotting_missing()) is not None:
+        print(f"xenpool sim: {missing}")
+        return 2
     try:
         scenario = json.loads(Path(args.scenario).read_text())
     except (OSError, ValueError) as err:

@@ -3,7 +3,7 @@
 A real ``twistd -n xenpool-registrar`` and a real ``twistd -n xenpool-pe`` on libvirt's test
 driver (a temporary node file with enough RAM for ``--vms`` VMs) run on loopback TCP. A
 load generator, a separate process so that its CPU is not the PE's
-(``python -m xenpool.bench_pe client``), opens ``--vms`` PU sessions, one TCP connection
+(``python -m xenpool.tools.bench_pe client``), opens ``--vms`` PU sessions, one TCP connection
 each, and has the PE create one small VM per session. Then, on the same PE process:
 
 * ``idle_cpu_percent``: the CPU time it uses over ``--seconds`` with every VM running and
@@ -49,10 +49,10 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .bench_registrar import _cpu_seconds, _free_port, _spawn, _stop, _twistd, run_bench
-from .protocol import framing
-from .protocol import session as S
-from .protocol.errors import ProtocolError
+from .bench import BenchError, cpu_seconds, free_port, progress, run_bench, spawn, stop, twistd_argv, verdict
+from ..protocol import framing
+from ..protocol import session as S
+from ..protocol.errors import ProtocolError
 
 POOL = "Xen"
 REGISTRAR_ID = 0x0BE0C401
@@ -66,14 +66,6 @@ RUNNING = 1  # VIR_DOMAIN_RUNNING
 TARGET_PE_CPU_PERCENT = 1.0
 # The prototype's management overhead, in percent of a dual-core host (THESIS-NOTES).
 PROTOTYPE_PERCENT_OF_DUAL_CORE = {"libvirt": 5.7, "command line": 12.9}
-
-
-class BenchError(Exception):
-    """The bench could not measure (a process did not start, a request was refused)."""
-
-
-def _progress(text: str) -> None:
-    print(f"bench pe: {text}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------- processes
@@ -119,7 +111,7 @@ class Daemon:
         self._changed = threading.Condition()
         self._file = open(log_path, "wb")
         try:
-            self.proc = _spawn(
+            self.proc = spawn(
                 argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip
@@ -163,7 +155,7 @@ class Daemon:
                 self._changed.wait(left)
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop(self.proc)
         self._reader.join(10)
         if not self._reader.is_alive():
             self.proc.stdout.close()
@@ -182,7 +174,7 @@ def daemon(argv: list[str], cwd: Path, name: str, ready: str, timeout: float = 6
 
 def registrar_argv(port: int, secret: Path) -> list[str]:
     return [
-        *_twistd(), "-n", "--pidfile=", "--logfile=-", "xenpool-registrar",
+        *twistd_argv(), "-n", "--pidfile=", "--logfile=-", "xenpool-registrar",
         f"--asap=tcp:{port}:interface=127.0.0.1", f"--registrar-id={REGISTRAR_ID:#x}", f"--pool-secret={POOL}:{secret}",
     ]  # fmt: skip
 
@@ -192,7 +184,7 @@ def pe_argv(registrar_port: int, port: int, node_xml: Path, secret: Path, idle_t
     """The PE daemon with its defaults (load interval 30 s) but for the idle timeout."""
     profiling = [f"--profile={profile}", "--profiler=cprofile", "--savestats"] if profile else []
     return [
-        *_twistd(), "-n", "--pidfile=", "--logfile=-", *profiling, "xenpool-pe",
+        *twistd_argv(), "-n", "--pidfile=", "--logfile=-", *profiling, "xenpool-pe",
         f"--registrar=tcp:host=127.0.0.1:port={registrar_port}", f"--pe-id={PE_ID:#x}", f"--pool={POOL}",
         f"--port={port}", "--bind=127.0.0.1", "--address=127.0.0.1", "--host=bench",
         f"--libvirt-uri=test://{node_xml.resolve()}", f"--pool-secret-file={secret}",
@@ -203,13 +195,13 @@ def pe_argv(registrar_port: int, port: int, node_xml: Path, secret: Path, idle_t
 def load(spec: dict) -> dict:
     """Run the load generator process; its result."""
     argv = [sys.executable, "-m", __name__, "client", json.dumps(spec)]
-    proc = _spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    proc = spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     try:
         out, _ = proc.communicate(timeout=2 * spec["seconds"] + 120 + 2 * spec["vms"])
     except subprocess.TimeoutExpired:
         raise BenchError("the load generator did not finish") from None
     finally:
-        _stop(proc)
+        stop(proc)
         proc.stdout.close()
     if proc.returncode != 0 or not out.strip():
         raise BenchError(f"the load generator failed (exit status {proc.returncode})")
@@ -228,7 +220,7 @@ def _proc_status(pid: int) -> dict[str, str]:
 
 
 def _default_load_interval() -> float:
-    from .pe.tap import SETTINGS
+    from ..pe.tap import SETTINGS
 
     return next(s.default for s in SETTINGS if s.name == "load-interval")
 
@@ -249,13 +241,13 @@ def pe(vms: int, seconds: float, profile: str | None = None) -> dict:
         node_xml = write_node_xml(workdir / "node-bench.xml", ram_mb)
         secret = workdir / "secret"
         secret.write_text(os.urandom(24).hex() + "\n")
-        registrar_port, pe_port = _free_port(), _free_port()
+        registrar_port, pe_port = free_port(), free_port()
         ready = f"registrar {REGISTRAR_ID:#010x} started"
         registrar = stack.enter_context(daemon(registrar_argv(registrar_port, secret), workdir, "registrar", ready))
-        _progress(f"registrar pid {registrar.proc.pid} on port {registrar_port}")
+        progress("pe", f"registrar pid {registrar.proc.pid} on port {registrar_port}")
         argv = pe_argv(registrar_port, pe_port, node_xml, secret, idle_timeout, profile)
         pe_daemon = stack.enter_context(daemon(argv, workdir, "pe", f"registered in pool {POOL}"))
-        _progress(
+        progress("pe", 
             f"PE pid {pe_daemon.proc.pid} on port {pe_port}, registered; libvirt test driver host with "
             f"{ram_mb} MB, {NODE_CPUS} CPUs"
         )
@@ -265,7 +257,7 @@ def pe(vms: int, seconds: float, profile: str | None = None) -> dict:
         if pe_daemon.proc.poll() is not None:
             raise BenchError(f"the PE exited during the run; its log:\n{pe_daemon.log}")
         if profile:
-            _progress(f"stopping the PE; its profile goes to {profile}")
+            progress("pe", f"stopping the PE; its profile goes to {profile}")
     baselines = {kind: baseline(kind, vms, seconds) for kind in BASELINES}
 
     idle, busy = run["idle"], run["heartbeat"]
@@ -306,11 +298,11 @@ BASELINES = ("twisted", "selectors")
 
 def baseline(kind: str, vms: int, seconds: float) -> dict:
     """The heartbeat window against a minimal ``kind`` server (no idle window)."""
-    port = _free_port()
+    port = free_port()
     argv = [sys.executable, "-m", __name__, "serve", kind, str(port)]
     with tempfile.TemporaryDirectory(prefix="xenpool-bench-pe-") as tmp:
         with daemon(argv, Path(tmp), f"baseline-{kind}", "serving") as server:
-            _progress(f"baseline: a minimal {kind} server, pid {server.proc.pid}")
+            progress("pe", f"baseline: a minimal {kind} server, pid {server.proc.pid}")
             spec = {"port": port, "pe_pid": server.proc.pid, "vms": vms, "ram_mb": VM_RAM_MB, "seconds": seconds,
                     "idle": False}  # fmt: skip
             busy = load(spec)["heartbeat"]
@@ -321,10 +313,6 @@ def baseline(kind: str, vms: int, seconds: float) -> dict:
         "heartbeats": heartbeats,
         "rtt_ms": busy["rtt_ms"],
     }
-
-
-def _verdict(ok: bool) -> str:
-    return "[green]meets[/green]" if ok else "[red]misses[/red]"
 
 
 def _print_table(r: dict) -> None:
@@ -339,7 +327,7 @@ def _print_table(r: dict) -> None:
     rtt = r["rtt_ms"]
     rows = [
         ("pe_cpu_percent", f"{r['pe_cpu_percent']:.2f} %", f"<= {target:g} %",
-         _verdict(r["pe_cpu_percent"] <= target)),
+         verdict(r["pe_cpu_percent"] <= target)),
         ("idle_cpu_percent", f"{r['idle_cpu_percent']:.2f} %", "", ""),
         ("heartbeat_cpu_percent", f"{r['heartbeat_cpu_percent']:.2f} %", "", ""),
         ("heartbeats", f"{r['heartbeats']:,} of {r['heartbeats_expected']:,}", "", ""),
@@ -437,12 +425,12 @@ def client(spec: dict) -> dict:
 
 def _idle_window(sessions: _Sessions, vms: int, seconds: float, pid: int, on_answer) -> dict:
     """VMs running, sessions open and silent."""
-    _progress(f"{vms} VMs running; idle window of {seconds:g} s")
-    start, cpu0 = time.monotonic(), _cpu_seconds(pid)
+    progress("pe", f"{vms} VMs running; idle window of {seconds:g} s")
+    start, cpu0 = time.monotonic(), cpu_seconds(pid)
     end = start + seconds
     while (now := time.monotonic()) < end:
         sessions.pump(end - now, on_answer)  # nothing may come: on_answer refuses it
-    cpu1, stop = _cpu_seconds(pid), time.monotonic()
+    cpu1, stop = cpu_seconds(pid), time.monotonic()
     if cpu0 is None or cpu1 is None:
         raise BenchError("the PE process is gone")
     return {"elapsed_s": round(stop - start, 4), "cpu_s": round(cpu1 - cpu0, 3)}
@@ -450,7 +438,7 @@ def _idle_window(sessions: _Sessions, vms: int, seconds: float, pid: int, on_ans
 
 def _measure(sessions: _Sessions, vms: int, seconds: float, pid: int, ram_mb: int, idle_window: bool = True) -> dict:
     # Create one VM per session, all requests at once (the PE has them in flight together).
-    _progress(f"{vms} sessions open; creating {vms} VMs of {ram_mb} MB")
+    progress("pe", f"{vms} sessions open; creating {vms} VMs of {ram_mb} MB")
     started = time.monotonic()
     for i in range(vms):
         ip = f"10.9.{(i >> 8) & 0xFF}.{i & 0xFF}"
@@ -495,9 +483,9 @@ def _measure(sessions: _Sessions, vms: int, seconds: float, pid: int, ram_mb: in
     idle = _idle_window(sessions, vms, seconds, pid, on_answer) if idle_window else None
 
     # The heartbeat window: session i asks at start + k + i/vms, k = 0, 1, ...
-    _progress(f"heartbeating {vms} sessions once a second for {seconds:g} s")
+    progress("pe", f"heartbeating {vms} sessions once a second for {seconds:g} s")
     own0 = time.process_time()
-    start, cpu0 = time.monotonic(), _cpu_seconds(pid)
+    start, cpu0 = time.monotonic(), cpu_seconds(pid)
     end = start + seconds
     due = [(start + i / vms * HEARTBEAT_INTERVAL_S, i) for i in range(vms)]
     heapq.heapify(due)
@@ -520,7 +508,7 @@ def _measure(sessions: _Sessions, vms: int, seconds: float, pid: int, ram_mb: in
             raise BenchError(f"{len(sent_at)} heartbeats unanswered {now - end:.0f} s after the window")
         wake = due[0][0] if due else (end if now < end else late_deadline)
         sessions.pump(max(0.0, wake - now), on_answer)
-    cpu1, stop = _cpu_seconds(pid), time.monotonic()
+    cpu1, stop = cpu_seconds(pid), time.monotonic()
     own = time.process_time() - own0
     if cpu0 is None or cpu1 is None:
         raise BenchError("the PE process is gone")
@@ -601,7 +589,7 @@ def main(argv: list[str]) -> int:  # pragma: no cover - run in the bench's child
             result = {"error": str(err)}
         print(json.dumps(result), flush=True)
         return 0
-    print("usage: python -m xenpool.bench_pe client SPEC | serve twisted|selectors PORT", file=sys.stderr)
+    print("usage: python -m xenpool.tools.bench_pe client SPEC | serve twisted|selectors PORT", file=sys.stderr)
     return 2
 
 

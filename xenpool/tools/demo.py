@@ -1,8 +1,8 @@
-"""``make demo``: shows xenpool at work.
+"""``xenpool demo --protocol``: the wire protocol at work, in-process and in real bytes.
 
-So far xenpool has its wire protocol, session cookie and plugin system; the registrar,
-PE and PU daemons come next. The demo walks through what a PE, a PU and a registrar
-will say to each other, in real bytes, and what happens to bad input.
+It walks through what a PE, a PU and a registrar say to each other (the plugins found,
+ASAP and session messages, the cookie) and what happens to bad input. ``make demo``
+(``xenpool demo``) runs the daemons themselves: ``cluster_demo``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from . import __version__, samples
-from .interfaces import LoadSample
-from .plugins import KINDS, load_plugins
-from .protocol import cookie, framing, messages, params, session
-from .protocol.errors import ProtocolError
+from .. import __version__
+from . import samples
+from ..interfaces import LoadSample
+from ..plugins import KINDS, load_plugins
+from ..protocol import cookie, framing, messages, params, session
+from ..protocol.errors import ProtocolError
 
 
 def _hex(data: bytes, width: int = 32) -> str:
@@ -33,8 +34,9 @@ def run(console: Console | None = None) -> int:
     console = console or Console()
     console.rule(f"[bold]xenpool {__version__}[/bold]: highly available VMs on Reliable Server Pooling")
     console.print(
-        "Built so far: the RSerPool wire protocol (ASAP, ENRP), the PE<->PU session messages, the\n"
-        "authenticated session cookie, and the plugin system. The daemons come next.\n"
+        "The messages the daemons exchange, in-process: the RSerPool wire protocol (ASAP, ENRP), the "
+        "PE<->PU session messages, the authenticated session cookie, and the plugin system. "
+        "`xenpool demo` runs the daemons themselves.\n"
     )
 
     # 1. Plugins

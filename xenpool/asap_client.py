@@ -1,4 +1,10 @@
-"""The pool user's sockets: registrars over ASAP, PEs over the session shim (TCP)."""
+"""The ASAP client a pool user and a pool element share: registrars over ASAP, PEs over the session shim (TCP).
+
+A PU resolves its pool and holds sessions with PEs through ``TcpPoolAccess``; a PE uses the
+same client to ask the pool about its peers (claims, rebalancing, moves, self-fencing
+membership). A session's ``deliver`` callback gets every message the PE sends, then
+``LOST`` once the session ended.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,14 @@ from twisted.internet import defer, endpoints
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from ..discovery import Registrars
-from ..protocol import framing
-from ..protocol import messages as M
-from ..protocol import params as P
-from ..protocol.errors import ProtocolError
-from .core import LOST
+from .discovery import Registrars
+from .protocol import framing
+from .protocol import messages as M
+from .protocol import params as P
+from .protocol.errors import ProtocolError
 
 log = Logger()
+LOST = object()  # delivered when a session ends
 
 
 class _OneRequest(Protocol):
@@ -88,7 +94,8 @@ class TcpPoolAccess:
         self.timeout_s = timeout_s
         self.pe_connect_timeout_s = timeout_s if pe_connect_timeout_s is None else pe_connect_timeout_s
 
-    async def _ask(self, request: M.Message) -> M.Message:
+    async def ask(self, request: M.Message) -> M.Message:
+        """One ASAP request, to each registrar in turn until one answers; its answer."""
         errors = []
         for endpoint in self.registrars.endpoints():
             answer: defer.Deferred = defer.Deferred()
@@ -106,7 +113,7 @@ class TcpPoolAccess:
 
     def resolve(self, pool_handle: bytes, items: int, ram_mb: int | None = None) -> defer.Deferred:
         async def resolve() -> list[P.PoolElement]:
-            answer = await self._ask(M.HandleResolution(pool_handle, items, ram_mb))
+            answer = await self.ask(M.HandleResolution(pool_handle, items, ram_mb))
             if not isinstance(answer, M.HandleResolutionResponse):
                 raise ConnectionError(f"unexpected answer {type(answer).__name__}")
             return list(answer.pool_elements)

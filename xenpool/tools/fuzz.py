@@ -44,9 +44,9 @@ from functools import lru_cache
 from typing import Callable, Sequence
 
 from . import samples
-from .protocol import cookie, framing, messages, session
-from .protocol import params as P
-from .protocol.errors import Cause, ProtocolError
+from ..protocol import cookie, framing, messages, session
+from ..protocol import params as P
+from ..protocol.errors import Cause, ProtocolError
 
 # The cookie decoder's fixed world: everything the fuzzer seals is for this pool,
 # under this secret, issued around this time.

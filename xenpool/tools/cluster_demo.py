@@ -22,7 +22,7 @@ from rich.table import Table
 
 from .processes import Daemon, free_port
 
-ETC = Path(__file__).resolve().parents[1] / "etc" / "xenpool"
+ETC = Path(__file__).resolve().parents[2] / "etc" / "xenpool"
 VMS = {"web1": 256, "web2": 128, "db1": 384, "mail1": 128, "app1": 256, "app2": 192}
 HOSTS = (1, 2, 3)
 
@@ -61,7 +61,7 @@ class Cluster:
             f"--status=tcp:{self.registrar_status}:interface=127.0.0.1", "--registrar-id=0x0a0a0a0a",
             ready="registrar 0x0a0a0a0a started",
         )  # fmt: skip
-        fence = f"command={sys.executable} -m xenpool.fence_process {{pidfile}}"
+        fence = f"command={sys.executable} -m xenpool.tools.fence_process {{pidfile}}"
         for n in HOSTS:
             status = free_port()
             pe = self._start(

@@ -5,10 +5,10 @@ Used by the demo, the benchmarks and the fuzzer (as its seed corpus).
 
 from __future__ import annotations
 
-from .protocol import messages as M
-from .protocol import params as P
-from .protocol import session as S
-from .protocol.errors import Cause
+from ..protocol import messages as M
+from ..protocol import params as P
+from ..protocol import session as S
+from ..protocol.errors import Cause
 
 
 def pool_element(identifier: int, port: int = 5000, load: float = 0.25) -> P.PoolElement:

@@ -14,7 +14,7 @@ Measured in one run, on loopback TCP:
   in-process with 100 and 100,000 PEs (the real LeastUsed plugin);
 * ``bytes_per_pe``: traced memory per PE in the handlespace, selection included.
 
-The load generator is a separate process (``python -m xenpool.bench_registrar client``)
+The load generator is a separate process (``python -m xenpool.tools.bench_registrar client``)
 with a few plain-socket connections, each keeping a window of requests outstanding; it
 counts answers by their length fields. Every process the bench starts is stopped on
 every way out. Like the other benchmarks it prints numbers next to targets and never
@@ -28,11 +28,9 @@ import contextlib
 import gc
 import heapq
 import json
-import os
 import random
 import select
 import selectors
-import signal
 import socket
 import struct
 import subprocess
@@ -44,10 +42,10 @@ import tracemalloc
 from pathlib import Path
 from typing import Iterator
 
-from .bench import _rate
-from .protocol import framing
-from .protocol import messages as M
-from .protocol import params as P
+from .bench import BenchError, cpu_seconds, free_port, progress, rate, run_bench, spawn, stop, twistd_argv, verdict
+from ..protocol import framing
+from ..protocol import messages as M
+from ..protocol import params as P
 
 POOL = b"bench"
 CONNECTIONS = 4  # load generator connections
@@ -63,14 +61,6 @@ TARGET_SCALING = 2.0  # resolve_us_100000 <= this x resolve_us_100
 TARGET_BYTES_PER_PE = 1024
 
 _U32 = struct.Struct("!I")
-
-
-class BenchError(Exception):
-    """The bench could not measure (a process did not start, a request was refused)."""
-
-
-def _progress(text: str) -> None:
-    print(f"bench registrar: {text}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------ the PEs
@@ -109,7 +99,7 @@ def registration_template() -> tuple[bytes, int, int]:
 
 
 def _policies() -> dict[int, object]:
-    from .plugins import load_plugins
+    from ..plugins import load_plugins
 
     plugins = load_plugins()
     providers = (plugins.create("policy", name) for name in plugins.names("policy"))
@@ -117,7 +107,7 @@ def _policies() -> dict[int, object]:
 
 
 def _handlespace(count: int, policies: dict[int, object]):
-    from .registrar.handlespace import Handlespace
+    from ..registrar.handlespace import Handlespace
 
     handlespace = Handlespace(REGISTRAR_ID, policies, rng=random.Random(1))
     for i in range(count):
@@ -130,7 +120,7 @@ def resolve_us(count: int, seconds: float, policies: dict[int, object]) -> float
     ``count`` and the encoded answer, as the daemon makes it)."""
     handlespace = _handlespace(count, policies)
     assert len(handlespace.resolve(POOL)) == min(3, count)
-    return 1e6 / _rate(lambda: handlespace.resolution_answer(POOL), seconds)
+    return 1e6 / rate(lambda: handlespace.resolution_answer(POOL), seconds)
 
 
 def bytes_per_pe(count: int, policies: dict[int, object]) -> dict[str, float]:
@@ -139,8 +129,8 @@ def bytes_per_pe(count: int, policies: dict[int, object]) -> dict[str, float]:
     ``with_audit``: through the registrar core, with its keep-alive timer)."""
     from twisted.internet.base import DelayedCall
 
-    from .registrar.core import Registrar, Timers
-    from .registrar.handlespace import Handlespace
+    from ..registrar.core import Registrar, Timers
+    from ..registrar.handlespace import Handlespace
 
     wire = [M.encode(M.Registration(POOL, pool_element(i, _load(i, count)))) for i in range(count)]
 
@@ -200,63 +190,19 @@ def bytes_per_pe(count: int, policies: dict[int, object]) -> dict[str, float]:
 # ------------------------------------------------------------------- processes
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the child gets SIGKILL if the bench dies without cleaning up."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _spawn(argv: list[str], **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None, **kwargs)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a running process (Linux), else None."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _twistd() -> list[str]:
-    twistd = Path(sys.executable).with_name("twistd")
-    if twistd.exists():
-        return [str(twistd)]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
 @contextlib.contextmanager
 def registrar_daemon(workdir: Path, profile: str | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
     """A ``twistd -n xenpool-registrar`` on a loopback port; stopped on the way out."""
-    port = _free_port()
+    port = free_port()
     log_path = workdir / "registrar.log"
     profiling = [f"--profile={profile}", "--profiler=cprofile", "--savestats"] if profile else []
     argv = [
-        *_twistd(), "-n", "--pidfile=", "--logfile=-", *profiling, "xenpool-registrar",
+        *twistd_argv(), "-n", "--pidfile=", "--logfile=-", *profiling, "xenpool-registrar",
         f"--asap=tcp:{port}:interface=127.0.0.1", "--keep-alive-interval=3600", "--idle-timeout=3600",
         f"--registrar-id={REGISTRAR_ID:#x}",
     ]  # fmt: skip
     with open(log_path, "wb") as log:
-        proc = _spawn(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir)
+        proc = spawn(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir)
     try:
         ready = f"registrar {REGISTRAR_ID:#010x} started"
         deadline = time.monotonic() + 60
@@ -266,34 +212,34 @@ def registrar_daemon(workdir: Path, profile: str | None = None) -> Iterator[tupl
             time.sleep(0.02)
         yield proc, port
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 @contextlib.contextmanager
 def ceiling_server(reply: bytes) -> Iterator[tuple[subprocess.Popen, int]]:
-    """The minimal Twisted server (``python -m xenpool.bench_registrar ceiling``)."""
+    """The minimal Twisted server (``python -m xenpool.tools.bench_registrar ceiling``)."""
     argv = [sys.executable, "-m", __name__, "ceiling", reply.hex()]
-    proc = _spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    proc = spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline()  # its port, once it listens
         if not line.strip().isdigit():
             raise BenchError(f"the ceiling server did not start (exit status {proc.wait()})")
         yield proc, int(line)
     finally:
-        _stop(proc)
+        stop(proc)
         proc.stdout.close()
 
 
 def load(port: int, server_pid: int, spec: dict) -> dict:
     """Run the load generator process against the server on ``port``; its result."""
     argv = [sys.executable, "-m", __name__, "client", json.dumps({"port": port, "server_pid": server_pid, **spec})]
-    proc = _spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    proc = spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     try:
         out, _ = proc.communicate(timeout=spec["warmup"] + spec["seconds"] + 60)
     except subprocess.TimeoutExpired:
         raise BenchError("the load generator did not finish") from None
     finally:
-        _stop(proc)
+        stop(proc)
     if proc.returncode != 0 or not out.strip():
         raise BenchError(f"the load generator failed (exit status {proc.returncode})")
     result = json.loads(out.splitlines()[-1])
@@ -400,7 +346,7 @@ def registrar(pes: int, seconds: float, profile: str | None = None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="xenpool-bench-") as tmp, contextlib.ExitStack() as stack:
         proc, port = stack.enter_context(registrar_daemon(Path(tmp), profile))
-        _progress(f"registrar pid {proc.pid} on port {port}; registering {pes} PEs")
+        progress("registrar", f"registrar pid {proc.pid} on port {port}; registering {pes} PEs")
         pe_socks = register_pes(port, pes)
         for sock in pe_socks:
             stack.callback(sock.close)
@@ -409,15 +355,15 @@ def registrar(pes: int, seconds: float, profile: str | None = None) -> dict:
         answer = [M.AsapType.HANDLE_RESOLUTION_RESPONSE, len(reply)]
         resolving = {**load_spec, "request": request.hex(), "answer": answer}
 
-        _progress(f"resolving for {timing}")
+        progress("registrar", f"resolving for {timing}")
         resolutions = load(port, proc.pid, resolving)
         update_rate = pes / LOAD_UPDATE_INTERVAL_S
-        _progress(f"resolving while the PEs update their loads ({update_rate:g}/s) for {timing}")
+        progress("registrar", f"resolving while the PEs update their loads ({update_rate:g}/s) for {timing}")
         with LoadUpdates(pe_socks, pes, update_rate) as updates:
             with_updates = load(port, proc.pid, resolving)
         template, id_at, address_at = registration_template()
         registration_reply = len(M.encode(M.RegistrationResponse(POOL, 0)))
-        _progress(f"registering new PEs for {timing}")
+        progress("registrar", f"registering new PEs for {timing}")
         registrations = load(port, proc.pid, {
             **load_spec, "request": template.hex(), "patch": [id_at, address_at, FIRST_NEW_PE],
             "answer": [M.AsapType.REGISTRATION_RESPONSE, registration_reply],
@@ -425,7 +371,7 @@ def registrar(pes: int, seconds: float, profile: str | None = None) -> dict:
         stack.close()  # stop the registrar before the ceiling runs
 
         with ceiling_server(reply) as (ceiling_proc, ceiling_port):
-            _progress(f"ceiling server pid {ceiling_proc.pid} on port {ceiling_port}; resolving for {timing}")
+            progress("registrar", f"ceiling server pid {ceiling_proc.pid} on port {ceiling_port}; resolving for {timing}")
             ceiling = load(ceiling_port, ceiling_proc.pid, resolving)
 
     for name, run in (("registrar", resolutions), ("with updates", with_updates), ("registration", registrations),
@@ -433,7 +379,7 @@ def registrar(pes: int, seconds: float, profile: str | None = None) -> dict:
         if run["unexpected"]:
             raise BenchError(f"{run['unexpected']} of {run['answers']} answers in the {name} run were not as expected")
 
-    _progress("in-process handlespace measures")
+    progress("registrar", "in-process handlespace measures")
     policies = _policies()
     per_measure = max(0.05, min(1.0, seconds / 3))
     small, large = resolve_us(100, per_measure, policies), resolve_us(100_000, per_measure, policies)
@@ -469,10 +415,6 @@ def registrar(pes: int, seconds: float, profile: str | None = None) -> dict:
     return result
 
 
-def _verdict(ok: bool) -> str:
-    return "[green]meets[/green]" if ok else "[red]misses[/red]"
-
-
 def _print_table(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -484,17 +426,17 @@ def _print_table(r: dict) -> None:
         table.add_column(column, justify=justify)
     rows = [
         ("resolutions_per_s", f"{r['resolutions_per_s']:,}/s", f">= {t['resolutions_per_s']:,}/s",
-         _verdict(r["resolutions_per_s"] >= t["resolutions_per_s"])),
+         verdict(r["resolutions_per_s"] >= t["resolutions_per_s"])),
         ("ceiling_per_s", f"{r['ceiling_per_s']:,}/s", "", ""),
-        ("ratio", f"{r['ratio']:.3f}", f">= {t['ratio']}", _verdict(r["ratio"] >= t["ratio"])),
+        ("ratio", f"{r['ratio']:.3f}", f">= {t['ratio']}", verdict(r["ratio"] >= t["ratio"])),
         ("resolutions_per_s_with_updates", f"{r['resolutions_per_s_with_updates']:,}/s",
          f"({r['load_updates_per_s']:g} load updates/s)", ""),
         ("registrations_per_s", f"{r['registrations_per_s']:,}/s", "", ""),
         ("resolve_us_100", f"{r['resolve_us_100']:.2f} us", "", ""),
         ("resolve_us_100000", f"{r['resolve_us_100000']:.2f} us", f"<= {scaling_limit:.2f} us",
-         _verdict(r["resolve_us_100000"] <= scaling_limit)),
+         verdict(r["resolve_us_100000"] <= scaling_limit)),
         ("bytes_per_pe", f"{r['bytes_per_pe']:,} B", f"<= {t['bytes_per_pe']:,} B",
-         _verdict(r["bytes_per_pe"] <= t["bytes_per_pe"])),
+         verdict(r["bytes_per_pe"] <= t["bytes_per_pe"])),
         ("bytes_per_pe_with_audit", f"{r['bytes_per_pe_with_audit']:,} B", "", ""),
     ]  # fmt: skip
     for row in rows:
@@ -515,27 +457,6 @@ def _print_table(r: dict) -> None:
         f"resolve_us = Handlespace.resolve() in-process; bytes_per_pe_with_audit "
         f"adds the registrar core's keep-alive timer.\nCPU per wall second: {cpu}"
     )
-
-
-def run_bench(name: str, args: argparse.Namespace, measure, print_table) -> int:
-    """The shell of a bench that starts processes: checks ``--seconds``, cleans up its
-    children on SIGTERM too, prints JSON or a table. ``measure(seconds)`` -> result."""
-    if not args.seconds > 0:
-        print(f"xenpool bench {name}: --seconds must be positive, got {args.seconds}", file=sys.stderr)
-        return 2
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        result = measure(args.seconds)
-    except BenchError as err:
-        print(f"xenpool bench {name}: {err}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print_table(result)
-    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -614,8 +535,8 @@ def client(spec: dict) -> dict:
                 sock.sendall(requests(state, done))
         now = time.monotonic()
         if mark is None and now >= measure_from:
-            mark = (answers, now, time.process_time(), _cpu_seconds(server_pid))
-    server_cpu = _cpu_seconds(server_pid)
+            mark = (answers, now, time.process_time(), cpu_seconds(server_pid))
+    server_cpu = cpu_seconds(server_pid)
     for sock in socks:
         sock.close()
     if mark is None:
@@ -673,7 +594,7 @@ def main(argv: list[str]) -> int:  # pragma: no cover - run in the bench's child
     if argv[:1] == ["ceiling"]:
         ceiling(bytes.fromhex(argv[1]))
         return 0
-    print("usage: python -m xenpool.bench_registrar client SPEC | ceiling REPLY_HEX", file=sys.stderr)
+    print("usage: python -m xenpool.tools.bench_registrar client SPEC | ceiling REPLY_HEX", file=sys.stderr)
     return 2
 
 

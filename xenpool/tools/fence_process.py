@@ -2,7 +2,7 @@
 driver (they live in that process). Used by the demo and the failover tests through the
 ``command`` stonith plugin::
 
-    --stonith=command --stonith-option="command=python -m xenpool.fence_process {pidfile}"
+    --stonith=command --stonith-option="command=python -m xenpool.tools.fence_process {pidfile}"
 
 Sends SIGKILL and exits 0 once the process is gone (or a zombie: nothing runs), 1 if
 it could not be confirmed.
@@ -27,7 +27,7 @@ def gone(pid: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m xenpool.fence_process PIDFILE", file=sys.stderr)
+        print("usage: python -m xenpool.tools.fence_process PIDFILE", file=sys.stderr)
         return 2
     try:
         pid = int(open(args[0]).read().split()[0])

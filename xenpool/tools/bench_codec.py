@@ -8,32 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import struct
-import time
-from typing import Callable
 
 from . import samples
-from .protocol import messages, params
+from .bench import rate
+from ..protocol import messages, params
 
 CODEC_TARGET_DECODES_PER_S = 100_000
-
-
-def _rate(fn: Callable[[], object], seconds: float) -> float:
-    """Calls per second of ``fn`` over about ``seconds`` of process CPU time."""
-    batch = 1
-    while True:  # find a batch that takes at least 10 ms
-        start = time.process_time()
-        for _ in range(batch):
-            fn()
-        if time.process_time() - start >= 0.01:
-            break
-        batch *= 2
-    calls = 0
-    start = time.process_time()
-    while (elapsed := time.process_time() - start) < seconds:
-        for _ in range(batch):
-            fn()
-        calls += batch
-    return calls / elapsed
 
 
 def count_unpacks(data: bytes) -> list[tuple[struct.Struct, int]]:
@@ -74,9 +54,9 @@ def codec(seconds: float) -> dict[str, float]:
         for s, offset in reads:
             s.unpack_from(data, offset)
 
-    decode_per_s = _rate(lambda: messages.decode(data), seconds)
-    encode_per_s = _rate(lambda: messages.encode(msg), seconds)
-    ceiling_per_s = _rate(ceiling, seconds)
+    decode_per_s = rate(lambda: messages.decode(data), seconds)
+    encode_per_s = rate(lambda: messages.encode(msg), seconds)
+    ceiling_per_s = rate(ceiling, seconds)
     return {
         "message_bytes": len(data),
         "unpack_calls_per_message": len(reads),
