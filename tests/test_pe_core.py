@@ -607,3 +607,32 @@ def test_with_a_load_window_a_vm_s_load_is_its_mean_over_the_window():
     with_smoothing.sample_vm("vm", 0, 0.0)
     with_smoothing.sample_vm("vm", int(30e9), 30.0)
     assert with_smoothing.vms["vm"].cpu_share == pytest.approx((0.5 + 3 * estimate) / 4)
+
+
+def test_a_pu_gone_while_its_claim_ran_gets_no_vm_started_for_a_dead_session(pe, clock):
+    """The claim (lease, questions, a fence) can take seconds; a PU that went away meanwhile
+    must not leave a VM attached to its dead session (refusing its keeper's cookie with "runs
+    on this PE" until an idle sweep): nothing is started and the claim is given back."""
+    answers = defer.Deferred()
+
+    class SlowPool:
+        def ask(self, query, also=frozenset()):
+            return answers
+
+    pe.claims = SlowPool()
+    session = create(pe)
+    assert "web1" in pe.starting
+    pe.session_lost(session)
+    answers.callback([])
+    assert pe.hypervisor.domains == {} and pe.starting == {} and pe.sessions == {}
+    pe.claims = None
+    assert create(pe).results()[0].ok  # its keeper, back: started normally
+
+
+def test_a_keeper_gone_before_its_re_adoption_completes_leaves_the_vm_kept(pe, clock):
+    first = create(pe)
+    pe.session_lost(first)  # an orphan now, kept for the lease
+    late = Session()
+    pe.session_lost(late)  # this session ended before it held anything
+    pe._adopt(pe.orphans["web1"], late)
+    assert "web1" in pe.orphans and late not in pe.sessions

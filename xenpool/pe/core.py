@@ -11,6 +11,7 @@ comes from an injected IReactorTime, so tests drive every timer with a Clock.
 from __future__ import annotations
 
 import socket
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Protocol
 
@@ -115,6 +116,7 @@ class PoolElementCore(Rebalancing):
         self.domain_states: dict[str, int] = {}
         self.events_live = False
         self.sessions: dict[Session, VmSession] = {}
+        self.gone: weakref.WeakSet = weakref.WeakSet()  # sessions lost while they held no VM
         self.orphans: dict[str, VmSession] = {}  # VMs whose PU is gone, within their lease
         self.refusals: dict[int, int] = {}
 
@@ -331,6 +333,13 @@ class PoolElementCore(Rebalancing):
             refusal = await self._claim(request)
             if refusal is not None:
                 return self._refuse_start(session, request, refusal)
+        if session in self.gone:
+            # The PU went away while the claim ran (a fence can take seconds): a VM started
+            # now would belong to a dead session, neither kept for a keeper nor re-adoptable.
+            log.info("{server} not started: its PU went away meanwhile", server=request.server_id)
+            self.starting.pop(request.server_id, None)
+            self._release_lease_unless_here(request)
+            return None
         try:
             await self._start(request, session, cpu_cores)
         finally:
@@ -411,6 +420,8 @@ class PoolElementCore(Rebalancing):
 
     def _adopt(self, vm: VmSession, session: Session) -> None:
         """A restarted keeper takes back a VM that kept running within its lease."""
+        if session in self.gone:
+            return  # that keeper went away meanwhile: the VM stays kept for its lease
         del self.orphans[vm.request.server_id]
         if vm.lease_end is not None and vm.lease_end.active():
             vm.lease_end.cancel()
@@ -514,6 +525,7 @@ class PoolElementCore(Rebalancing):
         then is shut down gracefully and destroyed if it does not stop in time."""
         vm = self.sessions.get(session)
         if vm is None:
+            self.gone.add(session)  # a start or re-adoption still on its way must not use it
             return defer.succeed(None)
         if not vm.running or self.settings.lease_s <= 0:
             return defer.Deferred.fromCoroutine(self._shut_down(session, vm))
