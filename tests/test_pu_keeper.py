@@ -69,3 +69,20 @@ def test_with_an_ignored_state_file_already_running_is_not_final(tmp_path):
     keeper, _ = service(tmp_path, pe)
     keeper.startService()
     assert keeper.keepers[0].state == State.WAITING
+
+
+def test_a_keeper_killed_before_it_saved_a_cookie_follows_the_holder_instead_of_giving_up(tmp_path):
+    """No state file at all (killed during its first placement, before any cookie was
+    kept): a PE that refuses because another host runs the VM names it in a cookie, and the
+    keeper goes there and keeps it; "already running" never makes it give a VM of its keep
+    file up."""
+    from .test_pu_core import RedirectingPE, cookie_naming
+
+    holder = ScriptedPE(2)
+    keeper, pool = service(tmp_path, RedirectingPE(1, holder=2), holder)
+    keeper.startService()
+    for _ in range(10):
+        pool.clock.advance(1)
+    (vm,) = keeper.keepers
+    assert vm.state == State.RUNNING and vm.pe.identifier == 2
+    assert holder.received[0] == M.CookieEcho(cookie_naming(2))

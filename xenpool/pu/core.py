@@ -145,8 +145,9 @@ class VmKeeper:
     moves: int = 0  # planned moves by a rebalancing PE
     running_since: float | None = None  # when the PE last confirmed a start
     rng: Callable[[], float] = field(default=random.random, repr=False)  # uniform in [0, 1): the back-off's jitter
-    # This keeper ran the VM before (it had a cookie, perhaps one no PE accepts): "already
-    # running" then means its old PE may still hold it, not that someone else's VM has the name.
+    # The VM is this PU's (it ran it, had a cookie, perhaps one no PE accepts, or it is in a
+    # keeper's keep file): "already running" then means a PE may still hold it for this PU,
+    # not that someone else's VM has the name.
     ran_before: bool = False
 
     def __post_init__(self) -> None:

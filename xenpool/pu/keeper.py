@@ -23,7 +23,11 @@ class KeeperService(service.MultiService):
                  status: str | None) -> None:  # fmt: skip
         super().__init__()
         self.state_dir = Path(state_dir)
-        self.keepers = [VmKeeper(vm, access, reactor, settings) for vm in vms]
+        # A VM of the keep file is this keeper's whatever its state dir says (it may have
+        # been killed before it saved a cookie): "already running" means its PE keeps it
+        # for the lease, and the refusing PE's cookie names that PE, where it is re-adopted;
+        # never a reason to give it up.
+        self.keepers = [VmKeeper(vm, access, reactor, settings, ran_before=True) for vm in vms]
         for keeper in self.keepers:
             keeper.events.on_state = self._state
             keeper.events.on_cookie = self._save_cookie
