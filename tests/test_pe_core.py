@@ -636,3 +636,27 @@ def test_a_keeper_gone_before_its_re_adoption_completes_leaves_the_vm_kept(pe, c
     pe.session_lost(late)  # this session ended before it held anything
     pe._adopt(pe.orphans["web1"], late)
     assert "web1" in pe.orphans and late not in pe.sessions
+
+
+def test_a_pu_gone_while_the_disk_is_checked_gets_no_vm_started(pe, clock):
+    """The chaos campaign's double start: the keeper died while the PE checked the VM's
+    disk; the session ended with nothing running (RAM and lease given back), but the start
+    went on, so the VM ran untracked and another PE, asked by the restarted keeper, started
+    it a second time. Now nothing starts once the session is gone."""
+    checked = defer.Deferred()
+    pe.disk_xml = lambda spec: checked
+    session = create(pe, disk="nbd://san/web1")
+    pe.session_lost(session)
+    checked.callback("<disk/>")
+    assert pe.hypervisor.domains == {} and pe.sessions == {} and pe.orphans == {} and pe.starting == {}
+    assert pe.accounting.free_kb == HostAccounting(NODE).free_kb
+
+
+def test_a_pu_gone_while_the_hypervisor_starts_keeps_the_vm_for_its_lease(pe, clock):
+    started = defer.Deferred()
+    start = pe.hypervisor.start
+    pe.hypervisor.start = lambda spec: started.addCallback(lambda _: start(spec))
+    session = create(pe)
+    pe.session_lost(session)  # may be running now: kept for the lease, re-adoptable
+    started.callback(None)
+    assert list(pe.hypervisor.domains) == ["web1"] and list(pe.orphans) == ["web1"]

@@ -364,12 +364,23 @@ class PoolElementCore(Rebalancing):
         except Exception as err:  # noqa: BLE001 - any storage failure is the disk's
             self._forget(session)
             return self._answer_failure(session, request.server_id, S.ResultCode.DISK_UNREACHABLE, str(err))
+        if self.sessions.get(session) is not vm:
+            # Its PU went away while the disk was checked: the session ended with nothing
+            # started (its RAM and lease are given back), so nothing may start now, or the
+            # VM would run here untracked, held by no session and no lease.
+            log.info("{server} not started: its PU went away meanwhile", server=request.server_id)
+            return None
         vm.running = True
         session.send(self._cookie(vm))
         try:
             await self.hypervisor.start(DomainSpec(request.server_id, request.ram_mb, request.vcpus, disk_xml, request.ips))
         except Exception as err:  # noqa: BLE001 - report the hypervisor's reason
             vm.running = False
+            if self.orphans.get(request.server_id) is vm:  # its PU went away meanwhile
+                del self.orphans[request.server_id]
+                if vm.lease_end is not None and vm.lease_end.active():
+                    vm.lease_end.cancel()
+                self._release(vm)
             self._forget(session)
             return self._answer_failure(session, request.server_id, S.ResultCode.UNSPECIFIED, f"start failed: {err}")
         log.info("started {server} ({ram} MB) for a PU", server=request.server_id, ram=request.ram_mb)
