@@ -110,6 +110,12 @@ class Options(make_options(SETTINGS, "pe", "Run a pool element on this hyperviso
         from ..plugins import PluginError, load_plugins
 
         s = self.settings
+        from .. import sctp
+
+        try:
+            sctp.check([*s["registrar"], *s["voter"], *([f"sctp:{s['port']}"] if s["transport"] == "sctp" else [])])
+        except ValueError as err:
+            raise usage.UsageError(str(err)) from None
         self.plugins = load_plugins()
         try:
             self.metric = self.plugins.create("load", s["load-plugin"], **s["load-weight"])
