@@ -186,7 +186,7 @@ def main() -> None:
         for n in (1, 2):
             pes[n] = xenpool(
                 "xenpool-pe", f"--registrar=sctp:host={IP}:port=3864", f"--voter=sctp:host={IP}:port=3863",
-                "--transport=sctp", f"--port={5000 + n}", f"--pe-id={n}", f"--host=host{n}",
+                "--voter-timeout=8", "--transport=sctp", f"--port={5000 + n}", f"--pe-id={n}", f"--host=host{n}",
                 f"--libvirt-uri=test://{ETC / f'node-host{n}.xml'}", "--lease=30", "--load-interval=2",
                 "--stonith=command", f"--stonith-option=command={sys.executable} -m xenpool.fence_process {{pidfile}}",
                 f"--fence-map={fence_map}", "--shutdown-timeout=2", ready="registered in pool Xen",
@@ -195,7 +195,13 @@ def main() -> None:
         wait("both xenpool PEs at rspregistrar", lambda: set(pool(3864, b"Xen")) == {1, 2})
         pu = run([str(Path(sys.executable).with_name("xenpool-pu")), "create", "--server-id=web1", "--ram=100",
                   f"--registrar=sctp:host={IP}:port=3864", "--heartbeat-interval=0.5", "--heartbeat-timeout=2"])  # fmt: skip
-        line = pu.wait_for("web1: running", 90)
+        try:
+            pu.wait_for("web1: running", 150)
+        except AssertionError:
+            for n, pe in pes.items():
+                print(f"PE {n} log tail:\n" + pe.drain()[-2500:], flush=True)
+            raise
+        line = pu.log
         first = int(re.findall(r"PE 0x([0-9a-f]{8})", line)[-1], 16) if "PE 0x" in line else None
         holder = first or next(n for n, pe in pes.items() if "started web1" in pe.drain())
         since = pu.mark()

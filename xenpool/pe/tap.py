@@ -63,6 +63,7 @@ SETTINGS = [
     Setting("voter", [], str,
             "a registrar that votes on who may start a VM (its ASAP endpoint); a start needs a lease from a majority "
             "of them; give every PE the same list (default: the --registrar list)", multiple=True),
+    Setting("voter-timeout", 1.0, positive_float, "seconds a voter has to answer a lease request, connecting included"),
     Setting("vm-lease", 15.0, positive_float, "seconds a VM lease from the voters lasts; renewed every third of it"),
     Setting("port", 5001, positive_int, "port for PU sessions"),
     Setting("transport", "tcp", transport_name, "tcp or sctp: how PUs reach this PE (sctp needs kernel SCTP)"),
@@ -205,7 +206,8 @@ def makeService(options: Options):
     registrars, announce_listener = discovery.registrars(reactor, s["registrar"], s["registrar-announce"], s["announce-interface"])
     pool_access = TcpPoolAccess(reactor, registrars)
     claims = TcpClaimAsker(reactor, pool_access, settings.pool_handle, settings.pe_identifier)
-    voters = [TcpVoter(reactor, endpoints.clientFromString(reactor, d)) for d in dict.fromkeys(s["voter"] or s["registrar"])]
+    voters = [TcpVoter(reactor, endpoints.clientFromString(reactor, d), s["voter-timeout"])
+              for d in dict.fromkeys(s["voter"] or s["registrar"])]  # fmt: skip
     if not voters:
         log.warn("no --voter and no --registrar list: starts are not arbitrated by VM leases, so two PEs asked at "
                  "once may both start a VM; give every PE the same --voter list")  # fmt: skip
