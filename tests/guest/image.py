@@ -25,7 +25,7 @@ GUEST_ADDRESS = "10.0.2.15"
 # virtualenv packages the daemons never import (plotting, packaging, test tools): left out
 SKIP_PACKAGES = re.compile(r"^(matplotlib|numpy|fontTools|PIL|pillow|pip|setuptools|hypothesis|contourpy|kiwisolver|"
                            r"pyparsing|cycler|_pytest|pytest|coverage|pygments|wheel)", re.I)  # fmt: skip
-SKIP_STDLIB = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "site-packages", "unittest"}
+SKIP_STDLIB = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "site-packages"}  # unittest stays: the daemons import it
 
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
