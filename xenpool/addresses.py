@@ -18,8 +18,19 @@ from .protocol import params as P
 _SIOCGIFADDR = 0x8915
 
 
+def _fib_local(path: str = "/proc/net/fib_trie") -> list[str]:
+    """Every local IPv4 address the kernel routes to this host (secondary ones too, which
+    the per-interface ioctl does not see, e.g. a non-loopback address on ``lo``)."""
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return []
+    return [lines[i - 1].split()[-1] for i, line in enumerate(lines) if i and "/32 host LOCAL" in line]
+
+
 def local_addresses() -> list[str]:
-    """This host's IPv4 addresses, loopback last (Linux: one ioctl per interface)."""
+    """This host's IPv4 addresses, loopback last (Linux: one ioctl per interface, and the
+    kernel's table of local addresses)."""
     found: list[str] = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         for _index, name in socket.if_nameindex():
@@ -30,6 +41,7 @@ def local_addresses() -> list[str]:
             address = socket.inet_ntoa(answer[20:24])
             if address not in found:
                 found.append(address)
+    found += [a for a in dict.fromkeys(_fib_local()) if a not in found]
     return sorted(found, key=lambda a: ipaddress.ip_address(a).is_loopback)
 
 
