@@ -177,3 +177,20 @@ def test_a_pe_reached_over_sctp_is_connected_to_over_sctp(monkeypatch):
     factory = access.connect(element, lambda message: None)
     assert made == [("10.0.2.15", 5001, 1.5)]
     assert factory.buildProtocol(None).sctp_framing == "shim"
+
+
+def test_a_client_endpoint_s_wrapped_protocol_keeps_its_ppid_and_framing():
+    from twisted.application._client_service import _ReconnectingProtocolProxy
+    from twisted.internet import defer
+    from twisted.internet.endpoints import _WrappingProtocol
+
+    enrp = Recorder(ppid=M.ENRP_PPID)
+    # an outbound ENRP association: ClientService's proxy inside the endpoint's wrapper
+    conn = Connection(_WrappingProtocol(defer.Deferred(), _ReconnectingProtocolProxy(enrp, lambda: None)))
+    assert conn.writeSomeData(PRESENCE) == len(PRESENCE)
+    assert conn._wrapped.sent == [(12, PRESENCE)]
+    session = Recorder(shim=True)
+    conn = Connection(_WrappingProtocol(defer.Deferred(), session))
+    conn._wrapped.inbox = [(pysctp.FLAG_EOR, M.encode(M.Cookie(b"abc")), 11)]
+    assert conn.doRead() is None
+    assert session.data == [framing.frame_message(M.Cookie(b"abc"))]

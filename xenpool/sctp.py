@@ -136,6 +136,23 @@ def _new_socket(family: int) -> socket.socket:
     return s
 
 
+def protocol_setting(protocol, name: str, default):
+    """``name`` (``sctp_ppid``, ``sctp_framing``) of the protocol a connection carries. A
+    client endpoint's connection carries a wrapper (Twisted's endpoint ``_WrappingProtocol``,
+    ``ClientService``'s proxy, ``policies.ProtocolWrapper``) that does not pass attributes
+    on: look through it, or an outbound ENRP association would send ENRP on ASAP's PPID and
+    a PU's session would read ASAP messages without their shim frame."""
+    for _depth in range(8):
+        value = getattr(protocol, name, None)
+        if value is not None:
+            return value
+        inner = getattr(protocol, "_wrappedProtocol", None) or getattr(protocol, "wrappedProtocol", None)
+        if inner is None or inner is protocol:
+            break
+        protocol = inner
+    return default
+
+
 class _SctpConnection:
     """Mixed into Twisted's TCP connection classes: reads and writes whole SCTP messages."""
 
@@ -150,7 +167,7 @@ class _SctpConnection:
         return self._wrapped
 
     def _framing(self) -> Framing:
-        return Framing(getattr(self.protocol, "sctp_ppid", M.ASAP_PPID))
+        return Framing(protocol_setting(self.protocol, "sctp_ppid", M.ASAP_PPID))
 
     def doRead(self):
         import sctp
@@ -171,7 +188,7 @@ class _SctpConnection:
                 return main.CONNECTION_LOST
             return None
         payload, self._partial = self._partial + data, b""
-        shim = getattr(self.protocol, "sctp_framing", "") == "shim"
+        shim = protocol_setting(self.protocol, "sctp_framing", "") == "shim"
         self.protocol.dataReceived(Framing.received(socket.ntohl(info.ppid), payload, shim))
         return None
 
