@@ -193,3 +193,39 @@ def qemu_command(initrd: Path, console: Path, memory_mb: int = 3072) -> list[str
             "-serial", f"file:{console}", "-monitor", "none",
             "-kernel", kernel(), "-initrd", str(initrd), "-nic", "none",
             "-append", "console=ttyS0 panic=-1 rdinit=/init"]  # fmt: skip
+
+
+def boot(python: str, scenarios: list[int], workdir: Path, timeout_s: float) -> str:
+    """Build the initramfs that runs ``scenarios``, boot it and return the serial console's
+    text once the guest says GUEST DONE (or at ``timeout_s``)."""
+    import threading
+    import time
+
+    initrd, log = workdir / "initrd.gz", workdir / "console.log"
+    initrd.write_bytes(build(python, " ".join(str(n) for n in scenarios)))
+    qemu = subprocess.Popen(qemu_command(initrd, log), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    try:
+        while qemu.poll() is None and time.monotonic() < deadline:
+            if log.exists() and "GUEST DONE" in log.read_text(errors="replace"):
+                break
+            threading.Event().wait(1)
+    finally:
+        if qemu.poll() is None:
+            qemu.kill()
+        qemu.wait()
+    return log.read_text(errors="replace") if log.exists() else ""
+
+
+if __name__ == "__main__":
+    # By hand, as root: .venv/bin/python tests/guest/image.py [N ...]  (default: all four
+    # scenarios); prints the console's GUEST, SCENARIO and REFUSAL lines.
+    import tempfile
+
+    reason = missing()
+    if reason:
+        sys.exit(f"SCTP interop guest: {reason}")
+    with tempfile.TemporaryDirectory(prefix="xp-sctp-") as tmp:
+        console = boot(sys.executable, [int(n) for n in sys.argv[1:]] or [1, 2, 3, 4], Path(tmp), 1200)
+    print(console[console.find("GUEST booted"):] if "GUEST booted" in console else console[-4000:])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -70,8 +71,16 @@ def resolve(port: int, handle: bytes) -> M.Message:
         sock.events.data_io = True
         sock.events.flush()
         sock.sctp_send(M.encode(M.HandleResolution(handle, M.MAX_RESOLUTION_ITEMS)), ppid=M.ASAP_PPID)
+        deadline = time.monotonic() + 5
         while True:
-            _source, flags, data, _info = sock.sctp_recv(70000)
+            # a socket with a timeout is non-blocking underneath, and pysctp's receive does
+            # not wait: wait for the answer here (it raised EAGAIN when the answer was late)
+            if not select.select([sock.fileno()], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise TimeoutError(f"no HANDLE_RESOLUTION_RESPONSE from port {port} within 5 s")
+            try:
+                _source, flags, data, _info = sock.sctp_recv(70000)
+            except BlockingIOError:
+                continue
             if not flags & pysctp.FLAG_NOTIFICATION:
                 return M.decode(data)
     finally:
