@@ -36,11 +36,16 @@ static_busybox() {  # a dynamic ELF names its loader (PT_INTERP) in its first by
 }
 static_busybox || optional+=(busybox-static)
 [ -n "$(ls /boot/vmlinuz-* 2>/dev/null)" ] || optional+=(linux-image-amd64)
+# Optional: rsplib 3.4.4 for the interop tests (its parser checks xenpool's bytes; its
+# registrar, server and terminal run with xenpool over SCTP in the QEMU guest).
+command -v rspregistrar >/dev/null 2>&1 || optional+=(rsplib-registrar)
+command -v rspserver >/dev/null 2>&1 || optional+=(rsplib-tools)
+[ -f /usr/include/rserpool/rserpool.h ] || optional+=(librsplib-dev)
 if [ ${#optional[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         missing+=("${optional[@]}")
     else
-        echo "note: the live migration end-to-end test is skipped without: ${optional[*]}" >&2
+        echo "note: the live migration and SCTP interop tests are skipped without: ${optional[*]}" >&2
     fi
 fi
 

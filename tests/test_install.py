@@ -112,6 +112,9 @@ def test_only_xenpool_plugins_is_importable_and_twistd_finds_the_daemons(either_
     out = run(python, "-c", twistd_help, cwd=cwd).stdout
     for daemon in DAEMONS:
         assert daemon in out, out
+    # the sctp: endpoint strings (twisted/plugins/xenpool_sctp.py) are found as well
+    parse = "from twisted.internet import endpoints, reactor; print(endpoints.clientFromString(reactor, 'sctp:pr1:3863'))"
+    assert run(python, "-c", parse, cwd=cwd).stdout.strip() == "sctp:host=pr1:port=3863"
 
 
 def test_twistd_help_lists_the_xenpool_daemons(fresh):

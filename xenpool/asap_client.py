@@ -57,6 +57,8 @@ class _OneRequest(Protocol):
 
 
 class _PeSession(Protocol):
+    sctp_framing = "shim"  # over SCTP the PPID replaces the shim (xenpool.sctp)
+
     def __init__(self, deliver) -> None:
         self.deliver = deliver
         self.stream = framing.ShimStream()
@@ -122,8 +124,13 @@ class TcpPoolAccess:
 
     def connect(self, element: P.PoolElement, deliver) -> defer.Deferred:
         transport = element.user_transport
+        if isinstance(transport, P.SctpTransport):
+            from .sctp import SctpClientEndpoint
+
+            endpoint = SctpClientEndpoint(self.reactor, transport.addresses[0], transport.port, timeout=self.pe_connect_timeout_s)
+            return endpoint.connect(Factory.forProtocol(lambda: _PeSession(deliver)))
         if not isinstance(transport, P.TcpTransport):
-            return defer.fail(ConnectionError(f"PE offers {type(transport).__name__}, this PU speaks TCP"))
+            return defer.fail(ConnectionError(f"PE offers {type(transport).__name__}, this PU speaks TCP and SCTP"))
         kind = endpoints.TCP6ClientEndpoint if ":" in transport.addresses[0] else endpoints.TCP4ClientEndpoint
         endpoint = kind(self.reactor, transport.addresses[0], transport.port, timeout=self.pe_connect_timeout_s)
         return endpoint.connect(Factory.forProtocol(lambda: _PeSession(deliver)))

@@ -110,7 +110,7 @@ class PoolMembership:
     The PE's watchdog is fed while any registrar confirms it, so one that cannot be asked
     might be the one that still does."""
 
-    def __init__(self, reactor, registrars, pool_handle: bytes, timeout_s: float = 2.0, items: int = 256) -> None:
+    def __init__(self, reactor, registrars, pool_handle: bytes, timeout_s: float = 2.0, items: int = M.MAX_RESOLUTION_ITEMS) -> None:
         self.reactor = reactor
         self.registrars = registrars
         self.pool_handle = pool_handle

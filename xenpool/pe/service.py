@@ -61,7 +61,10 @@ class RegistrationProtocol(Protocol):
 
 
 class SessionProtocol(Protocol):
-    """One PU's session: shim frames carrying ASAP and application messages."""
+    """One PU's session: shim frames carrying ASAP and application messages (over SCTP,
+    xenpool.sctp carries each frame's payload with its PPID instead)."""
+
+    sctp_framing = "shim"
 
     def __init__(self, core: PoolElementCore, factory: "SessionFactory") -> None:
         self.core = core
@@ -175,6 +178,7 @@ class PoolElementService(service.MultiService):
         self.clock = reactor
         self.user_address = user_address
         self.user_port = user_port
+        self.user_sctp = user_endpoint.startswith("sctp:")  # PUs reach it over SCTP
         self.load_interval_s = load_interval_s
         self.registration_life_ms = registration_life_ms
         self.registrar_channel: RegistrationProtocol | None = None
@@ -237,8 +241,19 @@ class PoolElementService(service.MultiService):
     # -------------------------------------------------------------- registration
 
     def registration(self) -> M.Registration:
-        transport = P.TcpTransport(self.user_port, (self.user_address,), P.TransportUse.DATA_PLUS_CONTROL)
+        kind = P.SctpTransport if self.user_sctp else P.TcpTransport
+        transport = kind(self.user_port, (self._advertised_address(),), P.TransportUse.DATA_PLUS_CONTROL)
         return self.core.registration(self.policy, self.policy_arguments, transport, self.registration_life_ms)
+
+    def _advertised_address(self) -> str:
+        """--address, or when it is unspecified (empty, 0.0.0.0) the address this host
+        reaches its registrar from: a real one, which peers such as rsplib accept."""
+        address = self.user_address
+        if address and address not in ("0.0.0.0", "::"):
+            return address
+        channel = self.registrar_channel
+        local = channel.transport.getHost().host if channel is not None and channel.transport is not None else ""
+        return local or "127.0.0.1"
 
     def register(self) -> None:
         if self.registrar_channel is not None:
@@ -275,7 +290,7 @@ class PoolElementService(service.MultiService):
     def _rebalance(self):
         """Every rebalance interval: the pool's loads from a registrar, then the decision."""
         try:
-            elements = yield self.pool_access.resolve(self.core.settings.pool_handle, 256)
+            elements = yield self.pool_access.resolve(self.core.settings.pool_handle, M.MAX_RESOLUTION_ITEMS)
         except Exception as err:  # noqa: BLE001 - no registrar now: try next time
             log.info("no rebalancing now: {err}", err=str(err))
             return
@@ -371,7 +386,7 @@ class TcpClaimAsker:
         return defer.Deferred.fromCoroutine(self._ask(query, also))
 
     async def _ask(self, query, also: frozenset[int]) -> list:
-        elements = await self.access.resolve(self.pool_handle, 256)
+        elements = await self.access.resolve(self.pool_handle, M.MAX_RESOLUTION_ITEMS)
         self.known.update((e.identifier, e) for e in elements)
         listed = {e.identifier for e in elements}
         others = [e for e in elements if e.identifier != self.pe_identifier]
@@ -418,6 +433,8 @@ async def ask_pe(reactor, access, element, request, answer_type: type, timeout_s
 
 class _VoterSession(Protocol):
     """Lease requests to one voter, answered in order on one connection."""
+
+    sctp_framing = "shim"
 
     def __init__(self, requests: list, answers: defer.Deferred) -> None:
         self.requests, self.answers = requests, answers

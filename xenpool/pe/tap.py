@@ -39,6 +39,12 @@ def options_list(text: str) -> dict[str, str]:
     return result
 
 
+def transport_name(text: str) -> str:
+    if text not in ("tcp", "sctp"):
+        raise ValueError(f"expected tcp or sctp, got {text!r}")
+    return text
+
+
 def yes_no(text: str) -> bool:
     if text.lower() in ("yes", "true", "on", "1"):
         return True
@@ -57,9 +63,12 @@ SETTINGS = [
     Setting("voter", [], str,
             "a registrar that votes on who may start a VM (its ASAP endpoint); a start needs a lease from a majority "
             "of them; give every PE the same list (default: the --registrar list)", multiple=True),
+    Setting("voter-timeout", 1.0, positive_float, "seconds a voter has to answer a lease request, connecting included"),
     Setting("vm-lease", 15.0, positive_float, "seconds a VM lease from the voters lasts; renewed every third of it"),
-    Setting("port", 5001, positive_int, "TCP port for PU sessions"),
-    Setting("address", "127.0.0.1", str, "address PUs reach this PE at (registered with the pool)"),
+    Setting("port", 5001, positive_int, "port for PU sessions"),
+    Setting("transport", "tcp", transport_name, "tcp or sctp: how PUs reach this PE (sctp needs kernel SCTP)"),
+    Setting("address", "", str,
+            "address PUs reach this PE at (registered with the pool; default: the one this host reaches its registrar from)"),
     Setting("bind", "", str, "interface to listen on (default: all)"),
     Setting("host", socket.gethostname(), str, "this host's fencing identity, put in cookies"),
     Setting("libvirt-uri", "test:///default", str, "libvirt URI: test:///PATH/node.xml, qemu:///system, xen:///system, ..."),
@@ -104,6 +113,12 @@ class Options(make_options(SETTINGS, "pe", "Run a pool element on this hyperviso
         from ..plugins import PluginError, load_plugins
 
         s = self.settings
+        from .. import sctp
+
+        try:
+            sctp.check([*s["registrar"], *s["voter"], *([f"sctp:{s['port']}"] if s["transport"] == "sctp" else [])])
+        except ValueError as err:
+            raise usage.UsageError(str(err)) from None
         self.plugins = load_plugins(reactor=reactor)  # passed to the stonith, storage and hypervisor providers
         try:
             self.metric = self.plugins.create("load", s["load-plugin"], **s["load-weight"])
@@ -189,7 +204,8 @@ def makeService(options: Options):
     registrars, announce_listener = discovery.registrars(reactor, s["registrar"], s["registrar-announce"], s["announce-interface"])
     pool_access = TcpPoolAccess(reactor, registrars)
     claims = TcpClaimAsker(reactor, pool_access, settings.pool_handle, settings.pe_identifier)
-    voters = [TcpVoter(reactor, endpoints.clientFromString(reactor, d)) for d in dict.fromkeys(s["voter"] or s["registrar"])]
+    voters = [TcpVoter(reactor, endpoints.clientFromString(reactor, d), s["voter-timeout"])
+              for d in dict.fromkeys(s["voter"] or s["registrar"])]  # fmt: skip
     if not voters:
         log.warn("no --voter and no --registrar list: starts are not arbitrated by VM leases, so two PEs asked at "
                  "once may both start a VM; give every PE the same --voter list")  # fmt: skip
@@ -206,7 +222,7 @@ def makeService(options: Options):
     bind = f":interface={s['bind']}" if s["bind"] else ""
     pe = PoolElementService(
         core, options.policy, options.policy_arguments, reactor, registrars=registrars,
-        user_endpoint=f"tcp:{s['port']}{bind}", user_address=s["address"], user_port=s["port"],
+        user_endpoint=f"{s['transport']}:{s['port']}{bind}", user_address=s["address"], user_port=s["port"],
         load_interval_s=s["load-interval"], registration_life_ms=round(s["registration-life"] * 1000),
         idle_timeout=s["idle-timeout"], status=s["status"],
         rebalancer=options.rebalancer, rebalance_interval_s=s["rebalance-interval"], pool_access=pool_access,

@@ -25,6 +25,9 @@ ENRP_PPID = 12
 ASAP_PORT = 3863
 ENRP_PORT = 9901
 MAX_MESSAGE_SIZE = 0xFFFF
+# The most PEs one HANDLE_RESOLUTION asks for and one answer carries: rsplib 3.4.4 refuses
+# an answer with more (MAX_MAX_HANDLE_RESOLUTION_ITEMS).
+MAX_RESOLUTION_ITEMS = 128
 
 ONE, OPTIONAL, MANY = "one", "optional", "many"
 
@@ -107,13 +110,15 @@ _ENRP_TARGET = ("!III", ("sender_id", "receiver_id", "target_id"))
 @dataclass(frozen=True, slots=True)
 class Registration(AsapMessage):
     """``authentication``: xenpool's Pool Authentication parameter (an HMAC under the
-    pool's secret, see ``params.registration_mac``), for pools that require it."""
+    pool's secret, see ``params.registration_mac``), for pools that require it. It goes
+    between the pool handle and the Pool Element: rsplib 3.4.4 skips an unknown parameter
+    only while it looks for an expected one, so as the last parameter it would fail."""
 
     TYPE = AsapType.REGISTRATION
     PARAMS = (
         ("pool_handle", _HANDLE, ONE),
-        ("pool_element", _PE, ONE),
         ("authentication", (P.ParamType.POOL_AUTHENTICATION,), OPTIONAL),
+        ("pool_element", _PE, ONE),
     )
     pool_handle: bytes
     pool_element: PoolElement
@@ -152,11 +157,15 @@ class DeregistrationResponse(AsapMessage):
 
 @dataclass(frozen=True, slots=True)
 class HandleResolution(AsapMessage):
+    """xenpool's Request RAM goes first, before the pool handle: rsplib 3.4.4 skips an
+    unknown parameter only while it looks for an expected one (the pool handle here);
+    after the last standard parameter it fails with "message length invalid"."""
+
     TYPE = AsapType.HANDLE_RESOLUTION
     PARAMS = (
+        ("ram_mb", (P.ParamType.REQUEST_RAM,), OPTIONAL),
         ("pool_handle", _HANDLE, ONE),
         ("items", (P.ParamType.HANDLE_RESOLUTION_OPTION,), OPTIONAL),
-        ("ram_mb", (P.ParamType.REQUEST_RAM,), OPTIONAL),
     )
     pool_handle: bytes
     items: int | None = None  # rsplib's Handle Resolution Option: PEs wanted

@@ -22,7 +22,7 @@ from .core import PuSettings, State, VmKeeper
 
 def registrar_endpoint(text: str) -> str:
     """HOST:PORT (or [IPv6]:PORT, or a Twisted endpoint string) -> endpoint string."""
-    if text.startswith(("tcp:", "tcp6:", "ssl:", "unix:")):
+    if text.startswith(("tcp:", "tcp6:", "ssl:", "unix:", "sctp:")):
         return text
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():

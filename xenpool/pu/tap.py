@@ -12,6 +12,7 @@ from twisted.python import usage
 from .. import discovery
 from ..config import Setting, json_log, make_options, positive_float, read_ini
 from ..discovery import listener_settings
+from ..protocol import messages as M
 from ..protocol import session as S
 from .cli import registrar_endpoint
 
@@ -81,7 +82,7 @@ def makeService(options: Options):
     json_log(s["logfile"])
     settings = PuSettings(
         pool_handle=s["pool"].encode(), heartbeat_interval_s=s["heartbeat-interval"],
-        heartbeat_timeout_s=s["heartbeat-timeout"], resolution_items=256, connect_timeout_s=s["connect-timeout"],
+        heartbeat_timeout_s=s["heartbeat-timeout"], resolution_items=M.MAX_RESOLUTION_ITEMS, connect_timeout_s=s["connect-timeout"],
     )  # fmt: skip
     registrars, announce_listener = discovery.registrars(reactor, s["registrar"], s["registrar-announce"], s["announce-interface"])
     access = TcpPoolAccess(reactor, registrars, pe_connect_timeout_s=settings.connect_timeout_s)

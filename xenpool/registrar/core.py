@@ -125,7 +125,8 @@ class Registrar:
         pe_id = msg.pool_element.identifier
         try:
             self.handlespace.check_authentication(msg.pool_handle, msg.pool_element, msg.authentication)
-            entry = self.handlespace.register(msg.pool_handle, msg.pool_element, now=self.clock.seconds(), owner=association)
+            entry = self.handlespace.register(msg.pool_handle, msg.pool_element, now=self.clock.seconds(), owner=association,
+                                              asap_transport=getattr(association, "asap_transport", None))
         except HandlespaceError as err:
             log.info("refused registration of PE {pe} in {pool}: {reason}", pe=hex_id(pe_id), pool=pool_name(msg.pool_handle), reason=err.reason)
             self.observer.refused(err.cause)

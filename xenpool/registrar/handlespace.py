@@ -19,8 +19,8 @@ from ..protocol.errors import Cause
 DEFAULT_MAX_BAD_PE_REPORTS = 3
 DEFAULT_MAX_RESOLUTION_ITEMS = 3
 # However many PEs a Handle Resolution Option asks for, one answer carries at most this
-# many (0xffffffff means "as many as possible").
-RESOLUTION_ITEMS_LIMIT = 256
+# many (0xffffffff means "as many as possible"); rsplib refuses an answer with more.
+RESOLUTION_ITEMS_LIMIT = M.MAX_RESOLUTION_ITEMS
 # Distinct HANDLE_RESOLUTION requests whose answers are kept; bounded because the
 # requests come from the network.
 ANSWER_CACHE_SIZE = 1024
@@ -48,6 +48,16 @@ class PoolEntry:
     expires_at: float  # end of the registration life
     unreachable_reports: int = 0
     _encoded: bytes | None = None  # the Pool Element parameter, encoded once per change
+    # Where the PE's registrar association is (its ASAP transport, RFC 5354 section 3.10):
+    # carried in ENRP only, so that a peer can take the PE over.
+    asap_transport: P.Transport | None = None
+
+    @property
+    def enrp_element(self) -> P.PoolElement:
+        """The Pool Element parameter as ENRP carries it: with its ASAP transport (rsplib
+        refuses one without: "invalid registrator"). A PE learned from a peer that did not
+        send one gets its user transport there, the one address known for it."""
+        return replace(self.element, asap_transport=self.asap_transport or self.element.user_transport)
 
     @property
     def encoded(self) -> bytes:
@@ -132,9 +142,11 @@ class Handlespace:
             )
 
     def register(
-        self, handle: bytes, element: P.PoolElement, *, now: float, owner: Hashable | None, home: int | None = None
+        self, handle: bytes, element: P.PoolElement, *, now: float, owner: Hashable | None, home: int | None = None,
+        asap_transport: P.Transport | None = None,
     ) -> PoolEntry:
-        """Add or update a PE; raises HandlespaceError with the RFC's cause."""
+        """Add or update a PE; raises HandlespaceError with the RFC's cause.
+        ``asap_transport``: where its registrar association is (kept for ENRP)."""
         policy_type = element.policy.policy_type
         pool = self.pools.get(handle)
         if pool is None:
@@ -160,15 +172,17 @@ class Handlespace:
                 f"PE 0x{element.identifier:08x} is already registered from {existing.element.user_transport}",
             )
         life_s = element.registration_life / 1000 if element.registration_life > 0 else float("inf")
+        asap_transport = asap_transport or element.asap_transport
         element = replace(element, home_registrar=self.registrar_id if home is None else home, asap_transport=None)
         if existing is None:
-            entry = PoolEntry(handle, element, owner, now, now, now + life_s)
+            entry = PoolEntry(handle, element, owner, now, now, now + life_s, asap_transport=asap_transport)
             pool.entries[element.identifier] = entry
             self.pools[handle] = pool
         else:
             entry = existing
             entry.element, entry.owner, entry.last_update, entry.expires_at = element, owner, now, now + life_s
             entry.unreachable_reports, entry._encoded = 0, None
+            entry.asap_transport = asap_transport or entry.asap_transport
         pool.selection.update(element.identifier, element.policy)
         pool.generation += 1
         return entry

@@ -145,7 +145,7 @@ class Peering:
         for n, part in enumerate(parts):
             grouped: dict[bytes, list[P.PoolElement]] = {}
             for entry in part:
-                grouped.setdefault(entry.pool_handle, []).append(entry.element)
+                grouped.setdefault(entry.pool_handle, []).append(entry.enrp_element)
             peer.channel.send(
                 M.HandleTableResponse(
                     self.server_id, peer.server_id,
@@ -243,7 +243,7 @@ class Peering:
 
     def _broadcast(self, action: int, entry: PoolEntry) -> None:
         for peer in self.peers.values():
-            peer.channel.send(M.HandleUpdate(self.server_id, peer.server_id, action, entry.pool_handle, entry.element))
+            peer.channel.send(M.HandleUpdate(self.server_id, peer.server_id, action, entry.pool_handle, entry.enrp_element))
 
     # ------------------------------------------------------ heartbeat, takeover
 

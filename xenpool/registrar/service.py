@@ -16,6 +16,7 @@ from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from .. import addresses
 from ..discovery import DEFAULT_ANNOUNCE_INTERVAL_S, Announcer
 from ..logs import hex_id
 from ..status import StatusResource
@@ -103,6 +104,7 @@ class AsapProtocol(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         self.setTimeout(self.idle_timeout)
         self.transport.registerProducer(self, True)
+        self.asap_transport = addresses.peer_transport(self.transport)  # the PE's, for ENRP
 
     def pauseProducing(self) -> None:
         self.transport.pauseProducing()
@@ -228,6 +230,8 @@ class AsapProtocol(Protocol, TimeoutMixin):
 class EnrpProtocol(Protocol, TimeoutMixin):
     """One ENRP connection to a peer registrar (inbound or outbound). With ``secret``,
     every message goes out signed and one that is not (validly) closes the connection."""
+
+    sctp_ppid = M.ENRP_PPID  # over SCTP (xenpool.sctp), its messages carry ENRP's PPID
 
     def __init__(self, peering: Peering, outbound: bool, idle_timeout: float, metrics: "Metrics",
                  secret: bytes | None = None) -> None:  # fmt: skip
@@ -514,16 +518,18 @@ class RegistrarService(service.MultiService):
     def _connect_peer(self, host: str, port: int) -> None:
         self._connect(endpoints.TCP4ClientEndpoint(self.reactor, host, port))
 
-    def _transports(self, listeners: list[_Listener]) -> list[P.TcpTransport]:
-        """Where our listeners are reached. A port bound to every interface is announced
-        with the announce interface's address, or 0.0.0.0, which a listener takes as
-        the announce's source address."""
+    def _transports(self, listeners: list[_Listener]) -> list[P.Transport]:
+        """Where our listeners are reached (TCP or SCTP, as they listen). A port bound to
+        every interface is announced with the announce interface's address, or this
+        host's own addresses (never 0.0.0.0 or loopback while it has a real one)."""
         transports = []
         for listener in listeners:
             if listener.port is not None:
                 host = listener.port.getHost()
-                address = host.host if host.host not in ("0.0.0.0", "::") else (self.announce_interface or "0.0.0.0")
-                transports.append(P.TcpTransport(host.port, (address,)))
+                advertised = addresses.advertised(host.host, self.announce_interface)
+                if not addresses.is_sctp(listener.port):
+                    advertised = advertised[:1]  # a TCP transport has one address
+                transports.append(addresses.transport_parameter(listener.port, host.host, host.port, advertised))
         return transports
 
     def startService(self) -> None:

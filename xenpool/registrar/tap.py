@@ -53,6 +53,12 @@ SETTINGS = [
 class Options(make_options(SETTINGS, "registrar", "Run an RSerPool pool registrar.")):
     def postOptions(self) -> None:
         super().postOptions()
+        from .. import sctp
+
+        try:
+            sctp.check([*self.settings["asap"], *self.settings["enrp"], *self.settings["peer"]])
+        except ValueError as err:
+            raise usage.UsageError(str(err)) from None
         state_dir = Path(self.settings["state-dir"])
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
