@@ -46,3 +46,17 @@ def test_metrics_come_from_the_registry():
     request, body = get(StatusResource({}, registry), b"metrics")
     assert b"xenpool_test_things_total 3.0" in body
     assert request.responseHeaders.getRawHeaders(b"content-type") == [b"text/plain; version=0.0.4"]
+
+
+def test_a_client_gone_before_a_slow_document_is_not_answered():
+    """A poller that gave up (its timeout) must not make the daemon finish a dead request
+    (Twisted raises, and the daemon logged a critical 'status document failed')."""
+    from twisted.python.failure import Failure
+    from twisted.internet.error import ConnectionLost
+
+    later: defer.Deferred = defer.Deferred()
+    root = StatusResource({b"later": lambda: later}, CollectorRegistry())
+    request, _ = get(root, b"later")
+    request.processingFailed(Failure(ConnectionLost()))  # what a dropped connection does to it
+    later.callback({"b": 1})
+    assert request.written == [] and request.finished == 0

@@ -40,14 +40,19 @@ class JsonDocument(resource.Resource):
         if not isinstance(result, defer.Deferred):
             return _json(result)
 
+        gone: list = []
+        request.notifyFinish().addErrback(gone.append)  # the client left before the answer
+
         def write(document) -> None:
-            request.write(_json(document))
-            request.finish()
+            if not gone:
+                request.write(_json(document))
+                request.finish()
 
         def failed(failure) -> None:
             log.failure("status document failed", failure)
-            request.setResponseCode(500)
-            request.finish()
+            if not gone:
+                request.setResponseCode(500)
+                request.finish()
 
         result.addCallback(write).addErrback(failed)
         return server.NOT_DONE_YET
