@@ -142,6 +142,21 @@ def test_too_many_fence_attempts_are_flagged():
     assert check_attempts(again, fence_tolerance=3) == []
 
 
+def test_a_silent_host_keeps_its_last_report_only_while_it_is_the_same_process():
+    """A stopped or cut-off PE still runs what it last reported; a PE process that replaced
+    it (the host rebooted) does not, even before it answers."""
+    checker = Checker(["vm1"])
+    view = lambda domains, process: HostView(True, domains, True, IDS["host1"], process)  # noqa: E731
+    other = HostView(True, {"vm1"}, True, IDS["host2"], 7)
+    checker.feed(Round(0, {"host1": view({"vm1"}, 1), "host2": HostView(True, set(), True, IDS["host2"], 7)}, [], {}))
+    assert checker.feed(Round(1, {"host1": view(None, 1), "host2": other}, [], {})) == []  # one round: skew
+    assert checker.feed(Round(2, {"host1": view(None, 1), "host2": other}, [], {})) == ["double start: vm1 runs on host1, host2"]
+    checker = Checker(["vm1"])
+    checker.feed(Round(0, {"host1": view({"vm1"}, 1), "host2": HostView(True, set(), True, IDS["host2"], 7)}, [], {}))
+    for t in (1, 2, 3):  # host1 rebooted (a new process, not answering yet); vm1 moved to host2
+        assert checker.feed(Round(t, {"host1": view(None, 2), "host2": other}, [], {})) == []
+
+
 def test_log_events_reads_a_pe_json_log(tmp_path):
     from twisted.logger import Logger, jsonFileLogObserver
 

@@ -63,7 +63,9 @@ class Monitor(threading.Thread):
         for pe in bed.pes:
             answer = pes[pe.name].result()
             alive = pe.alive()  # after the answer: a host fenced meanwhile runs nothing
-            hosts[pe.name] = HostView(alive, answer[0] if answer else None, bool(answer and answer[1]), pe.extra["pe_id"])
+            process = pe.proc.pid if pe.proc is not None else 0
+            hosts[pe.name] = HostView(alive, answer[0] if answer else None, bool(answer and answer[1]), pe.extra["pe_id"],
+                                      process)  # fmt: skip
         registrars = {}
         for name, future in regs.items():
             state = future.result()

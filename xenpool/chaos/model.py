@@ -102,6 +102,7 @@ class HostView:
     domains: set[str] | None  # what its /status listed; None: no answer this round
     registered: bool = False
     pe_id: str = ""  # "0x00000001"
+    process: int = 0  # the PE process seen (its pid): a new one is a rebooted host
 
 
 @dataclass
@@ -117,6 +118,7 @@ class Checker:
     vms: list[str]
     double_rounds: int = 2
     last: dict[str, set[str]] = field(default_factory=dict)  # host -> last reported domains
+    process: dict[str, int] = field(default_factory=dict)  # host -> the PE process that reported them
     _double_seen: dict[str, int] = field(default_factory=dict)
     _double_flagged: set[tuple[str, frozenset]] = field(default_factory=set)
 
@@ -124,6 +126,11 @@ class Checker:
         """Host -> VMs it runs now, counting a silent host's last report."""
         out = {}
         for host, view in rnd.hosts.items():
+            if self.process.get(host) != view.process:
+                # Another PE process: the host rebooted, so what the old one ran is gone
+                # (a silent new process must not keep the old one's VMs alive in this view).
+                self.process[host] = view.process
+                self.last[host] = set()
             if not view.alive:
                 self.last[host] = set()
             elif view.domains is not None:
