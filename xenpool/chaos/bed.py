@@ -309,10 +309,14 @@ class TestBed:
         self.start_node(self.san)
         for node in self.registrars:
             self.start_node(node)
-        for node in self.pes:
-            node.start()
-        for node in self.pes:
-            self.wait_up(node)
+        self.start_pes_and_keeper()
+
+    def start_pes_and_keeper(self) -> None:
+        """Every PE host (at once), then the keeper once they all registered."""
+        for pe in self.pes:
+            pe.start()
+        for pe in self.pes:
+            self.wait_up(pe)
         self.start_node(self.keeper)
 
     # A powered-off host takes this long to boot again: a fence still on its way when it
@@ -396,11 +400,7 @@ class TestBed:
                 node.signal(signal.SIGCONT)
             if not node.alive():
                 self.start_node(node)
-        for pe in self.pes:
-            pe.start()
-        for pe in self.pes:
-            self.wait_up(pe)
-        self.start_node(self.keeper)
+        self.start_pes_and_keeper()
 
     def reset_keeper_state(self) -> None:
         shutil.rmtree(self.state_dir, ignore_errors=True)

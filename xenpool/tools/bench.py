@@ -85,6 +85,24 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def load_generator(argv: list[str], timeout_s: float) -> dict:
+    """Run a load generator process that prints its result as the last line of JSON."""
+    proc = spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise BenchError("the load generator did not finish") from None
+    finally:
+        stop(proc)
+        proc.stdout.close()
+    if proc.returncode != 0 or not out.strip():
+        raise BenchError(f"the load generator failed (exit status {proc.returncode})")
+    result = json.loads(out.splitlines()[-1])
+    if "error" in result:
+        raise BenchError(f"load generator: {result['error']}")
+    return result
+
+
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a running process (Linux), else None."""
     try:

@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .bench import BenchError, cpu_seconds, free_port, progress, run_bench, spawn, stop, twistd_argv, verdict
+from .bench import BenchError, cpu_seconds, free_port, load_generator, progress, run_bench, spawn, stop, twistd_argv, verdict
 from ..protocol import framing
 from ..protocol import session as S
 from ..protocol.errors import ProtocolError
@@ -195,20 +195,7 @@ def pe_argv(registrar_port: int, port: int, node_xml: Path, secret: Path, idle_t
 def load(spec: dict) -> dict:
     """Run the load generator process; its result."""
     argv = [sys.executable, "-m", __name__, "client", json.dumps(spec)]
-    proc = spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    try:
-        out, _ = proc.communicate(timeout=2 * spec["seconds"] + 120 + 2 * spec["vms"])
-    except subprocess.TimeoutExpired:
-        raise BenchError("the load generator did not finish") from None
-    finally:
-        stop(proc)
-        proc.stdout.close()
-    if proc.returncode != 0 or not out.strip():
-        raise BenchError(f"the load generator failed (exit status {proc.returncode})")
-    result = json.loads(out.splitlines()[-1])
-    if "error" in result:
-        raise BenchError(f"load generator: {result['error']}")
-    return result
+    return load_generator(argv, timeout_s=2 * spec["seconds"] + 120 + 2 * spec["vms"])
 
 
 def _proc_status(pid: int) -> dict[str, str]:

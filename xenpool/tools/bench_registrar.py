@@ -42,7 +42,7 @@ import tracemalloc
 from pathlib import Path
 from typing import Iterator
 
-from .bench import BenchError, cpu_seconds, free_port, progress, rate, run_bench, spawn, stop, twistd_argv, verdict
+from .bench import BenchError, cpu_seconds, free_port, load_generator, progress, rate, run_bench, spawn, stop, twistd_argv, verdict
 from ..protocol import framing
 from ..protocol import messages as M
 from ..protocol import params as P
@@ -233,19 +233,7 @@ def ceiling_server(reply: bytes) -> Iterator[tuple[subprocess.Popen, int]]:
 def load(port: int, server_pid: int, spec: dict) -> dict:
     """Run the load generator process against the server on ``port``; its result."""
     argv = [sys.executable, "-m", __name__, "client", json.dumps({"port": port, "server_pid": server_pid, **spec})]
-    proc = spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    try:
-        out, _ = proc.communicate(timeout=spec["warmup"] + spec["seconds"] + 60)
-    except subprocess.TimeoutExpired:
-        raise BenchError("the load generator did not finish") from None
-    finally:
-        stop(proc)
-    if proc.returncode != 0 or not out.strip():
-        raise BenchError(f"the load generator failed (exit status {proc.returncode})")
-    result = json.loads(out.splitlines()[-1])
-    if "error" in result:
-        raise BenchError(f"load generator: {result['error']}")
-    return result
+    return load_generator(argv, timeout_s=spec["warmup"] + spec["seconds"] + 60)
 
 
 # ---------------------------------------------------------- talking to the daemon
