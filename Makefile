@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bootstrap clean
+.PHONY: demo test lint bootstrap clean
 
 bootstrap:
 	@./scripts/bootstrap.sh
@@ -10,7 +10,12 @@ bootstrap:
 demo: bootstrap
 	@$(VENV)/bin/xenpool demo
 
-test: bootstrap
+# Lint first: a style or type error fails the build before the nine-minute suite runs.
+lint: bootstrap
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: bootstrap lint
 	@rm -f .coverage .coverage.*
 	$(PY) -m coverage run -m pytest $(PYTEST_ARGS)
 	@$(PY) -m coverage combine -q 2>/dev/null || true

@@ -42,9 +42,10 @@ import os
 import threading
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from string import Template
-from typing import Any, Callable
+from typing import Any
 from xml.sax.saxutils import escape
 
 import libvirt
@@ -54,7 +55,13 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from xenpool.interfaces import DomainSpec, IHypervisor, ILiveMigration, MigrationUnsupported, NodeInfo
+from xenpool.interfaces import (
+    DomainSpec,
+    IHypervisor,
+    ILiveMigration,
+    MigrationUnsupported,
+    NodeInfo,
+)
 from xenpool.plugins import global_reactor
 
 log = Logger()
@@ -129,7 +136,9 @@ def ensure_event_loop() -> None:
         if libvirt.__dict__.get("_xenpool_event_loop_thread") is not None:
             return
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-        if libvirt.virEventRegisterDefaultImpl() < 0:  # pragma: no cover - libvirt raises
+        if (
+            libvirt.virEventRegisterDefaultImpl() < 0
+        ):  # pragma: no cover - libvirt raises
             raise HypervisorError("cannot register libvirt's default event loop")
 
         def run() -> None:
@@ -171,7 +180,9 @@ def metadata_xml(spec: DomainSpec) -> str:
     return f"<xenpool:vm xmlns:xenpool='{METADATA_NS}'>{ips}</xenpool:vm>"
 
 
-def render_domain_xml(template: str, spec: DomainSpec, extra: dict[str, str] | None = None) -> str:
+def render_domain_xml(
+    template: str, spec: DomainSpec, extra: dict[str, str] | None = None
+) -> str:
     """Fill a domain template (string.Template) for ``spec``; a pure function.
 
     Raises HypervisorError for a bad spec, a template naming an unknown placeholder, or a
@@ -180,7 +191,9 @@ def render_domain_xml(template: str, spec: DomainSpec, extra: dict[str, str] | N
     if not spec.name or spec.name != spec.name.strip():
         raise HypervisorError(f"bad domain name {spec.name!r}")
     if spec.ram_mb <= 0 or spec.vcpus <= 0:
-        raise HypervisorError(f"domain {spec.name!r}: RAM and vCPUs must be > 0, got {spec.ram_mb} MB, {spec.vcpus}")
+        raise HypervisorError(
+            f"domain {spec.name!r}: RAM and vCPUs must be > 0, got {spec.ram_mb} MB, {spec.vcpus}"
+        )
     ips = ", ".join(spec.ips) if spec.ips else "none"
     values = dict(extra or {})
     values.update(
@@ -197,13 +210,17 @@ def render_domain_xml(template: str, spec: DomainSpec, extra: dict[str, str] | N
     try:
         xml = Template(template).substitute(values)
     except KeyError as err:
-        raise HypervisorError(f"domain template uses unknown placeholder ${err.args[0]}") from None
+        raise HypervisorError(
+            f"domain template uses unknown placeholder ${err.args[0]}"
+        ) from None
     except ValueError as err:
         raise HypervisorError(f"bad domain template: {err}") from None
     try:
         ET.fromstring(xml)
     except ET.ParseError as err:
-        raise HypervisorError(f"domain {spec.name!r}: the filled template is not well-formed XML ({err})") from None
+        raise HypervisorError(
+            f"domain {spec.name!r}: the filled template is not well-formed XML ({err})"
+        ) from None
     return xml
 
 
@@ -228,7 +245,11 @@ def _failed(what: str, err: libvirt.libvirtError) -> HypervisorError:
 def cpu_wait_from_stats(stats: dict) -> int | None:
     """Sum of the per-vCPU wait (Xen) or delay (QEMU) counters in a VIR_DOMAIN_STATS_VCPU
     record, in ns; None if it has neither."""
-    waits = [int(v) for k, v in stats.items() if k.startswith("vcpu.") and k.endswith((".wait", ".delay"))]
+    waits = [
+        int(v)
+        for k, v in stats.items()
+        if k.startswith("vcpu.") and k.endswith((".wait", ".delay"))
+    ]
     return sum(waits) if waits else None
 
 
@@ -280,16 +301,22 @@ class LibvirtHypervisor:
         migration_timeout_s: float = 30.0,
     ) -> None:
         if overhead_mb < 0 or overhead_kb_per_mb < 0:
-            raise ValueError(f"overheads must be >= 0, got {overhead_mb} MB + {overhead_kb_per_mb} KB/MB")
+            raise ValueError(
+                f"overheads must be >= 0, got {overhead_mb} MB + {overhead_kb_per_mb} KB/MB"
+            )
         self.uri = uri
         self.migration_timeout_s = float(migration_timeout_s)
         self.overhead_mb = float(overhead_mb)
         self.overhead_kb_per_mb = float(overhead_kb_per_mb)
         self.hostname = hostname
         self.template_vars = dict(template_vars or {})
-        self.domain_template = Path(domain_template) if domain_template is not None else None
+        self.domain_template = (
+            Path(domain_template) if domain_template is not None else None
+        )
         if self.domain_template is not None and not self.domain_template.is_file():
-            raise ValueError(f"domain template {str(self.domain_template)!r} is not a file")
+            raise ValueError(
+                f"domain template {str(self.domain_template)!r} is not a file"
+            )
         self._own_pool = threadpool is None
         self._max_threads = max_threads
         self._pool = threadpool if threadpool is not None else self._new_pool()
@@ -370,7 +397,11 @@ class LibvirtHypervisor:
                     conn.domainEventDeregisterAny(event_id)
                 conn.close()
             except libvirt.libvirtError as err:
-                log.warn("closing libvirt connection {uri}: {reason}", uri=self.uri, reason=_reason(err))
+                log.warn(
+                    "closing libvirt connection {uri}: {reason}",
+                    uri=self.uri,
+                    reason=_reason(err),
+                )
 
     def _defer(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
         self._start_pool()
@@ -434,7 +465,9 @@ class LibvirtHypervisor:
         (libvirt then resumes it here). Fails with MigrationFailed, or with
         LibvirtMigrationUnsupported where libvirt cannot migrate."""
         done = self._defer(self._migrate, name, destination_uri)
-        abort = self.reactor.callLater(self.migration_timeout_s, self._defer, self._abort_job, name)
+        abort = self.reactor.callLater(
+            self.migration_timeout_s, self._defer, self._abort_job, name
+        )
 
         def finished(result: Any) -> Any:
             if abort.active():
@@ -453,7 +486,11 @@ class LibvirtHypervisor:
         d = self._defer(self._watch_events)
 
         def failed(failure: Any) -> bool:
-            log.warn("no libvirt domain events from {uri}: {reason}", uri=self.uri, reason=failure.getErrorMessage())
+            log.warn(
+                "no libvirt domain events from {uri}: {reason}",
+                uri=self.uri,
+                reason=failure.getErrorMessage(),
+            )
             return False
 
         return d.addErrback(failed)
@@ -499,21 +536,29 @@ class LibvirtHypervisor:
             return self._conn().lookupByName(name)
         except libvirt.libvirtError as err:
             if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                raise UnknownDomain(f"no domain {name!r} on {self.uri}", err.get_error_code()) from None
+                raise UnknownDomain(
+                    f"no domain {name!r} on {self.uri}", err.get_error_code()
+                ) from None
             raise _failed(f"looking up domain {name!r}", err) from None
 
     def overhead_kb(self, total_kb: int) -> int:
         """The hypervisor's own RAM for a host with ``total_kb`` KB."""
-        return round(self.overhead_mb * 1024 + self.overhead_kb_per_mb * total_kb / 1024)
+        return round(
+            self.overhead_mb * 1024 + self.overhead_kb_per_mb * total_kb / 1024
+        )
 
     def _node(self) -> NodeInfo:
         conn = self._conn()
         try:
-            info = conn.getInfo()  # [model, memory MB, cpus, mhz, nodes, sockets, cores, threads]
+            info = (
+                conn.getInfo()
+            )  # [model, memory MB, cpus, mhz, nodes, sockets, cores, threads]
             hostname = self.hostname or conn.getHostname()
         except libvirt.libvirtError as err:
             raise _failed(f"node info from {self.uri}", err) from None
-        return NodeInfo(hostname=hostname, cpus=int(info[2]), ram_kb=int(info[1]) * 1024)
+        return NodeInfo(
+            hostname=hostname, cpus=int(info[2]), ram_kb=int(info[1]) * 1024
+        )
 
     def _active(self) -> list[tuple[str, str, int, int]]:
         """(name, UUID, state, current RAM KB) of every active domain, Domain-0 included."""
@@ -525,9 +570,13 @@ class LibvirtHypervisor:
         for dom in doms:
             try:
                 info = dom.info()  # [state, max KB, current KB, vcpus, cpu time ns]
-                result.append((dom.name(), dom.UUIDString(), int(info[0]), int(info[2])))
+                result.append(
+                    (dom.name(), dom.UUIDString(), int(info[0]), int(info[2]))
+                )
             except libvirt.libvirtError as err:
-                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:  # gone meanwhile: skip
+                if (
+                    err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN
+                ):  # gone meanwhile: skip
                     raise _failed(f"domain info on {self.uri}", err) from None
         return result
 
@@ -537,7 +586,11 @@ class LibvirtHypervisor:
         return max(0, total_kb - self.overhead_kb(total_kb) - used)
 
     def _domains(self) -> dict[str, tuple[int, int]]:
-        return {name: (state, ram_kb) for name, uuid, state, ram_kb in self._active() if uuid == stable_uuid(name)}
+        return {
+            name: (state, ram_kb)
+            for name, uuid, state, ram_kb in self._active()
+            if uuid == stable_uuid(name)
+        }
 
     def _template(self) -> tuple[str, dict[str, str]]:
         """The domain template text for this connection's driver, and its default vars."""
@@ -554,14 +607,21 @@ class LibvirtHypervisor:
             candidates = [d / filename for d in template_dirs()]
             path = next((p for p in candidates if p.is_file()), None)
             if path is None:
-                raise HypervisorError(f"domain template {filename} not found in {', '.join(map(str, template_dirs()))}")
+                raise HypervisorError(
+                    f"domain template {filename} not found in {', '.join(map(str, template_dirs()))}"
+                )
         key = str(path)
         if key not in self._templates:
             try:
                 text = path.read_text(encoding="utf-8")
             except OSError as err:
-                raise HypervisorError(f"cannot read domain template {key}: {err.strerror}") from None
-            self._templates[key] = (text, dict(DEFAULT_TEMPLATE_VARS.get(path.name, {"bridge": "br0"})))
+                raise HypervisorError(
+                    f"cannot read domain template {key}: {err.strerror}"
+                ) from None
+            self._templates[key] = (
+                text,
+                dict(DEFAULT_TEMPLATE_VARS.get(path.name, {"bridge": "br0"})),
+            )
         return self._templates[key]
 
     def domain_xml(self, spec: DomainSpec) -> str:
@@ -581,7 +641,9 @@ class LibvirtHypervisor:
                 raise _failed(f"looking up domain {spec.name!r}", err) from None
         else:
             active = "running" if existing.isActive() else "defined, not running"
-            raise HypervisorError(f"cannot start {spec.name!r}: a domain of that name already exists ({active})")
+            raise HypervisorError(
+                f"cannot start {spec.name!r}: a domain of that name already exists ({active})"
+            )
         try:
             dom = conn.createXML(xml, 0)
             return int(dom.state()[0])
@@ -594,7 +656,9 @@ class LibvirtHypervisor:
             return int(dom.state()[0])
         except libvirt.libvirtError as err:
             if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                raise UnknownDomain(f"no domain {name!r} on {self.uri}", err.get_error_code()) from None
+                raise UnknownDomain(
+                    f"no domain {name!r} on {self.uri}", err.get_error_code()
+                ) from None
             raise _failed(f"state of {name!r}", err) from None
 
     def _cpu_time_ns(self, name: str) -> int:
@@ -603,16 +667,22 @@ class LibvirtHypervisor:
             return int(dom.info()[4])
         except libvirt.libvirtError as err:
             if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                raise UnknownDomain(f"no domain {name!r} on {self.uri}", err.get_error_code()) from None
+                raise UnknownDomain(
+                    f"no domain {name!r} on {self.uri}", err.get_error_code()
+                ) from None
             raise _failed(f"CPU time of {name!r}", err) from None
 
     def _cpu_wait_ns(self, name: str) -> int | None:
         dom = self._lookup(name)
         try:
-            [(_, stats)] = self._conn().domainListGetStats([dom], libvirt.VIR_DOMAIN_STATS_VCPU)
+            [(_, stats)] = self._conn().domainListGetStats(
+                [dom], libvirt.VIR_DOMAIN_STATS_VCPU
+            )
         except libvirt.libvirtError as err:
             if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                raise UnknownDomain(f"no domain {name!r} on {self.uri}", err.get_error_code()) from None
+                raise UnknownDomain(
+                    f"no domain {name!r} on {self.uri}", err.get_error_code()
+                ) from None
             raise _failed(f"vCPU statistics of {name!r}", err) from None
         return cpu_wait_from_stats(stats)
 
@@ -621,13 +691,24 @@ class LibvirtHypervisor:
         try:
             dom.migrateToURI3(destination_uri, {}, MIGRATE_FLAGS)
         except libvirt.libvirtError as err:
-            failure = LibvirtMigrationUnsupported if err.get_error_code() in UNSUPPORTED_CODES else MigrationFailed
-            raise failure(f"migrating {name!r} to {destination_uri}: {_reason(err)}", err.get_error_code()) from None
+            failure = (
+                LibvirtMigrationUnsupported
+                if err.get_error_code() in UNSUPPORTED_CODES
+                else MigrationFailed
+            )
+            raise failure(
+                f"migrating {name!r} to {destination_uri}: {_reason(err)}",
+                err.get_error_code(),
+            ) from None
 
     def _abort_job(self, name: str) -> None:
         try:
             self._lookup(name).abortJob()
-            log.warn("live migration of {name} still running after {s} s: aborted", name=name, s=self.migration_timeout_s)
+            log.warn(
+                "live migration of {name} still running after {s} s: aborted",
+                name=name,
+                s=self.migration_timeout_s,
+            )
         except (HypervisorError, libvirt.libvirtError):
             pass  # it finished (or ended) meanwhile
 
@@ -689,7 +770,9 @@ class LibvirtHypervisor:
             if await self._defer(self._is_off, name):
                 return True
         log.info(
-            "domain {name} still up {timeout}s after the shutdown request; destroying it", name=name, timeout=timeout_s
+            "domain {name} still up {timeout}s after the shutdown request; destroying it",
+            name=name,
+            timeout=timeout_s,
         )
         await self._defer(self._destroy, name)
         return False
@@ -711,7 +794,9 @@ class LibvirtHypervisor:
         except libvirt.libvirtError as err:
             raise _failed(f"domain events on {self.uri}", err) from None
 
-    def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+    def _on_lifecycle(
+        self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any
+    ) -> None:
         """libvirt's callback, on the libvirt event thread: hand over to the reactor."""
         state = EVENT_STATES.get(event)
         if state is None:
@@ -723,4 +808,6 @@ class LibvirtHypervisor:
             try:
                 callback(name, state)
             except Exception:
-                log.failure("domain event callback {callback!r} failed", callback=callback)
+                log.failure(
+                    "domain event callback {callback!r} failed", callback=callback
+                )

@@ -40,7 +40,9 @@ class WeightedLoad:
     def __init__(self, cpu: float = 0.75, ram: float = 0.25) -> None:
         cpu, ram = float(cpu), float(ram)
         if cpu < 0 or ram < 0 or cpu + ram <= 0:
-            raise ValueError(f"weights must be >= 0 and not both 0, got cpu={cpu}, ram={ram}")
+            raise ValueError(
+                f"weights must be >= 0 and not both 0, got cpu={cpu}, ram={ram}"
+            )
         self.cpu_weight = cpu
         self.ram_weight = ram
 

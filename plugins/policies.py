@@ -33,14 +33,20 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
 
 from sortedcontainers import SortedList
 from zope.interface import implementer
 
 from xenpool.interfaces import IPoolPolicy, IPoolSelection
-from xenpool.protocol.params import MAX_LOAD, POLICY_FIELDS, PolicyType, PoolPolicy, load_to_wire
+from xenpool.protocol.params import (
+    MAX_LOAD,
+    POLICY_FIELDS,
+    PolicyType,
+    PoolPolicy,
+    load_to_wire,
+)
 
 MAX_U32 = 0xFFFFFFFF
 DEFAULT_DISTANCE_STEP_MS = 50  # rsplib's REGISTRAR_DEFAULT_DISTANCE_STEP
@@ -77,25 +83,37 @@ class Argument:
         try:
             return self.parse(text.strip())
         except ValueError:
-            raise ValueError(f"{policy}: {self.label} must be {self.expected}, got {text!r}") from None
+            raise ValueError(
+                f"{policy}: {self.label} must be {self.expected}, got {text!r}"
+            ) from None
 
 
 FRACTION = "a fraction from 0 to 1"
 INTEGER = f"an integer from 0 to {MAX_U32}"
 DEGRADATION = Argument("degradation", "load_degradation", _fraction, FRACTION)
-LOAD_INCREMENT = Argument("load increment", "load_degradation", _fraction, FRACTION)  # PLU's field of the same place
+LOAD_INCREMENT = Argument(
+    "load increment", "load_degradation", _fraction, FRACTION
+)  # PLU's field of the same place
 LOAD_DPF = Argument("dpf", "load_dpf", _fraction, FRACTION)
 WEIGHT_DPF = Argument("dpf", "weight_dpf", _fraction, FRACTION)
 WEIGHT = Argument("weight", "weight", _integer, INTEGER)
 PRIORITY = Argument("priority", "priority", _integer, INTEGER)
 
 
-def parse_arguments(policy: str, specs: Sequence[Argument], arguments: Sequence[str]) -> dict[str, int]:
+def parse_arguments(
+    policy: str, specs: Sequence[Argument], arguments: Sequence[str]
+) -> dict[str, int]:
     required = sum(not a.optional for a in specs)
     if not required <= len(arguments) <= len(specs):
-        usage = ":".join([policy, *(f"[{a.label}]" if a.optional else a.label for a in specs)])
-        wanted = f"{required}" if required == len(specs) else f"{required} to {len(specs)}"
-        raise ValueError(f"{policy} takes {wanted} argument(s) ({usage}), got {len(arguments)}: {list(arguments)!r}")
+        usage = ":".join(
+            [policy, *(f"[{a.label}]" if a.optional else a.label for a in specs)]
+        )
+        wanted = (
+            f"{required}" if required == len(specs) else f"{required} to {len(specs)}"
+        )
+        raise ValueError(
+            f"{policy} takes {wanted} argument(s) ({usage}), got {len(arguments)}: {list(arguments)!r}"
+        )
     return {a.field: a.value(policy, text) for a, text in zip(specs, arguments)}
 
 
@@ -116,7 +134,9 @@ class _Entry:
 def _check_type(expected: int, policy: PoolPolicy) -> None:
     # The handlespace refuses mixed pools first; this keeps a selection's keys meaningful.
     if policy.policy_type != expected:
-        raise ValueError(f"policy 0x{policy.policy_type:08x} in a pool of policy 0x{expected:08x}")
+        raise ValueError(
+            f"policy 0x{policy.policy_type:08x} in a pool of policy 0x{expected:08x}"
+        )
 
 
 @implementer(IPoolSelection)
@@ -127,7 +147,12 @@ class OrderedSelection:
     """
 
     def __init__(
-        self, policy_type: int, value: Callable[[_Entry], object], *, degrades: bool = False, max_increment: int = 0
+        self,
+        policy_type: int,
+        value: Callable[[_Entry], object],
+        *,
+        degrades: bool = False,
+        max_increment: int = 0,
     ) -> None:
         self._policy_type = policy_type
         self._value = value
@@ -174,7 +199,10 @@ class OrderedSelection:
         """Whether ``select(count)`` would now pick ``picked`` again and change nothing
         that matters (it only renumbers PEs already last among their equals), so the
         registrar may reuse its answer until the pool changes."""
-        return not self._degrades and [key[-1] for key in self._sorted.islice(0, count)] == picked
+        return (
+            not self._degrades
+            and [key[-1] for key in self._sorted.islice(0, count)] == picked
+        )
 
     def _link(self, identifier: int, entry: _Entry) -> None:
         entry.key = (self._value(entry), entry.seq, identifier)
@@ -189,7 +217,9 @@ class OrderedSelection:
 
     def _selected(self, entry: _Entry) -> None:
         if self._degrades:
-            entry.degradation = min(entry.degradation + entry.policy.load_degradation, MAX_LOAD)
+            entry.degradation = min(
+                entry.degradation + entry.policy.load_degradation, MAX_LOAD
+            )
 
 
 class WeightedRoundRobinSelection(OrderedSelection):
@@ -198,10 +228,14 @@ class WeightedRoundRobinSelection(OrderedSelection):
     moves to the next round. A weight of 0 counts as 1, as in rsplib."""
 
     def __init__(self, policy_type: int, *, max_increment: int = 0) -> None:
-        super().__init__(policy_type, lambda e: (e.round, e.virtual), max_increment=max_increment)
+        super().__init__(
+            policy_type, lambda e: (e.round, e.virtual), max_increment=max_increment
+        )
 
     def _added(self, entry: _Entry) -> None:
-        entry.round = self._sorted[0][0][0] if self._sorted else 0  # joins the current round
+        entry.round = (
+            self._sorted[0][0][0] if self._sorted else 0
+        )  # joins the current round
         entry.virtual = entry.policy.weight
 
     def _changed(self, entry: _Entry) -> None:
@@ -267,7 +301,9 @@ class FenwickTree:
 class DrawnSelection:
     """PEs drawn at random by weight(policy) from a Fenwick tree; see the module doc."""
 
-    def __init__(self, policy_type: int, weight: Callable[[PoolPolicy], int], random: object) -> None:
+    def __init__(
+        self, policy_type: int, weight: Callable[[PoolPolicy], int], random: object
+    ) -> None:
         self._policy_type = policy_type
         self._weight = weight
         self._random = random
@@ -317,15 +353,21 @@ class DrawnSelection:
 # ------------------------------------------------------ the policies' value functions
 
 
-def _load_sum(e: _Entry) -> int:  # LeastUsed (degradation stays 0), LeastUsedDegradation
+def _load_sum(
+    e: _Entry,
+) -> int:  # LeastUsed (degradation stays 0), LeastUsedDegradation
     return min(e.policy.load + e.degradation, MAX_LOAD)
 
 
-def _load_increment_sum(e: _Entry) -> int:  # PriorityLeastUsed[Degradation]: load after one more request
+def _load_increment_sum(
+    e: _Entry,
+) -> int:  # PriorityLeastUsed[Degradation]: load after one more request
     return min(e.policy.load + e.policy.load_degradation + e.degradation, MAX_LOAD)
 
 
-def _load_distance_sum(e: _Entry) -> int:  # LeastUsed[Degradation]DPF; float as rsplib computes it
+def _load_distance_sum(
+    e: _Entry,
+) -> int:  # LeastUsed[Degradation]DPF; float as rsplib computes it
     p = e.policy
     penalty = p.distance * (p.load_dpf / MAX_LOAD) * MAX_LOAD
     return min(round(p.load + e.degradation + penalty), MAX_LOAD)
@@ -336,11 +378,17 @@ def _weight_distance(p: PoolPolicy) -> int:  # WeightedRandomDPF
     return 1 if value < 0 else value
 
 
-def _spare_capacity(p: PoolPolicy) -> int:  # RandomizedLeastUsed and RandomizedPriorityLeastUsed
-    return max(MAX_LOAD - p.load - p.load_degradation, 1)  # never 0: every PE stays selectable
+def _spare_capacity(
+    p: PoolPolicy,
+) -> int:  # RandomizedLeastUsed and RandomizedPriorityLeastUsed
+    return max(
+        MAX_LOAD - p.load - p.load_degradation, 1
+    )  # never 0: every PE stays selectable
 
 
-def _ordered(value: Callable[[_Entry], object], degrades: bool = False) -> Callable[..., IPoolSelection]:
+def _ordered(
+    value: Callable[[_Entry], object], degrades: bool = False
+) -> Callable[..., IPoolSelection]:
     return lambda policy_type, random, max_increment: OrderedSelection(
         policy_type, value, degrades=degrades, max_increment=max_increment
     )
@@ -372,7 +420,9 @@ class FreeRamSelection(OrderedSelection):
         picked = []
         for key in self._sorted:
             identifier = key[-1]
-            free = self._entries[identifier].policy.free_ram_mb - self._booked.get(identifier, 0)
+            free = self._entries[identifier].policy.free_ram_mb - self._booked.get(
+                identifier, 0
+            )
             if free >= ram_mb:
                 picked.append(identifier)
                 if len(picked) == count:
@@ -391,7 +441,9 @@ def _free_ram(policy_type, random, max_increment) -> IPoolSelection:
 
 
 def _drawn(weight: Callable[[PoolPolicy], int]) -> Callable[..., IPoolSelection]:
-    return lambda policy_type, random, max_increment: DrawnSelection(policy_type, weight, random)
+    return lambda policy_type, random, max_increment: DrawnSelection(
+        policy_type, weight, random
+    )
 
 
 def _weighted_round_robin(policy_type, random, max_increment) -> IPoolSelection:
@@ -411,7 +463,9 @@ class Policy:
 
     wants_free_ram = False  # make_parameter takes the PE's free RAM (free_ram_mb=...)
 
-    def make_parameter(self, load: float, arguments: Sequence[str], free_ram_mb: int = 0) -> PoolPolicy:
+    def make_parameter(
+        self, load: float, arguments: Sequence[str], free_ram_mb: int = 0
+    ) -> PoolPolicy:
         fields = parse_arguments(self.name, self.arguments, arguments)
         if "free_ram_mb" in POLICY_FIELDS[self.policy_type]:
             fields["free_ram_mb"] = max(0, int(free_ram_mb))
@@ -428,7 +482,9 @@ class Policy:
         return self._new_selection(self.policy_type, random, max_increment)
 
 
-def _policy(name: str, policy_type: PolicyType, arguments: tuple, new_selection, doc: str) -> type:
+def _policy(
+    name: str, policy_type: PolicyType, arguments: tuple, new_selection, doc: str
+) -> type:
     attributes = {
         "name": name,
         "wants_free_ram": "free_ram_mb" in POLICY_FIELDS[policy_type],
@@ -447,56 +503,99 @@ POLICIES: dict[str, type] = {
     for cls in (
         _policy("RoundRobin", T.ROUND_ROBIN, (), _ordered(lambda e: 0), "In turn."),
         _policy(
-            "WeightedRoundRobin", T.WEIGHTED_ROUND_ROBIN, (WEIGHT,), _weighted_round_robin, "In turn, `weight` times each."
+            "WeightedRoundRobin",
+            T.WEIGHTED_ROUND_ROBIN,
+            (WEIGHT,),
+            _weighted_round_robin,
+            "In turn, `weight` times each.",
         ),
         _policy("Random", T.RANDOM, (), _drawn(lambda p: 1), "Uniformly at random."),
-        _policy("WeightedRandom", T.WEIGHTED_RANDOM, (WEIGHT,), _drawn(lambda p: p.weight), "At random by weight."),
         _policy(
-            "WeightedRandomDPF", T.WEIGHTED_RANDOM_DPF, (WEIGHT, WEIGHT_DPF), _drawn(_weight_distance),
+            "WeightedRandom",
+            T.WEIGHTED_RANDOM,
+            (WEIGHT,),
+            _drawn(lambda p: p.weight),
+            "At random by weight.",
+        ),
+        _policy(
+            "WeightedRandomDPF",
+            T.WEIGHTED_RANDOM_DPF,
+            (WEIGHT, WEIGHT_DPF),
+            _drawn(_weight_distance),
             "At random by weight * (1 - distance * dpf).",
         ),
         _policy(
-            "Priority", T.PRIORITY, (PRIORITY,), _ordered(lambda e: -e.policy.priority),
+            "Priority",
+            T.PRIORITY,
+            (PRIORITY,),
+            _ordered(lambda e: -e.policy.priority),
             "Highest priority first; in turn among equals.",
         ),
-        _policy("LeastUsed", T.LEAST_USED, (), _ordered(_load_sum), "Lowest load first; in turn among equals."),
         _policy(
-            "LeastUsedFreeRAM", T.LEAST_USED_FREE_RAM, (), _free_ram,
+            "LeastUsed",
+            T.LEAST_USED,
+            (),
+            _ordered(_load_sum),
+            "Lowest load first; in turn among equals.",
+        ),
+        _policy(
+            "LeastUsedFreeRAM",
+            T.LEAST_USED_FREE_RAM,
+            (),
+            _free_ram,
             "xenpool: lowest load first among the PEs with RAM free for the request.",
         ),
         _policy(
-            "LeastUsedDegradation", T.LEAST_USED_DEGRADATION, (DEGRADATION,), _ordered(_load_sum, degrades=True),
+            "LeastUsedDegradation",
+            T.LEAST_USED_DEGRADATION,
+            (DEGRADATION,),
+            _ordered(_load_sum, degrades=True),
             "Lowest load + degradation accumulated since the PE's last update.",
         ),
         _policy(
-            "LeastUsedDPF", T.LEAST_USED_DPF, (LOAD_DPF,), _ordered(_load_distance_sum),
+            "LeastUsedDPF",
+            T.LEAST_USED_DPF,
+            (LOAD_DPF,),
+            _ordered(_load_distance_sum),
             "Lowest load + distance * dpf.",
         ),
         _policy(
-            "LeastUsedDegradationDPF", T.LEAST_USED_DEGRADATION_DPF, (DEGRADATION, LOAD_DPF),
+            "LeastUsedDegradationDPF",
+            T.LEAST_USED_DEGRADATION_DPF,
+            (DEGRADATION, LOAD_DPF),
             _ordered(_load_distance_sum, degrades=True),
             "Lowest load + accumulated degradation + distance * dpf.",
         ),
         _policy(
-            "PriorityLeastUsed", T.PRIORITY_LEAST_USED, (LOAD_INCREMENT,), _ordered(_load_increment_sum),
+            "PriorityLeastUsed",
+            T.PRIORITY_LEAST_USED,
+            (LOAD_INCREMENT,),
+            _ordered(_load_increment_sum),
             "Lowest load + load increment (the load after one more request).",
         ),
         _policy(
-            "PriorityLeastUsedDegradation", T.PRIORITY_LEAST_USED_DEGRADATION, (DEGRADATION,),
+            "PriorityLeastUsedDegradation",
+            T.PRIORITY_LEAST_USED_DEGRADATION,
+            (DEGRADATION,),
             _ordered(_load_increment_sum, degrades=True),
             "Lowest load + load increment + accumulated degradation (the increment accumulates too).",
         ),
         _policy(
-            "RandomizedLeastUsed", T.RANDOMIZED_LEAST_USED, (), _drawn(_spare_capacity),
+            "RandomizedLeastUsed",
+            T.RANDOMIZED_LEAST_USED,
+            (),
+            _drawn(_spare_capacity),
             "At random by spare capacity (1 - load).",
         ),
         _policy(
-            "RandomizedPriorityLeastUsed", T.RANDOMIZED_PRIORITY_LEAST_USED, (replace(LOAD_INCREMENT, optional=True),),
+            "RandomizedPriorityLeastUsed",
+            T.RANDOMIZED_PRIORITY_LEAST_USED,
+            (replace(LOAD_INCREMENT, optional=True),),
             _drawn(_spare_capacity),
             "At random by 1 - load - load increment. rsplib's rspserver takes no argument (increment 0).",
         ),
     )
-}  # fmt: skip
+}
 
 
 # ------------------------------------------------------------- registrar helpers
@@ -507,7 +606,9 @@ def round_distance(distance_ms: float, step_ms: int = DEFAULT_DISTANCE_STEP_MS) 
     return round(distance_ms / step_ms) * step_ms
 
 
-def with_distance(policy: PoolPolicy, distance_ms: int, *, add: bool = False) -> PoolPolicy:
+def with_distance(
+    policy: PoolPolicy, distance_ms: int, *, add: bool = False
+) -> PoolPolicy:
     """``policy`` with its distance set to (``add``: increased by) ``distance_ms``, for
     the DPF policies; any other policy comes back unchanged."""
     names = POLICY_FIELDS.get(policy.policy_type, ())

@@ -10,10 +10,19 @@ import statistics
 
 from zope.interface import implementer
 
-from xenpool.interfaces import IPoolPlanner, IRebalancer, LoadSample, Move, PlannedPe, PoolMember
+from xenpool.interfaces import (
+    IPoolPlanner,
+    IRebalancer,
+    LoadSample,
+    Move,
+    PlannedPe,
+    PoolMember,
+)
 
 
-def _without(sample: LoadSample, name: str, ram_kb: int, ram_total_kb: int) -> LoadSample:
+def _without(
+    sample: LoadSample, name: str, ram_kb: int, ram_total_kb: int
+) -> LoadSample:
     return LoadSample(
         cpu=sample.cpu - sample.vm_cpu[name],
         ram=sample.ram - ram_kb / ram_total_kb,
@@ -42,7 +51,9 @@ class HotToCold:
             raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
         self.threshold = threshold
 
-    def choose(self, own: LoadSample, vm_ram: dict, pool: list, metric, ram_total_kb: int):
+    def choose(
+        self, own: LoadSample, vm_ram: dict, pool: list, metric, ram_total_kb: int
+    ):
         pool_loads = _loads(pool)
         if len(pool_loads) < 2:
             return None
@@ -51,9 +62,14 @@ class HotToCold:
         if load - mean <= self.threshold or load < max(pool_loads) - 1e-9:
             return None
         coldest = min(pool_loads)
-        best, best_gap = None, load - mean  # moving must get closer to the mean than staying
+        best, best_gap = (
+            None,
+            load - mean,
+        )  # moving must get closer to the mean than staying
         for name in own.vm_cpu:
-            moved = load - metric.load(_without(own, name, vm_ram.get(name, 0), ram_total_kb))
+            moved = load - metric.load(
+                _without(own, name, vm_ram.get(name, 0), ram_total_kb)
+            )
             if coldest + moved >= load:  # it would only make the coldest PE the hottest
                 continue
             gap = abs(load - moved - mean)
@@ -81,22 +97,42 @@ class GapFit:
 
     name = "gap-fit"
 
-    def __init__(self, min_gain: float = 0.03, min_samples: int = 2, cooldown_s: float = 120.0,
-                 room_mb: float = 160.0, settle_tolerance: float | None = 0.05) -> None:  # fmt: skip
-        min_gain, min_samples, cooldown_s = float(min_gain), int(min_samples), float(cooldown_s)
+    def __init__(
+        self,
+        min_gain: float = 0.03,
+        min_samples: int = 2,
+        cooldown_s: float = 120.0,
+        room_mb: float = 160.0,
+        settle_tolerance: float | None = 0.05,
+    ) -> None:
+        min_gain, min_samples, cooldown_s = (
+            float(min_gain),
+            int(min_samples),
+            float(cooldown_s),
+        )
         if not 0 < min_gain < 1:
             raise ValueError(f"min_gain must be between 0 and 1, got {min_gain}")
         if min_samples < 1:
             raise ValueError(f"min_samples must be at least 1, got {min_samples}")
         if cooldown_s < 0:
             raise ValueError(f"cooldown_s must be >= 0, got {cooldown_s}")
-        self.min_gain, self.min_samples, self.cooldown_s = min_gain, min_samples, cooldown_s
-        self.room_mb = float(room_mb)  # a cold PE with less free RAM makes room; 0: never
+        self.min_gain, self.min_samples, self.cooldown_s = (
+            min_gain,
+            min_samples,
+            cooldown_s,
+        )
+        self.room_mb = float(
+            room_mb
+        )  # a cold PE with less free RAM makes room; 0: never
         # decide only when the pool's summed load moved less than this since the last
         # decision (no VM started or stopped meanwhile); None: always
-        self.settle_tolerance = None if settle_tolerance is None else float(settle_tolerance)
+        self.settle_tolerance = (
+            None if settle_tolerance is None else float(settle_tolerance)
+        )
 
-    def choose(self, own: LoadSample, vm_ram: dict, pool: list, metric, ram_total_kb: int):
+    def choose(
+        self, own: LoadSample, vm_ram: dict, pool: list, metric, ram_total_kb: int
+    ):
         if len(pool) < 2 or not any(m.own for m in pool):
             return None
         mean = statistics.mean(_loads(pool))
@@ -108,15 +144,21 @@ class GapFit:
             receiver = self._receiver(others, ram_kb)
             if receiver is None:
                 continue
-            moved = metric.load(own) - metric.load(_without(own, name, ram_kb, ram_total_kb))
-            if receiver.load + moved >= load:  # the receiver would end hotter than this PE is
+            moved = metric.load(own) - metric.load(
+                _without(own, name, ram_kb, ram_total_kb)
+            )
+            if (
+                receiver.load + moved >= load
+            ):  # the receiver would end hotter than this PE is
                 continue
             before = abs(load - mean) + abs(receiver.load - mean)
             after = abs(load - moved - mean) + abs(receiver.load + moved - mean)
             if before - after > best_gain + 1e-12:
                 best, best_gain = name, before - after
         if best is None and self.room_mb > 0:
-            return self._make_room(own, vm_ram, pool, metric, ram_total_kb, load, mean, others)
+            return self._make_room(
+                own, vm_ram, pool, metric, ram_total_kb, load, mean, others
+            )
         return best
 
     def _make_room(self, own, vm_ram, pool, metric, ram_total_kb, load, mean, others):
@@ -124,7 +166,11 @@ class GapFit:
         the VM that costs the pool least to move (typically much RAM, little CPU), if
         the hottest PE sending it as much as it needs afterwards would gain more."""
         free_kb = next(m.free_ram_kb for m in pool if m.own)
-        if mean - load <= self.min_gain or free_kb is None or free_kb >= self.room_mb * 1024:
+        if (
+            mean - load <= self.min_gain
+            or free_kb is None
+            or free_kb >= self.room_mb * 1024
+        ):
             return None
         hottest = max(m.load for m in others)
         best, best_gain = None, self.min_gain
@@ -133,10 +179,14 @@ class GapFit:
             receiver = self._receiver(others, ram_kb)
             if receiver is None:
                 continue
-            moved = metric.load(own) - metric.load(_without(own, name, ram_kb, ram_total_kb))
+            moved = metric.load(own) - metric.load(
+                _without(own, name, ram_kb, ram_total_kb)
+            )
             before = abs(load - mean) + abs(receiver.load - mean)
             after = abs(load - moved - mean) + abs(receiver.load + moved - mean)
-            then = min(hottest - mean, mean - (load - moved))  # what the hottest can then send here
+            then = min(
+                hottest - mean, mean - (load - moved)
+            )  # what the hottest can then send here
             gain = before - after + 2 * max(then, 0)
             if gain > best_gain + 1e-12 and ram_kb > 0:
                 best, best_gain = name, gain
@@ -144,7 +194,9 @@ class GapFit:
 
     @staticmethod
     def _receiver(others: list[PoolMember], ram_kb: int) -> PoolMember | None:
-        fitting = [m for m in others if m.free_ram_kb is None or m.free_ram_kb >= ram_kb]
+        fitting = [
+            m for m in others if m.free_ram_kb is None or m.free_ram_kb >= ram_kb
+        ]
         return min(fitting, key=lambda m: m.load, default=None)
 
 
@@ -171,14 +223,33 @@ class PlannedMoves:
 
     name = "plan"
 
-    def __init__(self, min_gain: float = 0.005, move_cost: float = 0.002, max_moves: int = 12,
-                 min_samples: int = 4, cooldown_s: float = 900.0, quiet_rounds: int = 2) -> None:  # fmt: skip
-        min_gain, move_cost, max_moves = float(min_gain), float(move_cost), int(max_moves)
-        min_samples, cooldown_s, quiet_rounds = int(min_samples), float(cooldown_s), int(quiet_rounds)
+    def __init__(
+        self,
+        min_gain: float = 0.005,
+        move_cost: float = 0.002,
+        max_moves: int = 12,
+        min_samples: int = 4,
+        cooldown_s: float = 900.0,
+        quiet_rounds: int = 2,
+    ) -> None:
+        min_gain, move_cost, max_moves = (
+            float(min_gain),
+            float(move_cost),
+            int(max_moves),
+        )
+        min_samples, cooldown_s, quiet_rounds = (
+            int(min_samples),
+            float(cooldown_s),
+            int(quiet_rounds),
+        )
         if not 0 < min_gain < 1 or not 0 <= move_cost < 1:
-            raise ValueError(f"min_gain must be in (0, 1) and move_cost in [0, 1), got {min_gain}, {move_cost}")
+            raise ValueError(
+                f"min_gain must be in (0, 1) and move_cost in [0, 1), got {min_gain}, {move_cost}"
+            )
         if max_moves < 1 or min_samples < 1 or cooldown_s < 0:
-            raise ValueError(f"max_moves, min_samples must be >= 1 and cooldown_s >= 0, got {max_moves}, {min_samples}, {cooldown_s}")
+            raise ValueError(
+                f"max_moves, min_samples must be >= 1 and cooldown_s >= 0, got {max_moves}, {min_samples}, {cooldown_s}"
+            )
         self.min_gain, self.move_cost, self.max_moves = min_gain, move_cost, max_moves
         self.min_samples, self.cooldown_s = min_samples, cooldown_s
         # the leader plans once the pool's VMs stayed the same this many rounds
@@ -196,12 +267,18 @@ class PlannedMoves:
         cores = [pe.load * pe.cpus for pe in pes]
         free = [pe.free_ram_kb for pe in pes]
         # (server_id, PE index, cores, RAM) of every VM that may move, in a fixed order
-        vms = [(vm.server_id, i, vm.cpu_cores, vm.ram_kb) for i, pe in enumerate(pes)
-               for vm in sorted(pe.vms, key=lambda v: v.server_id) if vm.movable]  # fmt: skip
+        vms = [
+            (vm.server_id, i, vm.cpu_cores, vm.ram_kb)
+            for i, pe in enumerate(pes)
+            for vm in sorted(pe.vms, key=lambda v: v.server_id)
+            if vm.movable
+        ]
         start = current = _deviation(cores, cpus)
         moves: list[Move] = []
         while len(moves) < self.max_moves:
-            step = self._best_step(vms, cores, cpus, free, current, self.max_moves - len(moves))
+            step = self._best_step(
+                vms, cores, cpus, free, current, self.max_moves - len(moves)
+            )
             if step is None:
                 break
             current = step[0]

@@ -69,9 +69,10 @@ import stat
 import string
 import struct
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -91,7 +92,9 @@ log = Logger()
 #: Where fence agents live on Debian and elsewhere, searched after $PATH.
 SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 #: Option names whose values are secrets (matched anywhere in the name, any case).
-SECRET_KEY = re.compile(r"pass|secret|token|community|credential|private", re.IGNORECASE)
+SECRET_KEY = re.compile(
+    r"pass|secret|token|community|credential|private", re.IGNORECASE
+)
 #: What a fence agent option name may look like on its stdin.
 AGENT_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 #: Options xenpool sets itself; never taken from configuration.
@@ -134,7 +137,9 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 
 def describe_options(options: Mapping[str, str]) -> str:
     """``key=value, ...`` for logs, secret values masked."""
-    return ", ".join(f"{k}={MASK if SECRET_KEY.search(k) else v}" for k, v in options.items())
+    return ", ".join(
+        f"{k}={MASK if SECRET_KEY.search(k) else v}" for k, v in options.items()
+    )
 
 
 def find_executable(name: str) -> str | None:
@@ -202,7 +207,8 @@ def _fenced(host: str, work: Any, secrets: Iterable[str] = ()) -> defer.Deferred
         else:
             log.failure("unexpected error while fencing {host}", failure, host=host)
             error = FenceFailed(
-                f"unexpected error while fencing {host}: {redact(failure.getErrorMessage(), secrets)}", host
+                f"unexpected error while fencing {host}: {redact(failure.getErrorMessage(), secrets)}",
+                host,
             )
         if error.host is None:
             error.host = host
@@ -259,7 +265,12 @@ class _Collect(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         value = reason.value
         self.ended.callback(
-            ProcessResult(getattr(value, "exitCode", None), getattr(value, "signal", None), self.out, self.err)
+            ProcessResult(
+                getattr(value, "exitCode", None),
+                getattr(value, "signal", None),
+                self.out,
+                self.err,
+            )
         )
 
 
@@ -301,7 +312,9 @@ def run_process(
     result: defer.Deferred = defer.Deferred(cancel)
     ended: defer.Deferred = defer.Deferred()
     try:
-        transport = reactor.spawnProcess(_Collect(stdin, ended), argv[0], list(argv), env=dict(env or {}))
+        transport = reactor.spawnProcess(
+            _Collect(stdin, ended), argv[0], list(argv), env=dict(env or {})
+        )
     except (OSError, ValueError) as err:
         return defer.fail(ProcessNotStarted(f"cannot run {argv[0]}: {err}"))
 
@@ -349,10 +362,14 @@ def _agent_options(options: Mapping[str, object], where: str) -> dict[str, str]:
         if not AGENT_KEY.match(key):
             raise ValueError(f"{where}: bad fence agent option name {key!r}")
         if key in RESERVED_AGENT_KEYS:
-            raise ValueError(f"{where}: option {key!r} is set by xenpool (off, then status), not configurable")
+            raise ValueError(
+                f"{where}: option {key!r} is set by xenpool (off, then status), not configurable"
+            )
         text = _option_value(value)
         if any(c in text for c in "\r\n\0"):
-            raise ValueError(f"{where}: the value of option {key!r} has a line break or NUL")
+            raise ValueError(
+                f"{where}: the value of option {key!r} has a line break or NUL"
+            )
         result[key] = text
     return result
 
@@ -400,7 +417,9 @@ class FenceAgentStonith:
     def fence(self, target: FenceTarget) -> defer.Deferred:
         merged: dict[str, object] = dict(self.options)
         merged.update(target.options)
-        return _fenced(target.host, self._fence(target.host, merged), secret_values(merged))
+        return _fenced(
+            target.host, self._fence(target.host, merged), secret_values(merged)
+        )
 
     async def _fence(self, host: str, merged: dict[str, object]) -> str:
         secrets = secret_values(merged)
@@ -412,28 +431,52 @@ class FenceAgentStonith:
         options.setdefault("nodename", host)
         path = find_executable(agent)
         if path is None:
-            raise FenceFailed(f"fence agent {agent!r} not found (searched $PATH and {', '.join(SBIN_DIRS)})")
+            raise FenceFailed(
+                f"fence agent {agent!r} not found (searched $PATH and {', '.join(SBIN_DIRS)})"
+            )
         agent = os.path.basename(agent)  # what it is called in logs and reasons
         log.warn(
-            "fencing {host}: {agent} action=off ({options})", host=host, agent=agent, options=describe_options(options)
+            "fencing {host}: {agent} action=off ({options})",
+            host=host,
+            agent=agent,
+            options=describe_options(options),
         )
         off = await self._run(path, agent, host, options, "off", secrets)
         if off.exit_code != 0:
             raise FenceFailed(self._failure(agent, host, "off", off, secrets))
         said = redact(last_line(_text(off.out)), secrets) or "exit 0"
-        log.warn("fencing {host}: {agent} off done ({said}); checking its status", host=host, agent=agent, said=said)
+        log.warn(
+            "fencing {host}: {agent} off done ({said}); checking its status",
+            host=host,
+            agent=agent,
+            said=said,
+        )
         status = await self._run(path, agent, host, options, "status", secrets)
         if status.exit_code == self.STATUS_OFF:
             return f"{agent} status: off"
         if status.exit_code == self.STATUS_ON:
-            raise FenceFailed(f"{agent} reports {host} still ON after action=off succeeded")
-        raise FenceFailed(self._failure(agent, host, "status", status, secrets, "cannot confirm it is off"))
+            raise FenceFailed(
+                f"{agent} reports {host} still ON after action=off succeeded"
+            )
+        raise FenceFailed(
+            self._failure(
+                agent, host, "status", status, secrets, "cannot confirm it is off"
+            )
+        )
 
     async def _run(
-        self, path: str, agent: str, host: str, options: dict[str, str], action: str, secrets: list[str]
+        self,
+        path: str,
+        agent: str,
+        host: str,
+        options: dict[str, str],
+        action: str,
+        secrets: list[str],
     ) -> ProcessResult:
         lines = [f"{k}={v}" for k, v in options.items()]
-        lines.append(f"action={action}")  # last: an agent takes the last of repeated options
+        lines.append(
+            f"action={action}"
+        )  # last: an agent takes the last of repeated options
         stdin = ("\n".join(lines) + "\n").encode("utf-8")
         try:
             return await run_process(
@@ -472,7 +515,11 @@ class FenceAgentStonith:
                 host=host,
                 stderr="\n".join(tail),
             )
-        how = f"exit {result.exit_code}" if result.exit_code is not None else f"killed by signal {result.signal}"
+        how = (
+            f"exit {result.exit_code}"
+            if result.exit_code is not None
+            else f"killed by signal {result.signal}"
+        )
         detail = agent_error_line(stderr) or last_line(stdout) or "no output"
         prefix = f"{what}: " if what else ""
         return f"{prefix}{agent} action={action} for {host} failed ({how}): {detail}"
@@ -489,12 +536,16 @@ def _parse_template(arg: str) -> list[tuple[str, str | None]]:
     try:
         parsed = list(_FORMATTER.parse(arg))
     except ValueError as err:
-        raise ValueError(f"command argument {arg!r}: {err} (write {{{{ and }}}} for literal braces)") from None
+        raise ValueError(
+            f"command argument {arg!r}: {err} (write {{{{ and }}}} for literal braces)"
+        ) from None
     for literal, field, spec, conversion in parsed:
         if field == "":
             raise ValueError(f"command argument {arg!r}: empty placeholder {{}}")
         if field is not None and (not field.isidentifier() or spec or conversion):
-            raise ValueError(f"command argument {arg!r}: placeholders are plain names like {{host}}, got {{{field}}}")
+            raise ValueError(
+                f"command argument {arg!r}: placeholders are plain names like {{host}}, got {{{field}}}"
+            )
         parts.append((literal, field))
     return parts
 
@@ -519,7 +570,11 @@ class CommandStonith:
         reactor: Any = None,
         kill_grace: float = 5.0,
     ) -> None:
-        argv = shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
+        argv = (
+            shlex.split(command)
+            if isinstance(command, str)
+            else [str(a) for a in command]
+        )
         if not argv or not argv[0]:
             raise ValueError("command is empty")
         self.argv = argv
@@ -564,7 +619,11 @@ class CommandStonith:
         path = find_executable(name)
         if path is None:
             raise FenceFailed(f"fence command {name!r} not found")
-        log.warn("fencing {host}: running {command}", host=host, command=redact(shlex.join(argv), secrets))
+        log.warn(
+            "fencing {host}: running {command}",
+            host=host,
+            command=redact(shlex.join(argv), secrets),
+        )
         try:
             result = await run_process(
                 self.reactor,
@@ -574,12 +633,18 @@ class CommandStonith:
                 kill_grace=self.kill_grace,
             )
         except ProcessTimeout as err:
-            raise FenceFailed(f"fence command {name} for {host} timed out after {err.timeout:g}s (killed)") from None
+            raise FenceFailed(
+                f"fence command {name} for {host} timed out after {err.timeout:g}s (killed)"
+            ) from None
         except ProcessNotStarted as err:
             raise FenceFailed(redact(str(err), secrets)) from None
         if result.exit_code == 0:
             return f"{name} exited 0"
-        how = f"exit {result.exit_code}" if result.exit_code is not None else f"killed by signal {result.signal}"
+        how = (
+            f"exit {result.exit_code}"
+            if result.exit_code is not None
+            else f"killed by signal {result.signal}"
+        )
         detail = redact(last_line(_text(result.err)), secrets) or "no error output"
         raise FenceFailed(f"fence command {name} for {host} failed ({how}): {detail}")
 
@@ -611,14 +676,18 @@ def _libvirt_fence(uri: str, domains: list[str]) -> list[str]:
             except libvirt.libvirtError as err:
                 if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     return None
-                raise FenceFailed(f"looking up domain {name!r} on {uri}: {reason(err)}") from None
+                raise FenceFailed(
+                    f"looking up domain {name!r} on {uri}: {reason(err)}"
+                ) from None
 
         def active_guests() -> list[str]:
             try:
                 doms = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
                 return [d.name() for d in doms if d.ID() != 0]  # 0: Xen's Domain-0
             except libvirt.libvirtError as err:
-                raise FenceFailed(f"listing the domains on {uri}: {reason(err)}") from None
+                raise FenceFailed(
+                    f"listing the domains on {uri}: {reason(err)}"
+                ) from None
 
         names = list(domains) or active_guests()
         destroyed = []
@@ -631,7 +700,12 @@ def _libvirt_fence(uri: str, domains: list[str]) -> list[str]:
                     dom.destroy()
                     destroyed.append(name)
             except libvirt.libvirtError as err:
-                log.warn("destroying {name} on {uri}: {reason}", name=name, uri=uri, reason=reason(err))
+                log.warn(
+                    "destroying {name} on {uri}: {reason}",
+                    name=name,
+                    uri=uri,
+                    reason=reason(err),
+                )
         # Confirm with fresh look-ups: each named domain, or all guests, must be inactive.
         still = []
         for name in names:
@@ -641,11 +715,15 @@ def _libvirt_fence(uri: str, domains: list[str]) -> list[str]:
                     still.append(name)
             except libvirt.libvirtError as err:
                 if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                    raise FenceFailed(f"cannot confirm {name!r} is off on {uri}: {reason(err)}") from None
+                    raise FenceFailed(
+                        f"cannot confirm {name!r} is off on {uri}: {reason(err)}"
+                    ) from None
         if not domains:
             still += [n for n in active_guests() if n not in still]
         if still:
-            raise FenceFailed(f"still active on {uri} after destroy: {', '.join(sorted(still))}")
+            raise FenceFailed(
+                f"still active on {uri} after destroy: {', '.join(sorted(still))}"
+            )
         return destroyed
     finally:
         try:
@@ -697,17 +775,32 @@ class LibvirtStonith:
 
     async def _fence(self, target: FenceTarget) -> str:
         uri = self.uri_for(target)
-        domains = [d.strip() for d in target.options.get("domain", "").split(",") if d.strip()]
+        domains = [
+            d.strip() for d in target.options.get("domain", "").split(",") if d.strip()
+        ]
         which = ", ".join(domains) if domains else "all active guests"
-        log.warn("fencing {host}: destroying {which} through {uri}", host=target.host, which=which, uri=uri)
-        pool = self._threadpool if self._threadpool is not None else self.reactor.getThreadPool()
+        log.warn(
+            "fencing {host}: destroying {which} through {uri}",
+            host=target.host,
+            which=which,
+            uri=uri,
+        )
+        pool = (
+            self._threadpool
+            if self._threadpool is not None
+            else self.reactor.getThreadPool()
+        )
         d = deferToThreadPool(self.reactor, pool, _libvirt_fence, uri, domains)
         d.addTimeout(self.timeout, self.reactor)
         try:
             destroyed = await d
         except defer.TimeoutError:
-            raise FenceFailed(f"no answer from {uri} within {self.timeout:g}s") from None
-        done = f"destroyed {', '.join(destroyed)}" if destroyed else "nothing was running"
+            raise FenceFailed(
+                f"no answer from {uri} within {self.timeout:g}s"
+            ) from None
+        done = (
+            f"destroyed {', '.join(destroyed)}" if destroyed else "nothing was running"
+        )
         checked = f"{which} not active" if domains else "no guest active"
         return f"libvirt {uri}: {done}; {checked}"
 
@@ -729,7 +822,9 @@ def confirm(state_dir: str | os.PathLike[str], host: str) -> Path:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    tmp.write_text(f"{host} confirmed off by an operator at {stamp}\n", encoding="utf-8")
+    tmp.write_text(
+        f"{host} confirmed off by an operator at {stamp}\n", encoding="utf-8"
+    )
     os.replace(tmp, path)
     return path
 
@@ -745,7 +840,11 @@ class ManualStonith:
     name = "manual"
 
     def __init__(
-        self, state_dir: str | os.PathLike[str], max_age: float = 3600.0, *, now: Callable[[], float] = time.time
+        self,
+        state_dir: str | os.PathLike[str],
+        max_age: float = 3600.0,
+        *,
+        now: Callable[[], float] = time.time,
     ) -> None:
         if not str(state_dir):
             raise ValueError("state_dir must be a directory")
@@ -771,7 +870,9 @@ class ManualStonith:
         except FileNotFoundError:
             raise FenceFailed(waiting) from None
         except OSError as err:
-            raise FenceFailed(f"cannot read the confirmation {path}: {err.strerror}") from None
+            raise FenceFailed(
+                f"cannot read the confirmation {path}: {err.strerror}"
+            ) from None
         age = self._now() - mtime
         stale = self.max_age > 0 and age > self.max_age
         try:
@@ -779,9 +880,13 @@ class ManualStonith:
         except FileNotFoundError:  # another fence took it meanwhile
             raise FenceFailed(waiting) from None
         except OSError as err:
-            raise FenceFailed(f"cannot remove the confirmation {path}: {err.strerror}") from None
+            raise FenceFailed(
+                f"cannot remove the confirmation {path}: {err.strerror}"
+            ) from None
         if stale:
-            raise FenceFailed(f"the confirmation is stale ({age:.0f}s old, max_age {self.max_age:g}s); {waiting}")
+            raise FenceFailed(
+                f"the confirmation is stale ({age:.0f}s old, max_age {self.max_age:g}s); {waiting}"
+            )
         return f"confirmed by an operator {max(age, 0):.0f}s ago"
 
 
@@ -802,7 +907,9 @@ def _number(name: str, value: object, *, zero: bool = False) -> float:
     except (TypeError, ValueError):
         number = float("nan")
     if not (number >= 0 if zero else number > 0) or number == float("inf"):
-        raise ValueError(f"{name} must be a number {'>= 0' if zero else '> 0'} of seconds, got {value!r}")
+        raise ValueError(
+            f"{name} must be a number {'>= 0' if zero else '> 0'} of seconds, got {value!r}"
+        )
     return number
 
 
@@ -821,7 +928,9 @@ class WatchdogDevice:
     other hosts' fences wait for the configured one; a refused device is closed without the
     magic character, so it stays armed. ``open_fd`` is the seam tests replace."""
 
-    def __init__(self, path: str, timeout: float, open_fd: Callable[[str], int] = _open_device) -> None:
+    def __init__(
+        self, path: str, timeout: float, open_fd: Callable[[str], int] = _open_device
+    ) -> None:
         self.path = path
         self.timeout = timeout
         self._open_fd = open_fd
@@ -832,7 +941,10 @@ class WatchdogDevice:
         try:
             fd = self._open_fd(self.path)
         except OSError as err:
-            raise OSError(err.errno, f"device: cannot open the watchdog {self.path}: {err.strerror}") from None
+            raise OSError(
+                err.errno,
+                f"device: cannot open the watchdog {self.path}: {err.strerror}",
+            ) from None
         try:
             if stat.S_ISCHR(os.fstat(fd).st_mode):
                 self.device_timeout = self._set_timeout(fd)
@@ -847,12 +959,19 @@ class WatchdogDevice:
         try:
             fcntl.ioctl(fd, WDIOC_SETTIMEOUT, struct.pack("i", math.ceil(self.timeout)))
         except OSError as err:
-            log.warn("watchdog {path}: cannot set its timeout ({err}); checking the one it has",
-                     path=self.path, err=err.strerror)  # fmt: skip
+            log.warn(
+                "watchdog {path}: cannot set its timeout ({err}); checking the one it has",
+                path=self.path,
+                err=err.strerror,
+            )
         try:
-            (actual,) = struct.unpack("i", fcntl.ioctl(fd, WDIOC_GETTIMEOUT, struct.pack("i", 0)))
+            (actual,) = struct.unpack(
+                "i", fcntl.ioctl(fd, WDIOC_GETTIMEOUT, struct.pack("i", 0))
+            )
         except OSError as err:
-            raise ValueError(f"timeout: cannot read the timeout of the watchdog {self.path}: {err.strerror}") from None
+            raise ValueError(
+                f"timeout: cannot read the timeout of the watchdog {self.path}: {err.strerror}"
+            ) from None
         if actual > self.timeout:
             raise ValueError(
                 f"timeout: the watchdog {self.path} runs with {actual} s, more than timeout={self.timeout:g}; "
@@ -911,7 +1030,9 @@ class WatchdogFeeder(Service):
         self.clock = clock
         self.now = now
         self.holds_vms = holds_vms
-        self.credit: float | None = None  # when the last registration a registrar accepted was sent
+        self.credit: float | None = (
+            None  # when the last registration a registrar accepted was sent
+        )
         self.started_at: float | None = None
         self.feeding = False  # whether the last tick fed
         self.feeds = 0
@@ -947,32 +1068,51 @@ class WatchdogFeeder(Service):
                 self.device.feed()
             except OSError as err:
                 self.failed_feeds += 1
-                log.error("watchdog {path}: feeding failed: {err}", path=self.device.path, err=err.strerror or str(err))
+                log.error(
+                    "watchdog {path}: feeding failed: {err}",
+                    path=self.device.path,
+                    err=err.strerror or str(err),
+                )
                 return
             self.feeds += 1
             if not self.feeding:
-                log.warn("watchdog {path}: a registrar confirmed this PE; feeding every {interval:g}s",
-                         path=self.device.path, interval=self.interval)  # fmt: skip
+                log.warn(
+                    "watchdog {path}: a registrar confirmed this PE; feeding every {interval:g}s",
+                    path=self.device.path,
+                    interval=self.interval,
+                )
             self.feeding = True
             return
         if self.feeding:
             log.critical(
                 "WATCHDOG STARVED: no registrar confirmed this PE for {lost:g}s; stopped feeding {path}, "
                 "the host resets within {timeout:g}s unless a registrar confirms it again",
-                lost=self.lost_after, path=self.device.path, timeout=self.timeout,
-            )  # fmt: skip
+                lost=self.lost_after,
+                path=self.device.path,
+                timeout=self.timeout,
+            )
             self.feeding = False
-        elif self.credit is None and not self._warned_never and self.started_at is not None:
+        elif (
+            self.credit is None
+            and not self._warned_never
+            and self.started_at is not None
+        ):
             if self.now() - self.started_at > self.lost_after:
                 self._warned_never = True
-                log.critical("WATCHDOG NOT FED: no registrar has confirmed this PE since it started; "
-                             "{path} resets the host", path=self.device.path)  # fmt: skip
+                log.critical(
+                    "WATCHDOG NOT FED: no registrar has confirmed this PE since it started; "
+                    "{path} resets the host",
+                    path=self.device.path,
+                )
 
     def startService(self) -> None:
         super().startService()
         self.started_at = self.now()
-        log.info("watchdog {path} armed: fed while a registrar confirmed this PE within {lost:g}s",
-                 path=self.device.path, lost=self.lost_after)  # fmt: skip
+        log.info(
+            "watchdog {path} armed: fed while a registrar confirmed this PE within {lost:g}s",
+            path=self.device.path,
+            lost=self.lost_after,
+        )
         self._loop.start(self.interval, now=True)
 
     def stopService(self) -> Any:
@@ -982,12 +1122,23 @@ class WatchdogFeeder(Service):
         try:
             self.device.close(disarm=not holds)
         except OSError as err:
-            log.error("watchdog {path}: closing failed: {err}", path=self.device.path, err=err.strerror)
+            log.error(
+                "watchdog {path}: closing failed: {err}",
+                path=self.device.path,
+                err=err.strerror,
+            )
         if holds:
-            log.critical("watchdog {path} left ARMED: this PE stops with VMs running; the host resets within "
-                         "{timeout:g}s unless the PE is back and registered", path=self.device.path, timeout=self.timeout)  # fmt: skip
+            log.critical(
+                "watchdog {path} left ARMED: this PE stops with VMs running; the host resets within "
+                "{timeout:g}s unless the PE is back and registered",
+                path=self.device.path,
+                timeout=self.timeout,
+            )
         else:
-            log.info("watchdog {path} disarmed (magic close): no VM runs here", path=self.device.path)
+            log.info(
+                "watchdog {path} disarmed (magic close): no VM runs here",
+                path=self.device.path,
+            )
         return super().stopService()
 
 
@@ -1027,7 +1178,9 @@ class WatchdogStonith:
                 f"unknown option {', '.join(sorted(options))}; watchdog takes device, lost-after, timeout, margin"
             )
         if not str(device).strip():
-            raise ValueError("device must name a watchdog device, e.g. device=/dev/watchdog")
+            raise ValueError(
+                "device must name a watchdog device, e.g. device=/dev/watchdog"
+            )
         self.device = str(device).strip()
         self.lost_after = _number("lost-after", lost_after)
         self.timeout = _number("timeout", timeout)
@@ -1054,8 +1207,14 @@ class WatchdogStonith:
     def feeder(self, clock: Any) -> WatchdogFeeder:
         device = WatchdogDevice(self.device, self.timeout, self._open_fd)
         device.open()
-        return WatchdogFeeder(device, self.lost_after, self.timeout, clock, now=self._now,
-                              holds_vms=lambda: self.holds_vms())  # fmt: skip - attach may come later
+        return WatchdogFeeder(
+            device,
+            self.lost_after,
+            self.timeout,
+            clock,
+            now=self._now,
+            holds_vms=lambda: self.holds_vms(),
+        )  # attach may come later
 
     def fence(self, target: FenceTarget) -> defer.Deferred:
         return _fenced(target.host, self._fence(target))
@@ -1063,32 +1222,57 @@ class WatchdogStonith:
     async def _fence(self, target: FenceTarget) -> str:
         host, pe = target.host, target.pe_identifier
         if not pe:
-            raise FenceFailed(f"cannot fence {host} by its watchdog: which PE ran there is not known")
+            raise FenceFailed(
+                f"cannot fence {host} by its watchdog: which PE ran there is not known"
+            )
         if self.membership is None:
-            raise FenceFailed("watchdog fencing asks the pool, and this provider is attached to none (only a PE daemon is)")
+            raise FenceFailed(
+                "watchdog fencing asks the pool, and this provider is attached to none (only a PE daemon is)"
+            )
         await self._unregistered(host, pe, waiting=False)
-        log.warn("fencing {host}: its PE {pe} is not registered with the pool; waiting {wait:g}s for its watchdog "
-                 "(lost-after {lost:g} + 2 x timeout {timeout:g} + margin {margin:g})", host=host, pe=f"0x{pe:08x}",
-                 wait=self.wait_s, lost=self.lost_after, timeout=self.timeout, margin=self.margin)  # fmt: skip
+        log.warn(
+            "fencing {host}: its PE {pe} is not registered with the pool; waiting {wait:g}s for its watchdog "
+            "(lost-after {lost:g} + 2 x timeout {timeout:g} + margin {margin:g})",
+            host=host,
+            pe=f"0x{pe:08x}",
+            wait=self.wait_s,
+            lost=self.lost_after,
+            timeout=self.timeout,
+            margin=self.margin,
+        )
         start = self._now()
         deadline = start + self.wait_s
         while (left := deadline - self._now()) > 0:
             # the reactor's timers run on the wall clock; the loop goes by the monotonic one
-            await task.deferLater(self.reactor, min(left, self.check_interval), lambda: None)
+            await task.deferLater(
+                self.reactor, min(left, self.check_interval), lambda: None
+            )
             await self._unregistered(host, pe, waiting=True)
         return f"watchdog: PE 0x{pe:08x} unregistered for {self._now() - start:.1f}s, its watchdog has reset it"
 
     async def _unregistered(self, host: str, pe: int, waiting: bool) -> None:
         try:
             registered = await self.membership.registered(pe)
-        except Exception as err:  # noqa: BLE001 - unknown is not off
+        except Exception as err:
             raise FenceFailed(
                 f"cannot tell whether host {host} (PE 0x{pe:08x}) is still registered with the pool: {err}"
             ) from None
         if registered:
-            when = "registered with the pool again while its watchdog fence waited" if waiting else "still registered with the pool"
-            raise FenceFailed(f"host {host} is {when} (PE 0x{pe:08x}); a watchdog fence would not reset it")
+            when = (
+                "registered with the pool again while its watchdog fence waited"
+                if waiting
+                else "still registered with the pool"
+            )
+            raise FenceFailed(
+                f"host {host} is {when} (PE 0x{pe:08x}); a watchdog fence would not reset it"
+            )
 
 
 #: Every provider, as the built-in plugin registers them.
-PROVIDERS = (FenceAgentStonith, LibvirtStonith, CommandStonith, ManualStonith, WatchdogStonith)
+PROVIDERS = (
+    FenceAgentStonith,
+    LibvirtStonith,
+    CommandStonith,
+    ManualStonith,
+    WatchdogStonith,
+)

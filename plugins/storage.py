@@ -58,10 +58,12 @@ import re
 import stat
 import struct
 import xml.etree.ElementTree as ET
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import unquote
 
-from twisted.internet import defer, error as neterror
+from twisted.internet import defer
+from twisted.internet import error as neterror
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -97,7 +99,10 @@ class NoSuchExport(DiskUnreachable):
 
 # -- spec parsing helpers ------------------------------------------------------------------
 
-_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/?#]*)(?P<path>[^?#]*)(?P<rest>.*)", re.S)
+_URL = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/?#]*)(?P<path>[^?#]*)(?P<rest>.*)",
+    re.S,
+)
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _PORT = re.compile(r"[0-9]{1,5}")
 # Characters XML 1.0 cannot carry at all (escaping does not help), and other controls.
@@ -178,10 +183,14 @@ _TARGET = re.compile(r"(xvd|vd|sd|hd)[a-z]{1,3}")
 _BUS = {"xvd": "xen", "vd": "virtio", "sd": "scsi", "hd": "ide"}
 
 
-def _disk_element(disk_type: str, target: str, driver_type: str = "raw") -> tuple[ET.Element, str]:
+def _disk_element(
+    disk_type: str, target: str, driver_type: str = "raw"
+) -> tuple[ET.Element, str]:
     m = _TARGET.fullmatch(target)
     if m is None:
-        raise ValueError(f"bad disk target {target!r}: expected vdX (virtio), xvdX (Xen), sdX (SCSI) or hdX (IDE)")
+        raise ValueError(
+            f"bad disk target {target!r}: expected vdX (virtio), xvdX (Xen), sdX (SCSI) or hdX (IDE)"
+        )
     element = ET.Element("disk", {"type": disk_type, "device": "disk"})
     ET.SubElement(element, "driver", {"name": "qemu", "type": driver_type})
     return element, _BUS[m.group(1)]
@@ -211,7 +220,9 @@ def _local_xml(path: str, target: str, driver_type: str = "raw") -> str:
 
 def _expect(disk: Disk, scheme: str) -> None:
     if disk.scheme != scheme:
-        raise ValueError(f"a {disk.scheme!r} disk ({disk.spec!r}) given to the {scheme!r} storage plugin")
+        raise ValueError(
+            f"a {disk.scheme!r} disk ({disk.spec!r}) given to the {scheme!r} storage plugin"
+        )
 
 
 # -- NBD: the sans-IO handshake ----------------------------------------------------------------
@@ -285,13 +296,17 @@ class NbdHandshake:
     def __init__(self, export: str) -> None:
         name = export.encode("utf-8")
         if len(name) > NBD_MAX_NAME_BYTES:
-            raise ValueError(f"NBD export names are at most {NBD_MAX_NAME_BYTES} bytes, got {len(name)}")
+            raise ValueError(
+                f"NBD export names are at most {NBD_MAX_NAME_BYTES} bytes, got {len(name)}"
+            )
         self.export = export
         self._name = name
         self._buffer = bytearray()
         self._out = bytearray()
         self._state = "greeting"
-        self._reply: tuple[int, int] | None = None  # (type, length) of the reply being read
+        self._reply: tuple[int, int] | None = (
+            None  # (type, length) of the reply being read
+        )
         self.done = False
         self.error: NbdError | None = None
         self.export_size: int | None = None
@@ -316,7 +331,11 @@ class NbdHandshake:
 
     def connection_closed(self) -> None:
         if not self.done:
-            where = "before the greeting" if self._state == "greeting" else "during the handshake"
+            where = (
+                "before the greeting"
+                if self._state == "greeting"
+                else "during the handshake"
+            )
             self._fail(f"the server closed the connection {where}")
 
     # -- the machine
@@ -337,7 +356,9 @@ class NbdHandshake:
             if magic != NBDMAGIC:
                 return self._fail("not an NBD server (no NBDMAGIC greeting)")
             if second == CLISERV_MAGIC:
-                return self._fail("the server speaks oldstyle NBD, which has no export names")
+                return self._fail(
+                    "the server speaks oldstyle NBD, which has no export names"
+                )
             if second != IHAVEOPT:
                 return self._fail(f"not an NBD newstyle greeting (0x{second:016x})")
             self._state = "flags"
@@ -346,9 +367,13 @@ class NbdHandshake:
             self.handshake_flags = flags
             if not flags & NBD_FLAG_FIXED_NEWSTYLE:
                 return self._fail("the server does not speak fixed newstyle NBD")
-            client_flags = NBD_FLAG_C_FIXED_NEWSTYLE | (NBD_FLAG_C_NO_ZEROES if flags & NBD_FLAG_NO_ZEROES else 0)
+            client_flags = NBD_FLAG_C_FIXED_NEWSTYLE | (
+                NBD_FLAG_C_NO_ZEROES if flags & NBD_FLAG_NO_ZEROES else 0
+            )
             self._out += struct.pack(">I", client_flags)
-            payload = struct.pack(">I", len(self._name)) + self._name + struct.pack(">H", 0)
+            payload = (
+                struct.pack(">I", len(self._name)) + self._name + struct.pack(">H", 0)
+            )
             self._option(NBD_OPT_INFO, payload)
             self._state = "reply-header"
         elif self._state == "reply-header":
@@ -356,9 +381,13 @@ class NbdHandshake:
             if magic != REPLY_MAGIC:
                 return self._fail(f"bad option reply magic 0x{magic:016x}")
             if option != NBD_OPT_INFO:
-                return self._fail(f"a reply to option {option}, expected one to NBD_OPT_INFO ({NBD_OPT_INFO})")
+                return self._fail(
+                    f"a reply to option {option}, expected one to NBD_OPT_INFO ({NBD_OPT_INFO})"
+                )
             if length > NBD_MAX_REPLY:
-                return self._fail(f"an option reply of {length} bytes (at most {NBD_MAX_REPLY} accepted)")
+                return self._fail(
+                    f"an option reply of {length} bytes (at most {NBD_MAX_REPLY} accepted)"
+                )
             self._reply = (reply_type, length)
             self._state = "reply-data"
             if length == 0:
@@ -376,14 +405,20 @@ class NbdHandshake:
         elif reply_type == NBD_REP_INFO:
             if len(data) >= 2 and struct.unpack(">H", data[:2])[0] == NBD_INFO_EXPORT:
                 if len(data) != 12:
-                    return self._fail(f"an NBD_INFO_EXPORT reply of {len(data)} bytes, expected 12")
-                self.export_size, self.transmission_flags = struct.unpack(">QH", data[2:])
+                    return self._fail(
+                        f"an NBD_INFO_EXPORT reply of {len(data)} bytes, expected 12"
+                    )
+                self.export_size, self.transmission_flags = struct.unpack(
+                    ">QH", data[2:]
+                )
             # other information types are only hints: ignored
         elif reply_type & NBD_REP_FLAG_ERROR:
             if reply_type == NBD_REP_ERR_UNKNOWN:
                 reason = f"no such export {self.export!r}"
             else:
-                reason = _NBD_ERRORS.get(reply_type, f"the server answered with error 0x{reply_type:08x}")
+                reason = _NBD_ERRORS.get(
+                    reply_type, f"the server answered with error 0x{reply_type:08x}"
+                )
             message = _printable(data.decode("utf-8", "replace"))
             if message:
                 reason += f" (server: {message})"
@@ -437,8 +472,15 @@ class TcpProbe(ClientFactory):
 
     noisy = False
 
-    def __init__(self, reactor: Any, what: str, host: str, port: int, timeout_s: float,
-                 make_protocol: Callable[["TcpProbe"], Protocol]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        reactor: Any,
+        what: str,
+        host: str,
+        port: int,
+        timeout_s: float,
+        make_protocol: Callable[[TcpProbe], Protocol],
+    ) -> None:
         self.reactor = reactor
         self.what = what
         self.host = host
@@ -453,7 +495,9 @@ class TcpProbe(ClientFactory):
 
     def start(self) -> defer.Deferred:
         self._timer = self.reactor.callLater(self.timeout_s, self._timed_out)
-        self._connector = self.reactor.connectTCP(self.host, self.port, self, timeout=self.timeout_s)
+        self._connector = self.reactor.connectTCP(
+            self.host, self.port, self, timeout=self.timeout_s
+        )
         return self.deferred
 
     # -- ClientFactory
@@ -475,7 +519,9 @@ class TcpProbe(ClientFactory):
 
     def fail(self, reason: str, kind: type[DiskUnreachable] = DiskUnreachable) -> None:
         if self._end():
-            self.deferred.errback(kind(f"{self.what} {_where(self.host, self.port)}: {reason}"))
+            self.deferred.errback(
+                kind(f"{self.what} {_where(self.host, self.port)}: {reason}")
+            )
 
     def _end(self) -> bool:
         if self.finished:
@@ -582,7 +628,9 @@ class NbdStorage:
     schemes = ("nbd",)
     FORM = "nbd://HOST[:PORT]/EXPORT"
 
-    def __init__(self, reactor: Any = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self, reactor: Any = None, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
         self._reactor = reactor
         self.timeout_s = _check_timeout(timeout_s)
 
@@ -595,11 +643,15 @@ class NbdStorage:
             try:
                 export = unquote(path[1:], errors="strict")
             except UnicodeDecodeError:
-                raise ValueError("the export name is not UTF-8 once percent-decoded") from None
+                raise ValueError(
+                    "the export name is not UTF-8 once percent-decoded"
+                ) from None
             _no_controls(export, "the export name")
             size = len(export.encode("utf-8"))
             if size > NBD_MAX_NAME_BYTES:
-                raise ValueError(f"the export name is {size} bytes, NBD allows at most {NBD_MAX_NAME_BYTES}")
+                raise ValueError(
+                    f"the export name is {size} bytes, NBD allows at most {NBD_MAX_NAME_BYTES}"
+                )
         except ValueError as err:
             raise _bad("NBD", spec, str(err), self.FORM) from None
         return Disk("nbd", spec, {"host": host, "port": str(port), "export": export})
@@ -611,8 +663,14 @@ class NbdStorage:
         except ValueError as err:
             return defer.fail(err)
         host, port = disk.parts["host"], int(disk.parts["port"])
-        probe = TcpProbe(global_reactor() if self._reactor is None else self._reactor, "NBD server", host, port, self.timeout_s,
-                         lambda p: NbdCheckProtocol(p, handshake))  # fmt: skip
+        probe = TcpProbe(
+            global_reactor() if self._reactor is None else self._reactor,
+            "NBD server",
+            host,
+            port,
+            self.timeout_s,
+            lambda p: NbdCheckProtocol(p, handshake),
+        )
         return probe.start()
 
     def domain_xml(self, disk: Disk, target: str) -> str:
@@ -639,14 +697,20 @@ def check_iqn(iqn: str) -> str:
     most 223 bytes; the unique part may use letters, digits, ``.``, ``-`` and ``:``.
     """
     if len(iqn.encode("utf-8")) > 223:
-        raise ValueError(f"iSCSI names are at most 223 bytes, the IQN has {len(iqn.encode('utf-8'))}")
+        raise ValueError(
+            f"iSCSI names are at most 223 bytes, the IQN has {len(iqn.encode('utf-8'))}"
+        )
     if iqn.lower() != iqn and _IQN.fullmatch(iqn.lower()):
         raise ValueError(f"the IQN {iqn!r} must be lower case")
     m = _IQN.fullmatch(iqn)
     if m is None:
-        raise ValueError(f"{iqn!r} is not an IQN (iqn.YYYY-MM.reversed.domain[:unique])")
+        raise ValueError(
+            f"{iqn!r} is not an IQN (iqn.YYYY-MM.reversed.domain[:unique])"
+        )
     if not 1 <= int(m.group("month")) <= 12:
-        raise ValueError(f"the IQN date {m.group('year')}-{m.group('month')} has no such month")
+        raise ValueError(
+            f"the IQN date {m.group('year')}-{m.group('month')} has no such month"
+        )
     return iqn
 
 
@@ -665,7 +729,9 @@ class IscsiStorage:
     schemes = ("iscsi",)
     FORM = "iscsi://HOST[:PORT]/iqn.YYYY-MM.reversed.domain[:unique]/LUN"
 
-    def __init__(self, reactor: Any = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self, reactor: Any = None, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
         self._reactor = reactor
         self.timeout_s = _check_timeout(timeout_s)
 
@@ -679,10 +745,16 @@ class IscsiStorage:
             iqn = check_iqn(pieces[1])
             lun = pieces[2]
             if not re.fullmatch(r"[0-9]{1,5}", lun) or int(lun) > ISCSI_MAX_LUN:
-                raise ValueError(f"the LUN must be an integer 0-{ISCSI_MAX_LUN}, got {lun!r}")
+                raise ValueError(
+                    f"the LUN must be an integer 0-{ISCSI_MAX_LUN}, got {lun!r}"
+                )
         except ValueError as err:
             raise _bad("iSCSI", spec, str(err), self.FORM) from None
-        return Disk("iscsi", spec, {"host": host, "port": str(port), "iqn": iqn, "lun": str(int(lun))})
+        return Disk(
+            "iscsi",
+            spec,
+            {"host": host, "port": str(port), "iqn": iqn, "lun": str(int(lun))},
+        )
 
     def check(self, disk: Disk) -> defer.Deferred:
         """The portal accepts a TCP connection (no iSCSI login: see the class docstring)."""
@@ -690,14 +762,22 @@ class IscsiStorage:
             _expect(disk, "iscsi")
         except ValueError as err:
             return defer.fail(err)
-        probe = TcpProbe(global_reactor() if self._reactor is None else self._reactor, "iSCSI portal", disk.parts["host"], int(disk.parts["port"]),
-                         self.timeout_s, _AcceptProtocol)  # fmt: skip
+        probe = TcpProbe(
+            global_reactor() if self._reactor is None else self._reactor,
+            "iSCSI portal",
+            disk.parts["host"],
+            int(disk.parts["port"]),
+            self.timeout_s,
+            _AcceptProtocol,
+        )
         return probe.start()
 
     def domain_xml(self, disk: Disk, target: str) -> str:
         _expect(disk, "iscsi")
         p = disk.parts
-        return _network_xml("iscsi", f"{p['iqn']}/{p['lun']}", p["host"], int(p["port"]), target)
+        return _network_xml(
+            "iscsi", f"{p['iqn']}/{p['lun']}", p["host"], int(p["port"]), target
+        )
 
     def release(self, disk: Disk) -> defer.Deferred:
         """Nothing to release: QEMU's own iSCSI session ends with the VM."""
@@ -731,7 +811,9 @@ class AoeStorage:
         if slot > AOE_MAX_SLOT:
             raise _bad("AoE", spec, f"slot {slot} out of range", self.FORM)
         device = f"{ETHERD}/e{shelf}.{slot}"
-        return Disk("aoe", spec, {"shelf": str(shelf), "slot": str(slot), "device": device})
+        return Disk(
+            "aoe", spec, {"shelf": str(shelf), "slot": str(slot), "device": device}
+        )
 
     def check(self, disk: Disk) -> defer.Deferred:
         try:
@@ -743,11 +825,17 @@ class AoeStorage:
         try:
             st = os.stat(local)
         except FileNotFoundError:
-            return defer.fail(DiskUnreachable(f"AoE device {device} does not exist (shelf not discovered? aoe-discover)"))
+            return defer.fail(
+                DiskUnreachable(
+                    f"AoE device {device} does not exist (shelf not discovered? aoe-discover)"
+                )
+            )
         except OSError as err:
             return defer.fail(DiskUnreachable(f"AoE device {device}: {err.strerror}"))
         if not stat.S_ISBLK(st.st_mode):
-            return defer.fail(DiskUnreachable(f"AoE device {device} is not a block device"))
+            return defer.fail(
+                DiskUnreachable(f"AoE device {device} is not a block device")
+            )
         return defer.succeed(None)
 
     def domain_xml(self, disk: Disk, target: str) -> str:
@@ -760,7 +848,14 @@ class AoeStorage:
 
 
 #: File name endings of disk images that are not raw.
-IMAGE_FORMATS = {".qcow2": "qcow2", ".qcow": "qcow2", ".qed": "qed", ".vmdk": "vmdk", ".vdi": "vdi", ".vhdx": "vhdx"}
+IMAGE_FORMATS = {
+    ".qcow2": "qcow2",
+    ".qcow": "qcow2",
+    ".qed": "qed",
+    ".vmdk": "vmdk",
+    ".vdi": "vdi",
+    ".vhdx": "vhdx",
+}
 
 
 @implementer(IStorage)
@@ -783,10 +878,14 @@ class PathStorage:
             if spec.startswith("/"):
                 path = spec
             else:
-                m = re.fullmatch(r"(?i:file):(?://(?:localhost)?)?(/(?!/)[^?#]*)", spec, re.S)
+                m = re.fullmatch(
+                    r"(?i:file):(?://(?:localhost)?)?(/(?!/)[^?#]*)", spec, re.S
+                )
                 if m is None:
                     if re.match(r"(?i:file):", spec):
-                        raise ValueError("a file: URL needs an absolute path, no host but localhost, no query")
+                        raise ValueError(
+                            "a file: URL needs an absolute path, no host but localhost, no query"
+                        )
                     raise ValueError("not an absolute path")
                 path = unquote(m.group(1), errors="strict")
             _no_controls(path, "the path")
@@ -810,7 +909,9 @@ class PathStorage:
         except OSError as err:
             return defer.fail(DiskUnreachable(f"disk {path}: {err.strerror}"))
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            return defer.fail(DiskUnreachable(f"disk {path} is neither a file nor a block device"))
+            return defer.fail(
+                DiskUnreachable(f"disk {path} is neither a file nor a block device")
+            )
         if not os.access(path, os.R_OK):
             return defer.fail(DiskUnreachable(f"disk {path} is not readable"))
         return defer.succeed(None)

@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from xenpool.tools import processes
-from xenpool.tools.processes import free_port  # noqa: F401 - re-exported for the tests
 from xenpool.protocol import framing
 from xenpool.protocol import messages as M
+from xenpool.tools import processes
+from xenpool.tools.processes import free_port  # noqa: F401 - re-exported for the tests
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 # Daemons under test run twistd through this wrapper so their coverage is measured too.
@@ -110,8 +110,10 @@ def bench_process(kind: str, marker: str, *args: str, **kwargs) -> subprocess.Po
     """``xenpool bench KIND ...`` with ``marker`` in its environment (and its children's)."""
     return subprocess.Popen(
         [sys.executable, "-m", "xenpool.cli", "bench", kind, *args],
-        env={**os.environ, "XENPOOL_BENCH_TEST": marker}, text=True, **kwargs,
-    )  # fmt: skip
+        env={**os.environ, "XENPOOL_BENCH_TEST": marker},
+        text=True,
+        **kwargs,
+    )
 
 
 def processes_with(marker: str) -> list[str]:
@@ -121,7 +123,12 @@ def processes_with(marker: str) -> list[str]:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                found.append(
+                    Path(f"/proc/{pid}/cmdline")
+                    .read_bytes()
+                    .replace(b"\0", b" ")
+                    .decode(errors="replace")
+                )
         except OSError:  # gone meanwhile, or not ours to read
             pass
     return found
@@ -135,7 +142,9 @@ def read_until(proc: subprocess.Popen, text: str, timeout: float = 120.0) -> str
         selector.register(proc.stderr, selectors.EVENT_READ)
         while text not in log:
             left = deadline - time.monotonic()
-            assert left > 0 and selector.select(left), f"{text!r} not seen; stderr:\n{log}"
+            assert left > 0 and selector.select(left), (
+                f"{text!r} not seen; stderr:\n{log}"
+            )
             chunk = os.read(proc.stderr.fileno(), 65536)
             assert chunk, f"the process exited ({proc.wait()}); stderr:\n{log}"
             log += chunk.decode(errors="replace")

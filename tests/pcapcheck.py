@@ -37,8 +37,8 @@ import shutil
 import struct
 import subprocess
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 __all__ = [
     "TSHARK",
@@ -87,6 +87,7 @@ class Frame:
 # --------------------------------------------------------------------------
 # checksums
 
+
 def _make_crc32c_table() -> list[int]:
     poly = 0x82F63B78  # Castagnoli, reflected
     table = []
@@ -126,11 +127,20 @@ def _pad4(data: bytes) -> bytes:
 # --------------------------------------------------------------------------
 # packet building
 
+
 def _ipv4(proto: int, ident: int, l4: bytes) -> bytes:
     hdr = struct.pack(
         "!BBHHHBBH4s4s",
-        0x45, 0, 20 + len(l4), ident & 0xFFFF, 0x4000, 64, proto, 0,
-        _LOOPBACK, _LOOPBACK,
+        0x45,
+        0,
+        20 + len(l4),
+        ident & 0xFFFF,
+        0x4000,
+        64,
+        proto,
+        0,
+        _LOOPBACK,
+        _LOOPBACK,
     )
     csum = _inet_checksum(hdr)
     return hdr[:10] + struct.pack("!H", csum) + hdr[12:] + l4
@@ -141,9 +151,10 @@ def _ethernet(l3: bytes) -> bytes:
 
 
 def _sctp(src: int, dst: int, tsn: int, ssn: int, ppid: int, payload: bytes) -> bytes:
-    chunk = struct.pack(
-        "!BBHIHHI", 0, 0x03, 16 + len(payload), tsn, 0, ssn & 0xFFFF, ppid
-    ) + payload
+    chunk = (
+        struct.pack("!BBHIHHI", 0, 0x03, 16 + len(payload), tsn, 0, ssn & 0xFFFF, ppid)
+        + payload
+    )
     pkt = struct.pack("!HHII", src, dst, _SCTP_VTAG, 0) + _pad4(chunk)
     # RFC 4960 appendix B: the CRC32c is transmitted least significant byte
     # first, i.e. little-endian over the wire.
@@ -152,8 +163,16 @@ def _sctp(src: int, dst: int, tsn: int, ssn: int, ppid: int, payload: bytes) -> 
 
 def _tcp(src: int, dst: int, seq: int, payload: bytes) -> bytes:
     hdr = struct.pack(
-        "!HHIIBBHHH", src, dst, seq & 0xFFFFFFFF, _TCP_ACK, 5 << 4, 0x18,
-        65535, 0, 0,
+        "!HHIIBBHHH",
+        src,
+        dst,
+        seq & 0xFFFFFFFF,
+        _TCP_ACK,
+        5 << 4,
+        0x18,
+        65535,
+        0,
+        0,
     )
     seg = hdr + payload
     pseudo = _LOOPBACK + _LOOPBACK + struct.pack("!BBH", 0, 6, len(seg))
@@ -197,6 +216,7 @@ def write_pcap(path, frames: Iterable[Frame]) -> None:
 
 # --------------------------------------------------------------------------
 # tshark
+
 
 def tshark_available() -> bool:
     return TSHARK is not None
@@ -261,6 +281,15 @@ def tshark_fields(
 
 def tshark_malformed(path, decode_as: Sequence[str] = ()) -> list[int]:
     """Frame numbers (1-based) that are malformed or carry an expert error."""
-    args = ["-r", str(path), "-Y", MALFORMED_FILTER, "-T", "fields", "-e", "frame.number"]
+    args = [
+        "-r",
+        str(path),
+        "-Y",
+        MALFORMED_FILTER,
+        "-T",
+        "fields",
+        "-e",
+        "frame.number",
+    ]
     args += _decode_as_args(decode_as)
     return [int(line) for line in _run_tshark(args).split() if line.strip()]

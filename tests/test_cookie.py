@@ -38,9 +38,13 @@ def test_round_trip_keeps_every_field():
     assert unseal(C.seal(STATE, SECRET)) == STATE
 
 
-@given(running=st.booleans(), ram=st.integers(1, 2**32 - 1), issued=st.integers(0, 2**40))
+@given(
+    running=st.booleans(), ram=st.integers(1, 2**32 - 1), issued=st.integers(0, 2**40)
+)
 def test_round_trip_property(running, ram, issued):
-    state = dataclasses.replace(STATE, running=running, ram_mb=ram, issued_at=issued / 1000)
+    state = dataclasses.replace(
+        STATE, running=running, ram_mb=ram, issued_at=issued / 1000
+    )
     assert unseal(C.seal(state, SECRET), now=issued / 1000) == state
 
 
@@ -48,7 +52,11 @@ def refusal(data: bytes, **overrides) -> str:
     with pytest.raises(C.CookieError) as info:
         unseal(data, **overrides)
     err = info.value
-    assert isinstance(err, ProtocolError) and err.cause == Cause.SECURITY_REJECTION and err.field == "cookie"
+    assert (
+        isinstance(err, ProtocolError)
+        and err.cause == Cause.SECURITY_REJECTION
+        and err.field == "cookie"
+    )
     return err.reason
 
 
@@ -72,7 +80,9 @@ def test_other_pool_is_refused():
 def test_stale_and_future_cookies():
     assert "expired" in refusal(C.seal(STATE, SECRET), now=NOW + 3600)
     assert unseal(C.seal(STATE, SECRET), now=NOW + 3600 - 10) == STATE
-    future = C.seal(dataclasses.replace(STATE, issued_at=NOW + C.CLOCK_SKEW_S + 5), SECRET)
+    future = C.seal(
+        dataclasses.replace(STATE, issued_at=NOW + C.CLOCK_SKEW_S + 5), SECRET
+    )
     assert "in the future" in refusal(future)
 
 

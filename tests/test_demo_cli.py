@@ -41,7 +41,10 @@ def test_version(capsys):
 
 def test_decode_command(capsys):
     assert cli.main(["decode", "050000140009000758656e00803f000800000003"]) == 0
-    assert "HandleResolution(pool_handle=b'Xen', items=3, ram_mb=None)" in capsys.readouterr().out
+    assert (
+        "HandleResolution(pool_handle=b'Xen', items=3, ram_mb=None)"
+        in capsys.readouterr().out
+    )
     assert cli.main(["decode", "0500ffff"]) == 1
     assert "message_length at byte 2" in capsys.readouterr().err
     assert cli.main(["decode", "zz"]) == 2
@@ -55,8 +58,19 @@ def test_plugins_command(capsys):
 
 def test_bench_codec_json_from_the_console_script():
     out = subprocess.run(
-        [sys.executable, "-m", "xenpool.cli", "bench", "codec", "--json", "--seconds", "0.05"],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "xenpool.cli",
+            "bench",
+            "codec",
+            "--json",
+            "--seconds",
+            "0.05",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     result = json.loads(out)
     assert {"decode_per_s", "encode_per_s", "ceiling_per_s"} <= set(result)
@@ -67,9 +81,12 @@ def test_bench_codec_json_from_the_console_script():
 def test_make_demo_runs_the_cluster_and_a_failover():
     """The README's main job, as a person runs it (no terminal: the tables print as text)."""
     result = subprocess.run(
-        [sys.executable, "-m", "xenpool.cli", "demo"], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "xenpool.cli", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "COLUMNS": "160"},
-    )  # fmt: skip
+    )
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "placing 6 VMs" in out and "dies now" in out

@@ -105,7 +105,9 @@ def test_a_twisted_without_the_buffer_attributes_gets_an_ordinary_write():
         peer.setblocking(False)
         reactor = MemoryReactor()
         protocol = Protocol()
-        transport = OtherTwistedServer(ours, protocol, ("127.0.0.1", 1), None, 1, reactor)
+        transport = OtherTwistedServer(
+            ours, protocol, ("127.0.0.1", 1), None, 1, reactor
+        )
         protocol.makeConnection(transport)
         eager_write.write(transport, b"answer")
         assert received(peer) == b""  # queued by transport.write, not sent at once

@@ -9,7 +9,6 @@ import pytest
 
 from xenpool.protocol import messages as M
 from xenpool.protocol import params as P
-
 from xenpool.tools.processes import wait_for_any
 
 from .daemons import AsapClient, Daemon, free_port, poll
@@ -23,20 +22,31 @@ ALL = {1, 2, 3, 4, 5}  # the PEs registered at the first registrar
 def start(n: int, ports: dict, cwd) -> Daemon:
     peers = [f"--peer=tcp:host=127.0.0.1:port={ports[m]['enrp']}" for m in IDS if m < n]
     daemon = Daemon(
-        "xenpool-registrar", f"--asap=tcp:{ports[n]['asap']}:interface=127.0.0.1",
-        f"--enrp=tcp:{ports[n]['enrp']}:interface=127.0.0.1", f"--status=tcp:{ports[n]['status']}:interface=127.0.0.1",
-        f"--registrar-id={IDS[n]:#x}", *TIMERS, *peers,
-        ready=f"registrar {IDS[n]:#010x} started", cwd=cwd,
-    )  # fmt: skip
+        "xenpool-registrar",
+        f"--asap=tcp:{ports[n]['asap']}:interface=127.0.0.1",
+        f"--enrp=tcp:{ports[n]['enrp']}:interface=127.0.0.1",
+        f"--status=tcp:{ports[n]['status']}:interface=127.0.0.1",
+        f"--registrar-id={IDS[n]:#x}",
+        *TIMERS,
+        *peers,
+        ready=f"registrar {IDS[n]:#010x} started",
+        cwd=cwd,
+    )
     daemon.ports = ports[n]
     return daemon
 
 
 def pool_view(daemon: Daemon) -> dict[int, int]:
     """PE identifier -> home registrar, from the registrar's /handlespace."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.ports['status']}/handlespace", timeout=10) as response:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{daemon.ports['status']}/handlespace", timeout=10
+    ) as response:
         state = json.load(response)
-    return {pe["identifier"]: pe["home_registrar"] for pool in state["pools"] for pe in pool["pool_elements"]}
+    return {
+        pe["identifier"]: pe["home_registrar"]
+        for pool in state["pools"]
+        for pe in pool["pool_elements"]
+    }
 
 
 def resolvable(daemon: Daemon) -> set[int]:
@@ -50,13 +60,21 @@ def resolvable(daemon: Daemon) -> set[int]:
 
 def element(identifier: int) -> P.PoolElement:
     return P.PoolElement(
-        identifier, 0, 600_000, P.TcpTransport(6000 + identifier, ("127.0.0.1",)),
-        P.PoolPolicy.make(P.PolicyType.LEAST_USED, load=P.load_to_wire(identifier / 100)),
-    )  # fmt: skip
+        identifier,
+        0,
+        600_000,
+        P.TcpTransport(6000 + identifier, ("127.0.0.1",)),
+        P.PoolPolicy.make(
+            P.PolicyType.LEAST_USED, load=P.load_to_wire(identifier / 100)
+        ),
+    )
 
 
 def test_three_registrars(tmp_path):
-    ports = {n: {"asap": free_port(), "enrp": free_port(), "status": free_port()} for n in IDS}
+    ports = {
+        n: {"asap": free_port(), "enrp": free_port(), "status": free_port()}
+        for n in IDS
+    }
     registrars = {n: start(n, ports, tmp_path) for n in IDS}
     pes = []
     try:
@@ -68,21 +86,34 @@ def test_three_registrars(tmp_path):
             pes.append(client)
         # Registered at the first, resolvable at the second and third.
         for n in (2, 3):
-            assert poll(lambda: resolvable(registrars[n]), lambda pes: pes == ALL) == ALL
+            assert (
+                poll(lambda n=n: resolvable(registrars[n]), lambda pes: pes == ALL)
+                == ALL
+            )
             assert set(pool_view(registrars[n]).values()) == {IDS[1]}
 
         # kill -9 the first: one of the others takes its PEs over, none is lost.
         registrars[1].kill()
-        winner = wait_for_any([registrars[2], registrars[3]], f"took over 5 PEs of ENRP peer {IDS[1]:#010x}")
+        winner = wait_for_any(
+            [registrars[2], registrars[3]],
+            f"took over 5 PEs of ENRP peer {IDS[1]:#010x}",
+        )
         views = poll(
             lambda: [set(pool_view(registrars[n]).values()) for n in (2, 3)],
-            lambda views: views[0] == views[1] and len(views[0]) == 1 and IDS[1] not in views[0],
+            lambda views: (
+                views[0] == views[1] and len(views[0]) == 1 and IDS[1] not in views[0]
+            ),
         )
         (new_home,) = views[0]
-        assert views == [{new_home}, {new_home}] and new_home == IDS[2 if winner is registrars[2] else 3]
+        assert (
+            views == [{new_home}, {new_home}]
+            and new_home == IDS[2 if winner is registrars[2] else 3]
+        )
         for n in (2, 3):
             assert resolvable(registrars[n]) == {1, 2, 3, 4, 5}
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{winner.ports['status']}/metrics", timeout=10).read()
+        metrics = urllib.request.urlopen(
+            f"http://127.0.0.1:{winner.ports['status']}/metrics", timeout=10
+        ).read()
         assert b"xenpool_takeovers_total 1.0" in metrics
 
         # The first comes back with the same identity and resyncs from its peers.
@@ -103,21 +134,34 @@ def test_a_pe_moves_to_another_registrar_when_its_home_dies(tmp_path):
     from pathlib import Path as _Path
 
     etc = _Path(__file__).resolve().parents[1] / "etc" / "xenpool"
-    ports = {n: {"asap": free_port(), "enrp": free_port(), "status": free_port()} for n in (1, 2)}
+    ports = {
+        n: {"asap": free_port(), "enrp": free_port(), "status": free_port()}
+        for n in (1, 2)
+    }
     registrars = {n: start(n, ports, tmp_path) for n in (1, 2)}
     pe = None
     try:
         pe = Daemon(
-            "xenpool-pe", f"--registrar=tcp:host=127.0.0.1:port={ports[1]['asap']}",
-            f"--registrar=tcp:host=127.0.0.1:port={ports[2]['asap']}", "--pe-id=0x77", f"--port={free_port()}",
-            "--bind=127.0.0.1", f"--libvirt-uri=test://{etc / 'node-host1.xml'}", "--load-interval=0.5",
-            ready="registered in pool Xen", cwd=tmp_path,
-        )  # fmt: skip
+            "xenpool-pe",
+            f"--registrar=tcp:host=127.0.0.1:port={ports[1]['asap']}",
+            f"--registrar=tcp:host=127.0.0.1:port={ports[2]['asap']}",
+            "--pe-id=0x77",
+            f"--port={free_port()}",
+            "--bind=127.0.0.1",
+            f"--libvirt-uri=test://{etc / 'node-host1.xml'}",
+            "--load-interval=0.5",
+            ready="registered in pool Xen",
+            cwd=tmp_path,
+        )
         assert pool_view(registrars[1]) == {0x77: IDS[1]}
         since = pe.mark()
         registrars[1].kill()
-        pe.wait_for("registered in pool Xen", since=since)  # now at the second registrar
-        assert poll(lambda: pool_view(registrars[2]), lambda view: view.get(0x77) == IDS[2]) == {0x77: IDS[2]}  # its new home
+        pe.wait_for(
+            "registered in pool Xen", since=since
+        )  # now at the second registrar
+        assert poll(
+            lambda: pool_view(registrars[2]), lambda view: view.get(0x77) == IDS[2]
+        ) == {0x77: IDS[2]}  # its new home
         assert 0x77 in resolvable(registrars[2])
     finally:
         for daemon in (pe, *registrars.values()):

@@ -6,11 +6,11 @@ import struct
 
 import pytest
 
-from xenpool.tools import samples
 from xenpool.protocol import cookie, messages, session
 from xenpool.protocol import params as P
 from xenpool.protocol.errors import Cause, ProtocolError
 from xenpool.protocol.messages import AsapError, EnrpError, error_for
+from xenpool.tools import samples
 
 SECRET = b"test secret"
 NOW = 1_700_000_000.0
@@ -26,7 +26,9 @@ DECODE = {
     "asap": lambda b: messages.decode(b, messages.ASAP_PPID),
     "enrp": lambda b: messages.decode(b, messages.ENRP_PPID),
     "session": session.decode,
-    "cookie": lambda b: cookie.unseal(b, SECRET, pool_handle=b"Xen", now=NOW, max_age_s=60),
+    "cookie": lambda b: cookie.unseal(
+        b, SECRET, pool_handle=b"Xen", now=NOW, max_age_s=60
+    ),
 }
 
 
@@ -45,7 +47,10 @@ def msg(mtype: int, *parts: bytes, flags: int = 0) -> bytes:
 HANDLE = tlv(P.ParamType.POOL_HANDLE, b"Xen")  # 8 bytes with padding
 PE_ID = tlv(P.ParamType.PE_IDENTIFIER, b"\x11\x22\x33\x44")
 PE_FIXED = struct.pack("!IIi", 1, 2, 3)
-TCP = tlv(P.ParamType.TCP_TRANSPORT, struct.pack("!HH", 5000, 0) + P.encode_address("127.0.0.1"))  # 16 bytes
+TCP = tlv(
+    P.ParamType.TCP_TRANSPORT,
+    struct.pack("!HH", 5000, 0) + P.encode_address("127.0.0.1"),
+)  # 16 bytes
 POLICY = P.encode_policy(P.PoolPolicy.make(P.PolicyType.LEAST_USED, load=7))  # 12 bytes
 IDS = struct.pack("!II", 1, 2)
 # In a Registration: message header 0-3, pool handle 4-11, pool element from 12 (value
@@ -55,15 +60,23 @@ PE_AT, TRANSPORT_AT, ADDRESSES_AT = 12, 28, 36
 
 
 def registration(*pe_parts: bytes) -> bytes:
-    return msg(messages.AsapType.REGISTRATION, HANDLE, tlv(P.ParamType.POOL_ELEMENT, PE_FIXED + b"".join(pe_parts)))
+    return msg(
+        messages.AsapType.REGISTRATION,
+        HANDLE,
+        tlv(P.ParamType.POOL_ELEMENT, PE_FIXED + b"".join(pe_parts)),
+    )
 
 
 def tcp_with(*addresses: bytes) -> bytes:
-    return tlv(P.ParamType.TCP_TRANSPORT, struct.pack("!HH", 5000, 0) + b"".join(addresses))
+    return tlv(
+        P.ParamType.TCP_TRANSPORT, struct.pack("!HH", 5000, 0) + b"".join(addresses)
+    )
 
 
 def sctp_with(*addresses: bytes) -> bytes:
-    return tlv(P.ParamType.SCTP_TRANSPORT, struct.pack("!HH", 5000, 0) + b"".join(addresses))
+    return tlv(
+        P.ParamType.SCTP_TRANSPORT, struct.pack("!HH", 5000, 0) + b"".join(addresses)
+    )
 
 
 def text(value: bytes) -> bytes:
@@ -75,21 +88,35 @@ def sess(mtype: int, *parts: bytes, version: int = session.VERSION) -> bytes:
     return struct.pack("!BBHHH", mtype, 0, 8 + len(body), version, 0) + body
 
 
-def create(server_id=b"web1", disk=b"nbd://san/web1", ips=b"10.0.0.1", ram=300, vcpus=1) -> bytes:
+def create(
+    server_id=b"web1", disk=b"nbd://san/web1", ips=b"10.0.0.1", ram=300, vcpus=1
+) -> bytes:
     fixed = struct.pack("!IH2x", ram, vcpus)
-    return sess(session.SessionType.CREATE_SERVER, text(server_id), text(disk), text(ips), fixed)
+    return sess(
+        session.SessionType.CREATE_SERVER, text(server_id), text(disk), text(ips), fixed
+    )
 
 
-def create_field_offsets(server_id=b"web1", disk=b"nbd://san/web1", ips=b"10.0.0.1") -> dict[str, int]:
+def create_field_offsets(
+    server_id=b"web1", disk=b"nbd://san/web1", ips=b"10.0.0.1"
+) -> dict[str, int]:
     """Where each field of ``create(...)`` starts."""
     disk_at = 8 + 2 + len(server_id)
     ips_at = disk_at + 2 + len(disk)
     ram_at = ips_at + 2 + len(ips)
-    return {"server_id": 8, "disk": disk_at, "ips": ips_at, "ram_mb": ram_at, "vcpus": ram_at + 4}
+    return {
+        "server_id": 8,
+        "disk": disk_at,
+        "ips": ips_at,
+        "ram_mb": ram_at,
+        "vcpus": ram_at + 4,
+    }
 
 
 GOOD_RESOLUTION = msg(messages.AsapType.HANDLE_RESOLUTION, HANDLE)
-COOKIE_STATE = cookie.SessionState(b"Xen", "web1", "d", ("10.0.0.1",), 1, 1, True, "pe1", 1, NOW)
+COOKIE_STATE = cookie.SessionState(
+    b"Xen", "web1", "d", ("10.0.0.1",), 1, 1, True, "pe1", 1, NOW
+)
 SEALED = cookie.seal(COOKIE_STATE, SECRET)
 CREATE_AT = create_field_offsets()
 
@@ -107,108 +134,466 @@ BROKEN = [
     # the common header
     ("truncated header", "asap", b"\x05\x00\x00", "message_length", 0, INVALID),
     ("empty input", "enrp", b"", "message_length", 0, INVALID),
-    ("length says more", "asap", GOOD_RESOLUTION[:3] + b"\x0d" + GOOD_RESOLUTION[4:], "message_length", 2, INVALID),
-    ("length says less", "asap", GOOD_RESOLUTION[:3] + b"\x0b" + GOOD_RESOLUTION[4:], "message_length", 2, INVALID),
-    ("unknown message type", "asap", msg(0x0F, HANDLE), "message_type", 0, Cause.UNRECOGNIZED_MESSAGE),
-    ("unknown ENRP message type", "enrp", msg(0x00), "message_type", 0, Cause.UNRECOGNIZED_MESSAGE),
-    ("truncated ENRP fixed fields", "enrp", msg(messages.EnrpType.LIST_REQUEST, b"\0" * 4), "sender_id", 4, INVALID),
+    (
+        "length says more",
+        "asap",
+        GOOD_RESOLUTION[:3] + b"\x0d" + GOOD_RESOLUTION[4:],
+        "message_length",
+        2,
+        INVALID,
+    ),
+    (
+        "length says less",
+        "asap",
+        GOOD_RESOLUTION[:3] + b"\x0b" + GOOD_RESOLUTION[4:],
+        "message_length",
+        2,
+        INVALID,
+    ),
+    (
+        "unknown message type",
+        "asap",
+        msg(0x0F, HANDLE),
+        "message_type",
+        0,
+        Cause.UNRECOGNIZED_MESSAGE,
+    ),
+    (
+        "unknown ENRP message type",
+        "enrp",
+        msg(0x00),
+        "message_type",
+        0,
+        Cause.UNRECOGNIZED_MESSAGE,
+    ),
+    (
+        "truncated ENRP fixed fields",
+        "enrp",
+        msg(messages.EnrpType.LIST_REQUEST, b"\0" * 4),
+        "sender_id",
+        4,
+        INVALID,
+    ),
     # parameter framing
-    ("parameter length past the end", "asap", msg(5, b"\x00\x09\x00\x64Xen\x00"), "message.parameter_length", 6,
-     INVALID),
-    ("parameter length below 4", "asap", msg(5, b"\x00\x09\x00\x02Xen\x00"), "message.parameter_length", 6, INVALID),
-    ("trailing bytes after the last parameter", "asap", msg(5, HANDLE, b"\x00\x00"), "message", 12, INVALID),
-    ("unknown parameter, stop", "asap", msg(5, HANDLE, tlv(0x0010, b"x")), "message.parameter_type", 12,
-     Cause.UNRECOGNIZED_PARAMETER),
+    (
+        "parameter length past the end",
+        "asap",
+        msg(5, b"\x00\x09\x00\x64Xen\x00"),
+        "message.parameter_length",
+        6,
+        INVALID,
+    ),
+    (
+        "parameter length below 4",
+        "asap",
+        msg(5, b"\x00\x09\x00\x02Xen\x00"),
+        "message.parameter_length",
+        6,
+        INVALID,
+    ),
+    (
+        "trailing bytes after the last parameter",
+        "asap",
+        msg(5, HANDLE, b"\x00\x00"),
+        "message",
+        12,
+        INVALID,
+    ),
+    (
+        "unknown parameter, stop",
+        "asap",
+        msg(5, HANDLE, tlv(0x0010, b"x")),
+        "message.parameter_type",
+        12,
+        Cause.UNRECOGNIZED_PARAMETER,
+    ),
     # pool handle, cookie
-    ("pool handle too long", "asap", msg(5, tlv(P.ParamType.POOL_HANDLE, b"h" * 33)), "pool_handle", 4, INVALID),
-    ("pool handle empty", "asap", msg(5, tlv(P.ParamType.POOL_HANDLE, b"")), "pool_handle", 4, INVALID),
-    ("cookie over 2048 bytes", "asap", msg(messages.AsapType.COOKIE, tlv(P.ParamType.COOKIE, b"c" * 2049)), "cookie",
-     4, INVALID),
-    ("cookie empty", "asap", msg(messages.AsapType.COOKIE_ECHO, tlv(P.ParamType.COOKIE, b"")), "cookie", 4, INVALID),
+    (
+        "pool handle too long",
+        "asap",
+        msg(5, tlv(P.ParamType.POOL_HANDLE, b"h" * 33)),
+        "pool_handle",
+        4,
+        INVALID,
+    ),
+    (
+        "pool handle empty",
+        "asap",
+        msg(5, tlv(P.ParamType.POOL_HANDLE, b"")),
+        "pool_handle",
+        4,
+        INVALID,
+    ),
+    (
+        "cookie over 2048 bytes",
+        "asap",
+        msg(messages.AsapType.COOKIE, tlv(P.ParamType.COOKIE, b"c" * 2049)),
+        "cookie",
+        4,
+        INVALID,
+    ),
+    (
+        "cookie empty",
+        "asap",
+        msg(messages.AsapType.COOKIE_ECHO, tlv(P.ParamType.COOKIE, b"")),
+        "cookie",
+        4,
+        INVALID,
+    ),
     # which parameters a message has
-    ("wrong parameter in a message", "asap", msg(2, HANDLE, tlv(P.ParamType.COOKIE, b"c"), PE_ID), "parameter_type",
-     12, INVALID),
-    ("address at message level", "asap", msg(5, HANDLE, P.encode_address("10.0.0.1")), "parameter_type", 12, INVALID),
-    ("missing mandatory parameter", "asap", msg(2, HANDLE), "pe_identifier", 12, INVALID),
+    (
+        "wrong parameter in a message",
+        "asap",
+        msg(2, HANDLE, tlv(P.ParamType.COOKIE, b"c"), PE_ID),
+        "parameter_type",
+        12,
+        INVALID,
+    ),
+    (
+        "address at message level",
+        "asap",
+        msg(5, HANDLE, P.encode_address("10.0.0.1")),
+        "parameter_type",
+        12,
+        INVALID,
+    ),
+    (
+        "missing mandatory parameter",
+        "asap",
+        msg(2, HANDLE),
+        "pe_identifier",
+        12,
+        INVALID,
+    ),
     ("missing pool handle", "asap", msg(2, PE_ID), "pool_handle", 12, INVALID),
-    ("duplicate single parameter", "asap", msg(2, HANDLE, HANDLE, PE_ID), "pool_handle", 12, INVALID),
-    ("duplicate optional parameter", "asap", msg(5, HANDLE, *[P.encode_handle_resolution_option(1)] * 2),
-     "items", 20, INVALID),
-    ("handle table starts with a pool element", "enrp",
-     msg(messages.EnrpType.HANDLE_TABLE_RESPONSE, IDS, tlv(P.ParamType.POOL_ELEMENT, PE_FIXED + TCP + POLICY)),
-     "handle_table.parameter_type", 12, INVALID),
+    (
+        "duplicate single parameter",
+        "asap",
+        msg(2, HANDLE, HANDLE, PE_ID),
+        "pool_handle",
+        12,
+        INVALID,
+    ),
+    (
+        "duplicate optional parameter",
+        "asap",
+        msg(5, HANDLE, *[P.encode_handle_resolution_option(1)] * 2),
+        "items",
+        20,
+        INVALID,
+    ),
+    (
+        "handle table starts with a pool element",
+        "enrp",
+        msg(
+            messages.EnrpType.HANDLE_TABLE_RESPONSE,
+            IDS,
+            tlv(P.ParamType.POOL_ELEMENT, PE_FIXED + TCP + POLICY),
+        ),
+        "handle_table.parameter_type",
+        12,
+        INVALID,
+    ),
     # pool elements
-    ("pool element with 1 parameter", "asap", registration(TCP), "pool_element", PE_AT, INVALID),
-    ("pool element with 4 parameters", "asap", registration(TCP, POLICY, TCP, TCP), "pool_element", PE_AT, INVALID),
-    ("pool element without its fixed fields", "asap",
-     msg(1, HANDLE, tlv(P.ParamType.POOL_ELEMENT, b"\0" * 8)), "pool_element", 16, INVALID),
-    ("policy before the transport", "asap", registration(POLICY, TCP), "pool_element.user_transport", TRANSPORT_AT,
-     INVALID),
-    ("policy of the wrong size (short)", "asap",
-     registration(TCP, tlv(P.ParamType.POOL_MEMBER_SELECTION_POLICY, struct.pack("!I", P.PolicyType.LEAST_USED))),
-     "policy.length", TRANSPORT_AT + 16 + 2, INVALID),
-    ("policy of the wrong size (long)", "asap",
-     registration(TCP, tlv(P.ParamType.POOL_MEMBER_SELECTION_POLICY, struct.pack("!III", P.PolicyType.RANDOM, 1, 2))),
-     "policy.length", TRANSPORT_AT + 16 + 2, INVALID),
-    ("policy data too long", "asap",
-     registration(TCP, tlv(P.ParamType.POOL_MEMBER_SELECTION_POLICY, struct.pack("!I", 0x12345678) + bytes(65))),
-     "policy", TRANSPORT_AT + 16 + 4, INVALID),
-    ("too many addresses", "asap", registration(sctp_with(*[P.encode_address("10.0.0.1")] * 33), POLICY),
-     "sctp_transport.address", ADDRESSES_AT, INVALID),
-    ("no address", "asap", registration(sctp_with(), POLICY), "sctp_transport.address", ADDRESSES_AT, INVALID),
-    ("two addresses in a TCP transport", "asap",
-     registration(tcp_with(P.encode_address("10.0.0.1"), P.encode_address("10.0.0.2")), POLICY),
-     "tcp_transport.address", ADDRESSES_AT, INVALID),
-    ("bad IPv4 length", "asap", registration(tcp_with(tlv(P.ParamType.IPV4_ADDRESS, b"\x0a\0\0\1\1")), POLICY),
-     "tcp_transport.address", ADDRESSES_AT, INVALID),
-    ("bad IPv6 length", "asap", registration(tcp_with(tlv(P.ParamType.IPV6_ADDRESS, bytes(4))), POLICY),
-     "tcp_transport.address", ADDRESSES_AT, INVALID),
-    ("not an address in a transport", "asap", registration(tcp_with(HANDLE), POLICY), "tcp_transport.address",
-     ADDRESSES_AT, INVALID),
-    ("operation error without a cause", "asap", msg(messages.AsapType.ERROR, tlv(P.ParamType.OPERATION_ERROR, b"")),
-     "operation_error", 4, INVALID),
-    ("operation error with 17 causes", "asap",
-     msg(messages.AsapType.ERROR, tlv(P.ParamType.OPERATION_ERROR, struct.pack("!HH", 1, 4) * 17)),
-     "operation_error", 8 + 16 * 4, INVALID),
-    ("pool authentication of 31 bytes", "asap",
-     msg(1, HANDLE, tlv(P.ParamType.POOL_ELEMENT, PE_FIXED + TCP + POLICY), tlv(P.ParamType.POOL_AUTHENTICATION, bytes(31))),
-     "pool_authentication", PE_AT + 44, INVALID),
-    ("PE identifier of 2 bytes", "asap", msg(2, HANDLE, tlv(P.ParamType.PE_IDENTIFIER, b"\0\1")), "pe_identifier",
-     12, INVALID),
+    (
+        "pool element with 1 parameter",
+        "asap",
+        registration(TCP),
+        "pool_element",
+        PE_AT,
+        INVALID,
+    ),
+    (
+        "pool element with 4 parameters",
+        "asap",
+        registration(TCP, POLICY, TCP, TCP),
+        "pool_element",
+        PE_AT,
+        INVALID,
+    ),
+    (
+        "pool element without its fixed fields",
+        "asap",
+        msg(1, HANDLE, tlv(P.ParamType.POOL_ELEMENT, b"\0" * 8)),
+        "pool_element",
+        16,
+        INVALID,
+    ),
+    (
+        "policy before the transport",
+        "asap",
+        registration(POLICY, TCP),
+        "pool_element.user_transport",
+        TRANSPORT_AT,
+        INVALID,
+    ),
+    (
+        "policy of the wrong size (short)",
+        "asap",
+        registration(
+            TCP,
+            tlv(
+                P.ParamType.POOL_MEMBER_SELECTION_POLICY,
+                struct.pack("!I", P.PolicyType.LEAST_USED),
+            ),
+        ),
+        "policy.length",
+        TRANSPORT_AT + 16 + 2,
+        INVALID,
+    ),
+    (
+        "policy of the wrong size (long)",
+        "asap",
+        registration(
+            TCP,
+            tlv(
+                P.ParamType.POOL_MEMBER_SELECTION_POLICY,
+                struct.pack("!III", P.PolicyType.RANDOM, 1, 2),
+            ),
+        ),
+        "policy.length",
+        TRANSPORT_AT + 16 + 2,
+        INVALID,
+    ),
+    (
+        "policy data too long",
+        "asap",
+        registration(
+            TCP,
+            tlv(
+                P.ParamType.POOL_MEMBER_SELECTION_POLICY,
+                struct.pack("!I", 0x12345678) + bytes(65),
+            ),
+        ),
+        "policy",
+        TRANSPORT_AT + 16 + 4,
+        INVALID,
+    ),
+    (
+        "too many addresses",
+        "asap",
+        registration(sctp_with(*[P.encode_address("10.0.0.1")] * 33), POLICY),
+        "sctp_transport.address",
+        ADDRESSES_AT,
+        INVALID,
+    ),
+    (
+        "no address",
+        "asap",
+        registration(sctp_with(), POLICY),
+        "sctp_transport.address",
+        ADDRESSES_AT,
+        INVALID,
+    ),
+    (
+        "two addresses in a TCP transport",
+        "asap",
+        registration(
+            tcp_with(P.encode_address("10.0.0.1"), P.encode_address("10.0.0.2")), POLICY
+        ),
+        "tcp_transport.address",
+        ADDRESSES_AT,
+        INVALID,
+    ),
+    (
+        "bad IPv4 length",
+        "asap",
+        registration(tcp_with(tlv(P.ParamType.IPV4_ADDRESS, b"\x0a\0\0\1\1")), POLICY),
+        "tcp_transport.address",
+        ADDRESSES_AT,
+        INVALID,
+    ),
+    (
+        "bad IPv6 length",
+        "asap",
+        registration(tcp_with(tlv(P.ParamType.IPV6_ADDRESS, bytes(4))), POLICY),
+        "tcp_transport.address",
+        ADDRESSES_AT,
+        INVALID,
+    ),
+    (
+        "not an address in a transport",
+        "asap",
+        registration(tcp_with(HANDLE), POLICY),
+        "tcp_transport.address",
+        ADDRESSES_AT,
+        INVALID,
+    ),
+    (
+        "operation error without a cause",
+        "asap",
+        msg(messages.AsapType.ERROR, tlv(P.ParamType.OPERATION_ERROR, b"")),
+        "operation_error",
+        4,
+        INVALID,
+    ),
+    (
+        "operation error with 17 causes",
+        "asap",
+        msg(
+            messages.AsapType.ERROR,
+            tlv(P.ParamType.OPERATION_ERROR, struct.pack("!HH", 1, 4) * 17),
+        ),
+        "operation_error",
+        8 + 16 * 4,
+        INVALID,
+    ),
+    (
+        "pool authentication of 31 bytes",
+        "asap",
+        msg(
+            1,
+            HANDLE,
+            tlv(P.ParamType.POOL_ELEMENT, PE_FIXED + TCP + POLICY),
+            tlv(P.ParamType.POOL_AUTHENTICATION, bytes(31)),
+        ),
+        "pool_authentication",
+        PE_AT + 44,
+        INVALID,
+    ),
+    (
+        "PE identifier of 2 bytes",
+        "asap",
+        msg(2, HANDLE, tlv(P.ParamType.PE_IDENTIFIER, b"\0\1")),
+        "pe_identifier",
+        12,
+        INVALID,
+    ),
     # session messages
-    ("session truncated header", "session", b"\x20\x00\x00\x0e\x00", "length", 0, INVALID),
-    ("session bad length", "session", sess(0x20, text(b"web1"))[:3] + b"\x20" + sess(0x20, text(b"web1"))[4:],
-     "length", 2, INVALID),
-    ("session bad version", "session", sess(0x20, text(b"web1"), version=2), "version", 4, INVALID),
-    ("session unknown type", "session", sess(0x7F, text(b"web1")), "type", 0, Cause.UNRECOGNIZED_MESSAGE),
-    ("server_id too long", "session", create(server_id=b"a" * 33), "server_id", 8, INVALID),
-    ("server_id not UTF-8", "session", sess(0x20, text(b"\xff\xfe")), "server_id", 10, INVALID),
-    ("server_id length past the end", "session", sess(0x20, b"\x00\x09web"), "server_id", 8, INVALID),
-    ("disk too long", "session", create(disk=b"d" * 257), "disk", CREATE_AT["disk"], INVALID),
-    ("truncated fixed field", "session", sess(0x10, text(b"web1"), b"\0\0"), "interval_s", 14, INVALID),
-    ("code contradicts the type", "session",
-     sess(session.SessionType.CREATE_SUCCESS, text(b"web1"), struct.pack("!iQ", 11, 0), text(b"")), "code", 14,
-     INVALID),
-    ("session trailing bytes", "session", sess(0x20, text(b"web1"), b"\0\0"), "length", 14, INVALID),
+    (
+        "session truncated header",
+        "session",
+        b"\x20\x00\x00\x0e\x00",
+        "length",
+        0,
+        INVALID,
+    ),
+    (
+        "session bad length",
+        "session",
+        sess(0x20, text(b"web1"))[:3] + b"\x20" + sess(0x20, text(b"web1"))[4:],
+        "length",
+        2,
+        INVALID,
+    ),
+    (
+        "session bad version",
+        "session",
+        sess(0x20, text(b"web1"), version=2),
+        "version",
+        4,
+        INVALID,
+    ),
+    (
+        "session unknown type",
+        "session",
+        sess(0x7F, text(b"web1")),
+        "type",
+        0,
+        Cause.UNRECOGNIZED_MESSAGE,
+    ),
+    (
+        "server_id too long",
+        "session",
+        create(server_id=b"a" * 33),
+        "server_id",
+        8,
+        INVALID,
+    ),
+    (
+        "server_id not UTF-8",
+        "session",
+        sess(0x20, text(b"\xff\xfe")),
+        "server_id",
+        10,
+        INVALID,
+    ),
+    (
+        "server_id length past the end",
+        "session",
+        sess(0x20, b"\x00\x09web"),
+        "server_id",
+        8,
+        INVALID,
+    ),
+    (
+        "disk too long",
+        "session",
+        create(disk=b"d" * 257),
+        "disk",
+        CREATE_AT["disk"],
+        INVALID,
+    ),
+    (
+        "truncated fixed field",
+        "session",
+        sess(0x10, text(b"web1"), b"\0\0"),
+        "interval_s",
+        14,
+        INVALID,
+    ),
+    (
+        "code contradicts the type",
+        "session",
+        sess(
+            session.SessionType.CREATE_SUCCESS,
+            text(b"web1"),
+            struct.pack("!iQ", 11, 0),
+            text(b""),
+        ),
+        "code",
+        14,
+        INVALID,
+    ),
+    (
+        "session trailing bytes",
+        "session",
+        sess(0x20, text(b"web1"), b"\0\0"),
+        "length",
+        14,
+        INVALID,
+    ),
     # the semantic checks of a CreateServer
-    ("server_id invalid characters", "session", create(server_id=b"web/1"), "server_id", 8, INVALID),
+    (
+        "server_id invalid characters",
+        "session",
+        create(server_id=b"web/1"),
+        "server_id",
+        8,
+        INVALID,
+    ),
     ("server_id empty", "session", create(server_id=b""), "server_id", 8, INVALID),
     ("ram 0", "session", create(ram=0), "ram_mb", CREATE_AT["ram_mb"], INVALID),
     ("vcpus 0", "session", create(vcpus=0), "vcpus", CREATE_AT["vcpus"], INVALID),
-    ("malformed IP in CreateServer", "session", create(ips=b"10.0.0.1 10.0.0.300"), "ips",
-     create_field_offsets(ips=b"10.0.0.1 10.0.0.300")["ips"], INVALID),
+    (
+        "malformed IP in CreateServer",
+        "session",
+        create(ips=b"10.0.0.1 10.0.0.300"),
+        "ips",
+        create_field_offsets(ips=b"10.0.0.1 10.0.0.300")["ips"],
+        INVALID,
+    ),
     # cookies
     ("cookie too short", "cookie", SEALED[:40], "cookie", 0, Cause.SECURITY_REJECTION),
-    ("cookie altered", "cookie", SEALED[:30] + b"X" + SEALED[31:], "cookie", len(SEALED) - 32,
-     Cause.SECURITY_REJECTION),
-]  # fmt: skip
+    (
+        "cookie altered",
+        "cookie",
+        SEALED[:30] + b"X" + SEALED[31:],
+        "cookie",
+        len(SEALED) - 32,
+        Cause.SECURITY_REJECTION,
+    ),
+]
+
 
 def _params(rows):
     return [pytest.param(*row[1:], id=row[0]) for row in rows]
 
 
 @pytest.mark.parametrize("decoder, data, field, offset, cause", _params(BROKEN))
-def test_error_names_the_field_and_an_offset_inside_the_input(decoder, data, field, offset, cause):
+def test_error_names_the_field_and_an_offset_inside_the_input(
+    decoder, data, field, offset, cause
+):
     err = decode_error(decoder, data)
     assert err.field == field, str(err)
     assert isinstance(err.offset, int) and 0 <= err.offset <= len(data), str(err)
@@ -227,20 +612,34 @@ def test_broken_inputs_decode_once_repaired():
     """The table's inputs differ from valid ones only where it says (a sanity check of
     the helpers: their valid forms decode)."""
     messages.decode(registration(TCP, POLICY))
-    messages.decode(registration(sctp_with(*[P.encode_address("10.0.0.1")] * 32), POLICY))
+    messages.decode(
+        registration(sctp_with(*[P.encode_address("10.0.0.1")] * 32), POLICY)
+    )
     messages.decode(msg(2, HANDLE, PE_ID))
-    messages.decode(msg(messages.AsapType.ERROR, tlv(P.ParamType.OPERATION_ERROR, struct.pack("!HH", 1, 4) * 16)))
+    messages.decode(
+        msg(
+            messages.AsapType.ERROR,
+            tlv(P.ParamType.OPERATION_ERROR, struct.pack("!HH", 1, 4) * 16),
+        )
+    )
     messages.decode(msg(5, tlv(P.ParamType.POOL_HANDLE, b"h" * 32)))
     messages.decode(msg(messages.AsapType.COOKIE, tlv(P.ParamType.COOKIE, b"c" * 2048)))
-    assert session.decode(create()) == session.CreateServer("web1", "nbd://san/web1", ("10.0.0.1",), 300, 1)
+    assert session.decode(create()) == session.CreateServer(
+        "web1", "nbd://san/web1", ("10.0.0.1",), 300, 1
+    )
     assert session.decode(sess(0x20, text(b"web1"))) == session.StopServer("web1")
-    assert cookie.unseal(SEALED, SECRET, pool_handle=b"Xen", now=NOW, max_age_s=60) == COOKIE_STATE
+    assert (
+        cookie.unseal(SEALED, SECRET, pool_handle=b"Xen", now=NOW, max_age_s=60)
+        == COOKIE_STATE
+    )
 
 
 # -------------------------------------------------------------------- error_for
 
 
-def answer(err: ProtocolError, ppid: int = messages.ASAP_PPID, **ids) -> messages.Message:
+def answer(
+    err: ProtocolError, ppid: int = messages.ASAP_PPID, **ids
+) -> messages.Message:
     """error_for's message, checked to survive the wire."""
     reply = error_for(err, ppid, **ids)
     assert messages.decode(messages.encode(reply), ppid) == reply
@@ -273,14 +672,20 @@ def test_unrecognized_parameter_answer_carries_the_parameter(ptype):
     assert err.report is (ptype == 0x4010)
     assert err.data == param[:9]
     reply = answer(err)
-    assert reply.error.causes == (P.ErrorCause(Cause.UNRECOGNIZED_PARAMETER, param[:9]),)
+    assert reply.error.causes == (
+        P.ErrorCause(Cause.UNRECOGNIZED_PARAMETER, param[:9]),
+    )
 
 
 @pytest.mark.parametrize(
     "decoder, data, field",
     [
         ("asap", msg(5, tlv(P.ParamType.POOL_HANDLE, b"h" * 33)), "pool_handle"),
-        ("asap", registration(tcp_with(tlv(P.ParamType.IPV4_ADDRESS, b"\x0a\0\0")), POLICY), "tcp_transport.address"),
+        (
+            "asap",
+            registration(tcp_with(tlv(P.ParamType.IPV4_ADDRESS, b"\x0a\0\0")), POLICY),
+            "tcp_transport.address",
+        ),
         ("asap", msg(2, HANDLE), "pe_identifier"),
         ("enrp", msg(messages.EnrpType.LIST_REQUEST, b"\0" * 4), "sender_id"),
     ],

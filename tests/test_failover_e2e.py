@@ -20,16 +20,25 @@ VMS = [f"web{i}" for i in range(1, 7)]
 
 
 def get_json(port: int, path: str):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{port}{path}", timeout=10
+    ) as response:
         return json.load(response)
 
 
 def start_keeper(cwd: Path, asap: int, status: int) -> Daemon:
     return Daemon(
-        "xenpool-pu", f"--keep={cwd / 'vms.conf'}", f"--registrar=127.0.0.1:{asap}", f"--state-dir={cwd / 'keeper'}",
-        f"--status=tcp:{status}:interface=127.0.0.1", "--heartbeat-interval=0.5", "--heartbeat-timeout=1.5",
-        ready="web6: running", cwd=cwd, timeout=20,
-    )  # fmt: skip
+        "xenpool-pu",
+        f"--keep={cwd / 'vms.conf'}",
+        f"--registrar=127.0.0.1:{asap}",
+        f"--state-dir={cwd / 'keeper'}",
+        f"--status=tcp:{status}:interface=127.0.0.1",
+        "--heartbeat-interval=0.5",
+        "--heartbeat-timeout=1.5",
+        ready="web6: running",
+        cwd=cwd,
+        timeout=20,
+    )
 
 
 @pytest.fixture
@@ -37,24 +46,48 @@ def cluster(tmp_path):
     secret = tmp_path / "secret"
     secret.write_text("the failover test's pool secret\n")
     fence_map = tmp_path / "fence-map.ini"
-    fence_map.write_text("".join(f"[host{n}]\npidfile = {tmp_path / f'pe{n}.pid'}\n" for n in (1, 2, 3)))
-    (tmp_path / "vms.conf").write_text("".join(f"[vm {name}]\nram = 100\nips = 10.0.5.{i}\n" for i, name in enumerate(VMS, 1)))
+    fence_map.write_text(
+        "".join(f"[host{n}]\npidfile = {tmp_path / f'pe{n}.pid'}\n" for n in (1, 2, 3))
+    )
+    (tmp_path / "vms.conf").write_text(
+        "".join(
+            f"[vm {name}]\nram = 100\nips = 10.0.5.{i}\n"
+            for i, name in enumerate(VMS, 1)
+        )
+    )
     asap, status = free_port(), free_port()
     registrar = Daemon(
-        "xenpool-registrar", f"--asap=tcp:{asap}:interface=127.0.0.1", f"--status=tcp:{status}:interface=127.0.0.1",
-        "--registrar-id=0x0a0a0a0a", ready="registrar 0x0a0a0a0a started", cwd=tmp_path,
-    )  # fmt: skip
+        "xenpool-registrar",
+        f"--asap=tcp:{asap}:interface=127.0.0.1",
+        f"--status=tcp:{status}:interface=127.0.0.1",
+        "--registrar-id=0x0a0a0a0a",
+        ready="registrar 0x0a0a0a0a started",
+        cwd=tmp_path,
+    )
     pes = {}
     for n in (1, 2, 3):
         pes[n] = Daemon(
-            "xenpool-pe", f"--registrar=tcp:host=127.0.0.1:port={asap}", f"--pe-id={n}", f"--port={free_port()}",
-            "--bind=127.0.0.1", f"--host=host{n}", f"--libvirt-uri=test://{ETC / f'node-host{n}.xml'}",
-            f"--status=tcp:{free_port()}:interface=127.0.0.1", f"--pool-secret-file={secret}", "--lease=30",
-            "--stonith=command", f"--stonith-option=command={sys.executable} -m xenpool.tools.fence_process {{pidfile}}",
-            f"--fence-map={fence_map}", "--load-interval=1", "--shutdown-timeout=2",
-            ready="registered in pool Xen", cwd=tmp_path,
-        )  # fmt: skip
-        pes[n].status_port = int(next(a for a in pes[n].argv if a.startswith("--status=")).split(":")[1])
+            "xenpool-pe",
+            f"--registrar=tcp:host=127.0.0.1:port={asap}",
+            f"--pe-id={n}",
+            f"--port={free_port()}",
+            "--bind=127.0.0.1",
+            f"--host=host{n}",
+            f"--libvirt-uri=test://{ETC / f'node-host{n}.xml'}",
+            f"--status=tcp:{free_port()}:interface=127.0.0.1",
+            f"--pool-secret-file={secret}",
+            "--lease=30",
+            "--stonith=command",
+            f"--stonith-option=command={sys.executable} -m xenpool.tools.fence_process {{pidfile}}",
+            f"--fence-map={fence_map}",
+            "--load-interval=1",
+            "--shutdown-timeout=2",
+            ready="registered in pool Xen",
+            cwd=tmp_path,
+        )
+        pes[n].status_port = int(
+            next(a for a in pes[n].argv if a.startswith("--status=")).split(":")[1]
+        )
         (tmp_path / f"pe{n}.pid").write_text(str(pes[n].proc.pid))
     keeper_status = free_port()
     keeper = start_keeper(tmp_path, asap, keeper_status)
@@ -77,7 +110,9 @@ def test_kill_a_pe_then_restart_the_keeper(cluster):
         keeper.wait_for(f"{name}: running")
     placement = where(keeper_status)
     running = {n: domains(pe) for n, pe in pes.items()}
-    assert sorted(v for names in running.values() for v in names) == VMS  # each exactly once
+    assert (
+        sorted(v for names in running.values() for v in names) == VMS
+    )  # each exactly once
     victim = max(running, key=lambda n: len(running[n]))
     moved = sorted(running[victim])
     assert moved and all(placement[name] == f"0x{victim:08x}" for name in moved)
@@ -87,7 +122,9 @@ def test_kill_a_pe_then_restart_the_keeper(cluster):
     for name in moved:
         keeper.wait_for(f"{name}: running: on PE", since=since)
     survivors = {n: domains(pe) for n, pe in pes.items() if n != victim}
-    assert sorted(v for names in survivors.values() for v in names) == VMS  # all, exactly once
+    assert (
+        sorted(v for names in survivors.values() for v in names) == VMS
+    )  # all, exactly once
     for n, pe in pes.items():
         if n == victim:
             continue
@@ -111,7 +148,11 @@ def test_kill_a_pe_then_restart_the_keeper(cluster):
             keeper2.wait_for(f"{name}: running")
         after = {n: domains(pe) for n, pe in pes.items() if n != victim}
         assert after == survivors
-        readopted = sum(pe.drain().count("re-adopted by its keeper") for n, pe in pes.items() if n != victim)
+        readopted = sum(
+            pe.drain().count("re-adopted by its keeper")
+            for n, pe in pes.items()
+            if n != victim
+        )
         assert readopted == len(VMS)
     finally:
         keeper2.stop()

@@ -6,19 +6,28 @@ import struct
 
 import pytest
 
-from xenpool.tools import samples
 from xenpool.protocol import framing, messages, session
 from xenpool.protocol import params as P
 from xenpool.protocol.errors import Cause, ProtocolError
-from xenpool.protocol.framing import RSerPoolStream, ShimStream, frame_message, shim_frame
+from xenpool.protocol.framing import (
+    RSerPoolStream,
+    ShimStream,
+    frame_message,
+    shim_frame,
+)
+from xenpool.tools import samples
 
 ASAP = [m for m in samples.all_messages() if m.PPID == messages.ASAP_PPID]
 ENRP = [m for m in samples.all_messages() if m.PPID == messages.ENRP_PPID]
 SESSIONS = samples.all_session_messages()
 GOOD = messages.encode(messages.HandleResolution(b"Xen", items=3))
 # Well framed, but a pool handle of 0 bytes is not a pool handle.
-EMPTY_HANDLE = messages.encode(messages.HandleResolution(b"Xen"))[:4] + struct.pack("!HH", P.ParamType.POOL_HANDLE, 4)
-EMPTY_HANDLE = EMPTY_HANDLE[:2] + struct.pack("!H", len(EMPTY_HANDLE)) + EMPTY_HANDLE[4:]
+EMPTY_HANDLE = messages.encode(messages.HandleResolution(b"Xen"))[:4] + struct.pack(
+    "!HH", P.ParamType.POOL_HANDLE, 4
+)
+EMPTY_HANDLE = (
+    EMPTY_HANDLE[:2] + struct.pack("!H", len(EMPTY_HANDLE)) + EMPTY_HANDLE[4:]
+)
 
 
 def drain(stream) -> list:
@@ -57,7 +66,9 @@ def shim_stream_bytes() -> bytes:
     return b"".join(map(frame_message, ASAP + SESSIONS))
 
 
-SHIM_DECODED = [(messages.ASAP_PPID, m) for m in ASAP] + [(session.XENPOOL_PPID, m) for m in SESSIONS]
+SHIM_DECODED = [(messages.ASAP_PPID, m) for m in ASAP] + [
+    (session.XENPOOL_PPID, m) for m in SESSIONS
+]
 
 
 # ------------------------------------------------------------------- chunk handling
@@ -67,7 +78,11 @@ SHIM_DECODED = [(messages.ASAP_PPID, m) for m in ASAP] + [(session.XENPOOL_PPID,
     "make, data, expected",
     [
         (lambda: RSerPoolStream(), asap_stream_bytes(), ASAP),
-        (lambda: RSerPoolStream(messages.ENRP_PPID), b"".join(map(messages.encode, ENRP)), ENRP),
+        (
+            lambda: RSerPoolStream(messages.ENRP_PPID),
+            b"".join(map(messages.encode, ENRP)),
+            ENRP,
+        ),
         (ShimStream, shim_stream_bytes(), SHIM_DECODED),
     ],
     ids=["asap", "enrp", "shim"],
@@ -90,12 +105,18 @@ def test_split_at_every_byte_boundary_decodes_the_same(make, data, expected):
 def test_several_messages_in_one_chunk():
     stream = RSerPoolStream()
     stream.feed(GOOD * 3 + messages.encode(ASAP[0]))
-    assert [stream.next_message() for _ in range(4)] == [messages.decode(GOOD)] * 3 + [ASAP[0]]
+    assert [stream.next_message() for _ in range(4)] == [messages.decode(GOOD)] * 3 + [
+        ASAP[0]
+    ]
     assert stream.next_message() is None
     assert stream.buffered == 0
 
     shim = ShimStream()
-    shim.feed(frame_message(SESSIONS[0]) + frame_message(ASAP[1]) + frame_message(SESSIONS[-1]))
+    shim.feed(
+        frame_message(SESSIONS[0])
+        + frame_message(ASAP[1])
+        + frame_message(SESSIONS[-1])
+    )
     assert drain(shim) == [
         (session.XENPOOL_PPID, SESSIONS[0]),
         (messages.ASAP_PPID, ASAP[1]),
@@ -103,7 +124,9 @@ def test_several_messages_in_one_chunk():
     ]
 
 
-@pytest.mark.parametrize("make, frame", [(RSerPoolStream, GOOD), (ShimStream, frame_message(SESSIONS[0]))])
+@pytest.mark.parametrize(
+    "make, frame", [(RSerPoolStream, GOOD), (ShimStream, frame_message(SESSIONS[0]))]
+)
 def test_partial_input_returns_none_and_waits(make, frame):
     stream = make()
     assert stream.next_message() is None
@@ -241,7 +264,9 @@ def test_malformed_but_well_framed_message_is_not_fatal():
     "bad",
     [
         shim_frame(messages.ASAP_PPID, EMPTY_HANDLE),
-        shim_frame(session.XENPOOL_PPID, session.encode(SESSIONS[0])[:-1]),  # inner length wrong
+        shim_frame(
+            session.XENPOOL_PPID, session.encode(SESSIONS[0])[:-1]
+        ),  # inner length wrong
         shim_frame(session.XENPOOL_PPID, b""),
         shim_frame(messages.ASAP_PPID, b"\x05\x00"),
     ],
@@ -418,12 +443,16 @@ def test_unknown_parameters_inside_a_transport():
     pe = samples.pool_element(1)
     transport = P.tlv(
         P.ParamType.TCP_TRANSPORT,
-        struct.pack("!HH", 5000, 1) + P.encode_address("127.0.0.1") + unknown(0xC020, b"xy") + unknown(0x8020),
+        struct.pack("!HH", 5000, 1)
+        + P.encode_address("127.0.0.1")
+        + unknown(0xC020, b"xy")
+        + unknown(0x8020),
     )
     body = struct.pack("!IIi", pe.identifier, pe.home_registrar, pe.registration_life)
     body += transport + P.encode_policy(pe.policy)
     data = with_length(
-        messages.encode(messages.Registration(b"Xen", pe))[:12] + P.tlv(P.ParamType.POOL_ELEMENT, body)
+        messages.encode(messages.Registration(b"Xen", pe))[:12]
+        + P.tlv(P.ParamType.POOL_ELEMENT, body)
     )
     stream = RSerPoolStream()
     stream.feed(data)
@@ -444,13 +473,25 @@ def test_a_repeated_application_frame_decodes_to_the_same_message():
     must be exactly what decoding would give, whatever comes in between."""
     beat = session.CheckRunning("web1", 1)
     other = session.CheckRunning("web2", 1)
-    broken = shim_frame(session.XENPOOL_PPID, session.encode(beat)[:-1])  # interval cut short
+    broken = shim_frame(
+        session.XENPOOL_PPID, session.encode(beat)[:-1]
+    )  # interval cut short
     stream = ShimStream()
-    stream.feed(frame_message(beat) * 2 + broken + frame_message(beat) + frame_message(other) + frame_message(beat))
+    stream.feed(
+        frame_message(beat) * 2
+        + broken
+        + frame_message(beat)
+        + frame_message(other)
+        + frame_message(beat)
+    )
     got = drain(stream)
     assert got[:2] == [(session.XENPOOL_PPID, beat)] * 2
     assert isinstance(got[2], ProtocolError)
-    assert got[3:] == [(session.XENPOOL_PPID, beat), (session.XENPOOL_PPID, other), (session.XENPOOL_PPID, beat)]
+    assert got[3:] == [
+        (session.XENPOOL_PPID, beat),
+        (session.XENPOOL_PPID, other),
+        (session.XENPOOL_PPID, beat),
+    ]
 
 
 def test_asap_frames_are_decoded_every_time_and_still_report_unknown_parameters():

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xenpool import cli
-from xenpool.tools import fuzz
 from xenpool.protocol import cookie, framing, messages, session
 from xenpool.protocol.errors import Cause, ProtocolError
+from xenpool.tools import fuzz
 
 
 def examples(n: int) -> settings:
@@ -56,7 +56,9 @@ def check_single(decoder: str, data: bytes) -> None:
         assert isinstance(err.cause, Cause)
         assert not err.fatal
     # fuzz_one adds the round trip: an accepted input re-encodes to the same value
-    fuzz.fuzz_one(decoder, data, answers=False)  # answers: see test_error_answers_can_be_sent
+    fuzz.fuzz_one(
+        decoder, data, answers=False
+    )  # answers: see test_error_answers_can_be_sent
 
 
 # ------------------------------------------------------------- single decoders
@@ -71,11 +73,18 @@ def test_random_bytes(decoder, data):
 
 @pytest.mark.parametrize("decoder", ["asap", "enrp", "session"])
 @examples(150)
-@given(head=st.binary(min_size=1, max_size=1), body=st.binary(max_size=200), flags=st.integers(0, 255))
+@given(
+    head=st.binary(min_size=1, max_size=1),
+    body=st.binary(max_size=200),
+    flags=st.integers(0, 255),
+)
 def test_random_body_with_a_right_length(decoder, head, body, flags):
     """Past the length check: a known or unknown type, its length right, anything after."""
     if decoder == "session":
-        data = struct.pack("!BBHHH", head[0], flags, 8 + len(body), session.VERSION, 0) + body
+        data = (
+            struct.pack("!BBHHH", head[0], flags, 8 + len(body), session.VERSION, 0)
+            + body
+        )
     else:
         data = struct.pack("!BBH", head[0], flags, 4 + len(body)) + body
     check_single(decoder, data)
@@ -91,7 +100,9 @@ def test_mutated_corpus(decoder, data):
 
 
 @examples(200)
-@given(body=st.sampled_from(CORPUS["cookie-body"]), rnd=st.randoms(use_true_random=False))
+@given(
+    body=st.sampled_from(CORPUS["cookie-body"]), rnd=st.randoms(use_true_random=False)
+)
 def test_mutated_cookie_with_a_valid_mac(body, rnd):
     """A cookie that passes the MAC check (a leaked secret) still only raises CookieError."""
     sealed = fuzz.reseal(fuzz.mutate(body, rnd, "cookie-body"))
@@ -107,7 +118,12 @@ def test_mutated_cookie_with_a_valid_mac(body, rnd):
 
 
 def same_fatal(a: ProtocolError, b: ProtocolError) -> bool:
-    return type(a) is type(b) and (str(a), a.field, a.offset, a.fatal) == (str(b), b.field, b.offset, b.fatal)
+    return type(a) is type(b) and (str(a), a.field, a.offset, a.fatal) == (
+        str(b),
+        b.field,
+        b.offset,
+        b.fatal,
+    )
 
 
 def drive(stream, data: bytes, chunks: list[int]) -> list:
@@ -168,22 +184,36 @@ def stream_input(draw, decoder: str) -> bytes:
     if how == "corpus":
         return draw(st.sampled_from(CORPUS[decoder]))
     if how == "mutated":
-        return fuzz.mutate(draw(st.sampled_from(CORPUS[decoder])), draw(st.randoms(use_true_random=False)), decoder)
+        return fuzz.mutate(
+            draw(st.sampled_from(CORPUS[decoder])),
+            draw(st.randoms(use_true_random=False)),
+            decoder,
+        )
     # frames, each perhaps mutated inside, framed right
-    kind = {"asap-stream": "asap", "enrp-stream": "enrp", "shim-stream": "shim"}[decoder]
+    kind = {"asap-stream": "asap", "enrp-stream": "enrp", "shim-stream": "shim"}[
+        decoder
+    ]
     parts = []
     for _ in range(draw(st.integers(1, 4))):
         if kind == "shim":
-            ppid = draw(st.sampled_from([messages.ASAP_PPID, session.XENPOOL_PPID, messages.ENRP_PPID, 0]))
+            ppid = draw(
+                st.sampled_from(
+                    [messages.ASAP_PPID, session.XENPOOL_PPID, messages.ENRP_PPID, 0]
+                )
+            )
             pool = CORPUS["session" if ppid == session.XENPOOL_PPID else "asap"]
             payload = draw(st.sampled_from(pool))
             if draw(st.booleans()):
-                payload = fuzz.mutate(payload, draw(st.randoms(use_true_random=False)), "asap")
+                payload = fuzz.mutate(
+                    payload, draw(st.randoms(use_true_random=False)), "asap"
+                )
             parts.append(framing.shim_frame(ppid, payload))
         else:
             frame = draw(st.sampled_from(CORPUS[kind]))
             if draw(st.booleans()):
-                frame = fuzz.mutate(frame, draw(st.randoms(use_true_random=False)), kind)
+                frame = fuzz.mutate(
+                    frame, draw(st.randoms(use_true_random=False)), kind
+                )
             parts.append(frame)
     return b"".join(parts)
 
@@ -193,7 +223,9 @@ MAX_SIZES = st.sampled_from([messages.MAX_MESSAGE_SIZE, 0, 4, 12, 16, 64, 300])
 
 @pytest.mark.parametrize("decoder", STREAMS)
 @examples(300)
-@given(data=st.data(), chunks=st.lists(st.integers(0, 48), max_size=40), max_size=MAX_SIZES)
+@given(
+    data=st.data(), chunks=st.lists(st.integers(0, 48), max_size=40), max_size=MAX_SIZES
+)
 def test_stream_any_chunking(decoder, data, chunks, max_size):
     """Only ProtocolError; at most one frame buffered after draining; a fatal error stays;
     the same bytes give the same messages and errors however they are cut."""
@@ -216,12 +248,19 @@ def test_stream_one_byte_at_a_time(decoder, data, max_size):
 
 @pytest.mark.parametrize("decoder", ["asap-stream", "shim-stream"])
 @examples(100)
-@given(length=st.integers(0, 0xFFFFFFFF), max_size=st.integers(0, 2048), rest=st.binary(max_size=64))
+@given(
+    length=st.integers(0, 0xFFFFFFFF),
+    max_size=st.integers(0, 2048),
+    rest=st.binary(max_size=64),
+)
 def test_stream_refuses_a_bad_length_at_feed(decoder, length, max_size, rest):
     """A header whose length is out of bounds is refused by the feed that completes it."""
     stream = MAKE_STREAM[decoder](max_size)
     if decoder == "shim-stream":
-        header, bad = struct.pack("!II", session.XENPOOL_PPID, length), length > max_size
+        header, bad = (
+            struct.pack("!II", session.XENPOOL_PPID, length),
+            length > max_size,
+        )
     else:
         length &= 0xFFFF
         header, bad = struct.pack("!BBH", 5, 0, length), not 4 <= length <= max_size
@@ -239,7 +278,9 @@ def test_stream_refuses_a_bad_length_at_feed(decoder, length, max_size, rest):
     assert stream.buffered == 0
 
 
-@pytest.mark.parametrize("decoder", ["asap", "enrp", "asap-stream", "enrp-stream", "shim-stream"])
+@pytest.mark.parametrize(
+    "decoder", ["asap", "enrp", "asap-stream", "enrp-stream", "shim-stream"]
+)
 @examples(150)
 @given(data=st.data())
 def test_error_answers_can_be_sent(decoder, data):
@@ -251,7 +292,9 @@ def test_error_answers_can_be_sent(decoder, data):
         fuzz.fuzz_one(decoder, mutated)
 
 
-@pytest.mark.parametrize("decoder, size", [("enrp", 65513), ("asap", 65521), ("enrp-stream", 65535)])
+@pytest.mark.parametrize(
+    "decoder, size", [("enrp", 65513), ("asap", 65521), ("enrp-stream", 65535)]
+)
 def test_answer_to_a_maximal_unknown_message(decoder, size):
     fuzz.fuzz_one(decoder, struct.pack("!BBH", 0xFF, 0, size) + bytes(size - 4))
 
@@ -334,16 +377,29 @@ def test_fuzz_interrupts_an_endless_decoder(monkeypatch):
 
     monkeypatch.setattr(session, "decode", endless)
     found = []
-    report = fuzz.campaign(400, seed=0, emit=found.append)  # enough to reach a CreateServer in the session decoder
+    report = fuzz.campaign(
+        400, seed=0, emit=found.append
+    )  # enough to reach a CreateServer in the session decoder
     assert report.hang_count >= 1
-    assert any(line.startswith("HANG in session") and "in endless" in line for line in found)
+    assert any(
+        line.startswith("HANG in session") and "in endless" in line for line in found
+    )
 
 
 def test_fuzz_one_sees_wrong_behaviour(monkeypatch):
     # a stream that does not refuse an over-long length buffers more than one frame
-    monkeypatch.setattr(framing.RSerPoolStream, "_frame_size", lambda self, header: (header[2] << 8) | header[3] or 4)
+    monkeypatch.setattr(
+        framing.RSerPoolStream,
+        "_frame_size",
+        lambda self, header: (header[2] << 8) | header[3] or 4,
+    )
     with pytest.raises(fuzz.InvariantError, match="buffered"):
-        fuzz.fuzz_one("asap-stream", b"\x05\x00\x01\x00" + bytes(100), [4, 100], max_message_size=20)
+        fuzz.fuzz_one(
+            "asap-stream",
+            b"\x05\x00\x01\x00" + bytes(100),
+            [4, 100],
+            max_message_size=20,
+        )
     monkeypatch.undo()
 
     # an error offset outside the input
@@ -360,7 +416,9 @@ def test_fuzz_one_outcomes():
     assert fuzz.fuzz_one("asap", good) == fuzz.Outcome(True, 1, 0)
     assert fuzz.fuzz_one("asap", good[:-1]) == fuzz.Outcome(False, 0, 1)
     assert fuzz.fuzz_one("asap-stream", good * 2, [3, 50]) == fuzz.Outcome(True, 2, 0)
-    assert fuzz.fuzz_one("asap-stream", b"\x05\x00\x00\x02") == fuzz.Outcome(False, 0, 1, True)
+    assert fuzz.fuzz_one("asap-stream", b"\x05\x00\x00\x02") == fuzz.Outcome(
+        False, 0, 1, True
+    )
     assert fuzz.fuzz_one("cookie", CORPUS["cookie"][0]).accepted
     with pytest.raises(ValueError, match="unknown decoder"):
         fuzz.fuzz_one("nope", b"")
@@ -368,10 +426,16 @@ def test_fuzz_one_outcomes():
 
 def test_mutate_is_deterministic_and_finds_length_fields():
     seed = CORPUS["asap"][0]
-    assert fuzz.mutate(seed, random.Random(7), "asap") == fuzz.mutate(seed, random.Random(7), "asap")
+    assert fuzz.mutate(seed, random.Random(7), "asap") == fuzz.mutate(
+        seed, random.Random(7), "asap"
+    )
     fields, cuts = fuzz.structure(seed, "asap")
     offsets = {f[0] for f in fields}
-    assert {2, 6, 14} <= offsets  # message length, pool handle length, pool element length
+    assert {
+        2,
+        6,
+        14,
+    } <= offsets  # message length, pool handle length, pool element length
     assert 4 in cuts and 12 in cuts
     shim_fields, _ = fuzz.structure(CORPUS["shim-stream"][0], "shim-stream")
     assert (4, 4) == shim_fields[0][:2]  # the shim's 32-bit length comes first

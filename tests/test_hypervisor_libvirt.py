@@ -19,19 +19,19 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyClass, verifyObject
 
+from xenpool.interfaces import DomainSpec, IHypervisor, NodeInfo
+from xenpool.plugins import load_plugins
 from xenpool_plugins.hypervisor_libvirt import (
-    cpu_wait_from_stats,
     DEFAULT_TEMPLATE_VARS,
     HypervisorError,
     LibvirtHypervisor,
     UnknownDomain,
+    cpu_wait_from_stats,
     ips_from_xml,
     mac_tail,
     render_domain_xml,
     stable_uuid,
 )
-from xenpool.interfaces import DomainSpec, IHypervisor, NodeInfo
-from xenpool.plugins import load_plugins
 
 ETC = Path(__file__).resolve().parent.parent / "etc" / "xenpool"
 NODES = [ETC / f"node-host{i}.xml" for i in (1, 2, 3)]
@@ -48,8 +48,15 @@ def disk(name: str) -> str:
     return f"<disk type='file' device='disk'><source file='/var/lib/xenpool/{name}.img'/><target dev='vda'/></disk>"
 
 
-def spec(name: str = "web1", ram_mb: int = 256, vcpus: int = 1, ips: tuple[str, ...] = ("10.0.0.1",)) -> DomainSpec:
-    return DomainSpec(name=name, ram_mb=ram_mb, vcpus=vcpus, disk_xml=disk(name), ips=ips)
+def spec(
+    name: str = "web1",
+    ram_mb: int = 256,
+    vcpus: int = 1,
+    ips: tuple[str, ...] = ("10.0.0.1",),
+) -> DomainSpec:
+    return DomainSpec(
+        name=name, ram_mb=ram_mb, vcpus=vcpus, disk_xml=disk(name), ips=ips
+    )
 
 
 class SyncThreadPool:
@@ -95,7 +102,9 @@ def reactor():
 def make(reactor):
     made = []
 
-    def make_hypervisor(node: Path = NODES[0], cls=LibvirtHypervisor, **options) -> LibvirtHypervisor:
+    def make_hypervisor(
+        node: Path = NODES[0], cls=LibvirtHypervisor, **options
+    ) -> LibvirtHypervisor:
         options.setdefault("threadpool", SyncThreadPool())
         options.setdefault("reactor", reactor)
         hv = cls(uri(node), **options)
@@ -118,7 +127,13 @@ def hv(make):
 def test_found_through_the_plugin_system_and_provides_the_interface():
     plugins = load_plugins()
     assert plugins.get("hypervisor", "libvirt").plugin == "builtin"
-    hv = plugins.create("hypervisor", "libvirt", uri=uri(), threadpool=SyncThreadPool(), reactor=SyncReactor())
+    hv = plugins.create(
+        "hypervisor",
+        "libvirt",
+        uri=uri(),
+        threadpool=SyncThreadPool(),
+        reactor=SyncReactor(),
+    )
     try:
         assert isinstance(hv, LibvirtHypervisor)
         assert verifyObject(IHypervisor, hv)
@@ -134,7 +149,12 @@ def test_bad_options_are_refused_by_the_plugin_system():
     with pytest.raises(PluginError, match="overheads must be >= 0"):
         load_plugins().create("hypervisor", "libvirt", uri=uri(), overhead_mb=-1)
     with pytest.raises(PluginError, match="is not a file"):
-        load_plugins().create("hypervisor", "libvirt", uri=uri(), domain_template="/nonexistent/domain.xml")
+        load_plugins().create(
+            "hypervisor",
+            "libvirt",
+            uri=uri(),
+            domain_template="/nonexistent/domain.xml",
+        )
 
 
 # -- the host ----------------------------------------------------------------------------------
@@ -178,7 +198,9 @@ def test_overhead_is_configurable(make):
     hv = make(overhead_mb=100, overhead_kb_per_mb=0)
     assert hv.overhead_kb(TOTAL_KB) == 100 * 1024
     assert result_of(hv.free_ram_kb()) == TOTAL_KB - 100 * 1024
-    assert result_of(make(overhead_mb=0, overhead_kb_per_mb=0).free_ram_kb()) == TOTAL_KB
+    assert (
+        result_of(make(overhead_mb=0, overhead_kb_per_mb=0).free_ram_kb()) == TOTAL_KB
+    )
 
 
 def test_each_connection_to_a_node_file_is_a_fresh_host(make):
@@ -202,7 +224,9 @@ def test_start_two_domains_list_states_and_cpu_time(hv):
     }
     assert result_of(hv.state("web1")) == libvirt.VIR_DOMAIN_RUNNING
     cpu = result_of(hv.cpu_time_ns("db1"))
-    assert isinstance(cpu, int) and cpu > 0  # the test driver's cpuTime is wall-clock time
+    assert (
+        isinstance(cpu, int) and cpu > 0
+    )  # the test driver's cpuTime is wall-clock time
 
 
 def test_domains_lists_only_what_xenpool_started(hv):
@@ -210,22 +234,30 @@ def test_domains_lists_only_what_xenpool_started(hv):
     free = result_of(hv.free_ram_kb())
     hv._conn().createXML(  # a domain someone else started on this host, with a UUID of its own
         "<domain type='test'><name>theirs</name><uuid>6d9a4ad2-0c6e-4a1f-9b0a-1f4b2f3c4d5e</uuid>"
-        "<memory>131072</memory><vcpu>1</vcpu><os><type>hvm</type></os></domain>", 0
+        "<memory>131072</memory><vcpu>1</vcpu><os><type>hvm</type></os></domain>",
+        0,
     )
-    assert set(result_of(hv.domains())) == {"web1"}  # a PE never holds, adopts or stops it
+    assert set(result_of(hv.domains())) == {
+        "web1"
+    }  # a PE never holds, adopts or stops it
     assert result_of(hv.free_ram_kb()) == free - 131072  # but its RAM is not free
 
 
 def test_cpu_wait_is_none_where_the_driver_does_not_report_it(hv):
     result_of(hv.start(spec("web1")))
-    assert result_of(hv.cpu_wait_ns("web1")) is None  # the test driver has no vCPU wait counters
+    assert (
+        result_of(hv.cpu_wait_ns("web1")) is None
+    )  # the test driver has no vCPU wait counters
     failure_of(hv.cpu_wait_ns("nothere"), UnknownDomain)
 
 
 @pytest.mark.parametrize(
     "stats, wait",
     [
-        ({"vcpu.current": 2, "vcpu.0.wait": 5, "vcpu.1.wait": 7, "vcpu.0.time": 100}, 12),  # Xen
+        (
+            {"vcpu.current": 2, "vcpu.0.wait": 5, "vcpu.1.wait": 7, "vcpu.0.time": 100},
+            12,
+        ),  # Xen
         ({"vcpu.current": 1, "vcpu.0.delay": 40, "vcpu.0.time": 100}, 40),  # QEMU
         ({"vcpu.current": 1, "vcpu.0.time": 100}, None),
         ({}, None),
@@ -279,7 +311,9 @@ def test_starting_a_duplicate_name_fails(hv):
 
 def test_libvirt_refusing_a_domain_is_a_hypervisor_error(hv):
     err = failure_of(hv.start(spec("bad/name")), HypervisorError)
-    assert "cannot start 'bad/name'" in str(err) and err.code == libvirt.VIR_ERR_XML_ERROR
+    assert (
+        "cannot start 'bad/name'" in str(err) and err.code == libvirt.VIR_ERR_XML_ERROR
+    )
 
 
 def test_bad_specs_and_bad_disk_xml_fail_before_libvirt(hv):
@@ -300,15 +334,22 @@ def test_the_test_driver_does_not_refuse_beyond_free_ram(hv):
 
 
 def test_the_default_host_and_its_predefined_domain(reactor):
-    hv = LibvirtHypervisor("test:///default", threadpool=SyncThreadPool(), reactor=reactor)
+    hv = LibvirtHypervisor(
+        "test:///default", threadpool=SyncThreadPool(), reactor=reactor
+    )
     try:
         info = result_of(hv.node())
         assert (info.cpus, info.ram_kb) == (16, 3072 * 1024)
-        assert result_of(hv.domains()) == {}  # its domain "test" is not one of xenpool's
+        assert (
+            result_of(hv.domains()) == {}
+        )  # its domain "test" is not one of xenpool's
         test = hv._conn().lookupByName("test")
         assert test.isActive()
         used = test.info()[2]  # but the RAM it uses is not free
-        assert result_of(hv.free_ram_kb()) == info.ram_kb - hv.overhead_kb(info.ram_kb) - used
+        assert (
+            result_of(hv.free_ram_kb())
+            == info.ram_kb - hv.overhead_kb(info.ram_kb) - used
+        )
     finally:
         hv.stop()
 
@@ -405,7 +446,9 @@ def test_calls_run_in_the_hypervisors_own_thread_pool(reactor):
         assert state == libvirt.VIR_DOMAIN_RUNNING
         assert thread is not threading.current_thread()
         hv.domains().addBoth(results.put)
-        assert results.get(timeout=EVENT_TIMEOUT_S) == {"web1": (libvirt.VIR_DOMAIN_RUNNING, 256 * 1024)}
+        assert results.get(timeout=EVENT_TIMEOUT_S) == {
+            "web1": (libvirt.VIR_DOMAIN_RUNNING, 256 * 1024)
+        }
         pool = hv._pool
     finally:
         hv.stop()
@@ -433,7 +476,11 @@ def test_the_pool_starts_on_first_use(reactor):
 
 @pytest.mark.parametrize(
     "template, mac_prefix, bridge",
-    [("domain-test.xml", None, None), ("domain-kvm.xml", "52:54:00", "br0"), ("domain-xen.xml", "00:16:3e", "xenbr0")],
+    [
+        ("domain-test.xml", None, None),
+        ("domain-kvm.xml", "52:54:00", "br0"),
+        ("domain-xen.xml", "00:16:3e", "xenbr0"),
+    ],
 )
 def test_every_template_renders_to_well_formed_domain_xml(template, mac_prefix, bridge):
     import xml.etree.ElementTree as ET
@@ -448,7 +495,10 @@ def test_every_template_renders_to_well_formed_domain_xml(template, mac_prefix, 
     assert root.find("devices/disk/source").get("file") == "/var/lib/xenpool/web1.img"
     assert ips_from_xml(xml) == ("10.0.0.7",)
     if mac_prefix:
-        assert root.find("devices/interface/mac").get("address") == f"{mac_prefix}:{mac_tail('web&1')}"
+        assert (
+            root.find("devices/interface/mac").get("address")
+            == f"{mac_prefix}:{mac_tail('web&1')}"
+        )
         assert root.find("devices/interface/source").get("bridge") == bridge
 
 
@@ -462,12 +512,16 @@ def test_template_variables_and_an_explicit_template(make, tmp_path):
     hv = make(domain_template=custom, template_vars={"bridge": "vmbr7"})
     assert "<description>vmbr7</description>" in hv.domain_xml(spec("web1"))
     result_of(hv.start(spec("web1")))
-    assert "<description>vmbr7</description>" in hv._conn().lookupByName("web1").XMLDesc()
+    assert (
+        "<description>vmbr7</description>" in hv._conn().lookupByName("web1").XMLDesc()
+    )
 
 
 def test_a_template_with_an_unknown_placeholder_fails_clearly(make, tmp_path):
     custom = tmp_path / "domain.xml"
-    custom.write_text("<domain type='test'><name>${name}</name><foo>${nosuch}</foo></domain>")
+    custom.write_text(
+        "<domain type='test'><name>${name}</name><foo>${nosuch}</foo></domain>"
+    )
     err = failure_of(make(domain_template=custom).start(spec("web1")), HypervisorError)
     assert "unknown placeholder $nosuch" in str(err)
 
@@ -479,6 +533,9 @@ def test_the_test_driver_cannot_live_migrate_and_says_so(hv):
     result_of(hv.start(spec("web1", 256)))
     assert hv.live_migration is False  # known once connected: the PE does not even try
     err = failure_of(hv.migrate("web1", "test:///default"), MigrationUnsupported)
-    assert "migrating 'web1' to test:///default" in str(err) and err.code == libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED
+    assert (
+        "migrating 'web1' to test:///default" in str(err)
+        and err.code == libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED
+    )
     assert result_of(hv.state("web1")) == libvirt.VIR_DOMAIN_RUNNING  # still here
     assert not hv.reactor.getDelayedCalls()  # the abort timer is gone with the answer

@@ -28,21 +28,43 @@ ROOT = Path(__file__).resolve().parent.parent
 DAEMONS = ("xenpool-registrar", "xenpool-pe", "xenpool-pu")
 # Not part of the source tree: the venv, VCS data and build/test leftovers.
 NOT_SOURCE = shutil.ignore_patterns(
-    ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
-    ".hypothesis", ".benchmarks", "dropin.cache", "*.pcap", ".coverage*", "htmlcov", "_trial_temp",
+    ".venv",
+    ".git",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    ".hypothesis",
+    ".benchmarks",
+    "dropin.cache",
+    "*.pcap",
+    ".coverage*",
+    "htmlcov",
+    "_trial_temp",
 )
 
 
-def run(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+def run(
+    *args: str | Path, cwd: Path, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, (
+        f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    )
     return result
 
 
 def _ensure_build_tools(cwd: Path) -> None:
     """--no-build-isolation builds with this venv's setuptools (and, before setuptools
     70.1, wheel's bdist_wheel); the fresh venv sees them through the .pth file."""
-    missing = [name for name in ("setuptools", "wheel") if importlib.util.find_spec(name) is None]
+    missing = [
+        name
+        for name in ("setuptools", "wheel")
+        if importlib.util.find_spec(name) is None
+    ]
     if missing:
         run(sys.executable, "-m", "pip", "install", "--quiet", *missing, cwd=cwd)
 
@@ -55,7 +77,9 @@ class Fresh(NamedTuple):
 
 
 def _fresh_install(base: Path, *, editable: bool) -> Fresh:
-    cwd = base / "elsewhere"  # neither the checkout nor the venv: nothing on sys.path by accident
+    cwd = (
+        base / "elsewhere"
+    )  # neither the checkout nor the venv: nothing on sys.path by accident
     cwd.mkdir()
     _ensure_build_tools(cwd)
 
@@ -64,7 +88,9 @@ def _fresh_install(base: Path, *, editable: bool) -> Fresh:
     python = venv / "bin" / "python"
     purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     site = Path(run(python, "-c", purelib, cwd=cwd).stdout.strip())
-    ours = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    ours = dict.fromkeys(
+        [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    )
     (site / "test-venv-site-packages.pth").write_text("".join(f"{p}\n" for p in ours))
 
     # Install from a copy of the working tree: an in-tree build would write build/ and
@@ -74,10 +100,29 @@ def _fresh_install(base: Path, *, editable: bool) -> Fresh:
     if editable:
         # What scripts/bootstrap.sh does for a checkout: an editable install, then the
         # drop-in link that lets twistd find twisted/plugins/xenpool_plugins.py.
-        run(python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", source, cwd=cwd)
+        run(
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "-e",
+            source,
+            cwd=cwd,
+        )
         run(source / "scripts" / "link-twisted-dropin.sh", venv, cwd=cwd)
     else:
-        run(python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", source, cwd=cwd)
+        run(
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            source,
+            cwd=cwd,
+        )
     return Fresh(venv, site, cwd, source)
 
 
@@ -95,18 +140,29 @@ def fresh_editable(tmp_path_factory) -> Fresh:
 
 @pytest.fixture(params=["non-editable", "editable"])
 def either_install(request) -> Fresh:
-    return request.getfixturevalue("fresh" if request.param == "non-editable" else "fresh_editable")
+    return request.getfixturevalue(
+        "fresh" if request.param == "non-editable" else "fresh_editable"
+    )
 
 
-def test_only_xenpool_plugins_is_importable_and_twistd_finds_the_daemons(either_install):
+def test_only_xenpool_plugins_is_importable_and_twistd_finds_the_daemons(
+    either_install,
+):
     # The built-in plugins have one import name, xenpool_plugins: neither the checkout's
     # plugins/ nor its tests/ is a top-level package, yet twistd finds the drop-in.
     venv, site, cwd, source = either_install
     python = venv / "bin" / "python"
     for name in ("plugins", "tests"):
-        result = subprocess.run([python, "-c", f"import {name}"], cwd=cwd, capture_output=True, text=True)
-        assert result.returncode != 0 and "ModuleNotFoundError" in result.stderr, (name, result)
-    found = run(python, "-c", "import xenpool_plugins; print(xenpool_plugins.__file__)", cwd=cwd).stdout
+        result = subprocess.run(
+            [python, "-c", f"import {name}"], cwd=cwd, capture_output=True, text=True
+        )
+        assert result.returncode != 0 and "ModuleNotFoundError" in result.stderr, (
+            name,
+            result,
+        )
+    found = run(
+        python, "-c", "import xenpool_plugins; print(xenpool_plugins.__file__)", cwd=cwd
+    ).stdout
     assert not Path(found.strip()).is_relative_to(ROOT)
     twistd_help = "import sys; from twisted.scripts.twistd import run; sys.argv = ['twistd', '--help']; run()"
     out = run(python, "-c", twistd_help, cwd=cwd).stdout
@@ -155,7 +211,11 @@ def test_xenpool_version_from_the_fresh_venv(fresh):
 
     out = run(venv / "bin" / "xenpool", "--version", cwd=cwd).stdout
     assert out.strip() == f"xenpool {__version__}"
-    assert (venv / "bin" / "xenpool").read_text().startswith(f"#!{venv / 'bin' / 'python'}")
+    assert (
+        (venv / "bin" / "xenpool")
+        .read_text()
+        .startswith(f"#!{venv / 'bin' / 'python'}")
+    )
 
 
 def test_the_installed_xenpool_is_the_fresh_venvs_copy(fresh):
@@ -202,7 +262,11 @@ def test_every_source_module_is_installed(fresh):
     # setup.cfg lists packages by hand; a sub-package missing there is missing here.
     expected = [
         Path(package) / module.relative_to(source / directory)
-        for directory, package in [("xenpool", "xenpool"), ("plugins", "xenpool_plugins"), ("twisted", "twisted")]
+        for directory, package in [
+            ("xenpool", "xenpool"),
+            ("plugins", "xenpool_plugins"),
+            ("twisted", "twisted"),
+        ]
         for module in (source / directory).rglob("*.py")
     ]
     assert len(expected) > 10
@@ -214,8 +278,6 @@ def test_every_source_module_is_installed(fresh):
 def test_each_daemons_options_load_from_the_installed_copy(fresh, daemon):
     venv, site, cwd, source = fresh
     # `twistd DAEMON --help` imports the daemon's tap module for its options.
-    daemon_help = (
-        f"import sys; from twisted.scripts.twistd import run; sys.argv = ['twistd', {daemon!r}, '--help']; run()"
-    )
+    daemon_help = f"import sys; from twisted.scripts.twistd import run; sys.argv = ['twistd', {daemon!r}, '--help']; run()"
     out = run(venv / "bin" / "python", "-c", daemon_help, cwd=cwd).stdout
     assert f"Usage: twistd [options] {daemon} [options]" in out, out

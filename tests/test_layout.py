@@ -36,7 +36,11 @@ def _imported_modules(path: Path) -> set[str]:
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            found.update(word for word in node.value.split() if word.startswith("xenpool_plugins"))
+            found.update(
+                word
+                for word in node.value.split()
+                if word.startswith("xenpool_plugins")
+            )
     return found
 
 
@@ -44,7 +48,11 @@ def test_nothing_in_the_core_imports_the_builtin_plugins_but_the_loader():
     modules = sorted(CORE.rglob("*.py"))
     assert len(modules) > 20
     offenders = {
-        str(path.relative_to(ROOT)): sorted(name for name in _imported_modules(path) if name.split(".")[0] == "xenpool_plugins")
+        str(path.relative_to(ROOT)): sorted(
+            name
+            for name in _imported_modules(path)
+            if name.split(".")[0] == "xenpool_plugins"
+        )
         for path in modules
         if path != LOADER
     }
@@ -54,7 +62,11 @@ def test_nothing_in_the_core_imports_the_builtin_plugins_but_the_loader():
 def test_the_pool_element_does_not_import_the_pool_user():
     # What both use (the ASAP client) lives in a neutral module, xenpool.asap_client.
     offenders = {
-        str(path.relative_to(ROOT)): sorted(n for n in _imported_modules(path) if n == "xenpool.pu" or n.startswith("xenpool.pu."))
+        str(path.relative_to(ROOT)): sorted(
+            n
+            for n in _imported_modules(path)
+            if n == "xenpool.pu" or n.startswith("xenpool.pu.")
+        )
         for path in sorted((CORE / "pe").rglob("*.py"))
     }
     assert not {path: names for path, names in offenders.items() if names}
@@ -64,9 +76,15 @@ def test_the_pool_element_does_not_import_the_pool_user():
 def test_the_daemons_do_not_import_the_developer_tools():
     # xenpool/tools/ (demos, fuzzer, benchmarks, process helpers) sits on top: the command
     # line and the chaos bed may use it, the daemons and their contracts never do.
-    users = {CORE / "cli.py", *(CORE / "chaos").rglob("*.py"), *(CORE / "tools").rglob("*.py")}
+    users = {
+        CORE / "cli.py",
+        *(CORE / "chaos").rglob("*.py"),
+        *(CORE / "tools").rglob("*.py"),
+    }
     offenders = {
-        str(path.relative_to(ROOT)): sorted(n for n in _imported_modules(path) if n.startswith("xenpool.tools"))
+        str(path.relative_to(ROOT)): sorted(
+            n for n in _imported_modules(path) if n.startswith("xenpool.tools")
+        )
         for path in sorted(CORE.rglob("*.py"))
         if path not in users
     }
@@ -77,9 +95,13 @@ def test_the_benchmarks_share_one_module_not_each_others_privates():
     for path in sorted((CORE / "tools").glob("bench_*.py")):
         for name in _imported_modules(path):
             if name.startswith("xenpool.tools.bench_"):
-                raise AssertionError(f"{path.name} imports {name}: shared code belongs in xenpool/tools/bench.py")
+                raise AssertionError(
+                    f"{path.name} imports {name}: shared code belongs in xenpool/tools/bench.py"
+                )
     tree = ast.parse((CORE / "tools" / "bench.py").read_text(encoding="utf-8"))
-    assert "BenchError" in {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert "BenchError" in {
+        node.name for node in tree.body if isinstance(node, ast.ClassDef)
+    }
 
 
 def test_the_core_uses_the_hypervisor_through_its_contract():
@@ -87,5 +109,9 @@ def test_the_core_uses_the_hypervisor_through_its_contract():
     # in IHypervisor: no probing for optional members, no calls of a plugin's privates.
     for path in sorted(CORE.rglob("*.py")):
         text = path.read_text(encoding="utf-8")
-        for probe in ("hasattr(self.hypervisor", "getattr(self.hypervisor", "hypervisor._"):
+        for probe in (
+            "hasattr(self.hypervisor",
+            "getattr(self.hypervisor",
+            "hypervisor._",
+        ):
             assert probe not in text, f"{path.relative_to(ROOT)}: {probe}"

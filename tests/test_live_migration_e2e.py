@@ -47,7 +47,9 @@ def _missing() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} not installed (scripts/bootstrap.sh installs it as root)"
     busybox = Path("/bin/busybox")
-    if not busybox.is_file() or b"ld-linux" in busybox.read_bytes()[:8192]:  # a dynamic one needs its libraries
+    if (
+        not busybox.is_file() or b"ld-linux" in busybox.read_bytes()[:8192]
+    ):  # a dynamic one needs its libraries
         return "no static busybox (busybox-static)"
     if not _kernel():
         return "no kernel in /boot (linux-image-amd64)"
@@ -62,7 +64,9 @@ def _kernel() -> str | None:
 def initramfs(files: dict[str, tuple[int, bytes]]) -> bytes:
     """A gzipped newc cpio archive of ``files`` ({path: (mode, content)}), what the kernel unpacks."""
     out = io.BytesIO()
-    for ino, (name, (mode, data)) in enumerate([*files.items(), ("TRAILER!!!", (0, b""))], start=1):
+    for ino, (name, (mode, data)) in enumerate(
+        [*files.items(), ("TRAILER!!!", (0, b""))], start=1
+    ):
         raw = name.encode() + b"\0"
         fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(raw), 0)
         out.write(b"070701" + b"".join(b"%08X" % f for f in fields) + raw)
@@ -89,11 +93,24 @@ class Hypervisor:
             os.chown(path, NOBODY, NOBODY)
         self.socket = dirs["run"] / "libvirt" / "libvirt-sock"
         self.uri = f"qemu+unix:///session?socket={self.socket}"
-        env = {"PATH": os.environ["PATH"], "HOME": str(dirs["home"]), "XDG_RUNTIME_DIR": str(dirs["run"]),
-               "XDG_CONFIG_HOME": str(dirs["config"]), "XDG_CACHE_HOME": str(dirs["cache"])}  # fmt: skip
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(dirs["home"]),
+            "XDG_RUNTIME_DIR": str(dirs["run"]),
+            "XDG_CONFIG_HOME": str(dirs["config"]),
+            "XDG_CACHE_HOME": str(dirs["cache"]),
+        }
         self.log = open(root / "libvirtd.log", "wb")
-        self.process = subprocess.Popen(["libvirtd"], env=env, user=NOBODY, group=NOBODY, extra_groups=[],
-                                        cwd=root, stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
+        self.process = subprocess.Popen(
+            ["libvirtd"],
+            env=env,
+            user=NOBODY,
+            group=NOBODY,
+            extra_groups=[],
+            cwd=root,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         wait_until(self.socket.exists, 20, f"libvirtd socket {self.socket}")
 
     def stop(self) -> None:
@@ -116,19 +133,35 @@ def hypervisors():
     reason = _missing()
     if reason:
         pytest.skip(f"live migration end to end: {reason}")
-    root = Path(tempfile.mkdtemp(prefix="xp-lm-"))  # short: the sockets' paths must fit 108 bytes
+    root = Path(
+        tempfile.mkdtemp(prefix="xp-lm-")
+    )  # short: the sockets' paths must fit 108 bytes
     root.chmod(0o755)
     shutil.copy(_kernel(), root / "vmlinuz")
     init = GUEST_INIT.encode()
-    (root / "initrd.gz").write_bytes(initramfs({
-        "bin": (0o040755, b""), "proc": (0o040755, b""), "dev": (0o040755, b""),
-        "bin/busybox": (0o100755, Path("/bin/busybox").read_bytes()), "init": (0o100755, init),
-    }))  # fmt: skip
-    console = root / "console.log"  # both hosts append to it: one boot and the uptime going on
+    (root / "initrd.gz").write_bytes(
+        initramfs(
+            {
+                "bin": (0o040755, b""),
+                "proc": (0o040755, b""),
+                "dev": (0o040755, b""),
+                "bin/busybox": (0o100755, Path("/bin/busybox").read_bytes()),
+                "init": (0o100755, init),
+            }
+        )
+    )
+    console = (
+        root / "console.log"
+    )  # both hosts append to it: one boot and the uptime going on
     console.touch()
     os.chown(console, NOBODY, NOBODY)
-    template = (Path(__file__).with_name("domain-tcg-guest.xml").read_text()
-                .replace("@ROOT@", str(root)).replace("@CONSOLE@", str(console)))  # fmt: skip
+    template = (
+        Path(__file__)
+        .with_name("domain-tcg-guest.xml")
+        .read_text()
+        .replace("@ROOT@", str(root))
+        .replace("@CONSOLE@", str(console))
+    )
     (root / "domain.xml").write_text(template)
     started = []
     try:
@@ -143,11 +176,16 @@ def hypervisors():
 
 
 def uptimes(console: Path) -> list[float]:
-    return [float(u) for u in re.findall(r"uptime ([0-9.]+)", console.read_text(errors="replace"))]
+    return [
+        float(u)
+        for u in re.findall(r"uptime ([0-9.]+)", console.read_text(errors="replace"))
+    ]
 
 
 @pytest.mark.slow
-def test_a_planned_move_live_migrates_a_running_guest_and_the_keeper_follows(hypervisors, tmp_path):
+def test_a_planned_move_live_migrates_a_running_guest_and_the_keeper_follows(
+    hypervisors, tmp_path
+):
     import libvirt
 
     from xenpool_plugins.hypervisor_libvirt import stable_uuid
@@ -156,22 +194,40 @@ def test_a_planned_move_live_migrates_a_running_guest_and_the_keeper_follows(hyp
     root, console = hv1.root, hv1.console
     (tmp_path / "vms.conf").write_text("[vm vm1]\nram = 96\n")
     asap = free_port()
-    daemons = [Daemon("xenpool-registrar", f"--asap=tcp:{asap}:interface=127.0.0.1", ready="started", cwd=tmp_path)]
+    daemons = [
+        Daemon(
+            "xenpool-registrar",
+            f"--asap=tcp:{asap}:interface=127.0.0.1",
+            ready="started",
+            cwd=tmp_path,
+        )
+    ]
 
     def start_pe(n: int, hv: Hypervisor) -> Daemon:
         pe = Daemon(
-            "xenpool-pe", f"--registrar=tcp:host=127.0.0.1:port={asap}", f"--pe-id={n}", f"--port={free_port()}",
-            "--bind=127.0.0.1", f"--host=host{n}", f"--libvirt-uri={hv.uri}", f"--migration-uri={hv.uri}",
-            f"--domain-template={root / 'domain.xml'}", f"--status=tcp:{free_port()}:interface=127.0.0.1",
-            "--load-plugin=max", ready="registered in pool Xen", cwd=tmp_path,
-        )  # fmt: skip
+            "xenpool-pe",
+            f"--registrar=tcp:host=127.0.0.1:port={asap}",
+            f"--pe-id={n}",
+            f"--port={free_port()}",
+            "--bind=127.0.0.1",
+            f"--host=host{n}",
+            f"--libvirt-uri={hv.uri}",
+            f"--migration-uri={hv.uri}",
+            f"--domain-template={root / 'domain.xml'}",
+            f"--status=tcp:{free_port()}:interface=127.0.0.1",
+            "--load-plugin=max",
+            ready="registered in pool Xen",
+            cwd=tmp_path,
+        )
         pe.port = int(next(a for a in pe.argv if a.startswith("--port=")).split("=")[1])
         pe.status = next(a for a in pe.argv if a.startswith("--status=")).split(":")[1]
         daemons.append(pe)
         return pe
 
     def domains(pe: Daemon) -> set[str]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{pe.status}/status", timeout=10) as response:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{pe.status}/status", timeout=10
+        ) as response:
             return set(json.load(response)["domains"])
 
     def ask(pe: Daemon, message):
@@ -185,13 +241,20 @@ def test_a_planned_move_live_migrates_a_running_guest_and_the_keeper_follows(hyp
     try:
         first = start_pe(1, hv1)
         keeper = Daemon(
-            "xenpool-pu", f"--keep={tmp_path / 'vms.conf'}", f"--registrar=127.0.0.1:{asap}",
-            f"--state-dir={tmp_path / 'keeper'}", "--heartbeat-interval=0.2", ready="vm1: running: on PE 0x00000001",
-            cwd=tmp_path, timeout=30,
-        )  # fmt: skip
+            "xenpool-pu",
+            f"--keep={tmp_path / 'vms.conf'}",
+            f"--registrar=127.0.0.1:{asap}",
+            f"--state-dir={tmp_path / 'keeper'}",
+            "--heartbeat-interval=0.2",
+            ready="vm1: running: on PE 0x00000001",
+            cwd=tmp_path,
+            timeout=30,
+        )
         daemons.append(keeper)
         second = start_pe(2, hv2)
-        wait_until(lambda: len(uptimes(console)) >= 2, 30, "the guest's console")  # it booted and ticks
+        wait_until(
+            lambda: len(uptimes(console)) >= 2, 30, "the guest's console"
+        )  # it booted and ticks
         before = libvirt.open(hv1.uri).lookupByName("vm1")
         assert before.UUIDString() == stable_uuid("vm1")
 
@@ -201,7 +264,9 @@ def test_a_planned_move_live_migrates_a_running_guest_and_the_keeper_follows(hyp
         moved_at = time.monotonic()
         answer = ask(first, S.MoveRequest(1, "vm1", 2, b"", report.migration))
         migration_s = time.monotonic() - moved_at
-        assert answer.moved and answer.reason.startswith("live-migrated from host1 to host2"), answer
+        assert answer.moved and answer.reason.startswith(
+            "live-migrated from host1 to host2"
+        ), answer
         ticks_before = uptimes(console)
 
         keeper.wait_for("vm1: running: on PE 0x00000002", timeout=30)
@@ -210,13 +275,21 @@ def test_a_planned_move_live_migrates_a_running_guest_and_the_keeper_follows(hyp
         assert domains(first) == set() and domains(second) == {"vm1"}
         after = libvirt.open(hv2.uri).lookupByName("vm1")
         assert after.UUIDString() == stable_uuid("vm1") and after.isActive()
-        wait_until(lambda: len(uptimes(console)) > len(ticks_before) + 1, 30, "the guest ticking on host 2")
+        wait_until(
+            lambda: len(uptimes(console)) > len(ticks_before) + 1,
+            30,
+            "the guest ticking on host 2",
+        )
         log = console.read_text()
         assert log.count("xenpool-guest booted") == 1  # never restarted
         ticks = uptimes(console)
-        assert ticks == sorted(ticks) and ticks[-1] > ticks_before[-1]  # its uptime goes on
+        assert (
+            ticks == sorted(ticks) and ticks[-1] > ticks_before[-1]
+        )  # its uptime goes on
         second_log, first_log = second.drain(), first.drain()
-        assert "fenced" not in second_log and "started vm1" not in second_log  # re-adopted, not started
+        assert (
+            "fenced" not in second_log and "started vm1" not in second_log
+        )  # re-adopted, not started
         assert "stopping and restarting" not in first_log
         print(f"live migration took {migration_s:.1f} s")
     finally:

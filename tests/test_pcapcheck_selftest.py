@@ -8,8 +8,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import pcapcheck  # noqa: E402
-from pcapcheck import Frame, crc32c, tshark_fields, tshark_malformed, write_pcap  # noqa: E402
+import pcapcheck
+from pcapcheck import Frame, crc32c, tshark_fields, tshark_malformed, write_pcap
 
 _skip_without_tshark = pytest.mark.skipif(
     not pcapcheck.tshark_available(), reason="tshark not installed"
@@ -19,6 +19,7 @@ _skip_without_tshark = pytest.mark.skipif(
 def needs_tshark(fn):
     """Mark with the project's `tshark` marker and skip if tshark is absent."""
     return pytest.mark.tshark(_skip_without_tshark(fn))
+
 
 ASAP_HANDLE_RESOLUTION = 0x05
 PARAM_POOL_HANDLE = 0x0009
@@ -67,7 +68,9 @@ def test_handle_resolution_sctp_and_tcp(tmp_path):
     path = tmp_path / "hr.pcap"
     msg = handle_resolution(b"Xen")
     assert len(msg) == 12
-    write_pcap(path, [Frame(msg, transport="sctp", ppid=11), Frame(msg, transport="tcp")])
+    write_pcap(
+        path, [Frame(msg, transport="sctp", ppid=11), Frame(msg, transport="tcp")]
+    )
 
     pkts = tshark_fields(path, FIELDS)
     assert len(pkts) == 2
@@ -88,7 +91,15 @@ def test_handle_resolution_sctp_and_tcp(tmp_path):
 def test_sequence_numbers_continue(tmp_path):
     path = tmp_path / "seq.pcap"
     msg = handle_resolution(b"Xen")
-    write_pcap(path, [Frame(msg), Frame(msg), Frame(msg, transport="tcp"), Frame(msg, transport="tcp")])
+    write_pcap(
+        path,
+        [
+            Frame(msg),
+            Frame(msg),
+            Frame(msg, transport="tcp"),
+            Frame(msg, transport="tcp"),
+        ],
+    )
     pkts = tshark_fields(path, FIELDS)
     assert [p["sctp.data_tsn_raw"] for p in pkts[:2]] == [["1"], ["2"]]
     seqs = [int(p["tcp.seq_raw"][0]) for p in pkts[2:]]
@@ -114,7 +125,9 @@ def test_bad_sctp_checksum_is_reported(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0xFF  # corrupt payload padding byte -> CRC32c mismatch
     path.write_bytes(bytes(raw))
-    assert tshark_fields(path, ["sctp.checksum.status"])[0]["sctp.checksum.status"] == ["0"]
+    assert tshark_fields(path, ["sctp.checksum.status"])[0]["sctp.checksum.status"] == [
+        "0"
+    ]
     assert tshark_malformed(path) == [1]
 
 

@@ -6,9 +6,9 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from xenpool.interfaces import NodeInfo
+from xenpool.interfaces import RUNNING, SHUTOFF, NodeInfo
 from xenpool.pe.accounting import HostAccounting, LoadSettings
-from xenpool.pe.core import RUNNING, SHUTOFF, PeSettings, PoolElementCore
+from xenpool.pe.core import PeSettings, PoolElementCore
 from xenpool.protocol import cookie as C
 from xenpool.protocol import messages as M
 from xenpool.protocol import session as S
@@ -35,7 +35,11 @@ class MemoryHypervisor:
         return defer.succeed(None)
 
     def state(self, name):
-        return defer.succeed(self.domains[name]["state"]) if name in self.domains else defer.fail(KeyError(name))
+        return (
+            defer.succeed(self.domains[name]["state"])
+            if name in self.domains
+            else defer.fail(KeyError(name))
+        )
 
     def cpu_time_ns(self, name):
         return defer.succeed(self.domains[name]["cpu_ns"])
@@ -69,7 +73,9 @@ class Session:
 
     def cookies(self, now: float):
         return [
-            C.unseal(m.cookie, SECRET, pool_handle=b"Xen", now=now, max_age_s=60) for m in self.sent if isinstance(m, M.Cookie)
+            C.unseal(m.cookie, SECRET, pool_handle=b"Xen", now=now, max_age_s=60)
+            for m in self.sent
+            if isinstance(m, M.Cookie)
         ]
 
 
@@ -83,9 +89,13 @@ def pe(clock):
     accounting = HostAccounting(NODE, LoadSettings(sample_interval_s=30))
     updates = []
     core = PoolElementCore(
-        PeSettings(pe_identifier=7, host="pe1", secret=SECRET, cookie_max_age_s=60), MemoryHypervisor(),
-        accounting, WeightedLoad(), clock, load_changed=lambda: updates.append(clock.seconds()),
-    )  # fmt: skip
+        PeSettings(pe_identifier=7, host="pe1", secret=SECRET, cookie_max_age_s=60),
+        MemoryHypervisor(),
+        accounting,
+        WeightedLoad(),
+        clock,
+        load_changed=lambda: updates.append(clock.seconds()),
+    )
     core.updates = updates
     return core
 
@@ -101,8 +111,15 @@ def test_create_starts_the_vm_and_sends_cookies(pe, clock):
     assert pe.hypervisor.domains["web1"]["spec"].ram_mb == 300
     assert [r.code for r in session.results()] == [S.ResultCode.STARTED]
     cookies = session.cookies(clock.seconds())
-    assert [c.running for c in cookies] == [False, True]  # running=false before the start
-    assert cookies[1].host == "pe1" and cookies[1].pe_identifier == 7 and cookies[1].ram_mb == 300
+    assert [c.running for c in cookies] == [
+        False,
+        True,
+    ]  # running=false before the start
+    assert (
+        cookies[1].host == "pe1"
+        and cookies[1].pe_identifier == 7
+        and cookies[1].ram_mb == 300
+    )
     assert not session.closed
     assert pe.accounting.free_kb == NODE.ram_kb - pe.accounting.overhead_kb - 300 * 1024
     assert pe.updates  # an early load update after the start
@@ -135,7 +152,9 @@ def test_a_failed_start_gives_its_reason_and_returns_the_ram(pe):
     free = pe.accounting.free_kb
     session = create(pe)
     (result,) = session.results()
-    assert result.code == S.ResultCode.UNSPECIFIED and "no such network" in result.reason
+    assert (
+        result.code == S.ResultCode.UNSPECIFIED and "no such network" in result.reason
+    )
     assert pe.accounting.free_kb == free and session.closed
 
 
@@ -164,23 +183,37 @@ def test_pu_gone_the_vm_outlives_it_for_the_lease(pe, clock):
     clock.advance(59)
     assert pe.hypervisor.shutdowns == [] and pe.orphans.keys() == {"web1"}
     # still taken: another VM of that name (another disk) is refused
-    assert create(pe, "web1", disk="/dev/vg/other").results()[0].code == S.ResultCode.ALREADY_RUNNING
+    assert (
+        create(pe, "web1", disk="/dev/vg/other").results()[0].code
+        == S.ResultCode.ALREADY_RUNNING
+    )
     clock.advance(1)
-    assert pe.hypervisor.shutdowns == ["web1"] and pe.accounting.free_kb == free and not pe.orphans
+    assert (
+        pe.hypervisor.shutdowns == ["web1"]
+        and pe.accounting.free_kb == free
+        and not pe.orphans
+    )
 
 
-def test_a_keeper_back_without_its_cookie_takes_its_vm_back_with_a_plain_create(pe, clock):
+def test_a_keeper_back_without_its_cookie_takes_its_vm_back_with_a_plain_create(
+    pe, clock
+):
     """A keeper whose state file was lost or corrupt asks for its VM again: the PE that
     kept it running for the lease re-adopts it instead of refusing or starting it twice."""
     pe.session_lost(create(pe))
     clock.advance(30)
     again = create(pe)
-    assert again.results()[0].ok and again.results()[0].reason == "re-adopted, kept running"
+    assert (
+        again.results()[0].ok
+        and again.results()[0].reason == "re-adopted, kept running"
+    )
     clock.advance(60)
     assert pe.hypervisor.shutdowns == [] and list(pe.hypervisor.domains) == ["web1"]
 
 
-def test_a_refusal_because_another_host_runs_the_vm_sends_a_cookie_naming_that_host(pool, clock):
+def test_a_refusal_because_another_host_runs_the_vm_sends_a_cookie_naming_that_host(
+    pool, clock
+):
     """So a keeper without a cookie goes to that host next (and re-adopts there)."""
     assert create(pool.cores[2], "web1", 64).results()[0].ok
     refused = create(pool.cores[0], "web1", 64)
@@ -205,7 +238,9 @@ def test_a_restarted_keeper_re_adopts_its_vm(pe, clock):
     pe.handle(M.CookieEcho(cookie.cookie), keeper)
     (result,) = keeper.results()
     assert result.code == S.ResultCode.STARTED and "re-adopted" in result.reason
-    assert len(pe.hypervisor.domains) == 1 and not pe.orphans  # not started a second time
+    assert (
+        len(pe.hypervisor.domains) == 1 and not pe.orphans
+    )  # not started a second time
     clock.advance(60)
     assert pe.hypervisor.shutdowns == []  # the lease no longer runs
 
@@ -213,7 +248,10 @@ def test_a_restarted_keeper_re_adopts_its_vm(pe, clock):
 def test_stop_request(pe):
     session = create(pe)
     pe.handle(S.StopServer("web1"), session)
-    assert session.sent[-1] == S.StopResult("web1", S.ResultCode.NORMAL_END, "shut down") and session.closed
+    assert (
+        session.sent[-1] == S.StopResult("web1", S.ResultCode.NORMAL_END, "shut down")
+        and session.closed
+    )
     assert "web1" not in pe.hypervisor.domains
 
 
@@ -225,18 +263,25 @@ def test_cpu_share_from_cpu_time_deltas_smoothed(pe, clock):
     clock.advance(30)
     pe.hypervisor.domains["web1"]["cpu_ns"] = int(30e9)  # one of two CPUs busy for 30 s
     pe.sample_load()
-    assert pe.accounting.vms["web1"].cpu_share == pytest.approx((0.5 + 3 * estimate) / 4)
+    assert pe.accounting.vms["web1"].cpu_share == pytest.approx(
+        (0.5 + 3 * estimate) / 4
+    )
 
 
 def test_cookie_echo_refusals(pe, clock):
-    state = C.SessionState(b"Xen", "web9", "", (), 64, 1, False, "pe2", 9, clock.seconds())
+    state = C.SessionState(
+        b"Xen", "web9", "", (), 64, 1, False, "pe2", 9, clock.seconds()
+    )
     for cookie, reason in (
         (C.seal(state, b"another secret"), "bad MAC"),
         (C.seal(state, SECRET)[:-1] + b"x", "bad MAC"),
     ):
         session = Session()
         pe.handle(M.CookieEcho(cookie), session)
-        assert session.results()[0].code == S.ResultCode.COOKIE_REJECTED and reason in session.results()[0].reason
+        assert (
+            session.results()[0].code == S.ResultCode.COOKIE_REJECTED
+            and reason in session.results()[0].reason
+        )
     clock.advance(61)
     session = Session()
     pe.handle(M.CookieEcho(C.seal(state, SECRET)), session)
@@ -244,17 +289,27 @@ def test_cookie_echo_refusals(pe, clock):
 
 
 def test_cookie_echo_of_a_stopped_vm_starts_it_here(pe, clock):
-    state = C.SessionState(b"Xen", "web9", "", ("10.0.5.9",), 64, 1, False, "pe2", 9, clock.seconds())
+    state = C.SessionState(
+        b"Xen", "web9", "", ("10.0.5.9",), 64, 1, False, "pe2", 9, clock.seconds()
+    )
     session = Session()
     pe.handle(M.CookieEcho(C.seal(state, SECRET)), session)
-    assert session.results()[0].code == S.ResultCode.STARTED and "web9" in pe.hypervisor.domains
+    assert (
+        session.results()[0].code == S.ResultCode.STARTED
+        and "web9" in pe.hypervisor.domains
+    )
 
 
 def test_cookie_echo_of_a_maybe_running_vm_is_not_started_without_fencing(pe, clock):
-    state = C.SessionState(b"Xen", "web9", "", (), 64, 1, True, "pe2", 9, clock.seconds())
+    state = C.SessionState(
+        b"Xen", "web9", "", (), 64, 1, True, "pe2", 9, clock.seconds()
+    )
     session = Session()
     pe.handle(M.CookieEcho(C.seal(state, SECRET)), session)
-    assert session.results()[0].code == S.ResultCode.FENCE_FAILED and "web9" not in pe.hypervisor.domains
+    assert (
+        session.results()[0].code == S.ResultCode.FENCE_FAILED
+        and "web9" not in pe.hypervisor.domains
+    )
 
 
 class Fencer:
@@ -263,12 +318,18 @@ class Fencer:
 
     def fence(self, host, pe_identifier=0):
         self.fenced.append(host)
-        return defer.fail(RuntimeError("agent said: status on")) if self.fail else defer.succeed(None)
+        return (
+            defer.fail(RuntimeError("agent said: status on"))
+            if self.fail
+            else defer.succeed(None)
+        )
 
 
 def test_failover_fences_the_old_host_first(pe, clock):
     pe.fencer = Fencer()
-    state = C.SessionState(b"Xen", "web9", "", (), 64, 1, True, "pe2", 9, clock.seconds())
+    state = C.SessionState(
+        b"Xen", "web9", "", (), 64, 1, True, "pe2", 9, clock.seconds()
+    )
     session = Session()
     pe.hypervisor.start = lambda spec, start=pe.hypervisor.start: (
         pe.fencer.fenced.append("started") or start(spec)
@@ -280,7 +341,9 @@ def test_failover_fences_the_old_host_first(pe, clock):
 
 def test_a_failed_fence_means_no_start(pe, clock):
     pe.fencer = Fencer(fail=True)
-    state = C.SessionState(b"Xen", "web9", "", (), 64, 1, True, "pe2", 9, clock.seconds())
+    state = C.SessionState(
+        b"Xen", "web9", "", (), 64, 1, True, "pe2", 9, clock.seconds()
+    )
     session = Session()
     pe.handle(M.CookieEcho(C.seal(state, SECRET)), session)
     (result,) = session.results()
@@ -292,7 +355,9 @@ def test_status_description(pe):
     create(pe)
     create(pe, "big", ram=5000)
     status = pe.describe()
-    assert status["vms"][0]["server_id"] == "web1" and status["refusals"] == {"no_ram": 1}
+    assert status["vms"][0]["server_id"] == "web1" and status["refusals"] == {
+        "no_ram": 1
+    }
 
 
 # ------------------------------------------------------------- pool-wide uniqueness
@@ -310,10 +375,14 @@ class Pool:
 
         class Asker:
             def ask(self, query, also=frozenset()):
-                return defer.succeed([
-                    core.answer_claim(query) for core in pool.cores
-                    if core is not me and core.settings.pe_identifier not in pool.down
-                ])  # fmt: skip
+                return defer.succeed(
+                    [
+                        core.answer_claim(query)
+                        for core in pool.cores
+                        if core is not me
+                        and core.settings.pe_identifier not in pool.down
+                    ]
+                )
 
         return Asker()
 
@@ -323,9 +392,15 @@ def pool(clock):
     p = Pool()
     for n in (1, 2, 3):
         core = PoolElementCore(
-            PeSettings(pe_identifier=n, host=f"host{n}", secret=SECRET, cookie_max_age_s=600),
-            MemoryHypervisor(), HostAccounting(NODE), WeightedLoad(), clock, fencer=Fencer(),
-        )  # fmt: skip
+            PeSettings(
+                pe_identifier=n, host=f"host{n}", secret=SECRET, cookie_max_age_s=600
+            ),
+            MemoryHypervisor(),
+            HostAccounting(NODE),
+            WeightedLoad(),
+            clock,
+            fencer=Fencer(),
+        )
         core.claims = p.asker(core)
         p.cores.append(core)
     return p
@@ -335,12 +410,22 @@ def pool(clock):
     "second, expected",
     [
         (dict(server_id="web1"), "web1 runs on host1 (PE 0x00000001, which holds it)"),
-        (dict(server_id="web2", disk="/dev/vg/web1"), "disk /dev/vg/web1 is used by web1 on host1"),
-        (dict(server_id="web2", ips=("10.9.9.9", "10.0.5.1")), "IP 10.0.5.1 is used by web1 on host1"),
+        (
+            dict(server_id="web2", disk="/dev/vg/web1"),
+            "disk /dev/vg/web1 is used by web1 on host1",
+        ),
+        (
+            dict(server_id="web2", ips=("10.9.9.9", "10.0.5.1")),
+            "IP 10.0.5.1 is used by web1 on host1",
+        ),
     ],
 )
 def test_serverid_disk_and_ip_are_unique_in_the_pool(pool, second, expected):
-    assert create(pool.cores[0], "web1", 64, ips=("10.0.5.1",), disk="/dev/vg/web1").results()[0].ok
+    assert (
+        create(pool.cores[0], "web1", 64, ips=("10.0.5.1",), disk="/dev/vg/web1")
+        .results()[0]
+        .ok
+    )
     result = create(pool.cores[1], ram=64, **second).results()[0]
     assert result.code == S.ResultCode.ALREADY_RUNNING and expected in result.reason
     assert len(pool.cores[1].hypervisor.domains) == 0
@@ -348,18 +433,29 @@ def test_serverid_disk_and_ip_are_unique_in_the_pool(pool, second, expected):
 
 def test_a_pe_gives_way_to_one_that_is_starting_the_vm_whatever_the_identifiers(pool):
     low, high = pool.cores[0], pool.cores[1]
-    low.starting["web1"] = S.CreateServer("web1", "", (), 64)  # PE 1 is in the middle of a start
+    low.starting["web1"] = S.CreateServer(
+        "web1", "", (), 64
+    )  # PE 1 is in the middle of a start
     result = create(high, "web1", 64).results()[0]
-    assert result.code == S.ResultCode.ALREADY_RUNNING and "which is starting it" in result.reason
+    assert (
+        result.code == S.ResultCode.ALREADY_RUNNING
+        and "which is starting it" in result.reason
+    )
     del low.starting["web1"]
-    high.starting["web1"] = S.CreateServer("web1", "", (), 64)  # and the other way round
+    high.starting["web1"] = S.CreateServer(
+        "web1", "", (), 64
+    )  # and the other way round
     assert create(low, "web1", 64).results()[0].code == S.ResultCode.ALREADY_RUNNING
     assert not low.hypervisor.domains and not high.hypervisor.domains
 
 
-def test_a_replayed_cookie_for_a_vm_running_elsewhere_is_refused_without_fencing(pool, clock):
+def test_a_replayed_cookie_for_a_vm_running_elsewhere_is_refused_without_fencing(
+    pool, clock
+):
     first = create(pool.cores[0], "web1", 64)
-    old_cookie = [m for m in first.sent if isinstance(m, M.Cookie)][-1].cookie  # running on host1
+    old_cookie = [m for m in first.sent if isinstance(m, M.Cookie)][
+        -1
+    ].cookie  # running on host1
     pool.cores[0].session_lost(first)  # host1 keeps it for the lease: alive, holding it
     replay = Session()
     pool.cores[2].handle(M.CookieEcho(old_cookie), replay)
@@ -377,7 +473,10 @@ def test_a_dead_host_is_fenced_and_its_vm_started_once(pool):
     assert session.results()[0].ok and pool.cores[1].fencer.fenced == ["host1"]
     again = Session()  # the same cookie once more, to a third PE: host2 now holds it
     pool.cores[2].handle(M.CookieEcho(cookie), again)
-    assert again.results()[0].code == S.ResultCode.ALREADY_RUNNING and "host2" in again.results()[0].reason
+    assert (
+        again.results()[0].code == S.ResultCode.ALREADY_RUNNING
+        and "host2" in again.results()[0].reason
+    )
 
 
 def test_no_start_when_the_pool_cannot_be_asked(pool):
@@ -387,7 +486,10 @@ def test_no_start_when_the_pool_cannot_be_asked(pool):
 
     pool.cores[0].claims = Broken()
     result = create(pool.cores[0], "web1", 64).results()[0]
-    assert result.code == S.ResultCode.UNSPECIFIED and "no registrar answered" in result.reason
+    assert (
+        result.code == S.ResultCode.UNSPECIFIED
+        and "no registrar answered" in result.reason
+    )
     assert not pool.cores[0].starting
 
 
@@ -430,23 +532,29 @@ def test_events_of_our_own_shutdown_are_expected(pe):
 
     pe.hypervisor.shutdown = shutdown
     pe.handle(S.StopServer("web1"), session)
-    assert session.sent[-1] == S.StopResult("web1", S.ResultCode.NORMAL_END, "shut down")
+    assert session.sent[-1] == S.StopResult(
+        "web1", S.ResultCode.NORMAL_END, "shut down"
+    )
 
 
 def test_host_cpu_share_from_proc_stat_minus_the_guests():
     from xenpool.pe.accounting import HostCpu
 
-    lines = iter([
-        "cpu  100 0 100 800 0 0 0 0 0 0",
-        "cpu  400 0 200 1400 0 0 0 0 0 0",  # +300 user +100 system of +1000: 40 % busy
-    ])  # fmt: skip
+    lines = iter(
+        [
+            "cpu  100 0 100 800 0 0 0 0 0 0",
+            "cpu  400 0 200 1400 0 0 0 0 0 0",  # +300 user +100 system of +1000: 40 % busy
+        ]
+    )
     host = HostCpu(read=lambda: next(lines))
     assert host.share(0.1) is None  # the first reading is the baseline
     assert host.share(0.1) == pytest.approx(0.3)  # 40 % busy, 10 % of it the guests'
 
 
 def test_the_test_driver_cpu_time_is_not_sampled(pe, clock):
-    pe.hypervisor.measures_cpu = False  # libvirt's test driver: cpuTime is wall-clock time
+    pe.hypervisor.measures_cpu = (
+        False  # libvirt's test driver: cpuTime is wall-clock time
+    )
     create(pe)
     estimate = pe.accounting.vms["web1"].cpu_share
     pe.sample_load()
@@ -460,20 +568,28 @@ def test_a_restarted_pe_keeps_the_domains_it_finds_for_their_keeper(pe, clock):
     first = create(pe, "web1", 300, ips=("10.0.5.1",), disk="/dev/vg/web1")
     cookie = [m for m in first.sent if isinstance(m, M.Cookie)][-1].cookie
     # the PE process restarts: a fresh core over the same, still running, hypervisor
-    restarted = PoolElementCore(pe.settings, pe.hypervisor, HostAccounting(NODE), WeightedLoad(), clock)
+    restarted = PoolElementCore(
+        pe.settings, pe.hypervisor, HostAccounting(NODE), WeightedLoad(), clock
+    )
     restarted.found_running({"web1": (RUNNING, 300 * 1024)})
     assert restarted.accounting.free_kb == pe.accounting.free_kb  # its RAM counts
-    assert create(restarted, "web1", 64).results()[0].code == S.ResultCode.ALREADY_RUNNING
+    assert (
+        create(restarted, "web1", 64).results()[0].code == S.ResultCode.ALREADY_RUNNING
+    )
     keeper = Session()
     restarted.handle(M.CookieEcho(cookie), keeper)
     assert "re-adopted" in keeper.results()[0].reason
-    assert restarted.conflict_with("other", "/dev/vg/web1", ()) is not None  # the cookie told its disk
+    assert (
+        restarted.conflict_with("other", "/dev/vg/web1", ()) is not None
+    )  # the cookie told its disk
     assert list(pe.hypervisor.domains) == ["web1"]  # never started twice
 
 
 def test_found_domains_without_a_keeper_end_with_the_lease(pe, clock):
     create(pe, "web1", 300)
-    restarted = PoolElementCore(pe.settings, pe.hypervisor, HostAccounting(NODE), WeightedLoad(), clock)
+    restarted = PoolElementCore(
+        pe.settings, pe.hypervisor, HostAccounting(NODE), WeightedLoad(), clock
+    )
     restarted.found_running({"web1": (RUNNING, 300 * 1024)})
     clock.advance(pe.settings.lease_s)
     assert pe.hypervisor.shutdowns == ["web1"] and not restarted.orphans
@@ -532,14 +648,18 @@ def test_a_session_waiting_for_its_answer_is_not_idle(pe, clock):
     waiting = factory.buildProtocol(None)
     waiting.makeConnection(StringTransport())
     started = defer.Deferred()
-    pe.hypervisor.start = lambda spec: started  # a slow hypervisor: the start takes 30 s
+    pe.hypervisor.start = lambda spec: (
+        started
+    )  # a slow hypervisor: the start takes 30 s
     waiting.dataReceived(framing.frame_message(S.CreateServer("slow1", "", (), 64)))
     clock.advance(30)
     assert waiting.pending == 1 and not waiting.transport.disconnecting
     started.callback(None)
     assert waiting.pending == 0 and b"slow1" in waiting.transport.value()
     clock.advance(6)
-    assert not waiting.transport.disconnecting  # idle since its answer, not since its request
+    assert (
+        not waiting.transport.disconnecting
+    )  # idle since its answer, not since its request
     clock.advance(4)
     assert waiting.transport.disconnecting
     factory.stopFactory()
@@ -563,7 +683,10 @@ def test_a_repeated_heartbeat_gets_its_last_answer_until_the_state_changes(pe, c
     session.dataReceived(heartbeat)
     assert session.transport.value() == running
 
-    handle, pe.handle = pe.handle, lambda *a: pytest.fail("a repeated heartbeat was decoded and handled")
+    handle, pe.handle = (
+        pe.handle,
+        lambda *a: pytest.fail("a repeated heartbeat was decoded and handled"),
+    )
     session.transport.clear()
     session.dataReceived(heartbeat)
     assert session.transport.value() == running
@@ -588,20 +711,32 @@ def test_a_repeated_heartbeat_gets_its_last_answer_until_the_state_changes(pe, c
 
 def test_with_a_load_window_a_vm_s_load_is_its_mean_over_the_window():
     node = NodeInfo("h", cpus=2, ram_kb=1024 * 1024)
-    accounting = HostAccounting(node, LoadSettings(sample_interval_s=30, load_window_s=90, window_samples=2))
+    accounting = HostAccounting(
+        node, LoadSettings(sample_interval_s=30, load_window_s=90, window_samples=2)
+    )
     accounting.reserve("vm", 64)
     estimate = accounting.vms["vm"].cpu_share
     accounting.sample_vm("vm", 0, 0.0)
     assert accounting.vms["vm"].cpu_share == estimate  # nothing measured yet
     cpu_ns = 0
-    for t, busy_s in ((30, 30), (60, 0), (90, 30), (120, 30), (150, 0)):  # seconds of one core
+    for t, busy_s in (
+        (30, 30),
+        (60, 0),
+        (90, 30),
+        (120, 30),
+        (150, 0),
+    ):  # seconds of one core
         cpu_ns += int(busy_s * 1e9)
         accounting.sample_vm("vm", cpu_ns, float(t))
         if t == 30:
-            assert accounting.vms["vm"].cpu_share == pytest.approx(0.5)  # the first sample, no estimate left
+            assert accounting.vms["vm"].cpu_share == pytest.approx(
+                0.5
+            )  # the first sample, no estimate left
     # 60..150: 60 core-seconds over 90 s on 2 CPUs; what came before the window is gone
     assert accounting.vms["vm"].cpu_share == pytest.approx(60 / 90 / 2)
-    assert accounting.window_share("vm") == pytest.approx(30 / 60 / 2)  # the rebalancers' 2 samples
+    assert accounting.window_share("vm") == pytest.approx(
+        30 / 60 / 2
+    )  # the rebalancers' 2 samples
     with_smoothing = HostAccounting(node, LoadSettings(sample_interval_s=30))
     with_smoothing.reserve("vm", 64)
     with_smoothing.sample_vm("vm", 0, 0.0)
@@ -648,7 +783,12 @@ def test_a_pu_gone_while_the_disk_is_checked_gets_no_vm_started(pe, clock):
     session = create(pe, disk="nbd://san/web1")
     pe.session_lost(session)
     checked.callback("<disk/>")
-    assert pe.hypervisor.domains == {} and pe.sessions == {} and pe.orphans == {} and pe.starting == {}
+    assert (
+        pe.hypervisor.domains == {}
+        and pe.sessions == {}
+        and pe.orphans == {}
+        and pe.starting == {}
+    )
     assert pe.accounting.free_kb == HostAccounting(NODE).free_kb
 
 

@@ -21,7 +21,9 @@ RUNNING = 1
 
 
 def get_json(port: int, path: str) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{port}{path}", timeout=10
+    ) as response:
         return json.load(response)
 
 
@@ -32,21 +34,35 @@ def pool(tmp_path_factory):
     secret.write_text("a pool secret for the e2e test\n")
     asap, status = free_port(), free_port()
     registrar = Daemon(
-        "xenpool-registrar", f"--asap=tcp:{asap}:interface=127.0.0.1", f"--status=tcp:{status}:interface=127.0.0.1",
-        "--registrar-id=0x0a0a0a0a", ready="registrar 0x0a0a0a0a started", cwd=cwd,
-    )  # fmt: skip
+        "xenpool-registrar",
+        f"--asap=tcp:{asap}:interface=127.0.0.1",
+        f"--status=tcp:{status}:interface=127.0.0.1",
+        "--registrar-id=0x0a0a0a0a",
+        ready="registrar 0x0a0a0a0a started",
+        cwd=cwd,
+    )
     registrar.asap, registrar.status = asap, status
     pes = {}
     for n in (1, 2):
         port, pe_status = free_port(), free_port()
         pes[n] = Daemon(
-            "xenpool-pe", f"--registrar=tcp:host=127.0.0.1:port={asap}", f"--pe-id={n}", f"--port={port}",
-            "--bind=127.0.0.1", f"--host=host{n}", f"--libvirt-uri=test://{ETC / f'node-host{n}.xml'}",
-            f"--status=tcp:{pe_status}:interface=127.0.0.1", f"--pool-secret-file={secret}",
-            "--load-interval=3600", "--shutdown-timeout=2", "--load-plugin=weighted", "--load-weight=cpu=0.5,ram=0.5",
+            "xenpool-pe",
+            f"--registrar=tcp:host=127.0.0.1:port={asap}",
+            f"--pe-id={n}",
+            f"--port={port}",
+            "--bind=127.0.0.1",
+            f"--host=host{n}",
+            f"--libvirt-uri=test://{ETC / f'node-host{n}.xml'}",
+            f"--status=tcp:{pe_status}:interface=127.0.0.1",
+            f"--pool-secret-file={secret}",
+            "--load-interval=3600",
+            "--shutdown-timeout=2",
+            "--load-plugin=weighted",
+            "--load-weight=cpu=0.5,ram=0.5",
             "--lease=0",
-            ready="registered in pool Xen", cwd=cwd,
-        )  # fmt: skip
+            ready="registered in pool Xen",
+            cwd=cwd,
+        )
         pes[n].port, pes[n].status = port, pe_status
     yield registrar, pes
     for daemon in (*pes.values(), registrar):
@@ -57,7 +73,9 @@ def raw_create(server_id: bytes, ram: int = 64) -> bytes:
     """A CreateServer frame built by hand, for what the encoder refuses to make."""
     text = lambda b: struct.pack("!H", len(b)) + b  # noqa: E731
     body = text(server_id) + text(b"") + text(b"") + struct.pack("!IH2x", ram, 1)
-    return framing.shim_frame(S.XENPOOL_PPID, struct.pack("!BBHHH", 1, 0, 8 + len(body), 1, 0) + body)
+    return framing.shim_frame(
+        S.XENPOOL_PPID, struct.pack("!BBHHH", 1, 0, 8 + len(body), 1, 0) + body
+    )
 
 
 def create(pe: Daemon, server_id: str, ram: int) -> tuple[SessionClient, list]:
@@ -68,7 +86,11 @@ def create(pe: Daemon, server_id: str, ram: int) -> tuple[SessionClient, list]:
 
 def loads(registrar: Daemon) -> dict[int, float]:
     state = get_json(registrar.status, "/handlespace")
-    return {pe["identifier"]: pe["load"] for pool in state["pools"] for pe in pool["pool_elements"]}
+    return {
+        pe["identifier"]: pe["load"]
+        for pool in state["pools"]
+        for pe in pool["pool_elements"]
+    }
 
 
 def test_both_pes_registered(pool):
@@ -102,7 +124,10 @@ def test_create_heartbeat_and_disconnect(pool):
     pu.close()  # the PU goes away: the VM is shut down, its RAM returned
     pes[1].wait_for("web1 stopped, 300 MB returned")
     status = get_json(pes[1].status, "/status")
-    assert "web1" not in status["domains"] and status["free_ram_kb"] == before["free_ram_kb"]
+    assert (
+        "web1" not in status["domains"]
+        and status["free_ram_kb"] == before["free_ram_kb"]
+    )
 
 
 def test_ram_exhausted_is_code_11_and_raises_the_load(pool):
@@ -124,7 +149,10 @@ def test_ram_exhausted_is_code_11_and_raises_the_load(pool):
         (raw_create(b"x" * 40), "server_id"),
         (framing.frame_message(S.CreateServer("web2", "", (), 0)), "ram_mb"),
         (framing.frame_message(S.CreateServer("web2", "", ("10.0.0.300",), 64)), "ips"),
-        (framing.shim_frame(0x58504C31, struct.pack("!BBHHH", 0x7F, 0, 8, 1, 0)), "unknown message type"),
+        (
+            framing.shim_frame(0x58504C31, struct.pack("!BBHHH", 0x7F, 0, 8, 1, 0)),
+            "unknown message type",
+        ),
         (framing.frame_message(S.CreateServer("web2", "", (), 10**6)), "KB free"),
     ],
 )
@@ -132,8 +160,13 @@ def test_invalid_requests_get_their_errors(pool, frame, expected):
     _registrar, pes = pool
     pu = SessionClient(pes[1].port)
     pu.send_raw(frame)
-    (answer,) = [m for m in pu.receive_until(S.CreateResult) if isinstance(m, S.CreateResult)]
-    assert answer.code in (S.ResultCode.INVALID_REQUEST, S.ResultCode.NO_RAM) and expected in answer.reason
+    (answer,) = [
+        m for m in pu.receive_until(S.CreateResult) if isinstance(m, S.CreateResult)
+    ]
+    assert (
+        answer.code in (S.ResultCode.INVALID_REQUEST, S.ResultCode.NO_RAM)
+        and expected in answer.reason
+    )
     pu.close()
     assert pes[1].alive()
     # still serving
@@ -146,9 +179,14 @@ def test_invalid_requests_get_their_errors(pool, frame, expected):
 
 def test_status_metrics(pool):
     _registrar, pes = pool
-    with urllib.request.urlopen(f"http://127.0.0.1:{pes[2].status}/metrics", timeout=10) as response:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{pes[2].status}/metrics", timeout=10
+    ) as response:
         metrics = response.read().decode()
-    assert "xenpool_pe_load" in metrics and 'xenpool_pe_load_component{component="ram"}' in metrics
+    assert (
+        "xenpool_pe_load" in metrics
+        and 'xenpool_pe_load_component{component="ram"}' in metrics
+    )
     assert 'xenpool_pe_refusals_total{code="no_ram"}' in metrics
 
 
@@ -157,10 +195,18 @@ def test_unknown_load_plugin_stops_with_the_installed_names(tmp_path):
 
     from .daemons import TWISTD
 
-    result = subprocess.run([TWISTD, "-n", "xenpool-pe", "--load-plugin=nosuch"], capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [TWISTD, "-n", "xenpool-pe", "--load-plugin=nosuch"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "--load-plugin: no load metric named 'nosuch'; installed: cpu, max, weighted" in output
+    assert (
+        "--load-plugin: no load metric named 'nosuch'; installed: cpu, max, weighted"
+        in output
+    )
 
 
 def test_a_negative_load_window_is_refused_by_name(tmp_path):
@@ -168,7 +214,12 @@ def test_a_negative_load_window_is_refused_by_name(tmp_path):
 
     from .daemons import TWISTD
 
-    result = subprocess.run([TWISTD, "-n", "xenpool-pe", "--load-window=-5"], capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [TWISTD, "-n", "xenpool-pe", "--load-window=-5"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
     assert "--load-window: must be >= 0, got -5" in result.stdout + result.stderr
 
@@ -190,7 +241,9 @@ def test_disks_are_checked_before_the_start(pool, tmp_path):
         pu = SessionClient(pes[2].port)
         pu.send(S.CreateServer("bad-disk", spec, (), 64))
         result = pu.receive_until(S.CreateResult)[-1]
-        assert result.code == S.ResultCode.DISK_UNREACHABLE and expected in result.reason, result
+        assert (
+            result.code == S.ResultCode.DISK_UNREACHABLE and expected in result.reason
+        ), result
         pu.close()
 
 
@@ -200,10 +253,15 @@ def test_the_example_configs_are_valid():
 
     pe = PeOptions()
     pe.parseOptions([f"--config={ETC / 'pe.conf'}", "--libvirt-uri=test:///default"])
-    assert pe.settings["load-weight"] == {"cpu": 0.75, "ram": 0.25} and pe.settings["libvirt-uri"] == "test:///default"
+    assert (
+        pe.settings["load-weight"] == {"cpu": 0.75, "ram": 0.25}
+        and pe.settings["libvirt-uri"] == "test:///default"
+    )
     keeper = KeeperOptions()
     keeper.parseOptions([f"--keep={ETC / 'vms.conf'}"])
-    assert [vm.server_id for vm in keeper.vms] == ["web1", "db1"] and keeper.settings["heartbeat-timeout"] == 3.0
+    assert [vm.server_id for vm in keeper.vms] == ["web1", "db1"] and keeper.settings[
+        "heartbeat-timeout"
+    ] == 3.0
 
 
 def test_pool_wide_uniqueness_and_cookie_refusals(pool, tmp_path):
@@ -214,17 +272,28 @@ def test_pool_wide_uniqueness_and_cookie_refusals(pool, tmp_path):
     _registrar, pes = pool
     disk = tmp_path / "unique.img"
     disk.write_bytes(b"\0" * 512)
-    holder, received = create_with(pes[1], S.CreateServer("unique1", str(disk), ("10.7.0.1",), 64))
+    holder, received = create_with(
+        pes[1], S.CreateServer("unique1", str(disk), ("10.7.0.1",), 64)
+    )
     assert received[-1].code == S.ResultCode.STARTED
     cookie = [m for m in received if isinstance(m, M.Cookie)][-1].cookie
     for request, expected in (
         # the voters refuse the lease to host2; host1, which holds it, answers that it runs it
         (S.CreateServer("unique1", "", (), 64), "unique1 runs on host1"),
-        (S.CreateServer("unique2", str(disk), (), 64), f"disk {disk} is used by unique1 on host1"),
-        (S.CreateServer("unique3", "", ("10.7.0.9", "10.7.0.1"), 64), "IP 10.7.0.1 is used by unique1 on host1"),
+        (
+            S.CreateServer("unique2", str(disk), (), 64),
+            f"disk {disk} is used by unique1 on host1",
+        ),
+        (
+            S.CreateServer("unique3", "", ("10.7.0.9", "10.7.0.1"), 64),
+            "IP 10.7.0.1 is used by unique1 on host1",
+        ),
     ):
         pu, answers = create_with(pes[2], request)
-        assert answers[-1].code == S.ResultCode.ALREADY_RUNNING and expected in answers[-1].reason, answers[-1]
+        assert (
+            answers[-1].code == S.ResultCode.ALREADY_RUNNING
+            and expected in answers[-1].reason
+        ), answers[-1]
         pu.close()
     forged = C.seal(C.peek(cookie), b"not the pool's secret")
     altered = cookie[:20] + bytes([cookie[20] ^ 1]) + cookie[21:]
@@ -237,7 +306,10 @@ def test_pool_wide_uniqueness_and_cookie_refusals(pool, tmp_path):
     replay = SessionClient(pes[2].port)  # a genuine cookie, but host1 runs the VM
     replay.send(M.CookieEcho(cookie))
     result = replay.receive_until(S.CreateResult)[-1]
-    assert result.code == S.ResultCode.ALREADY_RUNNING and "unique1 runs on host1" in result.reason
+    assert (
+        result.code == S.ResultCode.ALREADY_RUNNING
+        and "unique1 runs on host1" in result.reason
+    )
     replay.close()
     assert "unique1" not in get_json(pes[2].status, "/status")["domains"]
     holder.close()
@@ -260,14 +332,30 @@ def test_xenpool_pu_create_keeps_the_vm_and_ctrl_c_stops_it(pool):
 
     registrar, pes = pool
     pu = processes.Process(
-        [str(Path(sys.executable).with_name("xenpool-pu")), "create", "--server-id", "cli1", "--ram", "64",
-         "--ip", "10.8.0.1", "--registrar", f"127.0.0.1:{registrar.asap}", "--heartbeat-interval", "0.2"],
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).with_name("xenpool-pu")),
+            "create",
+            "--server-id",
+            "cli1",
+            "--ram",
+            "64",
+            "--ip",
+            "10.8.0.1",
+            "--registrar",
+            f"127.0.0.1:{registrar.asap}",
+            "--heartbeat-interval",
+            "0.2",
+        ],
+    )
     proc = pu.proc
     try:
         pu.wait_for("cli1: running: on PE")
         pu.wait_for("cli1: running: domain state 1")
-        host = next(n for n, pe in pes.items() if "cli1" in get_json(pe.status, "/status")["domains"])
+        host = next(
+            n
+            for n, pe in pes.items()
+            if "cli1" in get_json(pe.status, "/status")["domains"]
+        )
         proc.send_signal(signal.SIGINT)  # Ctrl-C: the VM is stopped cleanly
         assert proc.wait(30) == 0
         pes[host].wait_for("cli1 stopped")
@@ -281,11 +369,36 @@ def test_xenpool_pu_create_keeps_the_vm_and_ctrl_c_stops_it(pool):
     # a request the pool refuses for good exits 3; a bad command line exits 2
     holder, _ = create_with(pes[1], S.CreateServer("cli2", "", (), 64))
     refused = subprocess.run(
-        [str(Path(sys.executable).with_name("xenpool-pu")), "create", "--server-id", "cli2", "--ram", "64",
-         "--registrar", f"127.0.0.1:{registrar.asap}"], capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert refused.returncode == 3 and "code 13, cli2 runs" in refused.stdout and "host1" in refused.stdout
+        [
+            str(Path(sys.executable).with_name("xenpool-pu")),
+            "create",
+            "--server-id",
+            "cli2",
+            "--ram",
+            "64",
+            "--registrar",
+            f"127.0.0.1:{registrar.asap}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        refused.returncode == 3
+        and "code 13, cli2 runs" in refused.stdout
+        and "host1" in refused.stdout
+    )
     holder.close()
-    bad = subprocess.run([str(Path(sys.executable).with_name("xenpool-pu")), "create", "--server-id", "x y", "--ram", "1"],
-                         capture_output=True, text=True)  # fmt: skip
+    bad = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("xenpool-pu")),
+            "create",
+            "--server-id",
+            "x y",
+            "--ram",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "--server-id" in bad.stderr

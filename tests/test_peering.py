@@ -20,7 +20,10 @@ TIMERS = PeerTimers(heartbeat_interval=1, peer_timeout=3, takeover_timeout=3)
 @pytest.fixture(scope="module")
 def policies():
     plugins = load_plugins()
-    return {p.policy_type: p for p in (plugins.create("policy", n) for n in plugins.names("policy"))}
+    return {
+        p.policy_type: p
+        for p in (plugins.create("policy", n) for n in plugins.names("policy"))
+    }
 
 
 class Wire:
@@ -29,7 +32,9 @@ class Wire:
 
     LATENCY = 0.01
 
-    def __init__(self, network: "Network", frm: int, to: int, back: "Wire | None" = None) -> None:
+    def __init__(
+        self, network: Network, frm: int, to: int, back: Wire | None = None
+    ) -> None:
         self.network, self.frm, self.to, self.back = network, frm, to, back
 
     def send(self, message: M.Message) -> None:
@@ -46,9 +51,13 @@ class Wire:
 
 class Node:
     def __init__(self, server_id: int, clock: Clock, policies) -> None:
-        self.handlespace = Handlespace(server_id, policies, rng=random.Random(server_id))
+        self.handlespace = Handlespace(
+            server_id, policies, rng=random.Random(server_id)
+        )
         self.peering = Peering(self.handlespace, clock, timers=TIMERS)
-        self.registrar = Registrar(self.handlespace, clock, Timers(1000, 1000, 1000), observers=[self.peering])
+        self.registrar = Registrar(
+            self.handlespace, clock, Timers(1000, 1000, 1000), observers=[self.peering]
+        )
 
 
 class Network:
@@ -97,7 +106,11 @@ class Association:
 
 def element(identifier: int) -> P.PoolElement:
     return P.PoolElement(
-        identifier, 0, 600_000, P.TcpTransport(5000 + identifier, ("127.0.0.1",)), P.PoolPolicy.make(P.PolicyType.LEAST_USED)
+        identifier,
+        0,
+        600_000,
+        P.TcpTransport(5000 + identifier, ("127.0.0.1",)),
+        P.PoolPolicy.make(P.PolicyType.LEAST_USED),
     )
 
 
@@ -141,7 +154,9 @@ def test_a_silent_peer_is_taken_over_once(net):
         register(net.nodes[1], i)
     net.kill(1)
     net.run(TIMERS.peer_timeout + TIMERS.heartbeat_interval + 1)
-    takeovers = {(m.sender_id, m.target_id) for m in net.sent if isinstance(m, M.TakeoverServer)}
+    takeovers = {
+        (m.sender_id, m.target_id) for m in net.sent if isinstance(m, M.TakeoverServer)
+    }
     assert len(takeovers) == 1
     ((new_home, target),) = takeovers
     assert target == 1 and new_home in (2, 3)
@@ -157,7 +172,9 @@ def test_simultaneous_takeovers_the_higher_id_wins(net):
     net.nodes[2].peering._start_takeover(1)
     net.nodes[3].peering._start_takeover(1)
     net.run(TIMERS.takeover_timeout + 1)
-    takeovers = {(m.sender_id, m.target_id) for m in net.sent if isinstance(m, M.TakeoverServer)}
+    takeovers = {
+        (m.sender_id, m.target_id) for m in net.sent if isinstance(m, M.TakeoverServer)
+    }
     assert takeovers == {(3, 1)}
     assert homes(net.nodes[2]) == {1: 3} and homes(net.nodes[3]) == {1: 3}
 
@@ -180,7 +197,13 @@ def test_a_restarted_registrar_resyncs(net, policies):
     net.connect(3, 2)
     net.run(2)
     assert homes(net.nodes[3]) == {i: 2 for i in range(1, TABLE_CHUNK + 10)}
-    parts = [m for m in net.sent if isinstance(m, M.HandleTableResponse) and m.receiver_id == 3 and m.sender_id == 2]
+    parts = [
+        m
+        for m in net.sent
+        if isinstance(m, M.HandleTableResponse)
+        and m.receiver_id == 3
+        and m.sender_id == 2
+    ]
     assert any(m.more_to_send for m in parts)
 
 
@@ -194,7 +217,15 @@ def test_a_checksum_mismatch_triggers_a_resync(net):
 
 def test_a_peer_cannot_override_a_pe_homed_here(net):
     local = register(net.nodes[2], 9)
-    foreign = P.PoolElement(9, 1, 600_000, P.TcpTransport(5009, ("127.0.0.1",)), P.PoolPolicy.make(P.PolicyType.LEAST_USED))
-    net.nodes[2].peering.handle(M.HandleUpdate(1, 2, M.UpdateAction.ADD_PE, b"Xen", foreign), Wire(net, 2, 1))
+    foreign = P.PoolElement(
+        9,
+        1,
+        600_000,
+        P.TcpTransport(5009, ("127.0.0.1",)),
+        P.PoolPolicy.make(P.PolicyType.LEAST_USED),
+    )
+    net.nodes[2].peering.handle(
+        M.HandleUpdate(1, 2, M.UpdateAction.ADD_PE, b"Xen", foreign), Wire(net, 2, 1)
+    )
     entry = net.nodes[2].handlespace.get(b"Xen", 9)
     assert entry.home_registrar == 2 and entry.owner is local

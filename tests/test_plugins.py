@@ -109,7 +109,9 @@ class Constant:
 
 
 def test_a_plugin_module_registers_through_the_hook():
-    module = plugin_module("good_plugin", lambda register: register("constant", Constant))
+    module = plugin_module(
+        "good_plugin", lambda register: register("constant", Constant)
+    )
     plugins = load_plugins(entry_points=False, modules=[module])
     assert plugins.names("load") == ["constant"]
     provider = plugins.get("load", "constant")
@@ -129,7 +131,9 @@ def test_class_lacking_load_names_the_plugin_and_the_method():
     assert "'lazy_plugin'" in message
     assert "'no-load'" in message
     assert "ILoadMetric" in message
-    assert "ILoadMetric.load(sample)" in message  # the missing method, as zope.interface names it
+    assert (
+        "ILoadMetric.load(sample)" in message
+    )  # the missing method, as zope.interface names it
     assert "not provided" in message
 
 
@@ -140,8 +144,12 @@ def test_class_not_declaring_the_interface_is_refused():
         def load(self, sample):
             return 0.0
 
-    module = plugin_module("shy_plugin", lambda register: register("undeclared", Undeclared))
-    with pytest.raises(PluginError, match=r"plugin 'shy_plugin'.*does not implement ILoadMetric"):
+    module = plugin_module(
+        "shy_plugin", lambda register: register("undeclared", Undeclared)
+    )
+    with pytest.raises(
+        PluginError, match=r"plugin 'shy_plugin'.*does not implement ILoadMetric"
+    ):
         load_plugins(entry_points=False, modules=[module])
 
 
@@ -149,8 +157,12 @@ def test_factory_function_is_checked_when_it_makes_an_object():
     def make_metric():
         return types.SimpleNamespace(name="fake")  # no interface, no load()
 
-    module = plugin_module("factory_plugin", lambda register: register("fake", make_metric))
-    plugins = load_plugins(entry_points=False, modules=[module])  # a function cannot be checked yet
+    module = plugin_module(
+        "factory_plugin", lambda register: register("fake", make_metric)
+    )
+    plugins = load_plugins(
+        entry_points=False, modules=[module]
+    )  # a function cannot be checked yet
     assert plugins.names("load") == ["fake"]
     with pytest.raises(PluginError) as caught:
         plugins.create("load", "fake")
@@ -161,8 +173,12 @@ def test_factory_function_is_checked_when_it_makes_an_object():
 
 
 def test_factory_function_making_a_good_object_is_accepted():
-    module = plugin_module("factory_plugin", lambda register: register("constant", lambda: Constant()))
-    metric = load_plugins(entry_points=False, modules=[module]).create("load", "constant")
+    module = plugin_module(
+        "factory_plugin", lambda register: register("constant", lambda: Constant())
+    )
+    metric = load_plugins(entry_points=False, modules=[module]).create(
+        "load", "constant"
+    )
     assert isinstance(metric, Constant)
 
 
@@ -214,7 +230,9 @@ FORMULA_TABLE = [
     pytest.param(1.0, 0.0, 1.0, 1.0, 0.75, id="cpu-full"),
     pytest.param(0.0, 1.0, 1.0, 0.0, 0.25, id="ram-full"),
     pytest.param(1.0, 1.0, 1.0, 1.0, 1.0, id="full"),
-    pytest.param(1.125, 0.0, 1.0, 1.0, 0.84375, id="cpu-overcommitted-weighted-below-1"),
+    pytest.param(
+        1.125, 0.0, 1.0, 1.0, 0.84375, id="cpu-overcommitted-weighted-below-1"
+    ),
     pytest.param(1.25, 0.5, 1.0, 1.0, 1.0, id="cpu-overcommitted-weighted-capped"),
     pytest.param(0.5, 1.5, 1.0, 0.5, 0.75, id="ram-over-1"),
     pytest.param(0.0, 2.0, 1.0, 0.0, 0.5, id="ram-2"),
@@ -229,8 +247,12 @@ def builtin():
     return {name: plugins.create("load", name) for name in sorted(BUILTIN_LOAD_METRICS)}
 
 
-@pytest.mark.parametrize("cpu, ram, expect_max, expect_cpu, expect_weighted", FORMULA_TABLE)
-def test_builtin_metrics_on_the_table(builtin, cpu, ram, expect_max, expect_cpu, expect_weighted):
+@pytest.mark.parametrize(
+    "cpu, ram, expect_max, expect_cpu, expect_weighted", FORMULA_TABLE
+)
+def test_builtin_metrics_on_the_table(
+    builtin, cpu, ram, expect_max, expect_cpu, expect_weighted
+):
     sample = LoadSample(cpu=cpu, ram=ram)
     assert builtin["max"].load(sample) == expect_max
     assert builtin["cpu"].load(sample) == expect_cpu
@@ -249,8 +271,20 @@ PROTOTYPE = {
 
 # Everyday values that are not exact in binary, compared with the formula computed the
 # same way: still exactly equal.
-SAMPLES = [(0.0, 0.0), (0.9, 0.3), (0.3, 0.9), (0.1, 0.2), (0.33, 0.66), (0.999, 0.001),
-           (1.0, 0.7), (1.01, 0.0), (0.2, 1.3), (2.7, 3.1), (0.0, 0.45), (0.61, 0.0)]
+SAMPLES = [
+    (0.0, 0.0),
+    (0.9, 0.3),
+    (0.3, 0.9),
+    (0.1, 0.2),
+    (0.33, 0.66),
+    (0.999, 0.001),
+    (1.0, 0.7),
+    (1.01, 0.0),
+    (0.2, 1.3),
+    (2.7, 3.1),
+    (0.0, 0.45),
+    (0.61, 0.0),
+]
 
 
 @pytest.mark.parametrize("name", sorted(PROTOTYPE))
@@ -274,14 +308,20 @@ def _pip(python: Path | str, *args: str) -> subprocess.CompletedProcess:
         [str(python), "-m", "pip", *args], capture_output=True, text=True, timeout=600
     )
     # pip may warn about unreachable find-links / index locations; only the status counts.
-    assert result.returncode == 0, f"pip {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == 0, (
+        f"pip {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    )
     return result
 
 
 def _ensure_build_tools() -> None:
     """--no-build-isolation builds with this venv's own setuptools (and, before
     setuptools 70.1, wheel's bdist_wheel)."""
-    missing = [name for name in ("setuptools", "wheel") if importlib.util.find_spec(name) is None]
+    missing = [
+        name
+        for name in ("setuptools", "wheel")
+        if importlib.util.find_spec(name) is None
+    ]
     if missing:
         _pip(sys.executable, "install", "--quiet", *missing)
 
@@ -302,16 +342,32 @@ def ram_load_installed(tmp_path_factory) -> ThrowawayVenv:
     _ensure_build_tools()
     base = tmp_path_factory.mktemp("example")
     venv = base / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)],
+        check=True,
+        timeout=120,
+    )
     python = venv / "bin" / "python"
     purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-    site = Path(subprocess.run([python, "-c", purelib], capture_output=True, text=True, check=True).stdout.strip())
-    ours = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    site = Path(
+        subprocess.run(
+            [python, "-c", purelib], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
+    ours = dict.fromkeys(
+        [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    )
     (site / "zz-layered-on-the-test-venv.pth").write_text(
-        "import site; " + "; ".join(f"site.addsitedir({path!r})" for path in ours) + "\n"
+        "import site; "
+        + "; ".join(f"site.addsitedir({path!r})" for path in ours)
+        + "\n"
     )
     source = base / EXAMPLE.name
-    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    shutil.copytree(
+        EXAMPLE,
+        source,
+        ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"),
+    )
     _pip(python, "install", "--quiet", "--no-deps", "--no-build-isolation", str(source))
     return ThrowawayVenv(python, site)
 
@@ -335,11 +391,17 @@ CHECK_INSTALLED = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_installed_example_plugin_is_found_through_its_entry_point(ram_load_installed, tmp_path):
+def test_installed_example_plugin_is_found_through_its_entry_point(
+    ram_load_installed, tmp_path
+):
     python, site = ram_load_installed
     # A fresh interpreter: entry points are read from the installed metadata at start-up.
     result = subprocess.run(
-        [python, "-c", CHECK_INSTALLED], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [python, "-c", CHECK_INSTALLED],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout)
@@ -347,13 +409,28 @@ def test_installed_example_plugin_is_found_through_its_entry_point(ram_load_inst
     assert BUILTIN_LOAD_METRICS <= set(found["names"])
     assert found["plugin"] == "xenpool-ram-load:ram-load"
     assert found["load"] == 0.3
-    assert os.path.dirname(found["module"]) == str(site)  # the installed copy, in the throwaway venv
-    assert importlib.util.find_spec("xenpool_ram_load") is None  # and not in the venv running the tests
+    assert os.path.dirname(found["module"]) == str(
+        site
+    )  # the installed copy, in the throwaway venv
+    assert (
+        importlib.util.find_spec("xenpool_ram_load") is None
+    )  # and not in the venv running the tests
 
     # The example's own tests pass against the installed package.
     result = subprocess.run(
-        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            python,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(EXAMPLE / "tests"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -361,7 +438,9 @@ def test_installed_example_plugin_is_found_through_its_entry_point(ram_load_inst
 # --------------------------------------------------------------- entry-point mistakes
 
 
-def _fake_distribution(root, name: str, entry_points: str, module: str | None = None, source: str = "") -> None:
+def _fake_distribution(
+    root, name: str, entry_points: str, module: str | None = None, source: str = ""
+) -> None:
     info = root / f"{name}-0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0\n")
@@ -372,12 +451,15 @@ def _fake_distribution(root, name: str, entry_points: str, module: str | None = 
 
 def test_a_third_party_entry_point_cannot_shadow_the_builtins(tmp_path, monkeypatch):
     _fake_distribution(
-        tmp_path, "shadow", "[xenpool]\nbuiltin = shadow_plugin\n", "shadow_plugin",
+        tmp_path,
+        "shadow",
+        "[xenpool]\nbuiltin = shadow_plugin\n",
+        "shadow_plugin",
         "from xenpool.hookspecs import hookimpl\n"
         "from xenpool_plugins.load import CpuLoad\n"
         "class Fancy(CpuLoad):\n    name = 'fancy'\n"
         "@hookimpl\ndef xenpool_register_load_metrics(register):\n    register('fancy', Fancy)\n",
-    )  # fmt: skip
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     plugins = load_plugins()
     assert {"max", "cpu", "weighted", "fancy"} <= set(plugins.names("load"))
@@ -387,7 +469,10 @@ def test_a_third_party_entry_point_cannot_shadow_the_builtins(tmp_path, monkeypa
 def test_a_plugin_that_cannot_be_imported_is_named(tmp_path, monkeypatch):
     _fake_distribution(tmp_path, "broken", "[xenpool]\nbroken = no_such_module_here\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(PluginError, match=r"plugin 'broken:broken' \(no_such_module_here\) cannot be loaded"):
+    with pytest.raises(
+        PluginError,
+        match=r"plugin 'broken:broken' \(no_such_module_here\) cannot be loaded",
+    ):
         load_plugins()
 
 
@@ -399,7 +484,9 @@ def test_a_misspelt_hook_is_reported():
         pass
 
     plugin.xenpool_register_load_metric = xenpool_register_load_metric
-    with pytest.raises(PluginError, match="unknown hook 'xenpool_register_load_metric'"):
+    with pytest.raises(
+        PluginError, match="unknown hook 'xenpool_register_load_metric'"
+    ):
         load_plugins(entry_points=False, modules=[plugin])
 
 
@@ -423,6 +510,12 @@ def test_create_passes_the_plugin_sets_reactor_to_factories_that_take_one():
     nbd = plugins.create("storage", "nbd")
     assert nbd._reactor is reactor  # NbdStorage(reactor=None, timeout_s=...)
     other = MemoryReactorClock()
-    assert plugins.create("storage", "nbd", reactor=other)._reactor is other  # an explicit one wins
-    assert plugins.create("load", "weighted").load(LoadSample(cpu=0.0, ram=0.0)) == 0.0  # takes none: given none
-    assert load_plugins().create("storage", "nbd")._reactor is None  # none given: the global one, when needed
+    assert (
+        plugins.create("storage", "nbd", reactor=other)._reactor is other
+    )  # an explicit one wins
+    assert (
+        plugins.create("load", "weighted").load(LoadSample(cpu=0.0, ram=0.0)) == 0.0
+    )  # takes none: given none
+    assert (
+        load_plugins().create("storage", "nbd")._reactor is None
+    )  # none given: the global one, when needed

@@ -24,7 +24,9 @@ def logged(monkeypatch):
 def service(tmp_path, *pes) -> tuple[KeeperService, Pool]:
     clock = Clock()
     pool = Pool(clock, *pes)
-    return KeeperService([REQUEST], pool, clock, PuSettings(), str(tmp_path), None), pool
+    return KeeperService(
+        [REQUEST], pool, clock, PuSettings(), str(tmp_path), None
+    ), pool
 
 
 def test_a_saved_cookie_is_echoed_and_a_new_one_saved(tmp_path):
@@ -46,7 +48,11 @@ def test_a_corrupt_state_file_is_ignored_with_one_line_naming_it(tmp_path, logge
     keeper.startService()
     assert pe.received[0] == REQUEST and keeper.keepers[0].state == State.RUNNING
     warnings = [formatEvent(e) for e in logged if e["log_level"].name == "warn"]
-    assert len(warnings) == 1 and str(path) in warnings[0] and "is not a xenpool cookie" in warnings[0]
+    assert (
+        len(warnings) == 1
+        and str(path) in warnings[0]
+        and "is not a xenpool cookie" in warnings[0]
+    )
     assert path.read_bytes() == b"cookie from 1"  # the good cookie replaces it
 
 
@@ -58,7 +64,9 @@ def test_an_unreadable_state_file_is_ignored_and_the_vm_kept(tmp_path, logged):
     keeper.startService()
     assert pe.received[0] == REQUEST and keeper.keepers[0].state == State.RUNNING
     warnings = [formatEvent(e) for e in logged if e["log_level"].name == "warn"]
-    assert str(path) in warnings[0] and len(warnings) == 2  # ignored on load; not saved later
+    assert (
+        str(path) in warnings[0] and len(warnings) == 2
+    )  # ignored on load; not saved later
 
 
 def test_with_an_ignored_state_file_already_running_is_not_final(tmp_path):
@@ -71,7 +79,9 @@ def test_with_an_ignored_state_file_already_running_is_not_final(tmp_path):
     assert keeper.keepers[0].state == State.WAITING
 
 
-def test_a_keeper_killed_before_it_saved_a_cookie_follows_the_holder_instead_of_giving_up(tmp_path):
+def test_a_keeper_killed_before_it_saved_a_cookie_follows_the_holder_instead_of_giving_up(
+    tmp_path,
+):
     """No state file at all (killed during its first placement, before any cookie was
     kept): a PE that refuses because another host runs the VM names it in a cookie, and the
     keeper goes there and keeps it; "already running" never makes it give a VM of its keep

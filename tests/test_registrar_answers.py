@@ -24,7 +24,12 @@ from xenpool.registrar.handlespace import Handlespace
 from xenpool.registrar.service import AsapProtocol, Metrics
 
 REGISTRAR_ID = 0x0A0A0A0A
-POLICIES = {p.policy_type: p for p in (lambda pl: (pl.create("policy", n) for n in pl.names("policy")))(load_plugins())}
+POLICIES = {
+    p.policy_type: p
+    for p in (lambda pl: (pl.create("policy", n) for n in pl.names("policy")))(
+        load_plugins()
+    )
+}
 LOADS = (0.0, 0.25, 0.5)  # few values, so ties are common
 
 
@@ -44,7 +49,13 @@ def policy(policy_type: int, load: float, free_ram_mb: int = 1000) -> P.PoolPoli
 
 
 def element(identifier: int, policy_type: int, load: float) -> P.PoolElement:
-    return P.PoolElement(identifier, 0, 60_000, P.TcpTransport(5000 + identifier, ("10.0.0.1",)), policy(policy_type, load))
+    return P.PoolElement(
+        identifier,
+        0,
+        60_000,
+        P.TcpTransport(5000 + identifier, ("10.0.0.1",)),
+        policy(policy_type, load),
+    )
 
 
 def handlespace() -> Handlespace:
@@ -71,13 +82,19 @@ operations = st.lists(
     st.one_of(
         st.tuples(st.just("register"), st.integers(1, 6), st.sampled_from(LOADS)),
         st.tuples(st.just("deregister"), st.integers(1, 6), st.just(0)),
-        st.tuples(st.just("resolve"), st.sampled_from([None, 1, 2, 5]), st.sampled_from([None, 100, 900])),
+        st.tuples(
+            st.just("resolve"),
+            st.sampled_from([None, 1, 2, 5]),
+            st.sampled_from([None, 100, 900]),
+        ),
     ),
     max_size=40,
 )
 
 
-@pytest.mark.parametrize("policy_type", sorted(POLICIES), ids=lambda t: POLICIES[t].name)
+@pytest.mark.parametrize(
+    "policy_type", sorted(POLICIES), ids=lambda t: POLICIES[t].name
+)
 @settings(max_examples=60, deadline=None)
 @given(ops=operations)
 def test_the_cache_never_changes_an_answer(policy_type, ops):
@@ -93,7 +110,9 @@ def test_the_cache_never_changes_an_answer(policy_type, ops):
         elif computing.pools:
             raw = request(a, b)
             msg = M.decode(raw)
-            expected = computing.resolution_answer(msg.pool_handle, msg.items, msg.ram_mb)
+            expected = computing.resolution_answer(
+                msg.pool_handle, msg.items, msg.ram_mb
+            )
             assert answer(caching, raw) == expected
     assert caching.resolutions == computing.resolutions
 
@@ -101,7 +120,9 @@ def test_the_cache_never_changes_an_answer(policy_type, ops):
 def test_least_used_with_distinct_loads_is_answered_from_the_cache():
     space = handlespace()
     for i, load in enumerate((0.5, 0.2, 0.9, 0.1), start=1):
-        space.register(b"Xen", element(i, P.PolicyType.LEAST_USED, load), now=0, owner=None)
+        space.register(
+            b"Xen", element(i, P.PolicyType.LEAST_USED, load), now=0, owner=None
+        )
     raw = request()
     assert space.cached_answer(raw) is None
     first = answer(space, raw)
@@ -113,26 +134,47 @@ def test_least_used_with_distinct_loads_is_answered_from_the_cache():
 @pytest.mark.parametrize(
     "change",
     [
-        lambda s: s.register(b"Xen", element(5, P.PolicyType.LEAST_USED, 0.0), now=0, owner=None),  # a new PE
-        lambda s: s.register(b"Xen", element(2, P.PolicyType.LEAST_USED, 0.8), now=0, owner=None),  # a load update
+        lambda s: s.register(
+            b"Xen", element(5, P.PolicyType.LEAST_USED, 0.0), now=0, owner=None
+        ),  # a new PE
+        lambda s: s.register(
+            b"Xen", element(2, P.PolicyType.LEAST_USED, 0.8), now=0, owner=None
+        ),  # a load update
         lambda s: s.deregister(b"Xen", 4),
-        lambda s: s.report_unreachable(b"Xen", 4) or s.report_unreachable(b"Xen", 4) or s.report_unreachable(b"Xen", 4),
+        lambda s: (
+            s.report_unreachable(b"Xen", 4)
+            or s.report_unreachable(b"Xen", 4)
+            or s.report_unreachable(b"Xen", 4)
+        ),
         lambda s: s.expire(now=61),
-        lambda s: s.set_home(s.get(b"Xen", 4), 0x0B0B0B0B),  # takeover: the answer carries the home
+        lambda s: s.set_home(
+            s.get(b"Xen", 4), 0x0B0B0B0B
+        ),  # takeover: the answer carries the home
     ],
-    ids=["new PE", "load update", "deregistration", "unreachable", "expiry", "takeover"],
+    ids=[
+        "new PE",
+        "load update",
+        "deregistration",
+        "unreachable",
+        "expiry",
+        "takeover",
+    ],
 )
 def test_every_change_of_the_pool_drops_its_cached_answers(change):
     space = handlespace()
     for i, load in enumerate((0.5, 0.2, 0.9, 0.1), start=1):
-        space.register(b"Xen", element(i, P.PolicyType.LEAST_USED, load), now=0, owner=None)
+        space.register(
+            b"Xen", element(i, P.PolicyType.LEAST_USED, load), now=0, owner=None
+        )
     raw = request()
     before = answer(space, raw)
     change(space)
     assert space.cached_answer(raw) is None
     if space.pools:
         msg = M.decode(raw)
-        assert answer(space, raw) == space.resolution_answer(msg.pool_handle, msg.items, msg.ram_mb)
+        assert answer(space, raw) == space.resolution_answer(
+            msg.pool_handle, msg.items, msg.ram_mb
+        )
     assert before  # the first answer was a real one
 
 
@@ -140,12 +182,21 @@ def test_every_change_of_the_pool_drops_its_cached_answers(change):
     "policy_type, loads",
     [
         (P.PolicyType.ROUND_ROBIN, (0, 0, 0)),
-        (P.PolicyType.LEAST_USED, (0.1, 0.1, 0.1, 0.1)),  # ties: round robin among equals
+        (
+            P.PolicyType.LEAST_USED,
+            (0.1, 0.1, 0.1, 0.1),
+        ),  # ties: round robin among equals
         (P.PolicyType.LEAST_USED_DEGRADATION, (0.1, 0.5, 0.9)),
         (P.PolicyType.WEIGHTED_ROUND_ROBIN, (0.5, 0.5, 0.5)),
         (P.PolicyType.RANDOM, (0, 0, 0)),
     ],
-    ids=["round robin", "least used ties", "degradation", "weighted round robin", "random"],
+    ids=[
+        "round robin",
+        "least used ties",
+        "degradation",
+        "weighted round robin",
+        "random",
+    ],
 )
 def test_answers_that_would_change_are_not_kept(policy_type, loads):
     space = handlespace()
@@ -159,7 +210,12 @@ def test_answers_that_would_change_are_not_kept(policy_type, loads):
 def test_a_request_that_books_ram_is_not_kept():
     space = handlespace()
     for i in (1, 2):
-        space.register(b"Xen", element(i, P.PolicyType.LEAST_USED_FREE_RAM, 0.1 * i), now=0, owner=None)
+        space.register(
+            b"Xen",
+            element(i, P.PolicyType.LEAST_USED_FREE_RAM, 0.1 * i),
+            now=0,
+            owner=None,
+        )
     raw = request(ram_mb=300)
     answer(space, raw)
     assert space.cached_answer(raw) is None
@@ -187,11 +243,15 @@ def connection():
     space = handlespace()
     registrar = Registrar(space, Clock(), Timers())
     metrics = Metrics(space)
-    protocol = AsapProtocol(registrar, idle_timeout=0, max_message_size=M.MAX_MESSAGE_SIZE, metrics=metrics)
+    protocol = AsapProtocol(
+        registrar, idle_timeout=0, max_message_size=M.MAX_MESSAGE_SIZE, metrics=metrics
+    )
     transport = StringTransport()
     protocol.makeConnection(transport)
     for i, load in enumerate((0.5, 0.2, 0.9, 0.1), start=1):
-        space.register(b"Xen", element(i, P.PolicyType.LEAST_USED, load), now=0, owner=None)
+        space.register(
+            b"Xen", element(i, P.PolicyType.LEAST_USED, load), now=0, owner=None
+        )
     yield protocol, transport, space, metrics
     protocol.connectionLost()
 
@@ -210,21 +270,36 @@ def test_repeated_requests_in_one_read_get_one_answer_each(connection):
     protocol, transport, space, metrics = connection
     protocol.dataReceived(request() * 5)
     got = answers(transport)
-    assert len(got) == 5 and all([e.identifier for e in m.pool_elements] == [4, 2, 1] for m in got)
+    assert len(got) == 5 and all(
+        [e.identifier for e in m.pool_elements] == [4, 2, 1] for m in got
+    )
     assert space.resolutions == 5
-    assert b"xenpool_handle_resolutions_total 5.0" in __import__("prometheus_client").generate_latest(metrics.registry)
+    assert b"xenpool_handle_resolutions_total 5.0" in __import__(
+        "prometheus_client"
+    ).generate_latest(metrics.registry)
 
 
 def test_answers_keep_the_order_of_mixed_requests_and_partial_frames(connection):
     protocol, transport, space, _ = connection
-    registration = M.encode(M.Registration(b"Xen", element(9, P.PolicyType.LEAST_USED, 0.0)))
+    registration = M.encode(
+        M.Registration(b"Xen", element(9, P.PolicyType.LEAST_USED, 0.0))
+    )
     data = request() + registration + request() + request(items=1)
     for i in range(0, len(data), 7):  # arrives in pieces that split every frame
         protocol.dataReceived(data[i : i + 7])
     got = answers(transport)
-    assert [type(m) for m in got] == [M.HandleResolutionResponse, M.RegistrationResponse, M.HandleResolutionResponse, M.HandleResolutionResponse]
+    assert [type(m) for m in got] == [
+        M.HandleResolutionResponse,
+        M.RegistrationResponse,
+        M.HandleResolutionResponse,
+        M.HandleResolutionResponse,
+    ]
     assert [e.identifier for e in got[0].pool_elements] == [4, 2, 1]
-    assert [e.identifier for e in got[2].pool_elements] == [9, 4, 2]  # the new PE is in the answer at once
+    assert [e.identifier for e in got[2].pool_elements] == [
+        9,
+        4,
+        2,
+    ]  # the new PE is in the answer at once
     assert [e.identifier for e in got[3].pool_elements] == [9]
 
 
@@ -239,7 +314,9 @@ def test_an_unknown_pool_is_refused_and_the_connection_goes_on(connection):
 
 def test_a_malformed_resolution_is_refused_and_the_next_one_answered(connection):
     protocol, transport, _, _ = connection
-    bad = bytes([M.AsapType.HANDLE_RESOLUTION, 0, 0, 8]) + b"\x00\x01\x00\x09"  # a parameter longer than the message
+    bad = (
+        bytes([M.AsapType.HANDLE_RESOLUTION, 0, 0, 8]) + b"\x00\x01\x00\x09"
+    )  # a parameter longer than the message
     protocol.dataReceived(bad + request())
     got = answers(transport)
     assert isinstance(got[0], M.AsapError)
@@ -251,7 +328,11 @@ def test_unknown_parameters_are_reported_every_time(connection):
     protocol, transport, space, _ = connection
     unknown = bytes.fromhex("c099000800000000")  # type 0xc099: skip and report
     body = request()[4:] + unknown
-    raw = bytes([M.AsapType.HANDLE_RESOLUTION, 0]) + (4 + len(body)).to_bytes(2, "big") + body
+    raw = (
+        bytes([M.AsapType.HANDLE_RESOLUTION, 0])
+        + (4 + len(body)).to_bytes(2, "big")
+        + body
+    )
     protocol.dataReceived(raw)
     protocol.dataReceived(raw)
     kinds = [type(m) for m in answers(transport)]

@@ -35,7 +35,10 @@ class Association:
 @pytest.fixture(scope="module")
 def policies():
     plugins = load_plugins()
-    return {p.policy_type: p for p in (plugins.create("policy", n) for n in plugins.names("policy"))}
+    return {
+        p.policy_type: p
+        for p in (plugins.create("policy", n) for n in plugins.names("policy"))
+    }
 
 
 @pytest.fixture
@@ -46,17 +49,26 @@ def clock():
 @pytest.fixture
 def registrar(policies, clock):
     handlespace = Handlespace(REGISTRAR_ID, policies, rng=random.Random(1))
-    registrar = Registrar(handlespace, clock, Timers(keep_alive_interval=5, keep_alive_timeout=2, expiry_check_interval=1))
+    registrar = Registrar(
+        handlespace,
+        clock,
+        Timers(keep_alive_interval=5, keep_alive_timeout=2, expiry_check_interval=1),
+    )
     registrar.start()
     yield registrar
     registrar.stop()
 
 
-def element(identifier: int, load: float = 0.0, life_ms: int = 60_000, port: int | None = None) -> P.PoolElement:
+def element(
+    identifier: int, load: float = 0.0, life_ms: int = 60_000, port: int | None = None
+) -> P.PoolElement:
     return P.PoolElement(
-        identifier, 0, life_ms, P.TcpTransport(port or 5000 + identifier, ("127.0.0.1",)),
+        identifier,
+        0,
+        life_ms,
+        P.TcpTransport(port or 5000 + identifier, ("127.0.0.1",)),
         P.PoolPolicy.make(P.PolicyType.LEAST_USED, load=P.load_to_wire(load)),
-    )  # fmt: skip
+    )
 
 
 def register(registrar, association, identifier, **kwargs) -> M.Message:
@@ -147,7 +159,10 @@ def test_refusals_carry_their_causes(registrar):
     assert pe.sent == [M.RegistrationResponse(b"Xen", 1)]
     other = Association()
     registrar.handle(M.Registration(b"Xen", element(1, port=9999)), other)
-    assert other.sent[-1].reject and other.sent[-1].error.causes[0].code == Cause.NON_UNIQUE_PE_IDENTIFIER
+    assert (
+        other.sent[-1].reject
+        and other.sent[-1].error.causes[0].code == Cause.NON_UNIQUE_PE_IDENTIFIER
+    )
     registrar.handle(M.Deregistration(b"nope", 1), other)
     assert other.sent[-1].error.causes[0].code == Cause.UNKNOWN_POOL_HANDLE
     registrar.handle(M.Cookie(b"not for a registrar"), other)
@@ -190,7 +205,10 @@ def test_a_pool_with_a_secret_takes_only_pes_that_prove_it(policies, clock):
     registrar = Registrar(handlespace, clock)
     pe = Association()
     registrar.handle(M.Registration(b"Xen", element(1)), pe)
-    assert pe.sent[-1].reject and pe.sent[-1].error.causes[0].code == Cause.SECURITY_REJECTION
+    assert (
+        pe.sent[-1].reject
+        and pe.sent[-1].error.causes[0].code == Cause.SECURITY_REJECTION
+    )
     assert b"missing" in pe.sent[-1].error.causes[0].info
     forged = P.registration_mac(b"another secret!!", b"Xen", element(1))
     registrar.handle(M.Registration(b"Xen", element(1), forged), pe)
@@ -199,7 +217,12 @@ def test_a_pool_with_a_secret_takes_only_pes_that_prove_it(policies, clock):
     other = P.registration_mac(secret, b"Xen", element(2))
     registrar.handle(M.Registration(b"Xen", element(1), other), pe)
     assert pe.sent[-1].reject
-    registrar.handle(M.Registration(b"Xen", element(1), P.registration_mac(secret, b"Xen", element(1))), pe)
+    registrar.handle(
+        M.Registration(
+            b"Xen", element(1), P.registration_mac(secret, b"Xen", element(1))
+        ),
+        pe,
+    )
     assert pe.sent[-1] == M.RegistrationResponse(b"Xen", 1)
     # other pools need no proof
     registrar.handle(M.Registration(b"Open", element(3)), pe)

@@ -19,9 +19,15 @@ from .daemons import TWISTD, AsapClient, Daemon, free_port
 pytestmark = pytest.mark.slow
 
 
-def pe(identifier: int, port: int, load: float, policy=P.PolicyType.LEAST_USED) -> P.PoolElement:
+def pe(
+    identifier: int, port: int, load: float, policy=P.PolicyType.LEAST_USED
+) -> P.PoolElement:
     return P.PoolElement(
-        identifier, 0, 60_000, P.TcpTransport(port, ("127.0.0.1",)), P.PoolPolicy.make(policy, load=P.load_to_wire(load))
+        identifier,
+        0,
+        60_000,
+        P.TcpTransport(port, ("127.0.0.1",)),
+        P.PoolPolicy.make(policy, load=P.load_to_wire(load)),
     )
 
 
@@ -36,18 +42,25 @@ def registrar(tmp_path_factory):
         f"pool-secret = secret-pool:{secret}\n"
     )
     daemon = Daemon(
-        "xenpool-registrar", f"--asap=tcp:{asap}:interface=127.0.0.1", f"--status=tcp:{status}:interface=127.0.0.1",
-        "--registrar-id=0x0a0a0a0a", f"--config={config}", "--max-resolution-items=3",
+        "xenpool-registrar",
+        f"--asap=tcp:{asap}:interface=127.0.0.1",
+        f"--status=tcp:{status}:interface=127.0.0.1",
+        "--registrar-id=0x0a0a0a0a",
+        f"--config={config}",
+        "--max-resolution-items=3",
         f"--logfile={config.parent / 'registrar.json'}",
-        ready="registrar 0x0a0a0a0a started", cwd=config.parent,
-    )  # fmt: skip
+        ready="registrar 0x0a0a0a0a started",
+        cwd=config.parent,
+    )
     daemon.asap, daemon.status = asap, status
     yield daemon
     daemon.stop()
 
 
 def handlespace(registrar) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{registrar.status}/handlespace", timeout=10) as response:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{registrar.status}/handlespace", timeout=10
+    ) as response:
         return json.load(response)
 
 
@@ -78,12 +91,19 @@ def test_register_resolve_and_lose_pes(registrar):
         if 3 not in [e.identifier for e in answer.pool_elements]:
             break
     assert sorted(e.identifier for e in answer.pool_elements) == [1, 2, 4]
-    assert sorted(p["identifier"] for p in handlespace(registrar)["pools"][0]["pool_elements"]) == [1, 2, 4]
+    assert sorted(
+        p["identifier"] for p in handlespace(registrar)["pools"][0]["pool_elements"]
+    ) == [1, 2, 4]
 
     # deregistration, then an unknown pool
-    assert pes[4].request(M.Deregistration(b"e2e", 4)) == M.DeregistrationResponse(b"e2e", 4)
+    assert pes[4].request(M.Deregistration(b"e2e", 4)) == M.DeregistrationResponse(
+        b"e2e", 4
+    )
     refused = pu.request(M.HandleResolution(b"nothing"))
-    assert refused.pool_elements == () and refused.error.causes[0].code == Cause.UNKNOWN_POOL_HANDLE
+    assert (
+        refused.pool_elements == ()
+        and refused.error.causes[0].code == Cause.UNKNOWN_POOL_HANDLE
+    )
     for client in (*pes.values(), pu):
         client.close()
 
@@ -91,13 +111,30 @@ def test_register_resolve_and_lose_pes(registrar):
 def test_registration_rules(registrar):
     first, second = AsapClient(registrar.asap), AsapClient(registrar.asap)
     assert first.request(M.Registration(b"rules", pe(7, 6007, 0.2))).reject is False
-    other_policy = second.request(M.Registration(b"rules", pe(8, 6008, 0.2, P.PolicyType.LEAST_USED_DEGRADATION)))
-    assert other_policy.reject and other_policy.error.causes[0].code == Cause.INCONSISTENT_POLICY
+    other_policy = second.request(
+        M.Registration(b"rules", pe(8, 6008, 0.2, P.PolicyType.LEAST_USED_DEGRADATION))
+    )
+    assert (
+        other_policy.reject
+        and other_policy.error.causes[0].code == Cause.INCONSISTENT_POLICY
+    )
     same_id_elsewhere = second.request(M.Registration(b"rules", pe(7, 6999, 0.2)))
-    assert same_id_elsewhere.reject and same_id_elsewhere.error.causes[0].code == Cause.NON_UNIQUE_PE_IDENTIFIER
-    sctp = P.PoolElement(9, 0, 60_000, P.SctpTransport(6009, ("127.0.0.1",)), P.PoolPolicy.make(P.PolicyType.LEAST_USED))
+    assert (
+        same_id_elsewhere.reject
+        and same_id_elsewhere.error.causes[0].code == Cause.NON_UNIQUE_PE_IDENTIFIER
+    )
+    sctp = P.PoolElement(
+        9,
+        0,
+        60_000,
+        P.SctpTransport(6009, ("127.0.0.1",)),
+        P.PoolPolicy.make(P.PolicyType.LEAST_USED),
+    )
     other_transport = second.request(M.Registration(b"rules", sctp))
-    assert other_transport.reject and other_transport.error.causes[0].code == Cause.INCONSISTENT_TRANSPORT
+    assert (
+        other_transport.reject
+        and other_transport.error.causes[0].code == Cause.INCONSISTENT_TRANSPORT
+    )
     unknown = second.request(M.Deregistration(b"no such pool", 1))
     assert unknown.error.causes[0].code == Cause.UNKNOWN_POOL_HANDLE
     first.close()
@@ -109,17 +146,26 @@ def test_pool_secret_from_the_config_file(registrar):
     refused = client.request(M.Registration(b"secret-pool", pe(1, 5001, 0.1)))
     assert refused.reject and refused.error.causes[0].code == Cause.SECURITY_REJECTION
     proof = P.registration_mac(b"the e2e pool secret", b"secret-pool", pe(1, 5001, 0.1))
-    assert client.request(M.Registration(b"secret-pool", pe(1, 5001, 0.1), proof)).reject is False
+    assert (
+        client.request(M.Registration(b"secret-pool", pe(1, 5001, 0.1), proof)).reject
+        is False
+    )
     client.close()
 
 
 def test_garbage_gets_an_error_and_the_daemon_keeps_serving(registrar):
     client = AsapClient(registrar.asap)
     answer = client.request(b"\x42\x00\x00\x08junk")
-    assert isinstance(answer, M.AsapError) and answer.error.causes[0].code == Cause.UNRECOGNIZED_MESSAGE
+    assert (
+        isinstance(answer, M.AsapError)
+        and answer.error.causes[0].code == Cause.UNRECOGNIZED_MESSAGE
+    )
     # a mandatory parameter missing: Invalid Values, and the connection stays usable
     answer = client.request(b"\x05\x00\x00\x04")
-    assert isinstance(answer, M.AsapError) and answer.error.causes[0].code == Cause.INVALID_VALUES
+    assert (
+        isinstance(answer, M.AsapError)
+        and answer.error.causes[0].code == Cause.INVALID_VALUES
+    )
     assert b"pool_handle" in answer.error.causes[0].info
     # a length that cannot be trusted: ERROR, then the connection is closed
     answer = client.request(b"\x05\x00\x00\x02")
@@ -128,7 +174,9 @@ def test_garbage_gets_an_error_and_the_daemon_keeps_serving(registrar):
     client.close()
     # the daemon still serves others
     fresh = AsapClient(registrar.asap)
-    assert isinstance(fresh.request(M.HandleResolution(b"x")), M.HandleResolutionResponse)
+    assert isinstance(
+        fresh.request(M.HandleResolution(b"x")), M.HandleResolutionResponse
+    )
     fresh.close()
     assert registrar.alive()
 
@@ -136,15 +184,27 @@ def test_garbage_gets_an_error_and_the_daemon_keeps_serving(registrar):
 def test_status_metrics_and_table(registrar):
     client = AsapClient(registrar.asap)
     client.request(M.Registration(b"status", pe(0x55, 7055, 0.42)))
-    with urllib.request.urlopen(f"http://127.0.0.1:{registrar.status}/metrics", timeout=10) as response:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{registrar.status}/metrics", timeout=10
+    ) as response:
         metrics = response.read().decode()
     assert 'xenpool_pool_elements{pool="status"} 1.0' in metrics
     assert "xenpool_registrations_total" in metrics
     assert 'xenpool_errors_total{cause="unrecognized_message"}' in metrics
     table = subprocess.run(
-        [sys.executable, "-m", "xenpool.cli", "status", "--registrar", f"127.0.0.1:{registrar.status}"],
-        capture_output=True, text=True, env={"COLUMNS": "200", "PATH": ""}, check=True,
-    ).stdout  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "xenpool.cli",
+            "status",
+            "--registrar",
+            f"127.0.0.1:{registrar.status}",
+        ],
+        capture_output=True,
+        text=True,
+        env={"COLUMNS": "200", "PATH": ""},
+        check=True,
+    ).stdout
     assert "0x00000055" in table and "tcp 127.0.0.1:7055" in table and "42%" in table
     client.close()
 
@@ -156,11 +216,20 @@ def test_structured_json_log(registrar, tmp_path_factory):
     client.request(M.Registration(b"logged", pe(0x77, 7077, 0.1)))
     client.request(M.Deregistration(b"logged", 0x77))
     client.close()
-    path = next(p for p in tmp_path_factory.getbasetemp().glob("registrar*/registrar.json"))
+    path = next(
+        p for p in tmp_path_factory.getbasetemp().glob("registrar*/registrar.json")
+    )
     with open(path) as f:
         events = list(eventsFromJSONLogFile(f))
-    assert any(e.get("log_format") == "registrar {id} started" and e["id"] == "0x0a0a0a0a" for e in events)
-    removed = [e for e in events if e.get("pe") == "0x00000077" and e.get("why") == "deregistered"]
+    assert any(
+        e.get("log_format") == "registrar {id} started" and e["id"] == "0x0a0a0a0a"
+        for e in events
+    )
+    removed = [
+        e
+        for e in events
+        if e.get("pe") == "0x00000077" and e.get("why") == "deregistered"
+    ]
     assert removed and removed[0]["pool"] == "logged"
 
 
@@ -181,7 +250,9 @@ def test_bad_command_line_and_config_are_named(tmp_path):
     bad = tmp_path / "bad.conf"
     bad.write_text("[registrar]\nkeep-alive-intervall = 5\n")
     result = subprocess.run(
-        [TWISTD, "-n", "xenpool-registrar", f"--config={bad}"], capture_output=True, text=True
+        [TWISTD, "-n", "xenpool-registrar", f"--config={bad}"],
+        capture_output=True,
+        text=True,
     )
     assert "unknown key 'keep-alive-intervall'" in result.stdout + result.stderr
 
@@ -200,7 +271,9 @@ def test_a_client_that_never_reads_cannot_pin_memory(registrar):
     greedy.sock.setblocking(False)
     request = M.encode(M.HandleResolution(b"flood", items=20)) * 1000
     sent = 0
-    while sent < 8 * 1024 * 1024:  # ~500,000 requests for ~450 MB of answers, never read
+    while (
+        sent < 8 * 1024 * 1024
+    ):  # ~500,000 requests for ~450 MB of answers, never read
         if not select.select([], [greedy.sock], [], 2.0)[1]:
             break
         sent += greedy.sock.send(request)
@@ -208,7 +281,10 @@ def test_a_client_that_never_reads_cannot_pin_memory(registrar):
     # client, answers would pile up in its memory while these run.
     polite = AsapClient(registrar.asap)
     for _ in range(100):
-        assert len(polite.request(M.HandleResolution(b"flood", items=20)).pool_elements) == 20
+        assert (
+            len(polite.request(M.HandleResolution(b"flood", items=20)).pool_elements)
+            == 20
+        )
     assert rss_kb(registrar.proc.pid) - before < 64 * 1024
     for client in (owner, greedy, polite):
         client.close()
@@ -220,7 +296,14 @@ def test_the_example_config_is_valid():
     from xenpool.registrar.tap import Options
 
     options = Options()
-    options.parseOptions([f"--config={Path(__file__).parents[1] / 'etc/xenpool/registrar.conf'}", "--peer=tcp:host=h:port=1"])
-    assert options.settings["asap"] == ["tcp:3863"] and options.settings["enrp"] == ["tcp:9901"]
+    options.parseOptions(
+        [
+            f"--config={Path(__file__).parents[1] / 'etc/xenpool/registrar.conf'}",
+            "--peer=tcp:host=h:port=1",
+        ]
+    )
+    assert options.settings["asap"] == ["tcp:3863"] and options.settings["enrp"] == [
+        "tcp:9901"
+    ]
     assert options.settings["peer"] == ["tcp:host=h:port=1"]  # the command line wins
     assert options.settings["keep-alive-timeout"] == 5.0

@@ -29,7 +29,11 @@ def test_parameter_round_trip(name):
     @given(xst.PARAMETERS[name])
     def check(value):
         data = P.encode_param(value)
-        assert int.from_bytes(data[2:4], "big") <= len(data) < int.from_bytes(data[2:4], "big") + 4
+        assert (
+            int.from_bytes(data[2:4], "big")
+            <= len(data)
+            < int.from_bytes(data[2:4], "big") + 4
+        )
         assert P.decode_param(data) == value
 
     check()
@@ -64,9 +68,13 @@ def test_session_message_round_trip(msg):
 
 
 def test_policy_fields_by_name():
-    lud = P.PoolPolicy.make(P.PolicyType.LEAST_USED_DEGRADATION, load=7, load_degradation=9)
+    lud = P.PoolPolicy.make(
+        P.PolicyType.LEAST_USED_DEGRADATION, load=7, load_degradation=9
+    )
     assert (lud.load, lud.load_degradation, lud.weight) == (7, 9, 0)
-    assert P.PoolPolicy.make(P.PolicyType.WEIGHTED_RANDOM_DPF, weight=3, distance=20).values == (3, 0, 20)
+    assert P.PoolPolicy.make(
+        P.PolicyType.WEIGHTED_RANDOM_DPF, weight=3, distance=20
+    ).values == (3, 0, 20)
     with pytest.raises(ValueError, match="has no field load"):
         P.PoolPolicy.make(P.PolicyType.ROUND_ROBIN, load=1)
     with pytest.raises(ValueError, match="needs 1 values"):
@@ -83,6 +91,10 @@ def test_load_scaling():
 def test_the_session_codec_table_covers_every_message_and_type():
     from xenpool.protocol import session as S
 
-    messages = {cls for cls in vars(S).values() if isinstance(cls, type) and issubclass(cls, S.SessionMessage)}
+    messages = {
+        cls
+        for cls in vars(S).values()
+        if isinstance(cls, type) and issubclass(cls, S.SessionMessage)
+    }
     assert set(S._ENCODERS) == messages - {S.SessionMessage}
     assert set(S._DECODERS) == set(S.SessionType)

@@ -17,13 +17,12 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 
 from xenpool import addresses
+from xenpool.plugins import load_plugins
 from xenpool.protocol import messages as M
 from xenpool.protocol import params as P
 from xenpool.registrar.core import Registrar
 from xenpool.registrar.handlespace import RESOLUTION_ITEMS_LIMIT, Handlespace
 from xenpool.registrar.peering import Peering
-
-from xenpool.plugins import load_plugins
 
 LEAST_USED = P.PoolPolicy.make(P.PolicyType.LEAST_USED, load=0)
 PE_ADDRESS = "10.0.2.15"
@@ -36,8 +35,15 @@ def _rsplib():
         lib = ctypes.CDLL(name)
     except OSError:
         return None
-    lib.rserpoolPacket2Message.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32,
-                                           ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]  # fmt: skip
+    lib.rserpoolPacket2Message.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_uint32,
+        ctypes.c_size_t,
+        ctypes.c_size_t,
+        ctypes.POINTER(ctypes.c_void_p),
+    ]
     lib.rserpoolPacket2Message.restype = ctypes.c_uint
     lib.rserpoolMessageDelete.argtypes = [ctypes.c_void_p]
     return lib
@@ -50,12 +56,21 @@ def rsplib_error(frame: bytes, ppid: int) -> int:
     """What rsplib 3.4.4's parser says of ``frame``: 0 when it accepts it, else its error
     code (0x10 invalid message, 0x11 invalid value, 0xf006 invalid registrator, ...)."""
     if RSPLIB is None:
-        pytest.skip("rsplib's parser (librspmessaging, Debian rsplib-tools) not installed")
+        pytest.skip(
+            "rsplib's parser (librspmessaging, Debian rsplib-tools) not installed"
+        )
     buffer = ctypes.create_string_buffer(frame, len(frame))
     message = ctypes.c_void_p()
-    assert RSPLIB.rserpoolPacket2Message(buffer, None, 0, ppid, len(frame), len(frame), ctypes.byref(message)) == 0
+    assert (
+        RSPLIB.rserpoolPacket2Message(
+            buffer, None, 0, ppid, len(frame), len(frame), ctypes.byref(message)
+        )
+        == 0
+    )
     try:
-        return struct.unpack_from("=H", ctypes.string_at(message.value, 8), 4)[0]  # Type (uint), then Error
+        return struct.unpack_from("=H", ctypes.string_at(message.value, 8), 4)[
+            0
+        ]  # Type (uint), then Error
     finally:
         RSPLIB.rserpoolMessageDelete(message)
 
@@ -70,7 +85,9 @@ POLICIES = _policies()
 
 
 def element(identifier=0x11, home=0, asap=None, transport=None):
-    transport = transport or P.SctpTransport(5001, (PE_ADDRESS,), P.TransportUse.DATA_PLUS_CONTROL)
+    transport = transport or P.SctpTransport(
+        5001, (PE_ADDRESS,), P.TransportUse.DATA_PLUS_CONTROL
+    )
     return P.PoolElement(identifier, home, 30000, transport, LEAST_USED, asap)
 
 
@@ -102,12 +119,28 @@ def test_handle_update_carries_the_pe_s_asap_transport_that_rsplib_requires():
     assert update.pool_element.asap_transport == P.SctpTransport(40000, (PE_ADDRESS,))
     frame = M.encode(update)
     assert frame.hex() == (
-        "04000054" "00000020" "00000030" "0000" "0000"  # HANDLE_UPDATE, sender, receiver, ADD_PE
-        "00090007" "58656e00"  # pool handle "Xen"
-        "000a003c" "00000011" "00000020" "00007530"  # PE 0x11, home 0x20, life 30 s
-        "00040010" "13890001" "00010008" "0a00020f"  # user: SCTP 5001, data+control, 10.0.2.15
-        "0008000c" "40000001" "00000000"  # LeastUsed, load 0
-        "00040010" "9c400000" "00010008" "0a00020f"  # ASAP transport: SCTP 40000 from 10.0.2.15
+        "04000054"
+        "00000020"
+        "00000030"
+        "0000"
+        "0000"  # HANDLE_UPDATE, sender, receiver, ADD_PE
+        "00090007"
+        "58656e00"  # pool handle "Xen"
+        "000a003c"
+        "00000011"
+        "00000020"
+        "00007530"  # PE 0x11, home 0x20, life 30 s
+        "00040010"
+        "13890001"
+        "00010008"
+        "0a00020f"  # user: SCTP 5001, data+control, 10.0.2.15
+        "0008000c"
+        "40000001"
+        "00000000"  # LeastUsed, load 0
+        "00040010"
+        "9c400000"
+        "00010008"
+        "0a00020f"  # ASAP transport: SCTP 40000 from 10.0.2.15
     )
     assert rsplib_error(frame, M.ENRP_PPID) == 0
     # without it (what xenpool sent before) rsplib refuses: "invalid registrator"
@@ -130,22 +163,35 @@ def test_handle_table_response_carries_asap_transports_and_a_learned_one_is_pass
     (response,) = [m for m in channel.sent if isinstance(m, M.HandleTableResponse)]
     assert response.entries == ((b"Xen", (learned,)),)
     frame = M.encode(response)
-    assert frame[:12].hex() == "03000050" "00000020" "00000040"
-    assert frame.endswith(bytes.fromhex("00040010" "9c410000" "00010008" "0a000211"))
+    assert frame[:12].hex() == "030000500000002000000040"
+    assert frame.endswith(bytes.fromhex("000400109c410000000100080a000211"))
     assert rsplib_error(frame, M.ENRP_PPID) == 0
 
 
 def test_registration_puts_pool_authentication_before_the_pool_element():
     mac = bytes(range(32))
     frame = M.encode(M.Registration(b"Xen", element(), mac))
-    assert frame.hex() == (
-        "0100005c"
-        "00090007" "58656e00"
-        "80410024" + mac.hex() +  # Pool Authentication, before the last standard parameter
-        "000a002c" "00000011" "00000000" "00007530"
-        "00040010" "13890001" "00010008" "0a00020f"
-        "0008000c" "40000001" "00000000"
-    )  # fmt: skip
+    assert (
+        frame.hex()
+        == (
+            "0100005c"
+            "00090007"
+            "58656e00"
+            "80410024"
+            + mac.hex()  # Pool Authentication, before the last standard parameter
+            + "000a002c"
+            "00000011"
+            "00000000"
+            "00007530"
+            "00040010"
+            "13890001"
+            "00010008"
+            "0a00020f"
+            "0008000c"
+            "40000001"
+            "00000000"
+        )
+    )
     assert M.decode(frame) == M.Registration(b"Xen", element(), mac)
     assert rsplib_error(frame, M.ASAP_PPID) == 0
     # and without a pool secret it is not sent at all
@@ -154,13 +200,15 @@ def test_registration_puts_pool_authentication_before_the_pool_element():
 
 def test_handle_resolution_puts_request_ram_first_and_asks_for_at_most_128():
     frame = M.encode(M.HandleResolution(b"Xen", M.MAX_RESOLUTION_ITEMS, ram_mb=512))
-    assert frame.hex() == "0500001c" "80430008" "00000200" "00090007" "58656e00" "803f0008" "00000080"
+    assert frame.hex() == "0500001c80430008000002000009000758656e00803f000800000080"
     assert M.decode(frame) == M.HandleResolution(b"Xen", 128, 512)
     assert rsplib_error(frame, M.ASAP_PPID) == 0
     # the same with Request RAM last, as xenpool sent it before: rsplib fails on it
-    old = bytes.fromhex("0500001c" "00090007" "58656e00" "803f0008" "00000080" "80430008" "00000200")
+    old = bytes.fromhex("0500001c0009000758656e00803f0008000000808043000800000200")
     assert rsplib_error(old, M.ASAP_PPID) == 0x10
-    assert rsplib_error(M.encode(M.HandleResolution(b"Xen", ram_mb=512)), M.ASAP_PPID) == 0
+    assert (
+        rsplib_error(M.encode(M.HandleResolution(b"Xen", ram_mb=512)), M.ASAP_PPID) == 0
+    )
 
 
 def test_a_resolution_answer_carries_at_most_128_pool_elements():
@@ -195,30 +243,62 @@ class _Listener:
 def test_server_information_names_real_addresses_not_0_0_0_0(monkeypatch):
     from xenpool.registrar.service import RegistrarService
 
-    monkeypatch.setattr(addresses, "local_addresses", lambda: ["127.0.0.1", REGISTRAR_ADDRESS, "10.0.3.16"])
+    monkeypatch.setattr(
+        addresses,
+        "local_addresses",
+        lambda: ["127.0.0.1", REGISTRAR_ADDRESS, "10.0.3.16"],
+    )
     service = RegistrarService.__new__(RegistrarService)
     service.announce_interface = ""
-    (sctp, tcp) = service._transports([_Listener(_Port("0.0.0.0", 9901, True)), _Listener(_Port("0.0.0.0", 9902, False))])
+    (sctp, tcp) = service._transports(
+        [
+            _Listener(_Port("0.0.0.0", 9901, True)),
+            _Listener(_Port("0.0.0.0", 9902, False)),
+        ]
+    )
     assert sctp == P.SctpTransport(9901, (REGISTRAR_ADDRESS, "10.0.3.16"))
     assert tcp == P.TcpTransport(9902, (REGISTRAR_ADDRESS,))
     frame = M.encode(M.Presence(0x20, 0, 0xFFFF, P.ServerInformation(0x20, sctp)))
     assert frame.hex() == (
-        "01000034" "00000020" "00000000"
-        "000f0006" "ffff0000"  # checksum
-        "000b0020" "00000020" "00040018" "26ad0000" "00010008" "0a000210" "00010008" "0a000310"
+        "01000034"
+        "00000020"
+        "00000000"
+        "000f0006"
+        "ffff0000"  # checksum
+        "000b0020"
+        "00000020"
+        "00040018"
+        "26ad0000"
+        "00010008"
+        "0a000210"
+        "00010008"
+        "0a000310"
     )
     assert rsplib_error(frame, M.ENRP_PPID) == 0
     # what xenpool sent before: 0.0.0.0, which rsplib drops ("no usable transport addresses")
-    old = M.encode(M.Presence(0x20, 0, 0xFFFF, P.ServerInformation(0x20, P.SctpTransport(9901, ("0.0.0.0",)))))
+    old = M.encode(
+        M.Presence(
+            0x20,
+            0,
+            0xFFFF,
+            P.ServerInformation(0x20, P.SctpTransport(9901, ("0.0.0.0",))),
+        )
+    )
     assert rsplib_error(old, M.ENRP_PPID) != 0
 
 
 def test_a_bound_address_is_advertised_as_it_is_and_loopback_only_without_another():
     assert addresses.advertised("10.1.2.3") == ("10.1.2.3",)
     assert addresses.advertised("0.0.0.0", "10.9.9.9") == ("10.9.9.9",)
-    assert addresses.advertised("0.0.0.0", candidates=lambda: ["127.0.0.1"]) == ("127.0.0.1",)
-    assert addresses.advertised("", candidates=lambda: ["127.0.0.1", "192.168.1.4"]) == ("192.168.1.4",)
-    assert "127.0.0.1" in addresses.local_addresses()  # this machine's loopback is found
+    assert addresses.advertised("0.0.0.0", candidates=lambda: ["127.0.0.1"]) == (
+        "127.0.0.1",
+    )
+    assert addresses.advertised(
+        "", candidates=lambda: ["127.0.0.1", "192.168.1.4"]
+    ) == ("192.168.1.4",)
+    assert (
+        "127.0.0.1" in addresses.local_addresses()
+    )  # this machine's loopback is found
 
 
 def test_xenpool_takes_rsplib_s_business_card_and_its_cause_0x0010():
@@ -226,9 +306,9 @@ def test_xenpool_takes_rsplib_s_business_card_and_its_cause_0x0010():
     # the pool handle twice and refuses it; xenpool takes it)
     card = M.BusinessCard(b"Xen", (element(),), LEAST_USED)
     frame = M.encode(card)
-    assert frame.hex().startswith("0d000044" "00090007" "58656e00" "0008000c" "40000001")
+    assert frame.hex().startswith("0d0000440009000758656e000008000c40000001")
     assert M.decode(frame) == card
     assert rsplib_error(frame, M.ASAP_PPID) != 0  # rsplib's bug, not ours
     # rsplib answers a message it cannot parse with cause 0x0010 (not in RFC 5354)
-    error = bytes.fromhex("0e00000c" "000c0008" "00100004")
+    error = bytes.fromhex("0e00000c000c000800100004")
     assert M.decode(error) == M.AsapError(P.OperationError((P.ErrorCause(0x10),)))

@@ -9,11 +9,11 @@ import errno
 import socket
 
 import pytest
+import sctp as pysctp
 from twisted.internet import endpoints, main
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 
-import sctp as pysctp
 from xenpool import sctp
 from xenpool.protocol import framing
 from xenpool.protocol import messages as M
@@ -30,14 +30,20 @@ def test_messages_framed_by_their_length_go_out_one_by_one_with_the_protocol_s_p
     frames, taken = sctp.Framing().messages(data)
     assert frames == [(11, RESOLUTION), (11, RESOLUTION)]
     assert taken == 2 * len(RESOLUTION)  # the partial third stays for later
-    assert sctp.Framing(M.ENRP_PPID).messages(PRESENCE) == ([(12, PRESENCE)], len(PRESENCE))
+    assert sctp.Framing(M.ENRP_PPID).messages(PRESENCE) == (
+        [(12, PRESENCE)],
+        len(PRESENCE),
+    )
 
 
 def test_a_shim_frame_goes_out_as_its_payload_with_the_shim_s_ppid():
     session = framing.frame_message(HEARTBEAT)
     cookie = framing.frame_message(M.Cookie(b"c" * 5))
     frames, taken = sctp.Framing().messages(session + cookie)
-    assert frames == [(S.XENPOOL_PPID, S.encode(HEARTBEAT)), (11, M.encode(M.Cookie(b"c" * 5)))]
+    assert frames == [
+        (S.XENPOOL_PPID, S.encode(HEARTBEAT)),
+        (11, M.encode(M.Cookie(b"c" * 5))),
+    ]
     assert taken == len(session) + len(cookie)
     with pytest.raises(ValueError):
         sctp.Framing().messages(b"\x05\x00\x00\x02")  # a length no message has
@@ -47,8 +53,12 @@ def test_a_received_message_is_handed_up_as_the_protocol_reads_it_over_tcp():
     assert sctp.Framing.received(11, RESOLUTION, shim=False) == RESOLUTION
     assert sctp.Framing.received(12, PRESENCE, shim=False) == PRESENCE
     # a session (or a lease request on the ASAP port) gets the shim frame back
-    assert sctp.Framing.received(S.XENPOOL_PPID, S.encode(HEARTBEAT), shim=False) == framing.frame_message(HEARTBEAT)
-    assert sctp.Framing.received(11, M.encode(M.Cookie(b"c")), shim=True) == framing.frame_message(M.Cookie(b"c"))
+    assert sctp.Framing.received(
+        S.XENPOOL_PPID, S.encode(HEARTBEAT), shim=False
+    ) == framing.frame_message(HEARTBEAT)
+    assert sctp.Framing.received(
+        11, M.encode(M.Cookie(b"c")), shim=True
+    ) == framing.frame_message(M.Cookie(b"c"))
 
 
 class FakeSctpSocket:
@@ -100,9 +110,16 @@ def test_the_transport_sends_each_frame_as_one_sctp_message_and_counts_what_it_t
     session = Connection(Recorder(shim=True))
     frame = framing.frame_message(HEARTBEAT)
     session._wrapped.full_after = 1  # the socket's buffer fills after one message
-    assert session.writeSomeData(frame + frame) == len(frame)  # the rest stays in Twisted's buffer
-    assert session._wrapped.sent == [(S.XENPOOL_PPID, S.encode(HEARTBEAT))]  # no shim header on the wire
-    assert Connection(Recorder()).writeSomeData(b"\x05\x00\x00\x01") is main.CONNECTION_LOST
+    assert session.writeSomeData(frame + frame) == len(
+        frame
+    )  # the rest stays in Twisted's buffer
+    assert session._wrapped.sent == [
+        (S.XENPOOL_PPID, S.encode(HEARTBEAT))
+    ]  # no shim header on the wire
+    assert (
+        Connection(Recorder()).writeSomeData(b"\x05\x00\x00\x01")
+        is main.CONNECTION_LOST
+    )
 
 
 def test_the_transport_reads_whole_messages_with_their_ppid():
@@ -125,7 +142,10 @@ def test_the_transport_reads_whole_messages_with_their_ppid():
     assert stream.next_message() == (11, M.Cookie(b"abc"))
     assert stream.next_message() == (S.XENPOOL_PPID, HEARTBEAT)
     asap = Connection(Recorder())
-    asap._wrapped.inbox = [(pysctp.FLAG_EOR, RESOLUTION, 11), ConnectionResetError(errno.ECONNRESET, "reset")]
+    asap._wrapped.inbox = [
+        (pysctp.FLAG_EOR, RESOLUTION, 11),
+        ConnectionResetError(errno.ECONNRESET, "reset"),
+    ]
     assert asap.doRead() is None and asap.protocol.data == [RESOLUTION]
     assert asap.doRead() is main.CONNECTION_LOST
 
@@ -144,11 +164,16 @@ def test_without_kernel_sctp_an_sctp_endpoint_fails_with_one_line_and_tcp_is_unc
     from twisted.internet import reactor
 
     failures = []
-    endpoints.serverFromString(reactor, "sctp:3863").listen(Factory.forProtocol(Protocol)).addErrback(failures.append)
+    endpoints.serverFromString(reactor, "sctp:3863").listen(
+        Factory.forProtocol(Protocol)
+    ).addErrback(failures.append)
     endpoints.clientFromString(reactor, "sctp:host=10.0.2.15:port=3863").connect(
-        Factory.forProtocol(Protocol)).addErrback(failures.append)  # fmt: skip
+        Factory.forProtocol(Protocol)
+    ).addErrback(failures.append)
     messages = [str(f.value) for f in failures]
-    assert len(messages) == 2 and all("\n" not in m and "no SCTP" in m for m in messages), messages
+    assert len(messages) == 2 and all(
+        "\n" not in m and "no SCTP" in m for m in messages
+    ), messages
     assert messages[0].startswith("sctp:3863: this kernel has no SCTP")
     from xenpool.registrar.tap import Options
 
@@ -156,7 +181,9 @@ def test_without_kernel_sctp_an_sctp_endpoint_fails_with_one_line_and_tcp_is_unc
         Options().parseOptions(["--asap", "sctp:3863", "--state-dir", "/tmp"])
     assert str(refused.value).startswith("endpoint sctp:3863: this kernel has no SCTP")
     assert "\n" not in str(refused.value)
-    Options().parseOptions(["--asap", "tcp:3863", "--state-dir", "/tmp"])  # TCP as before
+    Options().parseOptions(
+        ["--asap", "tcp:3863", "--state-dir", "/tmp"]
+    )  # TCP as before
 
 
 def test_a_pe_reached_over_sctp_is_connected_to_over_sctp(monkeypatch):
@@ -173,7 +200,13 @@ def test_a_pe_reached_over_sctp_is_connected_to_over_sctp(monkeypatch):
 
     monkeypatch.setattr(sctp, "SctpClientEndpoint", Endpoint)
     access = TcpPoolAccess(Clock(), registrars=None, pe_connect_timeout_s=1.5)
-    element = P.PoolElement(1, 2, 3000, P.SctpTransport(5001, ("10.0.2.15",)), P.PoolPolicy.make(P.PolicyType.ROUND_ROBIN))
+    element = P.PoolElement(
+        1,
+        2,
+        3000,
+        P.SctpTransport(5001, ("10.0.2.15",)),
+        P.PoolPolicy.make(P.PolicyType.ROUND_ROBIN),
+    )
     factory = access.connect(element, lambda message: None)
     assert made == [("10.0.2.15", 5001, 1.5)]
     assert factory.buildProtocol(None).sctp_framing == "shim"
@@ -186,7 +219,11 @@ def test_a_client_endpoint_s_wrapped_protocol_keeps_its_ppid_and_framing():
 
     enrp = Recorder(ppid=M.ENRP_PPID)
     # an outbound ENRP association: ClientService's proxy inside the endpoint's wrapper
-    conn = Connection(_WrappingProtocol(defer.Deferred(), _ReconnectingProtocolProxy(enrp, lambda: None)))
+    conn = Connection(
+        _WrappingProtocol(
+            defer.Deferred(), _ReconnectingProtocolProxy(enrp, lambda: None)
+        )
+    )
     assert conn.writeSomeData(PRESENCE) == len(PRESENCE)
     assert conn._wrapped.sent == [(12, PRESENCE)]
     session = Recorder(shim=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).with_name("guest")))
-import image  # noqa: E402
+import image
 
 pytestmark = pytest.mark.slow
 BOOT_TIMEOUT_S = 420  # software emulation; the whole run stays under about five minutes
@@ -47,8 +47,12 @@ def console():
 def test_scenario_passes_over_sctp_in_the_guest(console, number):
     assert "GUEST booted" in console, console[-3000:]
     lines = re.findall(rf"^SCENARIO {number} (PASS|FAIL)(.*)$", console, re.M)
-    assert lines, f"scenario {number} ({SCENARIOS[number]}) did not report; console:\n{console[-4000:]}"
-    assert lines[0][0] == "PASS", f"scenario {number} ({SCENARIOS[number]}): {lines[0][1]}\n{console[-6000:]}"
+    assert lines, (
+        f"scenario {number} ({SCENARIOS[number]}) did not report; console:\n{console[-4000:]}"
+    )
+    assert lines[0][0] == "PASS", (
+        f"scenario {number} ({SCENARIOS[number]}): {lines[0][1]}\n{console[-6000:]}"
+    )
 
 
 def test_rsplib_refuses_nothing_xenpool_sent(console):

@@ -20,7 +20,13 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyClass, verifyObject
 
 from xenpool.interfaces import DomainSpec, IHypervisor, NodeInfo
-from xenpool.sim.hypervisor import RUNNING, SHUTOFF, SimError, SimulatedHypervisor, UnknownDomain
+from xenpool.sim.hypervisor import (
+    RUNNING,
+    SHUTOFF,
+    SimError,
+    SimulatedHypervisor,
+    UnknownDomain,
+)
 
 NS = 1_000_000_000
 CYCLE_NS = 30 * NS
@@ -51,9 +57,17 @@ def spec(name: str, ram_mb: int = 64, vcpus: int = 1) -> DomainSpec:
     return DomainSpec(name=name, ram_mb=ram_mb, vcpus=vcpus, disk_xml="<disk/>")
 
 
-def host(clock, profiles, *, seed=1, cpus=2, memory_mb=1024, **kwargs) -> SimulatedHypervisor:
+def host(
+    clock, profiles, *, seed=1, cpus=2, memory_mb=1024, **kwargs
+) -> SimulatedHypervisor:
     return SimulatedHypervisor(
-        clock, name="pc72", cpus=cpus, memory_mb=memory_mb, profiles=profiles, rng=random.Random(seed), **kwargs
+        clock,
+        name="pc72",
+        cpus=cpus,
+        memory_mb=memory_mb,
+        profiles=profiles,
+        rng=random.Random(seed),
+        **kwargs,
     )
 
 
@@ -68,7 +82,9 @@ class Replay:
         self.jitter = jitter
         self.cum = list(itertools.accumulate(jitter_p))
 
-    def guest(self, busy_s: float, start_ns: int, until_ns: int, stop_ns: int | None = None) -> list[tuple[int, int]]:
+    def guest(
+        self, busy_s: float, start_ns: int, until_ns: int, stop_ns: int | None = None
+    ) -> list[tuple[int, int]]:
         """The busy intervals [a, b) of a guest started at start_ns, clipped to its life."""
         g = random.Random(self.rng.getrandbits(64))
         phase = g.randrange(CYCLE_NS)
@@ -85,13 +101,19 @@ class Replay:
         return intervals
 
 
-def reference_cpu(busy: dict[str, list[tuple[int, int]]], cpus: int, t_ns: int) -> dict[str, int]:
+def reference_cpu(
+    busy: dict[str, list[tuple[int, int]]], cpus: int, t_ns: int
+) -> dict[str, int]:
     """Brute force: for every elementary interval between any two transitions, count the busy
     guests and give each min(1, cpus/n) of it."""
-    points = sorted({p for ivs in busy.values() for iv in ivs for p in iv if p <= t_ns} | {t_ns})
+    points = sorted(
+        {p for ivs in busy.values() for iv in ivs for p in iv if p <= t_ns} | {t_ns}
+    )
     totals = {name: Fraction(0) for name in busy}
     for a, b in itertools.pairwise(points):
-        running = [n for n, ivs in busy.items() if any(x <= a and b <= y for x, y in ivs)]
+        running = [
+            n for n, ivs in busy.items() if any(x <= a and b <= y for x, y in ivs)
+        ]
         if running:
             share = min(Fraction(1), Fraction(cpus, len(running)))
             for n in running:
@@ -127,7 +149,14 @@ def test_lifecycle_and_events() -> None:
     assert result(hv.destroy("b")) is False
     result(hv.start(spec("c")))
     assert hv.crash("c") is True
-    assert events == [("a", RUNNING), ("a", SHUTOFF), ("b", RUNNING), ("b", SHUTOFF), ("c", RUNNING), ("c", SHUTOFF)]
+    assert events == [
+        ("a", RUNNING),
+        ("a", SHUTOFF),
+        ("b", RUNNING),
+        ("b", SHUTOFF),
+        ("c", RUNNING),
+        ("c", SHUTOFF),
+    ]
     failure(hv.state("a"), UnknownDomain)
     assert result(hv.domains()) == {}
 
@@ -153,7 +182,10 @@ def test_duplicate_start_fails() -> None:
     assert result(hv.domains()) == {"a": (RUNNING, 64 * 1024)}
 
 
-@pytest.mark.parametrize("bad", [DomainSpec("", 64, 1, ""), DomainSpec(" a", 64, 1, ""), DomainSpec("a", 0, 1, "")])
+@pytest.mark.parametrize(
+    "bad",
+    [DomainSpec("", 64, 1, ""), DomainSpec(" a", 64, 1, ""), DomainSpec("a", 0, 1, "")],
+)
 def test_bad_spec_fails(bad: DomainSpec) -> None:
     failure(host(Clock(), {"a": 10, " a": 10, "": 10}).start(bad), SimError)
 
@@ -170,7 +202,9 @@ def test_profiles_mapping_tuple_callable_and_missing() -> None:
     result(hv.start(spec("last-25-3")))
     assert hv.guests() == {"last-25-3": 25.0}
     failure(hv.start(spec("last-7-1")), SimError)
-    failure(host(Clock(), {"a": 31}).start(spec("a")), SimError)  # busy longer than a cycle
+    failure(
+        host(Clock(), {"a": 31}).start(spec("a")), SimError
+    )  # busy longer than a cycle
 
 
 def test_ram_accounting() -> None:
@@ -181,7 +215,10 @@ def test_ram_accounting() -> None:
     result(hv.start(spec("b", 150)))
     assert hv.ram_used_mb() == 450
     assert result(hv.free_ram_kb()) == total_kb - OVERHEAD_KB - 450 * 1024
-    assert result(hv.domains()) == {"a": (RUNNING, 300 * 1024), "b": (RUNNING, 150 * 1024)}
+    assert result(hv.domains()) == {
+        "a": (RUNNING, 300 * 1024),
+        "b": (RUNNING, 150 * 1024),
+    }
     # 1005 MB for guests in all: 555 MB are left, so 556 MB do not fit and 555 MB do.
     assert "MB free" in failure(hv.start(spec("c", 556)), SimError).reason
     result(hv.start(spec("c", 555)))
@@ -197,7 +234,13 @@ def test_overhead_parameters() -> None:
 
 
 def test_theoretical_load() -> None:
-    busy = {"last-25-1": 25, "last-10-1": 10, "last-10-9": 10, "last-5-1": 5, "last-2-1": 2}
+    busy = {
+        "last-25-1": 25,
+        "last-10-1": 10,
+        "last-10-9": 10,
+        "last-5-1": 5,
+        "last-2-1": 2,
+    }
     hv = host(Clock(), busy)
     assert hv.theoretical_load() == 0
     for name in busy:
@@ -220,7 +263,9 @@ def test_deterministic_single_guest_exact() -> None:
     assert phase == random.Random(random.Random(42).getrandbits(64)).randrange(CYCLE_NS)
     start = 7 * NS
 
-    def expected(t_ns: int) -> int:  # busy during [c, c + 10 s) for c = start - phase + k * 30 s
+    def expected(
+        t_ns: int,
+    ) -> int:  # busy during [c, c + 10 s) for c = start - phase + k * 30 s
         total, c = 0, start - phase
         while c < t_ns:
             total += max(0, min(c + 10 * NS, t_ns) - max(c, start))
@@ -231,13 +276,17 @@ def test_deterministic_single_guest_exact() -> None:
         clock.advance(0.25)
         assert result(hv.cpu_time_ns("a")) == expected(round(clock.seconds() * NS))
     # Whole cycles after the first give exactly 10 s each.
-    clock.advance(30 - (clock.seconds() - 7) % 30)  # to a multiple of 30 s after the start
+    clock.advance(
+        30 - (clock.seconds() - 7) % 30
+    )  # to a multiple of 30 s after the start
     before = result(hv.cpu_time_ns("a"))
     clock.advance(300)
     assert result(hv.cpu_time_ns("a")) - before == 100 * NS
 
 
-@pytest.mark.parametrize("busy_s", [10, 0, 1, 0.5, 29.5, 30])  # draws of 0 and of a whole cycle included
+@pytest.mark.parametrize(
+    "busy_s", [10, 0, 1, 0.5, 29.5, 30]
+)  # draws of 0 and of a whole cycle included
 def test_single_guest_replays_its_draws_exactly(busy_s: float) -> None:
     clock = Clock()
     hv = host(clock, {"a": busy_s}, seed=7)
@@ -246,7 +295,9 @@ def test_single_guest_replays_its_draws_exactly(busy_s: float) -> None:
     for _ in range(100):
         clock.advance(13)
         t_ns = round(clock.seconds() * NS)
-        assert result(hv.cpu_time_ns("a")) == sum(max(0, min(b, t_ns) - a) for a, b in replay)
+        assert result(hv.cpu_time_ns("a")) == sum(
+            max(0, min(b, t_ns) - a) for a, b in replay
+        )
 
 
 def test_never_and_always_busy_without_jitter() -> None:
@@ -319,7 +370,9 @@ def test_lazy_evaluation_does_not_depend_on_queries() -> None:
     """The same host queried every second, every 7.3 s, or only at the end: same numbers,
     with starts (some at the same instant) and a destroy on the way."""
     busy = {f"g{i}": b for i, b in enumerate((25, 10, 10, 5, 2, 25, 10, 29))}
-    actions = [(at, "start", name) for at, name in zip((0, 0, 12.5, 31, 31, 64, 90, 91), busy)]
+    actions = [
+        (at, "start", name) for at, name in zip((0, 0, 12.5, 31, 31, 64, 90, 91), busy)
+    ]
     actions += [(400, "destroy", "g1"), (1000, "end", "")]
 
     def run(step: float | None) -> dict[str, int]:
@@ -380,13 +433,19 @@ def test_performance_sanity_40_guests_8_hosts_5000_s() -> None:
     types = {"last-2": 2, "last-5": 5, "last-10": 10, "last-25": 25}
     hosts = [
         SimulatedHypervisor(
-            clock, name=f"pc{72 + i}", cpus=2, memory_mb=1024,
-            profiles=lambda sid: types[sid.rsplit("-", 1)[0]], rng=random.Random(rng.random()),
-        )  # fmt: skip
+            clock,
+            name=f"pc{72 + i}",
+            cpus=2,
+            memory_mb=1024,
+            profiles=lambda sid: types[sid.rsplit("-", 1)[0]],
+            rng=random.Random(rng.random()),
+        )
         for i in range(8)
     ]
     names = [f"last-10-{nr}" for nr in range(1, 17)]
-    names += [f"{t}-{nr}" for t in ("last-2", "last-5", "last-25") for nr in range(1, 9)]
+    names += [
+        f"{t}-{nr}" for t in ("last-2", "last-5", "last-25") for nr in range(1, 9)
+    ]
     for i, name in enumerate(names):
         result(hosts[i % 8].start(spec(name)))
     readings = 0

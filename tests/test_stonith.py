@@ -52,7 +52,8 @@ from xenpool_plugins.stonith import (
 ETC = Path(__file__).resolve().parent.parent / "etc" / "xenpool"
 FENCE_DUMMY = find_executable("fence_dummy")
 needs_fence_agents = pytest.mark.skipif(
-    FENCE_DUMMY is None, reason="fence-agents not installed (apt-get install fence-agents)"
+    FENCE_DUMMY is None,
+    reason="fence-agents not installed (apt-get install fence-agents)",
 )
 SECRET = "hunter2-Secret"
 #: A guard for a runner that went wrong, far above any fence here; not a pause.
@@ -84,7 +85,9 @@ RUNNER = textwrap.dedent(
 )
 
 
-def run_fence(name: str, options: dict, host: str = "host1", target: dict | None = None) -> dict:
+def run_fence(
+    name: str, options: dict, host: str = "host1", target: dict | None = None
+) -> dict:
     """Fence ``host`` in a fresh process with the real reactor: {ok, value | error, reason, log}."""
     job = {"name": name, "options": options, "host": host, "target": target or {}}
     done = subprocess.run(
@@ -126,7 +129,12 @@ def log_text(events) -> str:
 # -- registration -------------------------------------------------------------------------
 
 
-BUILTIN = {"fence-agent": {"agent": "fence_dummy"}, "libvirt": {}, "command": {"command": "true {host}"}, "watchdog": {}}
+BUILTIN = {
+    "fence-agent": {"agent": "fence_dummy"},
+    "libvirt": {},
+    "command": {"command": "true {host}"},
+    "watchdog": {},
+}
 
 
 def test_builtin_registers_the_five_providers(tmp_path):
@@ -151,10 +159,22 @@ def test_builtin_registers_the_five_providers(tmp_path):
     [
         ("fence-agent", {}, "agent"),
         ("fence-agent", {"agent": " "}, "agent must name a fence agent"),
-        ("fence-agent", {"agent": "fence_dummy", "action": "reboot"}, "'action' is set by xenpool"),
+        (
+            "fence-agent",
+            {"agent": "fence_dummy", "action": "reboot"},
+            "'action' is set by xenpool",
+        ),
         ("fence-agent", {"agent": "fence_dummy", "plug": "a\nb"}, "line break"),
-        ("fence-agent", {"agent": "fence_dummy", "bad key": "x"}, "bad fence agent option name"),
-        ("fence-agent", {"agent": "fence_dummy", "timeout": "0"}, "timeout must be > 0"),
+        (
+            "fence-agent",
+            {"agent": "fence_dummy", "bad key": "x"},
+            "bad fence agent option name",
+        ),
+        (
+            "fence-agent",
+            {"agent": "fence_dummy", "timeout": "0"},
+            "timeout must be > 0",
+        ),
         ("command", {"command": ""}, "command is empty"),
         ("command", {"command": ["fence-it", "{host"]}, "literal braces"),
         ("command", {"command": ["fence-it", "{host.name}"]}, "plain names"),
@@ -173,11 +193,23 @@ def test_bad_options_are_refused_when_created(name, options, message):
 
 
 def test_secrets_are_masked_wherever_they_appear():
-    options = {"ip": "10.0.0.1", "password": SECRET, "snmp_priv_passwd": "pw2", "community": "private", "plug": "3"}
+    options = {
+        "ip": "10.0.0.1",
+        "password": SECRET,
+        "snmp_priv_passwd": "pw2",
+        "community": "private",
+        "plug": "3",
+    }
     assert set(secret_values(options)) == {SECRET, "pw2", "private"}
     said = f"Parse error: Ignoring unknown option 'password={SECRET}' on 10.0.0.1"
-    assert redact(said, secret_values(options)) == "Parse error: Ignoring unknown option 'password=***' on 10.0.0.1"
-    assert describe_options(options) == "ip=10.0.0.1, password=***, snmp_priv_passwd=***, community=***, plug=3"
+    assert (
+        redact(said, secret_values(options))
+        == "Parse error: Ignoring unknown option 'password=***' on 10.0.0.1"
+    )
+    assert (
+        describe_options(options)
+        == "ip=10.0.0.1, password=***, snmp_priv_passwd=***, community=***, plug=3"
+    )
 
 
 def test_agent_error_line_picks_what_went_wrong():
@@ -186,28 +218,37 @@ def test_agent_error_line_picks_what_went_wrong():
         "2026-01-01 10:00:00,000 ERROR: Failed: Unable to obtain correct plug status\n\n"
         "Please use '-h' for usage\n"
     )
-    assert agent_error_line(stderr) == "2026-01-01 10:00:00,000 ERROR: Failed: Unable to obtain correct plug status"
+    assert (
+        agent_error_line(stderr)
+        == "2026-01-01 10:00:00,000 ERROR: Failed: Unable to obtain correct plug status"
+    )
     assert agent_error_line("just this\n") == "just this"
     assert agent_error_line("") == ""
 
 
 def test_find_executable_searches_sbin_too(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert find_executable("sh") is None or find_executable("sh").startswith(("/usr/sbin", "/sbin", "/usr/local/sbin"))
+    assert find_executable("sh") is None or find_executable("sh").startswith(
+        ("/usr/sbin", "/sbin", "/usr/local/sbin")
+    )
     agent = script(tmp_path / "fence_mine", "")
     assert find_executable("fence_mine") == agent
     assert find_executable(agent) == agent
     (tmp_path / "not_executable").write_text("")
     assert find_executable(str(tmp_path / "not_executable")) is None
     if FENCE_DUMMY is not None:
-        assert find_executable("fence_dummy") == FENCE_DUMMY  # /usr/sbin without it on PATH
+        assert (
+            find_executable("fence_dummy") == FENCE_DUMMY
+        )  # /usr/sbin without it on PATH
 
 
 # -- fence-agent, in-process (nothing spawned) ---------------------------------------------
 
 
 def test_fence_agent_options_are_text():
-    stonith = FenceAgentStonith("fence_ipmilan", ssh=True, lanplus=False, ipport=623, reactor=Clock())
+    stonith = FenceAgentStonith(
+        "fence_ipmilan", ssh=True, lanplus=False, ipport=623, reactor=Clock()
+    )
     assert stonith.options == {"ssh": "1", "lanplus": "0", "ipport": "623"}
 
 
@@ -217,7 +258,10 @@ def test_fence_agent_that_does_not_exist_fails():
         error = failure_of(stonith.fence(FenceTarget("host1")))
     assert "fence agent 'fence_no_such_agent' not found" in error.reason
     assert error.host == "host1"
-    assert "FENCING host1 FAILED: fence agent 'fence_no_such_agent' not found" in log_text(events)
+    assert (
+        "FENCING host1 FAILED: fence agent 'fence_no_such_agent' not found"
+        in log_text(events)
+    )
 
 
 @pytest.mark.parametrize(
@@ -265,7 +309,13 @@ def test_fence_agent_sends_merged_options_off_then_status(tmp_path):
     agent = fake_agent(tmp_path)
     outcome = run_fence(
         "fence-agent",
-        {"agent": agent, "ip": "10.0.0.1", "username": "admin", "password": SECRET, "plug": "default"},
+        {
+            "agent": agent,
+            "ip": "10.0.0.1",
+            "username": "admin",
+            "password": SECRET,
+            "plug": "default",
+        },
         "host2",
         {"plug": "vm-host2", "ssh": "1"},
     )
@@ -291,7 +341,9 @@ def test_fence_agent_sends_merged_options_off_then_status(tmp_path):
 @pytest.mark.slow
 def test_fence_agent_named_by_the_target(tmp_path):
     agent = fake_agent(tmp_path)
-    outcome = run_fence("fence-agent", {"agent": "fence_no_such_agent"}, "host1", {"agent": agent})
+    outcome = run_fence(
+        "fence-agent", {"agent": "fence_no_such_agent"}, "host1", {"agent": agent}
+    )
     assert outcome["ok"], outcome
     assert "agent=" not in (tmp_path / "stdin.log").read_text()
 
@@ -301,13 +353,25 @@ def test_fence_agent_named_by_the_target(tmp_path):
     "off_exit, status_exit, message",
     [
         (0, 0, "fence_fake reports host1 still ON after action=off succeeded"),
-        (0, 1, "cannot confirm it is off: fence_fake action=status for host1 failed (exit 1): Status: whatever"),
-        (0, 7, "cannot confirm it is off: fence_fake action=status for host1 failed (exit 7)"),
+        (
+            0,
+            1,
+            "cannot confirm it is off: fence_fake action=status for host1 failed (exit 1): Status: whatever",
+        ),
+        (
+            0,
+            7,
+            "cannot confirm it is off: fence_fake action=status for host1 failed (exit 7)",
+        ),
         (1, 2, "fence_fake action=off for host1 failed (exit 1): Success: Powered OFF"),
     ],
 )
-def test_fence_agent_fails_unless_status_says_off(tmp_path, off_exit, status_exit, message):
-    outcome = run_fence("fence-agent", {"agent": fake_agent(tmp_path, status_exit, off_exit)})
+def test_fence_agent_fails_unless_status_says_off(
+    tmp_path, off_exit, status_exit, message
+):
+    outcome = run_fence(
+        "fence-agent", {"agent": fake_agent(tmp_path, status_exit, off_exit)}
+    )
     assert not outcome["ok"]
     assert outcome["error"] == "FenceFailed"
     assert message in outcome["reason"]
@@ -330,9 +394,14 @@ def test_fence_agent_that_hangs_is_killed_and_fails(tmp_path):
     )
     outcome = run_fence("fence-agent", {"agent": agent, "timeout": "1"})
     assert not outcome["ok"]
-    assert outcome["reason"] == "fence_hang action=off for host1 timed out after 1s (killed)"
+    assert (
+        outcome["reason"]
+        == "fence_hang action=off for host1 timed out after 1s (killed)"
+    )
     pid = int(pid_file.read_text())
-    assert not Path(f"/proc/{pid}").exists()  # killed and reaped before the fence failed
+    assert not Path(
+        f"/proc/{pid}"
+    ).exists()  # killed and reaped before the fence failed
 
 
 @pytest.mark.slow
@@ -345,7 +414,10 @@ def test_fence_dummy_off_confirmed(tmp_path):
     assert outcome["ok"], outcome
     assert status.read_text() == "off"
     log = "\n".join(outcome["log"])
-    assert "fencing host1: fence_dummy off done (Success: Powered OFF); checking its status" in log
+    assert (
+        "fencing host1: fence_dummy off done (Success: Powered OFF); checking its status"
+        in log
+    )
     assert "fenced host1: off confirmed (fence_dummy status: off)" in log
     assert SECRET not in log
 
@@ -355,7 +427,9 @@ def test_fence_dummy_off_confirmed(tmp_path):
 def test_fence_dummy_already_off_is_confirmed(tmp_path):
     status = tmp_path / "status"
     status.write_text("off")
-    outcome = run_fence("fence-agent", {"agent": "fence_dummy", "status_file": str(status)})
+    outcome = run_fence(
+        "fence-agent", {"agent": "fence_dummy", "status_file": str(status)}
+    )
     assert outcome["ok"], outcome
 
 
@@ -369,7 +443,10 @@ def test_fence_dummy_that_cannot_read_the_plug_fails(tmp_path):
     outcome = run_fence("fence-agent", options, "host1", {"status_file": str(status)})
     assert not outcome["ok"]
     assert "fence_dummy action=off for host1 failed (exit 1)" in outcome["reason"]
-    assert "Unable to obtain correct plug status or plug is not available" in outcome["reason"]
+    assert (
+        "Unable to obtain correct plug status or plug is not available"
+        in outcome["reason"]
+    )
     everything = outcome["reason"] + "\n".join(outcome["log"])
     assert "password=***" in everything
     assert SECRET not in everything
@@ -380,7 +457,9 @@ def test_fence_dummy_that_cannot_read_the_plug_fails(tmp_path):
 @needs_fence_agents
 def test_fence_dummy_that_cannot_power_off_fails(tmp_path):
     # type=fail: a plug that never goes off; power_timeout=1 makes fence_dummy give up after 1 s.
-    outcome = run_fence("fence-agent", {"agent": "fence_dummy", "type": "fail", "power_timeout": "1"})
+    outcome = run_fence(
+        "fence-agent", {"agent": "fence_dummy", "type": "fail", "power_timeout": "1"}
+    )
     assert not outcome["ok"]
     assert "fence_dummy action=off for host1 failed (exit 1)" in outcome["reason"]
     assert "Timed out waiting to power OFF" in outcome["reason"]
@@ -390,18 +469,36 @@ def test_fence_dummy_that_cannot_power_off_fails(tmp_path):
 
 
 def test_command_placeholders():
-    stonith = CommandStonith(["ipmi-off", "--host={host}", "{plug}", "{{literal}}"], reactor=Clock())
-    assert stonith.command_for(FenceTarget("h1", {"plug": "7"})) == ["ipmi-off", "--host=h1", "7", "{literal}"]
-    assert CommandStonith("power off '{host} now'").argv == ["power", "off", "{host} now"]
+    stonith = CommandStonith(
+        ["ipmi-off", "--host={host}", "{plug}", "{{literal}}"], reactor=Clock()
+    )
+    assert stonith.command_for(FenceTarget("h1", {"plug": "7"})) == [
+        "ipmi-off",
+        "--host=h1",
+        "7",
+        "{literal}",
+    ]
+    assert CommandStonith("power off '{host} now'").argv == [
+        "power",
+        "off",
+        "{host} now",
+    ]
     with pytest.raises(FenceFailed) as caught:
         stonith.command_for(FenceTarget("h1"))
-    assert "fence command uses {plug} but the options of h1 have no 'plug'" in caught.value.reason
+    assert (
+        "fence command uses {plug} but the options of h1 have no 'plug'"
+        in caught.value.reason
+    )
     error = failure_of(stonith.fence(FenceTarget("h1")))
     assert "{plug}" in error.reason
 
 
 def test_command_that_does_not_exist_fails():
-    error = failure_of(CommandStonith(["no-such-fence-command", "{host}"], reactor=Clock()).fence(FenceTarget("h1")))
+    error = failure_of(
+        CommandStonith(["no-such-fence-command", "{host}"], reactor=Clock()).fence(
+            FenceTarget("h1")
+        )
+    )
     assert error.reason == "fence command 'no-such-fence-command' not found"
 
 
@@ -415,10 +512,18 @@ def test_command_exit_0_is_fenced(tmp_path):
         open({str(argv_file)!r}, "w").write(" ".join(sys.argv[1:]))
         """,
     )
-    outcome = run_fence("command", {"command": [command, "--host", "{host}", "--port={plug}"]}, "host3", {"plug": "4"})
+    outcome = run_fence(
+        "command",
+        {"command": [command, "--host", "{host}", "--port={plug}"]},
+        "host3",
+        {"plug": "4"},
+    )
     assert outcome["ok"], outcome
     assert argv_file.read_text() == "--host host3 --port=4"
-    assert any("fenced host3: off confirmed (" in line and "power-off exited 0)" in line for line in outcome["log"])
+    assert any(
+        "fenced host3: off confirmed (" in line and "power-off exited 0)" in line
+        for line in outcome["log"]
+    )
 
 
 @pytest.mark.slow
@@ -433,9 +538,17 @@ def test_command_failure_reports_its_last_stderr_line(tmp_path):
         sys.exit(3)
         """,
     )
-    outcome = run_fence("command", {"command": f"{command} {{host}} {{password}}"}, "host3", {"password": SECRET})
+    outcome = run_fence(
+        "command",
+        {"command": f"{command} {{host}} {{password}}"},
+        "host3",
+        {"password": SECRET},
+    )
     assert not outcome["ok"]
-    assert outcome["reason"] == f"fence command {command} for host3 failed (exit 3): PDU refused: bad password ***"
+    assert (
+        outcome["reason"]
+        == f"fence command {command} for host3 failed (exit 3): PDU refused: bad password ***"
+    )
     assert SECRET not in "\n".join(outcome["log"])
 
 
@@ -444,14 +557,19 @@ def test_command_that_hangs_is_killed_and_fails(tmp_path):
     command = script(tmp_path / "power-off", "import signal\nsignal.pause()\n")
     outcome = run_fence("command", {"command": [command, "{host}"], "timeout": 1})
     assert not outcome["ok"]
-    assert outcome["reason"] == f"fence command {command} for host1 timed out after 1s (killed)"
+    assert (
+        outcome["reason"]
+        == f"fence command {command} for host1 timed out after 1s (killed)"
+    )
 
 
 # -- manual ----------------------------------------------------------------------------------
 
 
 def test_manual_refuses_until_an_operator_confirms(tmp_path):
-    stonith = load_plugins().create("stonith", "manual", state_dir=str(tmp_path / "fence"))
+    stonith = load_plugins().create(
+        "stonith", "manual", state_dir=str(tmp_path / "fence")
+    )
     with capturedLogs() as events:
         error = failure_of(stonith.fence(FenceTarget("host1")))
     message = "waiting for an operator to confirm host1 is off: run `xenpool fence-confirm host1`"
@@ -463,14 +581,18 @@ def test_manual_refuses_until_an_operator_confirms(tmp_path):
     with capturedLogs() as events:
         assert result_of(stonith.fence(FenceTarget("host1"))) is None
     assert "fenced host1: off confirmed (confirmed by an operator " in log_text(events)
-    assert not path.exists()  # used up: the next failure of host1 needs a new confirmation
+    assert (
+        not path.exists()
+    )  # used up: the next failure of host1 needs a new confirmation
     assert failure_of(stonith.fence(FenceTarget("host1"))).reason == message
 
 
 def test_manual_confirmation_is_for_one_host_only(tmp_path):
     stonith = ManualStonith(tmp_path)
     confirm(tmp_path, "host2")
-    assert "confirm host1 is off" in failure_of(stonith.fence(FenceTarget("host1"))).reason
+    assert (
+        "confirm host1 is off" in failure_of(stonith.fence(FenceTarget("host1"))).reason
+    )
     assert result_of(stonith.fence(FenceTarget("host2"))) is None
 
 
@@ -480,7 +602,9 @@ def test_manual_stale_confirmation_is_refused_and_removed(tmp_path):
     old = path.stat().st_mtime - 601
     os.utime(path, (old, old))
     error = failure_of(stonith.fence(FenceTarget("host1")))
-    assert error.reason.startswith("the confirmation is stale (601s old, max_age 600s); waiting for an operator")
+    assert error.reason.startswith(
+        "the confirmation is stale (601s old, max_age 600s); waiting for an operator"
+    )
     assert not path.exists()
     forever = ManualStonith(tmp_path, max_age=0)
     path = confirm(tmp_path, "host1")
@@ -537,19 +661,32 @@ def default_host():
 
 
 def libvirt_stonith(**options) -> LibvirtStonith:
-    return load_plugins().create("stonith", "libvirt", threadpool=SyncThreadPool(), reactor=SyncReactor(), **options)
+    return load_plugins().create(
+        "stonith",
+        "libvirt",
+        threadpool=SyncThreadPool(),
+        reactor=SyncReactor(),
+        **options,
+    )
 
 
 def test_libvirt_destroys_the_domain_and_confirms(default_host):
     assert default_host.lookupByName("test").isActive()
     stonith = libvirt_stonith(uri="test:///default")
     with capturedLogs() as events:
-        assert result_of(stonith.fence(FenceTarget("host1", {"domain": "test"}))) is None
+        assert (
+            result_of(stonith.fence(FenceTarget("host1", {"domain": "test"}))) is None
+        )
     assert not default_host.lookupByName("test").isActive()
-    assert "fenced host1: off confirmed (libvirt test:///default: destroyed test; test not active)" in log_text(events)
+    assert (
+        "fenced host1: off confirmed (libvirt test:///default: destroyed test; test not active)"
+        in log_text(events)
+    )
     # Again: nothing runs any more, which is just as fenced.
     with capturedLogs() as events:
-        assert result_of(stonith.fence(FenceTarget("host1", {"domain": "test"}))) is None
+        assert (
+            result_of(stonith.fence(FenceTarget("host1", {"domain": "test"}))) is None
+        )
     assert "nothing was running" in log_text(events)
 
 
@@ -565,10 +702,19 @@ def test_libvirt_uri_template_and_unknown_domain():
     # etc/xenpool/node-host1.xml: a host with no domains; "web1" is not running there.
     stonith = libvirt_stonith(uri=f"test://{ETC}/node-{{host}}.xml")
     assert stonith.uri_for(FenceTarget("host1")) == f"test://{ETC}/node-host1.xml"
-    assert stonith.uri_for(FenceTarget("host1", {"uri": "test:///default"})) == "test:///default"
+    assert (
+        stonith.uri_for(FenceTarget("host1", {"uri": "test:///default"}))
+        == "test:///default"
+    )
     with capturedLogs() as events:
-        assert result_of(stonith.fence(FenceTarget("host1", {"domain": "web1, web2"}))) is None
-    assert f"libvirt test://{ETC}/node-host1.xml: nothing was running; web1, web2 not active" in log_text(events)
+        assert (
+            result_of(stonith.fence(FenceTarget("host1", {"domain": "web1, web2"})))
+            is None
+        )
+    assert (
+        f"libvirt test://{ETC}/node-host1.xml: nothing was running; web1, web2 not active"
+        in log_text(events)
+    )
 
 
 def test_libvirt_default_uri_is_ssh_to_the_host():
@@ -578,13 +724,17 @@ def test_libvirt_default_uri_is_ssh_to_the_host():
 @pytest.mark.parametrize("uri", ["bogus:///system", "test:///nonexistent/node.xml"])
 def test_libvirt_unreachable_uri_fails(uri):
     with capturedLogs() as events:
-        error = failure_of(libvirt_stonith(uri=uri).fence(FenceTarget("host1", {"domain": "test"})))
+        error = failure_of(
+            libvirt_stonith(uri=uri).fence(FenceTarget("host1", {"domain": "test"}))
+        )
     assert error.reason.startswith(f"cannot connect to {uri}: ")
     assert f"FENCING host1 FAILED: cannot connect to {uri}" in log_text(events)
 
 
 def test_libvirt_fence_cancelled_is_a_failure():
-    stonith = LibvirtStonith("test:///default", threadpool=NeverThreadPool(), reactor=SyncReactor())
+    stonith = LibvirtStonith(
+        "test:///default", threadpool=NeverThreadPool(), reactor=SyncReactor()
+    )
     d = stonith.fence(FenceTarget("host1"))
     d.cancel()
     assert failure_of(d).reason == "fencing host1 was cancelled"
@@ -596,16 +746,26 @@ class BrokenThreadPool:
 
 
 def test_an_unexpected_error_is_a_fence_failure_too():
-    stonith = LibvirtStonith("test:///default", threadpool=BrokenThreadPool(), reactor=SyncReactor())
+    stonith = LibvirtStonith(
+        "test:///default", threadpool=BrokenThreadPool(), reactor=SyncReactor()
+    )
     with capturedLogs() as events:
         error = failure_of(stonith.fence(FenceTarget("host1")))
     assert error.reason == "unexpected error while fencing host1: the pool broke"
-    assert "FENCING host1 FAILED: unexpected error while fencing host1: the pool broke" in log_text(events)
+    assert (
+        "FENCING host1 FAILED: unexpected error while fencing host1: the pool broke"
+        in log_text(events)
+    )
 
 
 def test_libvirt_that_does_not_answer_times_out():
     reactor = SyncReactor()
-    stonith = LibvirtStonith("qemu+ssh://{host}/system", timeout=30, threadpool=NeverThreadPool(), reactor=reactor)
+    stonith = LibvirtStonith(
+        "qemu+ssh://{host}/system",
+        timeout=30,
+        threadpool=NeverThreadPool(),
+        reactor=reactor,
+    )
     d = stonith.fence(FenceTarget("host1"))
     reactor.advance(29)
     assert not d.called
@@ -615,9 +775,14 @@ def test_libvirt_that_does_not_answer_times_out():
 
 @pytest.mark.slow
 def test_libvirt_with_the_real_reactor_and_threads():
-    outcome = run_fence("libvirt", {"uri": "test:///default"}, "host1", {"domain": "test"})
+    outcome = run_fence(
+        "libvirt", {"uri": "test:///default"}, "host1", {"domain": "test"}
+    )
     assert outcome["ok"], outcome
-    assert "fenced host1: off confirmed (libvirt test:///default: destroyed test; test not active)" in outcome["log"]
+    assert (
+        "fenced host1: off confirmed (libvirt test:///default: destroyed test; test not active)"
+        in outcome["log"]
+    )
 
 
 def test_a_failed_fence_is_not_tried_again_until_its_hold_off_ends():
@@ -635,15 +800,25 @@ def test_a_failed_fence_is_not_tried_again_until_its_hold_off_ends():
 
         def fence(self, target):
             self.calls += 1
-            return defer.fail(RuntimeError("BMC says no")) if self.fail else defer.succeed(None)
+            return (
+                defer.fail(RuntimeError("BMC says no"))
+                if self.fail
+                else defer.succeed(None)
+            )
 
     clock, stonith = Clock(), Flaky()
-    fencer = StonithFencer(stonith, {}, clock=clock, rng=lambda: 1.0)  # no jitter: the full hold-off
+    fencer = StonithFencer(
+        stonith, {}, clock=clock, rng=lambda: 1.0
+    )  # no jitter: the full hold-off
     failures = []
     fencer.fence("host2").addErrback(failures.append)
     for _ in range(100):  # a keeper retrying as fast as it can
         fencer.fence("host2").addErrback(failures.append)
-    assert stonith.calls == 1 and failures[0].check(RuntimeError) and all(f.check(FenceHeldOff) for f in failures[1:])
+    assert (
+        stonith.calls == 1
+        and failures[0].check(RuntimeError)
+        and all(f.check(FenceHeldOff) for f in failures[1:])
+    )
     assert "failed 0.0 s ago" in failures[1].getErrorMessage()
     clock.advance(2)
     fencer.fence("host2").addErrback(failures.append)
@@ -656,8 +831,12 @@ def test_a_failed_fence_is_not_tried_again_until_its_hold_off_ends():
     done = []
     fencer.fence("host2").addCallback(done.append)
     assert stonith.calls == 3 and done == [None]
-    fencer.fence("host2").addCallback(done.append)  # the same failure's other VMs: no second power-off
+    fencer.fence("host2").addCallback(
+        done.append
+    )  # the same failure's other VMs: no second power-off
     assert stonith.calls == 3 and done == [None, None]
     clock.advance(2)
-    fencer.fence("host2").addCallback(done.append)  # later: the host may be back, fenced again
+    fencer.fence("host2").addCallback(
+        done.append
+    )  # later: the host may be back, fenced again
     assert stonith.calls == 4

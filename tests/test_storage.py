@@ -29,16 +29,21 @@ from pathlib import Path
 
 import pytest
 from twisted.internet import defer
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError, DNSLookupError, NoRouteError
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionRefusedError,
+    DNSLookupError,
+    NoRouteError,
+)
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyClass, verifyObject
 
 from xenpool.interfaces import Disk, IStorage
+from xenpool.pe.disks import NO_DISK, disk_xml_function, storage_for, supported_schemes
 from xenpool.plugins import load_plugins
 from xenpool_plugins import storage as S
-from xenpool.pe.disks import NO_DISK, disk_xml_function, storage_for, supported_schemes
 from xenpool_plugins.storage import (
     AoeStorage,
     DiskSpecError,
@@ -53,7 +58,9 @@ from xenpool_plugins.storage import (
 ROOT = Path(__file__).resolve().parent.parent
 ETC = ROOT / "etc" / "xenpool"
 NBDKIT = shutil.which("nbdkit")
-needs_nbdkit = pytest.mark.skipif(NBDKIT is None, reason="nbdkit is not installed (apt-get install nbdkit)")
+needs_nbdkit = pytest.mark.skipif(
+    NBDKIT is None, reason="nbdkit is not installed (apt-get install nbdkit)"
+)
 EXPORT = "web1"
 
 
@@ -68,7 +75,9 @@ def result_of(d: defer.Deferred) -> object:
     return box[0]
 
 
-def failure_of(d: defer.Deferred, kind: type[BaseException] = DiskUnreachable) -> BaseException:
+def failure_of(
+    d: defer.Deferred, kind: type[BaseException] = DiskUnreachable
+) -> BaseException:
     result = result_of(d)
     assert isinstance(result, Failure), f"expected a failure, got {result!r}"
     assert isinstance(result.value, kind), result.value
@@ -79,16 +88,34 @@ def greeting(flags: int = S.NBD_FLAG_FIXED_NEWSTYLE | S.NBD_FLAG_NO_ZEROES) -> b
     return b"NBDMAGIC" + b"IHAVEOPT" + flags.to_bytes(2, "big")
 
 
-def reply(reply_type: int, data: bytes = b"", option: int = S.NBD_OPT_INFO, magic: int = S.REPLY_MAGIC) -> bytes:
-    return magic.to_bytes(8, "big") + option.to_bytes(4, "big") + reply_type.to_bytes(4, "big") + len(data).to_bytes(4, "big") + data
+def reply(
+    reply_type: int,
+    data: bytes = b"",
+    option: int = S.NBD_OPT_INFO,
+    magic: int = S.REPLY_MAGIC,
+) -> bytes:
+    return (
+        magic.to_bytes(8, "big")
+        + option.to_bytes(4, "big")
+        + reply_type.to_bytes(4, "big")
+        + len(data).to_bytes(4, "big")
+        + data
+    )
 
 
 def info_export(size: int, flags: int) -> bytes:
-    return reply(S.NBD_REP_INFO, S.NBD_INFO_EXPORT.to_bytes(2, "big") + size.to_bytes(8, "big") + flags.to_bytes(2, "big"))
+    return reply(
+        S.NBD_REP_INFO,
+        S.NBD_INFO_EXPORT.to_bytes(2, "big")
+        + size.to_bytes(8, "big")
+        + flags.to_bytes(2, "big"),
+    )
 
 
 def option(opt: int, payload: bytes = b"") -> bytes:
-    return b"IHAVEOPT" + opt.to_bytes(4, "big") + len(payload).to_bytes(4, "big") + payload
+    return (
+        b"IHAVEOPT" + opt.to_bytes(4, "big") + len(payload).to_bytes(4, "big") + payload
+    )
 
 
 def info_request(name: bytes) -> bytes:
@@ -98,7 +125,9 @@ def info_request(name: bytes) -> bytes:
 ABORT = option(S.NBD_OPT_ABORT)
 
 
-def blocking_handshake(port: int, export: str, host: str = "127.0.0.1", timeout: float = 10.0):
+def blocking_handshake(
+    port: int, export: str, host: str = "127.0.0.1", timeout: float = 10.0
+):
     """The NBD check as a blocking socket driver of the same sans-IO machine (tests only).
 
     Returns (handshake, bytes the server sent, bytes the client sent)."""
@@ -162,10 +191,24 @@ def nbdkit(tmp_path_factory):
         "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd != 3 and os.close(fd); "
         "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); os.execv(sys.argv[2], sys.argv[2:])"
     )
-    command = [sys.executable, "-c", wrapper, str(fd), NBDKIT, "--foreground", "--exit-with-parent",
-               "--filter=exportname", "memory", "1M", f"exportname={EXPORT}", "exportname-strict=true"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        wrapper,
+        str(fd),
+        NBDKIT,
+        "--foreground",
+        "--exit-with-parent",
+        "--filter=exportname",
+        "memory",
+        "1M",
+        f"exportname={EXPORT}",
+        "exportname-strict=true",
+    ]
     with open(log, "wb") as err:
-        proc = subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+        proc = subprocess.Popen(
+            command, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=err, stderr=err
+        )
     listener.close()  # nbdkit holds the socket now; if it dies, connections are refused
     server = Nbdkit(port, proc, log)
     try:
@@ -192,7 +235,12 @@ def captured(nbdkit):
 
 # -- plugins ---------------------------------------------------------------------------------
 
-PROVIDERS = {"nbd": NbdStorage, "iscsi": IscsiStorage, "aoe": AoeStorage, "path": PathStorage}
+PROVIDERS = {
+    "nbd": NbdStorage,
+    "iscsi": IscsiStorage,
+    "aoe": AoeStorage,
+    "path": PathStorage,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PROVIDERS))
@@ -200,7 +248,10 @@ def test_found_through_the_entry_point_and_verified(name):
     plugins = load_plugins()
     provider = plugins.get("storage", name)
     assert provider.plugin == "builtin"
-    assert provider.factory is PROVIDERS[name] or provider.factory.__name__ == PROVIDERS[name].__name__
+    assert (
+        provider.factory is PROVIDERS[name]
+        or provider.factory.__name__ == PROVIDERS[name].__name__
+    )
     obj = plugins.create("storage", name)
     assert verifyObject(IStorage, obj)
     assert obj.name == name
@@ -219,14 +270,31 @@ def test_create_passes_options():
 @pytest.mark.parametrize(
     "spec, name, parts",
     [
-        ("nbd://10.0.0.5/web1", "nbd", {"host": "10.0.0.5", "port": "10809", "export": "web1"}),
-        ("iscsi://san/iqn.2013-07.com.example:disk/0", "iscsi", {"host": "san", "port": "3260", "iqn": "iqn.2013-07.com.example:disk", "lun": "0"}),
+        (
+            "nbd://10.0.0.5/web1",
+            "nbd",
+            {"host": "10.0.0.5", "port": "10809", "export": "web1"},
+        ),
+        (
+            "iscsi://san/iqn.2013-07.com.example:disk/0",
+            "iscsi",
+            {
+                "host": "san",
+                "port": "3260",
+                "iqn": "iqn.2013-07.com.example:disk",
+                "lun": "0",
+            },
+        ),
         ("aoe:e1.1", "aoe", {"shelf": "1", "slot": "1", "device": "/dev/etherd/e1.1"}),
         ("/srv/vm/web1.img", "path", {"path": "/srv/vm/web1.img"}),
         ("file:///srv/vm/web1.img", "path", {"path": "/srv/vm/web1.img"}),
-        ("NBD://Host.Example/web1", "nbd", {"host": "host.example", "port": "10809", "export": "web1"}),
+        (
+            "NBD://Host.Example/web1",
+            "nbd",
+            {"host": "host.example", "port": "10809", "export": "web1"},
+        ),
     ],
-)  # fmt: skip
+)
 def test_storage_for_picks_the_provider_by_scheme(spec, name, parts):
     provider, disk = storage_for(load_plugins(), spec)
     assert provider.name == name
@@ -243,7 +311,10 @@ def test_storage_for_empty_spec_is_no_disk():
     assert result_of(provider.release(disk)) is None
 
 
-@pytest.mark.parametrize("spec", ["rbd://mon/pool/img", "nbds://h/e", "relative/path.img", "C:\\disk.img", "  /x"])
+@pytest.mark.parametrize(
+    "spec",
+    ["rbd://mon/pool/img", "nbds://h/e", "relative/path.img", "C:\\disk.img", "  /x"],
+)
 def test_storage_for_unknown_scheme_lists_the_supported_ones(spec):
     with pytest.raises(ValueError) as caught:
         storage_for(load_plugins(), spec)
@@ -270,12 +341,16 @@ def test_storage_for_two_providers_for_one_scheme_is_an_error():
         def xenpool_register_storage(register):
             register("other-nbd", Other)
 
-    with pytest.raises(DiskSpecError, match="more than one storage plugin: nbd .*other-nbd"):
+    with pytest.raises(
+        DiskSpecError, match="more than one storage plugin: nbd .*other-nbd"
+    ):
         storage_for(load_plugins(modules=[Module]), "nbd://h/e")
 
 
 def test_storage_for_passes_on_the_providers_parse_error():
-    with pytest.raises(DiskSpecError, match="bad NBD disk spec 'nbd://h/'.*export name missing"):
+    with pytest.raises(
+        DiskSpecError, match="bad NBD disk spec 'nbd://h/'.*export name missing"
+    ):
         storage_for(load_plugins(), "nbd://h/")
 
 
@@ -285,18 +360,33 @@ def test_storage_for_passes_on_the_providers_parse_error():
 @pytest.mark.parametrize(
     "spec, parts",
     [
-        ("nbd://storage1/web1", {"host": "storage1", "port": "10809", "export": "web1"}),
-        ("nbd://storage1:10810/web1", {"host": "storage1", "port": "10810", "export": "web1"}),
-        ("nbd://192.168.1.20:1/a", {"host": "192.168.1.20", "port": "1", "export": "a"}),
+        (
+            "nbd://storage1/web1",
+            {"host": "storage1", "port": "10809", "export": "web1"},
+        ),
+        (
+            "nbd://storage1:10810/web1",
+            {"host": "storage1", "port": "10810", "export": "web1"},
+        ),
+        (
+            "nbd://192.168.1.20:1/a",
+            {"host": "192.168.1.20", "port": "1", "export": "a"},
+        ),
         ("nbd://[::1]/web1", {"host": "::1", "port": "10809", "export": "web1"}),
-        ("nbd://[2001:DB8::1]:65535/x", {"host": "2001:db8::1", "port": "65535", "export": "x"}),
-        ("nbd://san.example.org./vm/disk0", {"host": "san.example.org", "port": "10809", "export": "vm/disk0"}),
+        (
+            "nbd://[2001:DB8::1]:65535/x",
+            {"host": "2001:db8::1", "port": "65535", "export": "x"},
+        ),
+        (
+            "nbd://san.example.org./vm/disk0",
+            {"host": "san.example.org", "port": "10809", "export": "vm/disk0"},
+        ),
         ("nbd://h/a%20b%2Fc", {"host": "h", "port": "10809", "export": "a b/c"}),
         ("nbd://h/%C3%A9t%C3%A9", {"host": "h", "port": "10809", "export": "été"}),
         ("nbd://h/it's<&>\"", {"host": "h", "port": "10809", "export": "it's<&>\""}),
         ("nbd://h/" + "x" * 4096, {"host": "h", "port": "10809", "export": "x" * 4096}),
     ],
-)  # fmt: skip
+)
 def test_nbd_parse_good(spec, parts):
     disk = NbdStorage().parse(spec)
     assert disk == Disk("nbd", spec, parts)
@@ -329,7 +419,7 @@ def test_nbd_parse_good(spec, parts):
         ("nbd:h/e", "not a nbd:// URL"),
         ("iscsi://h/e", "not a nbd:// URL"),
     ],
-)  # fmt: skip
+)
 def test_nbd_parse_bad(spec, problem):
     with pytest.raises(ValueError) as caught:
         NbdStorage().parse(spec)
@@ -342,12 +432,44 @@ def test_nbd_parse_bad(spec, problem):
 @pytest.mark.parametrize(
     "spec, parts",
     [
-        ("iscsi://san/iqn.2013-07.com.example:iscsi-nopool/2", {"host": "san", "port": "3260", "iqn": "iqn.2013-07.com.example:iscsi-nopool", "lun": "2"}),
-        ("iscsi://10.1.1.1:3261/iqn.2003-01.org.linux-iscsi.target:sn.4a2b/0", {"host": "10.1.1.1", "port": "3261", "iqn": "iqn.2003-01.org.linux-iscsi.target:sn.4a2b", "lun": "0"}),
-        ("iscsi://[fd00::5]/iqn.1992-01.com.example/16383", {"host": "fd00::5", "port": "3260", "iqn": "iqn.1992-01.com.example", "lun": "16383"}),
-        ("iscsi://san/iqn.2001-04.com.example:storage:diskarrays-sn-a8675309/007", {"host": "san", "port": "3260", "iqn": "iqn.2001-04.com.example:storage:diskarrays-sn-a8675309", "lun": "7"}),
+        (
+            "iscsi://san/iqn.2013-07.com.example:iscsi-nopool/2",
+            {
+                "host": "san",
+                "port": "3260",
+                "iqn": "iqn.2013-07.com.example:iscsi-nopool",
+                "lun": "2",
+            },
+        ),
+        (
+            "iscsi://10.1.1.1:3261/iqn.2003-01.org.linux-iscsi.target:sn.4a2b/0",
+            {
+                "host": "10.1.1.1",
+                "port": "3261",
+                "iqn": "iqn.2003-01.org.linux-iscsi.target:sn.4a2b",
+                "lun": "0",
+            },
+        ),
+        (
+            "iscsi://[fd00::5]/iqn.1992-01.com.example/16383",
+            {
+                "host": "fd00::5",
+                "port": "3260",
+                "iqn": "iqn.1992-01.com.example",
+                "lun": "16383",
+            },
+        ),
+        (
+            "iscsi://san/iqn.2001-04.com.example:storage:diskarrays-sn-a8675309/007",
+            {
+                "host": "san",
+                "port": "3260",
+                "iqn": "iqn.2001-04.com.example:storage:diskarrays-sn-a8675309",
+                "lun": "7",
+            },
+        ),
     ],
-)  # fmt: skip
+)
 def test_iscsi_parse_good(spec, parts):
     assert IscsiStorage().parse(spec) == Disk("iscsi", spec, parts)
 
@@ -359,7 +481,10 @@ def test_iscsi_parse_good(spec, parts):
         ("iscsi://san/iqn.2013-07.com.example:x/", "the LUN must be an integer"),
         ("iscsi://san/iqn.2013-07.com.example:x/-1", "the LUN must be an integer"),
         ("iscsi://san/iqn.2013-07.com.example:x/one", "the LUN must be an integer"),
-        ("iscsi://san/iqn.2013-07.com.example:x/16384", "the LUN must be an integer 0-16383"),
+        (
+            "iscsi://san/iqn.2013-07.com.example:x/16384",
+            "the LUN must be an integer 0-16383",
+        ),
         ("iscsi://san/iqn.2013-07.com.example:x/1/2", "the path must be /IQN/LUN"),
         ("iscsi://san//1", "the path must be /IQN/LUN"),
         ("iscsi://san/iqn.2013-13.com.example:x/1", "no such month"),
@@ -370,12 +495,18 @@ def test_iscsi_parse_good(spec, parts):
         ("iscsi://san/iqn.2013-07.com.example:a_b/1", "is not an IQN"),
         ("iscsi://san/eui.02004567A425678D/1", "is not an IQN"),
         ("iscsi://san/iqn.2013-07.com.Example:x/1", "must be lower case"),
-        ("iscsi://san/iqn.2013-07.com.example:" + "x" * 200 + "/1", "at most 223 bytes"),
+        (
+            "iscsi://san/iqn.2013-07.com.example:" + "x" * 200 + "/1",
+            "at most 223 bytes",
+        ),
         ("iscsi://san:99999/iqn.2013-07.com.example:x/1", "port must be 1-65535"),
-        ("iscsi://chap:secret@san/iqn.2013-07.com.example:x/1", "user names and passwords"),
+        (
+            "iscsi://chap:secret@san/iqn.2013-07.com.example:x/1",
+            "user names and passwords",
+        ),
         ("iscsi:///iqn.2013-07.com.example:x/1", "host missing"),
     ],
-)  # fmt: skip
+)
 def test_iscsi_parse_bad(spec, problem):
     with pytest.raises(ValueError) as caught:
         IscsiStorage().parse(spec)
@@ -386,11 +517,20 @@ def test_iscsi_parse_bad(spec, problem):
 
 @pytest.mark.parametrize(
     "spec, shelf, slot",
-    [("aoe:e0.0", "0", "0"), ("aoe:e1.1", "1", "1"), ("aoe:e65534.254", "65534", "254"), ("AOE:e007.01", "7", "1")],
+    [
+        ("aoe:e0.0", "0", "0"),
+        ("aoe:e1.1", "1", "1"),
+        ("aoe:e65534.254", "65534", "254"),
+        ("AOE:e007.01", "7", "1"),
+    ],
 )
 def test_aoe_parse_good(spec, shelf, slot):
     disk = AoeStorage().parse(spec)
-    assert disk == Disk("aoe", spec, {"shelf": shelf, "slot": slot, "device": f"/dev/etherd/e{shelf}.{slot}"})
+    assert disk == Disk(
+        "aoe",
+        spec,
+        {"shelf": shelf, "slot": slot, "device": f"/dev/etherd/e{shelf}.{slot}"},
+    )
 
 
 @pytest.mark.parametrize(
@@ -410,7 +550,11 @@ def test_aoe_parse_bad(spec, problem):
     with pytest.raises(ValueError) as caught:
         AoeStorage().parse(spec)
     message = str(caught.value)
-    assert problem in message and message.startswith(f"bad AoE disk spec {spec!r}: ") and "\n" not in message
+    assert (
+        problem in message
+        and message.startswith(f"bad AoE disk spec {spec!r}: ")
+        and "\n" not in message
+    )
 
 
 @pytest.mark.parametrize(
@@ -444,7 +588,11 @@ def test_path_parse_bad(spec, problem):
     with pytest.raises(ValueError) as caught:
         PathStorage().parse(spec)
     message = str(caught.value)
-    assert problem in message and message.startswith(f"bad path disk spec {spec!r}: ") and "\n" not in message
+    assert (
+        problem in message
+        and message.startswith(f"bad path disk spec {spec!r}: ")
+        and "\n" not in message
+    )
 
 
 # -- domain_xml --------------------------------------------------------------------------------
@@ -470,16 +618,23 @@ def test_nbd_domain_xml():
 
 
 def test_nbd_domain_xml_escapes_attribute_values():
-    nasty = "it's \"<&>\" here"
+    nasty = 'it\'s "<&>" here'
     d = disk_element(NbdStorage(), "nbd://[::1]/" + nasty.replace(" ", "%20"))
     assert d.find("source").get("name") == nasty
     assert d.find("source/host").attrib == {"name": "::1", "port": "10809"}
 
 
 def test_iscsi_domain_xml():
-    d = disk_element(IscsiStorage(), "iscsi://san.example/iqn.2013-07.com.example:iscsi-nopool/2", "xvda")
+    d = disk_element(
+        IscsiStorage(),
+        "iscsi://san.example/iqn.2013-07.com.example:iscsi-nopool/2",
+        "xvda",
+    )
     assert d.get("type") == "network"
-    assert d.find("source").attrib == {"protocol": "iscsi", "name": "iqn.2013-07.com.example:iscsi-nopool/2"}
+    assert d.find("source").attrib == {
+        "protocol": "iscsi",
+        "name": "iqn.2013-07.com.example:iscsi-nopool/2",
+    }
     assert d.find("source/host").attrib == {"name": "san.example", "port": "3260"}
     assert d.find("target").attrib == {"dev": "xvda", "bus": "xen"}
 
@@ -487,7 +642,9 @@ def test_iscsi_domain_xml():
 def test_aoe_domain_xml():
     d = disk_element(AoeStorage(root="/somewhere/else"), "aoe:e3.7", "sdb")
     assert d.get("type") == "block"
-    assert d.find("source").attrib == {"dev": "/dev/etherd/e3.7"}  # the real path, whatever root
+    assert d.find("source").attrib == {
+        "dev": "/dev/etherd/e3.7"
+    }  # the real path, whatever root
     assert d.find("target").attrib == {"dev": "sdb", "bus": "scsi"}
 
 
@@ -517,7 +674,10 @@ def test_domain_xml_refuses_bad_targets(target):
 def test_domain_xml_refuses_another_providers_disk():
     with pytest.raises(ValueError, match="given to the 'nbd' storage plugin"):
         NbdStorage().domain_xml(AoeStorage().parse("aoe:e1.1"), "vda")
-    assert isinstance(failure_of(PathStorage().check(AoeStorage().parse("aoe:e1.1")), ValueError), ValueError)
+    assert isinstance(
+        failure_of(PathStorage().check(AoeStorage().parse("aoe:e1.1")), ValueError),
+        ValueError,
+    )
 
 
 def test_libvirt_accepts_every_kind_of_disk():
@@ -539,16 +699,26 @@ def test_libvirt_accepts_every_kind_of_disk():
         for i, spec in enumerate(specs):
             provider, disk = storage_for(load_plugins(), spec)
             ours = ET.fromstring(provider.domain_xml(disk, "vda"))
-            xml = render_domain_xml(template, DomainSpec(f"disk{i}", 64, 1, provider.domain_xml(disk, "vda")))
+            xml = render_domain_xml(
+                template,
+                DomainSpec(f"disk{i}", 64, 1, provider.domain_xml(disk, "vda")),
+            )
             dom = conn.createXML(xml, 0)
             theirs = ET.fromstring(dom.XMLDesc()).find("devices/disk")
             assert theirs.get("type") == ours.get("type")
             assert theirs.find("source").attrib == ours.find("source").attrib
-            assert [h.attrib for h in theirs.find("source")] == [h.attrib for h in ours.find("source")]
+            assert [h.attrib for h in theirs.find("source")] == [
+                h.attrib for h in ours.find("source")
+            ]
             assert theirs.find("target").attrib == {"dev": "vda", "bus": "virtio"}
             dom.destroy()
         provider, disk = storage_for(load_plugins(), "")
-        dom = conn.createXML(render_domain_xml(template, DomainSpec("nodisk", 64, 1, provider.domain_xml(disk, "vda"))), 0)
+        dom = conn.createXML(
+            render_domain_xml(
+                template, DomainSpec("nodisk", 64, 1, provider.domain_xml(disk, "vda"))
+            ),
+            0,
+        )
         assert ET.fromstring(dom.XMLDesc()).find("devices/disk") is None
     finally:
         conn.close()
@@ -557,8 +727,15 @@ def test_libvirt_accepts_every_kind_of_disk():
 # -- release -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("provider, spec", [(NbdStorage(), "nbd://h/e"), (IscsiStorage(), "iscsi://h/iqn.2013-07.com.example:x/1"),
-                                            (AoeStorage(), "aoe:e1.1"), (PathStorage(), "/srv/x")])  # fmt: skip
+@pytest.mark.parametrize(
+    "provider, spec",
+    [
+        (NbdStorage(), "nbd://h/e"),
+        (IscsiStorage(), "iscsi://h/iqn.2013-07.com.example:x/1"),
+        (AoeStorage(), "aoe:e1.1"),
+        (PathStorage(), "/srv/x"),
+    ],
+)
 def test_release_has_nothing_to_do(provider, spec):
     assert result_of(provider.release(provider.parse(spec))) is None
 
@@ -566,10 +743,16 @@ def test_release_has_nothing_to_do(provider, spec):
 # -- the NBD handshake machine (sans-IO) ------------------------------------------------------
 
 
-def run_machine(export: str, server_bytes: bytes, chunk: int | None = None) -> tuple[NbdHandshake, bytes]:
+def run_machine(
+    export: str, server_bytes: bytes, chunk: int | None = None
+) -> tuple[NbdHandshake, bytes]:
     handshake = NbdHandshake(export)
     sent = bytearray()
-    pieces = [server_bytes] if chunk is None else [server_bytes[i : i + chunk] for i in range(0, len(server_bytes), chunk)]
+    pieces = (
+        [server_bytes]
+        if chunk is None
+        else [server_bytes[i : i + chunk] for i in range(0, len(server_bytes), chunk)]
+    )
     for piece in pieces:
         handshake.receive_data(piece)
         sent += handshake.data_to_send()
@@ -599,7 +782,9 @@ def test_machine_sends_nothing_before_the_greeting_and_only_once():
 
 
 def test_machine_no_zeroes_only_when_offered():
-    _, sent = run_machine("e", greeting(S.NBD_FLAG_FIXED_NEWSTYLE) + reply(S.NBD_REP_ACK))
+    _, sent = run_machine(
+        "e", greeting(S.NBD_FLAG_FIXED_NEWSTYLE) + reply(S.NBD_REP_ACK)
+    )
     assert sent[:4] == S.NBD_FLAG_C_FIXED_NEWSTYLE.to_bytes(4, "big")
 
 
@@ -633,14 +818,24 @@ def test_machine_error_replies(reply_type, text):
 
 
 def test_machine_error_reply_carries_the_servers_message_on_one_line():
-    handshake, _ = run_machine("web1", greeting() + reply(S.NBD_REP_ERR_UNKNOWN, b"export\n'web1' not\x00 found"))
-    assert handshake.error.reason == "no such export 'web1' (server: export 'web1' not found)"
+    handshake, _ = run_machine(
+        "web1",
+        greeting() + reply(S.NBD_REP_ERR_UNKNOWN, b"export\n'web1' not\x00 found"),
+    )
+    assert (
+        handshake.error.reason
+        == "no such export 'web1' (server: export 'web1' not found)"
+    )
 
 
 def test_machine_ignores_other_info_and_unknown_replies():
-    other_info = reply(S.NBD_REP_INFO, (3).to_bytes(2, "big") + b"\x00" * 12)  # NBD_INFO_BLOCK_SIZE
+    other_info = reply(
+        S.NBD_REP_INFO, (3).to_bytes(2, "big") + b"\x00" * 12
+    )  # NBD_INFO_BLOCK_SIZE
     unknown = reply(42, b"whatever")
-    handshake, _ = run_machine("e", greeting() + other_info + unknown + reply(S.NBD_REP_ACK))
+    handshake, _ = run_machine(
+        "e", greeting() + other_info + unknown + reply(S.NBD_REP_ACK)
+    )
     assert handshake.done and handshake.error is None and handshake.export_size is None
 
 
@@ -659,9 +854,20 @@ def test_machine_ignores_bytes_after_the_answer():
         (b"NBDMAGIC" + b"SOMETHIN" + b"\x00\x01", "not an NBD newstyle greeting"),
         (greeting(0), "does not speak fixed newstyle"),
         (greeting() + reply(S.NBD_REP_ACK, magic=0x1234), "bad option reply magic"),
-        (greeting() + reply(S.NBD_REP_ACK, option=S.NBD_OPT_GO), "expected one to NBD_OPT_INFO"),
-        (greeting() + reply(S.NBD_REP_INFO)[:-4] + (S.NBD_MAX_REPLY + 1).to_bytes(4, "big"), "at most 65536 accepted"),
-        (greeting() + reply(S.NBD_REP_INFO, b"\x00\x00" + b"\x00" * 9), "NBD_INFO_EXPORT reply of 11 bytes"),
+        (
+            greeting() + reply(S.NBD_REP_ACK, option=S.NBD_OPT_GO),
+            "expected one to NBD_OPT_INFO",
+        ),
+        (
+            greeting()
+            + reply(S.NBD_REP_INFO)[:-4]
+            + (S.NBD_MAX_REPLY + 1).to_bytes(4, "big"),
+            "at most 65536 accepted",
+        ),
+        (
+            greeting() + reply(S.NBD_REP_INFO, b"\x00\x00" + b"\x00" * 9),
+            "NBD_INFO_EXPORT reply of 11 bytes",
+        ),
     ],
 )
 def test_machine_protocol_violations(server, text):
@@ -672,7 +878,12 @@ def test_machine_protocol_violations(server, text):
 
 
 @pytest.mark.parametrize(
-    "server, where", [(b"", "before the greeting"), (b"NBDMAGIC", "before the greeting"), (greeting(), "during the handshake")]
+    "server, where",
+    [
+        (b"", "before the greeting"),
+        (b"NBDMAGIC", "before the greeting"),
+        (greeting(), "during the handshake"),
+    ],
 )
 def test_machine_closed_connection(server, where):
     handshake, _ = run_machine("e", server)
@@ -684,10 +895,17 @@ def test_machine_closed_connection(server, where):
 # -- the NBD check, Twisted driver, on a MemoryReactorClock ---------------------------------------
 
 
-def start_check(export: str = EXPORT, timeout_s: float = 2.0, host: str = "127.0.0.1", port: int = 10809):
+def start_check(
+    export: str = EXPORT,
+    timeout_s: float = 2.0,
+    host: str = "127.0.0.1",
+    port: int = 10809,
+):
     reactor = MemoryReactorClock()
     storage = NbdStorage(reactor=reactor, timeout_s=timeout_s)
-    disk = storage.parse(f"nbd://{'[' + host + ']' if ':' in host else host}:{port}/{export}")
+    disk = storage.parse(
+        f"nbd://{'[' + host + ']' if ':' in host else host}:{port}/{export}"
+    )
     d = storage.check(disk)
     assert not d.called
     [(h, p, factory, timeout, _bind)] = reactor.tcpClients
@@ -706,16 +924,26 @@ def connect(factory) -> tuple[object, StringTransport]:
 @pytest.mark.parametrize("chunk", [None, 1])
 def test_twisted_driver_with_nbdkits_bytes_right_export(captured, chunk):
     handshake, server_bytes, client_bytes = captured["right"]
-    assert handshake.error is None and handshake.export_size == 1 << 20  # nbdkit's "memory 1M"
+    assert (
+        handshake.error is None and handshake.export_size == 1 << 20
+    )  # nbdkit's "memory 1M"
     reactor, factory, d = start_check()
     protocol, transport = connect(factory)
-    pieces = [server_bytes] if chunk is None else [server_bytes[i : i + 1] for i in range(len(server_bytes))]
+    pieces = (
+        [server_bytes]
+        if chunk is None
+        else [server_bytes[i : i + 1] for i in range(len(server_bytes))]
+    )
     for piece in pieces:
         protocol.dataReceived(piece)
-    assert transport.value() == client_bytes  # the same conversation as the blocking driver's
+    assert (
+        transport.value() == client_bytes
+    )  # the same conversation as the blocking driver's
     assert transport.value().endswith(ABORT)
     assert transport.disconnecting  # closing after the abort
-    assert not d.called  # the answer comes once the goodbye is out and the connection closed
+    assert (
+        not d.called
+    )  # the answer comes once the goodbye is out and the connection closed
     protocol.connectionLost(Failure(ConnectionDone()))
     assert result_of(d) is None
     assert reactor.getDelayedCalls() == []  # the deadline is cancelled
@@ -737,7 +965,9 @@ def test_twisted_driver_with_nbdkits_bytes_wrong_export(captured):
 
 def test_twisted_driver_connection_refused():
     reactor, factory, d = start_check()
-    factory.clientConnectionFailed(reactor.connectors[0], Failure(ConnectionRefusedError()))
+    factory.clientConnectionFailed(
+        reactor.connectors[0], Failure(ConnectionRefusedError())
+    )
     err = failure_of(d)
     assert not isinstance(err, NoSuchExport)
     assert str(err) == "NBD server 127.0.0.1:10809: cannot connect: connection refused"
@@ -752,7 +982,9 @@ def test_twisted_driver_times_out_connecting():
     assert str(failure_of(d)) == "NBD server 127.0.0.1:10809: no connection within 2 s"
     assert reactor.connectors[0].stoppedConnecting
     # the connector's own failure report afterwards changes nothing
-    factory.clientConnectionFailed(reactor.connectors[0], Failure(ConnectionRefusedError()))
+    factory.clientConnectionFailed(
+        reactor.connectors[0], Failure(ConnectionRefusedError())
+    )
 
 
 def test_twisted_driver_times_out_when_the_server_says_nothing():
@@ -770,7 +1002,10 @@ def test_twisted_driver_server_hangs_up():
     protocol, _ = connect(factory)
     protocol.dataReceived(greeting())
     protocol.connectionLost(Failure(ConnectionRefusedError()))
-    assert str(failure_of(d)) == "NBD server 127.0.0.1:10809: the server closed the connection during the handshake"
+    assert (
+        str(failure_of(d))
+        == "NBD server 127.0.0.1:10809: the server closed the connection during the handshake"
+    )
     assert reactor.getDelayedCalls() == []
 
 
@@ -846,8 +1081,13 @@ REACTOR_SCRIPT = textwrap.dedent(
 
 
 def run_checks_in_reactor(specs: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, "-c", REACTOR_SCRIPT, json.dumps(specs)], capture_output=True,
-                          text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", REACTOR_SCRIPT, json.dumps(specs)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -872,10 +1112,19 @@ def test_checks_with_a_real_reactor(nbdkit):
         refused.close()
         portal.close()
     assert results[specs["right"]] is None, nbdkit.stderr()
-    assert results[specs["wrong"]] == ["NoSuchExport", f"NBD server 127.0.0.1:{nbdkit.port}: no such export 'nope'"]
-    assert results[specs["nbd-closed"]] == ["DiskUnreachable", f"NBD server 127.0.0.1:{closed}: cannot connect: connection refused"]
+    assert results[specs["wrong"]] == [
+        "NoSuchExport",
+        f"NBD server 127.0.0.1:{nbdkit.port}: no such export 'nope'",
+    ]
+    assert results[specs["nbd-closed"]] == [
+        "DiskUnreachable",
+        f"NBD server 127.0.0.1:{closed}: cannot connect: connection refused",
+    ]
     assert results[specs["portal"]] is None
-    assert results[specs["portal-closed"]] == ["DiskUnreachable", f"iSCSI portal 127.0.0.1:{closed}: cannot connect: connection refused"]
+    assert results[specs["portal-closed"]] == [
+        "DiskUnreachable",
+        f"iSCSI portal 127.0.0.1:{closed}: cannot connect: connection refused",
+    ]
 
 
 # -- iSCSI on a MemoryReactorClock ----------------------------------------------------------------
@@ -884,7 +1133,9 @@ def test_checks_with_a_real_reactor(nbdkit):
 def test_iscsi_check_connects_and_hangs_up():
     reactor = MemoryReactorClock()
     storage = IscsiStorage(reactor=reactor, timeout_s=4)
-    d = storage.check(storage.parse("iscsi://[fd00::5]:3261/iqn.2013-07.com.example:x/1"))
+    d = storage.check(
+        storage.parse("iscsi://[fd00::5]:3261/iqn.2013-07.com.example:x/1")
+    )
     [(host, port, factory, timeout, _)] = reactor.tcpClients
     assert (host, port, timeout) == ("fd00::5", 3261, 4)
     _, transport = connect(factory)
@@ -923,7 +1174,10 @@ def test_aoe_block_device_is_reachable(etherd):
 def test_aoe_missing_device(etherd):
     storage = AoeStorage(root=etherd)
     err = failure_of(storage.check(storage.parse("aoe:e1.3")))
-    assert str(err) == "AoE device /dev/etherd/e1.3 does not exist (shelf not discovered? aoe-discover)"
+    assert (
+        str(err)
+        == "AoE device /dev/etherd/e1.3 does not exist (shelf not discovered? aoe-discover)"
+    )
 
 
 def test_aoe_not_a_block_device(etherd):
@@ -973,7 +1227,9 @@ def test_path_unreadable_file(tmp_path):
     image.write_bytes(b"")
     image.chmod(0)
     storage = PathStorage()
-    assert "is not readable" in str(failure_of(storage.check(storage.parse(str(image)))))
+    assert "is not readable" in str(
+        failure_of(storage.check(storage.parse(str(image))))
+    )
 
 
 # -- what the PE calls -----------------------------------------------------------------------------
@@ -994,7 +1250,9 @@ def test_disk_xml_function_checks_then_gives_the_xml(tmp_path):
 
 def test_disk_xml_function_uses_the_injected_reactor():
     reactor = MemoryReactorClock()
-    disk_xml = disk_xml_function(load_plugins(), options={"nbd": {"reactor": reactor, "timeout_s": 1}})
+    disk_xml = disk_xml_function(
+        load_plugins(), options={"nbd": {"reactor": reactor, "timeout_s": 1}}
+    )
     d = disk_xml("nbd://storage1/web1")
     [(host, port, factory, _timeout, _)] = reactor.tcpClients
     protocol, _ = connect(factory)
@@ -1024,7 +1282,9 @@ def test_connect_failures_in_one_line(error, text):
     assert str(failure_of(d)) == f"NBD server 127.0.0.1:10809: cannot connect: {text}"
 
 
-@pytest.mark.parametrize("provider", [NbdStorage(), IscsiStorage(), AoeStorage(), PathStorage()])
+@pytest.mark.parametrize(
+    "provider", [NbdStorage(), IscsiStorage(), AoeStorage(), PathStorage()]
+)
 def test_check_refuses_another_providers_disk(provider):
     other = Disk("other", "other:x", {})
     assert "storage plugin" in str(failure_of(provider.check(other), ValueError))
@@ -1034,9 +1294,15 @@ def test_check_reports_other_os_errors_in_one_line(tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_bytes(b"")
     aoe = AoeStorage(root=not_a_dir)
-    assert str(failure_of(aoe.check(aoe.parse("aoe:e1.1")))) == "AoE device /dev/etherd/e1.1: Not a directory"
+    assert (
+        str(failure_of(aoe.check(aoe.parse("aoe:e1.1"))))
+        == "AoE device /dev/etherd/e1.1: Not a directory"
+    )
     path = PathStorage()
-    assert str(failure_of(path.check(path.parse(f"{not_a_dir}/x")))) == f"disk {not_a_dir}/x: Not a directory"
+    assert (
+        str(failure_of(path.check(path.parse(f"{not_a_dir}/x"))))
+        == f"disk {not_a_dir}/x: Not a directory"
+    )
 
 
 def test_no_disk_takes_only_the_empty_spec():

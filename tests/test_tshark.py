@@ -17,15 +17,17 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from xenpool.tools import samples
 from xenpool.protocol import messages as M
 from xenpool.protocol import params as P
 from xenpool.protocol.errors import Cause
+from xenpool.tools import samples
 
 from . import pcapcheck
 from .pcapcheck import Frame, tshark_fields, tshark_malformed, write_pcap
 
-pytestmark = pytest.mark.skipif(not pcapcheck.tshark_available(), reason="tshark not installed")
+pytestmark = pytest.mark.skipif(
+    not pcapcheck.tshark_available(), reason="tshark not installed"
+)
 
 # --------------------------------------------------------------------------- fields
 
@@ -45,18 +47,33 @@ _COMMON = (
     " pool_element_pe_identifier pool_element_home_enrp_server_identifier pool_element_registration_life"
     " cookie pe_identifier pe_checksum"
 ).split()
-ASAP_FIELDS = [f"asap.{f}" for f in [*_COMMON, "hropt_items", "server_identifier", "h_bit", "r_bit"]]
+ASAP_FIELDS = [
+    f"asap.{f}"
+    for f in [*_COMMON, "hropt_items", "server_identifier", "h_bit", "r_bit"]
+]
 ENRP_FIELDS = [
     f"enrp.{f}"
     for f in [
-        *_COMMON, "message_value", "server_information_server_identifier", "sender_servers_id",
-        "receiver_servers_id", "target_servers_id", "update_action", "reserved",
-        "r_bit", "w_bit", "m_bit", "t_bit",
+        *_COMMON,
+        "message_value",
+        "server_information_server_identifier",
+        "sender_servers_id",
+        "receiver_servers_id",
+        "target_servers_id",
+        "update_action",
+        "reserved",
+        "r_bit",
+        "w_bit",
+        "m_bit",
+        "t_bit",
     ]
-]  # fmt: skip
+]
 assert len(ASAP_FIELDS) + len(ENRP_FIELDS) == 93  # every field of both dissectors
 PROTO_FIELDS = {"asap": ASAP_FIELDS, "enrp": ENRP_FIELDS}
-INFO_FIELDS = ["_ws.col.Info", "_ws.col.info"]  # 4.0 spells it Info, later versions info
+INFO_FIELDS = [
+    "_ws.col.Info",
+    "_ws.col.info",
+]  # 4.0 spells it Info, later versions info
 OTHER_FIELDS = ["sctp.data_payload_proto_id", "tcp.dstport", "tcp.len", *INFO_FIELDS]
 ALL_FIELDS = [*ASAP_FIELDS, *ENRP_FIELDS, *OTHER_FIELDS]
 
@@ -112,24 +129,48 @@ BIT_MASKS = {"r_bit": 0x01, "h_bit": 0x01, "w_bit": 0x01, "t_bit": 0x01, "m_bit"
 BODIES: dict[type, list[tuple[str, str]]] = {
     M.Registration: [("handle", "pool_handle"), ("pe", "pool_element")],
     M.Deregistration: [("handle", "pool_handle"), ("peid", "pe_identifier")],
-    M.RegistrationResponse: [("handle", "pool_handle"), ("peid", "pe_identifier"), ("oe", "error")],
-    M.DeregistrationResponse: [("handle", "pool_handle"), ("peid", "pe_identifier"), ("oe", "error")],
+    M.RegistrationResponse: [
+        ("handle", "pool_handle"),
+        ("peid", "pe_identifier"),
+        ("oe", "error"),
+    ],
+    M.DeregistrationResponse: [
+        ("handle", "pool_handle"),
+        ("peid", "pe_identifier"),
+        ("oe", "error"),
+    ],
     M.HandleResolution: [("handle", "pool_handle"), ("hropt", "items")],
     M.HandleResolutionResponse: [
-        ("handle", "pool_handle"), ("policy", "policy"), ("pes", "pool_elements"), ("oe", "error"),
-    ],  # fmt: skip
-    M.EndpointKeepAlive: [("server_id", "server_id"), ("handle", "pool_handle"), ("peid", "pe_identifier")],
+        ("handle", "pool_handle"),
+        ("policy", "policy"),
+        ("pes", "pool_elements"),
+        ("oe", "error"),
+    ],
+    M.EndpointKeepAlive: [
+        ("server_id", "server_id"),
+        ("handle", "pool_handle"),
+        ("peid", "pe_identifier"),
+    ],
     M.EndpointKeepAliveAck: [("handle", "pool_handle"), ("peid", "pe_identifier")],
     M.EndpointUnreachable: [("handle", "pool_handle"), ("peid", "pe_identifier")],
     M.ServerAnnounce: [("server_id", "server_id"), ("transports", "transports")],
     M.Cookie: [("cookie", "cookie")],
     M.CookieEcho: [("cookie", "cookie")],
-    M.BusinessCard: [("handle", "pool_handle"), ("policy", "policy"), ("pes", "pool_elements")],
+    M.BusinessCard: [
+        ("handle", "pool_handle"),
+        ("policy", "policy"),
+        ("pes", "pool_elements"),
+    ],
     M.AsapError: [("oe", "error")],
     M.Presence: [("ids", ""), ("checksum", "checksum"), ("si", "server_information")],
     M.HandleTableRequest: [("ids", "")],
     M.HandleTableResponse: [("ids", ""), ("entries", "entries")],
-    M.HandleUpdate: [("ids", ""), ("action", "update_action"), ("handle", "pool_handle"), ("pe", "pool_element")],
+    M.HandleUpdate: [
+        ("ids", ""),
+        ("action", "update_action"),
+        ("handle", "pool_handle"),
+        ("pe", "pool_element"),
+    ],
     M.ListRequest: [("ids", "")],
     M.ListResponse: [("ids", ""), ("sis", "servers")],
     M.InitTakeover: [("ids", ""), ("target", "target_id")],
@@ -147,7 +188,13 @@ TRANSPORT_TYPES = {
 }
 IPV4, IPV6 = 0x0001, 0x0002
 POLICY, POOL_HANDLE, POOL_ELEMENT, SERVER_INFO = 0x0008, 0x0009, 0x000A, 0x000B
-OPERATION_ERROR, COOKIE, PE_IDENTIFIER, PE_CHECKSUM, HROPT = 0x000C, 0x000D, 0x000E, 0x000F, 0x803F
+OPERATION_ERROR, COOKIE, PE_IDENTIFIER, PE_CHECKSUM, HROPT = (
+    0x000C,
+    0x000D,
+    0x000E,
+    0x000F,
+    0x803F,
+)
 # Parameter types Wireshark dissects (anything else: "Unknown Parameter" + value).
 KNOWN_PARAMETERS = {*range(0x0001, 0x0010), HROPT}
 
@@ -229,7 +276,12 @@ class Expected:
         return 8 + 4 * len(p.values) + len(p.opaque)
 
     def pe_length(self, pe: P.PoolElement) -> int:
-        n = 4 + 12 + padded(self.transport_length(pe.user_transport)) + padded(self.policy_length(pe.policy))
+        n = (
+            4
+            + 12
+            + padded(self.transport_length(pe.user_transport))
+            + padded(self.policy_length(pe.policy))
+        )
         if pe.asap_transport is not None:
             n += padded(self.transport_length(pe.asap_transport))
         return n
@@ -245,7 +297,11 @@ class Expected:
             self.add("parameter_padding", "00" * (-length & 3))
 
     def handle(self, h: bytes) -> None:
-        self.param(POOL_HANDLE, 4 + len(h), lambda: self.add("pool_handle_pool_handle", h.hex()))
+        self.param(
+            POOL_HANDLE,
+            4 + len(h),
+            lambda: self.add("pool_handle_pool_handle", h.hex()),
+        )
 
     def peid(self, v: int) -> None:
         self.param(PE_IDENTIFIER, 8, lambda: self.add("pe_identifier", hex32(v)))
@@ -298,7 +354,9 @@ class Expected:
     def pe(self, pe: P.PoolElement) -> None:
         def body():
             self.add("pool_element_pe_identifier", hex32(pe.identifier))
-            self.add("pool_element_home_enrp_server_identifier", hex32(pe.home_registrar))
+            self.add(
+                "pool_element_home_enrp_server_identifier", hex32(pe.home_registrar)
+            )
             self.add("pool_element_registration_life", str(pe.registration_life))
             self.transport(pe.user_transport)
             self.policy(pe.policy)
@@ -309,14 +367,22 @@ class Expected:
 
     def si(self, si: P.ServerInformation) -> None:
         def body():
-            name = "server_identifier" if self.proto == "asap" else "server_information_server_identifier"
+            name = (
+                "server_identifier"
+                if self.proto == "asap"
+                else "server_information_server_identifier"
+            )
             self.add(name, hex32(si.server_id))
             self.transport(si.transport)
 
         self.param(SERVER_INFO, 8 + padded(self.transport_length(si.transport)), body)
 
     def oe(self, oe: P.OperationError) -> None:
-        self.param(OPERATION_ERROR, 4 + sum(padded(4 + len(c.info)) for c in oe.causes), lambda: self.causes(oe))
+        self.param(
+            OPERATION_ERROR,
+            4 + sum(padded(4 + len(c.info)) for c in oe.causes),
+            lambda: self.causes(oe),
+        )
 
     def causes(self, oe: P.OperationError) -> None:
         for c in oe.causes:
@@ -355,7 +421,9 @@ class Expected:
 
 # Known parameters placed inside error causes (codes 3, 5, 7), by their bytes.
 BAD_TRANSPORT = P.UdpTransport(4000, ("10.9.8.7",))
-BAD_POLICY = P.PoolPolicy.make(P.PolicyType.LEAST_USED_DPF, load=3, load_dpf=4, distance=5)
+BAD_POLICY = P.PoolPolicy.make(
+    P.PolicyType.LEAST_USED_DPF, load=3, load_dpf=4, distance=5
+)
 BAD_HANDLE = b"no-such-pool"
 NESTED: dict[bytes, object] = {
     P.encode_param(BAD_TRANSPORT): BAD_TRANSPORT,
@@ -365,7 +433,9 @@ NESTED: dict[bytes, object] = {
 
 
 def expected_fields(msg: M.Message, payload: bytes) -> dict[str, list[str]]:
-    proto, types = ("asap", ASAP_TYPES) if isinstance(msg, M.AsapMessage) else ("enrp", ENRP_TYPES)
+    proto, types = (
+        ("asap", ASAP_TYPES) if isinstance(msg, M.AsapMessage) else ("enrp", ENRP_TYPES)
+    )
     code, _name = types[type(msg)]
     e = Expected(proto)
     e.add("message_type", str(code))
@@ -434,7 +504,9 @@ def capture(path, items: list[tuple[M.Message, Frame]]) -> Capture:
     write_pcap(path, [f for _m, f in items])
     packets = tshark_fields(path, ALL_FIELDS)
     assert len(packets) == len(items)
-    return Capture([m for m, _f in items], [f for _m, f in items], packets, tshark_malformed(path))
+    return Capture(
+        [m for m, _f in items], [f for _m, f in items], packets, tshark_malformed(path)
+    )
 
 
 def sctp(msg: M.Message) -> tuple[M.Message, Frame]:
@@ -444,7 +516,9 @@ def sctp(msg: M.Message) -> tuple[M.Message, Frame]:
 
 def tcp(msg: M.Message) -> tuple[M.Message, Frame]:
     assert msg.PPID == M.ASAP_PPID  # Wireshark 4.0 cannot decode ENRP over TCP
-    return msg, Frame(M.encode(msg), transport="tcp", src_port=43000, dst_port=M.ASAP_PORT)
+    return msg, Frame(
+        M.encode(msg), transport="tcp", src_port=43000, dst_port=M.ASAP_PORT
+    )
 
 
 SAMPLES = samples.all_messages()
@@ -454,7 +528,11 @@ ENRP_SAMPLES = [m for m in SAMPLES if m.PPID == M.ENRP_PPID]
 
 @pytest.fixture(scope="module")
 def samples_capture(tmp_path_factory) -> Capture:
-    items = [*map(sctp, ASAP_SAMPLES), *map(tcp, ASAP_SAMPLES), *map(sctp, ENRP_SAMPLES)]
+    items = [
+        *map(sctp, ASAP_SAMPLES),
+        *map(tcp, ASAP_SAMPLES),
+        *map(sctp, ENRP_SAMPLES),
+    ]
     return capture(tmp_path_factory.mktemp("tshark") / "samples.pcap", items)
 
 
@@ -504,13 +582,25 @@ def test_samples_not_malformed(samples_capture):
 # ------------------------------------------------------- transports and policies
 
 TRANSPORTS = [
-    P.SctpTransport(9000, ("192.0.2.10", "2001:db8::10", "10.1.2.3"), P.TransportUse.DATA_PLUS_CONTROL),
+    P.SctpTransport(
+        9000,
+        ("192.0.2.10", "2001:db8::10", "10.1.2.3"),
+        P.TransportUse.DATA_PLUS_CONTROL,
+    ),
     P.TcpTransport(9001, ("2001:db8:0:1::2",), P.TransportUse.DATA_ONLY),
     P.UdpTransport(9002, ("198.51.100.7",)),
     P.UdpLiteTransport(9003, ("fe80::1:2",)),
     P.DccpTransport(9004, ("203.0.113.9",), service_code=0x52535031),
 ]
-LOADS = [0, 0xFFFFFFFF, 0x80000000, 1, P.load_to_wire(1 / 3), 0x7FFFFFFF, P.load_to_wire(0.999)]
+LOADS = [
+    0,
+    0xFFFFFFFF,
+    0x80000000,
+    1,
+    P.load_to_wire(1 / 3),
+    0x7FFFFFFF,
+    P.load_to_wire(0.999),
+]
 POLICIES = [
     P.PoolPolicy(P.PolicyType.ROUND_ROBIN),
     P.PoolPolicy.make(P.PolicyType.WEIGHTED_ROUND_ROBIN, weight=7),
@@ -518,15 +608,41 @@ POLICIES = [
     P.PoolPolicy.make(P.PolicyType.WEIGHTED_RANDOM, weight=0xFFFFFFFF),
     P.PoolPolicy.make(P.PolicyType.PRIORITY, priority=3),
     *(P.PoolPolicy.make(P.PolicyType.LEAST_USED, load=load) for load in LOADS),
-    P.PoolPolicy.make(P.PolicyType.LEAST_USED_DEGRADATION, load=0x40000000, load_degradation=P.load_to_wire(0.05)),
-    P.PoolPolicy.make(P.PolicyType.PRIORITY_LEAST_USED, load=0x20000000, load_degradation=0xFFFFFFFF),
+    P.PoolPolicy.make(
+        P.PolicyType.LEAST_USED_DEGRADATION,
+        load=0x40000000,
+        load_degradation=P.load_to_wire(0.05),
+    ),
+    P.PoolPolicy.make(
+        P.PolicyType.PRIORITY_LEAST_USED, load=0x20000000, load_degradation=0xFFFFFFFF
+    ),
     P.PoolPolicy.make(P.PolicyType.RANDOMIZED_LEAST_USED, load=P.load_to_wire(0.75)),
-    P.PoolPolicy.make(P.PolicyType.LEAST_USED_DPF, load=0x80000000, load_dpf=P.load_to_wire(0.1), distance=40),
-    P.PoolPolicy.make(P.PolicyType.WEIGHTED_RANDOM_DPF, weight=5, weight_dpf=0x80000000, distance=0xFFFFFFFF),
+    P.PoolPolicy.make(
+        P.PolicyType.LEAST_USED_DPF,
+        load=0x80000000,
+        load_dpf=P.load_to_wire(0.1),
+        distance=40,
+    ),
+    P.PoolPolicy.make(
+        P.PolicyType.WEIGHTED_RANDOM_DPF,
+        weight=5,
+        weight_dpf=0x80000000,
+        distance=0xFFFFFFFF,
+    ),
     # Named or unknown in Wireshark 4.0 without a decoder: shown as policy_value bytes.
-    P.PoolPolicy.make(P.PolicyType.PRIORITY_LEAST_USED_DEGRADATION, load=1, load_degradation=2),
-    P.PoolPolicy.make(P.PolicyType.LEAST_USED_DEGRADATION_DPF, load=1, load_degradation=2, load_dpf=3, distance=4),
-    P.PoolPolicy.make(P.PolicyType.RANDOMIZED_PRIORITY_LEAST_USED, load=5, load_degradation=6),
+    P.PoolPolicy.make(
+        P.PolicyType.PRIORITY_LEAST_USED_DEGRADATION, load=1, load_degradation=2
+    ),
+    P.PoolPolicy.make(
+        P.PolicyType.LEAST_USED_DEGRADATION_DPF,
+        load=1,
+        load_degradation=2,
+        load_dpf=3,
+        distance=4,
+    ),
+    P.PoolPolicy.make(
+        P.PolicyType.RANDOMIZED_PRIORITY_LEAST_USED, load=5, load_degradation=6
+    ),
 ]
 LIVES = [300_000, -1, 0, 0x7FFFFFFF, -0x80000000]
 
@@ -536,25 +652,56 @@ def transport_messages() -> list[M.Message]:
     handles = [b"x", b"pool", b"pool5", b"\x00\xffbinary", b"H" * 32]
     for i, policy in enumerate(POLICIES):
         pe = P.PoolElement(
-            0x100 + i, i * 0x01010101, LIVES[i % len(LIVES)], TRANSPORTS[i % len(TRANSPORTS)], policy
+            0x100 + i,
+            i * 0x01010101,
+            LIVES[i % len(LIVES)],
+            TRANSPORTS[i % len(TRANSPORTS)],
+            policy,
         )
         msgs.append(M.Registration(handles[i % len(handles)], pe))
     pes = tuple(
-        P.PoolElement(0x200 + i, 0x0A0A0A0A, 5000 + i, t, POLICIES[(3 * i) % len(POLICIES)])
+        P.PoolElement(
+            0x200 + i, 0x0A0A0A0A, 5000 + i, t, POLICIES[(3 * i) % len(POLICIES)]
+        )
         for i, t in enumerate(TRANSPORTS)
     )
-    msgs.append(M.HandleResolutionResponse(b"pool", pes, P.PoolPolicy.make(P.PolicyType.WEIGHTED_ROUND_ROBIN, weight=1)))
+    msgs.append(
+        M.HandleResolutionResponse(
+            b"pool", pes, P.PoolPolicy.make(P.PolicyType.WEIGHTED_ROUND_ROBIN, weight=1)
+        )
+    )
     msgs.append(M.HandleResolutionResponse(b"xen-pool", pes[::-1]))  # no overall policy
     msgs.append(M.ServerAnnounce(0x01020304, tuple(TRANSPORTS)))
     # ENRP: a PE with a registrator transport, and a multi-homed server information.
-    with_asap = P.PoolElement(0x300, 0x0B0B0B0B, 1000, TRANSPORTS[4], POLICIES[-4], TRANSPORTS[0])
-    msgs.append(M.HandleUpdate(1, 2, M.UpdateAction.DEL_PE, b"pool5", with_asap, takeover_suggested=True))
-    msgs.append(M.ListResponse(1, 0, tuple(P.ServerInformation(0x50 + i, t) for i, t in enumerate(TRANSPORTS))))
+    with_asap = P.PoolElement(
+        0x300, 0x0B0B0B0B, 1000, TRANSPORTS[4], POLICIES[-4], TRANSPORTS[0]
+    )
+    msgs.append(
+        M.HandleUpdate(
+            1, 2, M.UpdateAction.DEL_PE, b"pool5", with_asap, takeover_suggested=True
+        )
+    )
+    msgs.append(
+        M.ListResponse(
+            1,
+            0,
+            tuple(P.ServerInformation(0x50 + i, t) for i, t in enumerate(TRANSPORTS)),
+        )
+    )
     registered = tuple(
-        P.PoolElement(pe.identifier, pe.home_registrar, pe.registration_life, pe.user_transport, pe.policy, TRANSPORTS[1])
+        P.PoolElement(
+            pe.identifier,
+            pe.home_registrar,
+            pe.registration_life,
+            pe.user_transport,
+            pe.policy,
+            TRANSPORTS[1],
+        )
         for pe in pes[:2]
     )
-    msgs.append(M.HandleTableResponse(3, 4, ((b"a", (with_asap,)), (b"bb", registered))))
+    msgs.append(
+        M.HandleTableResponse(3, 4, ((b"a", (with_asap,)), (b"bb", registered)))
+    )
     msgs.append(M.HandleTableResponse(3, 4, reject=True))
     msgs.append(M.ListResponse(1, 2, reject=True))
     msgs.append(M.Presence(7, 8, 0x0000, P.ServerInformation(7, TRANSPORTS[0])))
@@ -584,49 +731,85 @@ def test_transports_and_policies_cover_what_wireshark_decodes(transports_capture
         for f, values in pkt.items():
             fields[f].update(values)
     assert {"sctp", "tcp", "udp", "udp_lite", "dccp"} <= {
-        name for name in ("sctp", "tcp", "udp", "udp_lite", "dccp") if fields[f"asap.{name}_transport_port"]
+        name
+        for name in ("sctp", "tcp", "udp", "udp_lite", "dccp")
+        if fields[f"asap.{name}_transport_port"]
     }
     assert "1381191729" in fields["asap.dccp_transport_service_code"]  # 0x52535031
     assert {"192.0.2.10", "10.1.2.3"} <= fields["asap.ipv4_address"]
-    assert {"2001:db8::10", "2001:db8:0:1::2", "fe80::1:2"} <= fields["asap.ipv6_address"]
-    assert {"0", "100", "50.0000000116415"} <= fields["asap.pool_member_selection_policy_load"]
+    assert {"2001:db8::10", "2001:db8:0:1::2", "fe80::1:2"} <= fields[
+        "asap.ipv6_address"
+    ]
+    assert {"0", "100", "50.0000000116415"} <= fields[
+        "asap.pool_member_selection_policy_load"
+    ]
     assert "0.500000000116415" in fields["asap.pool_member_selection_policy_weight_dpf"]
     assert {
-        "0x00000001", "0x00000002", "0x00000003", "0x00000004", "0x00000005", "0x40000001", "0x40000002",
-        "0x40000003", "0x40000004", "0xb0002001", "0xb0002002", "0xb0001003", "0xb0002003", "0xb0001001",
-    } <= fields["asap.pool_member_selection_policy_type"]  # fmt: skip
-    assert {"-1", "0", "2147483647", "-2147483648"} <= fields["asap.pool_element_registration_life"]
+        "0x00000001",
+        "0x00000002",
+        "0x00000003",
+        "0x00000004",
+        "0x00000005",
+        "0x40000001",
+        "0x40000002",
+        "0x40000003",
+        "0x40000004",
+        "0xb0002001",
+        "0xb0002002",
+        "0xb0001003",
+        "0xb0002003",
+        "0xb0001001",
+    } <= fields["asap.pool_member_selection_policy_type"]
+    assert {"-1", "0", "2147483647", "-2147483648"} <= fields[
+        "asap.pool_element_registration_life"
+    ]
     assert {"0", "1"} <= fields["asap.transport_use"]
     assert "1" in fields["enrp.update_action"] and "1" in fields["enrp.t_bit"]
 
 
 # -------------------------------------------------------------- operation errors
 
-UNKNOWN_TLV = bytes.fromhex("4123 0007 616263".replace(" ", ""))  # unknown type, 3-byte value
+UNKNOWN_TLV = bytes.fromhex(
+    "4123 0007 616263".replace(" ", "")
+)  # unknown type, 3-byte value
 UNKNOWN_TLV_SKIP = bytes.fromhex("c0de 0008 01020304".replace(" ", ""))
 
 
 def error_messages() -> list[M.Message]:
-    oe = P.OperationError((
-        P.ErrorCause(Cause.UNRECOGNIZED_PARAMETER, UNKNOWN_TLV),
-        P.ErrorCause(Cause.UNKNOWN_POOL_HANDLE),
-        P.ErrorCause(Cause.UNRECOGNIZED_PARAMETER, UNKNOWN_TLV_SKIP),
-        P.ErrorCause(Cause.INCONSISTENT_TRANSPORT, P.encode_param(BAD_TRANSPORT)),
-        P.ErrorCause(Cause.INVALID_VALUES, P.encode_pool_handle(BAD_HANDLE)),
-        P.ErrorCause(Cause.INCONSISTENT_POLICY, P.encode_param(BAD_POLICY)),
-        P.ErrorCause(Cause.LACK_OF_RESOURCES),
-        P.ErrorCause(0x11, b"rsplib INVALID_VALUE"),  # not in RFC 5354: "Unknown error cause"
-        P.ErrorCause(Cause.SECURITY_REJECTION),
-    ))  # fmt: skip
+    oe = P.OperationError(
+        (
+            P.ErrorCause(Cause.UNRECOGNIZED_PARAMETER, UNKNOWN_TLV),
+            P.ErrorCause(Cause.UNKNOWN_POOL_HANDLE),
+            P.ErrorCause(Cause.UNRECOGNIZED_PARAMETER, UNKNOWN_TLV_SKIP),
+            P.ErrorCause(Cause.INCONSISTENT_TRANSPORT, P.encode_param(BAD_TRANSPORT)),
+            P.ErrorCause(Cause.INVALID_VALUES, P.encode_pool_handle(BAD_HANDLE)),
+            P.ErrorCause(Cause.INCONSISTENT_POLICY, P.encode_param(BAD_POLICY)),
+            P.ErrorCause(Cause.LACK_OF_RESOURCES),
+            P.ErrorCause(
+                0x11, b"rsplib INVALID_VALUE"
+            ),  # not in RFC 5354: "Unknown error cause"
+            P.ErrorCause(Cause.SECURITY_REJECTION),
+        )
+    )
     return [
         M.AsapError(oe),
-        M.AsapError(P.OperationError((P.ErrorCause(Cause.UNRECOGNIZED_PARAMETER, UNKNOWN_TLV),
-                                      P.ErrorCause(Cause.UNKNOWN_POOL_HANDLE)))),
+        M.AsapError(
+            P.OperationError(
+                (
+                    P.ErrorCause(Cause.UNRECOGNIZED_PARAMETER, UNKNOWN_TLV),
+                    P.ErrorCause(Cause.UNKNOWN_POOL_HANDLE),
+                )
+            )
+        ),
         M.RegistrationResponse(b"Xen", 0x11223344, reject=True, error=oe),
-        M.DeregistrationResponse(b"Xen", 0x11223344, error=P.OperationError.single(Cause.UNKNOWN_POOL_HANDLE)),
-        M.HandleResolutionResponse(b"Xen", error=P.OperationError.single(Cause.UNKNOWN_POOL_HANDLE)),
+        M.DeregistrationResponse(
+            b"Xen", 0x11223344, error=P.OperationError.single(Cause.UNKNOWN_POOL_HANDLE)
+        ),
+        M.HandleResolutionResponse(
+            b"Xen", error=P.OperationError.single(Cause.UNKNOWN_POOL_HANDLE)
+        ),
         M.EnrpError(1, 2, oe),
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import pytest
 
-from xenpool.tools import samples
 from xenpool.protocol import messages as M
 from xenpool.protocol import params as P
 from xenpool.protocol.errors import Cause
+from xenpool.tools import samples
 
 
 def h(text: str) -> bytes:
@@ -41,7 +41,12 @@ PE_FIXED = "{id} 0a0a0a0a 000493e0"
 # Least Used policy: type 0x40000001 and the load (4 + 4 + 4 = 12).
 LU = "0008 000c 40000001 {load}"
 # 0.25 * 0xffffffff rounded = 0x40000000.
-PE_SAMPLE = "000a 002c " + PE_FIXED.format(id="11223344") + TCP_LOCAL_CTRL.format(port="1388") + LU.format(load="40000000")
+PE_SAMPLE = (
+    "000a 002c "
+    + PE_FIXED.format(id="11223344")
+    + TCP_LOCAL_CTRL.format(port="1388")
+    + LU.format(load="40000000")
+)
 # The same PE with the registrator (ASAP) transport: TCP 127.0.0.1:3863 data only.
 # Length 4 + 12 + 16 + 12 + 16 = 60.
 PE_SAMPLE_ASAP = (
@@ -75,9 +80,18 @@ SAMPLE_VECTORS: dict[str, str] = {
     "HandleResolutionResponse": "06 00 009c "
     + PH_XEN
     + LU.format(load="00000000")
-    + "000a 002c " + PE_FIXED.format(id="00001000") + TCP_LOCAL_CTRL.format(port="1388") + LU.format(load="00000000")
-    + "000a 002c " + PE_FIXED.format(id="00001001") + TCP_LOCAL_CTRL.format(port="1389") + LU.format(load="1999999a")
-    + "000a 002c " + PE_FIXED.format(id="00001002") + TCP_LOCAL_CTRL.format(port="138a") + LU.format(load="33333333"),
+    + "000a 002c "
+    + PE_FIXED.format(id="00001000")
+    + TCP_LOCAL_CTRL.format(port="1388")
+    + LU.format(load="00000000")
+    + "000a 002c "
+    + PE_FIXED.format(id="00001001")
+    + TCP_LOCAL_CTRL.format(port="1389")
+    + LU.format(load="1999999a")
+    + "000a 002c "
+    + PE_FIXED.format(id="00001002")
+    + TCP_LOCAL_CTRL.format(port="138a")
+    + LU.format(load="33333333"),
     # H flag 0x01, server id at offset 4, then PH and rsplib's PE identifier.
     "EndpointKeepAlive": "07 01 0018 deadbeef " + PH_XEN + PEID,
     "EndpointKeepAliveAck": "08 00 0014 " + PH_XEN + PEID,
@@ -134,7 +148,9 @@ WIRE_NOTES_REGISTRATION = h(
     "010000380009000758656e00000a002c1122334400000000000493e00005001013880000000100080a000001"
     "0008000c4000000180000000"
 )
-WIRE_NOTES_REGISTRATION_RESPONSE = h("0301001c0009000758656e00000e000811223344000c000800090004")
+WIRE_NOTES_REGISTRATION_RESPONSE = h(
+    "0301001c0009000758656e00000e000811223344000c000800090004"
+)
 WIRE_NOTES_KEEP_ALIVE = h("07010018deadbeef0009000758656e00000e000811223344")
 WIRE_NOTES_HANDLE_RESOLUTION = h("050000140009000758656e00803f000800000003")
 WIRE_NOTES_PRESENCE = h(
@@ -147,7 +163,11 @@ def test_wire_notes_registration():
     assert isinstance(msg, M.Registration)
     assert msg.pool_handle == b"Xen"
     pe = msg.pool_element
-    assert (pe.identifier, pe.home_registrar, pe.registration_life) == (0x11223344, 0, 300_000)
+    assert (pe.identifier, pe.home_registrar, pe.registration_life) == (
+        0x11223344,
+        0,
+        300_000,
+    )
     assert isinstance(pe.user_transport, P.TcpTransport)
     assert pe.user_transport.port == 5000
     assert pe.user_transport.addresses == ("10.0.0.1",)
@@ -159,10 +179,13 @@ def test_wire_notes_registration():
     expected = M.Registration(
         b"Xen",
         P.PoolElement(
-            0x11223344, 0, 300_000, P.TcpTransport(5000, ("10.0.0.1",)),
+            0x11223344,
+            0,
+            300_000,
+            P.TcpTransport(5000, ("10.0.0.1",)),
             P.PoolPolicy(P.PolicyType.LEAST_USED, (0x80000000,)),
         ),
-    )  # fmt: skip
+    )
     assert msg == expected
     assert M.encode(expected) == WIRE_NOTES_REGISTRATION
 
@@ -172,9 +195,14 @@ def test_wire_notes_registration_response_rejected():
     assert isinstance(msg, M.RegistrationResponse)
     assert msg.reject is True
     assert (msg.pool_handle, msg.pe_identifier) == (b"Xen", 0x11223344)
-    assert msg.error == P.OperationError((P.ErrorCause(Cause.UNKNOWN_POOL_HANDLE, b""),))
+    assert msg.error == P.OperationError(
+        (P.ErrorCause(Cause.UNKNOWN_POOL_HANDLE, b""),)
+    )
     expected = M.RegistrationResponse(
-        b"Xen", 0x11223344, reject=True, error=P.OperationError.single(Cause.UNKNOWN_POOL_HANDLE)
+        b"Xen",
+        0x11223344,
+        reject=True,
+        error=P.OperationError.single(Cause.UNKNOWN_POOL_HANDLE),
     )
     assert M.encode(expected) == WIRE_NOTES_REGISTRATION_RESPONSE
 
@@ -196,15 +224,23 @@ def test_wire_notes_presence():
     msg = M.decode(WIRE_NOTES_PRESENCE, M.ENRP_PPID)
     assert isinstance(msg, M.Presence)
     assert msg.reply_required is True
-    assert (msg.sender_id, msg.receiver_id, msg.checksum) == (0x0A0A0A0A, 0x0B0B0B0B, 0xABCD)
+    assert (msg.sender_id, msg.receiver_id, msg.checksum) == (
+        0x0A0A0A0A,
+        0x0B0B0B0B,
+        0xABCD,
+    )
     si = msg.server_information
     assert si.server_id == 0x0A0A0A0A
-    assert si.transport == P.SctpTransport(9901, ("10.0.0.1",), P.TransportUse.DATA_ONLY)
+    assert si.transport == P.SctpTransport(
+        9901, ("10.0.0.1",), P.TransportUse.DATA_ONLY
+    )
     expected = M.Presence(
-        0x0A0A0A0A, 0x0B0B0B0B, 0xABCD,
+        0x0A0A0A0A,
+        0x0B0B0B0B,
+        0xABCD,
         P.ServerInformation(0x0A0A0A0A, P.SctpTransport(9901, ("10.0.0.1",))),
         reply_required=True,
-    )  # fmt: skip
+    )
     assert M.encode(expected) == WIRE_NOTES_PRESENCE
 
 
@@ -215,7 +251,9 @@ def test_wire_notes_presence():
 
 PARAM_VECTORS = [
     pytest.param(
-        P.SctpTransport(9901, ("10.0.0.1", "2001:db8::1"), P.TransportUse.DATA_PLUS_CONTROL),
+        P.SctpTransport(
+            9901, ("10.0.0.1", "2001:db8::1"), P.TransportUse.DATA_PLUS_CONTROL
+        ),
         "0004 0024 26ad 0001  0001 0008 0a000001  0002 0014 20010db8 00000000 00000000 00000001",
         id="sctp-multihomed",
     ),
@@ -224,33 +262,81 @@ PARAM_VECTORS = [
         "0005 001c 0050 0000  0002 0014 00000000 00000000 00000000 00000001",
         id="tcp-ipv6",
     ),
-    pytest.param(P.UdpTransport(53, ("192.0.2.1",)), "0006 0010 0035 0000  0001 0008 c0000201", id="udp"),
-    pytest.param(P.UdpLiteTransport(5001, ("192.0.2.2",)), "0007 0010 1389 0000  0001 0008 c0000202", id="udplite"),
+    pytest.param(
+        P.UdpTransport(53, ("192.0.2.1",)),
+        "0006 0010 0035 0000  0001 0008 c0000201",
+        id="udp",
+    ),
+    pytest.param(
+        P.UdpLiteTransport(5001, ("192.0.2.2",)),
+        "0007 0010 1389 0000  0001 0008 c0000202",
+        id="udplite",
+    ),
     pytest.param(
         P.DccpTransport(5002, ("192.0.2.3",), 0x01020304),
         "0003 0014 138a 0000 01020304  0001 0008 c0000203",  # port, reserved, service code
         id="dccp",
     ),
     pytest.param(P.PoolPolicy(0x00000001), "0008 0008 00000001", id="policy-rr"),
-    pytest.param(P.PoolPolicy(0x00000002, (5,)), "0008 000c 00000002 00000005", id="policy-wrr"),
+    pytest.param(
+        P.PoolPolicy(0x00000002, (5,)), "0008 000c 00000002 00000005", id="policy-wrr"
+    ),
     pytest.param(P.PoolPolicy(0x00000003), "0008 0008 00000003", id="policy-rand"),
-    pytest.param(P.PoolPolicy(0x00000004, (7,)), "0008 000c 00000004 00000007", id="policy-wrand"),
-    pytest.param(P.PoolPolicy(0x00000005, (2,)), "0008 000c 00000005 00000002", id="policy-priority"),
-    pytest.param(P.PoolPolicy(0x40000001, (0xFFFFFFFF,)), "0008 000c 40000001 ffffffff", id="policy-lu"),
-    pytest.param(P.PoolPolicy(0x40000002, (1, 2)), "0008 0010 40000002 00000001 00000002", id="policy-lud"),
-    pytest.param(P.PoolPolicy(0x40000003, (3, 4)), "0008 0010 40000003 00000003 00000004", id="policy-plu"),
-    pytest.param(P.PoolPolicy(0x40000004, (5,)), "0008 000c 40000004 00000005", id="policy-rlu"),
-    pytest.param(P.PoolPolicy(0xB0001001, (1, 2)), "0008 0010 b0001001 00000001 00000002", id="policy-rplu"),
-    pytest.param(P.PoolPolicy(0xB0001002, (1, 2)), "0008 0010 b0001002 00000001 00000002", id="policy-rlud"),
-    pytest.param(P.PoolPolicy(0xB0001003, (1, 2)), "0008 0010 b0001003 00000001 00000002", id="policy-plud"),
-    pytest.param(P.PoolPolicy(0xB0001004, (1, 2)), "0008 0010 b0001004 00000001 00000002", id="policy-rplud"),
+    pytest.param(
+        P.PoolPolicy(0x00000004, (7,)), "0008 000c 00000004 00000007", id="policy-wrand"
+    ),
+    pytest.param(
+        P.PoolPolicy(0x00000005, (2,)),
+        "0008 000c 00000005 00000002",
+        id="policy-priority",
+    ),
+    pytest.param(
+        P.PoolPolicy(0x40000001, (0xFFFFFFFF,)),
+        "0008 000c 40000001 ffffffff",
+        id="policy-lu",
+    ),
+    pytest.param(
+        P.PoolPolicy(0x40000002, (1, 2)),
+        "0008 0010 40000002 00000001 00000002",
+        id="policy-lud",
+    ),
+    pytest.param(
+        P.PoolPolicy(0x40000003, (3, 4)),
+        "0008 0010 40000003 00000003 00000004",
+        id="policy-plu",
+    ),
+    pytest.param(
+        P.PoolPolicy(0x40000004, (5,)), "0008 000c 40000004 00000005", id="policy-rlu"
+    ),
+    pytest.param(
+        P.PoolPolicy(0xB0001001, (1, 2)),
+        "0008 0010 b0001001 00000001 00000002",
+        id="policy-rplu",
+    ),
+    pytest.param(
+        P.PoolPolicy(0xB0001002, (1, 2)),
+        "0008 0010 b0001002 00000001 00000002",
+        id="policy-rlud",
+    ),
+    pytest.param(
+        P.PoolPolicy(0xB0001003, (1, 2)),
+        "0008 0010 b0001003 00000001 00000002",
+        id="policy-plud",
+    ),
+    pytest.param(
+        P.PoolPolicy(0xB0001004, (1, 2)),
+        "0008 0010 b0001004 00000001 00000002",
+        id="policy-rplud",
+    ),
     pytest.param(
         P.PoolPolicy(0xB0002001, (10, 0x80000000, 25)),  # weight, weight DPF, distance
         "0008 0014 b0002001 0000000a 80000000 00000019",
         id="policy-wrand-dpf",
     ),
     pytest.param(
-        P.PoolPolicy(0xB0002002, (0x40000000, 0x20000000, 50)),  # load, load DPF, distance
+        P.PoolPolicy(
+            0xB0002002, (0x40000000, 0x20000000, 50)
+        ),  # load, load DPF, distance
         "0008 0014 b0002002 40000000 20000000 00000032",
         id="policy-lu-dpf",
     ),
@@ -263,9 +349,13 @@ PARAM_VECTORS = [
         # PE with a negative life and the registrator transport (as in ENRP); the
         # outer length counts the nested parameters' padding.
         P.PoolElement(
-            0xCAFEBABE, 0x01020304, -1, P.UdpTransport(7, ("127.0.0.2",)),
-            P.PoolPolicy(0x00000001), P.SctpTransport(3863, ("127.0.0.1",), P.TransportUse.DATA_PLUS_CONTROL),
-        ),  # fmt: skip
+            0xCAFEBABE,
+            0x01020304,
+            -1,
+            P.UdpTransport(7, ("127.0.0.2",)),
+            P.PoolPolicy(0x00000001),
+            P.SctpTransport(3863, ("127.0.0.1",), P.TransportUse.DATA_PLUS_CONTROL),
+        ),
         "000a 0038 cafebabe 01020304 ffffffff"
         "  0006 0010 0007 0000 0001 0008 7f000002"
         "  0008 0008 00000001"
@@ -280,7 +370,10 @@ PARAM_VECTORS = [
     pytest.param(
         # causes: 0x1 with a 7-byte unknown TLV (length 11 + 1 pad), then 0x9 (no info)
         P.OperationError(
-            (P.ErrorCause(Cause.UNRECOGNIZED_PARAMETER, h("4123 0007 616263")), P.ErrorCause(Cause.UNKNOWN_POOL_HANDLE))
+            (
+                P.ErrorCause(Cause.UNRECOGNIZED_PARAMETER, h("4123 0007 616263")),
+                P.ErrorCause(Cause.UNKNOWN_POOL_HANDLE),
+            )
         ),
         "000c 0014  0001 000b 4123 0007 616263 00  0009 0004",
         id="operation-error",
@@ -298,13 +391,33 @@ def test_parameter_vector(value, wire):
 @pytest.mark.parametrize(
     ("encoder", "value", "wire"),
     [
-        pytest.param(P.encode_pool_handle, b"pool", "0009 0008 706f6f6c", id="handle-4"),
-        pytest.param(P.encode_pool_handle, b"pool1", "0009 0009 706f6f6c 31000000", id="handle-5"),
-        pytest.param(P.encode_pool_handle, b"\x00\xff", "0009 0006 00ff 0000", id="handle-binary"),
-        pytest.param(P.encode_cookie, b"\x01\x02\x03\x04\x05", "000d 0009 01020304 05000000", id="cookie-5"),
-        pytest.param(P.encode_pe_identifier, 0xFFFFFFFF, "000e 0008 ffffffff", id="pe-identifier"),
-        pytest.param(P.encode_pe_checksum, 0x1234, "000f 0006 1234 0000", id="pe-checksum"),
-        pytest.param(P.encode_handle_resolution_option, 0xFFFFFFFF, "803f 0008 ffffffff", id="hropt-max"),
+        pytest.param(
+            P.encode_pool_handle, b"pool", "0009 0008 706f6f6c", id="handle-4"
+        ),
+        pytest.param(
+            P.encode_pool_handle, b"pool1", "0009 0009 706f6f6c 31000000", id="handle-5"
+        ),
+        pytest.param(
+            P.encode_pool_handle, b"\x00\xff", "0009 0006 00ff 0000", id="handle-binary"
+        ),
+        pytest.param(
+            P.encode_cookie,
+            b"\x01\x02\x03\x04\x05",
+            "000d 0009 01020304 05000000",
+            id="cookie-5",
+        ),
+        pytest.param(
+            P.encode_pe_identifier, 0xFFFFFFFF, "000e 0008 ffffffff", id="pe-identifier"
+        ),
+        pytest.param(
+            P.encode_pe_checksum, 0x1234, "000f 0006 1234 0000", id="pe-checksum"
+        ),
+        pytest.param(
+            P.encode_handle_resolution_option,
+            0xFFFFFFFF,
+            "803f 0008 ffffffff",
+            id="hropt-max",
+        ),
     ],
 )
 def test_value_parameter_vector(encoder, value, wire):

@@ -25,7 +25,11 @@ def _fib_local(path: str = "/proc/net/fib_trie") -> list[str]:
         lines = open(path).read().splitlines()
     except OSError:
         return []
-    return [lines[i - 1].split()[-1] for i, line in enumerate(lines) if i and "/32 host LOCAL" in line]
+    return [
+        lines[i - 1].split()[-1]
+        for i, line in enumerate(lines)
+        if i and "/32 host LOCAL" in line
+    ]
 
 
 def local_addresses() -> list[str]:
@@ -35,7 +39,11 @@ def local_addresses() -> list[str]:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         for _index, name in socket.if_nameindex():
             try:
-                answer = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+                answer = fcntl.ioctl(
+                    probe.fileno(),
+                    _SIOCGIFADDR,
+                    struct.pack("256s", name.encode()[:15]),
+                )
             except OSError:  # no IPv4 address on this interface
                 continue
             address = socket.inet_ntoa(answer[20:24])
@@ -69,8 +77,13 @@ def is_sctp(transport) -> bool:
     return bool(getattr(transport, "sctp", False))
 
 
-def transport_parameter(transport, host: str, port: int, addresses: tuple[str, ...] | None = None,
-                        use: int = P.TransportUse.DATA_ONLY) -> P.Transport:  # fmt: skip
+def transport_parameter(
+    transport,
+    host: str,
+    port: int,
+    addresses: tuple[str, ...] | None = None,
+    use: int = P.TransportUse.DATA_ONLY,
+) -> P.Transport:
     """The SCTP or TCP Transport parameter for ``host``:``port`` on ``transport``'s protocol."""
     kind = P.SctpTransport if is_sctp(transport) else P.TcpTransport
     return kind(port, addresses or (host,), use)

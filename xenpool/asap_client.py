@@ -8,6 +8,8 @@ membership). A session's ``deliver`` callback gets every message the PE sends, t
 
 from __future__ import annotations
 
+from functools import partial
+
 from twisted.internet import defer, endpoints
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -48,12 +50,16 @@ class _OneRequest(Protocol):
         answer, self.answer = self.answer, None
         self.transport.loseConnection()
         if answer is not None:
-            (answer.errback if isinstance(result, Exception) else answer.callback)(result)
+            (answer.errback if isinstance(result, Exception) else answer.callback)(
+                result
+            )
 
     def connectionLost(self, reason=None) -> None:
         if self.answer is not None:
             answer, self.answer = self.answer, None
-            answer.errback(ConnectionError("registrar closed the connection without answering"))
+            answer.errback(
+                ConnectionError("registrar closed the connection without answering")
+            )
 
 
 class _PeSession(Protocol):
@@ -90,11 +96,19 @@ class TcpPoolAccess:
     unless ``pe_connect_timeout_s`` is given: a PU sets it short, every partitioned PE
     in a round costs it that long)."""
 
-    def __init__(self, reactor, registrars: Registrars, timeout_s: float = 5.0, pe_connect_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        reactor,
+        registrars: Registrars,
+        timeout_s: float = 5.0,
+        pe_connect_timeout_s: float | None = None,
+    ) -> None:
         self.reactor = reactor
         self.registrars = registrars
         self.timeout_s = timeout_s
-        self.pe_connect_timeout_s = timeout_s if pe_connect_timeout_s is None else pe_connect_timeout_s
+        self.pe_connect_timeout_s = (
+            timeout_s if pe_connect_timeout_s is None else pe_connect_timeout_s
+        )
 
     async def ask(self, request: M.Message) -> M.Message:
         """One ASAP request, to each registrar in turn until one answers; its answer."""
@@ -102,18 +116,24 @@ class TcpPoolAccess:
         for endpoint in self.registrars.endpoints():
             answer: defer.Deferred = defer.Deferred()
             try:
-                await endpoint.connect(Factory.forProtocol(lambda: _OneRequest(request, answer)))
+                await endpoint.connect(
+                    Factory.forProtocol(partial(_OneRequest, request, answer))
+                )
                 timer = self.reactor.callLater(self.timeout_s, answer.cancel)
                 try:
                     return await answer
                 finally:
                     if timer.active():
                         timer.cancel()
-            except Exception as err:  # noqa: BLE001 - try the next registrar
+            except Exception as err:
                 errors.append(str(err) or type(err).__name__)
-        raise ConnectionError("; ".join(errors) or "no registrar configured, and none announced yet")
+        raise ConnectionError(
+            "; ".join(errors) or "no registrar configured, and none announced yet"
+        )
 
-    def resolve(self, pool_handle: bytes, items: int, ram_mb: int | None = None) -> defer.Deferred:
+    def resolve(
+        self, pool_handle: bytes, items: int, ram_mb: int | None = None
+    ) -> defer.Deferred:
         async def resolve() -> list[P.PoolElement]:
             answer = await self.ask(M.HandleResolution(pool_handle, items, ram_mb))
             if not isinstance(answer, M.HandleResolutionResponse):
@@ -127,15 +147,35 @@ class TcpPoolAccess:
         if isinstance(transport, P.SctpTransport):
             from .sctp import SctpClientEndpoint
 
-            endpoint = SctpClientEndpoint(self.reactor, transport.addresses[0], transport.port, timeout=self.pe_connect_timeout_s)
+            endpoint = SctpClientEndpoint(
+                self.reactor,
+                transport.addresses[0],
+                transport.port,
+                timeout=self.pe_connect_timeout_s,
+            )
             return endpoint.connect(Factory.forProtocol(lambda: _PeSession(deliver)))
         if not isinstance(transport, P.TcpTransport):
-            return defer.fail(ConnectionError(f"PE offers {type(transport).__name__}, this PU speaks TCP and SCTP"))
-        kind = endpoints.TCP6ClientEndpoint if ":" in transport.addresses[0] else endpoints.TCP4ClientEndpoint
-        endpoint = kind(self.reactor, transport.addresses[0], transport.port, timeout=self.pe_connect_timeout_s)
+            return defer.fail(
+                ConnectionError(
+                    f"PE offers {type(transport).__name__}, this PU speaks TCP and SCTP"
+                )
+            )
+        kind = (
+            endpoints.TCP6ClientEndpoint
+            if ":" in transport.addresses[0]
+            else endpoints.TCP4ClientEndpoint
+        )
+        endpoint = kind(
+            self.reactor,
+            transport.addresses[0],
+            transport.port,
+            timeout=self.pe_connect_timeout_s,
+        )
         return endpoint.connect(Factory.forProtocol(lambda: _PeSession(deliver)))
 
     def report_unreachable(self, pool_handle: bytes, identifier: int) -> None:
         request = M.EndpointUnreachable(pool_handle, identifier)
         for endpoint in self.registrars.endpoints()[:1]:
-            endpoint.connect(Factory.forProtocol(lambda: _OneRequest(request, None))).addErrback(lambda f: None)
+            endpoint.connect(
+                Factory.forProtocol(lambda: _OneRequest(request, None))
+            ).addErrback(lambda f: None)

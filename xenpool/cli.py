@@ -45,7 +45,12 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         table.add_column(column)
     for kind in KINDS:
         for p in plugins.providers(kind):
-            table.add_row(kind, p.name, p.plugin, f"{p.factory.__module__}.{p.factory.__qualname__}")
+            table.add_row(
+                kind,
+                p.name,
+                p.plugin,
+                f"{p.factory.__module__}.{p.factory.__qualname__}",
+            )
     Console().print(table)
     return 0
 
@@ -85,19 +90,28 @@ def _cmd_status(args: argparse.Namespace) -> int:
         with urllib.request.urlopen(url, timeout=args.timeout) as response:
             state = json.load(response)
     except (urllib.error.URLError, OSError, ValueError) as err:
-        print(f"xenpool status: --registrar {args.registrar}: {getattr(err, 'reason', err)}", file=sys.stderr)
+        print(
+            f"xenpool status: --registrar {args.registrar}: {getattr(err, 'reason', err)}",
+            file=sys.stderr,
+        )
         return 1
-    table = Table(title=f"registrar {state['registrar_id']:#010x}: {sum(len(p['pool_elements']) for p in state['pools'])} PEs")
+    table = Table(
+        title=f"registrar {state['registrar_id']:#010x}: {sum(len(p['pool_elements']) for p in state['pools'])} PEs"
+    )
     for column in ("pool", "PE", "home", "transport", "policy", "load", "updated"):
         table.add_column(column)
     for pool in state["pools"]:
         for pe in pool["pool_elements"]:
             t = pe["transport"]
             table.add_row(
-                pool["handle"], f"{pe['identifier']:#010x}", f"{pe['home_registrar']:#010x}",
-                f"{t['kind']} {','.join(t['addresses'])}:{t['port']}", str(pe["policy"]),
-                f"{pe['load']:.0%}", f"{pe['seconds_since_update']:.1f} s ago",
-            )  # fmt: skip
+                pool["handle"],
+                f"{pe['identifier']:#010x}",
+                f"{pe['home_registrar']:#010x}",
+                f"{t['kind']} {','.join(t['addresses'])}:{t['port']}",
+                str(pe["policy"]),
+                f"{pe['load']:.0%}",
+                f"{pe['seconds_since_update']:.1f} s ago",
+            )
     Console().print(table)
     return 0
 
@@ -133,12 +147,16 @@ def _cmd_fence_confirm(args: argparse.Namespace) -> int:
     try:
         manual = load_plugins().create("stonith", "manual", state_dir=args.state_dir)
         if not IOperatorConfirmed.providedBy(manual):
-            raise ValueError("the installed 'manual' stonith plugin takes no operator confirmations")
+            raise ValueError(
+                "the installed 'manual' stonith plugin takes no operator confirmations"
+            )
         path = manual.confirm(args.host)
     except (PluginError, ValueError, OSError) as err:
         print(f"xenpool fence-confirm: {err}", file=sys.stderr)
         return 2
-    print(f"{args.host} confirmed off ({path}); the next manual fence of it goes ahead, once")
+    print(
+        f"{args.host} confirmed off ({path}); the next manual fence of it goes ahead, once"
+    )
     return 0
 
 
@@ -162,17 +180,32 @@ def _positive(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xenpool", description="Highly available VMs with Reliable Server Pooling.")
+    p = argparse.ArgumentParser(
+        prog="xenpool", description="Highly available VMs with Reliable Server Pooling."
+    )
     p.add_argument("--version", action="version", version=f"xenpool {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="show xenpool at work: a cluster, a host failure and its failover")
-    demo.add_argument("--protocol", action="store_true", help="instead, walk through the wire protocol")
+    demo = sub.add_parser(
+        "demo", help="show xenpool at work: a cluster, a host failure and its failover"
+    )
+    demo.add_argument(
+        "--protocol",
+        action="store_true",
+        help="instead, walk through the wire protocol",
+    )
     demo.set_defaults(func=_cmd_demo)
-    sub.add_parser("plugins", help="list installed plugins").set_defaults(func=_cmd_plugins)
+    sub.add_parser("plugins", help="list installed plugins").set_defaults(
+        func=_cmd_plugins
+    )
 
     st = sub.add_parser("status", help="a registrar's pools and PEs as a table")
-    st.add_argument("--registrar", required=True, metavar="HOST:PORT", help="the registrar's --status endpoint")
+    st.add_argument(
+        "--registrar",
+        required=True,
+        metavar="HOST:PORT",
+        help="the registrar's --status endpoint",
+    )
     st.add_argument("--timeout", type=float, default=5.0)
     st.set_defaults(func=_cmd_status)
 
@@ -181,57 +214,147 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--protocol", choices=("asap", "enrp", "session"), default="asap")
     d.set_defaults(func=_cmd_decode)
 
-    b = sub.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
+    b = sub.add_parser(
+        "bench", help="benchmarks, each against a baseline measured in the same run"
+    )
     bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    codec = bsub.add_parser("codec", help="HANDLE_RESOLUTION_RESPONSE decodes/encodes per second")
+    codec = bsub.add_parser(
+        "codec", help="HANDLE_RESOLUTION_RESPONSE decodes/encodes per second"
+    )
     codec.add_argument("--json", action="store_true", help="print one JSON object")
-    codec.add_argument("--seconds", type=float, default=1.0, help="time per measurement (default 1)")
+    codec.add_argument(
+        "--seconds", type=float, default=1.0, help="time per measurement (default 1)"
+    )
     codec.set_defaults(func=_cmd_bench)
-    reg = bsub.add_parser("registrar", help="handle resolutions per second of a real registrar daemon over TCP")
-    reg.add_argument("--pes", type=_positive, default=1000, help="PEs registered in the pool (default 1000)")
-    reg.add_argument("--seconds", type=float, default=3.0, help="time per measured run, after a warm-up (default 3)")
+    reg = bsub.add_parser(
+        "registrar",
+        help="handle resolutions per second of a real registrar daemon over TCP",
+    )
+    reg.add_argument(
+        "--pes",
+        type=_positive,
+        default=1000,
+        help="PEs registered in the pool (default 1000)",
+    )
+    reg.add_argument(
+        "--seconds",
+        type=float,
+        default=3.0,
+        help="time per measured run, after a warm-up (default 3)",
+    )
     reg.add_argument("--json", action="store_true", help="print one JSON object")
-    reg.add_argument("--profile", metavar="FILE", help="run the daemon under cProfile and save its stats to FILE")
+    reg.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="run the daemon under cProfile and save its stats to FILE",
+    )
     reg.set_defaults(func=_cmd_bench_registrar)
-    pe = bsub.add_parser("pe", help="CPU a real PE daemon spends on VMs heartbeated by their PUs")
-    pe.add_argument("--vms", type=_positive, default=50, help="VMs, one PU session each (default 50)")
-    pe.add_argument("--seconds", type=float, default=60.0, help="length of each measured window (default 60)")
+    pe = bsub.add_parser(
+        "pe", help="CPU a real PE daemon spends on VMs heartbeated by their PUs"
+    )
+    pe.add_argument(
+        "--vms",
+        type=_positive,
+        default=50,
+        help="VMs, one PU session each (default 50)",
+    )
+    pe.add_argument(
+        "--seconds",
+        type=float,
+        default=60.0,
+        help="length of each measured window (default 60)",
+    )
     pe.add_argument("--json", action="store_true", help="print one JSON object")
-    pe.add_argument("--profile", metavar="FILE", help="run the PE daemon under cProfile and save its stats to FILE")
+    pe.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="run the PE daemon under cProfile and save its stats to FILE",
+    )
     pe.set_defaults(func=_cmd_bench_pe)
 
-    fo = bsub.add_parser("failover", help="time from a host's loss to its VMs running elsewhere")
+    fo = bsub.add_parser(
+        "failover", help="time from a host's loss to its VMs running elsewhere"
+    )
     fo.add_argument("--trials", type=_positive, default=10)
     fo.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S")
     fo.add_argument("--heartbeat-timeout", type=float, default=3.0, metavar="S")
     fo.add_argument("--json", action="store_true")
     fo.set_defaults(func=_cmd_bench_failover)
 
-    sim = sub.add_parser("sim", help="simulate a scenario with the real registrar, PE and PU code")
+    sim = sub.add_parser(
+        "sim", help="simulate a scenario with the real registrar, PE and PU code"
+    )
     sim.add_argument("scenario", help="a scenario JSON file (scenarios/*.json)")
     sim.add_argument("--load-plugin", default="weighted", help="the PEs' load metric")
-    sim.add_argument("--load-weight", default=None, help="its options, e.g. cpu=0.75,ram=0.25")
-    sim.add_argument("--policy", default=None, help="the pool policy (default: the scenario's)")
-    sim.add_argument("--load-interval", type=float, default=None, metavar="S", help="override the PEs' sampling interval")
-    sim.add_argument("--smoothing", type=float, default=None, metavar="K", help="override the PEs' load smoothing")
-    sim.add_argument("--load-window", type=_seconds, default=None, metavar="S",
-                     help="PEs report a VM's load as its mean CPU over the last S seconds instead of smoothing")
-    sim.add_argument("--count-cpu-wait", action="store_true",
-                     help="PEs count the time a VM waited for a core as its load (what it wants, not what it got)")
-    sim.add_argument("--rebalance", default=None, metavar="NAME", help="a rebalancer plugin the PEs run, e.g. hot-cold")
-    sim.add_argument("--rebalance-interval", type=float, default=120.0, metavar="S",
-                     help="seconds between a PE's rebalancing decisions (default 120)")
-    sim.add_argument("--greedy-oracle", action="store_true",
-                     help="instead: the bound of greedy placement that knows every VM's true CPU demand")
+    sim.add_argument(
+        "--load-weight", default=None, help="its options, e.g. cpu=0.75,ram=0.25"
+    )
+    sim.add_argument(
+        "--policy", default=None, help="the pool policy (default: the scenario's)"
+    )
+    sim.add_argument(
+        "--load-interval",
+        type=float,
+        default=None,
+        metavar="S",
+        help="override the PEs' sampling interval",
+    )
+    sim.add_argument(
+        "--smoothing",
+        type=float,
+        default=None,
+        metavar="K",
+        help="override the PEs' load smoothing",
+    )
+    sim.add_argument(
+        "--load-window",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="PEs report a VM's load as its mean CPU over the last S seconds instead of smoothing",
+    )
+    sim.add_argument(
+        "--count-cpu-wait",
+        action="store_true",
+        help="PEs count the time a VM waited for a core as its load (what it wants, not what it got)",
+    )
+    sim.add_argument(
+        "--rebalance",
+        default=None,
+        metavar="NAME",
+        help="a rebalancer plugin the PEs run, e.g. hot-cold",
+    )
+    sim.add_argument(
+        "--rebalance-interval",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="seconds between a PE's rebalancing decisions (default 120)",
+    )
+    sim.add_argument(
+        "--greedy-oracle",
+        action="store_true",
+        help="instead: the bound of greedy placement that knows every VM's true CPU demand",
+    )
     sim.add_argument("--runs", type=_positive, default=1)
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--json", action="store_true")
-    sim.add_argument("--plot", metavar="OUT.png", help="each PE's theoretical CPU load by VM type, a panel per run")
+    sim.add_argument(
+        "--plot",
+        metavar="OUT.png",
+        help="each PE's theoretical CPU load by VM type, a panel per run",
+    )
     sim.set_defaults(func=_cmd_sim)
 
-    fc = sub.add_parser("fence-confirm", help="confirm a host is off, for the 'manual' stonith plugin")
+    fc = sub.add_parser(
+        "fence-confirm", help="confirm a host is off, for the 'manual' stonith plugin"
+    )
     fc.add_argument("host")
-    fc.add_argument("--state-dir", default="/var/lib/xenpool/fence", help="the manual plugin's state_dir option")
+    fc.add_argument(
+        "--state-dir",
+        default="/var/lib/xenpool/fence",
+        help="the manual plugin's state_dir option",
+    )
     fc.set_defaults(func=_cmd_fence_confirm)
 
     from .chaos.campaign import add_parser as add_chaos

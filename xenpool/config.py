@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import configparser
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from twisted.python import usage
 
@@ -87,9 +88,13 @@ def read_ini(path: str, option: str) -> configparser.ConfigParser:
         with open(path, encoding="utf-8") as f:
             parser.read_file(f)
     except OSError as err:
-        raise usage.UsageError(f"--{option}: cannot read {path}: {err.strerror}") from None
+        raise usage.UsageError(
+            f"--{option}: cannot read {path}: {err.strerror}"
+        ) from None
     except configparser.Error as err:
-        raise usage.UsageError(f"--{option}: {path} is not a valid config file: {err.message.splitlines()[0]}") from None
+        raise usage.UsageError(
+            f"--{option}: {path} is not a valid config file: {err.message.splitlines()[0]}"
+        ) from None
     return parser
 
 
@@ -105,7 +110,9 @@ def json_log(path: str | None) -> None:
         raise usage.UsageError(f"--logfile: {err}") from None
 
 
-def read_section(path: str, section: str, settings: list[Setting]) -> dict[str, list[str]]:
+def read_section(
+    path: str, section: str, settings: list[Setting]
+) -> dict[str, list[str]]:
     parser = read_ini(path, "config")
     if not parser.has_section(section):
         return {}
@@ -113,12 +120,16 @@ def read_section(path: str, section: str, settings: list[Setting]) -> dict[str, 
     values = {}
     for key, raw in parser.items(section):
         if key not in known:
-            raise usage.UsageError(f"--config: unknown key {key!r} in [{section}] of {path}; known: {', '.join(sorted(known))}")
+            raise usage.UsageError(
+                f"--config: unknown key {key!r} in [{section}] of {path}; known: {', '.join(sorted(known))}"
+            )
         values[key] = [line.strip() for line in raw.splitlines() if line.strip()]
     return values
 
 
-def resolve(settings: list[Setting], given: dict[str, Any], config: dict[str, list[str]]) -> dict[str, Any]:
+def resolve(
+    settings: list[Setting], given: dict[str, Any], config: dict[str, list[str]]
+) -> dict[str, Any]:
     """Each setting from the command line, else the config file, else its default;
     every value checked, with an error naming the option."""
     result = {}
@@ -143,7 +154,11 @@ def resolve(settings: list[Setting], given: dict[str, Any], config: dict[str, li
 def _default(setting: Setting) -> str:
     if setting.default in (None, {}, []) or "default:" in setting.help:
         return ""
-    shown = ", ".join(setting.default) if isinstance(setting.default, list) else setting.default
+    shown = (
+        ", ".join(setting.default)
+        if isinstance(setting.default, list)
+        else setting.default
+    )
     return f" (default: {shown})"
 
 
@@ -151,22 +166,32 @@ def _described(setting: Setting) -> str:
     return setting.help + _default(setting)
 
 
-def make_options(settings: list[Setting], section: str, doc: str) -> type[usage.Options]:
+def make_options(
+    settings: list[Setting], section: str, doc: str
+) -> type[usage.Options]:
     """A twisted usage.Options class for ``settings`` plus ``--config``."""
 
     class Options(usage.Options):
         __doc__ = doc
-        optParameters = [["config", "c", None, f"config file (its [{section}] section)"]] + [
-            [s.name, None, None, _described(s)] for s in settings if not s.multiple
-        ]
+        optParameters = [
+            ["config", "c", None, f"config file (its [{section}] section)"]
+        ] + [[s.name, None, None, _described(s)] for s in settings if not s.multiple]
 
         def __init__(self) -> None:
             super().__init__()
-            self.multi: dict[str, list[str]] = {s.name: [] for s in settings if s.multiple}
+            self.multi: dict[str, list[str]] = {
+                s.name: [] for s in settings if s.multiple
+            }
 
         def postOptions(self) -> None:
-            config = read_section(self["config"], section, settings) if self["config"] else {}
-            given = {s.name: self[s.name] for s in settings if not s.multiple} | self.multi
+            config = (
+                read_section(self["config"], section, settings)
+                if self["config"]
+                else {}
+            )
+            given = {
+                s.name: self[s.name] for s in settings if not s.multiple
+            } | self.multi
             self.settings = resolve(settings, given, config)
 
     def repeated(setting: Setting):

@@ -43,7 +43,9 @@ def multicast_address(text: str) -> tuple[str, int]:
     try:
         address = ipaddress.IPv4Address(group)
     except ValueError:
-        raise ValueError(f"expected GROUP:PORT with an IPv4 multicast group, got {text!r}") from None
+        raise ValueError(
+            f"expected GROUP:PORT with an IPv4 multicast group, got {text!r}"
+        ) from None
     if not address.is_multicast:
         raise ValueError(f"{group} is not a multicast group (224.0.0.0/4)")
     if not port.isdigit() or not 0 < int(port) < 65536:
@@ -73,15 +75,21 @@ class AnnouncedRegistrars:
             if isinstance(transport, P.TcpTransport) and transport.port:
                 host = P.reachable_address(transport, source)
                 if announce.server_id not in self._heard:
-                    log.info("registrar {id} announced at {host}:{port}", id=hex_id(announce.server_id),
-                             host=host, port=transport.port)  # fmt: skip
+                    log.info(
+                        "registrar {id} announced at {host}:{port}",
+                        id=hex_id(announce.server_id),
+                        host=host,
+                        port=transport.port,
+                    )
                 self._heard[announce.server_id] = _Heard(host, transport.port, now)
                 return True
         return False
 
     def alive(self, now: float) -> list[tuple[str, int]]:
         """(host, port) of every registrar heard within the timeout, longest known first."""
-        for server_id in [i for i, h in self._heard.items() if now - h.last > self.timeout_s]:
+        for server_id in [
+            i for i, h in self._heard.items() if now - h.last > self.timeout_s
+        ]:
             log.info("registrar {id} no longer announced", id=hex_id(server_id))
             del self._heard[server_id]
         return [(h.host, h.port) for h in self._heard.values()]
@@ -91,7 +99,9 @@ class AnnounceListener(DatagramProtocol):
     """Joins the announce group and feeds what it hears to ``registrars``. A datagram
     that is not a valid SERVER_ANNOUNCE is logged and dropped."""
 
-    def __init__(self, registrars: AnnouncedRegistrars, group: str, clock, interface: str = "") -> None:
+    def __init__(
+        self, registrars: AnnouncedRegistrars, group: str, clock, interface: str = ""
+    ) -> None:
         self.registrars = registrars
         self.group = group
         self.clock = clock
@@ -104,12 +114,23 @@ class AnnounceListener(DatagramProtocol):
         try:
             message = M.decode(data, M.ASAP_PPID)
         except ProtocolError as err:
-            log.info("ignoring a bad announce from {host}: {err}", host=address[0], err=str(err))
+            log.info(
+                "ignoring a bad announce from {host}: {err}",
+                host=address[0],
+                err=str(err),
+            )
             return
         if not isinstance(message, M.ServerAnnounce):
-            log.info("ignoring {kind} on the announce group from {host}", kind=type(message).__name__, host=address[0])
+            log.info(
+                "ignoring {kind} on the announce group from {host}",
+                kind=type(message).__name__,
+                host=address[0],
+            )
         elif not self.registrars.heard(message, address[0], self.clock.seconds()):
-            log.info("ignoring an announce without a TCP transport from {host}", host=address[0])
+            log.info(
+                "ignoring an announce without a TCP transport from {host}",
+                host=address[0],
+            )
 
 
 class Announcer(service.Service):
@@ -118,8 +139,18 @@ class Announcer(service.Service):
     ``transports()`` gives the ASAP transports to announce; it is asked each time, so
     ports chosen by the system at start-up are announced once they are known."""
 
-    def __init__(self, reactor, registrar_id: int, transports, group: str, port: int, *,
-                 interval_s: float = DEFAULT_ANNOUNCE_INTERVAL_S, interface: str = "", ttl: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        reactor,
+        registrar_id: int,
+        transports,
+        group: str,
+        port: int,
+        *,
+        interval_s: float = DEFAULT_ANNOUNCE_INTERVAL_S,
+        interface: str = "",
+        ttl: int = 1,
+    ) -> None:
         self.reactor = reactor
         self.registrar_id = registrar_id
         self.transports = transports
@@ -133,7 +164,9 @@ class Announcer(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self._port = self.reactor.listenMulticast(0, DatagramProtocol(), interface=self.interface or "")
+        self._port = self.reactor.listenMulticast(
+            0, DatagramProtocol(), interface=self.interface or ""
+        )
         self._port.setTTL(self.ttl)
         if self.interface:
             self._port.setOutgoingInterface(self.interface)
@@ -142,7 +175,10 @@ class Announcer(service.Service):
     def announce(self) -> None:
         transports = tuple(self.transports())
         if transports:
-            self._port.write(M.encode(M.ServerAnnounce(self.registrar_id, transports)), self.destination)
+            self._port.write(
+                M.encode(M.ServerAnnounce(self.registrar_id, transports)),
+                self.destination,
+            )
 
     def stopService(self):
         if self._loop.running:
@@ -156,7 +192,12 @@ class Registrars:
     """The registrars a PE or PU may talk to: the configured ones in their order, then
     those heard announcing (if ``announced`` is given)."""
 
-    def __init__(self, reactor, configured: list[str], announced: AnnouncedRegistrars | None = None) -> None:
+    def __init__(
+        self,
+        reactor,
+        configured: list[str],
+        announced: AnnouncedRegistrars | None = None,
+    ) -> None:
         self.reactor = reactor
         self.configured = [endpoints.clientFromString(reactor, d) for d in configured]
         self.announced = announced
@@ -165,7 +206,10 @@ class Registrars:
         if self.announced is None:
             return list(self.configured)
         heard = self.announced.alive(self.reactor.seconds())
-        return self.configured + [endpoints.TCP4ClientEndpoint(self.reactor, host, port) for host, port in heard]
+        return self.configured + [
+            endpoints.TCP4ClientEndpoint(self.reactor, host, port)
+            for host, port in heard
+        ]
 
 
 @implementer(IStreamClientEndpoint)
@@ -180,7 +224,11 @@ class FailoverEndpoint:
     def connect(self, factory):
         candidates = self.registrars.endpoints()
         if not candidates:
-            return defer.fail(error.ConnectError(string="no registrar configured, and none announced yet"))
+            return defer.fail(
+                error.ConnectError(
+                    string="no registrar configured, and none announced yet"
+                )
+            )
         d = candidates[self.index % len(candidates)].connect(factory)
 
         def failed(failure):
@@ -193,17 +241,33 @@ class FailoverEndpoint:
 def listener_settings() -> list[Setting]:
     """The options of a PE or PU that listens for announces (after its ``--registrar``)."""
     return [
-        Setting("registrar-announce", None, multicast_address,
-                "also use the registrars heard announcing on GROUP:PORT, e.g. 239.0.0.50:3863"),
-        Setting("announce-interface", "", ipv4_address, "the local IPv4 address whose interface announces are heard on"),
-    ]  # fmt: skip
+        Setting(
+            "registrar-announce",
+            None,
+            multicast_address,
+            "also use the registrars heard announcing on GROUP:PORT, e.g. 239.0.0.50:3863",
+        ),
+        Setting(
+            "announce-interface",
+            "",
+            ipv4_address,
+            "the local IPv4 address whose interface announces are heard on",
+        ),
+    ]
 
 
-def registrars(reactor, configured: list[str], announce: tuple[str, int] | None, interface: str = "") -> tuple[Registrars, service.Service | None]:
+def registrars(
+    reactor,
+    configured: list[str],
+    announce: tuple[str, int] | None,
+    interface: str = "",
+) -> tuple[Registrars, service.Service | None]:
     """The registrars a PE or PU uses: ``configured`` (by default the local one, unless it
     listens for announces), then the announced ones; and the service that listens."""
     if announce is None:
         return Registrars(reactor, configured or [DEFAULT_REGISTRAR]), None
     announced = AnnouncedRegistrars()
     protocol = AnnounceListener(announced, announce[0], reactor, interface)
-    return Registrars(reactor, configured, announced), internet.MulticastServer(announce[1], protocol, listenMultiple=True)
+    return Registrars(reactor, configured, announced), internet.MulticastServer(
+        announce[1], protocol, listenMultiple=True
+    )

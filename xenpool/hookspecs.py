@@ -16,7 +16,8 @@ Built-in plugins use the very same entry points.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import pluggy
 

@@ -74,7 +74,9 @@ class PoolMember:
     """One PE of the pool as a registrar's resolution answer shows it."""
 
     load: float
-    free_ram_kb: int | None = None  # known where the pool's policy carries it (LeastUsedFreeRAM)
+    free_ram_kb: int | None = (
+        None  # known where the pool's policy carries it (LeastUsedFreeRAM)
+    )
     own: bool = False  # the PE that is deciding
 
 
@@ -82,10 +84,14 @@ class IRebalancer(Interface):
     """Decides, on one PE, which VM (if any) to move away so the pool evens out."""
 
     name = Attribute("The name a PE selects it by (``--rebalance NAME``).")
-    min_samples = Attribute("CPU measurements a VM needs before it may be moved (before, its share is a guess).")
+    min_samples = Attribute(
+        "CPU measurements a VM needs before it may be moved (before, its share is a guess)."
+    )
     cooldown_s = Attribute("Seconds a PE waits after a move before it decides again.")
 
-    def choose(own: LoadSample, vm_ram: dict, pool: list, metric: object, ram_total_kb: int) -> object:
+    def choose(
+        own: LoadSample, vm_ram: dict, pool: list, metric: object, ram_total_kb: int
+    ) -> object:
         """The server ID to move off this PE now, or None. ``own``: this PE's sample
         (``vm_cpu`` has the share of each VM that may move, measured over a recent
         window); ``vm_ram``: each VM's RAM in KB; ``pool``: a PoolMember for every PE
@@ -134,7 +140,9 @@ class IPoolPlanner(IRebalancer):
     lowest PE identifier), from every PE's VM report; ``choose`` is never asked then.
     ``cooldown_s`` is how long a moved VM stays where it went."""
 
-    quiet_rounds = Attribute("Rounds the pool's set of VMs must stay the same before the leader plans.")
+    quiet_rounds = Attribute(
+        "Rounds the pool's set of VMs must stay the same before the leader plans."
+    )
 
     def plan(pool: list) -> list:
         """The Moves to make, in order, for ``pool`` (a PlannedPe per PE): each one must
@@ -179,7 +187,9 @@ class ISelfFencing(IStonith):
     ``attach`` before the reactor runs, the feeder as a child service, and a registration
     refresh at least every ``refresh_interval_s``."""
 
-    refresh_interval_s = Attribute("The longest a PE may go without sending a registration (refresh).")
+    refresh_interval_s = Attribute(
+        "The longest a PE may go without sending a registration (refresh)."
+    )
 
     def attach(membership: object, holds_vms: object) -> None:
         """``membership.registered(pe_identifier)``: a Deferred firing True or False, or
@@ -305,7 +315,9 @@ class ILiveMigration(Interface):
     """An IHypervisor that may move a running domain to another host's hypervisor
     without stopping it. Optional: a PE moves VMs by stop-and-restart without it."""
 
-    live_migration = Attribute("True when this hypervisor can live-migrate at all (known once connected).")
+    live_migration = Attribute(
+        "True when this hypervisor can live-migrate at all (known once connected)."
+    )
 
     def migrate(name: str, destination_uri: str) -> Deferred[None]:
         """Live-migrate domain ``name`` to the hypervisor at ``destination_uri``. The

@@ -9,7 +9,7 @@ def log_json_to(path: str) -> None:
     """Append every log event to ``path``, one JSON object per line (twisted.logger's
     format: ``eventsFromJSONLogFile`` reads it back)."""
     try:
-        output = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the daemon's life
+        output = open(path, "a", encoding="utf-8")
     except OSError as err:
         raise ValueError(f"cannot open {path}: {err.strerror}") from None
     globalLogPublisher.addObserver(jsonFileLogObserver(output))

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import pluggy
 from zope.interface import Interface
@@ -23,7 +24,14 @@ from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyClass, verifyObject
 
 from . import hookspecs
-from .interfaces import IHypervisor, ILoadMetric, IPoolPolicy, IRebalancer, IStonith, IStorage
+from .interfaces import (
+    IHypervisor,
+    ILoadMetric,
+    IPoolPolicy,
+    IRebalancer,
+    IStonith,
+    IStorage,
+)
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,10 @@ def _takes_reactor(factory: Callable[..., Any]) -> bool:
     except (TypeError, ValueError):  # a builtin without a signature
         return False
     parameter = parameters.get("reactor")
-    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+    return parameter is not None and parameter.kind in (
+        parameter.POSITIONAL_OR_KEYWORD,
+        parameter.KEYWORD_ONLY,
+    )
 
 
 class Plugins:
@@ -90,7 +101,9 @@ class Plugins:
                 plugin_name = manager.get_name(impl.plugin) or repr(impl.plugin)
                 impl.function(register=self._registrar(kind, plugin_name))
 
-    def _registrar(self, kind: str, plugin_name: str) -> Callable[[str, Callable[..., Any]], None]:
+    def _registrar(
+        self, kind: str, plugin_name: str
+    ) -> Callable[[str, Callable[..., Any]], None]:
         spec = KINDS[kind]
 
         def register(name: str, factory: Callable[..., Any]) -> None:
@@ -122,18 +135,26 @@ class Plugins:
             return self._providers[kind][name]
         except KeyError:
             installed = ", ".join(self.names(kind)) or "none"
-            raise UnknownProvider(f"no {KINDS[kind].label} named {name!r}; installed: {installed}") from None
+            raise UnknownProvider(
+                f"no {KINDS[kind].label} named {name!r}; installed: {installed}"
+            ) from None
 
     def create(self, kind: str, name: str, **options: Any) -> Any:
         """Make a provider object and check it against its interface."""
         provider = self.get(kind, name)
         spec = KINDS[kind]
-        if self.reactor is not None and "reactor" not in options and _takes_reactor(provider.factory):
+        if (
+            self.reactor is not None
+            and "reactor" not in options
+            and _takes_reactor(provider.factory)
+        ):
             options = {**options, "reactor": self.reactor}
         try:
             obj = provider.factory(**options)
         except Exception as err:  # a plugin's failure must not escape as a traceback
-            raise PluginError(f"plugin {provider.plugin!r}: {spec.label} {name!r}: {_one_line(err)}") from None
+            raise PluginError(
+                f"plugin {provider.plugin!r}: {spec.label} {name!r}: {_one_line(err)}"
+            ) from None
         try:
             verifyObject(spec.interface, obj)
         except Invalid as err:
@@ -155,7 +176,9 @@ def _register(manager: pluggy.PluginManager, plugin: object, name: str) -> None:
         raise PluginError(f"plugin {name!r}: {_one_line(err)}") from None
 
 
-def load_plugins(*, entry_points: bool = True, modules: Iterable[object] = (), reactor: Any = None) -> Plugins:
+def load_plugins(
+    *, entry_points: bool = True, modules: Iterable[object] = (), reactor: Any = None
+) -> Plugins:
     """Build the plugin set: the ``xenpool`` entry points (built-ins included) and any
     extra plugin ``modules`` (handy in tests). ``reactor`` goes to the providers' factories
     that take one (``Plugins.create``).
@@ -168,13 +191,19 @@ def load_plugins(*, entry_points: bool = True, modules: Iterable[object] = (), r
     if entry_points:
         for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
             dist = ep.dist.name if ep.dist is not None else "?"
-            name = "builtin" if dist == "xenpool" and ep.name == "builtin" else f"{dist}:{ep.name}"
+            name = (
+                "builtin"
+                if dist == "xenpool" and ep.name == "builtin"
+                else f"{dist}:{ep.name}"
+            )
             if manager.has_plugin(name):  # the same distribution seen twice on sys.path
                 continue
             try:
                 plugin = ep.load()
             except Exception as err:
-                raise PluginError(f"plugin {name!r} ({ep.value}) cannot be loaded: {_one_line(err)}") from None
+                raise PluginError(
+                    f"plugin {name!r} ({ep.value}) cannot be loaded: {_one_line(err)}"
+                ) from None
             _register(manager, plugin, name)
     for module in modules:
         _register(manager, module, getattr(module, "__name__", repr(module)))

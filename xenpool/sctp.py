@@ -146,7 +146,9 @@ def protocol_setting(protocol, name: str, default):
         value = getattr(protocol, name, None)
         if value is not None:
             return value
-        inner = getattr(protocol, "_wrappedProtocol", None) or getattr(protocol, "wrappedProtocol", None)
+        inner = getattr(protocol, "_wrappedProtocol", None) or getattr(
+            protocol, "wrappedProtocol", None
+        )
         if inner is None or inner is protocol:
             break
         protocol = inner
@@ -189,7 +191,9 @@ class _SctpConnection:
             return None
         payload, self._partial = self._partial + data, b""
         shim = protocol_setting(self.protocol, "sctp_framing", "") == "shim"
-        self.protocol.dataReceived(Framing.received(socket.ntohl(info.ppid), payload, shim))
+        self.protocol.dataReceived(
+            Framing.received(socket.ntohl(info.ppid), payload, shim)
+        )
         return None
 
     def writeSomeData(self, data):
@@ -248,13 +252,22 @@ class SctpConnector(tcp.Connector):
 
 @implementer(IStreamServerEndpoint)
 class SctpServerEndpoint:
-    def __init__(self, reactor, port: int, backlog: int = 50, interface: str = "") -> None:
-        self.reactor, self.port, self.backlog, self.interface = reactor, port, backlog, interface
+    def __init__(
+        self, reactor, port: int, backlog: int = 50, interface: str = ""
+    ) -> None:
+        self.reactor, self.port, self.backlog, self.interface = (
+            reactor,
+            port,
+            backlog,
+            interface,
+        )
 
     def listen(self, factory) -> defer.Deferred:
         reason = unavailable()
         if reason:
-            return defer.fail(SctpUnavailable(errno.EPROTONOSUPPORT, f"sctp:{self.port}: {reason}"))
+            return defer.fail(
+                SctpUnavailable(errno.EPROTONOSUPPORT, f"sctp:{self.port}: {reason}")
+            )
         return defer.execute(self._listen, factory)
 
     def _listen(self, factory) -> SctpPort:
@@ -263,27 +276,46 @@ class SctpServerEndpoint:
         return port
 
     def __repr__(self) -> str:
-        return f"sctp:{self.port}" + (f":interface={self.interface}" if self.interface else "")
+        return f"sctp:{self.port}" + (
+            f":interface={self.interface}" if self.interface else ""
+        )
 
 
 @implementer(IStreamClientEndpoint)
 class SctpClientEndpoint:
-    def __init__(self, reactor, host: str, port: int, timeout: float = 30, bindAddress=None) -> None:
-        self.reactor, self.host, self.port, self.timeout, self.bindAddress = reactor, host, port, timeout, bindAddress
+    def __init__(
+        self, reactor, host: str, port: int, timeout: float = 30, bindAddress=None
+    ) -> None:
+        self.reactor, self.host, self.port, self.timeout, self.bindAddress = (
+            reactor,
+            host,
+            port,
+            timeout,
+            bindAddress,
+        )
 
     def connect(self, factory) -> defer.Deferred:
         reason = unavailable()
         if reason:
-            return defer.fail(SctpUnavailable(errno.EPROTONOSUPPORT, f"sctp:host={self.host}:port={self.port}: {reason}"))
+            return defer.fail(
+                SctpUnavailable(
+                    errno.EPROTONOSUPPORT,
+                    f"sctp:host={self.host}:port={self.port}: {reason}",
+                )
+            )
         wrapping = _WrappingFactory(factory)
-        SctpConnector(self.host, self.port, wrapping, self.timeout, self.bindAddress, self.reactor).connect()
+        SctpConnector(
+            self.host, self.port, wrapping, self.timeout, self.bindAddress, self.reactor
+        ).connect()
         return wrapping._onConnection
 
     def __repr__(self) -> str:
         return f"sctp:host={self.host}:port={self.port}"
 
 
-def server_endpoint(reactor, *args, port=None, backlog=50, interface="") -> SctpServerEndpoint:
+def server_endpoint(
+    reactor, *args, port=None, backlog=50, interface=""
+) -> SctpServerEndpoint:
     """``sctp:PORT[:interface=ADDR][:backlog=N]`` (the endpoint string's arguments)."""
     if args:
         port = args[0]
@@ -292,7 +324,9 @@ def server_endpoint(reactor, *args, port=None, backlog=50, interface="") -> Sctp
     return SctpServerEndpoint(reactor, int(port), int(backlog), interface)
 
 
-def client_endpoint(reactor, *args, host=None, port=None, timeout=30, bindAddress=None) -> SctpClientEndpoint:
+def client_endpoint(
+    reactor, *args, host=None, port=None, timeout=30, bindAddress=None
+) -> SctpClientEndpoint:
     """``sctp:host=HOST:port=PORT[:timeout=S]`` or ``sctp:HOST:PORT``."""
     if args:
         host = args[0]

@@ -8,7 +8,8 @@ one, and hands over its Prometheus registry for ``/metrics``.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet import defer
@@ -41,7 +42,9 @@ class JsonDocument(resource.Resource):
             return _json(result)
 
         gone: list = []
-        request.notifyFinish().addErrback(gone.append)  # the client left before the answer
+        request.notifyFinish().addErrback(
+            gone.append
+        )  # the client left before the answer
 
         def write(document) -> None:
             if not gone:
@@ -75,7 +78,9 @@ class Metrics(resource.Resource):
 class StatusResource(resource.Resource):
     """The root of a daemon's status site: ``/NAME`` per JSON document, and ``/metrics``."""
 
-    def __init__(self, documents: Mapping[bytes, Callable[[], Any]], registry: CollectorRegistry) -> None:
+    def __init__(
+        self, documents: Mapping[bytes, Callable[[], Any]], registry: CollectorRegistry
+    ) -> None:
         super().__init__()
         for name, document in documents.items():
             self.putChild(name, JsonDocument(document))

@@ -19,13 +19,30 @@ import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout
-MODULES = ("crypto/crc32c_generic", "lib/libcrc32c", "net/ipv4/udp_tunnel", "net/ipv6/ip6_udp_tunnel", "net/sctp/sctp")
+MODULES = (
+    "crypto/crc32c_generic",
+    "lib/libcrc32c",
+    "net/ipv4/udp_tunnel",
+    "net/ipv6/ip6_udp_tunnel",
+    "net/sctp/sctp",
+)
 RSPLIB = ("/usr/bin/rspregistrar", "/usr/bin/rspserver", "/usr/bin/rspterminal")
 GUEST_ADDRESS = "10.0.2.15"
 # virtualenv packages the daemons never import (plotting, packaging, test tools): left out
-SKIP_PACKAGES = re.compile(r"^(matplotlib|numpy|fontTools|PIL|pillow|pip|setuptools|hypothesis|contourpy|kiwisolver|"
-                           r"pyparsing|cycler|_pytest|pytest|coverage|pygments|wheel)", re.I)  # fmt: skip
-SKIP_STDLIB = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "site-packages"}  # unittest stays: the daemons import it
+SKIP_PACKAGES = re.compile(
+    r"^(matplotlib|numpy|fontTools|PIL|pillow|pip|setuptools|hypothesis|contourpy|kiwisolver|"
+    r"pyparsing|cycler|_pytest|pytest|coverage|pygments|wheel)",
+    re.I,
+)
+SKIP_STDLIB = {
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "lib2to3",
+    "site-packages",
+}  # unittest stays: the daemons import it
 
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -93,7 +110,9 @@ class Archive:
         fields = (self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(raw), 0)
         self.ino += 1
         self.out.write(b"070701" + b"".join(b"%08X" % f for f in fields) + raw)
-        self.out.write(b"\0" * (-(110 + len(raw)) % 4) + data + b"\0" * (-len(data) % 4))
+        self.out.write(
+            b"\0" * (-(110 + len(raw)) % 4) + data + b"\0" * (-len(data) % 4)
+        )
 
     def directory(self, name: str) -> None:
         self._entry(name, 0o040755, b"")
@@ -113,7 +132,11 @@ class Archive:
         elif os.path.isdir(path):
             self.directory(path)
         elif os.path.isfile(path):
-            self._entry(path, 0o100000 | (os.stat(path).st_mode & 0o7777), Path(path).read_bytes())
+            self._entry(
+                path,
+                0o100000 | (os.stat(path).st_mode & 0o7777),
+                Path(path).read_bytes(),
+            )
 
     def tree(self, top: str, skip=lambda path: False) -> None:
         for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
@@ -136,7 +159,9 @@ def shared_libraries(paths: list[str]) -> set[str]:
     """Every library the ELF files in ``paths`` load (ldd), with the loader."""
     found: set[str] = set()
     for chunk in range(0, len(paths), 200):
-        out = subprocess.run(["ldd", *paths[chunk : chunk + 200]], capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["ldd", *paths[chunk : chunk + 200]], capture_output=True, text=True
+        ).stdout
         found.update(re.findall(r"(/\S+\.so[^\s:]*) \(0x", out))
     return found
 
@@ -144,36 +169,78 @@ def shared_libraries(paths: list[str]) -> set[str]:
 def build(python: str, args: str = "") -> bytes:
     """The gzipped initramfs that runs ``scenarios.py ARGS`` with ``python`` (the venv's)."""
     archive = Archive()
-    for name in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "etc", "root", "var/run", "run"):
+    for name in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "etc",
+        "root",
+        "var/run",
+        "run",
+    ):
         archive.directory(name)
     archive.file("bin/busybox", Path("/bin/busybox").read_bytes(), 0o100755)
     version = kernel_version()
     for module in MODULES:
-        archive.file(f"lib/modules/{module}.ko", Path(f"/lib/modules/{version}/kernel/{module}.ko").read_bytes())
-    archive.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
+        archive.file(
+            f"lib/modules/{module}.ko",
+            Path(f"/lib/modules/{version}/kernel/{module}.ko").read_bytes(),
+        )
+    archive.file(
+        "etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )
     archive.file("etc/group", b"root:x:0:\nnogroup:x:65534:\n")
     archive.file("etc/hosts", f"127.0.0.1 localhost\n{GUEST_ADDRESS} guest\n".encode())
     # Python: the venv, its interpreter and standard library, the packages xenpool imports
     venv = Path(python).parent.parent
     stdlib = sysconfig.get_paths()["stdlib"]
     base = sys.base_prefix
-    archive.tree(str(venv), skip=lambda p: bool(SKIP_PACKAGES.match(os.path.basename(p))) or p.endswith(".pyc") and "__pycache__" not in p)
+    archive.tree(
+        str(venv),
+        skip=lambda p: (
+            bool(SKIP_PACKAGES.match(os.path.basename(p)))
+            or p.endswith(".pyc")
+            and "__pycache__" not in p
+        ),
+    )
     archive.host(os.path.realpath(python))
     archive.host(python)
-    archive.tree(stdlib, skip=lambda p: os.path.dirname(p) == stdlib and os.path.basename(p) in SKIP_STDLIB)
+    archive.tree(
+        stdlib,
+        skip=lambda p: (
+            os.path.dirname(p) == stdlib and os.path.basename(p) in SKIP_STDLIB
+        ),
+    )
     for extra in glob.glob(os.path.join(base, "lib", "libpython*")):
         archive.host(extra)
     for part in ("xenpool", "plugins", "twisted", "etc", "tests", "setup.cfg"):
-        archive.tree(str(ROOT / part), skip=lambda p: "__pycache__" in p) if (ROOT / part).is_dir() else archive.host(str(ROOT / part))
+        archive.tree(str(ROOT / part), skip=lambda p: "__pycache__" in p) if (
+            ROOT / part
+        ).is_dir() else archive.host(str(ROOT / part))
     for tool in RSPLIB:
         archive.host(tool)
-    elves = [p.lstrip("/") for p in archive.names if p.endswith(".so") or ".so." in p or p.startswith("usr/bin/rsp")]
+    elves = [
+        p.lstrip("/")
+        for p in archive.names
+        if p.endswith(".so") or ".so." in p or p.startswith("usr/bin/rsp")
+    ]
     elves += [os.path.realpath(python).lstrip("/")]
     for library in sorted(shared_libraries(["/" + p for p in elves])):
         archive.host(library)
         archive.host(os.path.realpath(library))
-    init = (INIT.replace("@MODULES@", " ".join(MODULES)).replace("@ADDRESS@", GUEST_ADDRESS)
-            .replace("@ROOT@", str(ROOT)).replace("@PYTHON@", python).replace("@ARGS@", args))  # fmt: skip
+    init = (
+        INIT.replace("@MODULES@", " ".join(MODULES))
+        .replace("@ADDRESS@", GUEST_ADDRESS)
+        .replace("@ROOT@", str(ROOT))
+        .replace("@PYTHON@", python)
+        .replace("@ARGS@", args)
+    )
     archive.file("init", init.encode(), 0o100755)
     return gzip.compress(archive.close(), compresslevel=1)
 
@@ -189,10 +256,29 @@ def kvm_usable() -> bool:
 def qemu_command(initrd: Path, console: Path, memory_mb: int = 3072) -> list[str]:
     kvm = kvm_usable() and os.environ.get("XENPOOL_GUEST_ACCEL", "tcg") == "kvm"
     accel = ["-enable-kvm", "-cpu", "host"] if kvm else ["-accel", "tcg", "-cpu", "max"]
-    return ["qemu-system-x86_64", *accel, "-m", str(memory_mb), "-smp", "2", "-display", "none", "-no-reboot",
-            "-serial", f"file:{console}", "-monitor", "none",
-            "-kernel", kernel(), "-initrd", str(initrd), "-nic", "none",
-            "-append", "console=ttyS0 panic=-1 rdinit=/init"]  # fmt: skip
+    return [
+        "qemu-system-x86_64",
+        *accel,
+        "-m",
+        str(memory_mb),
+        "-smp",
+        "2",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        f"file:{console}",
+        "-monitor",
+        "none",
+        "-kernel",
+        kernel(),
+        "-initrd",
+        str(initrd),
+        "-nic",
+        "none",
+        "-append",
+        "console=ttyS0 panic=-1 rdinit=/init",
+    ]
 
 
 def boot(python: str, scenarios: list[int], workdir: Path, timeout_s: float) -> str:
@@ -203,8 +289,12 @@ def boot(python: str, scenarios: list[int], workdir: Path, timeout_s: float) -> 
 
     initrd, log = workdir / "initrd.gz", workdir / "console.log"
     initrd.write_bytes(build(python, " ".join(str(n) for n in scenarios)))
-    qemu = subprocess.Popen(qemu_command(initrd, log), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+    qemu = subprocess.Popen(
+        qemu_command(initrd, log),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + timeout_s
     try:
         while qemu.poll() is None and time.monotonic() < deadline:
@@ -227,5 +317,14 @@ if __name__ == "__main__":
     if reason:
         sys.exit(f"SCTP interop guest: {reason}")
     with tempfile.TemporaryDirectory(prefix="xp-sctp-") as tmp:
-        console = boot(sys.executable, [int(n) for n in sys.argv[1:]] or [1, 2, 3, 4], Path(tmp), 1200)
-    print(console[console.find("GUEST booted"):] if "GUEST booted" in console else console[-4000:])
+        console = boot(
+            sys.executable,
+            [int(n) for n in sys.argv[1:]] or [1, 2, 3, 4],
+            Path(tmp),
+            1200,
+        )
+    print(
+        console[console.find("GUEST booted") :]
+        if "GUEST booted" in console
+        else console[-4000:]
+    )

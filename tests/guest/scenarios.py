@@ -17,7 +17,6 @@ with a deadline; the guest is slow (software emulation), so deadlines are genero
 
 from __future__ import annotations
 
-import os
 import re
 import select
 import socket
@@ -33,17 +32,31 @@ sys.path.insert(0, str(ROOT))
 
 import sctp as pysctp  # noqa: E402
 
-from xenpool.tools.processes import Daemon, Process  # noqa: E402
 from xenpool.protocol import messages as M  # noqa: E402
+from xenpool.tools.processes import Daemon, Process  # noqa: E402
 
 IP = "10.0.2.15"
 ETC = ROOT / "etc" / "xenpool"
 WORK = Path("/tmp/interop")
-R1, RR, R3 = 0x11, 0x22, 0x33  # xenpool registrar, rspregistrar, second xenpool registrar
-RSPLIB_TIMERS = ["-peerheartbeatcycle=1000", "-peermaxtimelastheard=3000", "-peermaxtimenoresponse=1000",
-                 "-takeoverexpiryinterval=2000", "-endpointkeepalivetransmissioninterval=2000",
-                 "-endpointkeepalivetimeoutinterval=2000"]  # fmt: skip
-XP_TIMERS = ["--peer-heartbeat-interval=1", "--peer-timeout=4", "--keep-alive-interval=2", "--keep-alive-timeout=2"]
+R1, RR, R3 = (
+    0x11,
+    0x22,
+    0x33,
+)  # xenpool registrar, rspregistrar, second xenpool registrar
+RSPLIB_TIMERS = [
+    "-peerheartbeatcycle=1000",
+    "-peermaxtimelastheard=3000",
+    "-peermaxtimenoresponse=1000",
+    "-takeoverexpiryinterval=2000",
+    "-endpointkeepalivetransmissioninterval=2000",
+    "-endpointkeepalivetimeoutinterval=2000",
+]
+XP_TIMERS = [
+    "--peer-heartbeat-interval=1",
+    "--peer-timeout=4",
+    "--keep-alive-interval=2",
+    "--keep-alive-timeout=2",
+]
 results: dict[int, list[str]] = {}
 started: list[Process] = []
 
@@ -70,13 +83,20 @@ def resolve(port: int, handle: bytes) -> M.Message:
         sock.connect((IP, port))
         sock.events.data_io = True
         sock.events.flush()
-        sock.sctp_send(M.encode(M.HandleResolution(handle, M.MAX_RESOLUTION_ITEMS)), ppid=M.ASAP_PPID)
+        sock.sctp_send(
+            M.encode(M.HandleResolution(handle, M.MAX_RESOLUTION_ITEMS)),
+            ppid=M.ASAP_PPID,
+        )
         deadline = time.monotonic() + 5
         while True:
             # a socket with a timeout is non-blocking underneath, and pysctp's receive does
             # not wait: wait for the answer here (it raised EAGAIN when the answer was late)
-            if not select.select([sock.fileno()], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                raise TimeoutError(f"no HANDLE_RESOLUTION_RESPONSE from port {port} within 5 s")
+            if not select.select(
+                [sock.fileno()], [], [], max(0.0, deadline - time.monotonic())
+            )[0]:
+                raise TimeoutError(
+                    f"no HANDLE_RESOLUTION_RESPONSE from port {port} within 5 s"
+                )
             try:
                 _source, flags, data, _info = sock.sctp_recv(70000)
             except BlockingIOError:
@@ -90,7 +110,9 @@ def resolve(port: int, handle: bytes) -> M.Message:
 def pool(port: int, handle: bytes) -> dict[int, int]:
     """{PE identifier: home registrar} of ``handle`` as the registrar at ``port`` answers."""
     answer = resolve(port, handle)
-    return {pe.identifier: pe.home_registrar for pe in getattr(answer, "pool_elements", ())}
+    return {
+        pe.identifier: pe.home_registrar for pe in getattr(answer, "pool_elements", ())
+    }
 
 
 class Logged:
@@ -100,7 +122,13 @@ class Logged:
         self.path = WORK / f"{name}.log"
         self.name = name
         with open(self.path, "wb") as out:
-            self.proc = subprocess.Popen(argv, cwd=WORK, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=WORK,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
 
     def drain(self) -> str:
         return self.path.read_text(errors="replace")
@@ -130,8 +158,16 @@ def xenpool(plugin: str, *args: str, ready: str, timeout: float = 120.0) -> Daem
 
 
 def rspregistrar(identifier: int, asap: int, enrp: int, peers: list[int]) -> Process:
-    argv = ["rspregistrar", f"-identifier=0x{identifier:08x}", f"-asap={IP}:{asap}", f"-enrp={IP}:{enrp}",
-            *[f"-peer={IP}:{p}" for p in peers], "-loglevel=3", "-logcolor=off", *RSPLIB_TIMERS]  # fmt: skip
+    argv = [
+        "rspregistrar",
+        f"-identifier=0x{identifier:08x}",
+        f"-asap={IP}:{asap}",
+        f"-enrp={IP}:{enrp}",
+        *[f"-peer={IP}:{p}" for p in peers],
+        "-loglevel=3",
+        "-logcolor=off",
+        *RSPLIB_TIMERS,
+    ]
     return rsplib(argv, f"rspregistrar-{identifier:x}")
 
 
@@ -141,9 +177,12 @@ def scenario(number: int):
             started_at = time.monotonic()
             try:
                 detail = function(*args) or ""
-                print(f"SCENARIO {number} PASS {detail} ({time.monotonic() - started_at:.0f} s)", flush=True)
+                print(
+                    f"SCENARIO {number} PASS {detail} ({time.monotonic() - started_at:.0f} s)",
+                    flush=True,
+                )
                 results[number] = ["PASS"]
-            except Exception as err:  # noqa: BLE001 - reported, the others still run
+            except Exception as err:
                 print(f"SCENARIO {number} FAIL {type(err).__name__}: {err}", flush=True)
                 traceback.print_exc(file=sys.stdout)
                 results[number] = ["FAIL"]
@@ -157,26 +196,65 @@ def scenario(number: int):
 def main(wanted: set[int]) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     fence_map = WORK / "fence-map.ini"
-    fence_map.write_text("".join(f"[host{n}]\npidfile = {WORK / f'pe{n}.pid'}\n" for n in (1, 2)))
+    fence_map.write_text(
+        "".join(f"[host{n}]\npidfile = {WORK / f'pe{n}.pid'}\n" for n in (1, 2))
+    )
     print("GUEST starting registrars", flush=True)
-    r1 = xenpool("xenpool-registrar", "--asap=sctp:3863", "--enrp=sctp:9901", "--peer=sctp:host=%s:port=9902" % IP,
-                 f"--registrar-id=0x{R1:08x}", f"--state-dir={WORK / 'r1'}", *XP_TIMERS,
-                 ready=f"registrar 0x{R1:08x} started")  # fmt: skip
+    r1 = xenpool(
+        "xenpool-registrar",
+        "--asap=sctp:3863",
+        "--enrp=sctp:9901",
+        f"--peer=sctp:host={IP}:port=9902",
+        f"--registrar-id=0x{R1:08x}",
+        f"--state-dir={WORK / 'r1'}",
+        *XP_TIMERS,
+        ready=f"registrar 0x{R1:08x} started",
+    )
     rr = rspregistrar(RR, 3864, 9902, [9901, 9903])
-    r3 = xenpool("xenpool-registrar", "--asap=sctp:3865", "--enrp=sctp:9903", "--peer=sctp:host=%s:port=9901" % IP,
-                 "--peer=sctp:host=%s:port=9902" % IP, f"--registrar-id=0x{R3:08x}", f"--state-dir={WORK / 'r3'}",
-                 *XP_TIMERS, ready=f"registrar 0x{R3:08x} started")  # fmt: skip
+    r3 = xenpool(
+        "xenpool-registrar",
+        "--asap=sctp:3865",
+        "--enrp=sctp:9903",
+        f"--peer=sctp:host={IP}:port=9901",
+        f"--peer=sctp:host={IP}:port=9902",
+        f"--registrar-id=0x{R3:08x}",
+        f"--state-dir={WORK / 'r3'}",
+        *XP_TIMERS,
+        ready=f"registrar 0x{R3:08x} started",
+    )
     print("GUEST registrars up", flush=True)
 
     @scenario(1)
     def rsplib_server_and_terminal_through_a_xenpool_registrar():
-        rsplib(["rspserver", "-echo", "-poolhandle=EchoPool", f"-registrar={IP}:3863", "-loglevel=2", "-logcolor=off"], "rspserver")
-        pes = wait("rspserver registered at the xenpool registrar", lambda: pool(3863, b"EchoPool"))
-        terminal = subprocess.Popen(["rspterminal", "-poolhandle=EchoPool", f"-registrar={IP}:3863"], cwd=WORK,
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        rsplib(
+            [
+                "rspserver",
+                "-echo",
+                "-poolhandle=EchoPool",
+                f"-registrar={IP}:3863",
+                "-loglevel=2",
+                "-logcolor=off",
+            ],
+            "rspserver",
+        )
+        pes = wait(
+            "rspserver registered at the xenpool registrar",
+            lambda: pool(3863, b"EchoPool"),
+        )
+        terminal = subprocess.Popen(
+            ["rspterminal", "-poolhandle=EchoPool", f"-registrar={IP}:3863"],
+            cwd=WORK,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         output = bytearray()
-        threading.Thread(target=lambda: [output.extend(line) for line in terminal.stdout], daemon=True).start()
+        threading.Thread(
+            target=lambda: [output.extend(line) for line in terminal.stdout],
+            daemon=True,
+        ).start()
         try:
+
             def echoed():
                 terminal.stdin.write(b"hello-from-rspterminal\n")
                 terminal.stdin.flush()
@@ -194,16 +272,39 @@ def main(wanted: set[int]) -> None:
         pes = {}
         for n in (1, 2):
             pes[n] = xenpool(
-                "xenpool-pe", f"--registrar=sctp:host={IP}:port=3864", f"--voter=sctp:host={IP}:port=3863",
-                "--voter-timeout=8", "--transport=sctp", f"--port={5000 + n}", f"--pe-id={n}", f"--host=host{n}",
-                f"--libvirt-uri=test://{ETC / f'node-host{n}.xml'}", "--lease=30", "--load-interval=2",
-                "--stonith=command", f"--stonith-option=command={sys.executable} -m xenpool.tools.fence_process {{pidfile}}",
-                f"--fence-map={fence_map}", "--shutdown-timeout=2", ready="registered in pool Xen",
-            )  # fmt: skip
+                "xenpool-pe",
+                f"--registrar=sctp:host={IP}:port=3864",
+                f"--voter=sctp:host={IP}:port=3863",
+                "--voter-timeout=8",
+                "--transport=sctp",
+                f"--port={5000 + n}",
+                f"--pe-id={n}",
+                f"--host=host{n}",
+                f"--libvirt-uri=test://{ETC / f'node-host{n}.xml'}",
+                "--lease=30",
+                "--load-interval=2",
+                "--stonith=command",
+                f"--stonith-option=command={sys.executable} -m xenpool.tools.fence_process {{pidfile}}",
+                f"--fence-map={fence_map}",
+                "--shutdown-timeout=2",
+                ready="registered in pool Xen",
+            )
             (WORK / f"pe{n}.pid").write_text(str(pes[n].proc.pid))
-        wait("both xenpool PEs at rspregistrar", lambda: set(pool(3864, b"Xen")) == {1, 2})
-        pu = run([str(Path(sys.executable).with_name("xenpool-pu")), "create", "--server-id=web1", "--ram=100",
-                  f"--registrar=sctp:host={IP}:port=3864", "--heartbeat-interval=0.5", "--heartbeat-timeout=2"])  # fmt: skip
+        wait(
+            "both xenpool PEs at rspregistrar",
+            lambda: set(pool(3864, b"Xen")) == {1, 2},
+        )
+        pu = run(
+            [
+                str(Path(sys.executable).with_name("xenpool-pu")),
+                "create",
+                "--server-id=web1",
+                "--ram=100",
+                f"--registrar=sctp:host={IP}:port=3864",
+                "--heartbeat-interval=0.5",
+                "--heartbeat-timeout=2",
+            ]
+        )
         try:
             pu.wait_for("web1: running", 150)
         except AssertionError:
@@ -211,13 +312,23 @@ def main(wanted: set[int]) -> None:
                 print(f"PE {n} log tail:\n" + pe.drain()[-2500:], flush=True)
             raise
         line = pu.log
-        first = int(re.findall(r"PE 0x([0-9a-f]{8})", line)[-1], 16) if "PE 0x" in line else None
-        holder = first or next(n for n, pe in pes.items() if "started web1" in pe.drain())
+        first = (
+            int(re.findall(r"PE 0x([0-9a-f]{8})", line)[-1], 16)
+            if "PE 0x" in line
+            else None
+        )
+        holder = first or next(
+            n for n, pe in pes.items() if "started web1" in pe.drain()
+        )
         since = pu.mark()
         pes[holder].kill()
         pu.wait_for("web1: running", 120, since=since)
         survivor = pes[3 - holder]
-        wait("web1 restarted on the other PE", lambda: "started web1" in survivor.drain() or "web1" in survivor.drain(), 60)
+        wait(
+            "web1 restarted on the other PE",
+            lambda: "started web1" in survivor.drain() or "web1" in survivor.drain(),
+            60,
+        )
         scenario2.update(pu=pu, pes=pes, holder=holder)
         return f"VM on PE {holder}, then on PE {3 - holder}"
 
@@ -227,38 +338,64 @@ def main(wanted: set[int]) -> None:
     def enrp_between_xenpool_and_rspregistrar():
         # every pool is known at every registrar: EchoPool (rspserver at R1) and Xen (at RR)
         wait("EchoPool at rspregistrar", lambda: pool(3864, b"EchoPool"))
-        wait("EchoPool at the second xenpool registrar", lambda: pool(3865, b"EchoPool"))
-        wait("Xen (registered at rspregistrar) at the xenpool registrar", lambda: pool(3863, b"Xen"))
+        wait(
+            "EchoPool at the second xenpool registrar", lambda: pool(3865, b"EchoPool")
+        )
+        wait(
+            "Xen (registered at rspregistrar) at the xenpool registrar",
+            lambda: pool(3863, b"Xen"),
+        )
         # rspregistrar takes over the PEs of a xenpool registrar that died
         echo = pool(3864, b"EchoPool")
         assert set(echo.values()) == {R1}, echo
         r1.kill()
-        wait("rspregistrar took over R1's EchoPool PE", lambda: set(pool(3864, b"EchoPool").values()) - {R1}, 60)
+        wait(
+            "rspregistrar took over R1's EchoPool PE",
+            lambda: set(pool(3864, b"EchoPool").values()) - {R1},
+            60,
+        )
         taken = pool(3864, b"EchoPool")
         # a xenpool registrar takes over the PEs of rspregistrar when it dies
         xen = pool(3865, b"Xen")
         assert xen and set(xen.values()) == {RR}, xen
         since = r3.mark()
         rr.kill()
-        r3.wait_for(f"took over", 60, since=since)
-        wait("R3 took over rspregistrar's Xen PEs", lambda: set(pool(3865, b"Xen").values()) == {R3}, 60)
+        r3.wait_for("took over", 60, since=since)
+        wait(
+            "R3 took over rspregistrar's Xen PEs",
+            lambda: set(pool(3865, b"Xen").values()) == {R3},
+            60,
+        )
         return f"EchoPool homes after R1 died: {taken}; Xen homes after rspregistrar died: {pool(3865, b'Xen')}"
 
     @scenario(4)
     def xenpool_session_and_enrp_over_sctp():
         # the PE-PU session over SCTP through a xenpool registrar (R3, which learned the PEs by ENRP)
-        pu = run([str(Path(sys.executable).with_name("xenpool-pu")), "create", "--server-id=web2", "--ram=100",
-                  f"--registrar=sctp:host={IP}:port=3865", "--heartbeat-interval=0.5"])  # fmt: skip
+        pu = run(
+            [
+                str(Path(sys.executable).with_name("xenpool-pu")),
+                "create",
+                "--server-id=web2",
+                "--ram=100",
+                f"--registrar=sctp:host={IP}:port=3865",
+                "--heartbeat-interval=0.5",
+            ]
+        )
         pu.wait_for("web2: running", 90)
         since = pu.mark()
-        threading.Event().wait(3)  # heartbeats go on over the session (CheckRunning on PPID XPL1)
+        threading.Event().wait(
+            3
+        )  # heartbeats go on over the session (CheckRunning on PPID XPL1)
         assert "lost" not in pu.drain()[since:], "the session broke"
         return "web2 running over an SCTP session, heartbeats answered"
 
     # 4 runs before 3 (3 kills the registrars) and needs 2's PEs; ``scenarios.py 1 4`` runs some
-    order = [(1, rsplib_server_and_terminal_through_a_xenpool_registrar),
-             (2, xenpool_pes_at_rspregistrar_and_a_pu_failing_over),
-             (4, xenpool_session_and_enrp_over_sctp), (3, enrp_between_xenpool_and_rspregistrar)]  # fmt: skip
+    order = [
+        (1, rsplib_server_and_terminal_through_a_xenpool_registrar),
+        (2, xenpool_pes_at_rspregistrar_and_a_pu_failing_over),
+        (4, xenpool_session_and_enrp_over_sctp),
+        (3, enrp_between_xenpool_and_rspregistrar),
+    ]
     for number, run_scenario in order:
         if number in wanted:
             run_scenario()
@@ -266,14 +403,23 @@ def main(wanted: set[int]) -> None:
         if isinstance(process, Logged):
             for line in process.drain().splitlines():
                 # rspregistrar's multicast announces find no route in the guest: not a refusal
-                if re.search(r"invalid|refus|bad |unable|error while parsing", line, re.I) and "send announce" not in line:
+                if (
+                    re.search(
+                        r"invalid|refus|bad |unable|error while parsing", line, re.I
+                    )
+                    and "send announce" not in line
+                ):
                     print(f"REFUSAL {process.name}: {line.strip()[:200]}", flush=True)
     for process in reversed(started):
         try:
             process.kill()
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
-    print("SCENARIOS " + " ".join(f"{n}={results.get(n, ['NOT RUN'])[0]}" for n in (1, 2, 3, 4)), flush=True)
+    print(
+        "SCENARIOS "
+        + " ".join(f"{n}={results.get(n, ['NOT RUN'])[0]}" for n in (1, 2, 3, 4)),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 clientFromString, so every option that takes ``tcp:`` takes ``sctp:`` too. Nothing is
 imported until an ``sctp:`` string is parsed."""
 
-from twisted.internet.interfaces import IStreamClientEndpointStringParserWithReactor, IStreamServerEndpointStringParser
+from twisted.internet.interfaces import (
+    IStreamClientEndpointStringParserWithReactor,
+    IStreamServerEndpointStringParser,
+)
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 

@@ -45,7 +45,9 @@ def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def get_json(address: str, path: str, timeout: float = 1.0):
-    with urllib.request.urlopen(f"http://{address}:{STATUS}{path}", timeout=timeout) as response:
+    with urllib.request.urlopen(
+        f"http://{address}:{STATUS}{path}", timeout=timeout
+    ) as response:
         return json.load(response)
 
 
@@ -71,7 +73,9 @@ class Node:
     stopped: bool = False  # SIGSTOPped by a fault
     pidfile: Path | None = None
     extra: dict = field(default_factory=dict)
-    command: list[str] | None = None  # a plain program instead of a twistd daemon (the NBD server)
+    command: list[str] | None = (
+        None  # a plain program instead of a twistd daemon (the NBD server)
+    )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -81,11 +85,23 @@ class Node:
             return
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns,
-                 *(self.command or [*TWISTD_ARGV, "-n", "--pidfile=", f"--logfile={self.log}"]), *self.argv],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.netns,
+                    *(
+                        self.command
+                        or [*TWISTD_ARGV, "-n", "--pidfile=", f"--logfile={self.log}"]
+                    ),
+                    *self.argv,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
+            )
         self.stopped = False
         if self.pidfile is not None:  # ip netns exec execs: this pid is twistd's
             self.pidfile.write_text(str(self.proc.pid))
@@ -123,10 +139,20 @@ class Node:
 class TestBed:
     __test__ = False  # not a pytest class
 
-    def __init__(self, workdir: Path, pes: int = 4, vms: int = 8, vm_ram_mb: int = 128,
-                 heartbeat_interval_s: float = 0.5, heartbeat_timeout_s: float = 1.5, lease_s: float = 30.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        workdir: Path,
+        pes: int = 4,
+        vms: int = 8,
+        vm_ram_mb: int = 128,
+        heartbeat_interval_s: float = 0.5,
+        heartbeat_timeout_s: float = 1.5,
+        lease_s: float = 30.0,
+    ) -> None:
         if os.geteuid() != 0:
-            raise PermissionError("the chaos bed needs root (network namespaces, veth, iptables)")
+            raise PermissionError(
+                "the chaos bed needs root (network namespaces, veth, iptables)"
+            )
         self.dir = Path(workdir)
         self.n_pes = pes
         self.vm_names = [f"vm{i}" for i in range(1, vms + 1)]
@@ -174,7 +200,9 @@ class TestBed:
 
     # ------------------------------------------------------------ lifecycle
     def __enter__(self) -> TestBed:
-        self._old_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+        self._old_handlers = {
+            s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)
+        }
         for s in self._old_handlers:
             signal.signal(s, self._terminated)
         try:
@@ -204,7 +232,13 @@ class TestBed:
             rule = ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
             sh("iptables", "-I", *rule)
             self._forward_rule = rule
-        names = ["r1", "r2", *(f"host{i}" for i in range(1, self.n_pes + 1)), "keeper", "san"]
+        names = [
+            "r1",
+            "r2",
+            *(f"host{i}" for i in range(1, self.n_pes + 1)),
+            "keeper",
+            "san",
+        ]
         for i, name in enumerate(names):
             netns = f"xc{self.tag}-{name}"
             sh("ip", "netns", "add", netns)
@@ -215,8 +249,12 @@ class TestBed:
             sh("ip", "link", "set", outside, "master", self.bridge, "up")
             sh("ip", "link", "set", inside, "netns", netns)
             address = f"{self.prefix}{10 + i}"
-            for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "link", "set", inside, "name", "eth0"],
-                        ["ip", "addr", "add", f"{address}/24", "dev", "eth0"], ["ip", "link", "set", "eth0", "up"]):  # fmt: skip
+            for cmd in (
+                ["ip", "link", "set", "lo", "up"],
+                ["ip", "link", "set", inside, "name", "eth0"],
+                ["ip", "addr", "add", f"{address}/24", "dev", "eth0"],
+                ["ip", "link", "set", "eth0", "up"],
+            ):
                 sh("ip", "netns", "exec", netns, *cmd)
             self.nodes[name] = Node(name, netns, address, [], self.dir / f"{name}.log")
 
@@ -225,23 +263,44 @@ class TestBed:
         d.mkdir(parents=True, exist_ok=True)
         (d / "secret").write_text("the chaos bed's pool secret\n")
         san = self.san
-        san.command = [shutil.which("nbdkit") or "nbdkit", "--foreground", "--exit-with-parent", "-i", san.address, "-p", str(NBD)]
+        san.command = [
+            shutil.which("nbdkit") or "nbdkit",
+            "--foreground",
+            "--exit-with-parent",
+            "-i",
+            san.address,
+            "-p",
+            str(NBD),
+        ]
         san.argv = ["memory", "1M"]
-        (d / "vms.conf").write_text("".join(
-            f"[vm {name}]\nram = {self.vm_ram_mb}\nips = 10.0.5.{i}\ndisk = nbd://{san.address}:{NBD}/{name}\n"
-            for i, name in enumerate(self.vm_names, 1)
-        ))  # fmt: skip
-        (d / "fence-map.ini").write_text("".join(f"[{pe.name}]\npidfile = {d / f'{pe.name}.pid'}\n" for pe in self.pes))
+        (d / "vms.conf").write_text(
+            "".join(
+                f"[vm {name}]\nram = {self.vm_ram_mb}\nips = 10.0.5.{i}\ndisk = nbd://{san.address}:{NBD}/{name}\n"
+                for i, name in enumerate(self.vm_names, 1)
+            )
+        )
+        (d / "fence-map.ini").write_text(
+            "".join(
+                f"[{pe.name}]\npidfile = {d / f'{pe.name}.pid'}\n" for pe in self.pes
+            )
+        )
         r = self.registrars
         for i, reg in enumerate(r):
             peers = [f"--peer=tcp:host={other.address}:port={ENRP}" for other in r[:i]]
             reg.argv = [
-                "xenpool-registrar", f"--asap=tcp:{ASAP}:interface={reg.address}", f"--enrp=tcp:{ENRP}:interface={reg.address}",
-                f"--status=tcp:{STATUS}:interface={reg.address}", f"--registrar-id={0x0A0A0A01 + i:#x}",
-                "--peer-heartbeat-interval=0.5", "--peer-timeout=2", "--keep-alive-interval=1", "--keep-alive-timeout=1",
-                f"--state-dir={d / reg.name}", f"--pool-secret=Xen:{d / 'secret'}",
+                "xenpool-registrar",
+                f"--asap=tcp:{ASAP}:interface={reg.address}",
+                f"--enrp=tcp:{ENRP}:interface={reg.address}",
+                f"--status=tcp:{STATUS}:interface={reg.address}",
+                f"--registrar-id={0x0A0A0A01 + i:#x}",
+                "--peer-heartbeat-interval=0.5",
+                "--peer-timeout=2",
+                "--keep-alive-interval=1",
+                "--keep-alive-timeout=1",
+                f"--state-dir={d / reg.name}",
+                f"--pool-secret=Xen:{d / 'secret'}",
                 *peers,
-            ]  # fmt: skip
+            ]
         registrars = [f"--registrar=tcp:host={reg.address}:port={ASAP}" for reg in r]
         fence = f"command={sys.executable} -m xenpool.tools.fence_process {{pidfile}}"
         for n, pe in enumerate(self.pes, 1):
@@ -250,29 +309,53 @@ class TestBed:
             pe.pidfile = d / f"{pe.name}.pid"
             pe.extra["pe_id"] = f"{n:#010x}"
             pe.argv = [
-                "xenpool-pe", *registrars, f"--pe-id={n}", f"--port={PE_PORT}", f"--bind={pe.address}",
-                f"--address={pe.address}", f"--host={pe.name}", f"--libvirt-uri=test://{node_xml}",
-                f"--status=tcp:{STATUS}:interface={pe.address}", f"--pool-secret-file={d / 'secret'}",
-                "--stonith=command", f"--stonith-option={fence}", f"--fence-map={d / 'fence-map.ini'}",
-                "--load-interval=1", f"--lease={self.lease_s}", "--shutdown-timeout=2", f"--logfile={self.pe_log(pe.name)}",
-            ]  # fmt: skip
+                "xenpool-pe",
+                *registrars,
+                f"--pe-id={n}",
+                f"--port={PE_PORT}",
+                f"--bind={pe.address}",
+                f"--address={pe.address}",
+                f"--host={pe.name}",
+                f"--libvirt-uri=test://{node_xml}",
+                f"--status=tcp:{STATUS}:interface={pe.address}",
+                f"--pool-secret-file={d / 'secret'}",
+                "--stonith=command",
+                f"--stonith-option={fence}",
+                f"--fence-map={d / 'fence-map.ini'}",
+                "--load-interval=1",
+                f"--lease={self.lease_s}",
+                "--shutdown-timeout=2",
+                f"--logfile={self.pe_log(pe.name)}",
+            ]
         k = self.keeper
         k.argv = [
-            "xenpool-pu", f"--keep={d / 'vms.conf'}", *(f"--registrar={reg.address}:{ASAP}" for reg in r),
-            f"--state-dir={self.state_dir}", f"--status=tcp:{STATUS}:interface={k.address}",
-            f"--heartbeat-interval={self.heartbeat[0]}", f"--heartbeat-timeout={self.heartbeat[1]}",
-        ]  # fmt: skip  (no JSON log: a keeper retrying without back-off writes 100 MB a minute)
+            "xenpool-pu",
+            f"--keep={d / 'vms.conf'}",
+            *(f"--registrar={reg.address}:{ASAP}" for reg in r),
+            f"--state-dir={self.state_dir}",
+            f"--status=tcp:{STATUS}:interface={k.address}",
+            f"--heartbeat-interval={self.heartbeat[0]}",
+            f"--heartbeat-timeout={self.heartbeat[1]}",
+        ]  # (no JSON log: a keeper retrying without back-off writes 100 MB a minute)
 
     def wait_up(self, node: Node, timeout: float = 30.0) -> None:
         """Until the daemon answers on its status port (a PE: and is registered; the NBD
         server: accepts connections)."""
         if node.command is not None:
             return self._wait_listening(node, NBD, timeout)
-        path = "/handlespace" if node.name.startswith("r") else "/vms" if node.name == "keeper" else "/status"
+        path = (
+            "/handlespace"
+            if node.name.startswith("r")
+            else "/vms"
+            if node.name == "keeper"
+            else "/status"
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not node.alive():
-                raise RuntimeError(f"{node.name} exited ({node.proc.returncode}); log:\n{self.tail(node)}")
+                raise RuntimeError(
+                    f"{node.name} exited ({node.proc.returncode}); log:\n{self.tail(node)}"
+                )
             try:
                 answer = node.status(path)
                 if path != "/status" or answer.get("registered"):
@@ -280,19 +363,25 @@ class TestBed:
             except OSError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"{node.name} not up within {timeout:.0f} s; log:\n{self.tail(node)}")
+        raise RuntimeError(
+            f"{node.name} not up within {timeout:.0f} s; log:\n{self.tail(node)}"
+        )
 
     def _wait_listening(self, node: Node, port: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not node.alive():
-                raise RuntimeError(f"{node.name} exited ({node.proc.returncode}); log:\n{self.tail(node)}")
+                raise RuntimeError(
+                    f"{node.name} exited ({node.proc.returncode}); log:\n{self.tail(node)}"
+                )
             try:
                 socket.create_connection((node.address, port), timeout=0.5).close()
                 return
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError(f"{node.name} not listening on {port} within {timeout:.0f} s; log:\n{self.tail(node)}")
+        raise RuntimeError(
+            f"{node.name} not listening on {port} within {timeout:.0f} s; log:\n{self.tail(node)}"
+        )
 
     def tail(self, node: Node, lines: int = 30) -> str:
         try:
@@ -360,9 +449,33 @@ class TestBed:
         (``in``: what it receives from them, ``out``: what it sends them)."""
         for other in sources:
             if direction in ("both", "in"):
-                sh("ip", "netns", "exec", node.netns, "iptables", "-A", "INPUT", "-s", other.address, "-j", "DROP")
+                sh(
+                    "ip",
+                    "netns",
+                    "exec",
+                    node.netns,
+                    "iptables",
+                    "-A",
+                    "INPUT",
+                    "-s",
+                    other.address,
+                    "-j",
+                    "DROP",
+                )
             if direction in ("both", "out"):
-                sh("ip", "netns", "exec", node.netns, "iptables", "-A", "OUTPUT", "-d", other.address, "-j", "DROP")
+                sh(
+                    "ip",
+                    "netns",
+                    "exec",
+                    node.netns,
+                    "iptables",
+                    "-A",
+                    "OUTPUT",
+                    "-d",
+                    other.address,
+                    "-j",
+                    "DROP",
+                )
 
     def teardown(self) -> None:
         for node in self.nodes.values():

@@ -15,8 +15,8 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .bed import ASAP, ENRP, PE_PORT, STATUS, Node, TestBed
 
@@ -27,7 +27,9 @@ class Fault:
     rng: random.Random
     hold_s: float
     where: Callable[[], dict[str, list[str]]]  # VM -> hosts, the monitor's latest view
-    round_after: Callable[[float], object]  # the monitor's first round after a monotonic time
+    round_after: Callable[
+        [float], object
+    ]  # the monitor's first round after a monotonic time
     violations: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -222,21 +224,31 @@ def garbage_payloads(rng: random.Random) -> list[bytes]:
     """Random bytes and truncated or lying frames of every framing xenpool speaks."""
     return [
         rng.randbytes(rng.randint(1, 4096)),
-        bytes([rng.choice([1, 3, 5, 0x0b, 0x0c]), 0]) + struct.pack("!H", 512) + rng.randbytes(10),  # ASAP/ENRP, truncated
-        bytes([0x01, 0]) + struct.pack("!H", 0xFFFF) + rng.randbytes(100),  # claims 64 KB
+        bytes([rng.choice([1, 3, 5, 0x0B, 0x0C]), 0])
+        + struct.pack("!H", 512)
+        + rng.randbytes(10),  # ASAP/ENRP, truncated
+        bytes([0x01, 0])
+        + struct.pack("!H", 0xFFFF)
+        + rng.randbytes(100),  # claims 64 KB
         bytes([0x07, 0]) + struct.pack("!H", 2),  # length below the header
-        struct.pack("!II", 11, 1 << 30) + rng.randbytes(50),  # session shim: a 1 GB frame
+        struct.pack("!II", 11, 1 << 30)
+        + rng.randbytes(50),  # session shim: a 1 GB frame
         struct.pack("!II", 12, 40) + rng.randbytes(20),  # session shim, truncated
         struct.pack("!II", rng.randrange(2**32), 8) + rng.randbytes(8),  # unknown PPID
         b"GET /" + rng.randbytes(64) + b" HTTP/1.1\r\n",  # a torn HTTP request
-        b"POST /status HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n" + rng.randbytes(100),
+        b"POST /status HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n"
+        + rng.randbytes(100),
     ]
 
 
 def _targets(bed: TestBed) -> list[tuple[str, str, int]]:
     out = []
     for r in bed.registrars:
-        out += [(r.name, r.address, ASAP), (r.name, r.address, ENRP), (r.name, r.address, STATUS)]
+        out += [
+            (r.name, r.address, ASAP),
+            (r.name, r.address, ENRP),
+            (r.name, r.address, STATUS),
+        ]
     for pe in bed.pes:
         out += [(pe.name, pe.address, PE_PORT), (pe.name, pe.address, STATUS)]
     out.append(("keeper", bed.keeper.address, STATUS))
@@ -264,7 +276,11 @@ def garbage(f: Fault) -> Heal:
                             held.append(s)  # left half-open until the heal
                         else:
                             if f.rng.random() < 0.3:  # abort: RST instead of FIN
-                                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                                s.setsockopt(
+                                    socket.SOL_SOCKET,
+                                    socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0),
+                                )
                             s.close()
                     except OSError:
                         pass
@@ -281,7 +297,9 @@ def garbage(f: Fault) -> Heal:
             for name, known in rnd.registrars.items():
                 if known is not None and not pe_ids <= known and registrations[0] < 5:
                     registrations[0] += 1
-                    f.violations.append(f"garbage: registrar {name} lost PEs {sorted(pe_ids - known)}")
+                    f.violations.append(
+                        f"garbage: registrar {name} lost PEs {sorted(pe_ids - known)}"
+                    )
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -295,11 +313,15 @@ def garbage(f: Fault) -> Heal:
         f.notes.append(f"{sent[0]} garbage messages")
         for node in bed.daemons:
             if not node.alive():
-                f.violations.append(f"garbage: {node.name} died ({node.proc.returncode})")
+                f.violations.append(
+                    f"garbage: {node.name} died ({node.proc.returncode})"
+                )
         after = f.where()
         for vm, hosts in before.items():
             if after.get(vm) != hosts:
-                f.violations.append(f"garbage: {vm} moved from {hosts} to {after.get(vm)}")
+                f.violations.append(
+                    f"garbage: {vm} moved from {hosts} to {after.get(vm)}"
+                )
 
     return heal
 

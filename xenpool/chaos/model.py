@@ -38,28 +38,37 @@ from pathlib import Path
 
 # Each kind: (min, max) seconds the fault is held before it is healed.
 KINDS: dict[str, tuple[float, float]] = {
-    "pe-kill": (0.5, 3.0),            # kill -9 of a PE, restarted on its host at heal
-    "pe-stop": (2.0, 4.0),            # SIGSTOP beyond the heartbeat timeout, then SIGCONT
+    "pe-kill": (0.5, 3.0),  # kill -9 of a PE, restarted on its host at heal
+    "pe-stop": (2.0, 4.0),  # SIGSTOP beyond the heartbeat timeout, then SIGCONT
     "pe-stop-fence-fails": (2.0, 5.0),  # the same, and every fence of it fails
-    "part-keeper": (2.0, 5.0),        # PE cut from the keeper only
-    "part-keeper-pes": (2.0, 5.0),    # PE cut from the keeper and the other PEs
-    "part-registrars": (2.0, 5.0),    # PE cut from the registrars only
-    "part-all": (2.0, 5.0),           # PE cut from everyone (not from the controller)
-    "part-asym": (2.0, 5.0),          # PE hears no one, but its packets still go out
-    "registrar-kill": (1.0, 4.0),     # kill -9 of a registrar, restarted at heal
-    "keeper-kill": (0.5, 3.0),        # kill -9 of the keeper, restarted at heal
-    "keeper-kill-placement": (0.5, 2.0),  # kill -9 of the keeper during a first placement
-    "keeper-kill-pe-kill": (1.0, 4.0),  # kill -9 of a PE, then of the keeper (restarted at once)
-    "double": (2.0, 4.0),             # kill -9 of one PE, SIGSTOP of another 0.7 s later
-    "corrupt-state": (0.2, 1.0),      # a keeper cookie file overwritten with garbage
-    "garbage": (1.0, 3.0),            # random bytes and truncated frames on every port
-    "nbd-away": (2.0, 5.0),           # the NBD server of the VMs' disks gone while a PE dies
+    "part-keeper": (2.0, 5.0),  # PE cut from the keeper only
+    "part-keeper-pes": (2.0, 5.0),  # PE cut from the keeper and the other PEs
+    "part-registrars": (2.0, 5.0),  # PE cut from the registrars only
+    "part-all": (2.0, 5.0),  # PE cut from everyone (not from the controller)
+    "part-asym": (2.0, 5.0),  # PE hears no one, but its packets still go out
+    "registrar-kill": (1.0, 4.0),  # kill -9 of a registrar, restarted at heal
+    "keeper-kill": (0.5, 3.0),  # kill -9 of the keeper, restarted at heal
+    "keeper-kill-placement": (
+        0.5,
+        2.0,
+    ),  # kill -9 of the keeper during a first placement
+    "keeper-kill-pe-kill": (
+        1.0,
+        4.0,
+    ),  # kill -9 of a PE, then of the keeper (restarted at once)
+    "double": (2.0, 4.0),  # kill -9 of one PE, SIGSTOP of another 0.7 s later
+    "corrupt-state": (0.2, 1.0),  # a keeper cookie file overwritten with garbage
+    "garbage": (1.0, 3.0),  # random bytes and truncated frames on every port
+    "nbd-away": (2.0, 5.0),  # the NBD server of the VMs' disks gone while a PE dies
 }
 
 # Not in the default campaign: faults that break xenpool on purpose, to show that the
 # checker sees what it must (tests/test_chaos.py runs it).
 SELFTEST_KINDS: dict[str, tuple[float, float]] = {
-    "selftest-broken-fence": (6.0, 8.0),  # a PE stopped, its fence "succeeds" without killing it: held long
+    "selftest-broken-fence": (
+        6.0,
+        8.0,
+    ),  # a PE stopped, its fence "succeeds" without killing it: held long
     # enough for the failover (lease, the stopped host asked, the fence) and then several polls
 }
 
@@ -80,13 +89,17 @@ def schedule(seed: int, kinds: list[str], trials: int) -> list[Trial]:
     known = {**KINDS, **SELFTEST_KINDS}
     unknown = [k for k in kinds if k not in known]
     if unknown:
-        raise ValueError(f"unknown fault kind {unknown[0]!r}; known: {', '.join(known)}")
+        raise ValueError(
+            f"unknown fault kind {unknown[0]!r}; known: {', '.join(known)}"
+        )
     rng = random.Random(seed)
     plan = []
     for kind in kinds:
         lo, hi = known[kind]
         for index in range(trials):
-            plan.append(Trial(kind, index, rng.randrange(2**32), round(rng.uniform(lo, hi), 3)))
+            plan.append(
+                Trial(kind, index, rng.randrange(2**32), round(rng.uniform(lo, hi), 3))
+            )
     rng.shuffle(plan)
     return plan
 
@@ -110,15 +123,21 @@ class Round:
     t: float
     hosts: dict[str, HostView]  # host name -> view
     keeper: list[dict] | None  # keeper /vms, None: no answer
-    registrars: dict[str, set[str] | None]  # registrar -> PE identifiers, None: no answer
+    registrars: dict[
+        str, set[str] | None
+    ]  # registrar -> PE identifiers, None: no answer
 
 
 @dataclass
 class Checker:
     vms: list[str]
     double_rounds: int = 2
-    last: dict[str, set[str]] = field(default_factory=dict)  # host -> last reported domains
-    process: dict[str, int] = field(default_factory=dict)  # host -> the PE process that reported them
+    last: dict[str, set[str]] = field(
+        default_factory=dict
+    )  # host -> last reported domains
+    process: dict[str, int] = field(
+        default_factory=dict
+    )  # host -> the PE process that reported them
     _double_seen: dict[str, int] = field(default_factory=dict)
     _double_flagged: set[tuple[str, frozenset]] = field(default_factory=set)
 
@@ -148,7 +167,10 @@ class Checker:
                 continue
             self._double_seen[vm] = self._double_seen.get(vm, 0) + 1
             key = (vm, frozenset(hosts))
-            if self._double_seen[vm] >= self.double_rounds and key not in self._double_flagged:
+            if (
+                self._double_seen[vm] >= self.double_rounds
+                and key not in self._double_flagged
+            ):
                 self._double_flagged.add(key)
                 found.append(f"double start: {vm} runs on {', '.join(sorted(hosts))}")
         return found
@@ -165,26 +187,38 @@ class Checker:
         problems = []
         where = self.where(rnd)
         host_pe = {host: v.pe_id for host, v in rnd.hosts.items()}
-        keeper = {vm["server_id"]: vm for vm in rnd.keeper} if rnd.keeper is not None else None
+        keeper = (
+            {vm["server_id"]: vm for vm in rnd.keeper}
+            if rnd.keeper is not None
+            else None
+        )
         if keeper is None:
             problems.append("keeper does not answer")
         for vm in self.vms:
             hosts = where.get(vm, [])
             if len(hosts) != 1:
-                problems.append(f"{vm} runs on {len(hosts)} hosts ({', '.join(sorted(hosts)) or 'none'})")
+                problems.append(
+                    f"{vm} runs on {len(hosts)} hosts ({', '.join(sorted(hosts)) or 'none'})"
+                )
                 continue
             if keeper is not None:
                 k = keeper.get(vm)
                 if k is None or k.get("state") != "running":
-                    problems.append(f"{vm}: keeper state {k.get('state') if k else 'missing'}")
+                    problems.append(
+                        f"{vm}: keeper state {k.get('state') if k else 'missing'}"
+                    )
                 elif k.get("pe") != host_pe[hosts[0]]:
-                    problems.append(f"{vm}: keeper heartbeats PE {k.get('pe')} but it runs on {hosts[0]}")
+                    problems.append(
+                        f"{vm}: keeper heartbeats PE {k.get('pe')} but it runs on {hosts[0]}"
+                    )
         live = {v.pe_id for v in rnd.hosts.values() if v.alive}
         for name, pes in sorted(rnd.registrars.items()):
             if pes is None:
                 problems.append(f"registrar {name} does not answer")
             elif pes != live:
-                problems.append(f"registrar {name} knows PEs {sorted(pes)}, running are {sorted(live)}")
+                problems.append(
+                    f"registrar {name} knows PEs {sorted(pes)}, running are {sorted(live)}"
+                )
         return problems
 
 
@@ -192,7 +226,9 @@ class Checker:
 
 _STARTED = re.compile(r"^started (\S+) \(")
 _REFUSED = re.compile(r"^refused (\S*): ")
-_FENCE_OPERATION = re.compile(r"^fencing (\S+): asking ")  # one per real fence operation
+_FENCE_OPERATION = re.compile(
+    r"^fencing (\S+): asking "
+)  # one per real fence operation
 
 
 @dataclass(frozen=True)
@@ -210,7 +246,7 @@ def parse_line(host: str, event: dict) -> LogEvent | None:
         from twisted.logger import formatEvent
 
         text = formatEvent(event)
-    except Exception:  # noqa: BLE001 - a torn line of a killed PE
+    except Exception:
         return None
     t = float(event.get("log_time", 0.0))
     if m := _STARTED.match(text):
@@ -222,10 +258,14 @@ def parse_line(host: str, event: dict) -> LogEvent | None:
     return None
 
 
-UNNAMED = "(no ServerID)"  # a refusal before the PE knew which VM: a bad cookie, garbage
+UNNAMED = (
+    "(no ServerID)"  # a refusal before the PE knew which VM: a bad cookie, garbage
+)
 
 
-def log_events(host: str, path: Path, since: float = 0.0, until: float = float("inf")) -> list[LogEvent]:
+def log_events(
+    host: str, path: Path, since: float = 0.0, until: float = float("inf")
+) -> list[LogEvent]:
     return LogReader(host, path).read(since, until)
 
 
@@ -243,15 +283,25 @@ class LogReader:
                 data = f.read()
         except FileNotFoundError:
             return []
-        end = data.rfind(b"\n") + 1  # a line still being written waits for the next read
+        end = (
+            data.rfind(b"\n") + 1
+        )  # a line still being written waits for the next read
         self.offset += end
-        return self._parse(data[:end].decode(errors="replace").splitlines(), since, until)
+        return self._parse(
+            data[:end].decode(errors="replace").splitlines(), since, until
+        )
 
     def _parse(self, lines: list[str], since: float, until: float) -> list[LogEvent]:
         events = []
         for line in lines:
-            line = line.strip().lstrip("\x1e")  # jsonFileLogObserver separates records with RS
-            if not line or ('"started ' not in line and '"refused ' not in line and "fenc" not in line.lower()):
+            line = line.strip().lstrip(
+                "\x1e"
+            )  # jsonFileLogObserver separates records with RS
+            if not line or (
+                '"started ' not in line
+                and '"refused ' not in line
+                and "fenc" not in line.lower()
+            ):
                 continue  # most lines are neither: skip the JSON decoding
             try:
                 event = json.loads(line)
@@ -263,8 +313,14 @@ class LogReader:
         return events
 
 
-def check_attempts(events: list[LogEvent], backoff_s: float = 0.5, tolerance: float = 0.5,
-                   fence_window_s: float = 1.0, fence_tolerance: int = 0, unnamed: bool = True) -> list[str]:  # fmt: skip
+def check_attempts(
+    events: list[LogEvent],
+    backoff_s: float = 0.5,
+    tolerance: float = 0.5,
+    fence_window_s: float = 1.0,
+    fence_tolerance: int = 0,
+    unnamed: bool = True,
+) -> list[str]:
     """Invariant (c) on the start and fence attempts of the PEs' logs. Refusals that name
     no VM (a cookie the PE could not read) count as attempts of one VM ``UNNAMED`` unless
     ``unnamed`` is false (the garbage kind sends such requests itself)."""
@@ -274,7 +330,9 @@ def check_attempts(events: list[LogEvent], backoff_s: float = 0.5, tolerance: fl
     for e in events:
         if e.what == "start" and (unnamed or e.vm != UNNAMED):
             starts.setdefault((e.vm, e.pe), []).append(e.t)
-    hot: dict[str, dict[str, int]] = {}  # VM -> PE -> attempts too close to the one before
+    hot: dict[
+        str, dict[str, int]
+    ] = {}  # VM -> PE -> attempts too close to the one before
     for (vm, pe), times in sorted(starts.items()):
         times.sort()
         close = sum(1 for a, b in zip(times, times[1:]) if b - a < gap)
@@ -282,16 +340,25 @@ def check_attempts(events: list[LogEvent], backoff_s: float = 0.5, tolerance: fl
             hot.setdefault(vm, {})[pe] = close
     for vm, pes in hot.items():
         on = ", ".join(f"{pe} {n}" for pe, n in pes.items())
-        found.append(f"start attempts: {vm}: {sum(pes.values())} less than {gap:.2f} s after the one before on the same PE ({on})")
-    per_pe: dict[tuple[str, str], list[float]] = {}  # (PE, target host) -> fence operations
+        found.append(
+            f"start attempts: {vm}: {sum(pes.values())} less than {gap:.2f} s after the one before on the same PE ({on})"
+        )
+    per_pe: dict[
+        tuple[str, str], list[float]
+    ] = {}  # (PE, target host) -> fence operations
     for e in events:
         if e.what == "fence":
             per_pe.setdefault((e.pe, e.target), []).append(e.t)
     for (pe, target), times in sorted(per_pe.items()):
         operations = sorted(times)
-        worst = max(sum(1 for u in operations if t <= u < t + fence_window_s) for t in operations)
+        worst = max(
+            sum(1 for u in operations if t <= u < t + fence_window_s)
+            for t in operations
+        )
         if worst > 1 + fence_tolerance:
-            found.append(f"fence attempts: {pe} fenced {target} {worst} times within {fence_window_s:.1f} s")
+            found.append(
+                f"fence attempts: {pe} fenced {target} {worst} times within {fence_window_s:.1f} s"
+            )
     return found
 
 
@@ -303,18 +370,26 @@ class Report:
     kinds: dict[str, dict] = field(default_factory=dict)
     violations: list[dict] = field(default_factory=list)
 
-    def add_trial(self, trial: Trial, recovery_s: float | None, violations: list[str]) -> None:
-        entry = self.kinds.setdefault(trial.kind, {"trials": 0, "violations": 0, "recovery_s": []})
+    def add_trial(
+        self, trial: Trial, recovery_s: float | None, violations: list[str]
+    ) -> None:
+        entry = self.kinds.setdefault(
+            trial.kind, {"trials": 0, "violations": 0, "recovery_s": []}
+        )
         entry["trials"] += 1
         entry["violations"] += len(violations)
         if recovery_s is not None:
             entry["recovery_s"].append(round(recovery_s, 3))
         for what in violations:
-            self.violations.append({"kind": trial.kind, "seed": trial.seed, "what": what})
+            self.violations.append(
+                {"kind": trial.kind, "seed": trial.seed, "what": what}
+            )
 
     def add_violation(self, trial: Trial, what: str) -> None:
         """A violation found after ``trial`` was recorded (it left the bed broken)."""
-        self.kinds.setdefault(trial.kind, {"trials": 0, "violations": 0, "recovery_s": []})["violations"] += 1
+        self.kinds.setdefault(
+            trial.kind, {"trials": 0, "violations": 0, "recovery_s": []}
+        )["violations"] += 1
         self.violations.append({"kind": trial.kind, "seed": trial.seed, "what": what})
 
     @property
@@ -322,19 +397,36 @@ class Report:
         return sum(k["trials"] for k in self.kinds.values())
 
     def as_json(self) -> dict:
-        return {"trials": self.trials, "kinds": self.kinds, "violations": self.violations}
+        return {
+            "trials": self.trials,
+            "kinds": self.kinds,
+            "violations": self.violations,
+        }
 
     def table(self):
         from rich.table import Table
 
-        table = Table(title=f"xenpool chaos: {self.trials} trials, {len(self.violations)} violations")
-        for column in ("kind", "trials", "violations", "recovered", "recovery median", "recovery max"):
+        table = Table(
+            title=f"xenpool chaos: {self.trials} trials, {len(self.violations)} violations"
+        )
+        for column in (
+            "kind",
+            "trials",
+            "violations",
+            "recovered",
+            "recovery median",
+            "recovery max",
+        ):
             table.add_column(column, justify="left" if column == "kind" else "right")
         for kind, k in self.kinds.items():
             rec = k["recovery_s"]
             style = "red" if k["violations"] else "green"
             table.add_row(
-                kind, str(k["trials"]), f"[{style}]{k['violations']}[/{style}]", f"{len(rec)}/{k['trials']}",
-                f"{statistics.median(rec):.2f} s" if rec else "-", f"{max(rec):.2f} s" if rec else "-",
-            )  # fmt: skip
+                kind,
+                str(k["trials"]),
+                f"[{style}]{k['violations']}[/{style}]",
+                f"{len(rec)}/{k['trials']}",
+                f"{statistics.median(rec):.2f} s" if rec else "-",
+                f"{max(rec):.2f} s" if rec else "-",
+            )
         return table

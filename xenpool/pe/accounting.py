@@ -14,12 +14,20 @@ from ..interfaces import LoadSample, NodeInfo
 @dataclass(frozen=True)
 class LoadSettings:
     sample_interval_s: float = 30.0  # the prototype's loadUpdateIntervall
-    smoothing: float = 3.0  # the prototype's loadUpdateFaktor: new = (sample + k * old) / (k + 1)
-    raise_on_refusal: bool = True  # report load 1 after a refusal for lack of RAM, until the next update
-    overhead_mb: float = 12.0  # hypervisor overhead: overhead_mb + overhead_kb_per_mb per MB of RAM
+    smoothing: float = (
+        3.0  # the prototype's loadUpdateFaktor: new = (sample + k * old) / (k + 1)
+    )
+    raise_on_refusal: bool = (
+        True  # report load 1 after a refusal for lack of RAM, until the next update
+    )
+    overhead_mb: float = (
+        12.0  # hypervisor overhead: overhead_mb + overhead_kb_per_mb per MB of RAM
+    )
     overhead_kb_per_mb: float = 7.0
     host_reserve_mb: float = 0.0  # RAM the host keeps for itself (Domain-0)
-    window_samples: int = 10  # measurements in a VM's unsmoothed window share (rebalancing)
+    window_samples: int = (
+        10  # measurements in a VM's unsmoothed window share (rebalancing)
+    )
     # Instead of smoothing: a VM's load is its mean share over the last this many seconds
     # of samples (0: smoothing). A long window sees a steady VM's demand exactly, where
     # smoothing starts from the RAM-share estimate and forgets it slowly.
@@ -52,7 +60,9 @@ class HostAccounting:
     @property
     def overhead_kb(self) -> int:
         ram_mb = self.node.ram_kb / 1024
-        return round(self.settings.overhead_mb * 1024 + self.settings.overhead_kb_per_mb * ram_mb)
+        return round(
+            self.settings.overhead_mb * 1024 + self.settings.overhead_kb_per_mb * ram_mb
+        )
 
     @property
     def used_kb(self) -> int:
@@ -85,7 +95,9 @@ class HostAccounting:
         k = self.settings.smoothing
         return (sample + k * old) / (k + 1)
 
-    def sample_vm(self, name: str, cpu_ns: int, now: float, wait_ns: int | None = None) -> None:
+    def sample_vm(
+        self, name: str, cpu_ns: int, now: float, wait_ns: int | None = None
+    ) -> None:
         """A VM's cumulative CPU time (and, with ``count_cpu_wait``, its cumulative time
         waiting for a core): its share is the delta over the elapsed time and all CPUs,
         smoothed."""
@@ -94,8 +106,14 @@ class HostAccounting:
             return
         if self.settings.count_cpu_wait and wait_ns is not None:
             cpu_ns += wait_ns
-        if vm.last_cpu_ns is not None and vm.last_sample_at is not None and now > vm.last_sample_at:
-            share = (cpu_ns - vm.last_cpu_ns) / ((now - vm.last_sample_at) * 1e9 * self.node.cpus)
+        if (
+            vm.last_cpu_ns is not None
+            and vm.last_sample_at is not None
+            and now > vm.last_sample_at
+        ):
+            share = (cpu_ns - vm.last_cpu_ns) / (
+                (now - vm.last_sample_at) * 1e9 * self.node.cpus
+            )
             vm.cpu_share = self._smooth(vm.cpu_share, min(max(share, 0.0), 1.0))
             vm.samples += 1
         vm.last_cpu_ns, vm.last_sample_at = cpu_ns, now
@@ -109,7 +127,9 @@ class HostAccounting:
         if window and vm.samples:
             vm.cpu_share = self._share_between(vm.history[-inside], vm.history[-1])
 
-    def _share_between(self, first: tuple[float, int], last: tuple[float, int]) -> float:
+    def _share_between(
+        self, first: tuple[float, int], last: tuple[float, int]
+    ) -> float:
         (t0, ns0), (t1, ns1) = first, last
         return min(max((ns1 - ns0) / ((t1 - t0) * 1e9 * self.node.cpus), 0.0), 1.0)
 
@@ -119,16 +139,28 @@ class HostAccounting:
         vm = self.vms.get(name)
         if vm is None or len(vm.history) < 2:
             return None
-        return self._share_between(vm.history[-(self.settings.window_samples + 1) :][0], vm.history[-1])
+        return self._share_between(
+            vm.history[-(self.settings.window_samples + 1) :][0], vm.history[-1]
+        )
 
     def sample_host(self, share: float) -> None:
         """The host's own CPU share (what is not a guest), smoothed."""
-        self.host_cpu_share = self._smooth(self.host_cpu_share, min(max(share, 0.0), 1.0))
+        self.host_cpu_share = self._smooth(
+            self.host_cpu_share, min(max(share, 0.0), 1.0)
+        )
 
     def sample(self) -> LoadSample:
-        used = self.overhead_kb + round(self.settings.host_reserve_mb * 1024) + self.used_kb
+        used = (
+            self.overhead_kb
+            + round(self.settings.host_reserve_mb * 1024)
+            + self.used_kb
+        )
         vm_cpu = {name: vm.cpu_share for name, vm in self.vms.items()}
-        return LoadSample(cpu=self.host_cpu_share + sum(vm_cpu.values()), ram=used / self.node.ram_kb, vm_cpu=vm_cpu)
+        return LoadSample(
+            cpu=self.host_cpu_share + sum(vm_cpu.values()),
+            ram=used / self.node.ram_kb,
+            vm_cpu=vm_cpu,
+        )
 
     def load(self, metric) -> float:
         """The load to report: 1 while raised after a refusal, else the metric's value."""
@@ -145,7 +177,7 @@ class HostCpu:
     """The host's own CPU share (what its guests do not use) from /proc/stat deltas:
     busy / total over the interval, minus the guests' shares."""
 
-    def __init__(self, read=lambda: open("/proc/stat").readline()) -> None:  # noqa: SIM115 - one line
+    def __init__(self, read=lambda: open("/proc/stat").readline()) -> None:
         self.read = read
         self.last: tuple[int, int] | None = None
 

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import socket
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-# The libvirt domain states (virDomainState) live with IHypervisor; named here too, for
-# the PE's users and tests.
-from ..interfaces import NOSTATE, RUNNING, BLOCKED, PAUSED, SHUTDOWN, SHUTOFF, CRASHED, PMSUSPENDED  # noqa: F401
-from ..interfaces import NORMAL_STATES, DomainSpec
+from ..interfaces import (
+    NORMAL_STATES,
+    NOSTATE,
+    RUNNING,
+    SHUTOFF,
+    DomainSpec,
+)
 from ..logs import hex_id
 from ..protocol import cookie as C
 from ..protocol import messages as M
@@ -34,7 +38,6 @@ from .moves import Rebalancing
 from .sessions import Session, VmSession
 
 log = Logger()
-
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,9 @@ class Fencer(Protocol):
 
 
 class ClaimAsker(Protocol):
-    def ask(self, query: S.ClaimQuery, also: frozenset[int] = frozenset()) -> defer.Deferred:
+    def ask(
+        self, query: S.ClaimQuery, also: frozenset[int] = frozenset()
+    ) -> defer.Deferred:
         """The ClaimAnswers of every other PE of the pool that answered in time, and of
         the PEs ``also`` names that the pool no longer lists but whose address is known;
         PEs that cannot be reached (dead, or being fenced) are left out."""
@@ -76,36 +81,63 @@ def _path_cut(refusal: tuple, lost: S.Holder | None) -> tuple:
     """A refusal because the host the PU lost runs the VM and answered this PE: the PU's
     own path to that host is cut, not the host dead; say so."""
     refusal = Refusal(*refusal)
-    if lost is not None and refusal.holder is not None and refusal.holder.host == lost.host:
-        return refusal._replace(reason=f"{refusal.reason}; it answers this PE, so only the PU's path to it is cut")
+    if (
+        lost is not None
+        and refusal.holder is not None
+        and refusal.holder.host == lost.host
+    ):
+        return refusal._replace(
+            reason=f"{refusal.reason}; it answers this PE, so only the PU's path to it is cut"
+        )
     return refusal
 
 
-def _same_vm(held: "VmSession", asked: S.CreateServer) -> bool:
+def _same_vm(held: VmSession, asked: S.CreateServer) -> bool:
     """A request for the very VM this PE started (not a domain merely found running:
     that one only a cookie takes back)."""
     request = held.request
-    return not held.discovered and (request.server_id, request.disk, request.ips) == (asked.server_id, asked.disk, asked.ips)
+    return not held.discovered and (request.server_id, request.disk, request.ips) == (
+        asked.server_id,
+        asked.disk,
+        asked.ips,
+    )
 
 
 class PoolElementCore(Rebalancing):
-    def __init__(self, settings: PeSettings, hypervisor, accounting: HostAccounting, metric, clock,
-                 disk_xml: Callable[[str], object] | None = None,
-                 load_changed: Callable[[], None] = lambda: None, fencer: Fencer | None = None,
-                 claims: "ClaimAsker | None" = None,
-                 disk_release: Callable[[str], object] | None = None, leases: VmLeases | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        settings: PeSettings,
+        hypervisor,
+        accounting: HostAccounting,
+        metric,
+        clock,
+        disk_xml: Callable[[str], object] | None = None,
+        load_changed: Callable[[], None] = lambda: None,
+        fencer: Fencer | None = None,
+        claims: ClaimAsker | None = None,
+        disk_release: Callable[[str], object] | None = None,
+        leases: VmLeases | None = None,
+    ) -> None:
         self.settings = settings
         # Who may start a VM: a lease from a majority of the voters (none: every lease
         # is granted, and only the claim query stands between two starts).
-        self.leases = leases or VmLeases([], LeaseSettings(settings.pool_handle, settings.pe_identifier, settings.host), clock)
+        self.leases = leases or VmLeases(
+            [],
+            LeaseSettings(settings.pool_handle, settings.pe_identifier, settings.host),
+            clock,
+        )
         self.hypervisor = hypervisor
         self.accounting = accounting
         self.metric = metric
         self.clock = clock
         # disk spec -> Deferred[disk XML], checking reachability (storage plugins)
         self.disk_xml = disk_xml or (lambda spec: defer.succeed(""))
-        self.disk_release = disk_release or (lambda spec: defer.succeed(None))  # after the VM stopped
-        self.host_cpu = None  # an accounting.HostCpu where the hypervisor runs on this machine
+        self.disk_release = disk_release or (
+            lambda spec: defer.succeed(None)
+        )  # after the VM stopped
+        self.host_cpu = (
+            None  # an accounting.HostCpu where the hypervisor runs on this machine
+        )
         self.load_changed = load_changed
         self.fencer = fencer
         self.claims = claims
@@ -116,8 +148,12 @@ class PoolElementCore(Rebalancing):
         self.domain_states: dict[str, int] = {}
         self.events_live = False
         self.sessions: dict[Session, VmSession] = {}
-        self.gone: weakref.WeakSet = weakref.WeakSet()  # sessions lost while they held no VM
-        self.orphans: dict[str, VmSession] = {}  # VMs whose PU is gone, within their lease
+        self.gone: weakref.WeakSet = (
+            weakref.WeakSet()
+        )  # sessions lost while they held no VM
+        self.orphans: dict[
+            str, VmSession
+        ] = {}  # VMs whose PU is gone, within their lease
         self.refusals: dict[int, int] = {}
 
     # ------------------------------------------------------------ messages
@@ -128,7 +164,9 @@ class PoolElementCore(Rebalancing):
             return defer.Deferred.fromCoroutine(self._create(message, session))
         if isinstance(message, S.CheckRunning):
             if self.events_live:
-                self._answer_heartbeat(message, session, self.domain_states.get(message.server_id, SHUTOFF))
+                self._answer_heartbeat(
+                    message, session, self.domain_states.get(message.server_id, SHUTOFF)
+                )
                 return defer.succeed(None)
             return defer.Deferred.fromCoroutine(self._check_running(message, session))
         if isinstance(message, S.StopServer):
@@ -145,40 +183,80 @@ class PoolElementCore(Rebalancing):
             return defer.succeed(None)
         if isinstance(message, S.MoveRequest):
             return defer.Deferred.fromCoroutine(self._answer_move(message, session))
-        self._answer_failure(session, "", S.ResultCode.INVALID_REQUEST, f"{type(message).__name__} is not a request a PE takes")
+        self._answer_failure(
+            session,
+            "",
+            S.ResultCode.INVALID_REQUEST,
+            f"{type(message).__name__} is not a request a PE takes",
+        )
         return defer.succeed(None)
 
     def refuse(self, err: ProtocolError, session: Session) -> None:
         """A malformed request: answer create_failed naming the field, end the session."""
         self._answer_failure(session, "", S.ResultCode.INVALID_REQUEST, str(err))
 
-    def _cookie(self, vm: VmSession, cpu_cores: float = 0.0, runs_on: tuple[int, str] | None = None) -> M.Cookie:
+    def _cookie(
+        self,
+        vm: VmSession,
+        cpu_cores: float = 0.0,
+        runs_on: tuple[int, str] | None = None,
+    ) -> M.Cookie:
         """``runs_on``: (PE identifier, host) of the PE that now runs it, after a live
         migration; the PU takes the cookie there to re-adopt it."""
         r = vm.request
-        pe_identifier, host = runs_on or (self.settings.pe_identifier, self.settings.host)
+        pe_identifier, host = runs_on or (
+            self.settings.pe_identifier,
+            self.settings.host,
+        )
         state = C.SessionState(
-            self.settings.pool_handle, r.server_id, r.disk, r.ips, r.ram_mb, r.vcpus, vm.running,
-            host, pe_identifier, self.clock.seconds(), cpu_cores,
-        )  # fmt: skip
+            self.settings.pool_handle,
+            r.server_id,
+            r.disk,
+            r.ips,
+            r.ram_mb,
+            r.vcpus,
+            vm.running,
+            host,
+            pe_identifier,
+            self.clock.seconds(),
+            cpu_cores,
+        )
         return M.Cookie(C.seal(state, self.settings.secret))
 
-    def _refuse_start(self, session: Session, request: S.CreateServer, refusal: tuple) -> None:
+    def _refuse_start(
+        self, session: Session, request: S.CreateServer, refusal: tuple
+    ) -> None:
         """A refused start; where another host runs the VM (or holds its lease), the PU
         first gets a cookie naming that host, so it goes there next: a keeper whose own
         cookie was lost (a corrupt state file) finds its VM again instead of giving up."""
         refusal = Refusal(*refusal)
         if refusal.holder is not None and refusal.holder.host != self.settings.host:
             state = C.SessionState(
-                self.settings.pool_handle, request.server_id, request.disk, request.ips, request.ram_mb, request.vcpus,
-                True, refusal.holder.host, refusal.holder.pe_identifier, self.clock.seconds(), 0.0,
-            )  # fmt: skip
+                self.settings.pool_handle,
+                request.server_id,
+                request.disk,
+                request.ips,
+                request.ram_mb,
+                request.vcpus,
+                True,
+                refusal.holder.host,
+                refusal.holder.pe_identifier,
+                self.clock.seconds(),
+                0.0,
+            )
             session.send(M.Cookie(C.seal(state, self.settings.secret)))
         self._answer_failure(session, request.server_id, refusal.code, refusal.reason)
 
-    def _answer_failure(self, session: Session, server_id: str, code: int, reason: str) -> None:
+    def _answer_failure(
+        self, session: Session, server_id: str, code: int, reason: str
+    ) -> None:
         self.refusals[code] = self.refusals.get(code, 0) + 1
-        log.info("refused {server}: {code} {reason}", server=server_id, code=int(code), reason=reason)
+        log.info(
+            "refused {server}: {code} {reason}",
+            server=server_id,
+            code=int(code),
+            reason=reason,
+        )
         session.send(S.CreateResult(server_id, code, self.accounting.free_kb, reason))
         session.close()
 
@@ -191,7 +269,9 @@ class PoolElementCore(Rebalancing):
         for request in self.starting.values():
             yield request, True
 
-    def conflict_with(self, server_id: str, disk: str, ips: tuple[str, ...]) -> tuple[str, bool] | None:
+    def conflict_with(
+        self, server_id: str, disk: str, ips: tuple[str, ...]
+    ) -> tuple[str, bool] | None:
         """What this PE holds of a ServerID, disk or IP: (description, only starting?)."""
         for held, starting in self._held():
             if held.server_id == server_id:
@@ -206,9 +286,13 @@ class PoolElementCore(Rebalancing):
     def answer_claim(self, query: S.ClaimQuery) -> S.ClaimAnswer:
         found = self.conflict_with(query.server_id, query.disk, query.ips)
         conflict, starting = found if found else ("", False)
-        return S.ClaimAnswer(self.settings.pe_identifier, self.settings.host, conflict, starting)
+        return S.ClaimAnswer(
+            self.settings.pe_identifier, self.settings.host, conflict, starting
+        )
 
-    async def _claim(self, request: S.CreateServer, may_run_on: S.Holder | None = None) -> tuple[int, str] | None:
+    async def _claim(
+        self, request: S.CreateServer, may_run_on: S.Holder | None = None
+    ) -> tuple[int, str] | None:
         """Make sure this PE alone may start ``request``, whatever the PU claims: the
         voters' lease (exactly one of two concurrent starters gets it), then every host
         that may still run it (the lease's previous holders, ``may_run_on`` from the
@@ -217,13 +301,19 @@ class PoolElementCore(Rebalancing):
         held here (in ``starting``, and the lease renewed) until the start ends."""
         local = self.conflict_with(request.server_id, request.disk, request.ips)
         if local is not None:
-            return S.ResultCode.ALREADY_RUNNING, f"{local[0]} on this PE ({self.settings.host})"
+            return (
+                S.ResultCode.ALREADY_RUNNING,
+                f"{local[0]} on this PE ({self.settings.host})",
+            )
         self.starting[request.server_id] = request
         try:
             refusal = await self._claim_lease(request, may_run_on)
-        except Exception as err:  # noqa: BLE001 - a claim that broke is no claim
+        except Exception as err:
             log.failure("claiming {server}", server=request.server_id)
-            refusal = S.ResultCode.UNSPECIFIED, f"claiming {request.server_id} failed: {err}"
+            refusal = (
+                S.ResultCode.UNSPECIFIED,
+                f"claiming {request.server_id} failed: {err}",
+            )
         if refusal is not None:
             if self.starting.get(request.server_id) is request:
                 del self.starting[request.server_id]
@@ -234,9 +324,13 @@ class PoolElementCore(Rebalancing):
         """A start that did not happen gives its lease back (unless the VM runs here)."""
         name = request.server_id
         if self._session_of(name) is None and name not in self.orphans:
-            self.leases.release(request).addErrback(lambda f: log.failure("releasing the lease of {server}", f, server=name))
+            self.leases.release(request).addErrback(
+                lambda f: log.failure("releasing the lease of {server}", f, server=name)
+            )
 
-    async def _claim_lease(self, request: S.CreateServer, may_run_on: S.Holder | None) -> tuple[int, str] | None:
+    async def _claim_lease(
+        self, request: S.CreateServer, may_run_on: S.Holder | None
+    ) -> tuple[int, str] | None:
         me = self.settings.host
         fenced: set[str] = set()
         cleared: set[S.Holder] = set()  # took over its live lease: asked again below
@@ -244,7 +338,10 @@ class PoolElementCore(Rebalancing):
         if not outcome.granted:
             blocker = outcome.blocker
             if blocker is None:
-                return S.ResultCode.UNSPECIFIED, f"no lease on {request.server_id}: {outcome.reason}"
+                return (
+                    S.ResultCode.UNSPECIFIED,
+                    f"no lease on {request.server_id}: {outcome.reason}",
+                )
             # Ask the holder itself: one that runs or starts it wins; one that answers
             # without it holds a stale lease (it restarted, or its release was lost).
             found = await self._ask_pool(request, {blocker})
@@ -259,13 +356,28 @@ class PoolElementCore(Rebalancing):
                     return refusal
                 fenced.add(blocker.host)
             else:
-                return Refusal(S.ResultCode.ALREADY_RUNNING, f"no lease on {request.server_id}: {outcome.reason}, "
-                                                             f"and {blocker.host} does not answer", blocker)  # fmt: skip
+                return Refusal(
+                    S.ResultCode.ALREADY_RUNNING,
+                    f"no lease on {request.server_id}: {outcome.reason}, "
+                    f"and {blocker.host} does not answer",
+                    blocker,
+                )
             outcome = await self.leases.acquire(request, cleared=blocker.host)
             if not outcome.granted:
-                return S.ResultCode.ALREADY_RUNNING, f"no lease on {request.server_id} after clearing {blocker.host}: {outcome.reason}"
-        suspects = {h for h in outcome.previous | cleared if h.host != me and h.host not in fenced}
-        if may_run_on is not None and may_run_on.host != me and may_run_on.host not in fenced:
+                return (
+                    S.ResultCode.ALREADY_RUNNING,
+                    f"no lease on {request.server_id} after clearing {blocker.host}: {outcome.reason}",
+                )
+        suspects = {
+            h
+            for h in outcome.previous | cleared
+            if h.host != me and h.host not in fenced
+        }
+        if (
+            may_run_on is not None
+            and may_run_on.host != me
+            and may_run_on.host not in fenced
+        ):
             suspects.add(may_run_on)
         found = await self._ask_pool(request, suspects)
         if isinstance(found, tuple):
@@ -280,50 +392,87 @@ class PoolElementCore(Rebalancing):
         if self.leases.enabled:
             confirmed: LeaseOutcome = await self.leases.confirm(request)
             if not confirmed.granted:
-                return S.ResultCode.ALREADY_RUNNING, f"lost the lease on {request.server_id} while fencing: {confirmed.reason}"
+                return (
+                    S.ResultCode.ALREADY_RUNNING,
+                    f"lost the lease on {request.server_id} while fencing: {confirmed.reason}",
+                )
         self.leases.hold(request)
         return None
 
-    async def _ask_pool(self, request: S.CreateServer, suspects: set[S.Holder]) -> set[str] | tuple[int, str]:
+    async def _ask_pool(
+        self, request: S.CreateServer, suspects: set[S.Holder]
+    ) -> set[str] | tuple[int, str]:
         """Ask every PE of the pool, and the suspects directly, whether it runs or starts
         ``request``: a refusal when one does, else the hosts that answered (proof that
         they do not run it)."""
         if self.claims is None:
             return set()
-        query = S.ClaimQuery(self.settings.pe_identifier, request.server_id, request.disk, request.ips)
+        query = S.ClaimQuery(
+            self.settings.pe_identifier, request.server_id, request.disk, request.ips
+        )
         try:
-            answers = await self.claims.ask(query, also=frozenset(h.pe_identifier for h in suspects))
-        except Exception as err:  # noqa: BLE001 - without the pool's answer, no start
-            return S.ResultCode.UNSPECIFIED, f"cannot ask the pool whether it runs already: {err}"
+            answers = await self.claims.ask(
+                query, also=frozenset(h.pe_identifier for h in suspects)
+            )
+        except Exception as err:
+            return (
+                S.ResultCode.UNSPECIFIED,
+                f"cannot ask the pool whether it runs already: {err}",
+            )
         for answer in answers:
             if answer.conflict:
                 # Also a PE only starting it: exactly one of two holds the lease, and the
                 # other gives way (never "the lower identifier wins" on answers a slow
                 # fence can outdate).
                 state = "is starting it" if answer.pending else "holds it"
-                holder = None if answer.pending else S.Holder(answer.pe_identifier, answer.host)
-                return Refusal(S.ResultCode.ALREADY_RUNNING,
-                               f"{answer.conflict} on {answer.host} (PE {hex_id(answer.pe_identifier)}, which {state})", holder)
+                holder = (
+                    None
+                    if answer.pending
+                    else S.Holder(answer.pe_identifier, answer.host)
+                )
+                return Refusal(
+                    S.ResultCode.ALREADY_RUNNING,
+                    f"{answer.conflict} on {answer.host} (PE {hex_id(answer.pe_identifier)}, which {state})",
+                    holder,
+                )
         return {answer.host for answer in answers}
 
     async def _fence(self, target: S.Holder, server_id: str) -> tuple[int, str] | None:
         host = target.host
         if self.fencer is None:
-            return S.ResultCode.FENCE_FAILED, f"{server_id} may still run on {host} and no fencing is configured"
+            return (
+                S.ResultCode.FENCE_FAILED,
+                f"{server_id} may still run on {host} and no fencing is configured",
+            )
         try:
             await self.fencer.fence(host, target.pe_identifier)
-        except Exception as err:  # noqa: BLE001 - no start after a failed fence, ever
-            log.critical("FENCING {host} FAILED, {server} NOT STARTED: {err}", host=host, server=server_id, err=str(err))
+        except Exception as err:
+            log.critical(
+                "FENCING {host} FAILED, {server} NOT STARTED: {err}",
+                host=host,
+                server=server_id,
+                err=str(err),
+            )
             return S.ResultCode.FENCE_FAILED, f"fencing {host} failed: {err}"
         log.warn("fenced {host} before starting {server}", host=host, server=server_id)
         return None
 
     # ------------------------------------------------------------ starting
 
-    async def _create(self, request: S.CreateServer, session: Session, claimed: bool = False,
-                      cpu_cores: float = 0.0) -> None:  # fmt: skip
+    async def _create(
+        self,
+        request: S.CreateServer,
+        session: Session,
+        claimed: bool = False,
+        cpu_cores: float = 0.0,
+    ) -> None:
         if session in self.sessions:
-            return self._answer_failure(session, request.server_id, S.ResultCode.INVALID_REQUEST, "this session already has a VM")
+            return self._answer_failure(
+                session,
+                request.server_id,
+                S.ResultCode.INVALID_REQUEST,
+                "this session already has a VM",
+            )
         orphan = self.orphans.get(request.server_id)
         if not claimed and orphan is not None and _same_vm(orphan, request):
             # Its keeper is back without a cookie (it lost its state): the VM kept
@@ -336,7 +485,10 @@ class PoolElementCore(Rebalancing):
         if session in self.gone:
             # The PU went away while the claim ran (a fence can take seconds): a VM started
             # now would belong to a dead session, neither kept for a keeper nor re-adoptable.
-            log.info("{server} not started: its PU went away meanwhile", server=request.server_id)
+            log.info(
+                "{server} not started: its PU went away meanwhile",
+                server=request.server_id,
+            )
             self.starting.pop(request.server_id, None)
             self._release_lease_unless_here(request)
             return None
@@ -346,7 +498,9 @@ class PoolElementCore(Rebalancing):
             self.starting.pop(request.server_id, None)
             self._release_lease_unless_here(request)
 
-    async def _start(self, request: S.CreateServer, session: Session, cpu_cores: float = 0.0) -> None:
+    async def _start(
+        self, request: S.CreateServer, session: Session, cpu_cores: float = 0.0
+    ) -> None:
         vm = VmSession(request)
         self.sessions[session] = vm
         session.send(self._cookie(vm))  # running=false: a failover now fences no one
@@ -355,26 +509,43 @@ class PoolElementCore(Rebalancing):
             self.accounting.refused_for_ram()
             self.load_changed()
             return self._answer_failure(
-                session, request.server_id, S.ResultCode.NO_RAM,
+                session,
+                request.server_id,
+                S.ResultCode.NO_RAM,
                 f"needs {request.ram_mb * 1024} KB, {self.accounting.free_kb} KB free",
-            )  # fmt: skip
-        self.accounting.reserve(request.server_id, request.ram_mb, cpu_cores / self.accounting.node.cpus)
+            )
+        self.accounting.reserve(
+            request.server_id, request.ram_mb, cpu_cores / self.accounting.node.cpus
+        )
         try:
             disk_xml = await self.disk_xml(request.disk)
-        except Exception as err:  # noqa: BLE001 - any storage failure is the disk's
+        except Exception as err:
             self._forget(session)
-            return self._answer_failure(session, request.server_id, S.ResultCode.DISK_UNREACHABLE, str(err))
+            return self._answer_failure(
+                session, request.server_id, S.ResultCode.DISK_UNREACHABLE, str(err)
+            )
         if self.sessions.get(session) is not vm:
             # Its PU went away while the disk was checked: the session ended with nothing
             # started (its RAM and lease are given back), so nothing may start now, or the
             # VM would run here untracked, held by no session and no lease.
-            log.info("{server} not started: its PU went away meanwhile", server=request.server_id)
+            log.info(
+                "{server} not started: its PU went away meanwhile",
+                server=request.server_id,
+            )
             return None
         vm.running = True
         session.send(self._cookie(vm))
         try:
-            await self.hypervisor.start(DomainSpec(request.server_id, request.ram_mb, request.vcpus, disk_xml, request.ips))
-        except Exception as err:  # noqa: BLE001 - report the hypervisor's reason
+            await self.hypervisor.start(
+                DomainSpec(
+                    request.server_id,
+                    request.ram_mb,
+                    request.vcpus,
+                    disk_xml,
+                    request.ips,
+                )
+            )
+        except Exception as err:
             vm.running = False
             if self.orphans.get(request.server_id) is vm:  # its PU went away meanwhile
                 del self.orphans[request.server_id]
@@ -382,37 +553,74 @@ class PoolElementCore(Rebalancing):
                     vm.lease_end.cancel()
                 self._release(vm)
             self._forget(session)
-            return self._answer_failure(session, request.server_id, S.ResultCode.UNSPECIFIED, f"start failed: {err}")
-        log.info("started {server} ({ram} MB) for a PU", server=request.server_id, ram=request.ram_mb)
+            return self._answer_failure(
+                session,
+                request.server_id,
+                S.ResultCode.UNSPECIFIED,
+                f"start failed: {err}",
+            )
+        log.info(
+            "started {server} ({ram} MB) for a PU",
+            server=request.server_id,
+            ram=request.ram_mb,
+        )
         self.domain_states[request.server_id] = RUNNING
         self.load_changed()
-        session.send(S.CreateResult(request.server_id, S.ResultCode.STARTED, self.accounting.free_kb, f"started on {self.settings.host}"))
+        session.send(
+            S.CreateResult(
+                request.server_id,
+                S.ResultCode.STARTED,
+                self.accounting.free_kb,
+                f"started on {self.settings.host}",
+            )
+        )
 
     async def _cookie_echo(self, echo: M.CookieEcho, session: Session) -> None:
         try:
             state = C.unseal(
-                echo.cookie, self.settings.secret, pool_handle=self.settings.pool_handle,
-                now=self.clock.seconds(), max_age_s=self.settings.cookie_max_age_s,
-            )  # fmt: skip
+                echo.cookie,
+                self.settings.secret,
+                pool_handle=self.settings.pool_handle,
+                now=self.clock.seconds(),
+                max_age_s=self.settings.cookie_max_age_s,
+            )
         except C.CookieError as err:
-            return self._answer_failure(session, "", S.ResultCode.COOKIE_REJECTED, err.reason)
+            return self._answer_failure(
+                session, "", S.ResultCode.COOKIE_REJECTED, err.reason
+            )
         orphan = self.orphans.get(state.server_id)
-        request = S.CreateServer(state.server_id, state.disk, state.ips, state.ram_mb, state.vcpus)
+        request = S.CreateServer(
+            state.server_id, state.disk, state.ips, state.ram_mb, state.vcpus
+        )
         mine = state.pe_identifier == self.settings.pe_identifier
-        if orphan is None and mine and state.running and self.conflict_with(state.server_id, "", ()) is None:
+        if (
+            orphan is None
+            and mine
+            and state.running
+            and self.conflict_with(state.server_id, "", ()) is None
+        ):
             orphan = await self._take_if_running(state.server_id)
         if orphan is not None and mine:
-            orphan.request, orphan.discovered = request, False  # the cookie knows its disk and IPs
+            orphan.request, orphan.discovered = (
+                request,
+                False,
+            )  # the cookie knows its disk and IPs
             return self._adopt(orphan, session)
         # The lease first, then the pool: a PE that answers holding the VM (the cookie's
         # own host included) is alive and runs it, so this is a stale or replayed cookie,
         # and no one is fenced. Only a host that cannot answer is fenced.
-        old_host = S.Holder(state.pe_identifier, state.host) if state.running and not mine else None
+        old_host = (
+            S.Holder(state.pe_identifier, state.host)
+            if state.running and not mine
+            else None
+        )
         refusal = await self._claim(request, may_run_on=old_host)
         if refusal is not None:
             return self._refuse_start(session, request, refusal)
         try:
-            await self._create(request, session, claimed=True, cpu_cores=state.cpu_cores)
+            await self._create(
+                request, session, claimed=True, cpu_cores=state.cpu_cores
+            )
         finally:
             self.starting.pop(request.server_id, None)
 
@@ -422,8 +630,12 @@ class PoolElementCore(Rebalancing):
         way). Held as an orphan when the hypervisor runs it; None when it does not."""
         try:
             domains = await self.hypervisor.domains()
-        except Exception as err:  # noqa: BLE001 - then it is started here as any other
-            log.warn("cannot list the domains to look for {server}: {err}", server=name, err=str(err))
+        except Exception as err:
+            log.warn(
+                "cannot list the domains to look for {server}: {err}",
+                server=name,
+                err=str(err),
+            )
             return None
         if name in domains:
             self.found_running({name: domains[name]})
@@ -442,7 +654,14 @@ class PoolElementCore(Rebalancing):
         self.domain_states.setdefault(vm.request.server_id, RUNNING)
         log.info("{server} re-adopted by its keeper", server=vm.request.server_id)
         session.send(self._cookie(vm))
-        session.send(S.CreateResult(vm.request.server_id, S.ResultCode.STARTED, self.accounting.free_kb, "re-adopted, kept running"))
+        session.send(
+            S.CreateResult(
+                vm.request.server_id,
+                S.ResultCode.STARTED,
+                self.accounting.free_kb,
+                "re-adopted, kept running",
+            )
+        )
 
     async def _check_running(self, message: S.CheckRunning, session: Session) -> None:
         vm = self.sessions.get(session)
@@ -451,11 +670,13 @@ class PoolElementCore(Rebalancing):
             return
         try:
             state = await self.hypervisor.state(message.server_id)
-        except Exception:  # noqa: BLE001 - gone from the hypervisor
+        except Exception:
             state = SHUTOFF
         self._answer_heartbeat(message, session, state)
 
-    def repeatable_heartbeat_state(self, session: Session, server_id: str) -> int | None:
+    def repeatable_heartbeat_state(
+        self, session: Session, server_id: str
+    ) -> int | None:
         """The state a heartbeat for ``server_id`` in ``session`` is answered with when that
         answer changes nothing here (events flow, it is the session's VM, in a normal state,
         not migrating); None otherwise."""
@@ -467,20 +688,28 @@ class PoolElementCore(Rebalancing):
         state = self.domain_states.get(server_id, SHUTOFF)
         return state if state in NORMAL_STATES else None
 
-    def _answer_heartbeat(self, message: S.CheckRunning, session: Session, state: int) -> None:
+    def _answer_heartbeat(
+        self, message: S.CheckRunning, session: Session, state: int
+    ) -> None:
         vm = self.sessions.get(session)
         if vm is None or vm.request.server_id != message.server_id:
             session.send(S.CheckRunningResponse(message.server_id, NOSTATE))
             return
         if vm.migrating:
-            state = RUNNING  # a live migration keeps it running; here it ends "shut off"
+            state = (
+                RUNNING  # a live migration keeps it running; here it ends "shut off"
+            )
         session.send(S.CheckRunningResponse(message.server_id, state))
         if state not in NORMAL_STATES:
             self._lost_domain(session, vm, state)
 
     def _lost_domain(self, session: Session | None, vm: VmSession, state: int) -> None:
         """The VM stopped or crashed by itself: its session ends (the PU decides what next)."""
-        log.warn("{server} is in state {state}: ending its session", server=vm.request.server_id, state=state)
+        log.warn(
+            "{server} is in state {state}: ending its session",
+            server=vm.request.server_id,
+            state=state,
+        )
         vm.running = False
         if session is None:
             self.orphans.pop(vm.request.server_id, None)
@@ -496,11 +725,19 @@ class PoolElementCore(Rebalancing):
         next heartbeat, and the PU hears of it straight away."""
         self.domain_states[name] = state
         if state in NORMAL_STATES:
-            if state == RUNNING and self._session_of(name) is None and name not in self.orphans:
+            if (
+                state == RUNNING
+                and self._session_of(name) is None
+                and name not in self.orphans
+            ):
                 self._arrived(name)
             return
         for session, vm in list(self.sessions.items()):
-            if vm.request.server_id == name and vm.running and not (vm.stopping or vm.migrating):
+            if (
+                vm.request.server_id == name
+                and vm.running
+                and not (vm.stopping or vm.migrating)
+            ):
                 session.send(S.CheckRunningResponse(name, state))
                 self._lost_domain(session, vm, state)
         orphan = self.orphans.get(name)
@@ -518,15 +755,28 @@ class PoolElementCore(Rebalancing):
                 log.info("{server} arrived here (live migration)", server=name)
                 self.found_running({name: domains[name]})
 
-        self.hypervisor.domains().addCallbacks(found, lambda f: log.failure("listing domains after {server} arrived", f, server=name))
+        self.hypervisor.domains().addCallbacks(
+            found,
+            lambda f: log.failure(
+                "listing domains after {server} arrived", f, server=name
+            ),
+        )
 
     async def _stop(self, message: S.StopServer, session: Session) -> None:
         vm = self.sessions.get(session)
         if vm is None or vm.request.server_id != message.server_id:
-            session.send(S.StopResult(message.server_id, S.ResultCode.INVALID_REQUEST, "no such VM in this session"))
+            session.send(
+                S.StopResult(
+                    message.server_id,
+                    S.ResultCode.INVALID_REQUEST,
+                    "no such VM in this session",
+                )
+            )
             return
         await self._shut_down(session, vm)
-        session.send(S.StopResult(message.server_id, S.ResultCode.NORMAL_END, "shut down"))
+        session.send(
+            S.StopResult(message.server_id, S.ResultCode.NORMAL_END, "shut down")
+        )
         session.close()
 
     # ------------------------------------------------------------ session end
@@ -536,14 +786,20 @@ class PoolElementCore(Rebalancing):
         then is shut down gracefully and destroyed if it does not stop in time."""
         vm = self.sessions.get(session)
         if vm is None:
-            self.gone.add(session)  # a start or re-adoption still on its way must not use it
+            self.gone.add(
+                session
+            )  # a start or re-adoption still on its way must not use it
             return defer.succeed(None)
         if not vm.running or self.settings.lease_s <= 0:
             return defer.Deferred.fromCoroutine(self._shut_down(session, vm))
         del self.sessions[session]
         self.orphans[vm.request.server_id] = vm
         vm.lease_end = self.clock.callLater(self.settings.lease_s, self._lease_over, vm)
-        log.info("{server}: its PU is gone; kept for {lease} s", server=vm.request.server_id, lease=self.settings.lease_s)
+        log.info(
+            "{server}: its PU is gone; kept for {lease} s",
+            server=vm.request.server_id,
+            lease=self.settings.lease_s,
+        )
         return defer.succeed(None)
 
     def found_running(self, domains: dict[str, tuple[int, int]]) -> None:
@@ -551,16 +807,29 @@ class PoolElementCore(Rebalancing):
         VMs were not) are kept like VMs whose PU is gone: their RAM counts, their names
         are taken, and a keeper echoing their cookie re-adopts them within the lease."""
         for name, (state, ram_kb) in domains.items():
-            if name in self.orphans or self._session_of(name) is not None or state not in NORMAL_STATES:
+            if (
+                name in self.orphans
+                or self._session_of(name) is not None
+                or state not in NORMAL_STATES
+            ):
                 continue
-            vm = VmSession(S.CreateServer(name, "", (), max(1, ram_kb // 1024)), running=True, discovered=True)
+            vm = VmSession(
+                S.CreateServer(name, "", (), max(1, ram_kb // 1024)),
+                running=True,
+                discovered=True,
+            )
             self.accounting.reserve(name, vm.request.ram_mb)
             self.orphans[name] = vm
             self.leases.hold(vm.request)
             self.domain_states[name] = state
-            vm.lease_end = self.clock.callLater(max(self.settings.lease_s, 0), self._lease_over, vm)
-            log.info("{server} was running here already; kept for its keeper for {lease} s", server=name,
-                     lease=self.settings.lease_s)  # fmt: skip
+            vm.lease_end = self.clock.callLater(
+                max(self.settings.lease_s, 0), self._lease_over, vm
+            )
+            log.info(
+                "{server} was running here already; kept for its keeper for {lease} s",
+                server=name,
+                lease=self.settings.lease_s,
+            )
         if domains:
             self.load_changed()
 
@@ -568,8 +837,12 @@ class PoolElementCore(Rebalancing):
         if self.orphans.pop(vm.request.server_id, None) is None:
             return
         vm.lease_end = None
-        log.info("{server}: lease over, no keeper came back", server=vm.request.server_id)
-        defer.Deferred.fromCoroutine(self._shut_down(None, vm)).addErrback(lambda f: log.failure("ending a lease", f))
+        log.info(
+            "{server}: lease over, no keeper came back", server=vm.request.server_id
+        )
+        defer.Deferred.fromCoroutine(self._shut_down(None, vm)).addErrback(
+            lambda f: log.failure("ending a lease", f)
+        )
 
     async def _shut_down(self, session: Session | None, vm: VmSession) -> None:
         name = vm.request.server_id
@@ -577,21 +850,33 @@ class PoolElementCore(Rebalancing):
         if vm.running:
             try:
                 await self.hypervisor.shutdown(name, self.settings.shutdown_timeout_s)
-            except Exception as err:  # noqa: BLE001
-                log.warn("shutting down {server} failed: {err}; destroying it", server=name, err=str(err))
+            except Exception as err:
+                log.warn(
+                    "shutting down {server} failed: {err}; destroying it",
+                    server=name,
+                    err=str(err),
+                )
                 try:
                     await self.hypervisor.destroy(name)
-                except Exception as err2:  # noqa: BLE001
-                    log.error("destroying {server} failed: {err}", server=name, err=str(err2))
+                except Exception as err2:
+                    log.error(
+                        "destroying {server} failed: {err}", server=name, err=str(err2)
+                    )
             vm.running = False
         if session is not None:
             self.sessions.pop(session, None)
         self._release(vm)
         try:
             await self.disk_release(vm.request.disk)
-        except Exception as err:  # noqa: BLE001 - the VM is stopped; the disk stays attached
-            log.warn("releasing the disk of {server} failed: {err}", server=name, err=str(err))
-        log.info("{server} stopped, {ram} MB returned", server=name, ram=vm.request.ram_mb)
+        except Exception as err:
+            log.warn(
+                "releasing the disk of {server} failed: {err}",
+                server=name,
+                err=str(err),
+            )
+        log.info(
+            "{server} stopped, {ram} MB returned", server=name, ram=vm.request.ram_mb
+        )
 
     def _forget(self, session: Session) -> None:
         vm = self.sessions.pop(session, None)
@@ -621,12 +906,16 @@ class PoolElementCore(Rebalancing):
                     name = vm.request.server_id
                     try:
                         cpu_ns = await self.hypervisor.cpu_time_ns(name)
-                        wait_ns = await self.hypervisor.cpu_wait_ns(name) if waits else None
+                        wait_ns = (
+                            await self.hypervisor.cpu_wait_ns(name) if waits else None
+                        )
                         self.accounting.sample_vm(name, cpu_ns, now, wait_ns)
-                    except Exception:  # noqa: BLE001 - it may have just stopped
+                    except Exception:
                         pass
         if self.host_cpu is not None:
-            share = self.host_cpu.share(sum(vm.cpu_share for vm in self.accounting.vms.values()))
+            share = self.host_cpu.share(
+                sum(vm.cpu_share for vm in self.accounting.vms.values())
+            )
             if share is not None:
                 self.accounting.sample_host(share)
 
@@ -634,17 +923,36 @@ class PoolElementCore(Rebalancing):
         return self.accounting.load(self.metric)
 
     def _session_of(self, server_id: str):
-        return next((session for session, vm in self.sessions.items() if vm.request.server_id == server_id), None)
+        return next(
+            (
+                session
+                for session, vm in self.sessions.items()
+                if vm.request.server_id == server_id
+            ),
+            None,
+        )
 
-    def registration(self, policy, policy_arguments: list[str], transport, life_ms: int) -> M.Registration:
+    def registration(
+        self, policy, policy_arguments: list[str], transport, life_ms: int
+    ) -> M.Registration:
         """The REGISTRATION carrying this PE's current load (and its proof of the pool secret)."""
         if getattr(policy, "wants_free_ram", False):
-            parameter = policy.make_parameter(self.load(), policy_arguments, free_ram_mb=self.accounting.free_kb // 1024)
+            parameter = policy.make_parameter(
+                self.load(),
+                policy_arguments,
+                free_ram_mb=self.accounting.free_kb // 1024,
+            )
         else:
             parameter = policy.make_parameter(self.load(), policy_arguments)
-        element = P.PoolElement(self.settings.pe_identifier, 0, life_ms, transport, parameter)
+        element = P.PoolElement(
+            self.settings.pe_identifier, 0, life_ms, transport, parameter
+        )
         secret = self.settings.secret
-        mac = P.registration_mac(secret, self.settings.pool_handle, element) if secret else None
+        mac = (
+            P.registration_mac(secret, self.settings.pool_handle, element)
+            if secret
+            else None
+        )
         return M.Registration(self.settings.pool_handle, element, mac)
 
     def describe(self) -> dict:
@@ -658,11 +966,17 @@ class PoolElementCore(Rebalancing):
             "ram": round(sample.ram, 4),
             "free_ram_kb": self.accounting.free_kb,
             "vms": [
-                {"server_id": vm.request.server_id, "ram_mb": vm.request.ram_mb, "running": vm.running,
-                 "cpu_share": round(sample.vm_cpu.get(vm.request.server_id, 0.0), 4)}
+                {
+                    "server_id": vm.request.server_id,
+                    "ram_mb": vm.request.ram_mb,
+                    "running": vm.running,
+                    "cpu_share": round(sample.vm_cpu.get(vm.request.server_id, 0.0), 4),
+                }
                 for vm in (*self.sessions.values(), *self.orphans.values())
-            ],  # fmt: skip
+            ],
             "orphans": sorted(self.orphans),
             "sessions": len(self.sessions),
-            "refusals": {S.ResultCode(code).name.lower(): n for code, n in self.refusals.items()},
+            "refusals": {
+                S.ResultCode(code).name.lower(): n for code, n in self.refusals.items()
+            },
         }

@@ -12,7 +12,8 @@ stopped (``disk_release_function``).
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from twisted.internet import defer
 from zope.interface import implementer
@@ -20,7 +21,13 @@ from zope.interface import implementer
 from ..interfaces import Disk, DiskSpecError, IStorage
 
 __all__ = [
-    "NO_DISK", "NoStorage", "disk_release_function", "disk_xml_function", "scheme_of", "storage_for", "supported_schemes",
+    "NO_DISK",
+    "NoStorage",
+    "disk_release_function",
+    "disk_xml_function",
+    "scheme_of",
+    "storage_for",
+    "supported_schemes",
 ]
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
@@ -35,7 +42,9 @@ def scheme_of(spec: str) -> str | None:
         return "path"
     m = _SCHEME.match(spec)
     if m is None:
-        raise DiskSpecError(f"disk spec {spec!r} is neither an absolute path nor SCHEME:...")
+        raise DiskSpecError(
+            f"disk spec {spec!r} is neither an absolute path nor SCHEME:..."
+        )
     return m.group(1).lower()
 
 
@@ -48,7 +57,9 @@ class NoStorage:
 
     def parse(self, spec: str) -> Disk:
         if spec != "":
-            raise DiskSpecError(f"the no-disk storage takes only the empty spec, got {spec!r}")
+            raise DiskSpecError(
+                f"the no-disk storage takes only the empty spec, got {spec!r}"
+            )
         return Disk("", "", {})
 
     def check(self, disk: Disk) -> defer.Deferred:
@@ -76,11 +87,15 @@ def supported_schemes(plugins: Any) -> list[str]:
     """Every scheme some installed storage plugin handles, sorted."""
     found: set[str] = set()
     for provider in plugins.providers("storage"):
-        found.update(_schemes(provider, lambda p=provider: plugins.create("storage", p.name)))
+        found.update(
+            _schemes(provider, lambda p=provider: plugins.create("storage", p.name))
+        )
     return sorted(found)
 
 
-def storage_for(plugins: Any, spec: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Any, Disk]:
+def storage_for(
+    plugins: Any, spec: str, options: Mapping[str, Mapping[str, Any]] | None = None
+) -> tuple[Any, Disk]:
     """The storage provider for a disk spec and the parsed disk: ``(provider, Disk)``.
 
     ``plugins`` is a ``xenpool.plugins.Plugins``; the ``IStorage`` provider is the one whose ``schemes``
@@ -93,14 +108,18 @@ def storage_for(plugins: Any, spec: str, options: Mapping[str, Mapping[str, Any]
     try:
         scheme = scheme_of(spec)
     except DiskSpecError as err:
-        raise DiskSpecError(f"{err}; supported schemes: {', '.join(supported_schemes(plugins)) or 'none'}") from None
+        raise DiskSpecError(
+            f"{err}; supported schemes: {', '.join(supported_schemes(plugins)) or 'none'}"
+        ) from None
     if scheme is None:
         return NO_DISK, NO_DISK.parse("")
     options = options or {}
     matches = []
     for provider in plugins.providers("storage"):
         opts = dict(options.get(provider.name, {}))
-        if scheme in _schemes(provider, lambda p=provider, o=opts: plugins.create("storage", p.name, **o)):
+        if scheme in _schemes(
+            provider, lambda p=provider, o=opts: plugins.create("storage", p.name, **o)
+        ):
             matches.append(provider)
     if not matches:
         supported = ", ".join(supported_schemes(plugins)) or "none"
@@ -110,13 +129,20 @@ def storage_for(plugins: Any, spec: str, options: Mapping[str, Mapping[str, Any]
         )
     if len(matches) > 1:
         names = ", ".join(f"{p.name} (plugin {p.plugin})" for p in matches)
-        raise DiskSpecError(f"{scheme!r} disks are handled by more than one storage plugin: {names}")
-    provider = plugins.create("storage", matches[0].name, **dict(options.get(matches[0].name, {})))
+        raise DiskSpecError(
+            f"{scheme!r} disks are handled by more than one storage plugin: {names}"
+        )
+    provider = plugins.create(
+        "storage", matches[0].name, **dict(options.get(matches[0].name, {}))
+    )
     return provider, provider.parse(spec)
 
 
-def disk_xml_function(plugins: Any, target: str = "vda",
-                      options: Mapping[str, Mapping[str, Any]] | None = None) -> Callable[[str], defer.Deferred]:  # fmt: skip
+def disk_xml_function(
+    plugins: Any,
+    target: str = "vda",
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Callable[[str], defer.Deferred]:
     """The ``disk spec -> Deferred[disk XML]`` callable ``PoolElementCore(disk_xml=...)`` takes:
     parse the spec, check the disk is reachable, then give its ``<disk>`` element for
     ``target`` (``vda`` for KVM and the test driver, ``xvda`` for Xen). The Deferred fails with
@@ -133,7 +159,9 @@ def disk_xml_function(plugins: Any, target: str = "vda",
     return run
 
 
-def disk_release_function(plugins: Any, options: Mapping[str, Mapping[str, Any]] | None = None) -> Callable[[str], defer.Deferred]:
+def disk_release_function(
+    plugins: Any, options: Mapping[str, Mapping[str, Any]] | None = None
+) -> Callable[[str], defer.Deferred]:
     """The ``disk spec -> Deferred`` callable ``PoolElementCore(disk_release=...)`` takes:
     release the disk through its storage plugin after its VM stopped."""
 

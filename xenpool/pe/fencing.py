@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -43,23 +43,42 @@ class StonithFencer:
     # (a host that was just powered off runs none of them, and starts none without a lease).
     REUSE_S = 2.0
 
-    def __init__(self, stonith, fence_map: dict[str, dict[str, str]], clock=None,
-                 rng: Callable[[], float] = random.random) -> None:  # fmt: skip
+    def __init__(
+        self,
+        stonith,
+        fence_map: dict[str, dict[str, str]],
+        clock=None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
         self.stonith = stonith
         self.fence_map = fence_map
         self.clock = clock
         self.rng = rng
         self._running: dict[str, list[defer.Deferred]] = {}
-        self._failed: dict[str, tuple[float, float, float]] = {}  # host -> (failed at, hold-off, until)
+        self._failed: dict[
+            str, tuple[float, float, float]
+        ] = {}  # host -> (failed at, hold-off, until)
         self._fenced_at: dict[str, float] = {}
 
     def fence(self, host: str, pe_identifier: int = 0) -> defer.Deferred:
         held = self._failed.get(host)
-        if held is not None and self.clock is not None and self.clock.seconds() < held[2]:
+        if (
+            held is not None
+            and self.clock is not None
+            and self.clock.seconds() < held[2]
+        ):
             now = self.clock.seconds()
-            return defer.fail(FenceHeldOff(f"fencing {host} failed {now - held[0]:.1f} s ago; not tried again "
-                                           f"for {held[2] - now:.1f} s"))  # fmt: skip
-        if self.clock is not None and self.clock.seconds() - self._fenced_at.get(host, float("-inf")) < self.REUSE_S:
+            return defer.fail(
+                FenceHeldOff(
+                    f"fencing {host} failed {now - held[0]:.1f} s ago; not tried again "
+                    f"for {held[2] - now:.1f} s"
+                )
+            )
+        if (
+            self.clock is not None
+            and self.clock.seconds() - self._fenced_at.get(host, float("-inf"))
+            < self.REUSE_S
+        ):
             return defer.succeed(None)
         waiter: defer.Deferred = defer.Deferred()
         waiters = self._running.get(host)
@@ -67,7 +86,11 @@ class StonithFencer:
             waiters.append(waiter)
             return waiter
         self._running[host] = [waiter]
-        log.info("fencing {host}: asking {provider}", host=host, provider=getattr(self.stonith, "name", "the stonith plugin"))
+        log.info(
+            "fencing {host}: asking {provider}",
+            host=host,
+            provider=getattr(self.stonith, "name", "the stonith plugin"),
+        )
         target = FenceTarget(host, dict(self.fence_map.get(host, {})), pe_identifier)
         defer.maybeDeferred(self.stonith.fence, target).addBoth(self._done, host)
         return waiter
@@ -75,14 +98,24 @@ class StonithFencer:
     def _done(self, result, host: str) -> None:
         if self.clock is not None:
             if isinstance(result, Failure):
-                hold_off = min(self._failed[host][1] * 2, self.HOLD_OFF_MAX_S) if host in self._failed else self.HOLD_OFF_S
+                hold_off = (
+                    min(self._failed[host][1] * 2, self.HOLD_OFF_MAX_S)
+                    if host in self._failed
+                    else self.HOLD_OFF_S
+                )
                 now = self.clock.seconds()
-                self._failed[host] = (now, hold_off, now + hold_off * (0.5 + 0.5 * self.rng()))
+                self._failed[host] = (
+                    now,
+                    hold_off,
+                    now + hold_off * (0.5 + 0.5 * self.rng()),
+                )
             else:
                 self._failed.pop(host, None)
                 self._fenced_at[host] = self.clock.seconds()
         for waiter in self._running.pop(host):
-            waiter.errback(result) if isinstance(result, Failure) else waiter.callback(result)
+            waiter.errback(result) if isinstance(result, Failure) else waiter.callback(
+                result
+            )
 
 
 # -- self-fencing (the ``watchdog`` provider) ----------------------------------------------------
@@ -110,7 +143,14 @@ class PoolMembership:
     The PE's watchdog is fed while any registrar confirms it, so one that cannot be asked
     might be the one that still does."""
 
-    def __init__(self, reactor, registrars, pool_handle: bytes, timeout_s: float = 2.0, items: int = M.MAX_RESOLUTION_ITEMS) -> None:
+    def __init__(
+        self,
+        reactor,
+        registrars,
+        pool_handle: bytes,
+        timeout_s: float = 2.0,
+        items: int = M.MAX_RESOLUTION_ITEMS,
+    ) -> None:
         self.reactor = reactor
         self.registrars = registrars
         self.pool_handle = pool_handle
@@ -128,10 +168,12 @@ class PoolMembership:
             raise MembershipUnknown("no registrar configured, and none announced")
         asks = [
             defer.Deferred.fromCoroutine(
-                TcpPoolAccess(self.reactor, _OneRegistrar(e), self.timeout_s).ask(M.HandleResolution(self.pool_handle, self.items))
+                TcpPoolAccess(self.reactor, _OneRegistrar(e), self.timeout_s).ask(
+                    M.HandleResolution(self.pool_handle, self.items)
+                )
             )
             for e in endpoints
-        ]  # fmt: skip
+        ]
         results = await defer.DeferredList(asks, consumeErrors=True)
         unknown = []
         for n, (ok, answer) in enumerate(results, 1):
@@ -143,10 +185,14 @@ class PoolMembership:
             elif any(e.identifier == pe_identifier for e in answer.pool_elements):
                 return True
             elif answer.error is not None:
-                if not all(c.code == Cause.UNKNOWN_POOL_HANDLE for c in answer.error.causes):
+                if not all(
+                    c.code == Cause.UNKNOWN_POOL_HANDLE for c in answer.error.causes
+                ):
                     unknown.append(f"{which} refused the resolution")
             elif len(answer.pool_elements) >= self.items:
-                unknown.append(f"{which} answered with {len(answer.pool_elements)} PEs, maybe not all")
+                unknown.append(
+                    f"{which} answered with {len(answer.pool_elements)} PEs, maybe not all"
+                )
         if unknown:
             raise MembershipUnknown("; ".join(unknown))
         return False
@@ -165,4 +211,6 @@ def attach_self_fencing(stonith, feeder, pe, core, registrars, reactor) -> None:
     )
     feeder.setServiceParent(pe)
     pe.registration_watchers.append(feeder)
-    pe.refresh_interval_s = min(pe.refresh_interval_s or stonith.refresh_interval_s, stonith.refresh_interval_s)
+    pe.refresh_interval_s = min(
+        pe.refresh_interval_s or stonith.refresh_interval_s, stonith.refresh_interval_s
+    )

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -57,7 +58,9 @@ class VmLeases:
     settings: LeaseSettings
     clock: object
     wall_ms: Callable[[], int] = lambda: int(time.time() * 1000)
-    nonce: Callable[[], int] = field(default=lambda: random.SystemRandom().randrange(2**32))
+    nonce: Callable[[], int] = field(
+        default=lambda: random.SystemRandom().randrange(2**32)
+    )
     on_lost: Callable[[str, str], None] = lambda server_id, why: None
 
     def __post_init__(self) -> None:
@@ -82,20 +85,48 @@ class VmLeases:
         if self._loop.running:
             self._loop.stop()
 
-    def _request(self, action: int, vm: S.CreateServer, cleared: str = "") -> S.LeaseRequest:
+    def _request(
+        self, action: int, vm: S.CreateServer, cleared: str = ""
+    ) -> S.LeaseRequest:
         s = self.settings
-        request = S.LeaseRequest(s.pool_handle, s.pe_identifier, s.host, action, round(s.duration_s * 1000), vm.server_id,
-                                 vm.disk, vm.ips, cleared, self.wall_ms(), self.nonce())  # fmt: skip
-        return dataclasses.replace(request, mac=S.lease_request_mac(s.secret, request)) if s.secret else request
+        request = S.LeaseRequest(
+            s.pool_handle,
+            s.pe_identifier,
+            s.host,
+            action,
+            round(s.duration_s * 1000),
+            vm.server_id,
+            vm.disk,
+            vm.ips,
+            cleared,
+            self.wall_ms(),
+            self.nonce(),
+        )
+        return (
+            dataclasses.replace(request, mac=S.lease_request_mac(s.secret, request))
+            if s.secret
+            else request
+        )
 
-    async def _ask_all(self, requests: list[S.LeaseRequest]) -> list[list[S.LeaseAnswer | None]]:
+    async def _ask_all(
+        self, requests: list[S.LeaseRequest]
+    ) -> list[list[S.LeaseAnswer | None]]:
         """Per request, each voter's answer (None: none)."""
-        results = await defer.DeferredList([voter.ask(requests) for voter in self.voters], consumeErrors=True)
+        results = await defer.DeferredList(
+            [voter.ask(requests) for voter in self.voters], consumeErrors=True
+        )
         per_request: list[list[S.LeaseAnswer | None]] = [[] for _ in requests]
         for ok, answers in results:
             for i, request in enumerate(requests):
-                answer = answers[i] if ok and isinstance(answers, list) and i < len(answers) else None
-                if not isinstance(answer, S.LeaseAnswer) or answer.server_id != request.server_id:
+                answer = (
+                    answers[i]
+                    if ok and isinstance(answers, list) and i < len(answers)
+                    else None
+                )
+                if (
+                    not isinstance(answer, S.LeaseAnswer)
+                    or answer.server_id != request.server_id
+                ):
                     answer = None
                 per_request[i].append(answer)
         return per_request
@@ -103,14 +134,25 @@ class VmLeases:
     def _outcome(self, answers: list[S.LeaseAnswer | None]) -> LeaseOutcome:
         granted = [a for a in answers if a is not None and a.granted]
         if len(granted) >= self.majority:
-            return LeaseOutcome(True, frozenset(h for a in granted for h in a.previous if h.host != self.settings.host))
+            return LeaseOutcome(
+                True,
+                frozenset(
+                    h
+                    for a in granted
+                    for h in a.previous
+                    if h.host != self.settings.host
+                ),
+            )
         refusals = [a for a in answers if a is not None and not a.granted]
         blocker = next((a.holder for a in refusals if a.holder is not None), None)
         silent = sum(a is None for a in answers)
         reasons = sorted({a.reason for a in refusals if a.reason})
         if silent:
             reasons.append(f"{silent} of {len(answers)} voters did not answer")
-        why = f"{len(granted)} of {len(answers)} voters granted the lease, {self.majority} needed: " + "; ".join(reasons)
+        why = (
+            f"{len(granted)} of {len(answers)} voters granted the lease, {self.majority} needed: "
+            + "; ".join(reasons)
+        )
         return LeaseOutcome(False, blocker=blocker, reason=why)
 
     # ------------------------------------------------------------------ requests
@@ -124,9 +166,15 @@ class VmLeases:
     async def _acquire(self, vm: S.CreateServer, cleared: str) -> LeaseOutcome:
         if not self.enabled:
             return LeaseOutcome(True)
-        (answers,) = await self._ask_all([self._request(S.LeaseAction.ACQUIRE, vm, cleared)])
+        (answers,) = await self._ask_all(
+            [self._request(S.LeaseAction.ACQUIRE, vm, cleared)]
+        )
         outcome = self._outcome(answers)
-        if not outcome.granted and any(a is not None and a.granted for a in answers) and vm.server_id not in self.held:
+        if (
+            not outcome.granted
+            and any(a is not None and a.granted for a in answers)
+            and vm.server_id not in self.held
+        ):
             self.release(vm)
         return outcome
 
@@ -152,7 +200,9 @@ class VmLeases:
         self.lost.discard(vm.server_id)
         if not self.enabled:
             return defer.succeed(None)
-        return defer.Deferred.fromCoroutine(self._ask_all([self._request(S.LeaseAction.RELEASE, vm)]))
+        return defer.Deferred.fromCoroutine(
+            self._ask_all([self._request(S.LeaseAction.RELEASE, vm)])
+        )
 
     def renew_all(self) -> defer.Deferred:
         return defer.Deferred.fromCoroutine(self._renew_all())
@@ -161,7 +211,9 @@ class VmLeases:
         vms = list(self.held.values())
         if not vms or not self.enabled:
             return
-        results = await self._ask_all([self._request(S.LeaseAction.RENEW, vm) for vm in vms])
+        results = await self._ask_all(
+            [self._request(S.LeaseAction.RENEW, vm) for vm in vms]
+        )
         for vm, answers in zip(vms, results):
             if vm.server_id not in self.held:
                 continue  # released meanwhile
@@ -172,6 +224,9 @@ class VmLeases:
                 self.lost.discard(vm.server_id)
             elif vm.server_id not in self.lost:
                 self.lost.add(vm.server_id)
-                log.error("{server}: LEASE NOT RENEWED ({why}); another PE may fence this host to take it over",
-                          server=vm.server_id, why=outcome.reason)  # fmt: skip
+                log.error(
+                    "{server}: LEASE NOT RENEWED ({why}); another PE may fence this host to take it over",
+                    server=vm.server_id,
+                    why=outcome.reason,
+                )
                 self.on_lost(vm.server_id, outcome.reason)

@@ -10,7 +10,6 @@ from twisted.internet import defer, task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.web import server
-from zope.interface import implementer
 
 from .. import eager_write
 from ..discovery import FailoverEndpoint, Registrars
@@ -29,7 +28,7 @@ log = Logger()
 class RegistrationProtocol(Protocol):
     """The PE's ASAP association with its home registrar."""
 
-    def __init__(self, pe: "PoolElementService") -> None:
+    def __init__(self, pe: PoolElementService) -> None:
         self.pe = pe
         self.stream = framing.RSerPoolStream(M.ASAP_PPID)
 
@@ -66,12 +65,14 @@ class SessionProtocol(Protocol):
 
     sctp_framing = "shim"
 
-    def __init__(self, core: PoolElementCore, factory: "SessionFactory") -> None:
+    def __init__(self, core: PoolElementCore, factory: SessionFactory) -> None:
         self.core = core
         self.factory = factory
         self.stream = framing.ShimStream()
         self.last_heard = 0.0
-        self.pending = 0  # requests being handled: such a session is waiting, not silent
+        self.pending = (
+            0  # requests being handled: such a session is waiting, not silent
+        )
         self._sent: tuple[object, bytes] = (None, b"")  # the last message and its frame
         # A PU repeats the same heartbeat frame: (its bytes, ServerID, state, answer frame)
         # of the last one, answered again while the core says the state still holds.
@@ -96,7 +97,12 @@ class SessionProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.last_heard = self.factory.clock.seconds()
         repeat = self._repeat
-        if repeat is not None and data == repeat[0] and not self.pending and not self.stream.buffered:
+        if (
+            repeat is not None
+            and data == repeat[0]
+            and not self.pending
+            and not self.stream.buffered
+        ):
             if self.core.repeatable_heartbeat_state(self, repeat[1]) == repeat[2]:
                 eager_write.write(self.transport, repeat[3])
                 return
@@ -109,17 +115,27 @@ class SessionProtocol(Protocol):
                 if not handled.called:
                     self.pending += 1
                     handled.addBoth(self._done)
-                elif whole and isinstance(message, S.CheckRunning) and not self.stream.buffered:
+                elif (
+                    whole
+                    and isinstance(message, S.CheckRunning)
+                    and not self.stream.buffered
+                ):
                     self._remember_heartbeat(data, message)  # data is this one frame
                 whole = False
         except ProtocolError as err:
-            log.info("bad request from {peer}: {err}", peer=str(self.transport.getPeer()), err=str(err))
+            log.info(
+                "bad request from {peer}: {err}",
+                peer=str(self.transport.getPeer()),
+                err=str(err),
+            )
             self.core.refuse(err, self)
 
     def _remember_heartbeat(self, data: bytes, message: S.CheckRunning) -> None:
         state = self.core.repeatable_heartbeat_state(self, message.server_id)
         sent, frame = self._sent
-        if state is not None and sent == S.CheckRunningResponse(message.server_id, state):
+        if state is not None and sent == S.CheckRunningResponse(
+            message.server_id, state
+        ):
             self._repeat = (bytes(data), message.server_id, state, frame)
 
     def _failed(self, failure) -> None:
@@ -128,12 +144,16 @@ class SessionProtocol(Protocol):
 
     def _done(self, result):
         self.pending -= 1
-        self.last_heard = self.factory.clock.seconds()  # its idle time starts with the answer
+        self.last_heard = (
+            self.factory.clock.seconds()
+        )  # its idle time starts with the answer
         return result
 
     def connectionLost(self, reason=None) -> None:
         self.factory.sessions.discard(self)
-        self.core.session_lost(self).addErrback(lambda f: log.failure("stopping a VM failed", f))
+        self.core.session_lost(self).addErrback(
+            lambda f: log.failure("stopping a VM failed", f)
+        )
 
 
 class SessionFactory(Factory):
@@ -157,7 +177,11 @@ class SessionFactory(Factory):
 
     def _drop_silent(self) -> None:
         now = self.clock.seconds()
-        for session in [s for s in self.sessions if not s.pending and now - s.last_heard > self.idle_timeout]:
+        for session in [
+            s
+            for s in self.sessions
+            if not s.pending and now - s.last_heard > self.idle_timeout
+        ]:
             session.transport.abortConnection()
 
     def buildProtocol(self, addr) -> SessionProtocol:
@@ -167,10 +191,25 @@ class SessionFactory(Factory):
 class PoolElementService(service.MultiService):
     """Wires the core to the registrar, the PU endpoint, timers and the status page."""
 
-    def __init__(self, core: PoolElementCore, policy, policy_arguments: list[str], reactor, *, registrars: Registrars,
-                 user_endpoint: str, user_address: str, user_port: int, load_interval_s: float,
-                 registration_life_ms: int, idle_timeout: float, status: str | None,
-                 rebalancer=None, rebalance_interval_s: float = 120.0, pool_access=None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        core: PoolElementCore,
+        policy,
+        policy_arguments: list[str],
+        reactor,
+        *,
+        registrars: Registrars,
+        user_endpoint: str,
+        user_address: str,
+        user_port: int,
+        load_interval_s: float,
+        registration_life_ms: int,
+        idle_timeout: float,
+        status: str | None,
+        rebalancer=None,
+        rebalance_interval_s: float = 120.0,
+        pool_access=None,
+    ) -> None:
         super().__init__()
         self.core = core
         self.policy = policy
@@ -186,24 +225,38 @@ class PoolElementService(service.MultiService):
         self.registrations = 0
         # told of every registration sent, its answer and the channel's loss (a watchdog feeder)
         self.registration_watchers: list = []
-        self.refresh_interval_s: float | None = None  # re-register at least this often, load or not
+        self.refresh_interval_s: float | None = (
+            None  # re-register at least this often, load or not
+        )
         self._refresh_loop = task.LoopingCall(self.register)
         self._refresh_loop.clock = reactor
         self._early_update = None
         core.load_changed = self.load_changed
-        strports.service(user_endpoint, SessionFactory(core, idle_timeout, reactor)).setServiceParent(self)
+        strports.service(
+            user_endpoint, SessionFactory(core, idle_timeout, reactor)
+        ).setServiceParent(self)
         factory = Factory.forProtocol(lambda: RegistrationProtocol(self))
-        ClientService(FailoverEndpoint(registrars), factory, retryPolicy=backoffPolicy(0.2, maxDelay=2.0)).setServiceParent(self)
+        ClientService(
+            FailoverEndpoint(registrars),
+            factory,
+            retryPolicy=backoffPolicy(0.2, maxDelay=2.0),
+        ).setServiceParent(self)
         if status:
-            strports.service(status, server.Site(status_resource(self))).setServiceParent(self)
+            strports.service(
+                status, server.Site(status_resource(self))
+            ).setServiceParent(self)
         self._load_loop = task.LoopingCall(self._regular_update)
         self._load_loop.clock = reactor
         self.rebalancer, self.pool_access = rebalancer, pool_access
         if rebalancer is not None and pool_access is not None and core.peers is None:
             # a planning leader reaches the other PEs at their session ports; a move's
             # answer comes once the VM is shut down, so it may take the shutdown timeout
-            core.peers = TcpPeerAsker(reactor, pool_access, core.settings.pe_identifier,
-                                      move_timeout_s=core.settings.shutdown_timeout_s + 10)  # fmt: skip
+            core.peers = TcpPeerAsker(
+                reactor,
+                pool_access,
+                core.settings.pe_identifier,
+                move_timeout_s=core.settings.shutdown_timeout_s + 10,
+            )
         self._rebalance_loop = task.LoopingCall(self._rebalance)
         self._rebalance_loop.clock = reactor
         self.rebalance_interval_s = rebalance_interval_s
@@ -212,18 +265,30 @@ class PoolElementService(service.MultiService):
         super().startService()
         self.core.leases.start()
         self._load_loop.start(self.load_interval_s, now=False)
-        if self.refresh_interval_s is not None and self.refresh_interval_s < self.load_interval_s:
+        if (
+            self.refresh_interval_s is not None
+            and self.refresh_interval_s < self.load_interval_s
+        ):
             self._refresh_loop.start(self.refresh_interval_s, now=False)
         if self.rebalancer is not None:
             self._rebalance_loop.start(self.rebalance_interval_s, now=False)
         defer.maybeDeferred(self.core.hypervisor.domains).addCallbacks(
-            self.core.found_running, lambda f: log.failure("cannot list the running domains", f)
+            self.core.found_running,
+            lambda f: log.failure("cannot list the running domains", f),
         )
-        defer.maybeDeferred(self.core.hypervisor.watch, self.core.domain_event).addCallbacks(
-            self._events, lambda f: log.failure("no lifecycle events; heartbeats ask the hypervisor", f)
+        defer.maybeDeferred(
+            self.core.hypervisor.watch, self.core.domain_event
+        ).addCallbacks(
+            self._events,
+            lambda f: log.failure(
+                "no lifecycle events; heartbeats ask the hypervisor", f
+            ),
         )
-        log.info("pool element {pe} started for pool {pool}", pe=hex_id(self.core.settings.pe_identifier),
-                 pool=pool_name(self.core.settings.pool_handle))  # fmt: skip
+        log.info(
+            "pool element {pe} started for pool {pool}",
+            pe=hex_id(self.core.settings.pe_identifier),
+            pool=pool_name(self.core.settings.pool_handle),
+        )
 
     def stopService(self):
         self.core.leases.stop()
@@ -236,14 +301,23 @@ class PoolElementService(service.MultiService):
 
     def _events(self, live) -> None:
         self.core.events_live = bool(live)
-        log.info("lifecycle events {how}", how="on: crashes are seen at once" if live else "off: heartbeats poll")
+        log.info(
+            "lifecycle events {how}",
+            how="on: crashes are seen at once" if live else "off: heartbeats poll",
+        )
 
     # -------------------------------------------------------------- registration
 
     def registration(self) -> M.Registration:
         kind = P.SctpTransport if self.user_sctp else P.TcpTransport
-        transport = kind(self.user_port, (self._advertised_address(),), P.TransportUse.DATA_PLUS_CONTROL)
-        return self.core.registration(self.policy, self.policy_arguments, transport, self.registration_life_ms)
+        transport = kind(
+            self.user_port,
+            (self._advertised_address(),),
+            P.TransportUse.DATA_PLUS_CONTROL,
+        )
+        return self.core.registration(
+            self.policy, self.policy_arguments, transport, self.registration_life_ms
+        )
 
     def _advertised_address(self) -> str:
         """--address, or when it is unspecified (empty, 0.0.0.0) the address this host
@@ -252,7 +326,11 @@ class PoolElementService(service.MultiService):
         if address and address not in ("0.0.0.0", "::"):
             return address
         channel = self.registrar_channel
-        local = channel.transport.getHost().host if channel is not None and channel.transport is not None else ""
+        local = (
+            channel.transport.getHost().host
+            if channel is not None and channel.transport is not None
+            else ""
+        )
         return local or "127.0.0.1"
 
     def register(self) -> None:
@@ -268,13 +346,22 @@ class PoolElementService(service.MultiService):
             for watcher in self.registration_watchers:
                 watcher.answered(channel, not message.reject)
             if message.reject:
-                causes = ", ".join(f"cause {c.code}: {c.info.decode(errors='replace')}" for c in message.error.causes)
-                log.error("REGISTRATION REFUSED by the registrar: {causes}", causes=causes)
+                causes = ", ".join(
+                    f"cause {c.code}: {c.info.decode(errors='replace')}"
+                    for c in message.error.causes
+                )
+                log.error(
+                    "REGISTRATION REFUSED by the registrar: {causes}", causes=causes
+                )
             elif not self.registered:
                 self.registered = True
-                log.info("registered in pool {pool}", pool=pool_name(settings.pool_handle))
+                log.info(
+                    "registered in pool {pool}", pool=pool_name(settings.pool_handle)
+                )
         elif isinstance(message, M.EndpointKeepAlive):
-            channel.send(M.EndpointKeepAliveAck(settings.pool_handle, settings.pe_identifier))
+            channel.send(
+                M.EndpointKeepAliveAck(settings.pool_handle, settings.pe_identifier)
+            )
         elif isinstance(message, M.AsapError):
             log.warn("registrar reports an error: {error}", error=repr(message.error))
 
@@ -290,8 +377,10 @@ class PoolElementService(service.MultiService):
     def _rebalance(self):
         """Every rebalance interval: the pool's loads from a registrar, then the decision."""
         try:
-            elements = yield self.pool_access.resolve(self.core.settings.pool_handle, M.MAX_RESOLUTION_ITEMS)
-        except Exception as err:  # noqa: BLE001 - no registrar now: try next time
+            elements = yield self.pool_access.resolve(
+                self.core.settings.pool_handle, M.MAX_RESOLUTION_ITEMS
+            )
+        except Exception as err:
             log.info("no rebalancing now: {err}", err=str(err))
             return
         yield self.core.rebalance(self.rebalancer, elements)
@@ -331,7 +420,10 @@ def _status(pe: PoolElementService) -> defer.Deferred:
 
     def domains(found) -> dict:
         # what the hypervisor itself reports, next to what the PE accounts for
-        status["domains"] = {name: {"state": state, "ram_kb": ram_kb} for name, (state, ram_kb) in found.items()}
+        status["domains"] = {
+            name: {"state": state, "ram_kb": ram_kb}
+            for name, (state, ram_kb) in found.items()
+        }
         return status
 
     def failed(failure) -> dict:
@@ -350,18 +442,34 @@ class _PeCollector:
     def collect(self):
         status = self.pe.core.describe()
         sample = self.pe.core.accounting.sample()
-        yield GaugeMetricFamily("xenpool_pe_load", "Load reported to the registrar", value=status["load"])
-        components = GaugeMetricFamily("xenpool_pe_load_component", "Measured load components", labels=["component"])
+        yield GaugeMetricFamily(
+            "xenpool_pe_load", "Load reported to the registrar", value=status["load"]
+        )
+        components = GaugeMetricFamily(
+            "xenpool_pe_load_component",
+            "Measured load components",
+            labels=["component"],
+        )
         components.add_metric(["cpu"], sample.cpu)
         components.add_metric(["ram"], sample.ram)
         yield components
-        yield GaugeMetricFamily("xenpool_pe_free_ram_kb", "RAM free for new VMs", value=status["free_ram_kb"])
-        yield GaugeMetricFamily("xenpool_pe_sessions", "PU sessions", value=status["sessions"])
-        vms = GaugeMetricFamily("xenpool_pe_vm_ram_mb", "RAM of each VM", labels=["server_id", "running"])
+        yield GaugeMetricFamily(
+            "xenpool_pe_free_ram_kb",
+            "RAM free for new VMs",
+            value=status["free_ram_kb"],
+        )
+        yield GaugeMetricFamily(
+            "xenpool_pe_sessions", "PU sessions", value=status["sessions"]
+        )
+        vms = GaugeMetricFamily(
+            "xenpool_pe_vm_ram_mb", "RAM of each VM", labels=["server_id", "running"]
+        )
         for vm in status["vms"]:
             vms.add_metric([vm["server_id"], str(vm["running"]).lower()], vm["ram_mb"])
         yield vms
-        refusals = CounterMetricFamily("xenpool_pe_refusals", "Requests refused, by code", labels=["code"])
+        refusals = CounterMetricFamily(
+            "xenpool_pe_refusals", "Requests refused, by code", labels=["code"]
+        )
         for code, count in status["refusals"].items():
             refusals.add_metric([code], count)
         yield refusals
@@ -374,13 +482,24 @@ class TcpClaimAsker:
     reported unreachable by a PU, may still be alive). A PE that does not answer within
     ``timeout_s`` (connecting included) is left out: it is dead, stopped, or about to be fenced."""
 
-    def __init__(self, reactor, access, pool_handle: bytes, pe_identifier: int, timeout_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        reactor,
+        access,
+        pool_handle: bytes,
+        pe_identifier: int,
+        timeout_s: float = 0.5,
+    ) -> None:
         self.reactor = reactor
-        self.access = access  # a xenpool.asap_client.TcpPoolAccess: resolution and sessions
+        self.access = (
+            access  # a xenpool.asap_client.TcpPoolAccess: resolution and sessions
+        )
         self.pool_handle = pool_handle
         self.pe_identifier = pe_identifier
         self.timeout_s = timeout_s
-        self.known: dict[int, P.PoolElement] = {}  # every PE seen in an answer, by identifier
+        self.known: dict[
+            int, P.PoolElement
+        ] = {}  # every PE seen in an answer, by identifier
 
     def ask(self, query, also: frozenset[int] = frozenset()) -> defer.Deferred:
         return defer.Deferred.fromCoroutine(self._ask(query, also))
@@ -390,7 +509,11 @@ class TcpClaimAsker:
         self.known.update((e.identifier, e) for e in elements)
         listed = {e.identifier for e in elements}
         others = [e for e in elements if e.identifier != self.pe_identifier]
-        others += [self.known[i] for i in sorted(also) if i in self.known and i not in listed and i != self.pe_identifier]
+        others += [
+            self.known[i]
+            for i in sorted(also)
+            if i in self.known and i not in listed and i != self.pe_identifier
+        ]
         asks = [defer.Deferred.fromCoroutine(self._ask_one(e, query)) for e in others]
         results = await defer.DeferredList(asks, consumeErrors=True)
         return [answer for ok, answer in results if ok and answer is not None]
@@ -398,10 +521,20 @@ class TcpClaimAsker:
     async def _ask_one(self, element, query):
         from ..protocol.session import ClaimAnswer
 
-        return await ask_pe(self.reactor, self.access, element, query, ClaimAnswer, self.timeout_s, "claim query")
+        return await ask_pe(
+            self.reactor,
+            self.access,
+            element,
+            query,
+            ClaimAnswer,
+            self.timeout_s,
+            "claim query",
+        )
 
 
-async def ask_pe(reactor, access, element, request, answer_type: type, timeout_s: float, what: str):
+async def ask_pe(
+    reactor, access, element, request, answer_type: type, timeout_s: float, what: str
+):
     """One PE-to-PE question over the other PE's session port: its first
     ``answer_type`` message, or None when it cannot be reached or does not answer within
     ``timeout_s`` (from the start of the connection attempt: a host whose packets are
@@ -413,13 +546,20 @@ async def ask_pe(reactor, access, element, request, answer_type: type, timeout_s
             answer.callback(message)
 
     connecting = access.connect(element, deliver)
-    timer = reactor.callLater(timeout_s, lambda: (connecting.cancel(), answer.called or answer.callback(None)))
+    timer = reactor.callLater(
+        timeout_s, lambda: (connecting.cancel(), answer.called or answer.callback(None))
+    )
     try:
         channel = await connecting
-    except Exception as err:  # noqa: BLE001 - unreachable: it cannot run anything we know of
+    except Exception as err:
         if timer.active():
             timer.cancel()
-        log.info("PE {pe} did not take the {what}: {err}", pe=hex_id(element.identifier), what=what, err=str(err) or type(err).__name__)
+        log.info(
+            "PE {pe} did not take the {what}: {err}",
+            pe=hex_id(element.identifier),
+            what=what,
+            err=str(err) or type(err).__name__,
+        )
         return None
     channel.send(request)
     result = await answer
@@ -427,7 +567,11 @@ async def ask_pe(reactor, access, element, request, answer_type: type, timeout_s
         timer.cancel()
     channel.close()
     if result is None:
-        log.warn("PE {pe} did not answer the {what} in time", pe=hex_id(element.identifier), what=what)
+        log.warn(
+            "PE {pe} did not answer the {what} in time",
+            pe=hex_id(element.identifier),
+            what=what,
+        )
     return result
 
 
@@ -458,7 +602,9 @@ class _VoterSession(Protocol):
 
     def connectionLost(self, reason=None) -> None:
         if not self.answers.called:
-            self.answers.callback(self.received + [None] * (len(self.requests) - len(self.received)))
+            self.answers.callback(
+                self.received + [None] * (len(self.requests) - len(self.received))
+            )
 
 
 class TcpVoter:
@@ -474,17 +620,25 @@ class TcpVoter:
 
     async def _ask(self, requests: list) -> list:
         answers: defer.Deferred = defer.Deferred()
-        connecting = self.endpoint.connect(Factory.forProtocol(lambda: _VoterSession(requests, answers)))
+        connecting = self.endpoint.connect(
+            Factory.forProtocol(lambda: _VoterSession(requests, answers))
+        )
         timer = self.reactor.callLater(self.timeout_s, connecting.cancel)
         try:
             session = await connecting
-        except Exception as err:  # noqa: BLE001 - an unreachable voter gives no answer
-            log.info("voter {voter} unreachable: {err}", voter=str(self.endpoint), err=str(err) or type(err).__name__)
+        except Exception as err:
+            log.info(
+                "voter {voter} unreachable: {err}",
+                voter=str(self.endpoint),
+                err=str(err) or type(err).__name__,
+            )
             return [None] * len(requests)
         finally:
             if timer.active():
                 timer.cancel()
-        timer = self.reactor.callLater(self.timeout_s, session.transport.abortConnection)
+        timer = self.reactor.callLater(
+            self.timeout_s, session.transport.abortConnection
+        )
         try:
             return await answers
         finally:
@@ -496,7 +650,14 @@ class TcpPeerAsker:
     """The rebalancing leader's PeerAsker: VmQuery and MoveRequest to another PE's
     session port, like the claim query."""
 
-    def __init__(self, reactor, access, pe_identifier: int, timeout_s: float = 2.0, move_timeout_s: float = 40.0) -> None:
+    def __init__(
+        self,
+        reactor,
+        access,
+        pe_identifier: int,
+        timeout_s: float = 2.0,
+        move_timeout_s: float = 40.0,
+    ) -> None:
         self.reactor, self.access, self.pe_identifier = reactor, access, pe_identifier
         self.timeout_s, self.move_timeout_s = timeout_s, move_timeout_s
 
@@ -504,10 +665,28 @@ class TcpPeerAsker:
         from ..protocol.session import VmQuery, VmReport
 
         query = VmQuery(self.pe_identifier)
-        return defer.Deferred.fromCoroutine(ask_pe(self.reactor, self.access, element, query, VmReport, self.timeout_s, "VM query"))
+        return defer.Deferred.fromCoroutine(
+            ask_pe(
+                self.reactor,
+                self.access,
+                element,
+                query,
+                VmReport,
+                self.timeout_s,
+                "VM query",
+            )
+        )
 
     def move(self, element, request) -> defer.Deferred:
         from ..protocol.session import MoveAnswer
 
-        asked = ask_pe(self.reactor, self.access, element, request, MoveAnswer, self.move_timeout_s, "move request")
+        asked = ask_pe(
+            self.reactor,
+            self.access,
+            element,
+            request,
+            MoveAnswer,
+            self.move_timeout_s,
+            "move request",
+        )
         return defer.Deferred.fromCoroutine(asked)

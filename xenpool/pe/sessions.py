@@ -23,4 +23,6 @@ class VmSession:
     lease_end: object = None  # the pending shutdown while no PU holds it
     stopping: bool = False  # this PE is stopping it: its lifecycle events are expected
     migrating: bool = False  # being live-migrated away: it runs, here or there
-    discovered: bool = False  # found running (start-up, live migration): its disk and IPs unknown
+    discovered: bool = (
+        False  # found running (start-up, live migration): its disk and IPs unknown
+    )

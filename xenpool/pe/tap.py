@@ -12,7 +12,16 @@ import socket
 from twisted.python import usage
 
 from .. import discovery
-from ..config import Setting, id32, json_log, make_options, non_negative_float, positive_float, positive_int, secret_file
+from ..config import (
+    Setting,
+    id32,
+    json_log,
+    make_options,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    secret_file,
+)
 from ..discovery import listener_settings
 from ..protocol import session as S
 
@@ -56,56 +65,196 @@ def yes_no(text: str) -> bool:
 SETTINGS = [
     Setting("pool", "Xen", str, "pool handle"),
     Setting("pe-id", None, id32, "PE identifier, 32 bits (default: random)"),
-    Setting("registrar", [], str,
-            "a registrar's ASAP endpoint; tried in order (default: tcp:host=127.0.0.1:port=3863 unless --registrar-announce)",
-            multiple=True),
+    Setting(
+        "registrar",
+        [],
+        str,
+        "a registrar's ASAP endpoint; tried in order (default: tcp:host=127.0.0.1:port=3863 unless --registrar-announce)",
+        multiple=True,
+    ),
     *listener_settings(),
-    Setting("voter", [], str,
-            "a registrar that votes on who may start a VM (its ASAP endpoint); a start needs a lease from a majority "
-            "of them; give every PE the same list (default: the --registrar list)", multiple=True),
-    Setting("voter-timeout", 1.0, positive_float, "seconds a voter has to answer a lease request, connecting included"),
-    Setting("vm-lease", 15.0, positive_float, "seconds a VM lease from the voters lasts; renewed every third of it"),
+    Setting(
+        "voter",
+        [],
+        str,
+        "a registrar that votes on who may start a VM (its ASAP endpoint); a start needs a lease from a majority "
+        "of them; give every PE the same list (default: the --registrar list)",
+        multiple=True,
+    ),
+    Setting(
+        "voter-timeout",
+        1.0,
+        positive_float,
+        "seconds a voter has to answer a lease request, connecting included",
+    ),
+    Setting(
+        "vm-lease",
+        15.0,
+        positive_float,
+        "seconds a VM lease from the voters lasts; renewed every third of it",
+    ),
     Setting("port", 5001, positive_int, "port for PU sessions"),
-    Setting("transport", "tcp", transport_name, "tcp or sctp: how PUs reach this PE (sctp needs kernel SCTP)"),
-    Setting("address", "", str,
-            "address PUs reach this PE at (registered with the pool; default: the one this host reaches its registrar from)"),
+    Setting(
+        "transport",
+        "tcp",
+        transport_name,
+        "tcp or sctp: how PUs reach this PE (sctp needs kernel SCTP)",
+    ),
+    Setting(
+        "address",
+        "",
+        str,
+        "address PUs reach this PE at (registered with the pool; default: the one this host reaches its registrar from)",
+    ),
     Setting("bind", "", str, "interface to listen on (default: all)"),
-    Setting("host", socket.gethostname(), str, "this host's fencing identity, put in cookies"),
-    Setting("libvirt-uri", "test:///default", str, "libvirt URI: test:///PATH/node.xml, qemu:///system, xen:///system, ..."),
-    Setting("domain-template", None, str, "domain XML template (default: etc/xenpool/domain-<driver>.xml)"),
-    Setting("migration-uri", "", str,
-            "libvirt URI other hosts' libvirtd live-migrate VMs to this one at, e.g. qemu+tcp://host1/system "
-            "(default: none, planned moves here stop and restart VMs)"),
-    Setting("load-plugin", "weighted", str, "load metric: max, cpu, weighted or an installed plugin"),
-    Setting("load-weight", {}, weights, "options of the load metric, e.g. cpu=0.75,ram=0.25"),
-    Setting("policy", "LeastUsed", str, "pool policy and its arguments, e.g. LeastUsedDegradation:0.05"),
-    Setting("load-interval", 30.0, positive_float, "seconds between load samples and re-registrations"),
-    Setting("smoothing", 3.0, float, "load smoothing k: new = (sample + k * old) / (k + 1)"),
-    Setting("load-window", 0.0, non_negative_float,
-            "instead of smoothing: a VM's load is its mean CPU over the last this many seconds (0: smoothing)"),
-    Setting("raise-on-refusal", True, yes_no, "report load 1 after a refusal for lack of RAM until the next update"),
-    Setting("count-cpu-wait", False, yes_no,
-            "count the time a VM waited for a host core as CPU it wanted (Xen and QEMU report it) (yes/no)"),
+    Setting(
+        "host",
+        socket.gethostname(),
+        str,
+        "this host's fencing identity, put in cookies",
+    ),
+    Setting(
+        "libvirt-uri",
+        "test:///default",
+        str,
+        "libvirt URI: test:///PATH/node.xml, qemu:///system, xen:///system, ...",
+    ),
+    Setting(
+        "domain-template",
+        None,
+        str,
+        "domain XML template (default: etc/xenpool/domain-<driver>.xml)",
+    ),
+    Setting(
+        "migration-uri",
+        "",
+        str,
+        "libvirt URI other hosts' libvirtd live-migrate VMs to this one at, e.g. qemu+tcp://host1/system "
+        "(default: none, planned moves here stop and restart VMs)",
+    ),
+    Setting(
+        "load-plugin",
+        "weighted",
+        str,
+        "load metric: max, cpu, weighted or an installed plugin",
+    ),
+    Setting(
+        "load-weight", {}, weights, "options of the load metric, e.g. cpu=0.75,ram=0.25"
+    ),
+    Setting(
+        "policy",
+        "LeastUsed",
+        str,
+        "pool policy and its arguments, e.g. LeastUsedDegradation:0.05",
+    ),
+    Setting(
+        "load-interval",
+        30.0,
+        positive_float,
+        "seconds between load samples and re-registrations",
+    ),
+    Setting(
+        "smoothing", 3.0, float, "load smoothing k: new = (sample + k * old) / (k + 1)"
+    ),
+    Setting(
+        "load-window",
+        0.0,
+        non_negative_float,
+        "instead of smoothing: a VM's load is its mean CPU over the last this many seconds (0: smoothing)",
+    ),
+    Setting(
+        "raise-on-refusal",
+        True,
+        yes_no,
+        "report load 1 after a refusal for lack of RAM until the next update",
+    ),
+    Setting(
+        "count-cpu-wait",
+        False,
+        yes_no,
+        "count the time a VM waited for a host core as CPU it wanted (Xen and QEMU report it) (yes/no)",
+    ),
     Setting("overhead-mb", 12.0, float, "hypervisor overhead: this many MB ..."),
-    Setting("overhead-kb-per-mb", 7.0, float, "... plus this many KB per MB of host RAM"),
+    Setting(
+        "overhead-kb-per-mb", 7.0, float, "... plus this many KB per MB of host RAM"
+    ),
     Setting("host-reserve-mb", 0.0, float, "RAM the host keeps for itself"),
-    Setting("registration-life", 90.0, positive_float, "seconds a registration lives without an update"),
-    Setting("pool-secret-file", None, secret_file, "the pool's secret: seals cookies, proves registrations"),
-    Setting("cookie-max-age", 86400.0, positive_float, "seconds a cookie is accepted after it was issued"),
-    Setting("rebalance", None, str, "a rebalancer plugin: plan (the lowest PE identifier plans moves for the pool), gap-fit, hot-cold"),
-    Setting("rebalance-interval", 120.0, positive_float, "seconds between rebalancing decisions"),
-    Setting("lease", 60.0, float, "seconds a VM outlives its PU, waiting for its keeper to come back (0: none)"),
-    Setting("stonith", None, str, "fencing plugin for failovers: fence-agent, libvirt, command, manual, watchdog"),
-    Setting("stonith-option", {}, options_list, "its options, e.g. agent=fence_virsh,ip=10.0.0.1"),
-    Setting("fence-map", None, str, "INI file: a [HOST] section per fencing target with its options"),
-    Setting("shutdown-timeout", 30.0, positive_float, "seconds a guest has to shut down before it is destroyed"),
-    Setting("idle-timeout", 60.0, positive_float, "seconds of PU silence that end its session"),
+    Setting(
+        "registration-life",
+        90.0,
+        positive_float,
+        "seconds a registration lives without an update",
+    ),
+    Setting(
+        "pool-secret-file",
+        None,
+        secret_file,
+        "the pool's secret: seals cookies, proves registrations",
+    ),
+    Setting(
+        "cookie-max-age",
+        86400.0,
+        positive_float,
+        "seconds a cookie is accepted after it was issued",
+    ),
+    Setting(
+        "rebalance",
+        None,
+        str,
+        "a rebalancer plugin: plan (the lowest PE identifier plans moves for the pool), gap-fit, hot-cold",
+    ),
+    Setting(
+        "rebalance-interval",
+        120.0,
+        positive_float,
+        "seconds between rebalancing decisions",
+    ),
+    Setting(
+        "lease",
+        60.0,
+        float,
+        "seconds a VM outlives its PU, waiting for its keeper to come back (0: none)",
+    ),
+    Setting(
+        "stonith",
+        None,
+        str,
+        "fencing plugin for failovers: fence-agent, libvirt, command, manual, watchdog",
+    ),
+    Setting(
+        "stonith-option",
+        {},
+        options_list,
+        "its options, e.g. agent=fence_virsh,ip=10.0.0.1",
+    ),
+    Setting(
+        "fence-map",
+        None,
+        str,
+        "INI file: a [HOST] section per fencing target with its options",
+    ),
+    Setting(
+        "shutdown-timeout",
+        30.0,
+        positive_float,
+        "seconds a guest has to shut down before it is destroyed",
+    ),
+    Setting(
+        "idle-timeout",
+        60.0,
+        positive_float,
+        "seconds of PU silence that end its session",
+    ),
     Setting("status", None, str, "HTTP endpoint for /status (JSON) and /metrics"),
-    Setting("logfile", None, str, "also write structured logs to this file as JSON lines"),
+    Setting(
+        "logfile", None, str, "also write structured logs to this file as JSON lines"
+    ),
 ]
 
 
-class Options(make_options(SETTINGS, "pe", "Run a pool element on this hypervisor host.")):
+class Options(
+    make_options(SETTINGS, "pe", "Run a pool element on this hypervisor host.")
+):
     def postOptions(self) -> None:
         super().postOptions()
         from twisted.internet import reactor
@@ -116,12 +265,22 @@ class Options(make_options(SETTINGS, "pe", "Run a pool element on this hyperviso
         from .. import sctp
 
         try:
-            sctp.check([*s["registrar"], *s["voter"], *([f"sctp:{s['port']}"] if s["transport"] == "sctp" else [])])
+            sctp.check(
+                [
+                    *s["registrar"],
+                    *s["voter"],
+                    *([f"sctp:{s['port']}"] if s["transport"] == "sctp" else []),
+                ]
+            )
         except ValueError as err:
             raise usage.UsageError(str(err)) from None
-        self.plugins = load_plugins(reactor=reactor)  # passed to the stonith, storage and hypervisor providers
+        self.plugins = load_plugins(
+            reactor=reactor
+        )  # passed to the stonith, storage and hypervisor providers
         try:
-            self.metric = self.plugins.create("load", s["load-plugin"], **s["load-weight"])
+            self.metric = self.plugins.create(
+                "load", s["load-plugin"], **s["load-weight"]
+            )
         except PluginError as err:
             raise usage.UsageError(f"--load-plugin: {err}") from None
         name, _, arguments = s["policy"].partition(":")
@@ -131,8 +290,12 @@ class Options(make_options(SETTINGS, "pe", "Run a pool element on this hyperviso
             self.policy.make_parameter(0.0, self.policy_arguments)
         except (PluginError, ValueError) as err:
             raise usage.UsageError(f"--policy: {err}") from None
-        if s["migration-uri"] and not S.MIGRATION_URI_PATTERN.fullmatch(s["migration-uri"]):
-            raise usage.UsageError(f"--migration-uri: {s['migration-uri']!r} is not a libvirt URI")
+        if s["migration-uri"] and not S.MIGRATION_URI_PATTERN.fullmatch(
+            s["migration-uri"]
+        ):
+            raise usage.UsageError(
+                f"--migration-uri: {s['migration-uri']!r} is not a libvirt URI"
+            )
         self.rebalancer = None
         if s["rebalance"]:
             try:
@@ -145,7 +308,9 @@ class Options(make_options(SETTINGS, "pe", "Run a pool element on this hyperviso
             from .fencing import StonithFencer, read_fence_map
 
             try:
-                stonith = self.plugins.create("stonith", s["stonith"], **s["stonith-option"])
+                stonith = self.plugins.create(
+                    "stonith", s["stonith"], **s["stonith-option"]
+                )
             except PluginError as err:
                 raise usage.UsageError(f"--stonith: {err}") from None
             fence_map = read_fence_map(s["fence-map"]) if s["fence-map"] else {}
@@ -155,12 +320,18 @@ class Options(make_options(SETTINGS, "pe", "Run a pool element on this hyperviso
             if ISelfFencing.providedBy(stonith) and not s["pe-id"]:
                 # a restarted PE must re-register as the same PE, or a takeover would wait out
                 # a watchdog that the new process keeps fed while the old VMs still run
-                raise usage.UsageError(f"--stonith {s['stonith']}: needs a fixed --pe-id")
+                raise usage.UsageError(
+                    f"--stonith {s['stonith']}: needs a fixed --pe-id"
+                )
             if ISelfFencing.providedBy(stonith):
                 try:  # opened (armed) now: a PE that cannot feed its watchdog never registers
                     self.watchdog = stonith.feeder(reactor)
                 except (OSError, ValueError) as err:
-                    why = err.strerror if isinstance(err, OSError) and err.strerror else err
+                    why = (
+                        err.strerror
+                        if isinstance(err, OSError) and err.strerror
+                        else err
+                    )
                     raise usage.UsageError(f"--stonith-option {why}") from None
 
 
@@ -174,26 +345,39 @@ def makeService(options: Options):
     s = options.settings
     json_log(s["logfile"])
     hypervisor = options.plugins.create(
-        "hypervisor", "libvirt", uri=s["libvirt-uri"], domain_template=s["domain-template"]
+        "hypervisor",
+        "libvirt",
+        uri=s["libvirt-uri"],
+        domain_template=s["domain-template"],
     )
     try:
         node = hypervisor.node_info()  # blocking, once, before the reactor runs
-    except Exception as err:  # noqa: BLE001 - libvirt's own message is the clearest
+    except Exception as err:
         raise usage.UsageError(f"--libvirt-uri {s['libvirt-uri']}: {err}") from None
     load_settings = LoadSettings(
-        sample_interval_s=s["load-interval"], smoothing=s["smoothing"], raise_on_refusal=s["raise-on-refusal"],
-        overhead_mb=s["overhead-mb"], overhead_kb_per_mb=s["overhead-kb-per-mb"], host_reserve_mb=s["host-reserve-mb"],
-        count_cpu_wait=s["count-cpu-wait"], load_window_s=s["load-window"],
-    )  # fmt: skip
+        sample_interval_s=s["load-interval"],
+        smoothing=s["smoothing"],
+        raise_on_refusal=s["raise-on-refusal"],
+        overhead_mb=s["overhead-mb"],
+        overhead_kb_per_mb=s["overhead-kb-per-mb"],
+        host_reserve_mb=s["host-reserve-mb"],
+        count_cpu_wait=s["count-cpu-wait"],
+        load_window_s=s["load-window"],
+    )
     settings = PeSettings(
-        pool_handle=s["pool"].encode(), pe_identifier=s["pe-id"] or random.SystemRandom().randrange(1, 2**32),
-        host=s["host"], secret=s["pool-secret-file"] or b"", cookie_max_age_s=s["cookie-max-age"],
-        shutdown_timeout_s=s["shutdown-timeout"], lease_s=s["lease"], migration_uri=s["migration-uri"],
-    )  # fmt: skip
-    from ..asap_client import TcpPoolAccess
+        pool_handle=s["pool"].encode(),
+        pe_identifier=s["pe-id"] or random.SystemRandom().randrange(1, 2**32),
+        host=s["host"],
+        secret=s["pool-secret-file"] or b"",
+        cookie_max_age_s=s["cookie-max-age"],
+        shutdown_timeout_s=s["shutdown-timeout"],
+        lease_s=s["lease"],
+        migration_uri=s["migration-uri"],
+    )
     from twisted.internet import endpoints
     from twisted.logger import Logger
 
+    from ..asap_client import TcpPoolAccess
     from .disks import disk_release_function, disk_xml_function
     from .leases import LeaseSettings, VmLeases
     from .service import TcpClaimAsker, TcpVoter
@@ -201,42 +385,79 @@ def makeService(options: Options):
     log = Logger()
 
     target = "xvda" if s["libvirt-uri"].startswith("xen") else "vda"
-    registrars, announce_listener = discovery.registrars(reactor, s["registrar"], s["registrar-announce"], s["announce-interface"])
+    registrars, announce_listener = discovery.registrars(
+        reactor, s["registrar"], s["registrar-announce"], s["announce-interface"]
+    )
     pool_access = TcpPoolAccess(reactor, registrars)
-    claims = TcpClaimAsker(reactor, pool_access, settings.pool_handle, settings.pe_identifier)
-    voters = [TcpVoter(reactor, endpoints.clientFromString(reactor, d), s["voter-timeout"])
-              for d in dict.fromkeys(s["voter"] or s["registrar"])]  # fmt: skip
+    claims = TcpClaimAsker(
+        reactor, pool_access, settings.pool_handle, settings.pe_identifier
+    )
+    voters = [
+        TcpVoter(reactor, endpoints.clientFromString(reactor, d), s["voter-timeout"])
+        for d in dict.fromkeys(s["voter"] or s["registrar"])
+    ]
     if not voters:
-        log.warn("no --voter and no --registrar list: starts are not arbitrated by VM leases, so two PEs asked at "
-                 "once may both start a VM; give every PE the same --voter list")  # fmt: skip
-    lease_settings = LeaseSettings(settings.pool_handle, settings.pe_identifier, settings.host, settings.secret, s["vm-lease"])
+        log.warn(
+            "no --voter and no --registrar list: starts are not arbitrated by VM leases, so two PEs asked at "
+            "once may both start a VM; give every PE the same --voter list"
+        )
+    lease_settings = LeaseSettings(
+        settings.pool_handle,
+        settings.pe_identifier,
+        settings.host,
+        settings.secret,
+        s["vm-lease"],
+    )
     leases = VmLeases(voters, lease_settings, reactor)
     if options.fencer is not None:
         options.fencer.clock = reactor  # failed fences are held off for a while
     core = PoolElementCore(
-        settings, hypervisor, HostAccounting(node, load_settings), options.metric, reactor, fencer=options.fencer,
-        claims=claims, leases=leases,
+        settings,
+        hypervisor,
+        HostAccounting(node, load_settings),
+        options.metric,
+        reactor,
+        fencer=options.fencer,
+        claims=claims,
+        leases=leases,
         disk_xml=disk_xml_function(options.plugins, target),
         disk_release=disk_release_function(options.plugins),
-    )  # fmt: skip
+    )
     bind = f":interface={s['bind']}" if s["bind"] else ""
     pe = PoolElementService(
-        core, options.policy, options.policy_arguments, reactor, registrars=registrars,
-        user_endpoint=f"{s['transport']}:{s['port']}{bind}", user_address=s["address"], user_port=s["port"],
-        load_interval_s=s["load-interval"], registration_life_ms=round(s["registration-life"] * 1000),
-        idle_timeout=s["idle-timeout"], status=s["status"],
-        rebalancer=options.rebalancer, rebalance_interval_s=s["rebalance-interval"], pool_access=pool_access,
-    )  # fmt: skip
-    if "://" in s["libvirt-uri"] and s["libvirt-uri"].split("://", 1)[1].startswith("/") and hypervisor.measures_cpu:
+        core,
+        options.policy,
+        options.policy_arguments,
+        reactor,
+        registrars=registrars,
+        user_endpoint=f"{s['transport']}:{s['port']}{bind}",
+        user_address=s["address"],
+        user_port=s["port"],
+        load_interval_s=s["load-interval"],
+        registration_life_ms=round(s["registration-life"] * 1000),
+        idle_timeout=s["idle-timeout"],
+        status=s["status"],
+        rebalancer=options.rebalancer,
+        rebalance_interval_s=s["rebalance-interval"],
+        pool_access=pool_access,
+    )
+    if (
+        "://" in s["libvirt-uri"]
+        and s["libvirt-uri"].split("://", 1)[1].startswith("/")
+        and hypervisor.measures_cpu
+    ):
         from .accounting import HostCpu
 
-        core.host_cpu = HostCpu()  # a local hypervisor: this machine's /proc/stat is the host's
+        core.host_cpu = (
+            HostCpu()
+        )  # a local hypervisor: this machine's /proc/stat is the host's
     HypervisorService(hypervisor).setServiceParent(pe)
     if announce_listener is not None:
         announce_listener.setServiceParent(pe)
     if options.fencer is not None and options.watchdog is not None:
         from .fencing import attach_self_fencing
 
-        attach_self_fencing(options.fencer.stonith, options.watchdog, pe, core, registrars, reactor)
+        attach_self_fencing(
+            options.fencer.stonith, options.watchdog, pe, core, registrars, reactor
+        )
     return pe
-

@@ -9,7 +9,8 @@ decoders, which have already validated every value.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def constructor(cls: type) -> Callable[..., Any]:
@@ -17,8 +18,10 @@ def constructor(cls: type) -> Callable[..., Any]:
     namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
     lines = [f"def make({', '.join(names)}):", "    obj = _new(_cls)"]
     for i, name in enumerate(names):
-        namespace[f"_set{i}"] = getattr(cls, name).__set__  # the slot's member descriptor
+        namespace[f"_set{i}"] = getattr(
+            cls, name
+        ).__set__  # the slot's member descriptor
         lines.append(f"    _set{i}(obj, {name})")
     lines.append("    return obj")
-    exec("\n".join(lines), namespace)  # noqa: S102 - source built from field names only
+    exec("\n".join(lines), namespace)
     return namespace["make"]

@@ -50,14 +50,18 @@ class SessionState:
     host: str  # the issuing PE's fencing identity (its hostname)
     pe_identifier: int
     issued_at: float  # seconds since the epoch, millisecond precision
-    cpu_cores: float = 0.0  # the CPU it used on the issuing host, in cores; 0: not measured
+    cpu_cores: float = (
+        0.0  # the CPU it used on the issuing host, in cores; 0: not measured
+    )
 
 
 class CookieError(ProtocolError):
     """A cookie that must not be trusted. ``reason`` is one line for the PU."""
 
     def __init__(self, reason: str, offset: int = 0) -> None:
-        super().__init__(reason, field="cookie", offset=offset, cause=Cause.SECURITY_REJECTION)
+        super().__init__(
+            reason, field="cookie", offset=offset, cause=Cause.SECURITY_REJECTION
+        )
 
 
 def _text(value: str | bytes, limit: int, field: str) -> bytes:
@@ -92,13 +96,20 @@ def seal(state: SessionState, secret: bytes) -> bytes:
 
 def _parse(body: bytes) -> SessionState:
     """The fields of a cookie body (everything before the MAC)."""
-    magic, version, flags, cpu_steps, vcpus, ram_mb, pe_id, issued_ms = _FIXED.unpack_from(body, 0)
+    magic, version, flags, cpu_steps, vcpus, ram_mb, pe_id, issued_ms = (
+        _FIXED.unpack_from(body, 0)
+    )
     if magic != MAGIC or version != COOKIE_VERSION:
         raise CookieError(f"unknown cookie format {magic!r} version {version}")
     pos = _FIXED.size
     fields = []
-    for name, limit in (("pool_handle", MAX_POOL_HANDLE), ("server_id", MAX_SERVER_ID), ("disk", MAX_DISK),
-                        ("ips", MAX_IP_LIST), ("host", MAX_HOST)):  # fmt: skip
+    for name, limit in (
+        ("pool_handle", MAX_POOL_HANDLE),
+        ("server_id", MAX_SERVER_ID),
+        ("disk", MAX_DISK),
+        ("ips", MAX_IP_LIST),
+        ("host", MAX_HOST),
+    ):
         if len(body) - pos < 2:
             raise CookieError(f"truncated at {name}", pos)
         (n,) = _U16.unpack_from(body, pos)
@@ -114,9 +125,18 @@ def _parse(body: bytes) -> SessionState:
     except UnicodeDecodeError:
         raise CookieError("text field not UTF-8") from None
     return SessionState(
-        handle, texts[0], texts[1], tuple(texts[2].split()), ram_mb, vcpus,
-        bool(flags & _RUNNING), texts[3], pe_id, issued_ms / 1000, cpu_steps / CPU_STEPS_PER_CORE,
-    )  # fmt: skip
+        handle,
+        texts[0],
+        texts[1],
+        tuple(texts[2].split()),
+        ram_mb,
+        vcpus,
+        bool(flags & _RUNNING),
+        texts[3],
+        pe_id,
+        issued_ms / 1000,
+        cpu_steps / CPU_STEPS_PER_CORE,
+    )
 
 
 def _body(data: bytes) -> bytes:
@@ -131,16 +151,26 @@ def peek(data: bytes) -> SessionState:
     return _parse(_body(data))
 
 
-def unseal(data: bytes, secret: bytes, *, pool_handle: bytes, now: float, max_age_s: float) -> SessionState:
+def unseal(
+    data: bytes, secret: bytes, *, pool_handle: bytes, now: float, max_age_s: float
+) -> SessionState:
     """Check and open a cookie; raises CookieError saying why it is refused."""
     body = _body(data)
-    if not hmac.compare_digest(data[-MAC_SIZE:], hmac.new(secret, body, hashlib.sha256).digest()):
-        raise CookieError("bad MAC: forged, altered or sealed with another pool secret", len(body))
+    if not hmac.compare_digest(
+        data[-MAC_SIZE:], hmac.new(secret, body, hashlib.sha256).digest()
+    ):
+        raise CookieError(
+            "bad MAC: forged, altered or sealed with another pool secret", len(body)
+        )
     state = _parse(body)
     if state.pool_handle != pool_handle:
-        raise CookieError(f"issued for pool {state.pool_handle!r}, this is pool {pool_handle!r}")
+        raise CookieError(
+            f"issued for pool {state.pool_handle!r}, this is pool {pool_handle!r}"
+        )
     if now - state.issued_at > max_age_s:
-        raise CookieError(f"expired: issued {now - state.issued_at:.0f} s ago, at most {max_age_s:.0f} s accepted")
+        raise CookieError(
+            f"expired: issued {now - state.issued_at:.0f} s ago, at most {max_age_s:.0f} s accepted"
+        )
     if state.issued_at - now > CLOCK_SKEW_S:
         raise CookieError(f"issued {state.issued_at - now:.0f} s in the future")
     return state

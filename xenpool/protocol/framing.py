@@ -15,7 +15,8 @@ close) and nothing more is buffered.
 from __future__ import annotations
 
 import struct
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from . import messages, session
 from .errors import Cause, ProtocolError
@@ -44,7 +45,9 @@ class _Framer(Generic[T]):
             raise self._broken
         self._buffer += data
         if len(self._buffer) >= self.header_size:
-            self._frame_size(bytes(self._buffer[: self.header_size]))  # refuse a bad length now
+            self._frame_size(
+                bytes(self._buffer[: self.header_size])
+            )  # refuse a bad length now
 
     def next_frame(self) -> bytes | None:
         """The next whole frame's bytes, undecoded (None until one is complete)."""
@@ -77,7 +80,9 @@ class _Framer(Generic[T]):
 
     def _fatal(self, reason: str, field: str, offset: int) -> ProtocolError:
         self._buffer.clear()
-        self._broken = ProtocolError(reason, field=field, offset=self._offset + offset, fatal=True)
+        self._broken = ProtocolError(
+            reason, field=field, offset=self._offset + offset, fatal=True
+        )
         return self._broken
 
 
@@ -86,15 +91,25 @@ class RSerPoolStream(_Framer[messages.Message]):
 
     header_size = 4
 
-    def __init__(self, ppid: int = messages.ASAP_PPID, max_message_size: int = messages.MAX_MESSAGE_SIZE) -> None:
+    def __init__(
+        self,
+        ppid: int = messages.ASAP_PPID,
+        max_message_size: int = messages.MAX_MESSAGE_SIZE,
+    ) -> None:
         super().__init__(max_message_size)
         self.ppid = ppid
-        self.reports: list[bytes] = []  # unknown parameters to report ("skip and report")
+        self.reports: list[
+            bytes
+        ] = []  # unknown parameters to report ("skip and report")
 
     def _frame_size(self, header: bytes) -> int:
         length = (header[2] << 8) | header[3]
         if length < 4 or length > self.max_message_size:
-            raise self._fatal(f"length {length} outside 4..{self.max_message_size}", "message_length", 2)
+            raise self._fatal(
+                f"length {length} outside 4..{self.max_message_size}",
+                "message_length",
+                2,
+            )
         return length
 
     def _decode(self, header: bytes, frame: bytes) -> messages.Message:
@@ -110,7 +125,9 @@ class ShimStream(_Framer["tuple[int, object]"]):
         super().__init__(max_message_size)
         self.reports: list[bytes] = []
         self._decoders: dict[int, Callable[[bytes], object]] = {
-            messages.ASAP_PPID: lambda b: messages.decode(b, messages.ASAP_PPID, self.reports),
+            messages.ASAP_PPID: lambda b: messages.decode(
+                b, messages.ASAP_PPID, self.reports
+            ),
             session.XENPOOL_PPID: session.decode,
         }
         # The last application frame and its message: a PU's heartbeats are the same
@@ -143,9 +160,12 @@ class ShimStream(_Framer["tuple[int, object]"]):
         decoder = self._decoders.get(ppid)
         if decoder is None:
             raise ProtocolError(
-                f"unknown PPID {ppid}", field="shim.ppid", offset=0, cause=Cause.UNRECOGNIZED_MESSAGE,
+                f"unknown PPID {ppid}",
+                field="shim.ppid",
+                offset=0,
+                cause=Cause.UNRECOGNIZED_MESSAGE,
                 data=frame[: messages.MAX_ERROR_INFO],
-            )  # fmt: skip
+            )
         try:
             return decoder(frame[SHIM.size :])
         except ProtocolError as err:

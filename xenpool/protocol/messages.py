@@ -18,7 +18,14 @@ from typing import Any, ClassVar
 from . import params as P
 from ._construct import constructor
 from .errors import Cause, ProtocolError
-from .params import ErrorCause, OperationError, PoolElement, PoolPolicy, ServerInformation, Transport
+from .params import (
+    ErrorCause,
+    OperationError,
+    PoolElement,
+    PoolPolicy,
+    ServerInformation,
+    Transport,
+)
 
 ASAP_PPID = 11
 ENRP_PPID = 12
@@ -137,7 +144,11 @@ class Deregistration(AsapMessage):
 class RegistrationResponse(AsapMessage):
     TYPE = AsapType.REGISTRATION_RESPONSE
     FLAGS = {"reject": 0x01}
-    PARAMS = (("pool_handle", _HANDLE, ONE), ("pe_identifier", _PE_ID, ONE), ("error", _ERROR, OPTIONAL))
+    PARAMS = (
+        ("pool_handle", _HANDLE, ONE),
+        ("pe_identifier", _PE_ID, ONE),
+        ("error", _ERROR, OPTIONAL),
+    )
     pool_handle: bytes
     pe_identifier: int
     reject: bool = False
@@ -169,7 +180,9 @@ class HandleResolution(AsapMessage):
     )
     pool_handle: bytes
     items: int | None = None  # rsplib's Handle Resolution Option: PEs wanted
-    ram_mb: int | None = None  # xenpool: the RAM the PU's VM needs, for policies that fit it
+    ram_mb: int | None = (
+        None  # xenpool: the RAM the PU's VM needs, for policies that fit it
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +259,11 @@ class CookieEcho(AsapMessage):
 @dataclass(frozen=True, slots=True)
 class BusinessCard(AsapMessage):
     TYPE = AsapType.BUSINESS_CARD
-    PARAMS = (("pool_handle", _HANDLE, ONE), ("policy", _POLICY, OPTIONAL), ("pool_elements", _PE, MANY))
+    PARAMS = (
+        ("pool_handle", _HANDLE, ONE),
+        ("policy", _POLICY, OPTIONAL),
+        ("pool_elements", _PE, MANY),
+    )
     pool_handle: bytes
     pool_elements: tuple[PoolElement, ...] = ()
     policy: PoolPolicy | None = None
@@ -267,7 +284,10 @@ class Presence(EnrpMessage):
     TYPE = EnrpType.PRESENCE
     FLAGS = {"reply_required": 0x01}
     FIXED = _ENRP_IDS
-    PARAMS = (("checksum", _CHECKSUM, ONE), ("server_information", _SERVER_INFO, OPTIONAL))
+    PARAMS = (
+        ("checksum", _CHECKSUM, ONE),
+        ("server_information", _SERVER_INFO, OPTIONAL),
+    )
     sender_id: int
     receiver_id: int
     checksum: int
@@ -375,18 +395,37 @@ class EnrpError(EnrpMessage):
 ASAP_MESSAGES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (
-        Registration, Deregistration, RegistrationResponse, DeregistrationResponse,
-        HandleResolution, HandleResolutionResponse, EndpointKeepAlive, EndpointKeepAliveAck,
-        EndpointUnreachable, ServerAnnounce, Cookie, CookieEcho, BusinessCard, AsapError,
+        Registration,
+        Deregistration,
+        RegistrationResponse,
+        DeregistrationResponse,
+        HandleResolution,
+        HandleResolutionResponse,
+        EndpointKeepAlive,
+        EndpointKeepAliveAck,
+        EndpointUnreachable,
+        ServerAnnounce,
+        Cookie,
+        CookieEcho,
+        BusinessCard,
+        AsapError,
     )
-}  # fmt: skip
+}
 ENRP_MESSAGES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (
-        Presence, HandleTableRequest, HandleTableResponse, HandleUpdate, ListRequest,
-        ListResponse, InitTakeover, InitTakeoverAck, TakeoverServer, EnrpError,
+        Presence,
+        HandleTableRequest,
+        HandleTableResponse,
+        HandleUpdate,
+        ListRequest,
+        ListResponse,
+        InitTakeover,
+        InitTakeoverAck,
+        TakeoverServer,
+        EnrpError,
     )
-}  # fmt: skip
+}
 MESSAGES_BY_PPID = {ASAP_PPID: ASAP_MESSAGES, ENRP_PPID: ENRP_MESSAGES}
 
 # --------------------------------------------------------------------------- layout
@@ -395,7 +434,16 @@ MESSAGES_BY_PPID = {ASAP_PPID: ASAP_MESSAGES, ENRP_PPID: ENRP_MESSAGES}
 class _Layout:
     """What the generic codec needs of one message class, computed once."""
 
-    __slots__ = ("cls", "flags", "fixed", "fixed_slots", "params", "accepted", "defaults", "make")
+    __slots__ = (
+        "cls",
+        "flags",
+        "fixed",
+        "fixed_slots",
+        "params",
+        "accepted",
+        "defaults",
+        "make",
+    )
 
     def __init__(self, cls: type[Message]) -> None:
         self.cls = cls
@@ -406,18 +454,27 @@ class _Layout:
         self.fixed = struct.Struct(fmt) if fmt else None
         self.fixed_slots = slice(0, len(names))
         assert fields[: len(names)] == list(names), cls  # fixed fields come first
-        self.params = tuple((name, types, card, index[name]) for name, types, card in cls.PARAMS)
+        self.params = tuple(
+            (name, types, card, index[name]) for name, types, card in cls.PARAMS
+        )
         # parameter type -> (field position, cardinality)
-        self.accepted = {t: (index[name], card, name) for name, types, card in cls.PARAMS for t in types}
+        self.accepted = {
+            t: (index[name], card, name)
+            for name, types, card in cls.PARAMS
+            for t in types
+        }
         self.defaults = [None] * len(fields)
         self.make = constructor(cls)
 
 
 _LAYOUTS: dict[type, _Layout] = {
-    cls: _Layout(cls) for table in (ASAP_MESSAGES, ENRP_MESSAGES) for cls in table.values()
+    cls: _Layout(cls)
+    for table in (ASAP_MESSAGES, ENRP_MESSAGES)
+    for cls in table.values()
 }
 _DECODE_LAYOUTS = {
-    ppid: {t: _LAYOUTS[cls] for t, cls in table.items()} for ppid, table in MESSAGES_BY_PPID.items()
+    ppid: {t: _LAYOUTS[cls] for t, cls in table.items()}
+    for ppid, table in MESSAGES_BY_PPID.items()
 }
 _HEADER = struct.Struct("!BBH")
 
@@ -450,11 +507,15 @@ def encode(msg: Message) -> bytes:
     body = b"".join(parts)
     length = 4 + len(body)
     if length > MAX_MESSAGE_SIZE:
-        raise ValueError(f"{type(msg).__name__} of {length} bytes exceeds {MAX_MESSAGE_SIZE}")
+        raise ValueError(
+            f"{type(msg).__name__} of {length} bytes exceeds {MAX_MESSAGE_SIZE}"
+        )
     return _HEADER.pack(msg.TYPE, flags, length) + body
 
 
-def decode(data: bytes, ppid: int = ASAP_PPID, reports: list[bytes] | None = None) -> Message:
+def decode(
+    data: bytes, ppid: int = ASAP_PPID, reports: list[bytes] | None = None
+) -> Message:
     """Decode exactly one message. ``ppid`` says ASAP (11) or ENRP (12).
 
     Unknown parameters whose type says "skip and report" are appended to ``reports``.
@@ -462,10 +523,14 @@ def decode(data: bytes, ppid: int = ASAP_PPID, reports: list[bytes] | None = Non
     """
     size = len(data)
     if size < 4:
-        raise ProtocolError(f"{size} bytes, a header needs 4", field="message_length", offset=0)
+        raise ProtocolError(
+            f"{size} bytes, a header needs 4", field="message_length", offset=0
+        )
     mtype, flags, length = _HEADER.unpack_from(data, 0)
     if length != size:
-        raise ProtocolError(f"says {length} bytes, has {size}", field="message_length", offset=2)
+        raise ProtocolError(
+            f"says {length} bytes, has {size}", field="message_length", offset=2
+        )
     layout = _DECODE_LAYOUTS[ppid].get(mtype)
     if layout is None:
         raise ProtocolError(
@@ -481,7 +546,9 @@ def decode(data: bytes, ppid: int = ASAP_PPID, reports: list[bytes] | None = Non
     pos = 4
     if layout.fixed:
         if size < 4 + layout.fixed.size:
-            raise ProtocolError("truncated fixed fields", field=layout.cls.FIXED[1][0], offset=4)
+            raise ProtocolError(
+                "truncated fixed fields", field=layout.cls.FIXED[1][0], offset=4
+            )
         values[layout.fixed_slots] = layout.fixed.unpack_from(data, 4)
         pos += layout.fixed.size
     if layout.cls is HandleTableResponse:
@@ -507,12 +574,16 @@ def decode(data: bytes, ppid: int = ASAP_PPID, reports: list[bytes] | None = Non
         elif values[i] is None:
             values[i] = value
         else:
-            raise ProtocolError(f"more than one in {layout.cls.__name__}", field=name, offset=vs - 4)
+            raise ProtocolError(
+                f"more than one in {layout.cls.__name__}", field=name, offset=vs - 4
+            )
     for name, _types, card, i in layout.params:
         if card == MANY:
             values[i] = tuple(values[i]) if values[i] else ()
         elif card == ONE and values[i] is None:
-            raise ProtocolError(f"missing in {layout.cls.__name__}", field=name, offset=size)
+            raise ProtocolError(
+                f"missing in {layout.cls.__name__}", field=name, offset=size
+            )
     return layout.make(*values)
 
 
@@ -537,7 +608,9 @@ def _decode_table_entries(data: bytes, pos: int, end: int, reports) -> tuple:
 MAX_ERROR_INFO = 1024
 
 
-def error_for(err: ProtocolError, ppid: int = ASAP_PPID, sender_id: int = 0, receiver_id: int = 0) -> Message:
+def error_for(
+    err: ProtocolError, ppid: int = ASAP_PPID, sender_id: int = 0, receiver_id: int = 0
+) -> Message:
     """The ERROR message that answers a ProtocolError (RFC 5354 cause and its info)."""
     info = err.data[:MAX_ERROR_INFO]
     if not info and err.cause == Cause.INVALID_VALUES:
@@ -550,4 +623,9 @@ def error_for(err: ProtocolError, ppid: int = ASAP_PPID, sender_id: int = 0, rec
 
 def unrecognized_parameters(reports: list[bytes]) -> OperationError:
     """One Operation Error reporting skipped-and-reported parameters (a few, cut short)."""
-    return OperationError(tuple(ErrorCause(Cause.UNRECOGNIZED_PARAMETER, tlv[:MAX_ERROR_INFO]) for tlv in reports[:8]))
+    return OperationError(
+        tuple(
+            ErrorCause(Cause.UNRECOGNIZED_PARAMETER, tlv[:MAX_ERROR_INFO])
+            for tlv in reports[:8]
+        )
+    )

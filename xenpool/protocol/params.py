@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import ipaddress
 import hmac
+import ipaddress
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 from ._construct import constructor
 from .errors import Cause, ProtocolError
@@ -109,7 +110,12 @@ POLICY_FIELDS: dict[int, tuple[str, ...]] = {
     PolicyType.RANDOMIZED_PRIORITY_LEAST_USED_DEGRADATION: ("load", "load_degradation"),
     PolicyType.WEIGHTED_RANDOM_DPF: ("weight", "weight_dpf", "distance"),
     PolicyType.LEAST_USED_DPF: ("load", "load_dpf", "distance"),
-    PolicyType.LEAST_USED_DEGRADATION_DPF: ("load", "load_degradation", "load_dpf", "distance"),
+    PolicyType.LEAST_USED_DEGRADATION_DPF: (
+        "load",
+        "load_degradation",
+        "load_dpf",
+        "distance",
+    ),
     PolicyType.LEAST_USED_FREE_RAM: ("load", "free_ram_mb"),
 }
 
@@ -145,12 +151,14 @@ class PoolPolicy:
     opaque: bytes = b""
 
     @classmethod
-    def make(cls, policy_type: int, **fields: int) -> "PoolPolicy":
+    def make(cls, policy_type: int, **fields: int) -> PoolPolicy:
         """``PoolPolicy.make(PolicyType.LEAST_USED, load=...)``; missing fields are 0."""
         names = POLICY_FIELDS[policy_type]
         unknown = set(fields) - set(names)
         if unknown:
-            raise ValueError(f"policy 0x{policy_type:08x} has no field {', '.join(sorted(unknown))}")
+            raise ValueError(
+                f"policy 0x{policy_type:08x} has no field {', '.join(sorted(unknown))}"
+            )
         return cls(policy_type, tuple(fields.get(name, 0) for name in names))
 
     def field(self, name: str) -> int:
@@ -206,7 +214,9 @@ class DccpTransport:
     service_code: int = 0
 
 
-Transport = SctpTransport | TcpTransport | UdpTransport | UdpLiteTransport | DccpTransport
+Transport = (
+    SctpTransport | TcpTransport | UdpTransport | UdpLiteTransport | DccpTransport
+)
 TRANSPORT_TYPES = (
     ParamType.SCTP_TRANSPORT,
     ParamType.TCP_TRANSPORT,
@@ -252,7 +262,7 @@ class OperationError:
     causes: tuple[ErrorCause, ...]
 
     @classmethod
-    def single(cls, cause: int, info: bytes = b"") -> "OperationError":
+    def single(cls, cause: int, info: bytes = b"") -> OperationError:
         return cls((ErrorCause(cause, info),))
 
 
@@ -285,7 +295,9 @@ def _addresses(addresses: tuple[str, ...]) -> bytes:
 
 
 def _encode_port_use(t: SctpTransport | TcpTransport) -> bytes:
-    return tlv(t.PARAM_TYPE, _PORT_USE.pack(t.port, t.transport_use) + _addresses(t.addresses))
+    return tlv(
+        t.PARAM_TYPE, _PORT_USE.pack(t.port, t.transport_use) + _addresses(t.addresses)
+    )
 
 
 def _encode_port_reserved(t: UdpTransport | UdpLiteTransport) -> bytes:
@@ -293,13 +305,18 @@ def _encode_port_reserved(t: UdpTransport | UdpLiteTransport) -> bytes:
 
 
 def _encode_dccp(t: DccpTransport) -> bytes:
-    return tlv(t.PARAM_TYPE, _DCCP_FIXED.pack(t.port, 0, t.service_code) + _addresses(t.addresses))
+    return tlv(
+        t.PARAM_TYPE,
+        _DCCP_FIXED.pack(t.port, 0, t.service_code) + _addresses(t.addresses),
+    )
 
 
 def encode_policy(p: PoolPolicy) -> bytes:
     expected = len(POLICY_FIELDS.get(p.policy_type, p.values))
     if len(p.values) != expected:
-        raise ValueError(f"policy 0x{p.policy_type:08x} needs {expected} values, has {len(p.values)}")
+        raise ValueError(
+            f"policy 0x{p.policy_type:08x} needs {expected} values, has {len(p.values)}"
+        )
     return tlv(
         ParamType.POOL_MEMBER_SELECTION_POLICY,
         struct.pack(f"!I{len(p.values)}I", p.policy_type, *p.values) + p.opaque,
@@ -318,12 +335,16 @@ def encode_pool_element(pe: PoolElement) -> bytes:
 
 
 def encode_server_information(si: ServerInformation) -> bytes:
-    return tlv(ParamType.SERVER_INFORMATION, _U32.pack(si.server_id) + encode_param(si.transport))
+    return tlv(
+        ParamType.SERVER_INFORMATION,
+        _U32.pack(si.server_id) + encode_param(si.transport),
+    )
 
 
 def encode_operation_error(oe: OperationError) -> bytes:
     body = b"".join(
-        _HDR.pack(c.code, 4 + len(c.info)) + c.info + b"\0" * (-len(c.info) & 3) for c in oe.causes
+        _HDR.pack(c.code, 4 + len(c.info)) + c.info + b"\0" * (-len(c.info) & 3)
+        for c in oe.causes
     )
     return tlv(ParamType.OPERATION_ERROR, body)
 
@@ -387,7 +408,11 @@ def reachable_address(transport, source: str) -> str:
 def registration_mac(secret: bytes, pool_handle: bytes, element: PoolElement) -> bytes:
     """HMAC-SHA256 under the pool's secret over the pool handle and the PE parameter
     (its canonical encoding), proving the registering PE knows the secret."""
-    return hmac.new(secret, b"xenpool-registration\0" + pool_handle + encode_pool_element(element), hashlib.sha256).digest()
+    return hmac.new(
+        secret,
+        b"xenpool-registration\0" + pool_handle + encode_pool_element(element),
+        hashlib.sha256,
+    ).digest()
 
 
 VALUE_ENCODERS: dict[int, Callable] = {
@@ -424,7 +449,9 @@ _inet_ntop = socket.inet_ntop
 _AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
 
 
-def _unknown(buf: bytes, ptype: int, pos: int, vend: int, field: str, reports: list[bytes] | None) -> None:
+def _unknown(
+    buf: bytes, ptype: int, pos: int, vend: int, field: str, reports: list[bytes] | None
+) -> None:
     """Handle an unknown parameter type as its top two bits say: raise, or note and skip."""
     action = ptype >> 14
     tlv_bytes = bytes(buf[pos:vend])
@@ -441,7 +468,9 @@ def _unknown(buf: bytes, ptype: int, pos: int, vend: int, field: str, reports: l
         reports.append(tlv_bytes)
 
 
-def params_in(buf: bytes, start: int, end: int, field: str, reports: list[bytes] | None) -> list[tuple[int, int, int]]:
+def params_in(
+    buf: bytes, start: int, end: int, field: str, reports: list[bytes] | None
+) -> list[tuple[int, int, int]]:
     """(type, value start, value end) of each known parameter in buf[start:end].
 
     Unknown types are handled as their top two bits say; the ones to report are
@@ -456,7 +485,11 @@ def params_in(buf: bytes, start: int, end: int, field: str, reports: list[bytes]
         ptype, plen = _unpack_hdr(buf, pos)
         vend = pos + plen
         if plen < 4 or vend > end:
-            raise ProtocolError(f"parameter length {plen} does not fit", field=f"{field}.parameter_length", offset=pos + 2)
+            raise ProtocolError(
+                f"parameter length {plen} does not fit",
+                field=f"{field}.parameter_length",
+                offset=pos + 2,
+            )
         if ptype in _KNOWN_TYPES:
             out.append((ptype, pos + 4, vend))
         else:
@@ -467,7 +500,9 @@ def params_in(buf: bytes, start: int, end: int, field: str, reports: list[bytes]
 
 def _need(buf_len: int, size: int, field: str, offset: int) -> None:
     if buf_len < size:
-        raise ProtocolError(f"needs {size} bytes, has {buf_len}", field=field, offset=offset)
+        raise ProtocolError(
+            f"needs {size} bytes, has {buf_len}", field=field, offset=offset
+        )
 
 
 def decode_address(buf: bytes, ptype: int, start: int, end: int, field: str) -> str:
@@ -476,10 +511,14 @@ def decode_address(buf: bytes, ptype: int, start: int, end: int, field: str) -> 
         return _inet_ntop(_AF_INET, buf[start:end])
     if ptype == _IPV6 and n == 16:
         return _inet_ntop(_AF_INET6, buf[start:end])
-    raise ProtocolError(f"bad address ({n} bytes, type 0x{ptype:04x})", field=field, offset=start - 4)
+    raise ProtocolError(
+        f"bad address ({n} bytes, type 0x{ptype:04x})", field=field, offset=start - 4
+    )
 
 
-def _decode_addresses(buf: bytes, start: int, end: int, field: str, reports, max_count: int) -> tuple[str, ...]:
+def _decode_addresses(
+    buf: bytes, start: int, end: int, field: str, reports, max_count: int
+) -> tuple[str, ...]:
     if end - start >= 8:  # fast path: exactly one address parameter
         ptype, plen = _unpack_hdr(buf, start)
         if start + plen == end and (ptype == _IPV4 or ptype == _IPV6):
@@ -487,10 +526,16 @@ def _decode_addresses(buf: bytes, start: int, end: int, field: str, reports, max
     out = []
     for ptype, vs, ve in params_in(buf, start, end, field, reports):
         if ptype != _IPV4 and ptype != _IPV6:
-            raise ProtocolError(f"expected an address, got parameter 0x{ptype:04x}", field=field, offset=vs - 4)
+            raise ProtocolError(
+                f"expected an address, got parameter 0x{ptype:04x}",
+                field=field,
+                offset=vs - 4,
+            )
         out.append(decode_address(buf, ptype, vs, ve, field))
     if not 0 < len(out) <= max_count:
-        raise ProtocolError(f"{len(out)} addresses, 1..{max_count} allowed", field=field, offset=start)
+        raise ProtocolError(
+            f"{len(out)} addresses, 1..{max_count} allowed", field=field, offset=start
+        )
     return tuple(out)
 
 
@@ -515,11 +560,19 @@ def _port_use_transport(new, field: str, max_addresses: int):
             if atype == _IPV4 and alen == 8:
                 if len(interned) >= MAX_INTERNED_TRANSPORTS:
                     interned.clear()
-                transport = interned[key] = new(port, (_inet_ntop(_AF_INET, addr),), use)
+                transport = interned[key] = new(
+                    port, (_inet_ntop(_AF_INET, addr),), use
+                )
                 return transport
         _need(end - start, 4, field, start)
         port, use = _PORT_USE.unpack_from(buf, start)
-        return new(port, _decode_addresses(buf, start + 4, end, f"{field}.address", reports, max_addresses), use)
+        return new(
+            port,
+            _decode_addresses(
+                buf, start + 4, end, f"{field}.address", reports, max_addresses
+            ),
+            use,
+        )
 
     return decode
 
@@ -531,22 +584,36 @@ _decode_tcp = _port_use_transport(_new_tcp, "tcp_transport", 1)
 def _decode_udp(buf, start, end, reports) -> UdpTransport:
     _need(end - start, 4, "udp_transport", start)
     port = _unpack_u16(buf, start)[0]
-    return _new_udp(port, _decode_addresses(buf, start + 4, end, "udp_transport.address", reports, 1))
+    return _new_udp(
+        port,
+        _decode_addresses(buf, start + 4, end, "udp_transport.address", reports, 1),
+    )
 
 
 def _decode_udp_lite(buf, start, end, reports) -> UdpLiteTransport:
     _need(end - start, 4, "udp_lite_transport", start)
     port = _unpack_u16(buf, start)[0]
-    return _new_udp_lite(port, _decode_addresses(buf, start + 4, end, "udp_lite_transport.address", reports, 1))
+    return _new_udp_lite(
+        port,
+        _decode_addresses(
+            buf, start + 4, end, "udp_lite_transport.address", reports, 1
+        ),
+    )
 
 
 def _decode_dccp(buf, start, end, reports) -> DccpTransport:
     _need(end - start, 8, "dccp_transport", start)
     port, _reserved, service = _DCCP_FIXED.unpack_from(buf, start)
-    return _new_dccp(port, _decode_addresses(buf, start + 8, end, "dccp_transport.address", reports, 1), service)
+    return _new_dccp(
+        port,
+        _decode_addresses(buf, start + 8, end, "dccp_transport.address", reports, 1),
+        service,
+    )
 
 
-_POLICY_STRUCTS = {ptype: struct.Struct(f"!{len(names)}I") for ptype, names in POLICY_FIELDS.items()}
+_POLICY_STRUCTS = {
+    ptype: struct.Struct(f"!{len(names)}I") for ptype, names in POLICY_FIELDS.items()
+}
 
 
 def _decode_policy(buf, start, end, reports) -> PoolPolicy:
@@ -579,9 +646,20 @@ def _decode_pool_element(buf, start, end, reports) -> PoolElement:
         p2 = pos + ((l1 + 3) & ~3)
         if decode_user is not None and l1 >= 4 and p2 + 8 <= end:
             t2, l2 = _unpack_hdr(buf, p2)
-            if t2 == _POLICY_TYPE and l2 >= 8 and (end == p2 + l2 or end == p2 + l2 + (-l2 & 3)):
+            if (
+                t2 == _POLICY_TYPE
+                and l2 >= 8
+                and (end == p2 + l2 or end == p2 + l2 + (-l2 & 3))
+            ):
                 user = decode_user(buf, pos + 4, pos + l1, reports)
-                return _new_pool_element(identifier, home, life, user, _decode_policy(buf, p2 + 4, p2 + l2, reports), None)
+                return _new_pool_element(
+                    identifier,
+                    home,
+                    life,
+                    user,
+                    _decode_policy(buf, p2 + 4, p2 + l2, reports),
+                    None,
+                )
     parts = params_in(buf, start + 12, end, "pool_element", reports)
     if not 2 <= len(parts) <= 3:
         raise ProtocolError(
@@ -592,9 +670,15 @@ def _decode_pool_element(buf, start, end, reports) -> PoolElement:
     user = _decode_transport(buf, parts[0], "pool_element.user_transport", reports)
     ptype, vs, ve = parts[1]
     if ptype != ParamType.POOL_MEMBER_SELECTION_POLICY:
-        raise ProtocolError("expected the selection policy", field="pool_element.policy", offset=vs - 4)
+        raise ProtocolError(
+            "expected the selection policy", field="pool_element.policy", offset=vs - 4
+        )
     policy = _decode_policy(buf, vs, ve, reports)
-    asap = _decode_transport(buf, parts[2], "pool_element.asap_transport", reports) if len(parts) == 3 else None
+    asap = (
+        _decode_transport(buf, parts[2], "pool_element.asap_transport", reports)
+        if len(parts) == 3
+        else None
+    )
     return _new_pool_element(identifier, home, life, user, policy, asap)
 
 
@@ -602,7 +686,11 @@ def _decode_transport(buf, part, field, reports) -> Transport:
     ptype, vs, ve = part
     decoder = _TRANSPORT_DECODERS.get(ptype)
     if decoder is None:
-        raise ProtocolError(f"expected a transport, got parameter 0x{ptype:04x}", field=field, offset=vs - 4)
+        raise ProtocolError(
+            f"expected a transport, got parameter 0x{ptype:04x}",
+            field=field,
+            offset=vs - 4,
+        )
     return decoder(buf, vs, ve, reports)
 
 
@@ -611,8 +699,13 @@ def _decode_server_information(buf, start, end, reports) -> ServerInformation:
     server_id = _unpack_u32(buf, start)[0]
     parts = params_in(buf, start + 4, end, "server_information", reports)
     if len(parts) != 1:
-        raise ProtocolError("needs exactly one transport", field="server_information", offset=start - 4)
-    return ServerInformation(server_id, _decode_transport(buf, parts[0], "server_information.transport", reports))
+        raise ProtocolError(
+            "needs exactly one transport", field="server_information", offset=start - 4
+        )
+    return ServerInformation(
+        server_id,
+        _decode_transport(buf, parts[0], "server_information.transport", reports),
+    )
 
 
 def _decode_operation_error(buf, start, end, reports) -> OperationError:
@@ -620,13 +713,21 @@ def _decode_operation_error(buf, start, end, reports) -> OperationError:
     pos = start
     while pos < end:
         if end - pos < 4:
-            raise ProtocolError("truncated cause header", field="operation_error.cause", offset=pos)
+            raise ProtocolError(
+                "truncated cause header", field="operation_error.cause", offset=pos
+            )
         code, clen = _unpack_hdr(buf, pos)
         if clen < 4 or pos + clen > end:
-            raise ProtocolError(f"cause length {clen} does not fit", field="operation_error.cause_length", offset=pos + 2)
+            raise ProtocolError(
+                f"cause length {clen} does not fit",
+                field="operation_error.cause_length",
+                offset=pos + 2,
+            )
         causes.append(ErrorCause(code, bytes(buf[pos + 4 : pos + clen])))
         if len(causes) > MAX_CAUSES:
-            raise ProtocolError(f"more than {MAX_CAUSES} causes", field="operation_error", offset=pos)
+            raise ProtocolError(
+                f"more than {MAX_CAUSES} causes", field="operation_error", offset=pos
+            )
         pos += clen + (-clen & 3)
     if not causes:
         raise ProtocolError("no cause", field="operation_error", offset=start - 4)
@@ -636,21 +737,31 @@ def _decode_operation_error(buf, start, end, reports) -> OperationError:
 def _decode_pool_handle(buf, start, end, reports) -> bytes:
     if not 0 < end - start <= MAX_POOL_HANDLE:
         raise ProtocolError(
-            f"pool handle of {end - start} bytes (1..{MAX_POOL_HANDLE})", field="pool_handle", offset=start - 4
+            f"pool handle of {end - start} bytes (1..{MAX_POOL_HANDLE})",
+            field="pool_handle",
+            offset=start - 4,
         )
     return bytes(buf[start:end])
 
 
 def _decode_cookie(buf, start, end, reports) -> bytes:
     if not 0 < end - start <= MAX_COOKIE:
-        raise ProtocolError(f"cookie of {end - start} bytes (1..{MAX_COOKIE})", field="cookie", offset=start - 4)
+        raise ProtocolError(
+            f"cookie of {end - start} bytes (1..{MAX_COOKIE})",
+            field="cookie",
+            offset=start - 4,
+        )
     return bytes(buf[start:end])
 
 
 def _fixed(struct_: struct.Struct, field: str):
     def decode(buf, start, end, reports) -> int:
         if end - start != struct_.size:
-            raise ProtocolError(f"needs {struct_.size} bytes, has {end - start}", field=field, offset=start - 4)
+            raise ProtocolError(
+                f"needs {struct_.size} bytes, has {end - start}",
+                field=field,
+                offset=start - 4,
+            )
         return struct_.unpack_from(buf, start)[0]
 
     return decode
@@ -658,12 +769,18 @@ def _fixed(struct_: struct.Struct, field: str):
 
 def _decode_mac(buf, start, end, reports) -> bytes:
     if end - start != 32:
-        raise ProtocolError(f"needs 32 bytes, has {end - start}", field="pool_authentication", offset=start - 4)
+        raise ProtocolError(
+            f"needs 32 bytes, has {end - start}",
+            field="pool_authentication",
+            offset=start - 4,
+        )
     return bytes(buf[start:end])
 
 
 def _not_here(buf, start, end, reports):
-    raise ProtocolError("address outside a transport", field="address", offset=start - 4)
+    raise ProtocolError(
+        "address outside a transport", field="address", offset=start - 4
+    )
 
 
 _TRANSPORT_DECODERS: dict[int, Callable] = {
@@ -697,6 +814,8 @@ def decode_param(data: bytes, reports: list[bytes] | None = None):
     """Decode one standalone parameter (a whole TLV, padding optional)."""
     parts = params_in(data, 0, len(data), "parameter", reports)
     if len(parts) != 1:
-        raise ProtocolError(f"expected one parameter, found {len(parts)}", field="parameter", offset=0)
+        raise ProtocolError(
+            f"expected one parameter, found {len(parts)}", field="parameter", offset=0
+        )
     ptype, vs, ve = parts[0]
     return PARAM_DECODERS[ptype](data, vs, ve, reports)

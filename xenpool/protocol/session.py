@@ -73,7 +73,9 @@ class ResultCode(enum.IntEnum):
     FENCE_FAILED = 15
     INVALID_REQUEST = 16
     NORMAL_END = 50
-    MOVED = 51  # stopped here to be started on another PE (rebalancing): a planned failover
+    MOVED = (
+        51  # stopped here to be started on another PE (rebalancing): a planned failover
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,18 +310,30 @@ def lease_request_mac(secret: bytes, request: LeaseRequest) -> bytes:
     import hmac
 
     unsigned = dataclasses.replace(request, mac=b"")
-    return hmac.new(secret, b"xenpool lease\0" + encode(unsigned), hashlib.sha256).digest()
+    return hmac.new(
+        secret, b"xenpool lease\0" + encode(unsigned), hashlib.sha256
+    ).digest()
 
 
-def move_request_mac(secret: bytes, pe_identifier: int, server_id: str, target_pe: int,
-                     migration: MigrationTarget | None = None, issued_s: int = 0) -> bytes:  # fmt: skip
+def move_request_mac(
+    secret: bytes,
+    pe_identifier: int,
+    server_id: str,
+    target_pe: int,
+    migration: MigrationTarget | None = None,
+    issued_s: int = 0,
+) -> bytes:
     """What proves a MoveRequest comes from a PE of the pool (which knows its secret).
     The migration target is covered too: else anyone could send a VM to a host of theirs;
     and the issue time: else a recorded request could be sent again later."""
     import hashlib
     import hmac
 
-    data = b"xenpool move\0" + struct.pack("!III", pe_identifier, target_pe, issued_s) + server_id.encode()
+    data = (
+        b"xenpool move\0"
+        + struct.pack("!III", pe_identifier, target_pe, issued_s)
+        + server_id.encode()
+    )
     if migration is not None:
         data += b"\0" + migration.host.encode() + b"\0" + migration.uri.encode()
     return hmac.new(secret, data, hashlib.sha256).digest()
@@ -363,10 +377,14 @@ class _Reader:
             raise ProtocolError("truncated length", field=field, offset=start)
         (n,) = _U16.unpack_from(self.data, start)
         if n > limit:
-            raise ProtocolError(f"{n} bytes, at most {limit}", field=field, offset=start)
+            raise ProtocolError(
+                f"{n} bytes, at most {limit}", field=field, offset=start
+            )
         end = start + 2 + n
         if end > len(self.data):
-            raise ProtocolError(f"says {n} bytes, message ends first", field=field, offset=start)
+            raise ProtocolError(
+                f"says {n} bytes, message ends first", field=field, offset=start
+            )
         self.pos = end
         try:
             return self.data[start + 2 : end].decode()
@@ -379,9 +397,13 @@ class _Reader:
             raise ProtocolError("truncated length", field=field, offset=start)
         n = self.data[start]
         if n > limit:
-            raise ProtocolError(f"{n} bytes, at most {limit}", field=field, offset=start)
+            raise ProtocolError(
+                f"{n} bytes, at most {limit}", field=field, offset=start
+            )
         if start + 1 + n > len(self.data):
-            raise ProtocolError(f"says {n} bytes, message ends first", field=field, offset=start)
+            raise ProtocolError(
+                f"says {n} bytes, message ends first", field=field, offset=start
+            )
         self.pos = start + 1 + n
         return bytes(self.data[start + 1 : self.pos])
 
@@ -395,7 +417,11 @@ class _Reader:
 
 
 def check_server_id(server_id: str, offset: int = 0) -> None:
-    if not server_id or len(server_id) > MAX_SERVER_ID or not SERVER_ID_PATTERN.fullmatch(server_id):
+    if (
+        not server_id
+        or len(server_id) > MAX_SERVER_ID
+        or not SERVER_ID_PATTERN.fullmatch(server_id)
+    ):
         raise ProtocolError(
             f"{server_id!r}: 1-{MAX_SERVER_ID} letters, digits, '.', '_' or '-'",
             field="server_id",
@@ -409,14 +435,20 @@ def check_create(msg: CreateServer, offsets: dict[str, int] | None = None) -> No
     at = (offsets or {}).get
     check_server_id(msg.server_id, at("server_id", 0))
     if msg.ram_mb <= 0:
-        raise ProtocolError("must be at least 1 MB", field="ram_mb", offset=at("ram_mb", 0))
+        raise ProtocolError(
+            "must be at least 1 MB", field="ram_mb", offset=at("ram_mb", 0)
+        )
     if msg.vcpus <= 0:
-        raise ProtocolError("must be at least 1", field="vcpus", offset=at("ram_mb", 0) + 4)
+        raise ProtocolError(
+            "must be at least 1", field="vcpus", offset=at("ram_mb", 0) + 4
+        )
     for ip in msg.ips:
         try:
             ipaddress.ip_address(ip)
         except ValueError:
-            raise ProtocolError(f"{ip!r} is not an IP address", field="ips", offset=at("ips", 0)) from None
+            raise ProtocolError(
+                f"{ip!r} is not an IP address", field="ips", offset=at("ips", 0)
+            ) from None
 
 
 def _write_migration(w: _Writer, migration: MigrationTarget | None) -> int:
@@ -440,7 +472,9 @@ def _read_migration(r: _Reader, flags: int) -> MigrationTarget | None:
     offset = r.pos
     uri = r.text(MAX_MIGRATION_URI, "migration_uri")
     if not MIGRATION_URI_PATTERN.fullmatch(uri):
-        raise ProtocolError(f"{uri!r} is not a libvirt URI", field="migration_uri", offset=offset)
+        raise ProtocolError(
+            f"{uri!r} is not a libvirt URI", field="migration_uri", offset=offset
+        )
     return MigrationTarget(host, uri)
 
 
@@ -480,7 +514,9 @@ def _enc_check_running(w: _Writer, msg: CheckRunning) -> tuple[int, int]:
     return msg.TYPE, 0
 
 
-def _enc_check_running_response(w: _Writer, msg: CheckRunningResponse) -> tuple[int, int]:
+def _enc_check_running_response(
+    w: _Writer, msg: CheckRunningResponse
+) -> tuple[int, int]:
     w.text(msg.server_id, MAX_SERVER_ID, "server_id")
     w.pack("!i", msg.state)
     return msg.TYPE, 0
@@ -524,7 +560,15 @@ def _enc_vm_query(w: _Writer, msg: VmQuery) -> tuple[int, int]:
 def _enc_vm_report(w: _Writer, msg: VmReport) -> tuple[int, int]:
     if len(msg.vms) > MAX_REPORT_VMS:
         raise ValueError(f"{len(msg.vms)} VMs in a report, at most {MAX_REPORT_VMS}")
-    w.pack("!IHQQIH", msg.pe_identifier, msg.cpus, msg.ram_kb, msg.free_ram_kb, msg.host_millicores, len(msg.vms))
+    w.pack(
+        "!IHQQIH",
+        msg.pe_identifier,
+        msg.cpus,
+        msg.ram_kb,
+        msg.free_ram_kb,
+        msg.host_millicores,
+        len(msg.vms),
+    )
     for vm in msg.vms:
         w.text(vm.server_id, MAX_SERVER_ID, "server_id")
         w.pack("!QIHB", vm.ram_kb, vm.cpu_millicores, vm.samples, vm.movable)
@@ -546,7 +590,14 @@ def _enc_move_answer(w: _Writer, msg: MoveAnswer) -> tuple[int, int]:
 
 
 def _enc_lease_request(w: _Writer, msg: LeaseRequest) -> tuple[int, int]:
-    w.pack("!IBIQI", msg.pe_identifier, msg.action, msg.duration_ms, msg.issued_ms, msg.nonce)
+    w.pack(
+        "!IBIQI",
+        msg.pe_identifier,
+        msg.action,
+        msg.duration_ms,
+        msg.issued_ms,
+        msg.nonce,
+    )
     w.blob(msg.pool_handle, MAX_MAC, "pool_handle")
     w.text(msg.host, MAX_HOST, "host")
     w.text(msg.server_id, MAX_SERVER_ID, "server_id")
@@ -559,9 +610,18 @@ def _enc_lease_request(w: _Writer, msg: LeaseRequest) -> tuple[int, int]:
 
 def _enc_lease_answer(w: _Writer, msg: LeaseAnswer) -> tuple[int, int]:
     if len(msg.previous) > MAX_LEASE_HOLDERS:
-        raise ValueError(f"{len(msg.previous)} previous holders, at most {MAX_LEASE_HOLDERS}")
+        raise ValueError(
+            f"{len(msg.previous)} previous holders, at most {MAX_LEASE_HOLDERS}"
+        )
     holders = ((msg.holder,) if msg.holder else ()) + msg.previous
-    w.pack("!IBIBB", msg.voter, msg.granted, msg.remaining_ms, msg.holder is not None, len(msg.previous))
+    w.pack(
+        "!IBIBB",
+        msg.voter,
+        msg.granted,
+        msg.remaining_ms,
+        msg.holder is not None,
+        len(msg.previous),
+    )
     w.text(msg.server_id, MAX_SERVER_ID, "server_id")
     for holder in holders:
         w.pack("!I", holder.pe_identifier)
@@ -571,25 +631,47 @@ def _enc_lease_answer(w: _Writer, msg: LeaseAnswer) -> tuple[int, int]:
 
 
 def _dec_vm_report(r: _Reader, mtype: int, flags: int) -> VmReport:
-    pe_id, cpus, ram_kb, free_kb, host_millicores, count = r.unpack("!IHQQIH", "pe_identifier")
+    pe_id, cpus, ram_kb, free_kb, host_millicores, count = r.unpack(
+        "!IHQQIH", "pe_identifier"
+    )
     if cpus == 0:
-        raise ProtocolError("a host has at least one CPU", field="cpus", offset=_HEADER.size + 4)
+        raise ProtocolError(
+            "a host has at least one CPU", field="cpus", offset=_HEADER.size + 4
+        )
     if free_kb > ram_kb:
-        raise ProtocolError(f"{free_kb} KB free of {ram_kb} KB", field="free_ram_kb", offset=_HEADER.size + 14)
+        raise ProtocolError(
+            f"{free_kb} KB free of {ram_kb} KB",
+            field="free_ram_kb",
+            offset=_HEADER.size + 14,
+        )
     if count > MAX_REPORT_VMS:
-        raise ProtocolError(f"{count} VMs, at most {MAX_REPORT_VMS}", field="vms", offset=r.pos - 2)
+        raise ProtocolError(
+            f"{count} VMs, at most {MAX_REPORT_VMS}", field="vms", offset=r.pos - 2
+        )
     vms, seen = [], set()
     for _ in range(count):
         offset = r.pos
         server_id = _server_id(r)
         if server_id in seen:
-            raise ProtocolError(f"{server_id} listed twice", field="server_id", offset=offset)
+            raise ProtocolError(
+                f"{server_id} listed twice", field="server_id", offset=offset
+            )
         seen.add(server_id)
         vm_ram, millicores, samples, movable = r.unpack("!QIHB", "vm")
         if movable > 1:
-            raise ProtocolError(f"{movable} is not a boolean", field="movable", offset=r.pos - 1)
+            raise ProtocolError(
+                f"{movable} is not a boolean", field="movable", offset=r.pos - 1
+            )
         vms.append(VmEntry(server_id, vm_ram, millicores, samples, bool(movable)))
-    return VmReport(pe_id, cpus, ram_kb, free_kb, host_millicores, tuple(vms), _read_migration(r, flags))
+    return VmReport(
+        pe_id,
+        cpus,
+        ram_kb,
+        free_kb,
+        host_millicores,
+        tuple(vms),
+        _read_migration(r, flags),
+    )
 
 
 def _boolean(value: int, field: str, offset: int) -> bool:
@@ -601,7 +683,9 @@ def _boolean(value: int, field: str, offset: int) -> bool:
 def _dec_lease_request(r: _Reader, mtype: int, flags: int) -> LeaseRequest:
     pe_id, action, duration_ms, issued_ms, nonce = r.unpack("!IBIQI", "pe_identifier")
     if action not in LeaseAction.__members__.values():
-        raise ProtocolError(f"action {action}, expected 1-3", field="action", offset=_HEADER.size + 4)
+        raise ProtocolError(
+            f"action {action}, expected 1-3", field="action", offset=_HEADER.size + 4
+        )
     pool_handle = r.blob(MAX_MAC, "pool_handle")
     offset = r.pos
     host = r.text(MAX_HOST, "host")
@@ -615,10 +699,24 @@ def _dec_lease_request(r: _Reader, mtype: int, flags: int) -> LeaseRequest:
         try:
             ipaddress.ip_address(ip)
         except ValueError:
-            raise ProtocolError(f"{ip!r} is not an IP address", field="ips", offset=offset) from None
+            raise ProtocolError(
+                f"{ip!r} is not an IP address", field="ips", offset=offset
+            ) from None
     cleared = r.text(MAX_HOST, "cleared")
-    return LeaseRequest(pool_handle, pe_id, host, action, duration_ms, server_id, disk, ips, cleared, issued_ms, nonce,
-                        r.blob(MAX_MAC, "mac"))  # fmt: skip
+    return LeaseRequest(
+        pool_handle,
+        pe_id,
+        host,
+        action,
+        duration_ms,
+        server_id,
+        disk,
+        ips,
+        cleared,
+        issued_ms,
+        nonce,
+        r.blob(MAX_MAC, "mac"),
+    )
 
 
 def _dec_lease_answer(r: _Reader, mtype: int, flags: int) -> LeaseAnswer:
@@ -626,14 +724,26 @@ def _dec_lease_answer(r: _Reader, mtype: int, flags: int) -> LeaseAnswer:
     granted = _boolean(granted, "granted", _HEADER.size + 4)
     has_holder = _boolean(has_holder, "holder", _HEADER.size + 9)
     if count > MAX_LEASE_HOLDERS:
-        raise ProtocolError(f"{count} previous holders, at most {MAX_LEASE_HOLDERS}", field="previous", offset=_HEADER.size + 10)
+        raise ProtocolError(
+            f"{count} previous holders, at most {MAX_LEASE_HOLDERS}",
+            field="previous",
+            offset=_HEADER.size + 10,
+        )
     server_id = _server_id(r, answer=True)
     holders = []
     for _ in range(has_holder + count):
         (pe_id,) = r.unpack("!I", "holder")
         holders.append(Holder(pe_id, r.text(MAX_HOST, "holder_host")))
     holder = holders.pop(0) if has_holder else None
-    return LeaseAnswer(voter, server_id, granted, remaining_ms, holder, tuple(holders), r.text(MAX_REASON, "reason"))
+    return LeaseAnswer(
+        voter,
+        server_id,
+        granted,
+        remaining_ms,
+        holder,
+        tuple(holders),
+        r.text(MAX_REASON, "reason"),
+    )
 
 
 def _dec_create_server(r: _Reader, mtype: int, flags: int) -> CreateServer:
@@ -654,7 +764,9 @@ def _dec_create_result(r: _Reader, mtype: int, flags: int) -> CreateResult:
     server_id = _server_id(r, answer=True)
     code, ram_kb = r.unpack("!iQ", "code")
     if (code == ResultCode.STARTED) != (mtype == SessionType.CREATE_SUCCESS):
-        raise ProtocolError(f"code {code} in message type {mtype}", field="code", offset=r.pos - 12)
+        raise ProtocolError(
+            f"code {code} in message type {mtype}", field="code", offset=r.pos - 12
+        )
     return CreateResult(server_id, code, ram_kb, r.text(MAX_REASON, "reason"))
 
 
@@ -662,7 +774,9 @@ def _dec_check_running(r: _Reader, mtype: int, flags: int) -> CheckRunning:
     return CheckRunning(_server_id(r), *r.unpack("!I", "interval_s"))
 
 
-def _dec_check_running_response(r: _Reader, mtype: int, flags: int) -> CheckRunningResponse:
+def _dec_check_running_response(
+    r: _Reader, mtype: int, flags: int
+) -> CheckRunningResponse:
     return CheckRunningResponse(_server_id(r), *r.unpack("!i", "state"))
 
 
@@ -676,19 +790,29 @@ def _dec_stop_result(r: _Reader, mtype: int, flags: int) -> StopResult:
     reason = r.text(MAX_REASON, "reason")
     target = r.unpack("!I", "target_pe")[0] if flags & FLAG_TARGET else 0
     if flags & FLAG_TARGET and (code != ResultCode.MOVED or target == 0):
-        raise ProtocolError(f"target PE {target} with code {code}: only a move (51) names one", field="target_pe",
-                            offset=r.pos - 4)  # fmt: skip
+        raise ProtocolError(
+            f"target PE {target} with code {code}: only a move (51) names one",
+            field="target_pe",
+            offset=r.pos - 4,
+        )
     return StopResult(server_id, code, reason, target)
 
 
 def _dec_claim_query(r: _Reader, mtype: int, flags: int) -> ClaimQuery:
     (pe_id,) = r.unpack("!I", "pe_identifier")
-    return ClaimQuery(pe_id, _server_id(r), r.text(MAX_DISK, "disk"), tuple(r.text(MAX_IP_LIST, "ips").split()))
+    return ClaimQuery(
+        pe_id,
+        _server_id(r),
+        r.text(MAX_DISK, "disk"),
+        tuple(r.text(MAX_IP_LIST, "ips").split()),
+    )
 
 
 def _dec_claim_answer(r: _Reader, mtype: int, flags: int) -> ClaimAnswer:
     pe_id, pending = r.unpack("!IB3x", "pe_identifier")
-    return ClaimAnswer(pe_id, r.text(MAX_HOST, "host"), r.text(MAX_REASON, "conflict"), bool(pending))
+    return ClaimAnswer(
+        pe_id, r.text(MAX_HOST, "host"), r.text(MAX_REASON, "conflict"), bool(pending)
+    )
 
 
 def _dec_vm_query(r: _Reader, mtype: int, flags: int) -> VmQuery:
@@ -699,12 +823,21 @@ def _dec_move_request(r: _Reader, mtype: int, flags: int) -> MoveRequest:
     pe_id, target, issued = r.unpack("!III", "pe_identifier")
     if target == 0:
         raise ProtocolError("no target PE", field="target_pe", offset=_HEADER.size + 4)
-    return MoveRequest(pe_id, _server_id(r), target, r.blob(MAX_MAC, "mac"), _read_migration(r, flags), issued)
+    return MoveRequest(
+        pe_id,
+        _server_id(r),
+        target,
+        r.blob(MAX_MAC, "mac"),
+        _read_migration(r, flags),
+        issued,
+    )
 
 
 def _dec_move_answer(r: _Reader, mtype: int, flags: int) -> MoveAnswer:
     pe_id, code = r.unpack("!Ii", "pe_identifier")
-    return MoveAnswer(pe_id, _server_id(r, answer=True), code, r.text(MAX_REASON, "reason"))
+    return MoveAnswer(
+        pe_id, _server_id(r, answer=True), code, r.text(MAX_REASON, "reason")
+    )
 
 
 #: Message class -> its encoder; the wire type -> its decoder (both CREATE_SUCCESS and
@@ -757,26 +890,44 @@ def encode(msg: SessionMessage) -> bytes:
     mtype, flags = _encoder(msg)(w, msg)
     body = b"".join(w.parts)
     if _HEADER.size + len(body) > MAX_SESSION_MESSAGE:
-        raise ValueError(f"{type(msg).__name__} of {_HEADER.size + len(body)} bytes, at most {MAX_SESSION_MESSAGE}")
+        raise ValueError(
+            f"{type(msg).__name__} of {_HEADER.size + len(body)} bytes, at most {MAX_SESSION_MESSAGE}"
+        )
     return _HEADER.pack(mtype, flags, _HEADER.size + len(body), VERSION, 0) + body
 
 
 def decode(data: bytes) -> SessionMessage:
     """Decode exactly one application message; raises ProtocolError."""
     if len(data) < _HEADER.size:
-        raise ProtocolError(f"{len(data)} bytes, a header needs {_HEADER.size}", field="length", offset=0)
+        raise ProtocolError(
+            f"{len(data)} bytes, a header needs {_HEADER.size}",
+            field="length",
+            offset=0,
+        )
     mtype, flags, length, version, _reserved = _HEADER.unpack_from(data, 0)
     if length != len(data):
-        raise ProtocolError(f"says {length} bytes, has {len(data)}", field="length", offset=2)
+        raise ProtocolError(
+            f"says {length} bytes, has {len(data)}", field="length", offset=2
+        )
     if version != VERSION:
-        raise ProtocolError(f"version {version}, this speaks {VERSION}", field="version", offset=4)
+        raise ProtocolError(
+            f"version {version}, this speaks {VERSION}", field="version", offset=4
+        )
     decoder = _DECODERS.get(mtype)
     if decoder is None:
         raise ProtocolError(
-            f"unknown message type 0x{mtype:02x}", field="type", offset=0, cause=Cause.UNRECOGNIZED_MESSAGE, data=bytes(data)
+            f"unknown message type 0x{mtype:02x}",
+            field="type",
+            offset=0,
+            cause=Cause.UNRECOGNIZED_MESSAGE,
+            data=bytes(data),
         )
     r = _Reader(data, _HEADER.size)
     msg = decoder(r, mtype, flags)
     if r.pos != len(data):
-        raise ProtocolError(f"{len(data) - r.pos} bytes after the last field", field="length", offset=r.pos)
+        raise ProtocolError(
+            f"{len(data) - r.pos} bytes after the last field",
+            field="length",
+            offset=r.pos,
+        )
     return msg

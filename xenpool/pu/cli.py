@@ -55,36 +55,82 @@ def argparse_type(parse):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xenpool-pu", description="A pool user: get a VM from the pool and keep it.")
+    p = argparse.ArgumentParser(
+        prog="xenpool-pu",
+        description="A pool user: get a VM from the pool and keep it.",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     c = sub.add_parser(
-        "create", help="create a VM and keep it until Ctrl-C",
+        "create",
+        help="create a VM and keep it until Ctrl-C",
         epilog="exit status: 0 the VM was stopped cleanly (Ctrl-C), 2 bad command line, 3 the pool refused it "
         "for good (it runs already, or the request is invalid), 1 anything else",
-    )  # fmt: skip
-    c.add_argument("--server-id", required=True, help="the VM's name, 1-32 of A-Za-z0-9._-")
+    )
+    c.add_argument(
+        "--server-id", required=True, help="the VM's name, 1-32 of A-Za-z0-9._-"
+    )
     c.add_argument("--ram", type=positive(int), required=True, help="RAM in MB")
     c.add_argument("--vcpus", type=positive(int), default=1)
-    c.add_argument("--disk", default="", help="nbd://host:port/export, iscsi://host/iqn/lun, aoe:e1.1 or a path")
-    c.add_argument("--ip", action="append", default=[], help="an IP address of the VM (may repeat)")
+    c.add_argument(
+        "--disk",
+        default="",
+        help="nbd://host:port/export, iscsi://host/iqn/lun, aoe:e1.1 or a path",
+    )
+    c.add_argument(
+        "--ip", action="append", default=[], help="an IP address of the VM (may repeat)"
+    )
     c.add_argument("--pool", default="Xen")
-    c.add_argument("--registrar", action="append", type=registrar_endpoint, default=[], metavar="HOST:PORT",
-                   help="a registrar (may repeat; default 127.0.0.1:3863 unless --registrar-announce)")  # fmt: skip
-    c.add_argument("--registrar-announce", type=argparse_type(multicast_address), metavar="GROUP:PORT",
-                   help="also use the registrars heard announcing there, e.g. 239.0.0.50:3863")  # fmt: skip
-    c.add_argument("--announce-interface", type=argparse_type(ipv4_address), metavar="IP",
-                   help="the local IPv4 address whose interface announces are heard on")  # fmt: skip
-    c.add_argument("--heartbeat-interval", type=positive(float), default=1.0, metavar="S", help="default 1")
-    c.add_argument("--heartbeat-timeout", type=positive(float), default=3.0, metavar="S",
-                   help="seconds without an answer before failing over (default 3)")  # fmt: skip
-    c.add_argument("--connect-timeout", type=positive(float), default=PuSettings.connect_timeout_s, metavar="S",
-                   help="seconds to wait for a PE's connection before trying the next one (default 2)")  # fmt: skip
+    c.add_argument(
+        "--registrar",
+        action="append",
+        type=registrar_endpoint,
+        default=[],
+        metavar="HOST:PORT",
+        help="a registrar (may repeat; default 127.0.0.1:3863 unless --registrar-announce)",
+    )
+    c.add_argument(
+        "--registrar-announce",
+        type=argparse_type(multicast_address),
+        metavar="GROUP:PORT",
+        help="also use the registrars heard announcing there, e.g. 239.0.0.50:3863",
+    )
+    c.add_argument(
+        "--announce-interface",
+        type=argparse_type(ipv4_address),
+        metavar="IP",
+        help="the local IPv4 address whose interface announces are heard on",
+    )
+    c.add_argument(
+        "--heartbeat-interval",
+        type=positive(float),
+        default=1.0,
+        metavar="S",
+        help="default 1",
+    )
+    c.add_argument(
+        "--heartbeat-timeout",
+        type=positive(float),
+        default=3.0,
+        metavar="S",
+        help="seconds without an answer before failing over (default 3)",
+    )
+    c.add_argument(
+        "--connect-timeout",
+        type=positive(float),
+        default=PuSettings.connect_timeout_s,
+        metavar="S",
+        help="seconds to wait for a PE's connection before trying the next one (default 2)",
+    )
     return p
 
 
 def status_line(k: VmKeeper, state: State, why: str) -> str:
     """What the terminal shows for each state change: while waiting, every PE's answer."""
-    extra = f" (failover took {k.last_failover_s:.2f} s)" if state == State.RUNNING and k.last_failover_s else ""
+    extra = (
+        f" (failover took {k.last_failover_s:.2f} s)"
+        if state == State.RUNNING and k.last_failover_s
+        else ""
+    )
     return f"{time.strftime('%H:%M:%S')} {k.server_id}: {state.value}: {why}{extra}"
 
 
@@ -94,24 +140,35 @@ def show(k: VmKeeper, state: State, why: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    request = S.CreateServer(args.server_id, args.disk, tuple(args.ip), args.ram, args.vcpus)
+    request = S.CreateServer(
+        args.server_id, args.disk, tuple(args.ip), args.ram, args.vcpus
+    )
     try:
         S.check_create(request)
     except ProtocolError as err:
-        print(f"xenpool-pu: --{err.field.replace('_', '-')}: {err.reason}", file=sys.stderr)
+        print(
+            f"xenpool-pu: --{err.field.replace('_', '-')}: {err.reason}",
+            file=sys.stderr,
+        )
         return 2
     from twisted.internet import reactor
 
     from ..asap_client import TcpPoolAccess
 
     settings = PuSettings(
-        pool_handle=args.pool.encode(), heartbeat_interval_s=args.heartbeat_interval,
-        heartbeat_timeout_s=args.heartbeat_timeout, connect_timeout_s=args.connect_timeout,
-    )  # fmt: skip
-    registrars, announce_listener = discovery.registrars(reactor, args.registrar, args.registrar_announce, args.announce_interface or "")
+        pool_handle=args.pool.encode(),
+        heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        connect_timeout_s=args.connect_timeout,
+    )
+    registrars, announce_listener = discovery.registrars(
+        reactor, args.registrar, args.registrar_announce, args.announce_interface or ""
+    )
     if announce_listener is not None:
         announce_listener.startService()
-    access = TcpPoolAccess(reactor, registrars, pe_connect_timeout_s=settings.connect_timeout_s)
+    access = TcpPoolAccess(
+        reactor, registrars, pe_connect_timeout_s=settings.connect_timeout_s
+    )
     keeper = VmKeeper(request, access, reactor, settings)
 
     keeper.events.on_state = show
@@ -126,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         reactor.stop()
 
     def interrupted(signum, frame) -> None:
-        print(f"\n{args.server_id}: stopping the VM (Ctrl-C again to leave it running)", flush=True)
+        print(
+            f"\n{args.server_id}: stopping the VM (Ctrl-C again to leave it running)",
+            flush=True,
+        )
         signal.signal(signal.SIGINT, signal.default_int_handler)
         reactor.callFromThread(keeper.stop)
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import enum
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 from twisted.internet import defer, task
 from twisted.internet.defer import DeferredQueue
@@ -37,13 +38,17 @@ class PuSettings:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 3.0
     create_timeout_s: float = 120.0  # a start may include a fence and a boot
-    retry_initial_s: float = 0.5  # the first back-off after a round of refusals; doubles up to retry_max_s
+    retry_initial_s: float = (
+        0.5  # the first back-off after a round of refusals; doubles up to retry_max_s
+    )
     retry_max_s: float = 30.0
     # Each wait is shortened by up to this share of the back-off, at random, so keepers
     # refused together do not come back together.
     retry_jitter: float = 0.5
     resolution_items: int = 8
-    connect_timeout_s: float = 2.0  # a PE not connected within this is skipped (for the PoolAccess)
+    connect_timeout_s: float = (
+        2.0  # a PE not connected within this is skipped (for the PoolAccess)
+    )
 
 
 class Channel(Protocol):
@@ -56,10 +61,14 @@ class Channel(Protocol):
 
 
 class PoolAccess(Protocol):
-    def resolve(self, pool_handle: bytes, items: int, ram_mb: int | None = None) -> defer.Deferred:
+    def resolve(
+        self, pool_handle: bytes, items: int, ram_mb: int | None = None
+    ) -> defer.Deferred:
         """-> list[PoolElement]; ``ram_mb``: what the VM needs, for pools whose policy fits it."""
 
-    def connect(self, element: P.PoolElement, deliver: Callable[[object], None]) -> defer.Deferred: ...  # -> Channel
+    def connect(
+        self, element: P.PoolElement, deliver: Callable[[object], None]
+    ) -> defer.Deferred: ...  # -> Channel
 
     def report_unreachable(self, pool_handle: bytes, identifier: int) -> None: ...
 
@@ -75,7 +84,9 @@ class _Session:
         self.ended = False
         self.heartbeat_pause: defer.Deferred | None = None
         self.started = False  # the PE confirmed the start
-        self.pending_cookie: bytes | None = None  # from before that: kept only if the start succeeds
+        self.pending_cookie: bytes | None = (
+            None  # from before that: kept only if the start succeeds
+        )
 
     def deliver(self, message: object) -> None:
         if self.ended:
@@ -124,8 +135,8 @@ FINAL_CODES = {S.ResultCode.ALREADY_RUNNING, S.ResultCode.INVALID_REQUEST}
 class Events:
     """What happened, for the CLI, the keeper's table and the tests."""
 
-    on_state: Callable[["VmKeeper", State, str], None] = lambda keeper, state, why: None
-    on_cookie: Callable[["VmKeeper", bytes], None] = lambda keeper, cookie: None
+    on_state: Callable[[VmKeeper, State, str], None] = lambda keeper, state, why: None
+    on_cookie: Callable[[VmKeeper, bytes], None] = lambda keeper, cookie: None
 
 
 @dataclass(eq=False)
@@ -144,7 +155,9 @@ class VmKeeper:
     failovers: int = 0
     moves: int = 0  # planned moves by a rebalancing PE
     running_since: float | None = None  # when the PE last confirmed a start
-    rng: Callable[[], float] = field(default=random.random, repr=False)  # uniform in [0, 1): the back-off's jitter
+    rng: Callable[[], float] = field(
+        default=random.random, repr=False
+    )  # uniform in [0, 1): the back-off's jitter
     # The VM is this PU's (it ran it, had a cookie, perhaps one no PE accepts, or it is in a
     # keeper's keep file): "already running" then means a PE may still hold it for this PU,
     # not that someone else's VM has the name.
@@ -170,9 +183,13 @@ class VmKeeper:
     def run(self) -> defer.Deferred:
         """Keep the VM until stop(); fires with the final State."""
         if getattr(self, "_running", None) is not None and not self._running.called:
-            raise RuntimeError(f"{self.server_id} is kept already")  # two runs: two sessions for one VM
+            raise RuntimeError(
+                f"{self.server_id} is kept already"
+            )  # two runs: two sessions for one VM
         if self.cookie is not None:
-            self.ran_before = True  # a cookie saved by an earlier run: the VM is this keeper's
+            self.ran_before = (
+                True  # a cookie saved by an earlier run: the VM is this keeper's
+            )
         self._running = defer.Deferred.fromCoroutine(self._run())
         return self._running
 
@@ -183,12 +200,17 @@ class VmKeeper:
         backoff = self.settings.retry_initial_s
         failed: set[int] = set()
         while not self._stop_requested:
-            self._set(State.RESOLVING if self.lost_at is None else State.FAILING_OVER, "asking the pool for a PE")
+            self._set(
+                State.RESOLVING if self.lost_at is None else State.FAILING_OVER,
+                "asking the pool for a PE",
+            )
             try:
                 elements = await self.access.resolve(
-                    self.settings.pool_handle, self.settings.resolution_items, ram_mb=self.request.ram_mb
+                    self.settings.pool_handle,
+                    self.settings.resolution_items,
+                    ram_mb=self.request.ram_mb,
                 )
-            except Exception as err:  # noqa: BLE001 - no registrar answered
+            except Exception as err:
                 reasons = [f"no registrar answered: {err}"]
                 elements = []
             else:
@@ -206,10 +228,16 @@ class VmKeeper:
                 self._move_target = 0
             retry_now, fence_failed = False, set()
             for element in candidates:
-                if self._stop_requested:  # stop() or leave() while resolving or between PEs
+                if (
+                    self._stop_requested
+                ):  # stop() or leave() while resolving or between PEs
                     break
                 outcome = await self._session_with(element)
-                if outcome == S.ResultCode.COOKIE_REJECTED and self.cookie is not None and not self._stop_requested:
+                if (
+                    outcome == S.ResultCode.COOKIE_REJECTED
+                    and self.cookie is not None
+                    and not self._stop_requested
+                ):
                     # Echoed forever, a cookie no PE accepts would keep the VM down. The
                     # PEs' pool-wide uniqueness check keeps a plain request from a second start.
                     reasons.append(self._last_reason)
@@ -235,7 +263,9 @@ class VmKeeper:
             if not retry_now:
                 wait = backoff * (1 - self.settings.retry_jitter * self.rng())
                 # Every PE's own answer: the last one alone may hide the real reason.
-                self._set(State.WAITING, f"{'; '.join(reasons)}; retrying in {wait:.1f} s")
+                self._set(
+                    State.WAITING, f"{'; '.join(reasons)}; retrying in {wait:.1f} s"
+                )
                 await self._pause(wait)
                 backoff = min(backoff * 2, self.settings.retry_max_s)
                 failed = fence_failed
@@ -285,9 +315,11 @@ class VmKeeper:
     async def _start_and_keep(self, session: _Session, element: P.PoolElement):
         try:
             channel = await self.access.connect(element, session.deliver)
-        except Exception as err:  # noqa: BLE001 - unreachable PE
+        except Exception as err:
             self._last_reason = f"PE {hex_id(element.identifier)} unreachable: {err}"
-            self.access.report_unreachable(self.settings.pool_handle, element.identifier)
+            self.access.report_unreachable(
+                self.settings.pool_handle, element.identifier
+            )
             return S.ResultCode.UNSPECIFIED
         session.attach(channel)
         if self._stop_requested or session.ended:  # stop() or leave() while connecting
@@ -295,7 +327,9 @@ class VmKeeper:
         self.pe = element
         self._set(State.STARTING, f"on PE {hex_id(element.identifier)}")
         channel.send(M.CookieEcho(self.cookie) if self.cookie else self.request)
-        result = await self._await(session, S.CreateResult, self.settings.create_timeout_s)
+        result = await self._await(
+            session, S.CreateResult, self.settings.create_timeout_s
+        )
         if not isinstance(result, S.CreateResult):
             if result is LOST:
                 self._last_reason = f"PE {hex_id(element.identifier)} closed the session without an answer"
@@ -323,7 +357,10 @@ class VmKeeper:
             self.moves += 1
             self._move_target = ended.target_pe
             to = f" to PE {hex_id(ended.target_pe)}" if ended.target_pe else ""
-            self._set(State.FAILING_OVER, f"moved off PE {hex_id(element.identifier)}{to}: {ended.reason}")
+            self._set(
+                State.FAILING_OVER,
+                f"moved off PE {hex_id(element.identifier)}{to}: {ended.reason}",
+            )
             return None
         if ended is True and not self._leaving:
             await self._stop_on(session)
@@ -355,7 +392,9 @@ class VmKeeper:
                 return LOST
             if isinstance(message, M.Cookie):
                 self._cookie_arrived(session, message.cookie)
-            elif isinstance(message, kind) or (isinstance(message, S.StopResult) and message.code == S.ResultCode.MOVED):
+            elif isinstance(message, kind) or (
+                isinstance(message, S.StopResult) and message.code == S.ResultCode.MOVED
+            ):
                 return message
 
     def _cookie_arrived(self, session: _Session, cookie: bytes) -> None:
@@ -371,7 +410,11 @@ class VmKeeper:
             session.pending_cookie = cookie
 
     def _drop_cookie(self) -> None:
-        log.warn("{server}: its cookie was refused ({why}); asking with a plain request", server=self.server_id, why=self._last_reason)
+        log.warn(
+            "{server}: its cookie was refused ({why}); asking with a plain request",
+            server=self.server_id,
+            why=self._last_reason,
+        )
         self.cookie = None
         self.ran_before = True
 
@@ -385,11 +428,19 @@ class VmKeeper:
         StopResult when it moved the VM away (rebalancing)."""
         last_answer = self.clock.seconds()
         while not self._stop_requested:
-            session.channel.send(S.CheckRunning(self.server_id, max(1, round(self.settings.heartbeat_interval_s))))
+            session.channel.send(
+                S.CheckRunning(
+                    self.server_id, max(1, round(self.settings.heartbeat_interval_s))
+                )
+            )
             # The timeout runs from the last answer, not from this request: a silent PE
             # is given up heartbeat_timeout_s after it was last heard, whatever the interval.
-            left = last_answer + self.settings.heartbeat_timeout_s - self.clock.seconds()
-            answer = await self._await(session, S.CheckRunningResponse, max(left, 0.001))
+            left = (
+                last_answer + self.settings.heartbeat_timeout_s - self.clock.seconds()
+            )
+            answer = await self._await(
+                session, S.CheckRunningResponse, max(left, 0.001)
+            )
             if answer is LOST:
                 return False
             if answer is None:
@@ -401,7 +452,9 @@ class VmKeeper:
             if answer.state != self.domain_state:
                 self.domain_state = answer.state
                 self._set(State.RUNNING, f"domain state {answer.state}")
-            session.heartbeat_pause = task.deferLater(self.clock, self.settings.heartbeat_interval_s, lambda: None)
+            session.heartbeat_pause = task.deferLater(
+                self.clock, self.settings.heartbeat_interval_s, lambda: None
+            )
             await _unless_cancelled(session.heartbeat_pause)
             session.heartbeat_pause = None
         return True
@@ -430,7 +483,9 @@ class VmKeeper:
     async def _stop_on(self, session: _Session) -> None:
         self._set(State.STOPPING, "asking the PE to stop it")
         session.channel.send(S.StopServer(self.server_id))
-        answer = await self._await(session, S.StopResult, max(30.0, self.settings.heartbeat_timeout_s))
+        answer = await self._await(
+            session, S.StopResult, max(30.0, self.settings.heartbeat_timeout_s)
+        )
         if not isinstance(answer, S.StopResult):
             log.warn("{server}: the PE did not confirm the stop", server=self.server_id)
 

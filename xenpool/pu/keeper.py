@@ -19,15 +19,24 @@ log = Logger()
 
 
 class KeeperService(service.MultiService):
-    def __init__(self, vms: list[S.CreateServer], access, reactor, settings: PuSettings, state_dir: str,
-                 status: str | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        vms: list[S.CreateServer],
+        access,
+        reactor,
+        settings: PuSettings,
+        state_dir: str,
+        status: str | None,
+    ) -> None:
         super().__init__()
         self.state_dir = Path(state_dir)
         # A VM of the keep file is this keeper's whatever its state dir says (it may have
         # been killed before it saved a cookie): "already running" means its PE keeps it
         # for the lease, and the refusing PE's cookie names that PE, where it is re-adopted;
         # never a reason to give it up.
-        self.keepers = [VmKeeper(vm, access, reactor, settings, ran_before=True) for vm in vms]
+        self.keepers = [
+            VmKeeper(vm, access, reactor, settings, ran_before=True) for vm in vms
+        ]
         for keeper in self.keepers:
             keeper.events.on_state = self._state
             keeper.events.on_cookie = self._save_cookie
@@ -42,7 +51,11 @@ class KeeperService(service.MultiService):
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for keeper in self.keepers:
             self._load_cookie(keeper)
-            keeper.run().addErrback(lambda f, k=keeper: log.failure("keeping {server} failed", f, server=k.server_id))
+            keeper.run().addErrback(
+                lambda f, k=keeper: log.failure(
+                    "keeping {server} failed", f, server=k.server_id
+                )
+            )
 
     def stopService(self):
         # The VMs stay where they run, kept by their PEs for the lease.
@@ -62,11 +75,17 @@ class KeeperService(service.MultiService):
             return
         except (OSError, C.CookieError) as err:
             keeper.ran_before = True
-            log.warn("{server}: ignoring its state file {path}: {err}; asking with a plain request",
-                     server=keeper.server_id, path=str(path), err=getattr(err, "reason", None) or str(err))  # fmt: skip
+            log.warn(
+                "{server}: ignoring its state file {path}: {err}; asking with a plain request",
+                server=keeper.server_id,
+                path=str(path),
+                err=getattr(err, "reason", None) or str(err),
+            )
             return
         keeper.cookie = cookie
-        log.info("{server}: found its last cookie; going back to it", server=keeper.server_id)
+        log.info(
+            "{server}: found its last cookie; going back to it", server=keeper.server_id
+        )
 
     def _save_cookie(self, keeper: VmKeeper, cookie: bytes) -> None:
         path = self._cookie_path(keeper)
@@ -74,17 +93,38 @@ class KeeperService(service.MultiService):
         try:
             partial.write_bytes(cookie)
             os.replace(partial, path)  # never a torn cookie after a crash
-        except OSError as err:  # the VM runs on; only a restarted keeper would miss the cookie
-            log.warn("{server}: cannot save its cookie in {path}: {err}", server=keeper.server_id, path=str(path), err=str(err))
+        except (
+            OSError
+        ) as err:  # the VM runs on; only a restarted keeper would miss the cookie
+            log.warn(
+                "{server}: cannot save its cookie in {path}: {err}",
+                server=keeper.server_id,
+                path=str(path),
+                err=str(err),
+            )
 
     def _state(self, keeper: VmKeeper, state: State, why: str) -> None:
-        took = f" after a failover of {keeper.last_failover_s:.2f} s" if state == State.RUNNING and keeper.last_failover_s else ""
-        log.info("{server}: {state}: {why}{took}", server=keeper.server_id, state=state.value, why=why, took=took)
+        took = (
+            f" after a failover of {keeper.last_failover_s:.2f} s"
+            if state == State.RUNNING and keeper.last_failover_s
+            else ""
+        )
+        log.info(
+            "{server}: {state}: {why}{took}",
+            server=keeper.server_id,
+            state=state.value,
+            why=why,
+            took=took,
+        )
         if state in (State.STOPPED, State.REFUSED):
             try:
                 self._cookie_path(keeper).unlink(missing_ok=True)
             except OSError as err:
-                log.warn("{server}: cannot remove its state file: {err}", server=keeper.server_id, err=str(err))
+                log.warn(
+                    "{server}: cannot remove its state file: {err}",
+                    server=keeper.server_id,
+                    err=str(err),
+                )
 
     def describe(self) -> list[dict]:
         return [
@@ -92,7 +132,9 @@ class KeeperService(service.MultiService):
                 "server_id": k.server_id,
                 "state": k.state.value,
                 "pe": hex_id(k.pe.identifier) if k.pe else None,
-                "pe_address": f"{k.pe.user_transport.addresses[0]}:{k.pe.user_transport.port}" if k.pe else None,
+                "pe_address": f"{k.pe.user_transport.addresses[0]}:{k.pe.user_transport.port}"
+                if k.pe
+                else None,
                 "domain_state": k.domain_state,
                 "failovers": k.failovers,
                 "last_failover_s": k.last_failover_s,

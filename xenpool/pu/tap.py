@@ -17,16 +17,38 @@ from ..protocol import session as S
 from .cli import registrar_endpoint
 
 SETTINGS = [
-    Setting("registrar", [], str,
-            "a registrar's ASAP endpoint, may repeat (default: 127.0.0.1:3863 unless --registrar-announce)", multiple=True),
+    Setting(
+        "registrar",
+        [],
+        str,
+        "a registrar's ASAP endpoint, may repeat (default: 127.0.0.1:3863 unless --registrar-announce)",
+        multiple=True,
+    ),
     *listener_settings(),
     Setting("pool", "Xen", str, "pool handle"),
-    Setting("state-dir", "/var/lib/xenpool/keeper", str, "where each VM's last cookie is kept"),
+    Setting(
+        "state-dir",
+        "/var/lib/xenpool/keeper",
+        str,
+        "where each VM's last cookie is kept",
+    ),
     Setting("heartbeat-interval", 1.0, positive_float, "seconds between heartbeats"),
-    Setting("heartbeat-timeout", 3.0, positive_float, "seconds without an answer before failing over"),
-    Setting("connect-timeout", 2.0, positive_float, "seconds to wait for a PE's connection before trying the next one"),
+    Setting(
+        "heartbeat-timeout",
+        3.0,
+        positive_float,
+        "seconds without an answer before failing over",
+    ),
+    Setting(
+        "connect-timeout",
+        2.0,
+        positive_float,
+        "seconds to wait for a PE's connection before trying the next one",
+    ),
     Setting("status", None, str, "HTTP endpoint for /vms (JSON)"),
-    Setting("logfile", None, str, "also write structured logs to this file as JSON lines"),
+    Setting(
+        "logfile", None, str, "also write structured logs to this file as JSON lines"
+    ),
 ]
 
 
@@ -41,10 +63,17 @@ def read_vms(path: str) -> list[S.CreateServer]:
         vm = parser[section]
         unknown = set(vm) - {"ram", "vcpus", "disk", "ips"}
         if unknown:
-            raise usage.UsageError(f"--keep: [{section}]: unknown key {sorted(unknown)[0]!r} (known: ram, vcpus, disk, ips)")
+            raise usage.UsageError(
+                f"--keep: [{section}]: unknown key {sorted(unknown)[0]!r} (known: ram, vcpus, disk, ips)"
+            )
         try:
-            request = S.CreateServer(name.strip(), vm.get("disk", ""), tuple(vm.get("ips", "").split()),
-                                     int(vm["ram"]), int(vm.get("vcpus", "1")))  # fmt: skip
+            request = S.CreateServer(
+                name.strip(),
+                vm.get("disk", ""),
+                tuple(vm.get("ips", "").split()),
+                int(vm["ram"]),
+                int(vm.get("vcpus", "1")),
+            )
             S.check_create(request)
         except KeyError:
             raise usage.UsageError(f"--keep: [{section}]: ram is missing") from None
@@ -56,9 +85,16 @@ def read_vms(path: str) -> list[S.CreateServer]:
     return vms
 
 
-class Options(make_options(SETTINGS, "keeper", "Keep the VMs of a keep file available.")):
+class Options(
+    make_options(SETTINGS, "keeper", "Keep the VMs of a keep file available.")
+):
     optParameters = make_options(SETTINGS, "keeper", "").optParameters + [
-        ["keep", "k", None, "the VMs to keep: an INI file with a [vm NAME] section per VM"],
+        [
+            "keep",
+            "k",
+            None,
+            "the VMs to keep: an INI file with a [vm NAME] section per VM",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -68,25 +104,36 @@ class Options(make_options(SETTINGS, "keeper", "Keep the VMs of a keep file avai
         if not self["config"]:
             self["config"] = self["keep"]  # the keep file may carry a [keeper] section
         super().postOptions()
-        self.settings["registrar"] = [registrar_endpoint(r) for r in self.settings["registrar"]]
+        self.settings["registrar"] = [
+            registrar_endpoint(r) for r in self.settings["registrar"]
+        ]
 
 
 def makeService(options: Options):
     from twisted.internet import reactor
 
+    from ..asap_client import TcpPoolAccess
     from .core import PuSettings
     from .keeper import KeeperService
-    from ..asap_client import TcpPoolAccess
 
     s = options.settings
     json_log(s["logfile"])
     settings = PuSettings(
-        pool_handle=s["pool"].encode(), heartbeat_interval_s=s["heartbeat-interval"],
-        heartbeat_timeout_s=s["heartbeat-timeout"], resolution_items=M.MAX_RESOLUTION_ITEMS, connect_timeout_s=s["connect-timeout"],
-    )  # fmt: skip
-    registrars, announce_listener = discovery.registrars(reactor, s["registrar"], s["registrar-announce"], s["announce-interface"])
-    access = TcpPoolAccess(reactor, registrars, pe_connect_timeout_s=settings.connect_timeout_s)
-    keeper = KeeperService(options.vms, access, reactor, settings, s["state-dir"], s["status"])
+        pool_handle=s["pool"].encode(),
+        heartbeat_interval_s=s["heartbeat-interval"],
+        heartbeat_timeout_s=s["heartbeat-timeout"],
+        resolution_items=M.MAX_RESOLUTION_ITEMS,
+        connect_timeout_s=s["connect-timeout"],
+    )
+    registrars, announce_listener = discovery.registrars(
+        reactor, s["registrar"], s["registrar-announce"], s["announce-interface"]
+    )
+    access = TcpPoolAccess(
+        reactor, registrars, pe_connect_timeout_s=settings.connect_timeout_s
+    )
+    keeper = KeeperService(
+        options.vms, access, reactor, settings, s["state-dir"], s["status"]
+    )
     if announce_listener is not None:
         announce_listener.setServiceParent(keeper)
     return keeper

@@ -13,7 +13,6 @@ from typing import Protocol
 from twisted.logger import Logger
 
 from ..logs import hex_id, pool_name
-
 from ..protocol import messages as M
 from ..protocol import params as P
 from ..protocol.errors import Cause
@@ -86,7 +85,13 @@ class _Audit:
 
 
 class Registrar:
-    def __init__(self, handlespace: Handlespace, clock, timers: Timers = Timers(), observers: list[Observer] = ()):
+    def __init__(
+        self,
+        handlespace: Handlespace,
+        clock,
+        timers: Timers = Timers(),
+        observers: list[Observer] = (),
+    ):
         self.handlespace = handlespace
         self.clock = clock
         self.timers = timers
@@ -117,21 +122,44 @@ class Registrar:
             # A valid ASAP message a registrar does not take (e.g. COOKIE): RFC 5352
             # says answer with Unrecognized Message.
             self.observer.refused(Cause.UNRECOGNIZED_MESSAGE)
-            association.send(M.AsapError(P.OperationError.single(Cause.UNRECOGNIZED_MESSAGE, M.encode(message))))
+            association.send(
+                M.AsapError(
+                    P.OperationError.single(
+                        Cause.UNRECOGNIZED_MESSAGE, M.encode(message)
+                    )
+                )
+            )
             return
         handler(self, message, association)
 
     def _registration(self, msg: M.Registration, association: Association) -> None:
         pe_id = msg.pool_element.identifier
         try:
-            self.handlespace.check_authentication(msg.pool_handle, msg.pool_element, msg.authentication)
-            entry = self.handlespace.register(msg.pool_handle, msg.pool_element, now=self.clock.seconds(), owner=association,
-                                              asap_transport=getattr(association, "asap_transport", None))
+            self.handlespace.check_authentication(
+                msg.pool_handle, msg.pool_element, msg.authentication
+            )
+            entry = self.handlespace.register(
+                msg.pool_handle,
+                msg.pool_element,
+                now=self.clock.seconds(),
+                owner=association,
+                asap_transport=getattr(association, "asap_transport", None),
+            )
         except HandlespaceError as err:
-            log.info("refused registration of PE {pe} in {pool}: {reason}", pe=hex_id(pe_id), pool=pool_name(msg.pool_handle), reason=err.reason)
+            log.info(
+                "refused registration of PE {pe} in {pool}: {reason}",
+                pe=hex_id(pe_id),
+                pool=pool_name(msg.pool_handle),
+                reason=err.reason,
+            )
             self.observer.refused(err.cause)
             association.send(
-                M.RegistrationResponse(msg.pool_handle, pe_id, reject=True, error=P.OperationError.single(err.cause, err.reason.encode()[:200]))
+                M.RegistrationResponse(
+                    msg.pool_handle,
+                    pe_id,
+                    reject=True,
+                    error=P.OperationError.single(err.cause, err.reason.encode()[:200]),
+                )
             )
             return
         new = entry.registered_at == entry.last_update
@@ -144,7 +172,13 @@ class Registrar:
             entry = self.handlespace.deregister(msg.pool_handle, msg.pe_identifier)
         except HandlespaceError as err:
             self.observer.refused(err.cause)
-            association.send(M.DeregistrationResponse(msg.pool_handle, msg.pe_identifier, P.OperationError.single(err.cause)))
+            association.send(
+                M.DeregistrationResponse(
+                    msg.pool_handle,
+                    msg.pe_identifier,
+                    P.OperationError.single(err.cause),
+                )
+            )
             return
         self._forget(entry, "deregistered")
         association.send(M.DeregistrationResponse(msg.pool_handle, msg.pe_identifier))
@@ -154,23 +188,38 @@ class Registrar:
         the pool is unchanged and its policy would answer the same (the fast path)."""
         return self.handlespace.cached_answer(request)
 
-    def resolution(self, msg: M.HandleResolution, association: Association, raw: bytes | None = None) -> None:
+    def resolution(
+        self,
+        msg: M.HandleResolution,
+        association: Association,
+        raw: bytes | None = None,
+    ) -> None:
         """Answer a HANDLE_RESOLUTION. ``raw``: its bytes, when it came as them, so that an
         answer the pool's policy would repeat can be found by ``cached_resolution``."""
         try:
-            answer = self.handlespace.resolution_answer(msg.pool_handle, msg.items, msg.ram_mb, raw)
+            answer = self.handlespace.resolution_answer(
+                msg.pool_handle, msg.items, msg.ram_mb, raw
+            )
         except HandlespaceError as err:
             self.observer.refused(err.cause)
-            association.send(M.HandleResolutionResponse(msg.pool_handle, error=P.OperationError.single(err.cause)))
+            association.send(
+                M.HandleResolutionResponse(
+                    msg.pool_handle, error=P.OperationError.single(err.cause)
+                )
+            )
             return
         association.send_encoded(answer)
 
-    def _keep_alive_ack(self, msg: M.EndpointKeepAliveAck, association: Association) -> None:
+    def _keep_alive_ack(
+        self, msg: M.EndpointKeepAliveAck, association: Association
+    ) -> None:
         entry = self.handlespace.get(msg.pool_handle, msg.pe_identifier)
         if entry is not None and entry.owner is association:
             self._audit(entry, association)
 
-    def _unreachable(self, msg: M.EndpointUnreachable, association: Association) -> None:
+    def _unreachable(
+        self, msg: M.EndpointUnreachable, association: Association
+    ) -> None:
         entry = self.handlespace.report_unreachable(msg.pool_handle, msg.pe_identifier)
         if entry is not None:
             self._forget(entry, "reported unreachable")
@@ -197,15 +246,21 @@ class Registrar:
         if audit is None:
             audit = self._audits[key] = _Audit()
         audit.cancel()
-        audit.next_keep_alive = self.clock.callLater(self.timers.keep_alive_interval, self._send_keep_alive, key, association)
+        audit.next_keep_alive = self.clock.callLater(
+            self.timers.keep_alive_interval, self._send_keep_alive, key, association
+        )
 
-    def _send_keep_alive(self, key: tuple[bytes, int], association: Association) -> None:
+    def _send_keep_alive(
+        self, key: tuple[bytes, int], association: Association
+    ) -> None:
         audit = self._audits.get(key)
         if audit is None:
             return
         audit.next_keep_alive = None
         association.send(M.EndpointKeepAlive(self.registrar_id, key[0], key[1]))
-        audit.deadline = self.clock.callLater(self.timers.keep_alive_timeout, self._keep_alive_missed, key)
+        audit.deadline = self.clock.callLater(
+            self.timers.keep_alive_timeout, self._keep_alive_missed, key
+        )
 
     def _keep_alive_missed(self, key: tuple[bytes, int]) -> None:
         self._audits.pop(key, None)
@@ -213,18 +268,29 @@ class Registrar:
             entry = self.handlespace.deregister(*key)
         except HandlespaceError:
             return
-        log.warn("PE {pe} in {pool} missed its keep-alive: removed", pe=hex_id(key[1]), pool=pool_name(key[0]))
+        log.warn(
+            "PE {pe} in {pool} missed its keep-alive: removed",
+            pe=hex_id(key[1]),
+            pool=pool_name(key[0]),
+        )
         self.observer.removed(entry, "keep-alive timeout")
 
     def _forget(self, entry: PoolEntry, why: str) -> None:
         audit = self._audits.pop((entry.pool_handle, entry.identifier), None)
         if audit is not None:
             audit.cancel()
-        log.info("PE {pe} in {pool} removed: {why}", pe=hex_id(entry.identifier), pool=pool_name(entry.pool_handle), why=why)
+        log.info(
+            "PE {pe} in {pool} removed: {why}",
+            pe=hex_id(entry.identifier),
+            pool=pool_name(entry.pool_handle),
+            why=why,
+        )
         self.observer.removed(entry, why)
 
     def _schedule_expiry(self) -> None:
-        self._expiry = self.clock.callLater(self.timers.expiry_check_interval, self._sweep)
+        self._expiry = self.clock.callLater(
+            self.timers.expiry_check_interval, self._sweep
+        )
 
     def _sweep(self) -> None:
         for entry in self.handlespace.expire(self.clock.seconds()):

@@ -30,17 +30,27 @@ def _mac(secret: bytes, frame: bytes) -> bytes:
 def sign(frame: bytes, secret: bytes) -> bytes:
     """``frame`` (one encoded ENRP message) with its ENRP Authentication parameter."""
     length = struct.unpack_from("!H", frame, 2)[0] + TRAILER_SIZE
-    return frame[:2] + struct.pack("!H", length) + frame[4:] + _PARAM.pack(ENRP_AUTHENTICATION, TRAILER_SIZE) + _mac(secret, frame)
+    return (
+        frame[:2]
+        + struct.pack("!H", length)
+        + frame[4:]
+        + _PARAM.pack(ENRP_AUTHENTICATION, TRAILER_SIZE)
+        + _mac(secret, frame)
+    )
 
 
 def verify(frame: bytes, secret: bytes) -> bytes | None:
     """The message without its authentication when that proves ``secret``; None when
     it is missing, malformed or wrong."""
-    if len(frame) < 4 + TRAILER_SIZE or _PARAM.unpack_from(frame, len(frame) - TRAILER_SIZE) != (
-        ENRP_AUTHENTICATION, TRAILER_SIZE
-    ):
+    if len(frame) < 4 + TRAILER_SIZE or _PARAM.unpack_from(
+        frame, len(frame) - TRAILER_SIZE
+    ) != (ENRP_AUTHENTICATION, TRAILER_SIZE):
         return None
-    unsigned = frame[:2] + struct.pack("!H", len(frame) - TRAILER_SIZE) + frame[4 : len(frame) - TRAILER_SIZE]
+    unsigned = (
+        frame[:2]
+        + struct.pack("!H", len(frame) - TRAILER_SIZE)
+        + frame[4 : len(frame) - TRAILER_SIZE]
+    )
     if not hmac.compare_digest(frame[len(frame) - _MAC_SIZE :], _mac(secret, unsigned)):
         return None
     return unsigned

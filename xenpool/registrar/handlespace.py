@@ -9,8 +9,8 @@ from __future__ import annotations
 import hmac
 import random
 import struct
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Hashable, Iterator
 
 from ..protocol import messages as M
 from ..protocol import params as P
@@ -42,7 +42,9 @@ class PoolEntry:
 
     pool_handle: bytes
     element: P.PoolElement  # as registered; home registrar and policy kept current
-    owner: Hashable | None  # the ASAP association that registered it (None: learned via ENRP)
+    owner: (
+        Hashable | None
+    )  # the ASAP association that registered it (None: learned via ENRP)
     registered_at: float
     last_update: float
     expires_at: float  # end of the registration life
@@ -57,7 +59,10 @@ class PoolEntry:
         """The Pool Element parameter as ENRP carries it: with its ASAP transport (rsplib
         refuses one without: "invalid registrator"). A PE learned from a peer that did not
         send one gets its user transport there, the one address known for it."""
-        return replace(self.element, asap_transport=self.asap_transport or self.element.user_transport)
+        return replace(
+            self.element,
+            asap_transport=self.asap_transport or self.element.user_transport,
+        )
 
     @property
     def encoded(self) -> bytes:
@@ -83,7 +88,9 @@ class Pool:
     entries: dict[int, PoolEntry] = field(default_factory=dict)
     # The start of every handle resolution answer: pool handle and the pool's policy.
     answer_head: bytes = b""
-    generation: int = 0  # changes with every change of the pool; cached answers carry it
+    generation: int = (
+        0  # changes with every change of the pool; cached answers carry it
+    )
 
 
 def checksum_of(entries: Iterator[PoolEntry]) -> int:
@@ -94,7 +101,9 @@ def checksum_of(entries: Iterator[PoolEntry]) -> int:
         data = entry.pool_handle
         if len(data) % 2:
             data += b"\0"
-        total += sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+        total += sum(
+            int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)
+        )
         total += (entry.identifier >> 16) + (entry.identifier & 0xFFFF)
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
@@ -131,18 +140,29 @@ class Handlespace:
 
     # ------------------------------------------------------------ registration
 
-    def check_authentication(self, handle: bytes, element: P.PoolElement, mac: bytes | None) -> None:
+    def check_authentication(
+        self, handle: bytes, element: P.PoolElement, mac: bytes | None
+    ) -> None:
         """A pool with a secret takes only PEs that prove they know it (cause 10)."""
         secret = self.pool_secrets.get(handle)
         if secret is None:
             return
-        if mac is None or not hmac.compare_digest(mac, P.registration_mac(secret, handle, element)):
+        if mac is None or not hmac.compare_digest(
+            mac, P.registration_mac(secret, handle, element)
+        ):
             raise HandlespaceError(
-                Cause.SECURITY_REJECTION, f"pool {handle!r} requires its secret; the PE's proof is {'wrong' if mac else 'missing'}"
+                Cause.SECURITY_REJECTION,
+                f"pool {handle!r} requires its secret; the PE's proof is {'wrong' if mac else 'missing'}",
             )
 
     def register(
-        self, handle: bytes, element: P.PoolElement, *, now: float, owner: Hashable | None, home: int | None = None,
+        self,
+        handle: bytes,
+        element: P.PoolElement,
+        *,
+        now: float,
+        owner: Hashable | None,
+        home: int | None = None,
         asap_transport: P.Transport | None = None,
     ) -> PoolEntry:
         """Add or update a PE; raises HandlespaceError with the RFC's cause.
@@ -152,9 +172,19 @@ class Handlespace:
         if pool is None:
             provider = self.policies.get(policy_type)
             if provider is None:
-                raise HandlespaceError(Cause.INCONSISTENT_POLICY, f"policy 0x{policy_type:08x} is not supported here")
-            pool = Pool(handle, policy_type, type(element.user_transport), provider.new_selection(self.rng))
-            pool.answer_head = P.encode_pool_handle(handle) + P.encode_policy(P.PoolPolicy.make(policy_type))
+                raise HandlespaceError(
+                    Cause.INCONSISTENT_POLICY,
+                    f"policy 0x{policy_type:08x} is not supported here",
+                )
+            pool = Pool(
+                handle,
+                policy_type,
+                type(element.user_transport),
+                provider.new_selection(self.rng),
+            )
+            pool.answer_head = P.encode_pool_handle(handle) + P.encode_policy(
+                P.PoolPolicy.make(policy_type)
+            )
         elif pool.policy_type != policy_type:
             raise HandlespaceError(
                 Cause.INCONSISTENT_POLICY,
@@ -166,21 +196,45 @@ class Handlespace:
                 f"pool {handle!r} uses {pool.transport_type.__name__}, the PE offers {type(element.user_transport).__name__}",
             )
         existing = pool.entries.get(element.identifier)
-        if existing is not None and existing.element.user_transport != element.user_transport:
+        if (
+            existing is not None
+            and existing.element.user_transport != element.user_transport
+        ):
             raise HandlespaceError(
                 Cause.NON_UNIQUE_PE_IDENTIFIER,
                 f"PE 0x{element.identifier:08x} is already registered from {existing.element.user_transport}",
             )
-        life_s = element.registration_life / 1000 if element.registration_life > 0 else float("inf")
+        life_s = (
+            element.registration_life / 1000
+            if element.registration_life > 0
+            else float("inf")
+        )
         asap_transport = asap_transport or element.asap_transport
-        element = replace(element, home_registrar=self.registrar_id if home is None else home, asap_transport=None)
+        element = replace(
+            element,
+            home_registrar=self.registrar_id if home is None else home,
+            asap_transport=None,
+        )
         if existing is None:
-            entry = PoolEntry(handle, element, owner, now, now, now + life_s, asap_transport=asap_transport)
+            entry = PoolEntry(
+                handle,
+                element,
+                owner,
+                now,
+                now,
+                now + life_s,
+                asap_transport=asap_transport,
+            )
             pool.entries[element.identifier] = entry
             self.pools[handle] = pool
         else:
             entry = existing
-            entry.element, entry.owner, entry.last_update, entry.expires_at = element, owner, now, now + life_s
+            entry.element, entry.owner, entry.last_update, entry.expires_at = (
+                element,
+                owner,
+                now,
+                now + life_s,
+            )
             entry.unreachable_reports, entry._encoded = 0, None
             entry.asap_transport = asap_transport or entry.asap_transport
         pool.selection.update(element.identifier, element.policy)
@@ -193,7 +247,9 @@ class Handlespace:
             raise HandlespaceError(Cause.UNKNOWN_POOL_HANDLE, f"no pool {handle!r}")
         entry = pool.entries.get(identifier)
         if entry is None:
-            raise HandlespaceError(Cause.INVALID_VALUES, f"no PE 0x{identifier:08x} in pool {handle!r}")
+            raise HandlespaceError(
+                Cause.INVALID_VALUES, f"no PE 0x{identifier:08x} in pool {handle!r}"
+            )
         self._remove(pool, entry)
         return entry
 
@@ -218,7 +274,12 @@ class Handlespace:
 
     def expire(self, now: float) -> list[PoolEntry]:
         """Remove every PE whose registration life has ended."""
-        gone = [e for pool in self.pools.values() for e in pool.entries.values() if e.expires_at <= now]
+        gone = [
+            e
+            for pool in self.pools.values()
+            for e in pool.entries.values()
+            if e.expires_at <= now
+        ]
         for entry in gone:
             self._remove(self.pools[entry.pool_handle], entry)
         return gone
@@ -245,7 +306,11 @@ class Handlespace:
         return pool, min(items or self.max_resolution_items, RESOLUTION_ITEMS_LIMIT)
 
     def resolution_answer(
-        self, handle: bytes, items: int | None = None, ram_mb: int | None = None, request: bytes | None = None
+        self,
+        handle: bytes,
+        items: int | None = None,
+        ram_mb: int | None = None,
+        request: bytes | None = None,
     ) -> bytes:
         """The encoded HANDLE_RESOLUTION_RESPONSE: the hot path of every registrar,
         built from parameters encoded once per change instead of once per answer.
@@ -255,12 +320,28 @@ class Handlespace:
         pool, count = self._pool_and_count(handle, items)
         selection = pool.selection
         books_ram = bool(ram_mb) and getattr(selection, "fits_requests", False)
-        chosen = selection.select(count, ram_mb=ram_mb) if books_ram else selection.select(count)
+        chosen = (
+            selection.select(count, ram_mb=ram_mb)
+            if books_ram
+            else selection.select(count)
+        )
         body = b"".join([pool.answer_head, *[pool.entries[i].encoded for i in chosen]])
-        answer = _RESPONSE_HEADER.pack(M.AsapType.HANDLE_RESOLUTION_RESPONSE, 0, 4 + len(body)) + body
+        answer = (
+            _RESPONSE_HEADER.pack(
+                M.AsapType.HANDLE_RESOLUTION_RESPONSE, 0, 4 + len(body)
+            )
+            + body
+        )
         self.resolutions += 1
-        repeats = getattr(selection, "repeats", None)  # optional for third-party selections
-        if request is not None and not books_ram and repeats is not None and repeats(count, chosen):
+        repeats = getattr(
+            selection, "repeats", None
+        )  # optional for third-party selections
+        if (
+            request is not None
+            and not books_ram
+            and repeats is not None
+            and repeats(count, chosen)
+        ):
             if len(self._answers) >= ANSWER_CACHE_SIZE:
                 self._answers.clear()
             self._answers[request] = (pool, pool.generation, answer)

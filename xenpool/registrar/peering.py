@@ -22,7 +22,6 @@ from typing import Protocol
 from twisted.logger import Logger
 
 from ..logs import hex_id, pool_name
-
 from ..protocol import messages as M
 from ..protocol import params as P
 from .handlespace import Handlespace, HandlespaceError, PoolEntry
@@ -61,15 +60,23 @@ class Takeover:
 
 
 class Peering:
-    def __init__(self, handlespace: Handlespace, clock, own_information: P.ServerInformation | None = None,
-                 timers: PeerTimers = PeerTimers(), observer=None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        handlespace: Handlespace,
+        clock,
+        own_information: P.ServerInformation | None = None,
+        timers: PeerTimers = PeerTimers(),
+        observer=None,
+    ) -> None:
         self.handlespace = handlespace
         self.clock = clock
         self.timers = timers
         self.own_information = own_information
         self.observer = observer
         self.peers: dict[int, Peer] = {}
-        self.unidentified: set[Channel] = set()  # outbound connections not yet heard from
+        self.unidentified: set[Channel] = (
+            set()
+        )  # outbound connections not yet heard from
         self.takeovers: dict[int, Takeover] = {}
         self._heartbeat = None
 
@@ -100,9 +107,17 @@ class Peering:
         hear each other open one connection between them; an unspecified address in the
         Server Information stands for the announce's source."""
         info = msg.server_information
-        if msg.sender_id <= self.server_id or msg.sender_id in self.peers or info is None:
+        if (
+            msg.sender_id <= self.server_id
+            or msg.sender_id in self.peers
+            or info is None
+        ):
             return None
-        if info.server_id != msg.sender_id or not isinstance(info.transport, P.TcpTransport) or not info.transport.port:
+        if (
+            info.server_id != msg.sender_id
+            or not isinstance(info.transport, P.TcpTransport)
+            or not info.transport.port
+        ):
             return None
         return P.reachable_address(info.transport, source), info.transport.port
 
@@ -135,26 +150,41 @@ class Peering:
         if msg.server_information is not None:
             peer.information = msg.server_information
         if new or msg.checksum != self.handlespace.checksum(peer.server_id):
-            peer.channel.send(M.HandleTableRequest(self.server_id, peer.server_id, own_children_only=True))
+            peer.channel.send(
+                M.HandleTableRequest(
+                    self.server_id, peer.server_id, own_children_only=True
+                )
+            )
         if msg.reply_required:
             peer.channel.send(self._presence(peer.server_id))
 
-    def _on_table_request(self, msg: M.HandleTableRequest, peer: Peer, new: bool) -> None:
-        entries = [e for e in self.handlespace.entries() if not msg.own_children_only or e.home_registrar == self.server_id]
-        parts = [entries[i : i + TABLE_CHUNK] for i in range(0, len(entries), TABLE_CHUNK)] or [[]]
+    def _on_table_request(
+        self, msg: M.HandleTableRequest, peer: Peer, new: bool
+    ) -> None:
+        entries = [
+            e
+            for e in self.handlespace.entries()
+            if not msg.own_children_only or e.home_registrar == self.server_id
+        ]
+        parts = [
+            entries[i : i + TABLE_CHUNK] for i in range(0, len(entries), TABLE_CHUNK)
+        ] or [[]]
         for n, part in enumerate(parts):
             grouped: dict[bytes, list[P.PoolElement]] = {}
             for entry in part:
                 grouped.setdefault(entry.pool_handle, []).append(entry.enrp_element)
             peer.channel.send(
                 M.HandleTableResponse(
-                    self.server_id, peer.server_id,
+                    self.server_id,
+                    peer.server_id,
                     tuple((handle, tuple(pes)) for handle, pes in grouped.items()),
                     more_to_send=n < len(parts) - 1,
                 )
-            )  # fmt: skip
+            )
 
-    def _on_table_response(self, msg: M.HandleTableResponse, peer: Peer, new: bool) -> None:
+    def _on_table_response(
+        self, msg: M.HandleTableResponse, peer: Peer, new: bool
+    ) -> None:
         if msg.reject:
             return
         if peer.table_in_progress is None:
@@ -167,7 +197,10 @@ class Peering:
             # What the peer is home for is exactly what it sent: drop the rest.
             keep, peer.table_in_progress = peer.table_in_progress, None
             for entry in list(self.handlespace.entries()):
-                if entry.home_registrar == peer.server_id and (entry.pool_handle, entry.identifier) not in keep:
+                if (
+                    entry.home_registrar == peer.server_id
+                    and (entry.pool_handle, entry.identifier) not in keep
+                ):
                     self.handlespace.deregister(entry.pool_handle, entry.identifier)
 
     def _on_update(self, msg: M.HandleUpdate, peer: Peer, new: bool) -> None:
@@ -180,8 +213,12 @@ class Peering:
 
     def _on_list_request(self, msg: M.ListRequest, peer: Peer, new: bool) -> None:
         servers = [self.own_information] if self.own_information else []
-        servers += [p.information for p in self.peers.values() if p.information is not None]
-        peer.channel.send(M.ListResponse(self.server_id, peer.server_id, tuple(servers)))
+        servers += [
+            p.information for p in self.peers.values() if p.information is not None
+        ]
+        peer.channel.send(
+            M.ListResponse(self.server_id, peer.server_id, tuple(servers))
+        )
 
     def _on_init_takeover(self, msg: M.InitTakeover, peer: Peer, new: bool) -> None:
         target = msg.target_id
@@ -195,7 +232,9 @@ class Peering:
             self._abort_takeover(target)
         peer.channel.send(M.InitTakeoverAck(self.server_id, peer.server_id, target))
 
-    def _on_init_takeover_ack(self, msg: M.InitTakeoverAck, peer: Peer, new: bool) -> None:
+    def _on_init_takeover_ack(
+        self, msg: M.InitTakeoverAck, peer: Peer, new: bool
+    ) -> None:
         takeover = self.takeovers.get(msg.target_id)
         if takeover is not None:
             takeover.acks.add(peer.server_id)
@@ -220,12 +259,25 @@ class Peering:
     def _learn(self, handle: bytes, element: P.PoolElement) -> bool:
         """Take a PE a peer is home for; never let a peer override one homed here."""
         existing = self.handlespace.get(handle, element.identifier)
-        if element.home_registrar == self.server_id or (existing is not None and existing.owner is not None):
+        if element.home_registrar == self.server_id or (
+            existing is not None and existing.owner is not None
+        ):
             return False
         try:
-            self.handlespace.register(handle, element, now=self.clock.seconds(), owner=None, home=element.home_registrar)
+            self.handlespace.register(
+                handle,
+                element,
+                now=self.clock.seconds(),
+                owner=None,
+                home=element.home_registrar,
+            )
         except HandlespaceError as err:
-            log.warn("peer's PE {pe} in {pool} not taken: {reason}", pe=hex_id(element.identifier), pool=pool_name(handle), reason=err.reason)
+            log.warn(
+                "peer's PE {pe} in {pool} not taken: {reason}",
+                pe=hex_id(element.identifier),
+                pool=pool_name(handle),
+                reason=err.reason,
+            )
             return False
         return True
 
@@ -243,7 +295,15 @@ class Peering:
 
     def _broadcast(self, action: int, entry: PoolEntry) -> None:
         for peer in self.peers.values():
-            peer.channel.send(M.HandleUpdate(self.server_id, peer.server_id, action, entry.pool_handle, entry.enrp_element))
+            peer.channel.send(
+                M.HandleUpdate(
+                    self.server_id,
+                    peer.server_id,
+                    action,
+                    entry.pool_handle,
+                    entry.enrp_element,
+                )
+            )
 
     # ------------------------------------------------------ heartbeat, takeover
 
@@ -252,7 +312,13 @@ class Peering:
         return self._presence(0) if self.own_information is not None else None
 
     def _presence(self, receiver: int, reply_required: bool = False) -> M.Presence:
-        return M.Presence(self.server_id, receiver, self.handlespace.checksum(), self.own_information, reply_required)
+        return M.Presence(
+            self.server_id,
+            receiver,
+            self.handlespace.checksum(),
+            self.own_information,
+            reply_required,
+        )
 
     def _beat(self) -> None:
         now = self.clock.seconds()
@@ -264,23 +330,46 @@ class Peering:
                     self._start_takeover(peer.server_id)
             else:
                 peer.channel.send(self._presence(peer.server_id))
-        self._heartbeat = self.clock.callLater(self.timers.heartbeat_interval, self._beat)
+        self._heartbeat = self.clock.callLater(
+            self.timers.heartbeat_interval, self._beat
+        )
 
     def _start_takeover(self, target: int) -> None:
-        others = {p.server_id for p in self.peers.values() if p.server_id != target and p.server_id not in self.takeovers}
-        others = {s for s in others if self.clock.seconds() - self.peers[s].last_heard < self.timers.peer_timeout}
-        log.warn("ENRP peer {peer} silent for {t} s: taking over its PEs", peer=hex_id(target), t=self.timers.peer_timeout)
+        others = {
+            p.server_id
+            for p in self.peers.values()
+            if p.server_id != target and p.server_id not in self.takeovers
+        }
+        others = {
+            s
+            for s in others
+            if self.clock.seconds() - self.peers[s].last_heard
+            < self.timers.peer_timeout
+        }
+        log.warn(
+            "ENRP peer {peer} silent for {t} s: taking over its PEs",
+            peer=hex_id(target),
+            t=self.timers.peer_timeout,
+        )
         takeover = self.takeovers[target] = Takeover(target, others)
         for server_id in others:
-            self.peers[server_id].channel.send(M.InitTakeover(self.server_id, server_id, target))
+            self.peers[server_id].channel.send(
+                M.InitTakeover(self.server_id, server_id, target)
+            )
         if not others:
             self._complete_takeover(target)
         else:
-            takeover.deadline = self.clock.callLater(self.timers.takeover_timeout, self._complete_takeover, target)
+            takeover.deadline = self.clock.callLater(
+                self.timers.takeover_timeout, self._complete_takeover, target
+            )
 
     def _abort_takeover(self, target: int) -> None:
         takeover = self.takeovers.pop(target, None)
-        if takeover is not None and takeover.deadline is not None and takeover.deadline.active():
+        if (
+            takeover is not None
+            and takeover.deadline is not None
+            and takeover.deadline.active()
+        ):
             takeover.deadline.cancel()
 
     def _complete_takeover(self, target: int) -> None:
@@ -291,7 +380,9 @@ class Peering:
             takeover.deadline.cancel()
         for peer in self.peers.values():
             if peer.server_id != target:
-                peer.channel.send(M.TakeoverServer(self.server_id, peer.server_id, target))
+                peer.channel.send(
+                    M.TakeoverServer(self.server_id, peer.server_id, target)
+                )
         count = self._rehome(target, self.server_id)
         self._drop_peer(target)
         log.warn("took over {n} PEs of ENRP peer {peer}", n=count, peer=hex_id(target))

@@ -15,24 +15,23 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-
-from .. import addresses
-from ..discovery import DEFAULT_ANNOUNCE_INTERVAL_S, Announcer
-from ..logs import hex_id
-from ..status import StatusResource
 from twisted.protocols.policies import TimeoutMixin
 from twisted.web import server
 from zope.interface import implementer
 
+from .. import addresses
+from ..discovery import DEFAULT_ANNOUNCE_INTERVAL_S, Announcer
+from ..logs import hex_id
 from ..protocol import framing
 from ..protocol import messages as M
 from ..protocol import params as P
 from ..protocol import session as S
 from ..protocol.errors import Cause, ProtocolError
+from ..status import StatusResource
 from . import enrp_auth
 from .core import Registrar
-from .leases import LeaseTable
 from .handlespace import Handlespace, PoolEntry
+from .leases import LeaseTable
 from .peering import Peering
 
 log = Logger()
@@ -47,7 +46,14 @@ class Voting:
     """This registrar's vote on who may run a VM: the lease table, kept in ``path``
     (written whenever a holder changes) so a restart forgets no holder."""
 
-    def __init__(self, table: LeaseTable, clock, path: Path | None = None, wall_ms=None, fresh_wait_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        table: LeaseTable,
+        clock,
+        path: Path | None = None,
+        wall_ms=None,
+        fresh_wait_s: float = 0.0,
+    ) -> None:
         self.table = table
         self.clock = clock
         self.path = path
@@ -60,10 +66,18 @@ class Voting:
             return
         if self.path.exists():
             self.table.load(self.path.read_text(), self.clock.seconds())
-            log.info("{n} VM leases read from {path}", n=len(self.table.leases), path=str(self.path))
+            log.info(
+                "{n} VM leases read from {path}",
+                n=len(self.table.leases),
+                path=str(self.path),
+            )
         elif self.fresh_wait_s:
             self.table.quiet_until = self.clock.seconds() + self.fresh_wait_s
-            log.info("no lease file {path}: no new VM lease holder for {s} s", path=str(self.path), s=self.fresh_wait_s)
+            log.info(
+                "no lease file {path}: no new VM lease holder for {s} s",
+                path=str(self.path),
+                s=self.fresh_wait_s,
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def handle(self, request: S.LeaseRequest) -> S.LeaseAnswer:
@@ -72,7 +86,12 @@ class Voting:
             self.granted += 1
         else:
             self.refused += 1
-            log.info("lease on {server} refused to {host}: {why}", server=request.server_id, host=request.host, why=answer.reason)
+            log.info(
+                "lease on {server} refused to {host}: {why}",
+                server=request.server_id,
+                host=request.host,
+                why=answer.reason,
+            )
         if self.table.changed and self.path is not None:
             partial = self.path.with_suffix(".partial")
             with open(partial, "w") as f:
@@ -91,20 +110,30 @@ class AsapProtocol(Protocol, TimeoutMixin):
     transport's buffer fills, the registrar stops reading that client's requests, so a
     slow reader cannot pin memory."""
 
-    def __init__(self, registrar: Registrar, idle_timeout: float, max_message_size: int, metrics: "Metrics",
-                 voting: Voting | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        registrar: Registrar,
+        idle_timeout: float,
+        max_message_size: int,
+        metrics: Metrics,
+        voting: Voting | None = None,
+    ) -> None:
         self.registrar = registrar
         self.idle_timeout = idle_timeout
         self.metrics = metrics
         self.stream = framing.RSerPoolStream(M.ASAP_PPID, max_message_size)
         self.voting = voting
-        self.leases: framing.ShimStream | None = None  # a PE's lease requests on this connection
+        self.leases: framing.ShimStream | None = (
+            None  # a PE's lease requests on this connection
+        )
         self._first = True
 
     def connectionMade(self) -> None:
         self.setTimeout(self.idle_timeout)
         self.transport.registerProducer(self, True)
-        self.asap_transport = addresses.peer_transport(self.transport)  # the PE's, for ENRP
+        self.asap_transport = addresses.peer_transport(
+            self.transport
+        )  # the PE's, for ENRP
 
     def pauseProducing(self) -> None:
         self.transport.pauseProducing()
@@ -199,18 +228,33 @@ class AsapProtocol(Protocol, TimeoutMixin):
             while (item := self.leases.next_message()) is not None:
                 request = item[1]
                 if not isinstance(request, S.LeaseRequest):
-                    raise ProtocolError(f"{type(request).__name__} is not a lease request", field="type", offset=0, fatal=True)
+                    raise ProtocolError(
+                        f"{type(request).__name__} is not a lease request",
+                        field="type",
+                        offset=0,
+                        fatal=True,
+                    )
                 self.transport.write(framing.frame_message(self.voting.handle(request)))
         except ProtocolError as err:
-            log.info("bad lease request from {peer}: {err}", peer=self.transport.getPeer(), err=str(err))
+            log.info(
+                "bad lease request from {peer}: {err}",
+                peer=self.transport.getPeer(),
+                err=str(err),
+            )
             self.metrics.refused(err.cause)
-            answer = S.LeaseAnswer(self.voting.table.voter, "", False, reason=str(err)[: S.MAX_REASON])
+            answer = S.LeaseAnswer(
+                self.voting.table.voter, "", False, reason=str(err)[: S.MAX_REASON]
+            )
             self.transport.write(framing.frame_message(answer))
             if err.fatal:
                 self.transport.loseConnection()
 
     def _refuse(self, err: ProtocolError) -> None:
-        log.info("bad ASAP input from {peer}: {err}", peer=self.transport.getPeer(), err=str(err))
+        log.info(
+            "bad ASAP input from {peer}: {err}",
+            peer=self.transport.getPeer(),
+            err=str(err),
+        )
         self.metrics.refused(err.cause)
         if err.report:
             self.send(M.error_for(err))
@@ -219,7 +263,9 @@ class AsapProtocol(Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         # A PE answers keep-alives, so only a silent client is cut off.
-        log.info("closing idle ASAP connection from {peer}", peer=self.transport.getPeer())
+        log.info(
+            "closing idle ASAP connection from {peer}", peer=self.transport.getPeer()
+        )
         self.transport.abortConnection()
 
     def connectionLost(self, reason=None) -> None:
@@ -233,8 +279,14 @@ class EnrpProtocol(Protocol, TimeoutMixin):
 
     sctp_ppid = M.ENRP_PPID  # over SCTP (xenpool.sctp), its messages carry ENRP's PPID
 
-    def __init__(self, peering: Peering, outbound: bool, idle_timeout: float, metrics: "Metrics",
-                 secret: bytes | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        peering: Peering,
+        outbound: bool,
+        idle_timeout: float,
+        metrics: Metrics,
+        secret: bytes | None = None,
+    ) -> None:
         self.peering = peering
         self.outbound = outbound
         self.idle_timeout = idle_timeout
@@ -249,21 +301,35 @@ class EnrpProtocol(Protocol, TimeoutMixin):
 
     def send(self, message: M.Message) -> None:
         frame = M.encode(message)
-        self.transport.write(enrp_auth.sign(frame, self.secret) if self.secret else frame)
+        self.transport.write(
+            enrp_auth.sign(frame, self.secret) if self.secret else frame
+        )
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
         try:
             self.stream.feed(data)
             while (frame := self.stream.next_frame()) is not None:
-                if self.secret and (frame := enrp_auth.verify(frame, self.secret)) is None:
-                    log.warn("ENRP message from {peer} without valid authentication: closing", peer=self.transport.getPeer())
+                if (
+                    self.secret
+                    and (frame := enrp_auth.verify(frame, self.secret)) is None
+                ):
+                    log.warn(
+                        "ENRP message from {peer} without valid authentication: closing",
+                        peer=self.transport.getPeer(),
+                    )
                     self.metrics.refused(Cause.SECURITY_REJECTION)
                     self.transport.loseConnection()
                     return
-                self.peering.handle(M.decode(frame, M.ENRP_PPID, self.stream.reports), self)
+                self.peering.handle(
+                    M.decode(frame, M.ENRP_PPID, self.stream.reports), self
+                )
         except ProtocolError as err:
-            log.info("bad ENRP input from {peer}: {err}", peer=self.transport.getPeer(), err=str(err))
+            log.info(
+                "bad ENRP input from {peer}: {err}",
+                peer=self.transport.getPeer(),
+                err=str(err),
+            )
             self.metrics.refused(err.cause)
             if err.report:
                 self.send(M.error_for(err, M.ENRP_PPID, self.peering.server_id))
@@ -288,8 +354,19 @@ class EnrpMulticast(DatagramProtocol):
 
     MAX_DIALLED = 64
 
-    def __init__(self, peering: Peering, clock, group: str, port: int, *, interval_s: float, interface: str,
-                 ttl: int, connect, secret: bytes | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        peering: Peering,
+        clock,
+        group: str,
+        port: int,
+        *,
+        interval_s: float,
+        interface: str,
+        ttl: int,
+        connect,
+        secret: bytes | None = None,
+    ) -> None:
         self.peering = peering
         self.secret = secret
         self.destination = (group, port)
@@ -316,46 +393,87 @@ class EnrpMulticast(DatagramProtocol):
         presence = self.peering.announcement()
         if presence is not None:
             frame = M.encode(presence)
-            self.transport.write(enrp_auth.sign(frame, self.secret) if self.secret else frame, self.destination)
+            self.transport.write(
+                enrp_auth.sign(frame, self.secret) if self.secret else frame,
+                self.destination,
+            )
 
     def datagramReceived(self, data: bytes, address: tuple[str, int]) -> None:
         if self.secret and (data := enrp_auth.verify(data, self.secret)) is None:
-            log.info("ignoring an ENRP announce from {host} without valid authentication", host=address[0])
+            log.info(
+                "ignoring an ENRP announce from {host} without valid authentication",
+                host=address[0],
+            )
             return
         try:
             message = M.decode(data, M.ENRP_PPID)
         except ProtocolError as err:
-            log.info("ignoring a bad ENRP announce from {host}: {err}", host=address[0], err=str(err))
+            log.info(
+                "ignoring a bad ENRP announce from {host}: {err}",
+                host=address[0],
+                err=str(err),
+            )
             return
         if not isinstance(message, M.Presence):
-            log.info("ignoring {kind} on the ENRP announce group from {host}", kind=type(message).__name__, host=address[0])
+            log.info(
+                "ignoring {kind} on the ENRP announce group from {host}",
+                kind=type(message).__name__,
+                host=address[0],
+            )
             return
         target = self.peering.discovered(message, address[0])
         if target is None or target in self.dialled:
             return
         if len(self.dialled) >= self.MAX_DIALLED:
-            log.warn("not connecting to announced ENRP peer {host}:{port}: {n} peers dialled already",
-                     host=target[0], port=target[1], n=len(self.dialled))  # fmt: skip
+            log.warn(
+                "not connecting to announced ENRP peer {host}:{port}: {n} peers dialled already",
+                host=target[0],
+                port=target[1],
+                n=len(self.dialled),
+            )
             return
         self.dialled.add(target)
-        log.info("ENRP peer {peer} announced at {host}:{port}: connecting", peer=hex_id(message.sender_id),
-                 host=target[0], port=target[1])  # fmt: skip
+        log.info(
+            "ENRP peer {peer} announced at {host}:{port}: connecting",
+            peer=hex_id(message.sender_id),
+            host=target[0],
+            port=target[1],
+        )
         self.connect(*target)
 
 
 class EnrpFactory(Factory):
-    def __init__(self, peering: Peering, outbound: bool, idle_timeout: float, metrics: "Metrics",
-                 secret: bytes | None = None) -> None:  # fmt: skip
-        self.peering, self.outbound, self.idle_timeout, self.metrics = peering, outbound, idle_timeout, metrics
+    def __init__(
+        self,
+        peering: Peering,
+        outbound: bool,
+        idle_timeout: float,
+        metrics: Metrics,
+        secret: bytes | None = None,
+    ) -> None:
+        self.peering, self.outbound, self.idle_timeout, self.metrics = (
+            peering,
+            outbound,
+            idle_timeout,
+            metrics,
+        )
         self.secret = secret
 
     def buildProtocol(self, addr) -> EnrpProtocol:
-        return EnrpProtocol(self.peering, self.outbound, self.idle_timeout, self.metrics, self.secret)
+        return EnrpProtocol(
+            self.peering, self.outbound, self.idle_timeout, self.metrics, self.secret
+        )
 
 
 class AsapFactory(Factory):
-    def __init__(self, registrar: Registrar, idle_timeout: float, max_message_size: int, metrics: "Metrics",
-                 voting: Voting | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        registrar: Registrar,
+        idle_timeout: float,
+        max_message_size: int,
+        metrics: Metrics,
+        voting: Voting | None = None,
+    ) -> None:
         self.registrar = registrar
         self.idle_timeout = idle_timeout
         self.max_message_size = max_message_size
@@ -363,7 +481,13 @@ class AsapFactory(Factory):
         self.voting = voting
 
     def buildProtocol(self, addr) -> AsapProtocol:
-        return AsapProtocol(self.registrar, self.idle_timeout, self.max_message_size, self.metrics, self.voting)
+        return AsapProtocol(
+            self.registrar,
+            self.idle_timeout,
+            self.max_message_size,
+            self.metrics,
+            self.voting,
+        )
 
 
 class Metrics:
@@ -372,20 +496,47 @@ class Metrics:
     def __init__(self, handlespace: Handlespace) -> None:
         self.registry = CollectorRegistry()
         self.handlespace = handlespace
-        self.registrations = Counter("xenpool_registrations", "Registrations accepted (new and updates)", ["kind"], registry=self.registry)
-        self.removals = Counter("xenpool_pe_removals", "PEs removed from the handlespace", ["reason"], registry=self.registry)
-        self.errors = Counter("xenpool_errors", "Requests refused or malformed, by RFC 5354 cause", ["cause"], registry=self.registry)
-        self.takeovers = Counter("xenpool_takeovers", "Takeovers of a dead peer's PEs", registry=self.registry)
-        self.peers = Gauge("xenpool_peers", "ENRP peers currently alive", registry=self.registry)
+        self.registrations = Counter(
+            "xenpool_registrations",
+            "Registrations accepted (new and updates)",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.removals = Counter(
+            "xenpool_pe_removals",
+            "PEs removed from the handlespace",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "xenpool_errors",
+            "Requests refused or malformed, by RFC 5354 cause",
+            ["cause"],
+            registry=self.registry,
+        )
+        self.takeovers = Counter(
+            "xenpool_takeovers",
+            "Takeovers of a dead peer's PEs",
+            registry=self.registry,
+        )
+        self.peers = Gauge(
+            "xenpool_peers", "ENRP peers currently alive", registry=self.registry
+        )
         self.registry.register(self)
 
     def collect(self):
-        family = GaugeMetricFamily("xenpool_pool_elements", "PEs per pool", labels=["pool"])
+        family = GaugeMetricFamily(
+            "xenpool_pool_elements", "PEs per pool", labels=["pool"]
+        )
         for handle, pool in self.handlespace.pools.items():
             family.add_metric([handle.decode("utf-8", "replace")], len(pool.entries))
         yield family
         # Counted by the handlespace: a Counter per answer would cost more than a cached answer.
-        yield CounterMetricFamily("xenpool_handle_resolutions", "Handle resolutions answered", value=self.handlespace.resolutions)
+        yield CounterMetricFamily(
+            "xenpool_handle_resolutions",
+            "Handle resolutions answered",
+            value=self.handlespace.resolutions,
+        )
 
     # Observer interface
     def registered(self, entry: PoolEntry, new: bool) -> None:
@@ -409,7 +560,11 @@ class Metrics:
 
 
 def _transport_json(t: P.Transport) -> dict:
-    return {"kind": type(t).__name__.removesuffix("Transport").lower(), "addresses": list(t.addresses), "port": t.port}
+    return {
+        "kind": type(t).__name__.removesuffix("Transport").lower(),
+        "addresses": list(t.addresses),
+        "port": t.port,
+    }
 
 
 def handlespace_json(registrar: Registrar, now: float) -> dict:
@@ -431,13 +586,22 @@ def handlespace_json(registrar: Registrar, now: float) -> dict:
                     "seconds_since_update": round(now - entry.last_update, 3),
                 }
             )
-        pools.append({"handle": handle.decode("utf-8", "replace"), "pool_elements": pes})
+        pools.append(
+            {"handle": handle.decode("utf-8", "replace"), "pool_elements": pes}
+        )
     return {"registrar_id": registrar.registrar_id, "pools": pools}
 
 
 def status_resource(registrar: Registrar, metrics: Metrics) -> StatusResource:
     """The registrar's status site: ``/handlespace`` (JSON) and ``/metrics``."""
-    return StatusResource({b"handlespace": lambda: handlespace_json(registrar, registrar.clock.seconds())}, metrics.registry)
+    return StatusResource(
+        {
+            b"handlespace": lambda: handlespace_json(
+                registrar, registrar.clock.seconds()
+            )
+        },
+        metrics.registry,
+    )
 
 
 class _Listener(service.Service):
@@ -458,7 +622,9 @@ class _Listener(service.Service):
 
     def _listen(self) -> None:
         failed = []
-        self.endpoint.listen(self.factory).addCallbacks(lambda port: setattr(self, "port", port), failed.append)
+        self.endpoint.listen(self.factory).addCallbacks(
+            lambda port: setattr(self, "port", port), failed.append
+        )
         if failed:
             failed[0].raiseException()
 
@@ -472,12 +638,27 @@ class RegistrarService(service.MultiService):
     """Starts the registrar core and ENRP peering, listens on their endpoints, and
     announces the ASAP endpoints by multicast if ``announce`` is given."""
 
-    def __init__(self, registrar: Registrar, peering: Peering, metrics: Metrics, reactor, *, asap: list[str],
-                 enrp: list[str], peers: list[str], status: str | None, idle_timeout: float,
-                 max_message_size: int, announce: tuple[str, int] | None = None, announce_interface: str = "",
-                 announce_interval_s: float = DEFAULT_ANNOUNCE_INTERVAL_S, announce_ttl: int = 1,
-                 enrp_announce: tuple[str, int] | None = None, enrp_secret: bytes | None = None,
-                 voting: Voting | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        registrar: Registrar,
+        peering: Peering,
+        metrics: Metrics,
+        reactor,
+        *,
+        asap: list[str],
+        enrp: list[str],
+        peers: list[str],
+        status: str | None,
+        idle_timeout: float,
+        max_message_size: int,
+        announce: tuple[str, int] | None = None,
+        announce_interface: str = "",
+        announce_interval_s: float = DEFAULT_ANNOUNCE_INTERVAL_S,
+        announce_ttl: int = 1,
+        enrp_announce: tuple[str, int] | None = None,
+        enrp_secret: bytes | None = None,
+        voting: Voting | None = None,
+    ) -> None:
         super().__init__()
         self.reactor = reactor
         self.voting = voting
@@ -487,33 +668,58 @@ class RegistrarService(service.MultiService):
         self.metrics = metrics
         self.idle_timeout = idle_timeout
         self.announce_interface = announce_interface
-        factory = AsapFactory(registrar, idle_timeout, max_message_size, metrics, voting)
-        self.asap_listeners = [_Listener(endpoints.serverFromString(reactor, d), factory) for d in asap]
+        factory = AsapFactory(
+            registrar, idle_timeout, max_message_size, metrics, voting
+        )
+        self.asap_listeners = [
+            _Listener(endpoints.serverFromString(reactor, d), factory) for d in asap
+        ]
         enrp_factory = EnrpFactory(peering, False, idle_timeout, metrics, enrp_secret)
-        self.enrp_listeners = [_Listener(endpoints.serverFromString(reactor, d), enrp_factory) for d in enrp]
+        self.enrp_listeners = [
+            _Listener(endpoints.serverFromString(reactor, d), enrp_factory)
+            for d in enrp
+        ]
         for listener in (*self.asap_listeners, *self.enrp_listeners):
             listener.setServiceParent(self)
         if announce is not None:
             Announcer(
-                reactor, registrar.registrar_id, lambda: self._transports(self.asap_listeners), *announce,
-                interval_s=announce_interval_s, interface=announce_interface, ttl=announce_ttl,
-            ).setServiceParent(self)  # fmt: skip
+                reactor,
+                registrar.registrar_id,
+                lambda: self._transports(self.asap_listeners),
+                *announce,
+                interval_s=announce_interval_s,
+                interface=announce_interface,
+                ttl=announce_ttl,
+            ).setServiceParent(self)
         if enrp_announce is not None:
             multicast = EnrpMulticast(
-                peering, reactor, *enrp_announce, interval_s=peering.timers.heartbeat_interval,
-                interface=announce_interface, ttl=announce_ttl, connect=self._connect_peer, secret=enrp_secret,
-            )  # fmt: skip
-            MulticastServer(enrp_announce[1], multicast, listenMultiple=True).setServiceParent(self)
+                peering,
+                reactor,
+                *enrp_announce,
+                interval_s=peering.timers.heartbeat_interval,
+                interface=announce_interface,
+                ttl=announce_ttl,
+                connect=self._connect_peer,
+                secret=enrp_secret,
+            )
+            MulticastServer(
+                enrp_announce[1], multicast, listenMultiple=True
+            ).setServiceParent(self)
         for description in peers:
             self._connect(endpoints.clientFromString(reactor, description))
         if status:
-            strports.service(status, server.Site(status_resource(registrar, metrics))).setServiceParent(self)
+            strports.service(
+                status, server.Site(status_resource(registrar, metrics))
+            ).setServiceParent(self)
 
     def _connect(self, endpoint) -> None:
         ClientService(
-            endpoint, EnrpFactory(self.peering, True, self.idle_timeout, self.metrics, self.enrp_secret),
+            endpoint,
+            EnrpFactory(
+                self.peering, True, self.idle_timeout, self.metrics, self.enrp_secret
+            ),
             retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=2.0),
-        ).setServiceParent(self)  # fmt: skip
+        ).setServiceParent(self)
 
     def _connect_peer(self, host: str, port: int) -> None:
         self._connect(endpoints.TCP4ClientEndpoint(self.reactor, host, port))
@@ -529,7 +735,11 @@ class RegistrarService(service.MultiService):
                 advertised = addresses.advertised(host.host, self.announce_interface)
                 if not addresses.is_sctp(listener.port):
                     advertised = advertised[:1]  # a TCP transport has one address
-                transports.append(addresses.transport_parameter(listener.port, host.host, host.port, advertised))
+                transports.append(
+                    addresses.transport_parameter(
+                        listener.port, host.host, host.port, advertised
+                    )
+                )
         return transports
 
     def startService(self) -> None:
@@ -541,7 +751,9 @@ class RegistrarService(service.MultiService):
         super().startService()
         enrp = self._transports(self.enrp_listeners)  # bound by now
         if enrp and self.peering.own_information is None:
-            self.peering.own_information = P.ServerInformation(self.registrar.registrar_id, enrp[0])
+            self.peering.own_information = P.ServerInformation(
+                self.registrar.registrar_id, enrp[0]
+            )
 
     def stopService(self):
         self.peering.stop()

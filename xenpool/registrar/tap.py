@@ -13,42 +13,167 @@ from pathlib import Path
 
 from twisted.python import usage
 
-from ..config import Setting, non_negative_float, id32, ipv4_address, json_log, make_options, pool_secret, positive_float, positive_int, secret_file
+from ..config import (
+    Setting,
+    id32,
+    ipv4_address,
+    json_log,
+    make_options,
+    non_negative_float,
+    pool_secret,
+    positive_float,
+    positive_int,
+    secret_file,
+)
 from ..discovery import DEFAULT_ANNOUNCE_INTERVAL_S, multicast_address
 from ..protocol.messages import ASAP_PORT, MAX_MESSAGE_SIZE
 
 SETTINGS = [
-    Setting("asap", [f"tcp:{ASAP_PORT}"], str, "ASAP endpoint for PEs and PUs", multiple=True),
-    Setting("enrp", [], str, "ENRP endpoint for peer registrars, e.g. tcp:9901", multiple=True),
-    Setting("peer", [], str, "a peer registrar's ENRP endpoint, e.g. tcp:host=pr2:port=9901", multiple=True),
-    Setting("status", None, str, "HTTP endpoint for /handlespace (JSON) and /metrics (Prometheus)"),
-    Setting("logfile", None, str, "also write structured logs to this file as JSON lines"),
-    Setting("registrar-id", None, id32, "this registrar's 32-bit identifier (default: random)"),
-    Setting("keep-alive-interval", 5.0, positive_float, "seconds between keep-alives to each PE"),
-    Setting("keep-alive-timeout", 5.0, positive_float, "seconds a PE has to answer a keep-alive"),
-    Setting("peer-heartbeat-interval", 2.0, positive_float, "seconds between ENRP PRESENCE messages"),
-    Setting("peer-timeout", 5.0, positive_float, "seconds of silence before a peer is taken over"),
-    Setting("pool-secret", [], pool_secret, "POOL:FILE: PEs of POOL must prove the secret in FILE", multiple=True),
-    Setting("max-bad-pe-reports", 3, positive_int, "ENDPOINT_UNREACHABLE reports that remove a PE"),
-    Setting("max-resolution-items", 3, positive_int, "PEs per handle resolution answer"),
-    Setting("idle-timeout", 60.0, positive_float, "seconds before a silent connection is closed"),
-    Setting("max-message-size", MAX_MESSAGE_SIZE, positive_int, "largest ASAP message accepted, bytes"),
-    Setting("announce", None, multicast_address,
-            "send SERVER_ANNOUNCEs of the ASAP endpoints to GROUP:PORT, e.g. 239.0.0.50:3863 (default: off)"),
-    Setting("enrp-announce", None, multicast_address,
-            "send and hear ENRP PRESENCEs on GROUP:PORT, e.g. 239.0.0.51:9901, and connect to the peers heard (default: off)"),
-    Setting("enrp-secret", None, secret_file,
-            "FILE: sign every ENRP message with this secret and take only messages signed with it"),
-    Setting("state-dir", ".", str,
-            "directory that keeps the VM leases this registrar granted across restarts (vm-leases-<ASAP endpoint>.json)"),
-    Setting("vm-lease-max", 60.0, positive_float, "longest VM lease granted to a PE, seconds"),
-    Setting("fresh-wait", 0.0, non_negative_float,
-            "seconds a registrar that finds no lease file takes no new lease holder (give it the PEs' --vm-lease "
-            "where a registrar's state may have been lost)"),
-    Setting("announce-interface", "", ipv4_address, "the local IPv4 address whose interface announces use"),
-    Setting("announce-interval", DEFAULT_ANNOUNCE_INTERVAL_S, positive_float, "seconds between announces"),
-    Setting("announce-ttl", 1, positive_int, "multicast TTL of announces (1: this network only)"),
+    Setting(
+        "asap",
+        [f"tcp:{ASAP_PORT}"],
+        str,
+        "ASAP endpoint for PEs and PUs",
+        multiple=True,
+    ),
+    Setting(
+        "enrp",
+        [],
+        str,
+        "ENRP endpoint for peer registrars, e.g. tcp:9901",
+        multiple=True,
+    ),
+    Setting(
+        "peer",
+        [],
+        str,
+        "a peer registrar's ENRP endpoint, e.g. tcp:host=pr2:port=9901",
+        multiple=True,
+    ),
+    Setting(
+        "status",
+        None,
+        str,
+        "HTTP endpoint for /handlespace (JSON) and /metrics (Prometheus)",
+    ),
+    Setting(
+        "logfile", None, str, "also write structured logs to this file as JSON lines"
+    ),
+    Setting(
+        "registrar-id",
+        None,
+        id32,
+        "this registrar's 32-bit identifier (default: random)",
+    ),
+    Setting(
+        "keep-alive-interval",
+        5.0,
+        positive_float,
+        "seconds between keep-alives to each PE",
+    ),
+    Setting(
+        "keep-alive-timeout",
+        5.0,
+        positive_float,
+        "seconds a PE has to answer a keep-alive",
+    ),
+    Setting(
+        "peer-heartbeat-interval",
+        2.0,
+        positive_float,
+        "seconds between ENRP PRESENCE messages",
+    ),
+    Setting(
+        "peer-timeout",
+        5.0,
+        positive_float,
+        "seconds of silence before a peer is taken over",
+    ),
+    Setting(
+        "pool-secret",
+        [],
+        pool_secret,
+        "POOL:FILE: PEs of POOL must prove the secret in FILE",
+        multiple=True,
+    ),
+    Setting(
+        "max-bad-pe-reports",
+        3,
+        positive_int,
+        "ENDPOINT_UNREACHABLE reports that remove a PE",
+    ),
+    Setting(
+        "max-resolution-items", 3, positive_int, "PEs per handle resolution answer"
+    ),
+    Setting(
+        "idle-timeout",
+        60.0,
+        positive_float,
+        "seconds before a silent connection is closed",
+    ),
+    Setting(
+        "max-message-size",
+        MAX_MESSAGE_SIZE,
+        positive_int,
+        "largest ASAP message accepted, bytes",
+    ),
+    Setting(
+        "announce",
+        None,
+        multicast_address,
+        "send SERVER_ANNOUNCEs of the ASAP endpoints to GROUP:PORT, e.g. 239.0.0.50:3863 (default: off)",
+    ),
+    Setting(
+        "enrp-announce",
+        None,
+        multicast_address,
+        "send and hear ENRP PRESENCEs on GROUP:PORT, e.g. 239.0.0.51:9901, and connect to the peers heard (default: off)",
+    ),
+    Setting(
+        "enrp-secret",
+        None,
+        secret_file,
+        "FILE: sign every ENRP message with this secret and take only messages signed with it",
+    ),
+    Setting(
+        "state-dir",
+        ".",
+        str,
+        "directory that keeps the VM leases this registrar granted across restarts (vm-leases-<ASAP endpoint>.json)",
+    ),
+    Setting(
+        "vm-lease-max",
+        60.0,
+        positive_float,
+        "longest VM lease granted to a PE, seconds",
+    ),
+    Setting(
+        "fresh-wait",
+        0.0,
+        non_negative_float,
+        "seconds a registrar that finds no lease file takes no new lease holder (give it the PEs' --vm-lease "
+        "where a registrar's state may have been lost)",
+    ),
+    Setting(
+        "announce-interface",
+        "",
+        ipv4_address,
+        "the local IPv4 address whose interface announces use",
+    ),
+    Setting(
+        "announce-interval",
+        DEFAULT_ANNOUNCE_INTERVAL_S,
+        positive_float,
+        "seconds between announces",
+    ),
+    Setting(
+        "announce-ttl",
+        1,
+        positive_int,
+        "multicast TTL of announces (1: this network only)",
+    ),
 ]
+
 
 class Options(make_options(SETTINGS, "registrar", "Run an RSerPool pool registrar.")):
     def postOptions(self) -> None:
@@ -56,7 +181,9 @@ class Options(make_options(SETTINGS, "registrar", "Run an RSerPool pool registra
         from .. import sctp
 
         try:
-            sctp.check([*self.settings["asap"], *self.settings["enrp"], *self.settings["peer"]])
+            sctp.check(
+                [*self.settings["asap"], *self.settings["enrp"], *self.settings["peer"]]
+            )
         except ValueError as err:
             raise usage.UsageError(str(err)) from None
         state_dir = Path(self.settings["state-dir"])
@@ -65,12 +192,18 @@ class Options(make_options(SETTINGS, "registrar", "Run an RSerPool pool registra
         except OSError as err:
             raise usage.UsageError(f"--state-dir {state_dir}: {err.strerror}") from None
         if not os.access(state_dir, os.W_OK):
-            raise usage.UsageError(f"--state-dir {state_dir}: not writable (the VM leases this registrar grants are kept there)")
+            raise usage.UsageError(
+                f"--state-dir {state_dir}: not writable (the VM leases this registrar grants are kept there)"
+            )
 
 
 def leases_file(state_dir: str, asap_endpoint: str) -> Path:
     """One file per ASAP endpoint, so registrars sharing a directory keep theirs apart."""
-    return Path(state_dir) / ("vm-leases-" + re.sub(r"[^A-Za-z0-9.-]+", "_", asap_endpoint).strip("_") + ".json")
+    return Path(state_dir) / (
+        "vm-leases-"
+        + re.sub(r"[^A-Za-z0-9.-]+", "_", asap_endpoint).strip("_")
+        + ".json"
+    )
 
 
 def makeService(options: usage.Options):
@@ -92,20 +225,44 @@ def makeService(options: usage.Options):
         policies[provider.policy_type] = provider
     registrar_id = s["registrar-id"] or random.SystemRandom().randrange(1, 2**32)
     handlespace = Handlespace(
-        registrar_id, policies, max_bad_pe_reports=s["max-bad-pe-reports"],
-        max_resolution_items=s["max-resolution-items"], pool_secrets=dict(s["pool-secret"]),
-    )  # fmt: skip
+        registrar_id,
+        policies,
+        max_bad_pe_reports=s["max-bad-pe-reports"],
+        max_resolution_items=s["max-resolution-items"],
+        pool_secrets=dict(s["pool-secret"]),
+    )
     metrics = Metrics(handlespace)
-    peer_timers = PeerTimers(s["peer-heartbeat-interval"], s["peer-timeout"], s["peer-timeout"])
+    peer_timers = PeerTimers(
+        s["peer-heartbeat-interval"], s["peer-timeout"], s["peer-timeout"]
+    )
     peering = Peering(handlespace, reactor, timers=peer_timers, observer=metrics)
     timers = Timers(s["keep-alive-interval"], s["keep-alive-timeout"])
     registrar = Registrar(handlespace, reactor, timers, observers=[metrics, peering])
-    table = LeaseTable(registrar_id, max_duration_s=s["vm-lease-max"], secrets=dict(s["pool-secret"]))
-    voting = Voting(table, reactor, leases_file(s["state-dir"], s["asap"][0]), fresh_wait_s=s["fresh-wait"])
+    table = LeaseTable(
+        registrar_id, max_duration_s=s["vm-lease-max"], secrets=dict(s["pool-secret"])
+    )
+    voting = Voting(
+        table,
+        reactor,
+        leases_file(s["state-dir"], s["asap"][0]),
+        fresh_wait_s=s["fresh-wait"],
+    )
     return RegistrarService(
-        registrar, peering, metrics, reactor, asap=s["asap"], enrp=s["enrp"], peers=s["peer"], status=s["status"],
-        idle_timeout=s["idle-timeout"], max_message_size=s["max-message-size"], announce=s["announce"],
-        announce_interface=s["announce-interface"], announce_interval_s=s["announce-interval"],
-        announce_ttl=s["announce-ttl"], enrp_announce=s["enrp-announce"], enrp_secret=s["enrp-secret"],
+        registrar,
+        peering,
+        metrics,
+        reactor,
+        asap=s["asap"],
+        enrp=s["enrp"],
+        peers=s["peer"],
+        status=s["status"],
+        idle_timeout=s["idle-timeout"],
+        max_message_size=s["max-message-size"],
+        announce=s["announce"],
+        announce_interface=s["announce-interface"],
+        announce_interval_s=s["announce-interval"],
+        announce_ttl=s["announce-ttl"],
+        enrp_announce=s["enrp-announce"],
+        enrp_secret=s["enrp-secret"],
         voting=voting,
-    )  # fmt: skip
+    )

@@ -99,11 +99,25 @@ def to_ns(seconds: float) -> int:
 
 class _Guest:
     __slots__ = (
-        "name", "ram_mb", "busy_s", "rng", "phase_ns", "started_ns", "cycle_start", "busy",
-        "total", "s0", "next_is_cycle_start", "alive", "busy_ns", "busy_since",
-    )  # fmt: skip
+        "name",
+        "ram_mb",
+        "busy_s",
+        "rng",
+        "phase_ns",
+        "started_ns",
+        "cycle_start",
+        "busy",
+        "total",
+        "s0",
+        "next_is_cycle_start",
+        "alive",
+        "busy_ns",
+        "busy_since",
+    )
 
-    def __init__(self, name: str, ram_mb: int, busy_s: float, rng: random.Random) -> None:
+    def __init__(
+        self, name: str, ram_mb: int, busy_s: float, rng: random.Random
+    ) -> None:
         self.name = name
         self.ram_mb = ram_mb
         self.busy_s = busy_s
@@ -114,7 +128,9 @@ class _Guest:
         self.busy = False
         self.total: int | Fraction = 0  # ns of CPU over its finished busy periods
         self.s0: int | Fraction = 0  # the host's S when its current busy period began
-        self.busy_ns = 0  # wall-clock ns it wanted a core, over its finished busy periods
+        self.busy_ns = (
+            0  # wall-clock ns it wanted a core, over its finished busy periods
+        )
         self.busy_since = 0  # ns; when its current busy period began
         self.next_is_cycle_start = True
         self.alive = True
@@ -142,14 +158,20 @@ class SimulatedHypervisor:
         overhead_kb_per_mb: float = 7.0,
     ) -> None:
         if cpus <= 0 or memory_mb <= 0:
-            raise ValueError(f"host {name!r}: cpus and memory_mb must be > 0, got {cpus}, {memory_mb}")
+            raise ValueError(
+                f"host {name!r}: cpus and memory_mb must be > 0, got {cpus}, {memory_mb}"
+            )
         if cycle_s <= 0:
             raise ValueError(f"cycle_s must be > 0, got {cycle_s}")
         jitter, jitter_p = tuple(jitter), tuple(jitter_p)
         if not jitter or len(jitter) != len(jitter_p):
-            raise ValueError(f"jitter {jitter} and jitter_p {jitter_p} must be non-empty and of one length")
+            raise ValueError(
+                f"jitter {jitter} and jitter_p {jitter_p} must be non-empty and of one length"
+            )
         if any(p < 0 for p in jitter_p) or sum(jitter_p) <= 0:
-            raise ValueError(f"jitter_p {jitter_p}: probabilities must be >= 0 and not all 0")
+            raise ValueError(
+                f"jitter_p {jitter_p}: probabilities must be >= 0 and not all 0"
+            )
         self.clock = clock
         self.name = name
         self.cpus = int(cpus)
@@ -228,7 +250,9 @@ class SimulatedHypervisor:
                 self._begin_cycle(guest, at, at)
             else:
                 self._set_busy(guest, False)
-                self._schedule(guest, guest.cycle_start + self.cycle_ns, cycle_start=True)
+                self._schedule(
+                    guest, guest.cycle_start + self.cycle_ns, cycle_start=True
+                )
         self._integrate(now)
         return now
 
@@ -247,9 +271,13 @@ class SimulatedHypervisor:
                     busy = busy[0]
             busy = float(busy)
         except (LookupError, ValueError, TypeError) as err:
-            raise SimError(f"cannot start {name!r} on {self.name}: no load profile ({err!r})") from None
+            raise SimError(
+                f"cannot start {name!r} on {self.name}: no load profile ({err!r})"
+            ) from None
         if busy < 0 or busy > self.cycle_s or math.isnan(busy):
-            raise SimError(f"cannot start {name!r} on {self.name}: busy {busy} s not in [0, {self.cycle_s}]")
+            raise SimError(
+                f"cannot start {name!r} on {self.name}: busy {busy} s not in [0, {self.cycle_s}]"
+            )
         return busy
 
     # -- helpers ---------------------------------------------------------------------------
@@ -272,7 +300,9 @@ class SimulatedHypervisor:
             try:
                 callback(name, state)
             except Exception:
-                log.failure("domain event callback {callback!r} failed", callback=callback)
+                log.failure(
+                    "domain event callback {callback!r} failed", callback=callback
+                )
 
     def _remove(self, name: str) -> bool:
         guest = self._guests.get(name)
@@ -304,7 +334,9 @@ class SimulatedHypervisor:
 
     def domains(self) -> defer.Deferred:
         """{name: (RUNNING, ram_kb)} of every guest."""
-        return defer.succeed({g.name: (RUNNING, g.ram_mb * 1024) for g in self._guests.values()})
+        return defer.succeed(
+            {g.name: (RUNNING, g.ram_mb * 1024) for g in self._guests.values()}
+        )
 
     def start(self, spec: DomainSpec) -> defer.Deferred:
         """Start a guest; fires RUNNING. Fails with SimError for a bad spec, a name already
@@ -321,15 +353,23 @@ class SimulatedHypervisor:
         if not name or name != name.strip():
             raise SimError(f"bad domain name {name!r}")
         if spec.ram_mb <= 0 or spec.vcpus <= 0:
-            raise SimError(f"domain {name!r}: RAM and vCPUs must be > 0, got {spec.ram_mb} MB, {spec.vcpus}")
+            raise SimError(
+                f"domain {name!r}: RAM and vCPUs must be > 0, got {spec.ram_mb} MB, {spec.vcpus}"
+            )
         if name in self._guests:
-            raise SimError(f"cannot start {name!r}: a domain of that name already exists (running)")
+            raise SimError(
+                f"cannot start {name!r}: a domain of that name already exists (running)"
+            )
         free_kb = max(0, self._free_kb())
         if spec.ram_mb * 1024 > free_kb:
-            raise SimError(f"cannot start {name!r} on {self.name}: {spec.ram_mb} MB needed, {free_kb // 1024} MB free")
+            raise SimError(
+                f"cannot start {name!r} on {self.name}: {spec.ram_mb} MB needed, {free_kb // 1024} MB free"
+            )
         busy_s = self._busy_s(name)
         now = self.advance()
-        guest = _Guest(name, spec.ram_mb, busy_s, random.Random(self.rng.getrandbits(64)))
+        guest = _Guest(
+            name, spec.ram_mb, busy_s, random.Random(self.rng.getrandbits(64))
+        )
         guest.phase_ns = guest.rng.randrange(self.cycle_ns)
         guest.started_ns = now
         self._guests[name] = guest

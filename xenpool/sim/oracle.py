@@ -18,7 +18,12 @@ def greedy_deviation(scenario: dict, rng: random.Random) -> float:
     pes = scenario["pes"]
     settings = LoadSettings()  # the hypervisor overhead the simulated PEs count
     load = [0.0] * len(pes)
-    free_mb = [pe["memory_mb"] - settings.overhead_mb - settings.overhead_kb_per_mb * pe["memory_mb"] / 1024 for pe in pes]
+    free_mb = [
+        pe["memory_mb"]
+        - settings.overhead_mb
+        - settings.overhead_kb_per_mb * pe["memory_mb"] / 1024
+        for pe in pes
+    ]
     for start in sorted(scenario["starts"], key=lambda s: s["at_s"]):
         vm = scenario["vm_types"][start["type"]]
         fits = [i for i in range(len(pes)) if free_mb[i] >= vm["ram_mb"]]

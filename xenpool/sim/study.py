@@ -60,10 +60,16 @@ def run(args: argparse.Namespace) -> int:
     for i in range(args.runs):
         try:
             sim = Simulation(
-                scenario, plugins, load_plugin=args.load_plugin, policy=args.policy, seed=args.seed + i,
-                load_options=load_options(args.load_weight), pe_overrides=pe_overrides(args),
-                rebalance=args.rebalance, rebalance_interval_s=args.rebalance_interval,
-            )  # fmt: skip
+                scenario,
+                plugins,
+                load_plugin=args.load_plugin,
+                policy=args.policy,
+                seed=args.seed + i,
+                load_options=load_options(args.load_weight),
+                pe_overrides=pe_overrides(args),
+                rebalance=args.rebalance,
+                rebalance_interval_s=args.rebalance_interval,
+            )
         except PluginError as err:
             print(f"xenpool sim: {err}")
             return 2
@@ -77,14 +83,27 @@ def run(args: argparse.Namespace) -> int:
         "rebalance": args.rebalance,
         "rebalance_interval_s": args.rebalance_interval if args.rebalance else None,
         "runs": [
-            {"seed": args.seed + i, "metric_percent": r.metric_percent, "ram_failed_starts": r.ram_failed_starts,
-             "not_started": r.not_started, "moves": r.moves, "samples_percent": r.samples_percent,
-             "settled_metric_percent": r.settled_metric_percent, "per_pe": r.per_pe}
+            {
+                "seed": args.seed + i,
+                "metric_percent": r.metric_percent,
+                "ram_failed_starts": r.ram_failed_starts,
+                "not_started": r.not_started,
+                "moves": r.moves,
+                "samples_percent": r.samples_percent,
+                "settled_metric_percent": r.settled_metric_percent,
+                "per_pe": r.per_pe,
+            }
             for i, r in enumerate(results)
-        ],  # fmt: skip
-        "mean_metric_percent": round(statistics.mean(r.metric_percent for r in results), 2),
-        "mean_ram_failed_starts": round(statistics.mean(r.ram_failed_starts for r in results), 2),
-        "mean_settled_metric_percent": _mean_or_none([r.settled_metric_percent for r in results]),
+        ],
+        "mean_metric_percent": round(
+            statistics.mean(r.metric_percent for r in results), 2
+        ),
+        "mean_ram_failed_starts": round(
+            statistics.mean(r.ram_failed_starts for r in results), 2
+        ),
+        "mean_settled_metric_percent": _mean_or_none(
+            [r.settled_metric_percent for r in results]
+        ),
         "mean_moves": round(statistics.mean(r.moves for r in results), 2),
         "wall_s": round(wall_s, 2),
     }
@@ -103,22 +122,32 @@ def _greedy_oracle(scenario: dict, args: argparse.Namespace) -> int:
     from .oracle import greedy_deviation
 
     try:
-        runs = [greedy_deviation(scenario, random.Random(args.seed + i)) for i in range(args.runs)]
+        runs = [
+            greedy_deviation(scenario, random.Random(args.seed + i))
+            for i in range(args.runs)
+        ]
     except ValueError as err:
         print(f"xenpool sim: {args.scenario}: {err}")
         return 1
     result = {
-        "scenario": scenario.get("name", args.scenario), "greedy_oracle": True,
-        "runs": [{"seed": args.seed + i, "metric_percent": round(m, 2)} for i, m in enumerate(runs)],
-        "mean_metric_percent": round(statistics.mean(runs), 2), "min_metric_percent": round(min(runs), 2),
+        "scenario": scenario.get("name", args.scenario),
+        "greedy_oracle": True,
+        "runs": [
+            {"seed": args.seed + i, "metric_percent": round(m, 2)}
+            for i, m in enumerate(runs)
+        ],
+        "mean_metric_percent": round(statistics.mean(runs), 2),
+        "min_metric_percent": round(min(runs), 2),
         "max_metric_percent": round(max(runs), 2),
-    }  # fmt: skip
+    }
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['scenario']}: greedy placement knowing every VM's true CPU demand: mean deviation "
-              f"{result['mean_metric_percent']:.1f} % (min {result['min_metric_percent']:.1f} %, "
-              f"max {result['max_metric_percent']:.1f} %) over {len(runs)} tie-breaking seeds")  # fmt: skip
+        print(
+            f"{result['scenario']}: greedy placement knowing every VM's true CPU demand: mean deviation "
+            f"{result['mean_metric_percent']:.1f} % (min {result['min_metric_percent']:.1f} %, "
+            f"max {result['max_metric_percent']:.1f} %) over {len(runs)} tie-breaking seeds"
+        )
     return 0
 
 
@@ -132,17 +161,38 @@ def _print(summary: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"{summary['scenario']}: load plugin {summary['load_plugin']}, policy {summary['policy']}")
-    for column in ("seed", "deviation", "RAM-failed starts", "not started", "per-PE theoretical CPU (RAM MB)"):
+    table = Table(
+        title=f"{summary['scenario']}: load plugin {summary['load_plugin']}, policy {summary['policy']}"
+    )
+    for column in (
+        "seed",
+        "deviation",
+        "RAM-failed starts",
+        "not started",
+        "per-PE theoretical CPU (RAM MB)",
+    ):
         table.add_column(column)
     for run in summary["runs"]:
-        per_pe = "  ".join(f"{p['theoretical_cpu_percent']:.0f}% ({p['ram_mb']})" for p in run["per_pe"])
-        table.add_row(str(run["seed"]), f"{run['metric_percent']:.1f} %", str(run["ram_failed_starts"]), str(run["not_started"]), per_pe)
+        per_pe = "  ".join(
+            f"{p['theoretical_cpu_percent']:.0f}% ({p['ram_mb']})"
+            for p in run["per_pe"]
+        )
+        table.add_row(
+            str(run["seed"]),
+            f"{run['metric_percent']:.1f} %",
+            str(run["ram_failed_starts"]),
+            str(run["not_started"]),
+            per_pe,
+        )
     console.print(table)
     settled = summary["mean_settled_metric_percent"]
     console.print(
         f"mean deviation {summary['mean_metric_percent']:.1f} %"
-        + (f" (samples from 600 s after the last start on: {settled:.1f} %)" if settled is not None else "")
+        + (
+            f" (samples from 600 s after the last start on: {settled:.1f} %)"
+            if settled is not None
+            else ""
+        )
         + f", mean RAM-failed starts {summary['mean_ram_failed_starts']:.1f}, mean moves {summary['mean_moves']:.1f},"
         f" {len(summary['runs'])} runs in {summary['wall_s']:.1f} s"
     )
@@ -158,24 +208,39 @@ def plot(scenario: dict, summary: dict, path: str) -> None:
     types = scenario["vm_types"]
     cycle = scenario["load_generator"]["cycle_s"]
     runs = summary["runs"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(runs), figsize=(4.5 * len(runs), 3.6), squeeze=False, sharey=True
+    )
     cpus = {pe["name"]: pe["cpus"] for pe in scenario["pes"]}
     for ax, run in zip(axes[0], runs):
         names = [p["pe"] for p in run["per_pe"]]
         bottom = [0.0] * len(names)
         for vm_type, spec in types.items():
             heights = [
-                100 * sum(spec["busy_s"] / cycle for vm in p["vms"] if vm.rsplit("-", 1)[0] == vm_type) / cpus[p["pe"]]
+                100
+                * sum(
+                    spec["busy_s"] / cycle
+                    for vm in p["vms"]
+                    if vm.rsplit("-", 1)[0] == vm_type
+                )
+                / cpus[p["pe"]]
                 for p in run["per_pe"]
             ]
             ax.bar(names, heights, bottom=bottom, label=vm_type)
             bottom = [b + h for b, h in zip(bottom, heights)]
-        ax.set_title(f"seed {run['seed']}: {run['metric_percent']:.1f} % deviation", fontsize=9)
+        ax.set_title(
+            f"seed {run['seed']}: {run['metric_percent']:.1f} % deviation", fontsize=9
+        )
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     axes[0][0].set_ylabel("theoretical CPU load (%)")
     axes[0][-1].legend(fontsize=7)
-    rebalance = f", rebalancing {summary['rebalance']}" if summary.get("rebalance") else ""
-    fig.suptitle(f"{summary['scenario']}: {summary['load_plugin']}, {summary['policy']}{rebalance} (at the end of each run)", fontsize=10)
+    rebalance = (
+        f", rebalancing {summary['rebalance']}" if summary.get("rebalance") else ""
+    )
+    fig.suptitle(
+        f"{summary['scenario']}: {summary['load_plugin']}, {summary['policy']}{rebalance} (at the end of each run)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -15,13 +15,22 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .processes import free_port
 
 __all__ = [
-    "BenchError", "cpu_seconds", "free_port", "progress", "rate", "run_bench", "spawn", "stop", "twistd_argv", "verdict",
+    "BenchError",
+    "cpu_seconds",
+    "free_port",
+    "progress",
+    "rate",
+    "run_bench",
+    "spawn",
+    "stop",
+    "twistd_argv",
+    "verdict",
 ]
 
 
@@ -71,7 +80,9 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
 
 def spawn(argv: list[str], **kwargs) -> subprocess.Popen:
     """A child process of the bench that dies with it (Linux)."""
-    return subprocess.Popen(argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None, **kwargs)
+    return subprocess.Popen(
+        argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None, **kwargs
+    )
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -127,9 +138,14 @@ def run_bench(name: str, args: argparse.Namespace, measure, print_table) -> int:
     """The shell of a bench that starts processes: checks ``--seconds``, cleans up its
     children on SIGTERM too, prints JSON or a table. ``measure(seconds)`` -> result."""
     if not args.seconds > 0:
-        print(f"xenpool bench {name}: --seconds must be positive, got {args.seconds}", file=sys.stderr)
+        print(
+            f"xenpool bench {name}: --seconds must be positive, got {args.seconds}",
+            file=sys.stderr,
+        )
         return 2
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    previous = signal.signal(
+        signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum)
+    )
     try:
         result = measure(args.seconds)
     except BenchError as err:

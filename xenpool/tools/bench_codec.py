@@ -9,9 +9,9 @@ import argparse
 import json
 import struct
 
+from ..protocol import messages, params
 from . import samples
 from .bench import rate
-from ..protocol import messages, params
 
 CODEC_TARGET_DECODES_PER_S = 100_000
 
@@ -76,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"codec: HANDLE_RESOLUTION_RESPONSE with 3 PEs ({result['message_bytes']} bytes), one core")
+    table = Table(
+        title=f"codec: HANDLE_RESOLUTION_RESPONSE with 3 PEs ({result['message_bytes']} bytes), one core"
+    )
     table.add_column("measure")
     table.add_column("per second", justify="right")
     table.add_column("vs ceiling", justify="right")
@@ -84,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     for key in ("decode_per_s", "encode_per_s", "ceiling_per_s"):
         table.add_row(key, f"{result[key]:,}", f"{result[key] / ceiling:.2f}")
     Console().print(table)
-    verdict = "meets" if result["decode_per_s"] >= CODEC_TARGET_DECODES_PER_S else "misses"
+    verdict = (
+        "meets" if result["decode_per_s"] >= CODEC_TARGET_DECODES_PER_S else "misses"
+    )
     print(
         f"ceiling = {result['unpack_calls_per_message']} struct.unpack_from calls over the same bytes; "
         f"decoding {verdict} the target of {CODEC_TARGET_DECODES_PER_S:,}/s"

@@ -46,13 +46,24 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
-from .bench import BenchError, cpu_seconds, free_port, load_generator, progress, run_bench, spawn, stop, twistd_argv, verdict
 from ..protocol import framing
 from ..protocol import session as S
 from ..protocol.errors import ProtocolError
+from .bench import (
+    BenchError,
+    cpu_seconds,
+    free_port,
+    load_generator,
+    progress,
+    run_bench,
+    spawn,
+    stop,
+    twistd_argv,
+    verdict,
+)
 
 POOL = "Xen"
 REGISTRAR_ID = 0x0BE0C401
@@ -112,13 +123,19 @@ class Daemon:
         self._file = open(log_path, "wb")
         try:
             self.proc = spawn(
-                argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
+            )
         except BaseException:
             self._file.close()
             raise
-        self._reader = threading.Thread(target=self._read, name=f"log of {argv[-1]}", daemon=True)
+        self._reader = threading.Thread(
+            target=self._read, name=f"log of {argv[-1]}", daemon=True
+        )
         self._reader.start()
 
     def _read(self) -> None:
@@ -150,8 +167,14 @@ class Daemon:
             while needle not in self._log:
                 left = deadline - time.monotonic()
                 if self._eof or left <= 0:
-                    state = f"exited with status {self.proc.wait()}" if self._eof else f"not ready within {timeout:g} s"
-                    raise BenchError(f"the {what} {state}; its log:\n{self._log.decode(errors='replace')}")
+                    state = (
+                        f"exited with status {self.proc.wait()}"
+                        if self._eof
+                        else f"not ready within {timeout:g} s"
+                    )
+                    raise BenchError(
+                        f"the {what} {state}; its log:\n{self._log.decode(errors='replace')}"
+                    )
                 self._changed.wait(left)
 
     def stop(self) -> None:
@@ -163,7 +186,9 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def daemon(argv: list[str], cwd: Path, name: str, ready: str, timeout: float = 60.0) -> Iterator[Daemon]:
+def daemon(
+    argv: list[str], cwd: Path, name: str, ready: str, timeout: float = 60.0
+) -> Iterator[Daemon]:
     d = Daemon(argv, cwd, cwd / f"{name}.log")
     try:
         d.wait_for(ready, timeout, name)
@@ -174,22 +199,50 @@ def daemon(argv: list[str], cwd: Path, name: str, ready: str, timeout: float = 6
 
 def registrar_argv(port: int, secret: Path) -> list[str]:
     return [
-        *twistd_argv(), "-n", "--pidfile=", "--logfile=-", "xenpool-registrar",
-        f"--asap=tcp:{port}:interface=127.0.0.1", f"--registrar-id={REGISTRAR_ID:#x}", f"--pool-secret={POOL}:{secret}",
-    ]  # fmt: skip
+        *twistd_argv(),
+        "-n",
+        "--pidfile=",
+        "--logfile=-",
+        "xenpool-registrar",
+        f"--asap=tcp:{port}:interface=127.0.0.1",
+        f"--registrar-id={REGISTRAR_ID:#x}",
+        f"--pool-secret={POOL}:{secret}",
+    ]
 
 
-def pe_argv(registrar_port: int, port: int, node_xml: Path, secret: Path, idle_timeout: float,
-            profile: str | None = None) -> list[str]:  # fmt: skip
+def pe_argv(
+    registrar_port: int,
+    port: int,
+    node_xml: Path,
+    secret: Path,
+    idle_timeout: float,
+    profile: str | None = None,
+) -> list[str]:
     """The PE daemon with its defaults (load interval 30 s) but for the idle timeout."""
-    profiling = [f"--profile={profile}", "--profiler=cprofile", "--savestats"] if profile else []
+    profiling = (
+        [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
+        if profile
+        else []
+    )
     return [
-        *twistd_argv(), "-n", "--pidfile=", "--logfile=-", *profiling, "xenpool-pe",
-        f"--registrar=tcp:host=127.0.0.1:port={registrar_port}", f"--pe-id={PE_ID:#x}", f"--pool={POOL}",
-        f"--port={port}", "--bind=127.0.0.1", "--address=127.0.0.1", "--host=bench",
-        f"--libvirt-uri=test://{node_xml.resolve()}", f"--pool-secret-file={secret}",
-        f"--idle-timeout={idle_timeout:g}", "--shutdown-timeout=2",
-    ]  # fmt: skip
+        *twistd_argv(),
+        "-n",
+        "--pidfile=",
+        "--logfile=-",
+        *profiling,
+        "xenpool-pe",
+        f"--registrar=tcp:host=127.0.0.1:port={registrar_port}",
+        f"--pe-id={PE_ID:#x}",
+        f"--pool={POOL}",
+        f"--port={port}",
+        "--bind=127.0.0.1",
+        "--address=127.0.0.1",
+        "--host=bench",
+        f"--libvirt-uri=test://{node_xml.resolve()}",
+        f"--pool-secret-file={secret}",
+        f"--idle-timeout={idle_timeout:g}",
+        "--shutdown-timeout=2",
+    ]
 
 
 def load(spec: dict) -> dict:
@@ -203,7 +256,9 @@ def _proc_status(pid: int) -> dict[str, str]:
         lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError:
         return {}
-    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+    return {
+        key: value.strip() for key, _, value in (line.partition(":") for line in lines)
+    }
 
 
 def _default_load_interval() -> float:
@@ -219,26 +274,45 @@ def pe(vms: int, seconds: float, profile: str | None = None) -> dict:
     ram_mb = node_ram_mb(vms)
     idle_timeout = seconds + 60  # above the idle window, which has no heartbeats
     result: dict = {
-        "vms": vms, "seconds": seconds, "vm_ram_mb": VM_RAM_MB, "node_ram_mb": ram_mb, "node_cpus": NODE_CPUS,
-        "heartbeat_interval_s": HEARTBEAT_INTERVAL_S, "load_interval_s": _default_load_interval(),
+        "vms": vms,
+        "seconds": seconds,
+        "vm_ram_mb": VM_RAM_MB,
+        "node_ram_mb": ram_mb,
+        "node_cpus": NODE_CPUS,
+        "heartbeat_interval_s": HEARTBEAT_INTERVAL_S,
+        "load_interval_s": _default_load_interval(),
         "idle_timeout_s": idle_timeout,
-    }  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="xenpool-bench-pe-") as tmp, contextlib.ExitStack() as stack:
+    }
+    with (
+        tempfile.TemporaryDirectory(prefix="xenpool-bench-pe-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         workdir = Path(tmp)
         node_xml = write_node_xml(workdir / "node-bench.xml", ram_mb)
         secret = workdir / "secret"
         secret.write_text(os.urandom(24).hex() + "\n")
         registrar_port, pe_port = free_port(), free_port()
         ready = f"registrar {REGISTRAR_ID:#010x} started"
-        registrar = stack.enter_context(daemon(registrar_argv(registrar_port, secret), workdir, "registrar", ready))
+        registrar = stack.enter_context(
+            daemon(registrar_argv(registrar_port, secret), workdir, "registrar", ready)
+        )
         progress("pe", f"registrar pid {registrar.proc.pid} on port {registrar_port}")
         argv = pe_argv(registrar_port, pe_port, node_xml, secret, idle_timeout, profile)
-        pe_daemon = stack.enter_context(daemon(argv, workdir, "pe", f"registered in pool {POOL}"))
-        progress("pe", 
-            f"PE pid {pe_daemon.proc.pid} on port {pe_port}, registered; libvirt test driver host with "
-            f"{ram_mb} MB, {NODE_CPUS} CPUs"
+        pe_daemon = stack.enter_context(
+            daemon(argv, workdir, "pe", f"registered in pool {POOL}")
         )
-        spec = {"port": pe_port, "pe_pid": pe_daemon.proc.pid, "vms": vms, "ram_mb": VM_RAM_MB, "seconds": seconds}
+        progress(
+            "pe",
+            f"PE pid {pe_daemon.proc.pid} on port {pe_port}, registered; libvirt test driver host with "
+            f"{ram_mb} MB, {NODE_CPUS} CPUs",
+        )
+        spec = {
+            "port": pe_port,
+            "pe_pid": pe_daemon.proc.pid,
+            "vms": vms,
+            "ram_mb": VM_RAM_MB,
+            "seconds": seconds,
+        }
         run = load(spec)
         status = _proc_status(pe_daemon.proc.pid)
         if pe_daemon.proc.poll() is not None:
@@ -260,18 +334,28 @@ def pe(vms: int, seconds: float, profile: str | None = None) -> dict:
         heartbeats=heartbeats,
         heartbeats_expected=busy["sent"],
         heartbeats_per_s=round(heartbeats / busy["elapsed_s"], 2),
-        cpu_us_per_heartbeat=round(1e6 * busy["cpu_s"] / heartbeats, 1) if heartbeats else None,
-        net_cpu_us_per_heartbeat=round(1e6 * net_s / heartbeats, 1) if heartbeats else None,
+        cpu_us_per_heartbeat=round(1e6 * busy["cpu_s"] / heartbeats, 1)
+        if heartbeats
+        else None,
+        net_cpu_us_per_heartbeat=round(1e6 * net_s / heartbeats, 1)
+        if heartbeats
+        else None,
         rtt_ms=busy["rtt_ms"],
         create_s=round(run["create_s"], 3),
         pe_rss_kb=int(rss[0]) if rss else None,
         pe_threads=int(status["Threads"]) if "Threads" in status else None,
         client_cpu_percent=round(100 * busy["client_cpu_s"] / busy["elapsed_s"], 2),
         cpu_tick_s=1 / os.sysconf("SC_CLK_TCK"),
-        windows={"idle": idle, "heartbeat": {k: v for k, v in busy.items() if k != "rtt_ms"}},
+        windows={
+            "idle": idle,
+            "heartbeat": {k: v for k, v in busy.items() if k != "rtt_ms"},
+        },
         targets={"pe_cpu_percent": TARGET_PE_CPU_PERCENT},
         baselines=baselines,
-        **{f"ratio_to_{kind}": _ratio(busy_percent, b["cpu_percent"]) for kind, b in baselines.items()},
+        **{
+            f"ratio_to_{kind}": _ratio(busy_percent, b["cpu_percent"])
+            for kind, b in baselines.items()
+        },
     )
     return result
 
@@ -290,13 +374,21 @@ def baseline(kind: str, vms: int, seconds: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="xenpool-bench-pe-") as tmp:
         with daemon(argv, Path(tmp), f"baseline-{kind}", "serving") as server:
             progress("pe", f"baseline: a minimal {kind} server, pid {server.proc.pid}")
-            spec = {"port": port, "pe_pid": server.proc.pid, "vms": vms, "ram_mb": VM_RAM_MB, "seconds": seconds,
-                    "idle": False}  # fmt: skip
+            spec = {
+                "port": port,
+                "pe_pid": server.proc.pid,
+                "vms": vms,
+                "ram_mb": VM_RAM_MB,
+                "seconds": seconds,
+                "idle": False,
+            }
             busy = load(spec)["heartbeat"]
     heartbeats = busy["answers"]
     return {
         "cpu_percent": round(100 * busy["cpu_s"] / busy["elapsed_s"], 3),
-        "cpu_us_per_heartbeat": round(1e6 * busy["cpu_s"] / heartbeats, 1) if heartbeats else None,
+        "cpu_us_per_heartbeat": round(1e6 * busy["cpu_s"] / heartbeats, 1)
+        if heartbeats
+        else None,
         "heartbeats": heartbeats,
         "rtt_ms": busy["rtt_ms"],
     }
@@ -307,32 +399,60 @@ def _print_table(r: dict) -> None:
     from rich.table import Table
 
     target = r["targets"]["pe_cpu_percent"]
-    table = Table(title=f"PE daemon: {r['vms']} VMs on libvirt's test driver, one PU session each, heartbeat 1/s")
-    for column, justify in (("measure", "left"), ("result", "right"), ("target", "right"), ("", "left")):
+    table = Table(
+        title=f"PE daemon: {r['vms']} VMs on libvirt's test driver, one PU session each, heartbeat 1/s"
+    )
+    for column, justify in (
+        ("measure", "left"),
+        ("result", "right"),
+        ("target", "right"),
+        ("", "left"),
+    ):
         table.add_column(column, justify=justify)
     us = lambda v: "-" if v is None else f"{v:,.0f} us"  # noqa: E731
     rtt = r["rtt_ms"]
     rows = [
-        ("pe_cpu_percent", f"{r['pe_cpu_percent']:.2f} %", f"<= {target:g} %",
-         verdict(r["pe_cpu_percent"] <= target)),
+        (
+            "pe_cpu_percent",
+            f"{r['pe_cpu_percent']:.2f} %",
+            f"<= {target:g} %",
+            verdict(r["pe_cpu_percent"] <= target),
+        ),
         ("idle_cpu_percent", f"{r['idle_cpu_percent']:.2f} %", "", ""),
         ("heartbeat_cpu_percent", f"{r['heartbeat_cpu_percent']:.2f} %", "", ""),
         ("heartbeats", f"{r['heartbeats']:,} of {r['heartbeats_expected']:,}", "", ""),
         ("cpu_us_per_heartbeat", us(r["cpu_us_per_heartbeat"]), "", ""),
         ("net_cpu_us_per_heartbeat", us(r["net_cpu_us_per_heartbeat"]), "", ""),
-        ("rtt_ms median / p99 / max", f"{rtt['median']:.2f} / {rtt['p99']:.2f} / {rtt['max']:.2f}", "", ""),
+        (
+            "rtt_ms median / p99 / max",
+            f"{rtt['median']:.2f} / {rtt['p99']:.2f} / {rtt['max']:.2f}",
+            "",
+            "",
+        ),
         ("create_s", f"{r['create_s']:.2f} s", "", ""),
-        ("pe_rss_kb", "-" if r["pe_rss_kb"] is None else f"{r['pe_rss_kb']:,} KB", "", ""),
-    ]  # fmt: skip
+        (
+            "pe_rss_kb",
+            "-" if r["pe_rss_kb"] is None else f"{r['pe_rss_kb']:,} KB",
+            "",
+            "",
+        ),
+    ]
     for kind, b in r["baselines"].items():
         ratio = r[f"ratio_to_{kind}"]
-        rows.append((f"baseline: bare {kind} server", f"{b['cpu_percent']:.2f} %", "",
-                     f"PE = {'-' if ratio is None else f'{ratio:.2f}'} x this"))  # fmt: skip
+        rows.append(
+            (
+                f"baseline: bare {kind} server",
+                f"{b['cpu_percent']:.2f} %",
+                "",
+                f"PE = {'-' if ratio is None else f'{ratio:.2f}'} x this",
+            )
+        )
     for row in rows:
         table.add_row(*row)
     Console().print(table)
     prototype = ", ".join(
-        f"{p:g} % with {how} ({2 * p:g} % of one core)" for how, p in PROTOTYPE_PERCENT_OF_DUAL_CORE.items()
+        f"{p:g} % with {how} ({2 * p:g} % of one core)"
+        for how, p in PROTOTYPE_PERCENT_OF_DUAL_CORE.items()
     )
     print(
         f"{r['seconds']:g} s idle window (VMs running, sessions silent), then {r['seconds']:g} s of heartbeats; "
@@ -346,9 +466,17 @@ def _print_table(r: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not Path("/proc/self/stat").exists():
-        print("xenpool bench pe: needs /proc (Linux) to read the PE's CPU time", file=sys.stderr)
+        print(
+            "xenpool bench pe: needs /proc (Linux) to read the PE's CPU time",
+            file=sys.stderr,
+        )
         return 1
-    return run_bench("pe", args, lambda s: pe(args.vms, s, getattr(args, "profile", None)), _print_table)
+    return run_bench(
+        "pe",
+        args,
+        lambda s: pe(args.vms, s, getattr(args, "profile", None)),
+        _print_table,
+    )
 
 
 # ------------------------------------------------- the load generator (a child)
@@ -371,7 +499,9 @@ class _Sessions:
     def send(self, i: int, data: bytes) -> None:
         self.socks[i].sendall(data)
 
-    def pump(self, timeout: float | None, on_message: Callable[[int, object], None]) -> None:
+    def pump(
+        self, timeout: float | None, on_message: Callable[[int, object], None]
+    ) -> None:
         """Wait up to ``timeout`` for input; hand every whole message to ``on_message``."""
         for key, _ in self.selector.select(timeout):
             i = key.data
@@ -405,12 +535,16 @@ def client(spec: dict) -> dict:
     vms, seconds, pid = spec["vms"], spec["seconds"], spec["pe_pid"]
     sessions = _Sessions(spec["port"], vms)
     try:
-        return _measure(sessions, vms, seconds, pid, spec["ram_mb"], spec.get("idle", True))
+        return _measure(
+            sessions, vms, seconds, pid, spec["ram_mb"], spec.get("idle", True)
+        )
     finally:
         sessions.close()
 
 
-def _idle_window(sessions: _Sessions, vms: int, seconds: float, pid: int, on_answer) -> dict:
+def _idle_window(
+    sessions: _Sessions, vms: int, seconds: float, pid: int, on_answer
+) -> dict:
     """VMs running, sessions open and silent."""
     progress("pe", f"{vms} VMs running; idle window of {seconds:g} s")
     start, cpu0 = time.monotonic(), cpu_seconds(pid)
@@ -423,19 +557,30 @@ def _idle_window(sessions: _Sessions, vms: int, seconds: float, pid: int, on_ans
     return {"elapsed_s": round(stop - start, 4), "cpu_s": round(cpu1 - cpu0, 3)}
 
 
-def _measure(sessions: _Sessions, vms: int, seconds: float, pid: int, ram_mb: int, idle_window: bool = True) -> dict:
+def _measure(
+    sessions: _Sessions,
+    vms: int,
+    seconds: float,
+    pid: int,
+    ram_mb: int,
+    idle_window: bool = True,
+) -> dict:
     # Create one VM per session, all requests at once (the PE has them in flight together).
     progress("pe", f"{vms} sessions open; creating {vms} VMs of {ram_mb} MB")
     started = time.monotonic()
     for i in range(vms):
         ip = f"10.9.{(i >> 8) & 0xFF}.{i & 0xFF}"
-        sessions.send(i, framing.frame_message(S.CreateServer(_name(i), "", (ip,), ram_mb)))
+        sessions.send(
+            i, framing.frame_message(S.CreateServer(_name(i), "", (ip,), ram_mb))
+        )
     created: set[int] = set()
 
     def on_create(i: int, message: object) -> None:
         if isinstance(message, S.CreateResult):
             if not message.ok:
-                raise BenchError(f"creating {_name(i)} failed: {message.code} {message.reason}")
+                raise BenchError(
+                    f"creating {_name(i)} failed: {message.code} {message.reason}"
+                )
             created.add(i)
 
     deadline = started + 60 + vms
@@ -445,7 +590,10 @@ def _measure(sessions: _Sessions, vms: int, seconds: float, pid: int, ram_mb: in
         sessions.pump(deadline - time.monotonic(), on_create)
     create_s = time.monotonic() - started
 
-    heartbeat = [framing.frame_message(S.CheckRunning(_name(i), HEARTBEAT_INTERVAL_S)) for i in range(vms)]
+    heartbeat = [
+        framing.frame_message(S.CheckRunning(_name(i), HEARTBEAT_INTERVAL_S))
+        for i in range(vms)
+    ]
     sent_at: dict[int, float] = {}
     rtts: list[float] = []
 
@@ -483,7 +631,9 @@ def _measure(sessions: _Sessions, vms: int, seconds: float, pid: int, ram_mb: in
         while due and due[0][0] <= now:
             at, i = heapq.heappop(due)
             if i in sent_at:
-                raise BenchError(f"heartbeat of {_name(i)} unanswered after {now - sent_at[i]:.1f} s")
+                raise BenchError(
+                    f"heartbeat of {_name(i)} unanswered after {now - sent_at[i]:.1f} s"
+                )
             sent_at[i] = now
             sessions.send(i, heartbeat[i])
             sent += 1
@@ -492,7 +642,9 @@ def _measure(sessions: _Sessions, vms: int, seconds: float, pid: int, ram_mb: in
         if now >= end and not sent_at:
             break
         if now >= late_deadline:
-            raise BenchError(f"{len(sent_at)} heartbeats unanswered {now - end:.0f} s after the window")
+            raise BenchError(
+                f"{len(sent_at)} heartbeats unanswered {now - end:.0f} s after the window"
+            )
         wake = due[0][0] if due else (end if now < end else late_deadline)
         sessions.pump(max(0.0, wake - now), on_answer)
     cpu1, stop = cpu_seconds(pid), time.monotonic()
@@ -501,13 +653,17 @@ def _measure(sessions: _Sessions, vms: int, seconds: float, pid: int, ram_mb: in
         raise BenchError("the PE process is gone")
     rtts.sort()
     busy = {
-        "elapsed_s": round(stop - start, 4), "cpu_s": round(cpu1 - cpu0, 3), "sent": sent, "answers": len(rtts),
+        "elapsed_s": round(stop - start, 4),
+        "cpu_s": round(cpu1 - cpu0, 3),
+        "sent": sent,
+        "answers": len(rtts),
         "client_cpu_s": round(own, 3),
         "rtt_ms": {
-            "median": round(1000 * _percentile(rtts, 0.5), 3), "p99": round(1000 * _percentile(rtts, 0.99), 3),
+            "median": round(1000 * _percentile(rtts, 0.5), 3),
+            "p99": round(1000 * _percentile(rtts, 0.99), 3),
             "max": round(1000 * (rtts[-1] if rtts else 0.0), 3),
         },
-    }  # fmt: skip
+    }
     return {"create_s": create_s, "idle": idle, "heartbeat": busy}
 
 
@@ -517,7 +673,9 @@ def _measure(sessions: _Sessions, vms: int, seconds: float, pid: int, ram_mb: in
 def _baseline_answer(message: object) -> bytes:
     """What the load generator needs: every VM starts, every heartbeat says running."""
     if isinstance(message, S.CreateServer):
-        return framing.frame_message(S.CreateResult(message.server_id, S.ResultCode.STARTED, 0))
+        return framing.frame_message(
+            S.CreateResult(message.server_id, S.ResultCode.STARTED, 0)
+        )
     if isinstance(message, S.CheckRunning):
         return framing.frame_message(S.CheckRunningResponse(message.server_id, RUNNING))
     raise BenchError(f"a baseline server takes no {message!r}")
@@ -544,7 +702,9 @@ def serve_selectors(port: int) -> None:  # pragma: no cover - run in a child pro
                 continue
             stream.feed(data)
             while (item := stream.next_message()) is not None:
-                conn.send(_baseline_answer(item[1]))  # small: the socket buffer takes it
+                conn.send(
+                    _baseline_answer(item[1])
+                )  # small: the socket buffer takes it
 
 
 def serve_twisted(port: int) -> None:  # pragma: no cover - run in a child process
@@ -576,7 +736,10 @@ def main(argv: list[str]) -> int:  # pragma: no cover - run in the bench's child
             result = {"error": str(err)}
         print(json.dumps(result), flush=True)
         return 0
-    print("usage: python -m xenpool.tools.bench_pe client SPEC | serve twisted|selectors PORT", file=sys.stderr)
+    print(
+        "usage: python -m xenpool.tools.bench_pe client SPEC | serve twisted|selectors PORT",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -39,13 +39,25 @@ import tempfile
 import threading
 import time
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-from .bench import BenchError, cpu_seconds, free_port, load_generator, progress, rate, run_bench, spawn, stop, twistd_argv, verdict
 from ..protocol import framing
 from ..protocol import messages as M
 from ..protocol import params as P
+from .bench import (
+    BenchError,
+    cpu_seconds,
+    free_port,
+    load_generator,
+    progress,
+    rate,
+    run_bench,
+    spawn,
+    stop,
+    twistd_argv,
+    verdict,
+)
 
 POOL = b"bench"
 CONNECTIONS = 4  # load generator connections
@@ -54,7 +66,9 @@ REGISTER_CONNECTIONS = 4  # connections that register --pes PEs and stay open
 REGISTRAR_ID = 0x0BE0C400
 FIRST_NEW_PE = 0x40000000  # identifiers of the PEs registered during the measurement
 
-LOAD_UPDATE_INTERVAL_S = 30.0  # a PE's default --load-interval: the churn of a real pool
+LOAD_UPDATE_INTERVAL_S = (
+    30.0  # a PE's default --load-interval: the churn of a real pool
+)
 TARGET_RESOLUTIONS_PER_S = 20_000
 TARGET_RATIO = 0.5
 TARGET_SCALING = 2.0  # resolve_us_100000 <= this x resolve_us_100
@@ -73,7 +87,9 @@ def pool_element(i: int, load: float) -> P.PoolElement:
         identifier=i,
         home_registrar=0,
         registration_life=3_600_000,
-        user_transport=P.TcpTransport(5000 + i % 1000, (address,), P.TransportUse.DATA_PLUS_CONTROL),
+        user_transport=P.TcpTransport(
+            5000 + i % 1000, (address,), P.TransportUse.DATA_PLUS_CONTROL
+        ),
         policy=P.PoolPolicy.make(P.PolicyType.LEAST_USED, load=P.load_to_wire(load)),
     )
 
@@ -85,10 +101,17 @@ def _load(i: int, count: int) -> float:
 def registration_template() -> tuple[bytes, int, int]:
     """An encoded REGISTRATION and the offsets of its PE identifier and IPv4 address,
     which the load generator rewrites to register a new PE each time."""
-    identifier, address = 0x5A6B7C8D, 0xA5948372  # markers, each found once in the bytes
+    identifier, address = (
+        0x5A6B7C8D,
+        0xA5948372,
+    )  # markers, each found once in the bytes
     element = pool_element(identifier, 0.5)
-    transport = P.TcpTransport(5000, (socket.inet_ntoa(_U32.pack(address)),), P.TransportUse.DATA_PLUS_CONTROL)
-    element = P.PoolElement(identifier, 0, element.registration_life, transport, element.policy)
+    transport = P.TcpTransport(
+        5000, (socket.inet_ntoa(_U32.pack(address)),), P.TransportUse.DATA_PLUS_CONTROL
+    )
+    element = P.PoolElement(
+        identifier, 0, element.registration_life, transport, element.policy
+    )
     data = M.encode(M.Registration(POOL, element))
     id_at, address_at = data.find(_U32.pack(identifier)), data.find(_U32.pack(address))
     assert data.count(_U32.pack(identifier)) == data.count(_U32.pack(address)) == 1
@@ -111,7 +134,9 @@ def _handlespace(count: int, policies: dict[int, object]):
 
     handlespace = Handlespace(REGISTRAR_ID, policies, rng=random.Random(1))
     for i in range(count):
-        handlespace.register(POOL, pool_element(i, _load(i, count)), now=0.0, owner=None)
+        handlespace.register(
+            POOL, pool_element(i, _load(i, count)), now=0.0, owner=None
+        )
     return handlespace
 
 
@@ -132,7 +157,10 @@ def bytes_per_pe(count: int, policies: dict[int, object]) -> dict[str, float]:
     from ..registrar.core import Registrar, Timers
     from ..registrar.handlespace import Handlespace
 
-    wire = [M.encode(M.Registration(POOL, pool_element(i, _load(i, count)))) for i in range(count)]
+    wire = [
+        M.encode(M.Registration(POOL, pool_element(i, _load(i, count))))
+        for i in range(count)
+    ]
 
     class Clock:
         """Timers kept as the reactor keeps them: DelayedCalls in a heap (Twisted's
@@ -145,7 +173,9 @@ def bytes_per_pe(count: int, policies: dict[int, object]) -> dict[str, float]:
             return 0.0
 
         def callLater(self, delay: float, f, *args, **kw):
-            call = DelayedCall(delay, f, args, kw, lambda call: None, lambda call: None, self.seconds)
+            call = DelayedCall(
+                delay, f, args, kw, lambda call: None, lambda call: None, self.seconds
+            )
             heapq.heappush(self.calls, call)
             return call
 
@@ -172,7 +202,10 @@ def bytes_per_pe(count: int, policies: dict[int, object]) -> dict[str, float]:
         return registrar
 
     result = {}
-    for key, build in (("handlespace", handlespace_only), ("with_audit", with_registrar)):
+    for key, build in (
+        ("handlespace", handlespace_only),
+        ("with_audit", with_registrar),
+    ):
         build(wire[:100])  # anything done once (lazy imports, caches) is done now
         gc.collect()
         tracemalloc.start()
@@ -191,24 +224,45 @@ def bytes_per_pe(count: int, policies: dict[int, object]) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def registrar_daemon(workdir: Path, profile: str | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
+def registrar_daemon(
+    workdir: Path, profile: str | None = None
+) -> Iterator[tuple[subprocess.Popen, int]]:
     """A ``twistd -n xenpool-registrar`` on a loopback port; stopped on the way out."""
     port = free_port()
     log_path = workdir / "registrar.log"
-    profiling = [f"--profile={profile}", "--profiler=cprofile", "--savestats"] if profile else []
+    profiling = (
+        [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
+        if profile
+        else []
+    )
     argv = [
-        *twistd_argv(), "-n", "--pidfile=", "--logfile=-", *profiling, "xenpool-registrar",
-        f"--asap=tcp:{port}:interface=127.0.0.1", "--keep-alive-interval=3600", "--idle-timeout=3600",
+        *twistd_argv(),
+        "-n",
+        "--pidfile=",
+        "--logfile=-",
+        *profiling,
+        "xenpool-registrar",
+        f"--asap=tcp:{port}:interface=127.0.0.1",
+        "--keep-alive-interval=3600",
+        "--idle-timeout=3600",
         f"--registrar-id={REGISTRAR_ID:#x}",
-    ]  # fmt: skip
+    ]
     with open(log_path, "wb") as log:
-        proc = spawn(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir)
+        proc = spawn(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=workdir,
+        )
     try:
         ready = f"registrar {REGISTRAR_ID:#010x} started"
         deadline = time.monotonic() + 60
         while ready not in log_path.read_text(errors="replace"):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"the registrar did not start; its log:\n{log_path.read_text(errors='replace')}")
+                raise BenchError(
+                    f"the registrar did not start; its log:\n{log_path.read_text(errors='replace')}"
+                )
             time.sleep(0.02)
         yield proc, port
     finally:
@@ -223,7 +277,9 @@ def ceiling_server(reply: bytes) -> Iterator[tuple[subprocess.Popen, int]]:
     try:
         line = proc.stdout.readline()  # its port, once it listens
         if not line.strip().isdigit():
-            raise BenchError(f"the ceiling server did not start (exit status {proc.wait()})")
+            raise BenchError(
+                f"the ceiling server did not start (exit status {proc.wait()})"
+            )
         yield proc, int(line)
     finally:
         stop(proc)
@@ -232,7 +288,13 @@ def ceiling_server(reply: bytes) -> Iterator[tuple[subprocess.Popen, int]]:
 
 def load(port: int, server_pid: int, spec: dict) -> dict:
     """Run the load generator process against the server on ``port``; its result."""
-    argv = [sys.executable, "-m", __name__, "client", json.dumps({"port": port, "server_pid": server_pid, **spec})]
+    argv = [
+        sys.executable,
+        "-m",
+        __name__,
+        "client",
+        json.dumps({"port": port, "server_pid": server_pid, **spec}),
+    ]
     return load_generator(argv, timeout_s=spec["warmup"] + spec["seconds"] + 60)
 
 
@@ -251,14 +313,22 @@ def _receive(sock: socket.socket, stream: framing.RSerPoolStream) -> M.Message:
 def register_pes(port: int, count: int) -> list[socket.socket]:
     """Register PEs 0..count-1 over a few connections, pipelined; the connections are
     returned open (closing them would deregister the PEs)."""
-    socks = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(REGISTER_CONNECTIONS)]
+    socks = [
+        socket.create_connection(("127.0.0.1", port), timeout=60)
+        for _ in range(REGISTER_CONNECTIONS)
+    ]
     try:
         for c, sock in enumerate(socks):
             stream = framing.RSerPoolStream()
             mine = range(c, count, len(socks))
             for start in range(0, len(mine), 256):
                 chunk = mine[start : start + 256]
-                sock.sendall(b"".join(M.encode(M.Registration(POOL, pool_element(i, _load(i, count)))) for i in chunk))
+                sock.sendall(
+                    b"".join(
+                        M.encode(M.Registration(POOL, pool_element(i, _load(i, count))))
+                        for i in chunk
+                    )
+                )
                 for i in chunk:
                     answer = _receive(sock, stream)
                     if not isinstance(answer, M.RegistrationResponse) or answer.reject:
@@ -282,9 +352,11 @@ class LoadUpdates:
         self.sent = 0
         self._random = random.Random(len(socks) * pes)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="load updates", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="load updates", daemon=True
+        )
 
-    def __enter__(self) -> "LoadUpdates":
+    def __enter__(self) -> LoadUpdates:
         self._thread.start()
         return self
 
@@ -296,14 +368,18 @@ class LoadUpdates:
         started = time.monotonic()
         while not self._stop.is_set():
             i = self.sent % self.pes
-            sock = self.socks[i % len(self.socks)]  # the connection that registered PE i
+            sock = self.socks[
+                i % len(self.socks)
+            ]  # the connection that registered PE i
             load = self._random.random()  # measured loads: practically never two alike
             sock.sendall(M.encode(M.Registration(POOL, pool_element(i, load))))
             self.sent += 1
             readable, _, _ = select.select(self.socks, [], [], 0)
             for s in readable:  # the answers are not needed; keep the buffers empty
                 s.recv(65536)
-            self._stop.wait(max(0.0, started + self.sent / self.rate - time.monotonic()))
+            self._stop.wait(
+                max(0.0, started + self.sent / self.rate - time.monotonic())
+            )
 
 
 def resolve_once(port: int, request: bytes, expected: int) -> bytes:
@@ -317,7 +393,11 @@ def resolve_once(port: int, request: bytes, expected: int) -> bytes:
                 raise BenchError("the registrar closed the connection")
             data += chunk
     answer = M.decode(data)
-    if not isinstance(answer, M.HandleResolutionResponse) or answer.error or len(answer.pool_elements) != expected:
+    if (
+        not isinstance(answer, M.HandleResolutionResponse)
+        or answer.error
+        or len(answer.pool_elements) != expected
+    ):
         raise BenchError(f"unexpected answer to a handle resolution: {answer}")
     return data
 
@@ -328,13 +408,29 @@ def resolve_once(port: int, request: bytes, expected: int) -> bytes:
 def registrar(pes: int, seconds: float, profile: str | None = None) -> dict:
     warmup = min(1.0, max(0.1, seconds / 3))
     request = M.encode(M.HandleResolution(POOL))
-    load_spec = {"connections": CONNECTIONS, "window": WINDOW, "warmup": warmup, "seconds": seconds}
+    load_spec = {
+        "connections": CONNECTIONS,
+        "window": WINDOW,
+        "warmup": warmup,
+        "seconds": seconds,
+    }
     timing = f"{warmup:g} s warm-up + {seconds:g} s"
-    result: dict = {"pes": pes, "seconds": seconds, "connections": CONNECTIONS, "window": WINDOW}
+    result: dict = {
+        "pes": pes,
+        "seconds": seconds,
+        "connections": CONNECTIONS,
+        "window": WINDOW,
+    }
 
-    with tempfile.TemporaryDirectory(prefix="xenpool-bench-") as tmp, contextlib.ExitStack() as stack:
+    with (
+        tempfile.TemporaryDirectory(prefix="xenpool-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         proc, port = stack.enter_context(registrar_daemon(Path(tmp), profile))
-        progress("registrar", f"registrar pid {proc.pid} on port {port}; registering {pes} PEs")
+        progress(
+            "registrar",
+            f"registrar pid {proc.pid} on port {port}; registering {pes} PEs",
+        )
         pe_socks = register_pes(port, pes)
         for sock in pe_socks:
             stack.callback(sock.close)
@@ -346,37 +442,60 @@ def registrar(pes: int, seconds: float, profile: str | None = None) -> dict:
         progress("registrar", f"resolving for {timing}")
         resolutions = load(port, proc.pid, resolving)
         update_rate = pes / LOAD_UPDATE_INTERVAL_S
-        progress("registrar", f"resolving while the PEs update their loads ({update_rate:g}/s) for {timing}")
+        progress(
+            "registrar",
+            f"resolving while the PEs update their loads ({update_rate:g}/s) for {timing}",
+        )
         with LoadUpdates(pe_socks, pes, update_rate) as updates:
             with_updates = load(port, proc.pid, resolving)
         template, id_at, address_at = registration_template()
         registration_reply = len(M.encode(M.RegistrationResponse(POOL, 0)))
         progress("registrar", f"registering new PEs for {timing}")
-        registrations = load(port, proc.pid, {
-            **load_spec, "request": template.hex(), "patch": [id_at, address_at, FIRST_NEW_PE],
-            "answer": [M.AsapType.REGISTRATION_RESPONSE, registration_reply],
-        })  # fmt: skip
+        registrations = load(
+            port,
+            proc.pid,
+            {
+                **load_spec,
+                "request": template.hex(),
+                "patch": [id_at, address_at, FIRST_NEW_PE],
+                "answer": [M.AsapType.REGISTRATION_RESPONSE, registration_reply],
+            },
+        )
         stack.close()  # stop the registrar before the ceiling runs
 
         with ceiling_server(reply) as (ceiling_proc, ceiling_port):
-            progress("registrar", f"ceiling server pid {ceiling_proc.pid} on port {ceiling_port}; resolving for {timing}")
+            progress(
+                "registrar",
+                f"ceiling server pid {ceiling_proc.pid} on port {ceiling_port}; resolving for {timing}",
+            )
             ceiling = load(ceiling_port, ceiling_proc.pid, resolving)
 
-    for name, run in (("registrar", resolutions), ("with updates", with_updates), ("registration", registrations),
-                      ("ceiling", ceiling)):  # fmt: skip
+    for name, run in (
+        ("registrar", resolutions),
+        ("with updates", with_updates),
+        ("registration", registrations),
+        ("ceiling", ceiling),
+    ):
         if run["unexpected"]:
-            raise BenchError(f"{run['unexpected']} of {run['answers']} answers in the {name} run were not as expected")
+            raise BenchError(
+                f"{run['unexpected']} of {run['answers']} answers in the {name} run were not as expected"
+            )
 
     progress("registrar", "in-process handlespace measures")
     policies = _policies()
     per_measure = max(0.05, min(1.0, seconds / 3))
-    small, large = resolve_us(100, per_measure, policies), resolve_us(100_000, per_measure, policies)
+    small, large = (
+        resolve_us(100, per_measure, policies),
+        resolve_us(100_000, per_measure, policies),
+    )
     memory = bytes_per_pe(20_000, policies)
 
     result.update(
         resolutions_per_s=round(resolutions["rate"]),
         ceiling_per_s=round(ceiling["rate"]),
-        ratio=round(resolutions["rate"] / ceiling["rate"], 3) if ceiling["rate"] else 0.0,
+        ratio=round(resolutions["rate"] / ceiling["rate"], 3)
+        if ceiling["rate"]
+        else 0.0,
         resolutions_per_s_with_updates=round(with_updates["rate"]),
         load_updates_per_s=round(update_rate, 1),
         load_updates_sent=updates.sent,
@@ -390,8 +509,12 @@ def registrar(pes: int, seconds: float, profile: str | None = None) -> dict:
         # the client, not the server, set the pace.
         cpu={
             name: {"client": run["client_cpu"], "server": run.get("server_cpu")}
-            for name, run in (("resolutions", resolutions), ("with updates", with_updates),
-                              ("registrations", registrations), ("ceiling", ceiling))  # fmt: skip
+            for name, run in (
+                ("resolutions", resolutions),
+                ("with updates", with_updates),
+                ("registrations", registrations),
+                ("ceiling", ceiling),
+            )
         },
         targets={
             "resolutions_per_s": TARGET_RESOLUTIONS_PER_S,
@@ -410,28 +533,55 @@ def _print_table(r: dict) -> None:
     t = r["targets"]
     scaling_limit = t["resolve_scaling"] * r["resolve_us_100"]
     table = Table(title=f"registrar daemon: {r['pes']:,} PEs, LeastUsed, loopback TCP")
-    for column, justify in (("measure", "left"), ("result", "right"), ("target", "right"), ("", "left")):
+    for column, justify in (
+        ("measure", "left"),
+        ("result", "right"),
+        ("target", "right"),
+        ("", "left"),
+    ):
         table.add_column(column, justify=justify)
     rows = [
-        ("resolutions_per_s", f"{r['resolutions_per_s']:,}/s", f">= {t['resolutions_per_s']:,}/s",
-         verdict(r["resolutions_per_s"] >= t["resolutions_per_s"])),
+        (
+            "resolutions_per_s",
+            f"{r['resolutions_per_s']:,}/s",
+            f">= {t['resolutions_per_s']:,}/s",
+            verdict(r["resolutions_per_s"] >= t["resolutions_per_s"]),
+        ),
         ("ceiling_per_s", f"{r['ceiling_per_s']:,}/s", "", ""),
-        ("ratio", f"{r['ratio']:.3f}", f">= {t['ratio']}", verdict(r["ratio"] >= t["ratio"])),
-        ("resolutions_per_s_with_updates", f"{r['resolutions_per_s_with_updates']:,}/s",
-         f"({r['load_updates_per_s']:g} load updates/s)", ""),
+        (
+            "ratio",
+            f"{r['ratio']:.3f}",
+            f">= {t['ratio']}",
+            verdict(r["ratio"] >= t["ratio"]),
+        ),
+        (
+            "resolutions_per_s_with_updates",
+            f"{r['resolutions_per_s_with_updates']:,}/s",
+            f"({r['load_updates_per_s']:g} load updates/s)",
+            "",
+        ),
         ("registrations_per_s", f"{r['registrations_per_s']:,}/s", "", ""),
         ("resolve_us_100", f"{r['resolve_us_100']:.2f} us", "", ""),
-        ("resolve_us_100000", f"{r['resolve_us_100000']:.2f} us", f"<= {scaling_limit:.2f} us",
-         verdict(r["resolve_us_100000"] <= scaling_limit)),
-        ("bytes_per_pe", f"{r['bytes_per_pe']:,} B", f"<= {t['bytes_per_pe']:,} B",
-         verdict(r["bytes_per_pe"] <= t["bytes_per_pe"])),
+        (
+            "resolve_us_100000",
+            f"{r['resolve_us_100000']:.2f} us",
+            f"<= {scaling_limit:.2f} us",
+            verdict(r["resolve_us_100000"] <= scaling_limit),
+        ),
+        (
+            "bytes_per_pe",
+            f"{r['bytes_per_pe']:,} B",
+            f"<= {t['bytes_per_pe']:,} B",
+            verdict(r["bytes_per_pe"] <= t["bytes_per_pe"]),
+        ),
         ("bytes_per_pe_with_audit", f"{r['bytes_per_pe_with_audit']:,} B", "", ""),
-    ]  # fmt: skip
+    ]
     for row in rows:
         table.add_row(*row)
     Console().print(table)
     cpu = "; ".join(
-        f"{name}: client {c['client']:.0%}" + ("" if c["server"] is None else f", server {c['server']:.0%}")
+        f"{name}: client {c['client']:.0%}"
+        + ("" if c["server"] is None else f", server {c['server']:.0%}")
         for name, c in r["cpu"].items()
     )
     print(
@@ -448,7 +598,12 @@ def _print_table(r: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_bench("registrar", args, lambda s: registrar(args.pes, s, getattr(args, "profile", None)), _print_table)
+    return run_bench(
+        "registrar",
+        args,
+        lambda s: registrar(args.pes, s, getattr(args, "profile", None)),
+        _print_table,
+    )
 
 
 # ------------------------------------------------- child processes of the bench
@@ -531,7 +686,11 @@ def client(spec: dict) -> dict:
         return {"error": "no time left to measure"}
     counted, since, cpu, server_since = mark
     elapsed = now - since
-    server_cpu = None if None in (server_cpu, server_since) else round((server_cpu - server_since) / elapsed, 2)
+    server_cpu = (
+        None
+        if None in (server_cpu, server_since)
+        else round((server_cpu - server_since) / elapsed, 2)
+    )
     return {
         "answers": answers - counted,
         "elapsed": elapsed,
@@ -571,7 +730,9 @@ def ceiling(reply: bytes) -> None:
     reactor.run()
 
 
-def main(argv: list[str]) -> int:  # pragma: no cover - run in the bench's child processes
+def main(
+    argv: list[str],
+) -> int:  # pragma: no cover - run in the bench's child processes
     if argv[:1] == ["client"]:
         try:
             result = client(json.loads(argv[1]))
@@ -582,7 +743,10 @@ def main(argv: list[str]) -> int:  # pragma: no cover - run in the bench's child
     if argv[:1] == ["ceiling"]:
         ceiling(bytes.fromhex(argv[1]))
         return 0
-    print("usage: python -m xenpool.tools.bench_registrar client SPEC | ceiling REPLY_HEX", file=sys.stderr)
+    print(
+        "usage: python -m xenpool.tools.bench_registrar client SPEC | ceiling REPLY_HEX",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -28,15 +28,22 @@ HOSTS = (1, 2, 3)
 
 
 def _get(port: int, path: str):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{port}{path}", timeout=5
+    ) as response:
         return json.load(response)
 
 
 class Cluster:
     """A registrar, three PE hosts and a keeper as real processes in ``workdir``."""
 
-    def __init__(self, workdir: Path, vms: dict[str, int] = VMS, heartbeat_interval_s: float = 0.5,
-                 heartbeat_timeout_s: float = 1.5) -> None:  # fmt: skip
+    def __init__(
+        self,
+        workdir: Path,
+        vms: dict[str, int] = VMS,
+        heartbeat_interval_s: float = 0.5,
+        heartbeat_timeout_s: float = 1.5,
+    ) -> None:
         self.dir = workdir
         self.vm_ram = vms
         self.heartbeat = (heartbeat_interval_s, heartbeat_timeout_s)
@@ -51,43 +58,68 @@ class Cluster:
     def start(self) -> None:
         d = self.dir
         (d / "secret").write_text("demo pool secret, keep it somewhere safe\n")
-        (d / "fence-map.ini").write_text("".join(f"[host{n}]\npidfile = {d / f'host{n}.pid'}\n" for n in HOSTS))
+        (d / "fence-map.ini").write_text(
+            "".join(f"[host{n}]\npidfile = {d / f'host{n}.pid'}\n" for n in HOSTS)
+        )
         (d / "vms.conf").write_text(
-            "".join(f"[vm {name}]\nram = {ram}\nips = 10.0.5.{i}\n" for i, (name, ram) in enumerate(self.vm_ram.items(), 1))
+            "".join(
+                f"[vm {name}]\nram = {ram}\nips = 10.0.5.{i}\n"
+                for i, (name, ram) in enumerate(self.vm_ram.items(), 1)
+            )
         )
         self.asap, self.registrar_status = free_port(), free_port()
         self.registrar = self._start(
-            "xenpool-registrar", f"--asap=tcp:{self.asap}:interface=127.0.0.1",
-            f"--status=tcp:{self.registrar_status}:interface=127.0.0.1", "--registrar-id=0x0a0a0a0a",
+            "xenpool-registrar",
+            f"--asap=tcp:{self.asap}:interface=127.0.0.1",
+            f"--status=tcp:{self.registrar_status}:interface=127.0.0.1",
+            "--registrar-id=0x0a0a0a0a",
             ready="registrar 0x0a0a0a0a started",
-        )  # fmt: skip
+        )
         fence = f"command={sys.executable} -m xenpool.tools.fence_process {{pidfile}}"
         for n in HOSTS:
             status = free_port()
             pe = self._start(
-                "xenpool-pe", f"--registrar=tcp:host=127.0.0.1:port={self.asap}", f"--pe-id={n}",
-                f"--port={free_port()}", "--bind=127.0.0.1", f"--host=host{n}",
-                f"--libvirt-uri=test://{ETC / f'node-host{n}.xml'}", f"--status=tcp:{status}:interface=127.0.0.1",
-                f"--pool-secret-file={d / 'secret'}", "--stonith=command", f"--stonith-option={fence}",
-                f"--fence-map={d / 'fence-map.ini'}", "--load-interval=2", "--lease=30",
+                "xenpool-pe",
+                f"--registrar=tcp:host=127.0.0.1:port={self.asap}",
+                f"--pe-id={n}",
+                f"--port={free_port()}",
+                "--bind=127.0.0.1",
+                f"--host=host{n}",
+                f"--libvirt-uri=test://{ETC / f'node-host{n}.xml'}",
+                f"--status=tcp:{status}:interface=127.0.0.1",
+                f"--pool-secret-file={d / 'secret'}",
+                "--stonith=command",
+                f"--stonith-option={fence}",
+                f"--fence-map={d / 'fence-map.ini'}",
+                "--load-interval=2",
+                "--lease=30",
                 ready="registered in pool Xen",
-            )  # fmt: skip
+            )
             pe.status_port = status
             (d / f"host{n}.pid").write_text(str(pe.proc.pid))
             self.pes[n] = pe
         self.keeper_status = free_port()
         self.keeper = self._start(
-            "xenpool-pu", f"--keep={d / 'vms.conf'}", f"--registrar=127.0.0.1:{self.asap}", f"--state-dir={d / 'keeper'}",
-            f"--status=tcp:{self.keeper_status}:interface=127.0.0.1", f"--heartbeat-interval={self.heartbeat[0]}",
-            f"--heartbeat-timeout={self.heartbeat[1]}", ready="resolving",
-        )  # fmt: skip
+            "xenpool-pu",
+            f"--keep={d / 'vms.conf'}",
+            f"--registrar=127.0.0.1:{self.asap}",
+            f"--state-dir={d / 'keeper'}",
+            f"--status=tcp:{self.keeper_status}:interface=127.0.0.1",
+            f"--heartbeat-interval={self.heartbeat[0]}",
+            f"--heartbeat-timeout={self.heartbeat[1]}",
+            ready="resolving",
+        )
 
     def vms(self) -> list[dict]:
         return _get(self.keeper_status, "/vms")
 
     def loads(self) -> dict[int, float]:
         state = _get(self.registrar_status, "/handlespace")
-        return {pe["identifier"]: pe["load"] for pool in state["pools"] for pe in pool["pool_elements"]}
+        return {
+            pe["identifier"]: pe["load"]
+            for pool in state["pools"]
+            for pe in pool["pool_elements"]
+        }
 
     def stop(self) -> None:
         for daemon in reversed(self.daemons):
@@ -100,20 +132,42 @@ def _table(cluster: Cluster, title: str, dead: set[int]) -> Group:
         vms.add_column(column)
     for vm in cluster.vms():
         host = f"host{int(vm['pe'], 16)}" if vm["pe"] else "-"
-        took = f"{vm['last_failover_s']:.2f} s" if vm["last_failover_s"] is not None else ""
+        took = (
+            f"{vm['last_failover_s']:.2f} s"
+            if vm["last_failover_s"] is not None
+            else ""
+        )
         style = "green" if vm["state"] == "running" else "yellow"
-        vms.add_row(vm["server_id"], f"{vm['ram_mb']} MB", f"[{style}]{vm['state']}[/{style}]", host, str(vm["failovers"]), took)
+        vms.add_row(
+            vm["server_id"],
+            f"{vm['ram_mb']} MB",
+            f"[{style}]{vm['state']}[/{style}]",
+            host,
+            str(vm["failovers"]),
+            took,
+        )
     hosts = Table(title="hosts (the registrar's view)")
     for column in ("host", "PE", "load reported"):
         hosts.add_column(column)
     loads = cluster.loads()
     for n in HOSTS:
-        load = "[red]dead (killed)[/red]" if n in dead else (f"{loads[n]:.0%}" if n in loads else "not registered")
+        load = (
+            "[red]dead (killed)[/red]"
+            if n in dead
+            else (f"{loads[n]:.0%}" if n in loads else "not registered")
+        )
         hosts.add_row(f"host{n}", f"0x{n:08x}", load)
     return Group(vms, hosts)
 
 
-def _wait(live: Live, cluster: Cluster, title: str, dead: set[int], done, timeout: float = 60.0) -> None:
+def _wait(
+    live: Live,
+    cluster: Cluster,
+    title: str,
+    dead: set[int],
+    done,
+    timeout: float = 60.0,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         live.update(_table(cluster, title, dead))
@@ -126,7 +180,9 @@ def _wait(live: Live, cluster: Cluster, title: str, dead: set[int], done, timeou
 def run(console: Console | None = None) -> int:
     console = console or Console()
     started = time.monotonic()
-    console.rule("[bold]xenpool[/bold]: highly available VMs on a pool of hypervisor hosts")
+    console.rule(
+        "[bold]xenpool[/bold]: highly available VMs on a pool of hypervisor hosts"
+    )
     console.print(
         "A registrar, three hosts running the PE daemon on libvirt's test driver, and a keeper (a pool\n"
         "user) that holds six VMs. Each PE registers in pool 'Xen' and reports its load; the keeper asks\n"
@@ -138,11 +194,21 @@ def run(console: Console | None = None) -> int:
             console.print("starting the registrar, host1-3 and the keeper ...")
             cluster.start()
             with Live(console=console, refresh_per_second=8, transient=False) as live:
-                _wait(live, cluster, "placing 6 VMs", set(), lambda vms: all(v["state"] == "running" for v in vms))
+                _wait(
+                    live,
+                    cluster,
+                    "placing 6 VMs",
+                    set(),
+                    lambda vms: all(v["state"] == "running" for v in vms),
+                )
             placed = {v["server_id"]: v["pe"] for v in cluster.vms()}
-            counts = {n: sum(pe == f"0x{n:08x}" for pe in placed.values()) for n in HOSTS}
+            counts = {
+                n: sum(pe == f"0x{n:08x}" for pe in placed.values()) for n in HOSTS
+            }
             victim = max(counts, key=counts.get)
-            moved = sorted(name for name, pe in placed.items() if pe == f"0x{victim:08x}")
+            moved = sorted(
+                name for name, pe in placed.items() if pe == f"0x{victim:08x}"
+            )
             console.print(
                 f"\n[bold red]host{victim} dies now[/bold red] (kill -9 of its PE, taking {', '.join(moved)} with it). "
                 "The keeper sees its sessions drop, reports the PE unreachable, asks the pool again and echoes\n"
@@ -151,17 +217,29 @@ def run(console: Console | None = None) -> int:
             cluster.pes[victim].kill()
             with Live(console=console, refresh_per_second=8, transient=False) as live:
                 _wait(
-                    live, cluster, f"after host{victim} died", {victim},
-                    lambda vms: all(v["state"] == "running" and v["pe"] != f"0x{victim:08x}" for v in vms),
-                )  # fmt: skip
+                    live,
+                    cluster,
+                    f"after host{victim} died",
+                    {victim},
+                    lambda vms: all(
+                        v["state"] == "running" and v["pe"] != f"0x{victim:08x}"
+                        for v in vms
+                    ),
+                )
             console.print("\nWhat the surviving hosts logged:")
             for n, pe in cluster.pes.items():
                 if n == victim:
                     continue
                 for line in pe.drain().splitlines():
-                    if "fenced host" in line or ("started" in line and "for a PU" in line and any(m in line for m in moved)):
+                    if "fenced host" in line or (
+                        "started" in line
+                        and "for a PU" in line
+                        and any(m in line for m in moved)
+                    ):
                         console.print(f"  host{n}: {line.split('] ', 1)[-1]}")
-            times = [v["last_failover_s"] for v in cluster.vms() if v["server_id"] in moved]
+            times = [
+                v["last_failover_s"] for v in cluster.vms() if v["server_id"] in moved
+            ]
             console.print(
                 f"\n{len(moved)} VMs moved, each started exactly once more, after its old host was fenced. "
                 f"Failover took {min(times):.2f}-{max(times):.2f} s from the moment the keeper noticed the loss "

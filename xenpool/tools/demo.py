@@ -14,11 +14,11 @@ from rich.panel import Panel
 from rich.table import Table
 
 from .. import __version__
-from . import samples
 from ..interfaces import LoadSample
 from ..plugins import KINDS, load_plugins
 from ..protocol import cookie, framing, messages, params, session
 from ..protocol.errors import ProtocolError
+from . import samples
 
 
 def _hex(data: bytes, width: int = 32) -> str:
@@ -32,7 +32,9 @@ def _transport(t: params.Transport) -> str:
 
 def run(console: Console | None = None) -> int:
     console = console or Console()
-    console.rule(f"[bold]xenpool {__version__}[/bold]: highly available VMs on Reliable Server Pooling")
+    console.rule(
+        f"[bold]xenpool {__version__}[/bold]: highly available VMs on Reliable Server Pooling"
+    )
     console.print(
         "The messages the daemons exchange, in-process: the RSerPool wire protocol (ASAP, ENRP), the "
         "PE<->PU session messages, the authenticated session cookie, and the plugin system. "
@@ -49,19 +51,31 @@ def run(console: Console | None = None) -> int:
             table.add_row(kind, provider.name, provider.plugin)
     console.print(table)
     sample = LoadSample(cpu=0.60, ram=0.80)
-    loads = ", ".join(f"{name} = {plugins.create('load', name).load(sample):.2f}" for name in plugins.names("load"))
+    loads = ", ".join(
+        f"{name} = {plugins.create('load', name).load(sample):.2f}"
+        for name in plugins.names("load")
+    )
     console.print(f"A host at 60 % CPU and 80 % RAM reports: {loads}\n")
 
     # 2. A PE registers
-    pe = samples.pool_element(0x1001, 5001, load=plugins.create("load", "weighted").load(sample))
+    pe = samples.pool_element(
+        0x1001, 5001, load=plugins.create("load", "weighted").load(sample)
+    )
     registration = messages.encode(messages.Registration(b"Xen", pe))
-    console.print(Panel(_hex(registration), title=f"2. PE 0x1001 registers in pool 'Xen': ASAP REGISTRATION, {len(registration)} bytes"))
+    console.print(
+        Panel(
+            _hex(registration),
+            title=f"2. PE 0x1001 registers in pool 'Xen': ASAP REGISTRATION, {len(registration)} bytes",
+        )
+    )
 
     # 3. A PU resolves the pool handle
     response = samples.handle_resolution_response(3)
     data = messages.encode(response)
     decoded = messages.decode(data)
-    table = Table(title=f"3. ASAP HANDLE_RESOLUTION_RESPONSE ({len(data)} bytes) as the PU decodes it")
+    table = Table(
+        title=f"3. ASAP HANDLE_RESOLUTION_RESPONSE ({len(data)} bytes) as the PU decodes it"
+    )
     for column in ("PE", "user transport", "policy", "load"):
         table.add_column(column)
     for element in decoded.pool_elements:
@@ -76,8 +90,21 @@ def run(console: Console | None = None) -> int:
     # 4. The session: create request, answer, cookie
     secret = b"demo pool secret"
     create = session.CreateServer("web1", "nbd://san:10809/web1", ("10.0.5.1",), 300)
-    result = session.CreateResult("web1", session.ResultCode.STARTED, 410_000, "started")
-    state = cookie.SessionState(b"Xen", "web1", create.disk, create.ips, 300, 1, True, "pe1", 0x1000, time.time())
+    result = session.CreateResult(
+        "web1", session.ResultCode.STARTED, 410_000, "started"
+    )
+    state = cookie.SessionState(
+        b"Xen",
+        "web1",
+        create.disk,
+        create.ips,
+        300,
+        1,
+        True,
+        "pe1",
+        0x1000,
+        time.time(),
+    )
     sealed = cookie.seal(state, secret)
     stream = framing.ShimStream()
     for msg in (create, result, messages.Cookie(sealed)):
@@ -87,8 +114,15 @@ def run(console: Console | None = None) -> int:
     table.add_column("message")
     while (item := stream.next_message()) is not None:
         ppid, msg = item
-        shown = f"COOKIE ({len(msg.cookie)} bytes, HMAC-SHA256)" if isinstance(msg, messages.Cookie) else repr(msg)
-        table.add_row("ASAP (11)" if ppid == messages.ASAP_PPID else f"xenpool (0x{ppid:08x})", shown)
+        shown = (
+            f"COOKIE ({len(msg.cookie)} bytes, HMAC-SHA256)"
+            if isinstance(msg, messages.Cookie)
+            else repr(msg)
+        )
+        table.add_row(
+            "ASAP (11)" if ppid == messages.ASAP_PPID else f"xenpool (0x{ppid:08x})",
+            shown,
+        )
     console.print(table)
 
     # 5. Refusals
@@ -98,11 +132,44 @@ def run(console: Console | None = None) -> int:
     tampered = bytearray(sealed)
     tampered[20] ^= 1
     cases = [
-        ("cookie with one bit flipped", lambda: cookie.unseal(bytes(tampered), secret, pool_handle=b"Xen", now=time.time(), max_age_s=600)),
-        ("cookie a day old", lambda: cookie.unseal(sealed, secret, pool_handle=b"Xen", now=time.time() + 86400, max_age_s=600)),
-        ("cookie for pool 'Web'", lambda: cookie.unseal(sealed, secret, pool_handle=b"Web", now=time.time(), max_age_s=600)),
-        ("create with RAM 0", lambda: session.decode(session.encode(session.CreateServer("web1", "", (), 0)))),
-        ("create with IP 10.0.5.300", lambda: session.decode(session.encode(session.CreateServer("web1", "", ("10.0.5.300",), 64)))),
+        (
+            "cookie with one bit flipped",
+            lambda: cookie.unseal(
+                bytes(tampered),
+                secret,
+                pool_handle=b"Xen",
+                now=time.time(),
+                max_age_s=600,
+            ),
+        ),
+        (
+            "cookie a day old",
+            lambda: cookie.unseal(
+                sealed,
+                secret,
+                pool_handle=b"Xen",
+                now=time.time() + 86400,
+                max_age_s=600,
+            ),
+        ),
+        (
+            "cookie for pool 'Web'",
+            lambda: cookie.unseal(
+                sealed, secret, pool_handle=b"Web", now=time.time(), max_age_s=600
+            ),
+        ),
+        (
+            "create with RAM 0",
+            lambda: session.decode(
+                session.encode(session.CreateServer("web1", "", (), 0))
+            ),
+        ),
+        (
+            "create with IP 10.0.5.300",
+            lambda: session.decode(
+                session.encode(session.CreateServer("web1", "", ("10.0.5.300",), 64))
+            ),
+        ),
         ("ASAP message type 0x42", lambda: messages.decode(b"\x42\x00\x00\x04")),
         ("REGISTRATION cut short", lambda: messages.decode(registration[:-8] + b"")),
     ]
@@ -111,7 +178,9 @@ def run(console: Console | None = None) -> int:
             attempt()
             answer = "[red]accepted?![/red]"
         except ProtocolError as err:
-            if label.startswith("create"):  # the PE answers a bad request in the session
+            if label.startswith(
+                "create"
+            ):  # the PE answers a bad request in the session
                 answer = f"{err}  ->  create_failed, code {session.ResultCode.INVALID_REQUEST.value}"
             elif label.startswith("cookie"):
                 answer = f"{err}  ->  create_failed, code {session.ResultCode.COOKIE_REJECTED.value}"

@@ -39,14 +39,14 @@ import struct
 import threading
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Sequence
 
-from . import samples
 from ..protocol import cookie, framing, messages, session
 from ..protocol import params as P
 from ..protocol.errors import Cause, ProtocolError
+from . import samples
 
 # The cookie decoder's fixed world: everything the fuzzer seals is for this pool,
 # under this secret, issued around this time.
@@ -61,7 +61,15 @@ ROUND_TRIP_LIMIT = 32_768  # larger messages may not re-encode (the encoder pads
 MAX_STORED_CRASHES = 100
 MAX_PRINTED_CRASHES = 20
 
-DECODERS = ("asap", "enrp", "session", "cookie", "asap-stream", "enrp-stream", "shim-stream")
+DECODERS = (
+    "asap",
+    "enrp",
+    "session",
+    "cookie",
+    "asap-stream",
+    "enrp-stream",
+    "shim-stream",
+)
 STREAM_DECODERS = frozenset(("asap-stream", "enrp-stream", "shim-stream"))
 
 
@@ -91,7 +99,9 @@ def _check_error(err: ProtocolError, size: int, where: str) -> None:
     if not isinstance(err.field, str) or not err.field:
         raise InvariantError(f"{where}: error without a field: {err!r}")
     if type(err.offset) is not int or not 0 <= err.offset <= size:
-        raise InvariantError(f"{where}: offset {err.offset!r} outside the {size}-byte input: {err}")
+        raise InvariantError(
+            f"{where}: offset {err.offset!r} outside the {size}-byte input: {err}"
+        )
     if not isinstance(err.cause, Cause):
         raise InvariantError(f"{where}: cause {err.cause!r} is not a Cause")
 
@@ -113,17 +123,23 @@ def _check_answer(err: ProtocolError, where: str, answers: bool) -> None:
         return
     try:
         messages.encode(messages.error_for(err, ppid))
-    except Exception as exc:  # noqa: BLE001 - any failure here is the finding
-        raise InvariantError(f"{where}: the answer to {err} does not encode: {exc!r}") from exc
+    except Exception as exc:
+        raise InvariantError(
+            f"{where}: the answer to {err} does not encode: {exc!r}"
+        ) from exc
 
 
 def _round_trip(where: str, msg: object, encode: Callable, decode: Callable) -> None:
     try:
         again = decode(encode(msg))
-    except Exception as exc:  # noqa: BLE001 - any failure here is the finding
-        raise InvariantError(f"{where}: accepted {msg!r} does not encode and decode again: {exc!r}") from exc
+    except Exception as exc:
+        raise InvariantError(
+            f"{where}: accepted {msg!r} does not encode and decode again: {exc!r}"
+        ) from exc
     if again != msg:
-        raise InvariantError(f"{where}: accepted {msg!r}, re-encoded it decodes as {again!r}")
+        raise InvariantError(
+            f"{where}: accepted {msg!r}, re-encoded it decodes as {again!r}"
+        )
 
 
 def _message_decoder(ppid: int, name: str) -> Callable[[bytes], object]:
@@ -144,7 +160,13 @@ def _decode_session(data: bytes) -> object:
 
 def unseal(data: bytes) -> cookie.SessionState:
     """``cookie.unseal`` in the fuzzer's fixed world."""
-    return cookie.unseal(data, SECRET, pool_handle=COOKIE_POOL_HANDLE, now=COOKIE_NOW, max_age_s=COOKIE_MAX_AGE_S)
+    return cookie.unseal(
+        data,
+        SECRET,
+        pool_handle=COOKIE_POOL_HANDLE,
+        now=COOKIE_NOW,
+        max_age_s=COOKIE_MAX_AGE_S,
+    )
 
 
 def reseal(body: bytes) -> bytes:
@@ -194,7 +216,11 @@ def _same_fatal(a: ProtocolError, b: ProtocolError) -> bool:
 
 
 def _run_stream(
-    decoder: str, data: bytes, chunks: Sequence[int] | None, max_size: int, answers: bool
+    decoder: str,
+    data: bytes,
+    chunks: Sequence[int] | None,
+    max_size: int,
+    answers: bool,
 ) -> tuple[list, Outcome]:
     stream = _STREAMS[decoder](max_size)
     limit = stream.max_message_size + stream.header_size
@@ -222,9 +248,13 @@ def _run_stream(
                 _check_error(err, fed, where)
                 _check_answer(err, where, answers)
                 if stream.buffered >= before:
-                    raise InvariantError(f"{where}: error {err} consumed nothing") from None
+                    raise InvariantError(
+                        f"{where}: error {err} consumed nothing"
+                    ) from None
                 errors += 1
-                events.append(("error", err.field, err.offset, int(err.cause), err.report))
+                events.append(
+                    ("error", err.field, err.offset, int(err.cause), err.report)
+                )
                 continue
             if msg is None:
                 break
@@ -235,22 +265,30 @@ def _run_stream(
         if fatal is not None:
             break
         if stream.buffered > limit:
-            raise InvariantError(f"{where}: {stream.buffered} bytes buffered after draining, limit {limit}")
+            raise InvariantError(
+                f"{where}: {stream.buffered} bytes buffered after draining, limit {limit}"
+            )
     if fatal is not None:
         if not fatal.fatal:
             raise InvariantError(f"{where}: feed() raised a non-fatal error: {fatal}")
         _check_error(fatal, fed, where)
         _check_answer(fatal, where, answers)
         if stream.buffered:
-            raise InvariantError(f"{where}: {stream.buffered} bytes still buffered after fatal error {fatal}")
+            raise InvariantError(
+                f"{where}: {stream.buffered} bytes still buffered after fatal error {fatal}"
+            )
         for again in (stream.next_message, lambda: stream.feed(b"\0")):
             try:
                 again()
             except ProtocolError as err:
                 if not _same_fatal(err, fatal):
-                    raise InvariantError(f"{where}: after fatal {fatal!r} raised {err!r}") from None
+                    raise InvariantError(
+                        f"{where}: after fatal {fatal!r} raised {err!r}"
+                    ) from None
             else:
-                raise InvariantError(f"{where}: stream goes on after fatal error {fatal}")
+                raise InvariantError(
+                    f"{where}: stream goes on after fatal error {fatal}"
+                )
         errors += 1
         events.append(("fatal", fatal.field, fatal.offset))
     events.append(("reports", tuple(stream.reports)))
@@ -283,7 +321,9 @@ def fuzz_one(
             _check_error(err, len(data), decoder)
             _check_answer(err, decoder, answers)
             if err.fatal:
-                raise InvariantError(f"{decoder}: fatal error from a message decoder: {err}") from None
+                raise InvariantError(
+                    f"{decoder}: fatal error from a message decoder: {err}"
+                ) from None
             return Outcome(False, 0, 1)
         return Outcome(True, 1, 0)
     if decoder not in _STREAMS:
@@ -293,7 +333,9 @@ def fuzz_one(
     if chunks is not None:
         whole, _ = _run_stream(decoder, data, None, size, answers)
         if whole != events:
-            raise InvariantError(f"{decoder}: chunks {list(chunks)} give {events!r}, one piece gives {whole!r}")
+            raise InvariantError(
+                f"{decoder}: chunks {list(chunks)} give {events!r}, one piece gives {whole!r}"
+            )
     return outcome
 
 
@@ -303,11 +345,32 @@ def fuzz_one(
 def _cookie_states() -> list[cookie.SessionState]:
     S = cookie.SessionState
     return [
-        S(COOKIE_POOL_HANDLE, "web1", "nbd://san:10809/web1", ("10.0.5.1",), 300, 1, True, "pe1.example", 0x11223344,
-          COOKIE_NOW - 10),
-        S(COOKIE_POOL_HANDLE, "db-2", "", ("10.0.5.2", "fd00::2"), 4096, 4, False, "h", 1, COOKIE_NOW),
+        S(
+            COOKIE_POOL_HANDLE,
+            "web1",
+            "nbd://san:10809/web1",
+            ("10.0.5.1",),
+            300,
+            1,
+            True,
+            "pe1.example",
+            0x11223344,
+            COOKIE_NOW - 10,
+        ),
+        S(
+            COOKIE_POOL_HANDLE,
+            "db-2",
+            "",
+            ("10.0.5.2", "fd00::2"),
+            4096,
+            4,
+            False,
+            "h",
+            1,
+            COOKIE_NOW,
+        ),
         S(COOKIE_POOL_HANDLE, "x", "d", (), 1, 1, False, "", 0, COOKIE_NOW - 3000),
-    ]  # fmt: skip
+    ]
 
 
 def _with_params(msg: messages.Message, *extra: bytes) -> bytes:
@@ -322,66 +385,124 @@ def _unusual_messages() -> tuple[list[bytes], list[bytes]]:
     pe = samples.pool_element(7)
     policies = [
         P.PoolPolicy(0x12345678, (), b"\x01\x02\x03\x04\x05"),
-        P.PoolPolicy.make(P.PolicyType.LEAST_USED_DEGRADATION_DPF, load=1, load_degradation=2, load_dpf=3, distance=4),
+        P.PoolPolicy.make(
+            P.PolicyType.LEAST_USED_DEGRADATION_DPF,
+            load=1,
+            load_degradation=2,
+            load_dpf=3,
+            distance=4,
+        ),
         P.PoolPolicy.make(P.PolicyType.ROUND_ROBIN),
     ]
     transports = [
-        P.SctpTransport(1, ("10.0.0.1", "10.0.0.2", "fd00::3"), P.TransportUse.DATA_PLUS_CONTROL),
+        P.SctpTransport(
+            1, ("10.0.0.1", "10.0.0.2", "fd00::3"), P.TransportUse.DATA_PLUS_CONTROL
+        ),
         P.UdpTransport(2, ("fd00::1",)),
         P.UdpLiteTransport(3, ("192.0.2.1",)),
         P.DccpTransport(4, ("192.0.2.2",), 0xDEADBEEF),
     ]
     elements = [
-        P.PoolElement(0x100 + i, 1, -1, t, policies[i % len(policies)], transports[(i + 1) % len(transports)])
+        P.PoolElement(
+            0x100 + i,
+            1,
+            -1,
+            t,
+            policies[i % len(policies)],
+            transports[(i + 1) % len(transports)],
+        )
         for i, t in enumerate(transports)
     ]
-    error = P.OperationError((P.ErrorCause(Cause.INVALID_VALUES, b"why"), P.ErrorCause(0x1234)))
+    error = P.OperationError(
+        (P.ErrorCause(Cause.INVALID_VALUES, b"why"), P.ErrorCause(0x1234))
+    )
     server = P.ServerInformation(9, P.TcpTransport(9901, ("192.0.2.9",)))
     skip = P.tlv(0x8010, b"skip")
     report = P.tlv(0xC011, b"report me")
-    asap = [messages.encode(m) for m in (
-        messages.Registration(b"p" * P.MAX_POOL_HANDLE, elements[0]),
-        messages.Registration(b"\x00", elements[1]),
-        messages.Registration(b"Xen", pe, authentication=P.registration_mac(SECRET, b"Xen", pe)),
-        messages.RegistrationResponse(b"Xen", 1, reject=True, error=error),
-        messages.HandleResolutionResponse(b"Xen", (), error=error),
-        messages.HandleResolutionResponse(b"Xen", tuple(elements), policies[1]),
-        messages.ServerAnnounce(1, tuple(transports)),
-        messages.BusinessCard(b"Xen", (pe, elements[2])),
-        messages.CookieEcho(cookie.seal(_cookie_states()[0], SECRET)),
-    )] + [
+    asap = [
+        messages.encode(m)
+        for m in (
+            messages.Registration(b"p" * P.MAX_POOL_HANDLE, elements[0]),
+            messages.Registration(b"\x00", elements[1]),
+            messages.Registration(
+                b"Xen", pe, authentication=P.registration_mac(SECRET, b"Xen", pe)
+            ),
+            messages.RegistrationResponse(b"Xen", 1, reject=True, error=error),
+            messages.HandleResolutionResponse(b"Xen", (), error=error),
+            messages.HandleResolutionResponse(b"Xen", tuple(elements), policies[1]),
+            messages.ServerAnnounce(1, tuple(transports)),
+            messages.BusinessCard(b"Xen", (pe, elements[2])),
+            messages.CookieEcho(cookie.seal(_cookie_states()[0], SECRET)),
+        )
+    ] + [
         _with_params(messages.HandleResolution(b"Xen"), skip, report),
         _with_params(messages.EndpointKeepAlive(1, b"Xen", 2), report),
-    ]  # fmt: skip
-    enrp = [messages.encode(m) for m in (
-        messages.Presence(1, 2, 0),
-        messages.HandleUpdate(1, 2, messages.UpdateAction.DEL_PE, b"Xen", elements[3], takeover_suggested=True),
-        messages.HandleTableResponse(1, 2, ((b"a", tuple(elements[:2])), (b"b", ())), reject=True),
-        messages.ListResponse(1, 2, (server, P.ServerInformation(10, transports[0]))),
-    )] + [_with_params(messages.ListRequest(1, 2), skip)]  # fmt: skip
+    ]
+    enrp = [
+        messages.encode(m)
+        for m in (
+            messages.Presence(1, 2, 0),
+            messages.HandleUpdate(
+                1,
+                2,
+                messages.UpdateAction.DEL_PE,
+                b"Xen",
+                elements[3],
+                takeover_suggested=True,
+            ),
+            messages.HandleTableResponse(
+                1, 2, ((b"a", tuple(elements[:2])), (b"b", ())), reject=True
+            ),
+            messages.ListResponse(
+                1, 2, (server, P.ServerInformation(10, transports[0]))
+            ),
+        )
+    ] + [_with_params(messages.ListRequest(1, 2), skip)]
     return asap, enrp
 
 
 @lru_cache(maxsize=1)
 def corpus() -> dict[str, tuple[bytes, ...]]:
     """The seed inputs of each decoder, and ``cookie-body`` (cookies without a MAC)."""
-    asap = [messages.encode(m) for m in samples.all_messages() if m.PPID == messages.ASAP_PPID]
-    enrp = [messages.encode(m) for m in samples.all_messages() if m.PPID == messages.ENRP_PPID]
+    asap = [
+        messages.encode(m)
+        for m in samples.all_messages()
+        if m.PPID == messages.ASAP_PPID
+    ]
+    enrp = [
+        messages.encode(m)
+        for m in samples.all_messages()
+        if m.PPID == messages.ENRP_PPID
+    ]
     more_asap, more_enrp = _unusual_messages()
     asap += more_asap
     enrp += more_enrp
     sessions = [session.encode(m) for m in samples.all_session_messages()]
-    sessions.append(session.encode(session.CreateServer("a" * 32, "", ("fd00::1", "10.0.0.1"), 1, 64)))
+    sessions.append(
+        session.encode(
+            session.CreateServer("a" * 32, "", ("fd00::1", "10.0.0.1"), 1, 64)
+        )
+    )
     cookies = [cookie.seal(state, SECRET) for state in _cookie_states()]
 
     def streams(frames: list[bytes]) -> list[bytes]:
         n = len(frames)
-        return frames + [frames[i] + frames[(i + 1) % n] for i in range(n)] + [b"".join(frames)]
+        return (
+            frames
+            + [frames[i] + frames[(i + 1) % n] for i in range(n)]
+            + [b"".join(frames)]
+        )
 
-    shim = [framing.frame_message(m) for m in samples.all_messages() if m.PPID == messages.ASAP_PPID]
+    shim = [
+        framing.frame_message(m)
+        for m in samples.all_messages()
+        if m.PPID == messages.ASAP_PPID
+    ]
     shim += [framing.shim_frame(messages.ASAP_PPID, m) for m in more_asap]
     shim += [framing.frame_message(m) for m in samples.all_session_messages()]
-    shim.append(framing.shim_frame(messages.ENRP_PPID, enrp[0]))  # a PPID the shim does not carry
+    shim.append(
+        framing.shim_frame(messages.ENRP_PPID, enrp[0])
+    )  # a PPID the shim does not carry
     return {
         "asap": tuple(asap),
         "enrp": tuple(enrp),
@@ -414,7 +535,10 @@ _NESTED = {
     P.ParamType.OPERATION_ERROR: 0,  # its causes are laid out like parameters
 }
 _FIXED_SIZE = {
-    ppid: {t: struct.calcsize(cls.FIXED[0]) if cls.FIXED[0] else 0 for t, cls in table.items()}
+    ppid: {
+        t: struct.calcsize(cls.FIXED[0]) if cls.FIXED[0] else 0
+        for t, cls in table.items()
+    }
     for ppid, table in messages.MESSAGES_BY_PPID.items()
 }
 _SESSION_LAYOUT: dict[int, tuple] = {
@@ -451,7 +575,9 @@ def _walk_message(data, base, end, ppid, fields, cuts) -> None:
     fields.append((base + 2, 2, base, base, "msg"))
     length = _u16(data, base + 2)[0]
     stop = min(end, base + length) if length >= 4 else end
-    _walk_tlvs(data, base + 4 + _FIXED_SIZE[ppid].get(data[base], 0), stop, fields, cuts, 0)
+    _walk_tlvs(
+        data, base + 4 + _FIXED_SIZE[ppid].get(data[base], 0), stop, fields, cuts, 0
+    )
 
 
 def _walk_texts(data, pos, end, layout, fields, cuts) -> None:
@@ -475,14 +601,23 @@ def _walk_session(data, base, end, fields, cuts) -> None:
     _walk_texts(data, base + 8, end, _SESSION_LAYOUT.get(data[base], ()), fields, cuts)
 
 
-def structure(data: bytes, kind: str) -> tuple[list[tuple[int, int, int, int, str]], list[int]]:
+def structure(
+    data: bytes, kind: str
+) -> tuple[list[tuple[int, int, int, int, str]], list[int]]:
     """The length fields (offset, width, base, start, tag) and the parameter boundaries of ``data``
     read as ``kind`` (a decoder name or ``cookie-body``), as far as it makes sense."""
     fields: list[tuple[int, int, int, int, str]] = []
     cuts: list[int] = []
     end = len(data)
     if kind in ("asap", "enrp"):
-        _walk_message(data, 0, end, messages.ENRP_PPID if kind == "enrp" else messages.ASAP_PPID, fields, cuts)
+        _walk_message(
+            data,
+            0,
+            end,
+            messages.ENRP_PPID if kind == "enrp" else messages.ASAP_PPID,
+            fields,
+            cuts,
+        )
     elif kind == "session":
         _walk_session(data, 0, end, fields, cuts)
     elif kind in ("cookie", "cookie-body"):
@@ -515,7 +650,19 @@ def structure(data: bytes, kind: str) -> tuple[list[tuple[int, int, int, int, st
 
 # ------------------------------------------------------------------------ mutations
 
-_INTERESTING_32 = (0, 1, 0x7F, 0x80, 0xFF, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, *map(int, P.PolicyType))
+_INTERESTING_32 = (
+    0,
+    1,
+    0x7F,
+    0x80,
+    0xFF,
+    0xFFFF,
+    0x10000,
+    0x7FFFFFFF,
+    0x80000000,
+    0xFFFFFFFF,
+    *map(int, P.PolicyType),
+)
 _UNKNOWN_TYPES = (0x0010, 0x3FFF, 0x4010, 0x7FFF, 0x8010, 0xBFFF, 0xC010, 0xFFFF)
 _PARAM_TYPES = tuple(map(int, P.ParamType)) + _UNKNOWN_TYPES
 _FIXABLE = frozenset(("asap", "enrp", "session"))
@@ -545,7 +692,11 @@ class _Mutator:
     def insert(self, d: bytearray) -> bytearray:
         rng = self.rng
         n = rng.choice((1, 1, 2, 3, 4, 8, rng.randrange(1, 64)))
-        fill = rng.randbytes(n) if rng.random() < 0.5 else bytes([rng.choice((0, 0xFF, rng.randrange(256)))]) * n
+        fill = (
+            rng.randbytes(n)
+            if rng.random() < 0.5
+            else bytes([rng.choice((0, 0xFF, rng.randrange(256)))]) * n
+        )
         i = rng.randrange(len(d) + 1)
         d[i:i] = fill
         return d
@@ -585,7 +736,23 @@ class _Mutator:
             return d
         current = int.from_bytes(d[offset : offset + width], "big")
         fit = len(d) - base
-        values = [0, 1, 2, 3, 4, 5, 8, current - 1, current + 1, fit - 1, fit, fit + 1, 0x7FFF, 0x8000, 0xFFFF]
+        values = [
+            0,
+            1,
+            2,
+            3,
+            4,
+            5,
+            8,
+            current - 1,
+            current + 1,
+            fit - 1,
+            fit,
+            fit + 1,
+            0x7FFF,
+            0x8000,
+            0xFFFF,
+        ]
         if width == 4:
             values += [0x10000, messages.MAX_MESSAGE_SIZE + 1, 0x7FFFFFFF, 0xFFFFFFFF]
         value = rng.choice(values) & ((1 << (8 * width)) - 1)
@@ -619,23 +786,61 @@ class _Mutator:
                 return d
             blob = item * rng.choice((1, 1, 1, 2, 15, 16, 17, 31, 32, 33))
             at = start
-            grown = [f for f in fields if f[0] < offset and f[2] <= at < f[2] + value(f)]
+            grown = [
+                f for f in fields if f[0] < offset and f[2] <= at < f[2] + value(f)
+            ]
         else:  # add bytes at the end of its value
-            n = rng.choice((1, 2, 3, 4, 8, 29, 60, 61, 65, 200, 2045, 2049, rng.randrange(1, 300), -1))
+            n = rng.choice(
+                (
+                    1,
+                    2,
+                    3,
+                    4,
+                    8,
+                    29,
+                    60,
+                    61,
+                    65,
+                    200,
+                    2045,
+                    2049,
+                    rng.randrange(1, 300),
+                    -1,
+                )
+            )
             if n < 0:  # up to (or just past) the largest message
-                n = max(1, messages.MAX_MESSAGE_SIZE - len(d) + rng.choice((-16, -8, -4, -3, -2, -1, 0, 1)))
-            blob = rng.randbytes(n) if rng.random() < 0.3 else bytes([rng.choice((0, 0x41, 0xFF))]) * n
+                n = max(
+                    1,
+                    messages.MAX_MESSAGE_SIZE
+                    - len(d)
+                    + rng.choice((-16, -8, -4, -3, -2, -1, 0, 1)),
+                )
+            blob = (
+                rng.randbytes(n)
+                if rng.random() < 0.3
+                else bytes([rng.choice((0, 0x41, 0xFF))]) * n
+            )
             at = min(base + size, len(d))
-            grown = [target] + [f for f in fields if f[0] < offset and f[2] <= base and f[2] + value(f) >= at]
+            grown = [target] + [
+                f
+                for f in fields
+                if f[0] < offset and f[2] <= base and f[2] + value(f) >= at
+            ]
         for f in grown:
-            d[f[0] : f[0] + f[1]] = ((value(f) + len(blob)) & ((1 << (8 * f[1])) - 1)).to_bytes(f[1], "big")
+            d[f[0] : f[0] + f[1]] = (
+                (value(f) + len(blob)) & ((1 << (8 * f[1])) - 1)
+            ).to_bytes(f[1], "big")
         d[at:at] = blob
         return d
 
     def word(self, d: bytearray) -> bytearray:
         if len(d) >= 4:
             rng = self.rng
-            i = rng.randrange(len(d) - 3) & ~3 if rng.random() < 0.8 else rng.randrange(len(d) - 3)
+            i = (
+                rng.randrange(len(d) - 3) & ~3
+                if rng.random() < 0.8
+                else rng.randrange(len(d) - 3)
+            )
             d[i : i + 4] = rng.choice(_INTERESTING_32).to_bytes(4, "big")
         return d
 
@@ -643,8 +848,12 @@ class _Mutator:
         rng = self.rng
         _, cuts = structure(d, self.kind)
         at = rng.choice(cuts) if cuts else rng.randrange(len(d) + 1)
-        ptype = rng.choice(_PARAM_TYPES) if rng.random() < 0.9 else rng.randrange(0x10000)
-        value = rng.choice((b"", b"\0" * 4, rng.randbytes(rng.randrange(1, 24)), b"Xen"))
+        ptype = (
+            rng.choice(_PARAM_TYPES) if rng.random() < 0.9 else rng.randrange(0x10000)
+        )
+        value = rng.choice(
+            (b"", b"\0" * 4, rng.randbytes(rng.randrange(1, 24)), b"Xen")
+        )
         d[at:at] = P.tlv(ptype, value)
         return d
 
@@ -655,16 +864,27 @@ class _Mutator:
         return d
 
     OPS: tuple[tuple[str, int], ...] = (
-        ("flip_bit", 12), ("set_byte", 10), ("insert", 6), ("delete", 6), ("truncate", 4), ("duplicate", 4),
-        ("splice", 4), ("length", 14), ("grow", 10), ("word", 6), ("insert_param", 8),
-    )  # fmt: skip
+        ("flip_bit", 12),
+        ("set_byte", 10),
+        ("insert", 6),
+        ("delete", 6),
+        ("truncate", 4),
+        ("duplicate", 4),
+        ("splice", 4),
+        ("length", 14),
+        ("grow", 10),
+        ("word", 6),
+        ("insert_param", 8),
+    )
 
 
 _OP_NAMES = tuple(name for name, _ in _Mutator.OPS)
 _OP_WEIGHTS = tuple(weight for _, weight in _Mutator.OPS)
 
 
-def mutate(data: bytes, rng: random.Random, kind: str, rounds: int | None = None) -> bytes:
+def mutate(
+    data: bytes, rng: random.Random, kind: str, rounds: int | None = None
+) -> bytes:
     """``data`` after ``rounds`` (default: 1 to 8, each one half as likely) random mutations
     chosen with ``rng``. ``kind`` (a decoder name or ``cookie-body``) says where the
     length fields and parameter boundaries are and which corpus entries to splice in.
@@ -721,9 +941,18 @@ class Generator:
         if decoder == "cookie":
             r = rng.random()
             if r < 0.55:
-                return Case(decoder, reseal(mutate(rng.choice(self.corpus["cookie-body"]), rng, "cookie-body")))
+                return Case(
+                    decoder,
+                    reseal(
+                        mutate(
+                            rng.choice(self.corpus["cookie-body"]), rng, "cookie-body"
+                        )
+                    ),
+                )
             if r < 0.95:
-                return Case(decoder, mutate(rng.choice(self.corpus["cookie"]), rng, "cookie"))
+                return Case(
+                    decoder, mutate(rng.choice(self.corpus["cookie"]), rng, "cookie")
+                )
             return Case(decoder, random_bytes(rng))
         if rng.random() < 0.08:
             data = random_bytes(rng)
@@ -745,14 +974,20 @@ class Generator:
                 if decoder == "shim-stream":
                     ppid, payload = rng.choice(self.shim_payloads)
                     if rng.random() < 0.6:
-                        payload = mutate(payload, rng, "asap" if ppid == messages.ASAP_PPID else "session")
+                        payload = mutate(
+                            payload,
+                            rng,
+                            "asap" if ppid == messages.ASAP_PPID else "session",
+                        )
                     if rng.random() < 0.05:
                         ppid = rng.choice((0, messages.ENRP_PPID, rng.getrandbits(32)))
                     parts.append(framing.shim_frame(ppid, payload))
                 else:
                     kind = "enrp" if decoder == "enrp-stream" else "asap"
                     frame = rng.choice(self.corpus[kind])
-                    parts.append(mutate(frame, rng, kind) if rng.random() < 0.6 else frame)
+                    parts.append(
+                        mutate(frame, rng, kind) if rng.random() < 0.6 else frame
+                    )
             data = b"".join(parts)
         max_size = None
         if rng.random() < 0.3:
@@ -795,7 +1030,9 @@ class Crash:
             f"  input: {self.case.data.hex()}",
         ]
         if self.minimal is not None and self.minimal != self.case.data:
-            lines.append(f"  smaller input, same {self.kind} in one piece: {self.minimal.hex()}")
+            lines.append(
+                f"  smaller input, same {self.kind} in one piece: {self.minimal.hex()}"
+            )
         return "\n".join(lines)
 
 
@@ -811,14 +1048,14 @@ def _signature(decoder: str, exc: BaseException) -> tuple:
     return (decoder, type(exc).__name__, _where(exc))
 
 
-def _crash_signature(case: Case, dog: "_Watchdog | None" = None) -> tuple | None:
+def _crash_signature(case: Case, dog: _Watchdog | None = None) -> tuple | None:
     if dog is not None:
         dog.begin()
     try:
         fuzz_one(case.decoder, case.data, case.chunks, case.max_message_size)
     except _Stuck:
         return (case.decoder, "hang")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return _signature(case.decoder, exc)
     finally:
         if dog is not None:
@@ -826,12 +1063,19 @@ def _crash_signature(case: Case, dog: "_Watchdog | None" = None) -> tuple | None
     return None
 
 
-def shrink(case: Case, signature: tuple, budget: int = 2000, dog: "_Watchdog | None" = None) -> bytes | None:
+def shrink(
+    case: Case, signature: tuple, budget: int = 2000, dog: _Watchdog | None = None
+) -> bytes | None:
     """A smaller input that, fed in one piece, crashes the same way (or None)."""
     data = case.data
 
     def same(candidate: bytes) -> bool:
-        return _crash_signature(Case(case.decoder, candidate, None, case.max_message_size), dog) == signature
+        return (
+            _crash_signature(
+                Case(case.decoder, candidate, None, case.max_message_size), dog
+            )
+            == signature
+        )
 
     if not same(data):
         return None
@@ -860,8 +1104,10 @@ class Report:
     hang_count: int = 0
     crashes: list[Crash] = field(default_factory=list)  # the first MAX_STORED_CRASHES
     signatures: dict[tuple, int] = field(default_factory=dict)
-    counts: dict[str, list[int]] = field(default_factory=lambda: {d: [0, 0] for d in DECODERS})
-    digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    counts: dict[str, list[int]] = field(
+        default_factory=lambda: {d: [0, 0] for d in DECODERS}
+    )
+    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
     slowest_s: float = 0.0
     slowest: str = ""
     elapsed_s: float = 0.0
@@ -902,13 +1148,19 @@ class _Watchdog:
         self._seen: int | None = None
         self._runs = 0
         self._old = None
-        self.active = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+        self.active = threading.current_thread() is threading.main_thread() and hasattr(
+            signal, "setitimer"
+        )
 
     def _fire(self, signum, frame) -> None:
         if self.current is not None and self.current == self._seen:
             self._seen = None
             code = frame.f_code if frame is not None else None
-            raise _Stuck(f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno} in {code.co_name}" if code else "")
+            raise _Stuck(
+                f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno} in {code.co_name}"
+                if code
+                else ""
+            )
         self._seen = self.current
 
     def begin(self) -> None:
@@ -918,7 +1170,7 @@ class _Watchdog:
     def end(self) -> None:
         self.current = None
 
-    def __enter__(self) -> "_Watchdog":
+    def __enter__(self) -> _Watchdog:
         if self.active:
             self._old = signal.signal(signal.SIGPROF, self._fire)
             signal.setitimer(signal.ITIMER_PROF, STUCK_S, STUCK_S)
@@ -948,16 +1200,20 @@ def campaign(
             decoder = DECODERS[i % len(DECODERS)]
             case = gen.case(decoder)
             h = report.digest
-            h.update(f"{decoder}|{len(case.data)}|{case.chunks}|{case.max_message_size}|".encode())
+            h.update(
+                f"{decoder}|{len(case.data)}|{case.chunks}|{case.max_message_size}|".encode()
+            )
             h.update(case.data)
             failure: BaseException | None = None
             dog.begin()
             start = clock()
             try:
-                outcome = fuzz_one(decoder, case.data, case.chunks, case.max_message_size)
+                outcome = fuzz_one(
+                    decoder, case.data, case.chunks, case.max_message_size
+                )
             except _Stuck as exc:
                 failure = exc
-            except Exception as exc:  # noqa: BLE001 - anything else is a crash
+            except Exception as exc:
                 failure = exc
             finally:
                 dog.end()
@@ -969,12 +1225,23 @@ def campaign(
             if isinstance(failure, _Stuck) or took > HANG_S:
                 report.hang_count += 1
                 signature = (decoder, "hang")
-                where = str(failure) if failure else ""  # a _Stuck says where it was interrupted
-                crash = Crash(case, "hang", f"{took:.2f} s of CPU", where, signature, took)
+                where = (
+                    str(failure) if failure else ""
+                )  # a _Stuck says where it was interrupted
+                crash = Crash(
+                    case, "hang", f"{took:.2f} s of CPU", where, signature, took
+                )
             elif failure is not None:
                 report.crash_count += 1
                 signature = _signature(decoder, failure)
-                crash = Crash(case, "crash", f"{type(failure).__name__}: {failure}", _where(failure), signature, took)
+                crash = Crash(
+                    case,
+                    "crash",
+                    f"{type(failure).__name__}: {failure}",
+                    _where(failure),
+                    signature,
+                    took,
+                )
             else:
                 report.counts[decoder][0 if outcome.accepted else 1] += 1
             if crash is not None:
@@ -982,7 +1249,9 @@ def campaign(
                 report.signatures[signature] = report.signatures.get(signature, 0) + 1
                 if new or printed < MAX_PRINTED_CRASHES:
                     if new and crash.kind == "crash":
-                        crash = dataclasses.replace(crash, minimal=shrink(case, signature, dog=dog))
+                        crash = dataclasses.replace(
+                            crash, minimal=shrink(case, signature, dog=dog)
+                        )
                     printed += 1
                     emit(crash.describe())
                 if len(report.crashes) < MAX_STORED_CRASHES:
@@ -998,13 +1267,22 @@ def run(cases: int, seed: int, progress: bool) -> int:
     if not progress:
         report = campaign(cases, seed)
     else:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            ProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
         from rich.text import Text
 
         class RateColumn(ProgressColumn):
             def render(self, task) -> Text:
                 elapsed = task.elapsed or 0.0
-                return Text(f"{task.completed / elapsed if elapsed else 0:,.0f} cases/s")
+                return Text(
+                    f"{task.completed / elapsed if elapsed else 0:,.0f} cases/s"
+                )
 
         with Progress(
             TextColumn("{task.description}"),
@@ -1020,7 +1298,11 @@ def run(cases: int, seed: int, progress: bool) -> int:
 
             def on_progress(done: int, report: Report) -> None:
                 failures = report.crash_count + report.hang_count
-                bar.update(task, completed=done, description=f"fuzz seed {seed}, {failures} crashes")
+                bar.update(
+                    task,
+                    completed=done,
+                    description=f"fuzz seed {seed}, {failures} crashes",
+                )
 
             report = campaign(cases, seed, emit=emit, on_progress=on_progress)
     print(report.summary())

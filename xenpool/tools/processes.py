@@ -31,7 +31,11 @@ class Process:
         self.argv = argv
         self.log = ""
         self.proc = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
 
     def mark(self) -> int:
@@ -48,10 +52,14 @@ class Process:
             while text not in self.log[since:]:
                 left = deadline - time.monotonic()
                 if left <= 0 or not selector.select(left):
-                    raise AssertionError(f"{text!r} not seen within {timeout} s; log:\n{self.log}")
+                    raise AssertionError(
+                        f"{text!r} not seen within {timeout} s; log:\n{self.log}"
+                    )
                 chunk = os.read(self.proc.stdout.fileno(), 65536)
                 if not chunk:
-                    raise AssertionError(f"daemon exited ({self.proc.wait()}) before {text!r}; log:\n{self.log}")
+                    raise AssertionError(
+                        f"daemon exited ({self.proc.wait()}) before {text!r}; log:\n{self.log}"
+                    )
                 self.log += chunk.decode(errors="replace")
         finally:
             selector.close()
@@ -102,7 +110,9 @@ def wait_for_any(processes: list[Process], text: str, timeout: float = 20.0) -> 
             left = deadline - time.monotonic()
             if left <= 0:
                 logs = "\n---\n".join(p.log for p in processes)
-                raise AssertionError(f"{text!r} not seen within {timeout} s; logs:\n{logs}")
+                raise AssertionError(
+                    f"{text!r} not seen within {timeout} s; logs:\n{logs}"
+                )
             selector.select(left)
     finally:
         selector.close()
@@ -111,7 +121,16 @@ def wait_for_any(processes: list[Process], text: str, timeout: float = 20.0) -> 
 class Daemon(Process):
     """One `twistd -n` daemon, started and waited for until its log says ``ready``."""
 
-    def __init__(self, plugin: str, *args: str, ready: str, cwd: Path, timeout: float = 20.0,
-                 twistd: list[str] = TWISTD_ARGV) -> None:  # fmt: skip
-        super().__init__([*twistd, "-n", "--pidfile=", "--logfile=-", plugin, *args], cwd)
+    def __init__(
+        self,
+        plugin: str,
+        *args: str,
+        ready: str,
+        cwd: Path,
+        timeout: float = 20.0,
+        twistd: list[str] = TWISTD_ARGV,
+    ) -> None:
+        super().__init__(
+            [*twistd, "-n", "--pidfile=", "--logfile=-", plugin, *args], cwd
+        )
         self.wait_for(ready, timeout)

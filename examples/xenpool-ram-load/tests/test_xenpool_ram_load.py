@@ -1,15 +1,15 @@
 """What a plugin author checks before publishing. Run in a venv that has xenpool:
 
-    pip install -e . && python -m pytest tests
+pip install -e . && python -m pytest tests
 """
 
 import pytest
+import xenpool_ram_load
+from xenpool_ram_load import RamOnlyLoad
 from zope.interface.verify import verifyClass, verifyObject
 
-import xenpool_ram_load
 from xenpool.interfaces import ILoadMetric, LoadSample
 from xenpool.plugins import load_plugins
-from xenpool_ram_load import RamOnlyLoad
 
 
 def test_the_class_implements_the_interface():
@@ -19,7 +19,13 @@ def test_the_class_implements_the_interface():
 
 @pytest.mark.parametrize(
     "cpu, ram, expected",
-    [(0.9, 0.3, 0.3), (0.0, 0.0, 0.0), (2.5, 1.0, 1.0), (0.1, 1.7, 1.0), (0.5, -0.2, 0.0)],
+    [
+        (0.9, 0.3, 0.3),
+        (0.0, 0.0, 0.0),
+        (2.5, 1.0, 1.0),
+        (0.1, 1.7, 1.0),
+        (0.5, -0.2, 0.0),
+    ],
 )
 def test_the_load_is_the_ram_fraction_capped_to_0_1(cpu, ram, expected):
     assert RamOnlyLoad().load(LoadSample(cpu=cpu, ram=ram)) == expected
