@@ -45,7 +45,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 from string import Template
-from typing import Any
+from typing import Any, overload
 from xml.sax.saxutils import escape
 
 import libvirt
@@ -148,7 +148,7 @@ def ensure_event_loop() -> None:
 
         thread = threading.Thread(target=run, name="libvirt-events", daemon=True)
         thread.start()
-        libvirt._xenpool_event_loop_thread = thread  # type: ignore[attr-defined]
+        libvirt._xenpool_event_loop_thread = thread
 
 
 # -- domain XML -----------------------------------------------------------------------------
@@ -343,6 +343,12 @@ class LibvirtHypervisor:
         call does it anyway) and, with a pool of its own, arrange ``close()`` at reactor
         shutdown."""
         self._start_pool()
+
+    @overload
+    def start(self, spec: DomainSpec) -> defer.Deferred: ...
+
+    @overload
+    def start(self, spec: None = None) -> None: ...
 
     def start(self, spec: DomainSpec | None = None) -> defer.Deferred | None:
         """``IHypervisor.start``: start ``spec`` as a transient domain from the template.
@@ -605,11 +611,12 @@ class LibvirtHypervisor:
                     f"no domain template for libvirt driver {self._driver_type!r}; pass domain_template=PATH"
                 )
             candidates = [d / filename for d in template_dirs()]
-            path = next((p for p in candidates if p.is_file()), None)
-            if path is None:
+            found = next((p for p in candidates if p.is_file()), None)
+            if found is None:
                 raise HypervisorError(
                     f"domain template {filename} not found in {', '.join(map(str, template_dirs()))}"
                 )
+            path = found
         key = str(path)
         if key not in self._templates:
             try:
