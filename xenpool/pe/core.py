@@ -111,11 +111,11 @@ class PoolElementCore(Rebalancing):
         accounting: HostAccounting,
         metric,
         clock,
-        disk_xml: Callable[[str], object] | None = None,
+        disk_xml: Callable[[str], defer.Deferred] | None = None,
         load_changed: Callable[[], None] = lambda: None,
         fencer: Fencer | None = None,
         claims: ClaimAsker | None = None,
-        disk_release: Callable[[str], object] | None = None,
+        disk_release: Callable[[str], defer.Deferred] | None = None,
         leases: VmLeases | None = None,
     ) -> None:
         self.settings = settings
@@ -292,7 +292,7 @@ class PoolElementCore(Rebalancing):
 
     async def _claim(
         self, request: S.CreateServer, may_run_on: S.Holder | None = None
-    ) -> tuple[int, str] | None:
+    ) -> tuple[int, str] | Refusal | None:
         """Make sure this PE alone may start ``request``, whatever the PU claims: the
         voters' lease (exactly one of two concurrent starters gets it), then every host
         that may still run it (the lease's previous holders, ``may_run_on`` from the
@@ -330,7 +330,7 @@ class PoolElementCore(Rebalancing):
 
     async def _claim_lease(
         self, request: S.CreateServer, may_run_on: S.Holder | None
-    ) -> tuple[int, str] | None:
+    ) -> tuple[int, str] | Refusal | None:
         me = self.settings.host
         fenced: set[str] = set()
         cleared: set[S.Holder] = set()  # took over its live lease: asked again below
@@ -401,7 +401,7 @@ class PoolElementCore(Rebalancing):
 
     async def _ask_pool(
         self, request: S.CreateServer, suspects: set[S.Holder]
-    ) -> set[str] | tuple[int, str]:
+    ) -> set[str] | tuple[int, str] | Refusal:
         """Ask every PE of the pool, and the suspects directly, whether it runs or starts
         ``request``: a refusal when one does, else the hosts that answered (proof that
         they do not run it)."""
@@ -922,7 +922,7 @@ class PoolElementCore(Rebalancing):
     def load(self) -> float:
         return self.accounting.load(self.metric)
 
-    def _session_of(self, server_id: str):
+    def _session_of(self, server_id: str) -> Session | None:
         return next(
             (
                 session
