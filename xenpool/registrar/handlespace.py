@@ -11,10 +11,14 @@ import random
 import struct
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, cast
 
 from ..protocol import messages as M
 from ..protocol import params as P
 from ..protocol.errors import Cause
+
+if TYPE_CHECKING:
+    from ..interfaces import IPoolPolicy, IPoolSelection
 
 DEFAULT_MAX_BAD_PE_REPORTS = 3
 DEFAULT_MAX_RESOLUTION_ITEMS = 3
@@ -84,7 +88,7 @@ class Pool:
     handle: bytes
     policy_type: int
     transport_type: type
-    selection: object  # IPoolSelection
+    selection: IPoolSelection
     entries: dict[int, PoolEntry] = field(default_factory=dict)
     # The start of every handle resolution answer: pool handle and the pool's policy.
     answer_head: bytes = b""
@@ -119,7 +123,7 @@ class Handlespace:
     def __init__(
         self,
         registrar_id: int,
-        policies: dict[int, object],
+        policies: dict[int, IPoolPolicy],
         *,
         rng: random.Random | None = None,
         max_bad_pe_reports: int = DEFAULT_MAX_BAD_PE_REPORTS,
@@ -264,7 +268,7 @@ class Handlespace:
         """Count an ENDPOINT_UNREACHABLE; returns the entry if it was removed."""
         pool = self.pools.get(handle)
         entry = pool.entries.get(identifier) if pool else None
-        if entry is None:
+        if pool is None or entry is None:
             return None
         entry.unreachable_reports += 1
         if entry.unreachable_reports >= self.max_bad_pe_reports:
@@ -321,7 +325,8 @@ class Handlespace:
         selection = pool.selection
         books_ram = bool(ram_mb) and getattr(selection, "fits_requests", False)
         chosen = (
-            selection.select(count, ram_mb=ram_mb)
+            # A selection with fits_requests (LeastUsedFreeRAM) books the requested RAM.
+            cast(Any, selection).select(count, ram_mb=ram_mb)
             if books_ram
             else selection.select(count)
         )

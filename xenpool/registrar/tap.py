@@ -10,11 +10,13 @@ import os
 import random
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from twisted.python import usage
 
 from ..config import (
     Setting,
+    SettingsOptions,
     id32,
     ipv4_address,
     json_log,
@@ -175,7 +177,13 @@ SETTINGS = [
 ]
 
 
-class Options(make_options(SETTINGS, "registrar", "Run an RSerPool pool registrar.")):
+if TYPE_CHECKING:
+    _Options = SettingsOptions
+else:
+    _Options = make_options(SETTINGS, "registrar", "Run an RSerPool pool registrar.")
+
+
+class Options(_Options):
     def postOptions(self) -> None:
         super().postOptions()
         from .. import sctp
@@ -206,7 +214,7 @@ def leases_file(state_dir: str, asap_endpoint: str) -> Path:
     )
 
 
-def makeService(options: usage.Options):
+def makeService(options: Options):
     from twisted.internet import reactor
 
     from ..plugins import load_plugins
