@@ -32,7 +32,7 @@ from ..protocol import messages as M
 from ..protocol import params as P
 from ..protocol import session as S
 from ..protocol.errors import ProtocolError
-from .accounting import HostAccounting
+from .accounting import HostAccounting, HostCpu
 from .leases import LeaseOutcome, LeaseSettings, VmLeases
 from .moves import Rebalancing
 from .sessions import Session, VmSession
@@ -135,7 +135,7 @@ class PoolElementCore(Rebalancing):
         self.disk_release = disk_release or (
             lambda spec: defer.succeed(None)
         )  # after the VM stopped
-        self.host_cpu = (
+        self.host_cpu: HostCpu | None = (
             None  # an accounting.HostCpu where the hypervisor runs on this machine
         )
         self.load_changed = load_changed

@@ -7,6 +7,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application import service, strports
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, task
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.web import server
@@ -27,6 +28,8 @@ log = Logger()
 
 class RegistrationProtocol(Protocol):
     """The PE's ASAP association with its home registrar."""
+
+    transport: ITCPTransport  # set before any callback (Protocol.makeConnection)
 
     def __init__(self, pe: PoolElementService) -> None:
         self.pe = pe
@@ -62,6 +65,8 @@ class RegistrationProtocol(Protocol):
 class SessionProtocol(Protocol):
     """One PU's session: shim frames carrying ASAP and application messages (over SCTP,
     xenpool.sctp carries each frame's payload with its PPID instead)."""
+
+    transport: ITCPTransport  # set before any callback (Protocol.makeConnection)
 
     sctp_framing = "shim"
 
@@ -346,9 +351,12 @@ class PoolElementService(service.MultiService):
             for watcher in self.registration_watchers:
                 watcher.answered(channel, not message.reject)
             if message.reject:
-                causes = ", ".join(
-                    f"cause {c.code}: {c.info.decode(errors='replace')}"
-                    for c in message.error.causes
+                causes = (
+                    ", ".join(
+                        f"cause {c.code}: {c.info.decode(errors='replace')}"
+                        for c in (message.error.causes if message.error else ())
+                    )
+                    or "no cause given"
                 )
                 log.error(
                     "REGISTRATION REFUSED by the registrar: {causes}", causes=causes
@@ -546,9 +554,13 @@ async def ask_pe(
             answer.callback(message)
 
     connecting = access.connect(element, deliver)
-    timer = reactor.callLater(
-        timeout_s, lambda: (connecting.cancel(), answer.called or answer.callback(None))
-    )
+
+    def give_up() -> None:
+        connecting.cancel()
+        if not answer.called:
+            answer.callback(None)
+
+    timer = reactor.callLater(timeout_s, give_up)
     try:
         channel = await connecting
     except Exception as err:
@@ -577,6 +589,8 @@ async def ask_pe(
 
 class _VoterSession(Protocol):
     """Lease requests to one voter, answered in order on one connection."""
+
+    transport: ITCPTransport  # set before any callback (Protocol.makeConnection)
 
     sctp_framing = "shim"
 

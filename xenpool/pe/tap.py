@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import random
 import socket
+from typing import TYPE_CHECKING
 
 from twisted.python import usage
 
 from .. import discovery
 from ..config import (
     Setting,
+    SettingsOptions,
     id32,
     json_log,
     make_options,
@@ -252,9 +254,15 @@ SETTINGS = [
 ]
 
 
-class Options(
-    make_options(SETTINGS, "pe", "Run a pool element on this hypervisor host.")
-):
+if TYPE_CHECKING:
+    _Options = SettingsOptions
+else:
+    _Options = make_options(
+        SETTINGS, "pe", "Run a pool element on this hypervisor host."
+    )
+
+
+class Options(_Options):
     def postOptions(self) -> None:
         super().postOptions()
         from twisted.internet import reactor
