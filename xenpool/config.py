@@ -135,6 +135,7 @@ def resolve(
     result = {}
     for s in settings:
         cli = given.get(s.name)
+        raw: Any
         if s.multiple:
             raw = cli if cli else config.get(s.name, [])
         elif cli is not None:
@@ -166,12 +167,20 @@ def _described(setting: Setting) -> str:
     return setting.help + _default(setting)
 
 
+class SettingsOptions(usage.Options):
+    """What the classes ``make_options`` makes have (for the type checker)."""
+
+    optParameters: list[list]
+    multi: dict[str, list[str]]
+    settings: dict[str, Any]  # after postOptions: every setting resolved
+
+
 def make_options(
     settings: list[Setting], section: str, doc: str
-) -> type[usage.Options]:
+) -> type[SettingsOptions]:
     """A twisted usage.Options class for ``settings`` plus ``--config``."""
 
-    class Options(usage.Options):
+    class Options(SettingsOptions):
         __doc__ = doc
         optParameters = [
             ["config", "c", None, f"config file (its [{section}] section)"]

@@ -7,10 +7,19 @@ lease, and a keeper started again with the same state directory re-adopts them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from twisted.python import usage
 
 from .. import discovery
-from ..config import Setting, json_log, make_options, positive_float, read_ini
+from ..config import (
+    Setting,
+    SettingsOptions,
+    json_log,
+    make_options,
+    positive_float,
+    read_ini,
+)
 from ..discovery import listener_settings
 from ..protocol import messages as M
 from ..protocol import session as S
@@ -85,9 +94,15 @@ def read_vms(path: str) -> list[S.CreateServer]:
     return vms
 
 
-class Options(
-    make_options(SETTINGS, "keeper", "Keep the VMs of a keep file available.")
-):
+if TYPE_CHECKING:
+    _Options = SettingsOptions
+else:
+    _Options = make_options(
+        SETTINGS, "keeper", "Keep the VMs of a keep file available."
+    )
+
+
+class Options(_Options):
     optParameters = make_options(SETTINGS, "keeper", "").optParameters + [
         [
             "keep",
