@@ -66,7 +66,7 @@ def _cmd_decode(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.protocol == "session":
-            msg = session.decode(data)
+            msg: object = session.decode(data)
         else:
             ppid = messages.ENRP_PPID if args.protocol == "enrp" else messages.ASAP_PPID
             msg = messages.decode(data, ppid)

@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     from twisted.internet import reactor
+    from twisted.internet.interfaces import IReactorThreads
 
     from ..asap_client import TcpPoolAccess
 
@@ -188,14 +189,15 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        reactor.callFromThread(keeper.stop)
+        IReactorThreads(reactor).callFromThread(keeper.stop)
 
     def start() -> None:
         signal.signal(signal.SIGINT, interrupted)
         keeper.run().addCallbacks(finished, failed)
 
     reactor.callWhenRunning(start)
-    reactor.run(installSignalHandlers=False)
+    # Twisted's IReactorCore.run() omits installSignalHandlers, which ReactorBase.run takes.
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
     if not outcome:
         return 1
     return {State.STOPPED: 0, State.REFUSED: 3}.get(outcome[0], 1)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from twisted.application import service, strports
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from ..logs import hex_id
@@ -16,6 +17,10 @@ from ..protocol import session as S
 from .core import PuSettings, State, VmKeeper
 
 log = Logger()
+
+
+def _keeping_failed(failure: Failure, keeper: VmKeeper) -> None:
+    log.failure("keeping {server} failed", failure, server=keeper.server_id)
 
 
 class KeeperService(service.MultiService):
@@ -51,11 +56,7 @@ class KeeperService(service.MultiService):
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for keeper in self.keepers:
             self._load_cookie(keeper)
-            keeper.run().addErrback(
-                lambda f, k=keeper: log.failure(
-                    "keeping {server} failed", f, server=k.server_id
-                )
-            )
+            keeper.run().addErrback(_keeping_failed, keeper)
 
     def stopService(self):
         # The VMs stay where they run, kept by their PEs for the lease.

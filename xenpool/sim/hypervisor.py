@@ -264,7 +264,7 @@ class SimulatedHypervisor:
         profiles = self.profiles
         try:
             if callable(profiles):
-                busy = profiles(name)
+                busy: Any = profiles(name)
             else:
                 busy = profiles[name]
                 if isinstance(busy, (tuple, list)):
