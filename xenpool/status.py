@@ -35,7 +35,7 @@ class JsonDocument(resource.Resource):
         super().__init__()
         self.document = document
 
-    def render_GET(self, request):
+    def render_GET(self, request: server.Request) -> bytes | int:
         request.setHeader(b"content-type", b"application/json")
         result = self.document()
         if not isinstance(result, defer.Deferred):

@@ -128,6 +128,8 @@ def wait_for_any(processes: list[Process], text: str, timeout: float = 20.0) -> 
 class Daemon(Process):
     """One `twistd -n` daemon, started and waited for until its log says ``ready``."""
 
+    status_port: int  # where its status page is, for a caller that records it
+
     def __init__(
         self,
         plugin: str,
