@@ -14,6 +14,7 @@ demo: bootstrap
 lint: bootstrap
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: bootstrap lint
 	@rm -f .coverage .coverage.*
