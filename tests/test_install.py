@@ -57,16 +57,17 @@ def run(
     return result
 
 
-def _ensure_build_tools(cwd: Path) -> None:
+def _ensure_build_tools(python: Path, cwd: Path) -> None:
     """--no-build-isolation builds with this venv's setuptools (and, before setuptools
-    70.1, wheel's bdist_wheel); the fresh venv sees them through the .pth file."""
+    70.1, wheel's bdist_wheel); the fresh venv sees them through the .pth file. Missing
+    ones go into the fresh venv ``python``, never into this one."""
     missing = [
         name
         for name in ("setuptools", "wheel")
         if importlib.util.find_spec(name) is None
     ]
     if missing:
-        run(sys.executable, "-m", "pip", "install", "--quiet", *missing, cwd=cwd)
+        run(python, "-m", "pip", "install", "--quiet", *missing, cwd=cwd)
 
 
 class Fresh(NamedTuple):
@@ -81,7 +82,6 @@ def _fresh_install(base: Path, *, editable: bool) -> Fresh:
         base / "elsewhere"
     )  # neither the checkout nor the venv: nothing on sys.path by accident
     cwd.mkdir()
-    _ensure_build_tools(cwd)
 
     venv = base / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=cwd)
@@ -92,6 +92,7 @@ def _fresh_install(base: Path, *, editable: bool) -> Fresh:
         [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
     )
     (site / "test-venv-site-packages.pth").write_text("".join(f"{p}\n" for p in ours))
+    _ensure_build_tools(python, cwd)
 
     # Install from a copy of the working tree: an in-tree build would write build/ and
     # xenpool.egg-info into the checkout (and reuse a stale build/lib).

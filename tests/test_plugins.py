@@ -314,16 +314,17 @@ def _pip(python: Path | str, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def _ensure_build_tools() -> None:
+def _ensure_build_tools(python: Path) -> None:
     """--no-build-isolation builds with this venv's own setuptools (and, before
-    setuptools 70.1, wheel's bdist_wheel)."""
+    setuptools 70.1, wheel's bdist_wheel); missing ones go into the throwaway venv
+    ``python``, never into this one."""
     missing = [
         name
         for name in ("setuptools", "wheel")
         if importlib.util.find_spec(name) is None
     ]
     if missing:
-        _pip(sys.executable, "install", "--quiet", *missing)
+        _pip(python, "install", "--quiet", *missing)
 
 
 class ThrowawayVenv(NamedTuple):
@@ -339,7 +340,6 @@ def ram_load_installed(tmp_path_factory) -> ThrowawayVenv:
     venv running the tests is never changed.
 
     Built from a copy so the build leaves no build/ or *.egg-info in the checkout."""
-    _ensure_build_tools()
     base = tmp_path_factory.mktemp("example")
     venv = base / "venv"
     subprocess.run(
@@ -362,6 +362,7 @@ def ram_load_installed(tmp_path_factory) -> ThrowawayVenv:
         + "; ".join(f"site.addsitedir({path!r})" for path in ours)
         + "\n"
     )
+    _ensure_build_tools(python)
     source = base / EXAMPLE.name
     shutil.copytree(
         EXAMPLE,
