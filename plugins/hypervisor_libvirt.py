@@ -28,7 +28,7 @@ undefine, and above all nothing a rebooted, fenced host could autostart while th
 elsewhere. The VM's definition lives with the pool user (the request and the cookie), not on
 a host.
 
-Free RAM follows the prototype (THESIS-NOTES, "PE behaviour"): total - hypervisor overhead
+Free RAM follows the prototype (docs/load-study.md, "The model"): total - hypervisor overhead
 (``overhead_mb`` + ``overhead_kb_per_mb`` per MB of total RAM; 12 MB + 7 KB/MB was the
 prototype's Xen) - the current memory of every active domain (Xen's Domain-0 included, as
 the domain with ID 0). ``conn.getFreeMemory()`` is not used: the test driver answers 0

@@ -79,7 +79,8 @@ NODE_MIN_RAM_MB = 16 * 1024
 RUNNING = 1  # VIR_DOMAIN_RUNNING
 
 TARGET_PE_CPU_PERCENT = 1.0
-# The prototype's management overhead, in percent of a dual-core host (THESIS-NOTES).
+# The prototype's management overhead, in percent of a dual-core host (measured on the
+# prototype, not here).
 PROTOTYPE_PERCENT_OF_DUAL_CORE = {"libvirt": 5.7, "command line": 12.9}
 
 
