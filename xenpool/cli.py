@@ -85,13 +85,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    url = f"http://{args.registrar}/handlespace"
+    if args.status_old and not args.status:
+        print(
+            "xenpool status: --registrar is deprecated here, use --status HOST:PORT",
+            file=sys.stderr,
+        )
+        args.status = args.status_old
+    if not args.status:
+        print("xenpool status: --status HOST:PORT is required", file=sys.stderr)
+        return 2
+    url = f"http://{args.status}/handlespace"
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as response:
             state = json.load(response)
     except (urllib.error.URLError, OSError, ValueError) as err:
         print(
-            f"xenpool status: --registrar {args.registrar}: {getattr(err, 'reason', err)}",
+            f"xenpool status: --status {args.status}: {getattr(err, 'reason', err)}",
             file=sys.stderr,
         )
         return 1
@@ -201,11 +210,12 @@ def parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="a registrar's pools and PEs as a table")
     st.add_argument(
-        "--registrar",
-        required=True,
+        "--status",
         metavar="HOST:PORT",
-        help="the registrar's --status endpoint",
+        help="the registrar's HTTP status port (its --status endpoint)",
     )
+    # the old name, before --registrar meant an ASAP endpoint everywhere else
+    st.add_argument("--registrar", dest="status_old", help=argparse.SUPPRESS)
     st.add_argument("--timeout", type=float, default=5.0)
     st.set_defaults(func=_cmd_status)
 

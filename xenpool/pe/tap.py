@@ -16,10 +16,12 @@ from ..config import (
     Setting,
     id32,
     json_log,
+    log_settings,
     make_options,
     non_negative_float,
     positive_float,
     positive_int,
+    registrar_endpoint,
     secret_file,
 )
 from ..discovery import listener_settings
@@ -68,15 +70,15 @@ SETTINGS = [
     Setting(
         "registrar",
         [],
-        str,
-        "a registrar's ASAP endpoint; tried in order (default: tcp:host=127.0.0.1:port=3863 unless --registrar-announce)",
+        registrar_endpoint,
+        "a registrar's ASAP endpoint, HOST:PORT or an endpoint string; tried in order (default: tcp:host=127.0.0.1:port=3863 unless --registrar-announce)",
         multiple=True,
     ),
     *listener_settings(),
     Setting(
         "voter",
         [],
-        str,
+        registrar_endpoint,
         "a registrar that votes on who may start a VM (its ASAP endpoint); a start needs a lease from a majority "
         "of them; give every PE the same list (default: the --registrar list)",
         multiple=True,
@@ -249,6 +251,7 @@ SETTINGS = [
     Setting(
         "logfile", None, str, "also write structured logs to this file as JSON lines"
     ),
+    *log_settings(),
 ]
 
 
@@ -343,7 +346,7 @@ def makeService(options: Options):
     from .service import HypervisorService, PoolElementService
 
     s = options.settings
-    json_log(s["logfile"])
+    json_log(s, "xenpool-pe")
     hypervisor = options.plugins.create(
         "hypervisor",
         "libvirt",

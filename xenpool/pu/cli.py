@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 
-from .. import discovery
+from .. import config, discovery
 from ..config import ipv4_address
 from ..discovery import multicast_address
 from ..protocol import session as S
@@ -22,14 +22,10 @@ from .core import PuSettings, State, VmKeeper
 
 def registrar_endpoint(text: str) -> str:
     """HOST:PORT (or [IPv6]:PORT, or a Twisted endpoint string) -> endpoint string."""
-    if text.startswith(("tcp:", "tcp6:", "ssl:", "unix:", "sctp:")):
-        return text
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    host = host.strip("[]")
-    kind = "tcp6" if ":" in host else "tcp"
-    return f"{kind}:host={host.replace(':', chr(92) + ':')}:port={port}"
+    try:
+        return config.registrar_endpoint(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def positive(kind):

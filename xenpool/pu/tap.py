@@ -10,17 +10,25 @@ from __future__ import annotations
 from twisted.python import usage
 
 from .. import discovery
-from ..config import Setting, json_log, make_options, positive_float, read_ini
+from ..config import (
+    Setting,
+    json_log,
+    log_settings,
+    make_options,
+    positive_float,
+    read_ini,
+    registrar_endpoint,
+    writable_dir,
+)
 from ..discovery import listener_settings
 from ..protocol import messages as M
 from ..protocol import session as S
-from .cli import registrar_endpoint
 
 SETTINGS = [
     Setting(
         "registrar",
         [],
-        str,
+        registrar_endpoint,
         "a registrar's ASAP endpoint, may repeat (default: 127.0.0.1:3863 unless --registrar-announce)",
         multiple=True,
     ),
@@ -49,6 +57,7 @@ SETTINGS = [
     Setting(
         "logfile", None, str, "also write structured logs to this file as JSON lines"
     ),
+    *log_settings(),
 ]
 
 
@@ -104,9 +113,11 @@ class Options(
         if not self["config"]:
             self["config"] = self["keep"]  # the keep file may carry a [keeper] section
         super().postOptions()
-        self.settings["registrar"] = [
-            registrar_endpoint(r) for r in self.settings["registrar"]
-        ]
+        writable_dir(
+            "state-dir",
+            self.settings["state-dir"],
+            "each VM's last cookie is kept there",
+        )
 
 
 def makeService(options: Options):
@@ -117,7 +128,7 @@ def makeService(options: Options):
     from .keeper import KeeperService
 
     s = options.settings
-    json_log(s["logfile"])
+    json_log(s, "xenpool-pu")
     settings = PuSettings(
         pool_handle=s["pool"].encode(),
         heartbeat_interval_s=s["heartbeat-interval"],

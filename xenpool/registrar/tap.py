@@ -18,6 +18,7 @@ from ..config import (
     id32,
     ipv4_address,
     json_log,
+    log_settings,
     make_options,
     non_negative_float,
     pool_secret,
@@ -59,6 +60,7 @@ SETTINGS = [
     Setting(
         "logfile", None, str, "also write structured logs to this file as JSON lines"
     ),
+    *log_settings(),
     Setting(
         "registrar-id",
         None,
@@ -217,7 +219,7 @@ def makeService(options: usage.Options):
     from .service import Metrics, RegistrarService, Voting
 
     s = options.settings
-    json_log(s["logfile"])
+    json_log(s, "xenpool-registrar")
     plugins = load_plugins()
     policies = {}
     for name in plugins.names("policy"):
