@@ -281,3 +281,86 @@ def test_each_daemons_options_load_from_the_installed_copy(fresh, daemon):
     daemon_help = f"import sys; from twisted.scripts.twistd import run; sys.argv = ['twistd', {daemon!r}, '--help']; run()"
     out = run(venv / "bin" / "python", "-c", daemon_help, cwd=cwd).stdout
     assert f"Usage: twistd [options] {daemon} [options]" in out, out
+
+
+def _twistd(venv: Path) -> list[str]:
+    """twistd run by the fresh venv's python (its bin/ has no twistd: Twisted comes
+    from this venv through the .pth file)."""
+    return [
+        str(venv / "bin" / "python"),
+        "-c",
+        "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+    ]
+
+
+def test_the_domain_templates_and_sample_configs_are_installed(fresh):
+    venv, site, cwd, source = fresh
+    shipped = site / "xenpool" / "etc"
+    for name in ("domain-test.xml", "domain-kvm.xml", "domain-xen.xml", "pe.conf"):
+        assert (shipped / name).is_file(), name
+    where = (
+        "import xenpool_plugins.hypervisor_libvirt as h; print(h.template_dirs()[-1])"
+    )
+    out = run(venv / "bin" / "python", "-c", where, cwd=cwd).stdout.strip()
+    assert Path(out) == shipped
+
+
+def test_a_pe_from_a_non_editable_install_starts_a_vm(fresh, tmp_path):
+    from xenpool.protocol import session as S
+    from xenpool.tools.processes import Daemon
+
+    from .daemons import SessionClient, free_port
+
+    venv, site, cwd, source = fresh
+    asap, port = free_port(), free_port()
+    registrar = Daemon(
+        "xenpool-registrar",
+        f"--asap=tcp:{asap}:interface=127.0.0.1",
+        f"--state-dir={tmp_path}",
+        ready="registrar",
+        cwd=cwd,
+        twistd=_twistd(venv),
+    )
+    try:
+        pe = Daemon(
+            "xenpool-pe",
+            f"--registrar=127.0.0.1:{asap}",
+            f"--port={port}",
+            "--bind=127.0.0.1",
+            "--libvirt-uri=test:///default",
+            ready="registered in pool Xen",
+            cwd=cwd,
+            twistd=_twistd(venv),
+        )
+        try:
+            pu = SessionClient(port)
+            pu.send(S.CreateServer("installed1", "", (), 64))
+            result = pu.receive_until(S.CreateResult)[-1]
+            assert result.code == S.ResultCode.STARTED, result
+            pu.close()
+        finally:
+            pe.stop()
+    finally:
+        registrar.stop()
+
+
+def test_a_pe_without_its_domain_template_refuses_to_start(fresh, tmp_path):
+    venv, site, cwd, source = fresh
+    result = subprocess.run(
+        [
+            *_twistd(venv),
+            "-n",
+            "--pidfile=",
+            "xenpool-pe",
+            "--libvirt-uri=test:///default",
+            f"--domain-template={tmp_path / 'missing.xml'}",
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("xenpool-pe: --domain-template:") and "missing.xml" in line

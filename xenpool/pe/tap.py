@@ -347,15 +347,17 @@ def makeService(options: Options):
 
     s = options.settings
     json_log(s, "xenpool-pe")
-    hypervisor = options.plugins.create(
-        "hypervisor",
-        "libvirt",
-        uri=s["libvirt-uri"],
-        domain_template=s["domain-template"],
-    )
     try:
+        hypervisor = options.plugins.create(
+            "hypervisor",
+            "libvirt",
+            uri=s["libvirt-uri"],
+            domain_template=s["domain-template"],
+        )
         node = hypervisor.node_info()  # blocking, once, before the reactor runs
     except Exception as err:
+        if "domain template" in str(err):
+            raise usage.UsageError(f"--domain-template: {err}") from None
         raise usage.UsageError(f"--libvirt-uri {s['libvirt-uri']}: {err}") from None
     load_settings = LoadSettings(
         sample_interval_s=s["load-interval"],
