@@ -350,7 +350,7 @@ def test_xenpool_pu_create_keeps_the_vm_and_ctrl_c_stops_it(pool):
     proc = pu.proc
     try:
         pu.wait_for("cli1: running: on PE")
-        pu.wait_for("cli1: running: domain state 1")
+        pu.wait_for("cli1: running: domain running")
         host = next(
             n
             for n, pe in pes.items()

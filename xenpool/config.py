@@ -48,6 +48,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def yes_no(text: str) -> bool:
+    """``yes``/``no`` (true/false, on/off, 1/0)."""
+    if text.lower() in ("yes", "true", "on", "1"):
+        return True
+    if text.lower() in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"expected yes or no, got {text!r}")
+
+
 def id32(text: str) -> int:
     value = int(text, 0)
     if not 0 < value <= 0xFFFFFFFF:

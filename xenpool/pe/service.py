@@ -13,6 +13,7 @@ from twisted.web import server
 
 from .. import eager_write
 from ..discovery import FailoverEndpoint, Registrars
+from ..interfaces import state_name
 from ..logs import hex_id, pool_name
 from ..protocol import framing
 from ..protocol import messages as M
@@ -421,7 +422,7 @@ def _status(pe: PoolElementService) -> defer.Deferred:
     def domains(found) -> dict:
         # what the hypervisor itself reports, next to what the PE accounts for
         status["domains"] = {
-            name: {"state": state, "ram_kb": ram_kb}
+            name: {"state": state, "state_name": state_name(state), "ram_kb": ram_kb}
             for name, (state, ram_kb) in found.items()
         }
         return status

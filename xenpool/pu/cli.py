@@ -142,11 +142,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         S.check_create(request)
     except ProtocolError as err:
+        option = {"ips": "ip", "ram_mb": "ram"}.get(err.field, err.field)
         print(
-            f"xenpool-pu: --{err.field.replace('_', '-')}: {err.reason}",
+            f"xenpool-pu: --{option.replace('_', '-')}: {err.reason}",
             file=sys.stderr,
         )
         return 2
+    if args.disk:
+        from ..interfaces import DiskSpecError
+        from ..pe.disks import storage_for
+        from ..plugins import PluginError, load_plugins
+
+        try:  # parsed only: whether the disk is reachable is the PE's to check
+            storage_for(load_plugins(), args.disk)
+        except (DiskSpecError, PluginError) as err:
+            print(f"xenpool-pu: --disk: {err}", file=sys.stderr)
+            return 2
     from twisted.internet import reactor
 
     from ..asap_client import TcpPoolAccess

@@ -88,6 +88,15 @@ def read_vms(path: str) -> list[S.CreateServer]:
             raise usage.UsageError(f"--keep: [{section}]: ram is missing") from None
         except ValueError as err:
             raise usage.UsageError(f"--keep: [{section}]: {err}") from None
+        if request.disk:
+            from ..interfaces import DiskSpecError
+            from ..pe.disks import storage_for
+            from ..plugins import PluginError, load_plugins
+
+            try:  # parsed only: a spec no storage plugin takes is refused here
+                storage_for(load_plugins(), request.disk)
+            except (DiskSpecError, PluginError) as err:
+                raise usage.UsageError(f"--keep: [{section}]: disk: {err}") from None
         vms.append(request)
     if not vms:
         raise usage.UsageError(f"--keep: {path} has no [vm NAME] section")
@@ -147,4 +156,16 @@ def makeService(options: Options):
     )
     if announce_listener is not None:
         announce_listener.setServiceParent(keeper)
+    from twisted.logger import Logger
+
+    Logger().info(
+        "xenpool-pu keeper for pool {pool}: {count} VMs ({names}), registrars {registrars}, "
+        "state in {state_dir}, status {status}",
+        pool=s["pool"],
+        count=len(options.vms),
+        names=", ".join(vm.server_id for vm in options.vms),
+        registrars=" ".join(s["registrar"]) or "default",
+        state_dir=s["state-dir"],
+        status=s["status"] or "none",
+    )
     return keeper
