@@ -317,7 +317,7 @@ def test_a_pe_from_a_non_editable_install_starts_a_vm(fresh, tmp_path):
         "xenpool-registrar",
         f"--asap=tcp:{asap}:interface=127.0.0.1",
         f"--state-dir={tmp_path}",
-        ready="registrar",
+        ready="started",
         cwd=cwd,
         twistd=_twistd(venv),
     )

@@ -1,6 +1,6 @@
 """``xenpool-pu create ...``: ask the pool for a VM and keep it, in this terminal.
 
-Exit status: 0 the VM was stopped cleanly (Ctrl-C), 2 bad command line, 3 the pool
+Exit status: 0 the VM was stopped cleanly (Ctrl-C or SIGTERM), 2 bad command line, 3 the pool
 refused it for good (it runs elsewhere already, or the request is invalid), 1 anything
 else.
 """
@@ -181,29 +181,50 @@ def main(argv: list[str] | None = None) -> int:
     keeper.events.on_state = show
     outcome: list[State] = []
 
+    stopping: list[int] = []  # the signals received
+    # "left": a second signal left the VM running; "stopped": reactor.stop() was called
+    # (a second call would raise ReactorNotRunning from the keeper's last callback)
+    flags = {"left": False, "stopped": False}
+
+    def stop_reactor() -> None:
+        if not flags["stopped"]:
+            flags["stopped"] = True
+            reactor.stop()
+
     def finished(state: State) -> None:
         outcome.append(state)
-        reactor.stop()
+        stop_reactor()
 
     def failed(failure) -> None:
         print(f"xenpool-pu: {failure.getErrorMessage()}", file=sys.stderr)
-        reactor.stop()
+        stop_reactor()
 
     def interrupted(signum, frame) -> None:
+        # SIGTERM (systemd, kill) stops the VM as Ctrl-C does; a second one leaves it
+        if stopping:
+            print(
+                f"\n{args.server_id}: left running; its PE keeps it for its --lease",
+                flush=True,
+            )
+            flags["left"] = True
+            reactor.callFromThread(stop_reactor)
+            return
+        stopping.append(signum)
+        again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
         print(
-            f"\n{args.server_id}: stopping the VM (Ctrl-C again to leave it running)",
+            f"\n{args.server_id}: stopping the VM ({again} again to leave it running)",
             flush=True,
         )
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         reactor.callFromThread(keeper.stop)
 
     def start() -> None:
         signal.signal(signal.SIGINT, interrupted)
+        signal.signal(signal.SIGTERM, interrupted)
         keeper.run().addCallbacks(finished, failed)
 
     reactor.callWhenRunning(start)
     reactor.run(installSignalHandlers=False)
-    if not outcome:
+    if not outcome or flags["left"]:
         return 1
     return {State.STOPPED: 0, State.REFUSED: 3}.get(outcome[0], 1)
 
