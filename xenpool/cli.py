@@ -52,6 +52,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
                 f"{p.factory.__module__}.{p.factory.__qualname__}",
             )
     Console().print(table)
+    for why in plugins.broken.values():  # a broken third-party plugin hides only itself
+        print(f"xenpool plugins: warning: {why}; disabled", file=sys.stderr)
     return 0
 
 
