@@ -441,3 +441,84 @@ def test_a_second_ctrl_c_leaves_the_vm_without_a_traceback(pool):
     finally:
         pe.proc.send_signal(signal.SIGCONT)
         pu.stop()
+
+
+# -- Prometheus metrics ------------------------------------------------------------------
+
+
+def promtool_check(text: str) -> None:
+    """``promtool check metrics``: Prometheus' own linter of the exposition format."""
+    import shutil
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is missing (Debian package prometheus)")
+    result = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def get_text(port: int, path: str) -> str:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{port}{path}", timeout=10
+    ) as response:
+        return response.read().decode()
+
+
+def test_metrics_follow_prometheus_conventions(pool, tmp_path):
+    registrar, pes = pool
+    keep = tmp_path / "vms.conf"
+    keep.write_text("[vm op-metrics]\nram = 32\n")
+    keeper_status = free_port()
+    keeper = Daemon(
+        "xenpool-pu",
+        f"--keep={keep}",
+        f"--registrar=127.0.0.1:{registrar.asap}",
+        f"--state-dir={tmp_path / 'state'}",
+        f"--status=tcp:{keeper_status}:interface=127.0.0.1",
+        "--heartbeat-interval=0.2",
+        ready="op-metrics: running",
+        cwd=tmp_path,
+    )
+    try:
+        pages = {
+            "registrar": get_text(registrar.status, "/metrics"),
+            "pe": get_text(pes[1].status, "/metrics"),
+            "keeper": get_text(keeper_status, "/metrics"),
+        }
+    finally:
+        keeper.stop()
+    for name, text in pages.items():
+        promtool_check(text)
+        assert "_created" not in text, name
+        assert "_kb" not in text and "_mb" not in text, name  # bytes, not KB or MB
+        counters = [
+            line.split()[2]
+            for line in text.splitlines()
+            if line.startswith("# TYPE") and line.endswith(" counter")
+        ]
+        assert counters, name
+        for line in text.splitlines():
+            sample = line.split("{")[0].split(" ")[0]
+            if not line.startswith("#") and sample.startswith(tuple(counters)):
+                assert sample.endswith("_total"), line
+    assert 'xenpool_pe_load{pe="0x' in pages["registrar"]  # per-PE load, by pool
+    assert 'pool="Xen"' in pages["registrar"]
+    for name in (
+        "xenpool_pe_fence_attempts_total 0.0",
+        "xenpool_pe_fence_failures_total 0.0",
+        "xenpool_pe_free_ram_bytes",
+        "# TYPE xenpool_pe_refusals_total counter",  # by code: test_pe_e2e
+    ):
+        assert name in pages["pe"], name
+    for name in (
+        'xenpool_keeper_vms{state="running"} 1.0',
+        'xenpool_keeper_failovers_total{server_id="op-metrics"} 0.0',
+        "xenpool_keeper_failover_duration_seconds_count 0.0",
+    ):
+        assert name in pages["keeper"], name

@@ -145,6 +145,8 @@ class PoolElementCore(Rebalancing):
         self.fencer = fencer
         # VMs whose failover was refused for want of --stonith: warned once each
         self.unfenced_warned: set[str] = set()
+        self.fence_attempts = 0  # fences asked of the stonith provider
+        self.fence_failures = 0  # ... and those that failed (nothing was started)
         self.claims = claims
         self._init_rebalancing()
         self.starting: dict[str, S.CreateServer] = {}  # claimed, start in progress
@@ -459,9 +461,11 @@ class PoolElementCore(Rebalancing):
                 S.ResultCode.FENCE_FAILED,
                 f"{server_id} may still run on {host}; {NO_STONITH}",
             )
+        self.fence_attempts += 1
         try:
             await self.fencer.fence(host, target.pe_identifier)
         except Exception as err:
+            self.fence_failures += 1
             log.critical(
                 "FENCING {host} FAILED, {server} NOT STARTED: {err}",
                 host=host,

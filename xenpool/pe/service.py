@@ -455,21 +455,36 @@ class _PeCollector:
         components.add_metric(["ram"], sample.ram)
         yield components
         yield GaugeMetricFamily(
-            "xenpool_pe_free_ram_kb",
+            "xenpool_pe_free_ram_bytes",
             "RAM free for new VMs",
-            value=status["free_ram_kb"],
+            value=status["free_ram_kb"] * 1024,
         )
         yield GaugeMetricFamily(
             "xenpool_pe_sessions", "PU sessions", value=status["sessions"]
         )
         vms = GaugeMetricFamily(
-            "xenpool_pe_vm_ram_mb", "RAM of each VM", labels=["server_id", "running"]
+            "xenpool_pe_vm_ram_bytes", "RAM of each VM", labels=["server_id", "running"]
         )
         for vm in status["vms"]:
-            vms.add_metric([vm["server_id"], str(vm["running"]).lower()], vm["ram_mb"])
+            vms.add_metric(
+                [vm["server_id"], str(vm["running"]).lower()], vm["ram_mb"] * 2**20
+            )
         yield vms
+        core = self.pe.core
+        yield CounterMetricFamily(
+            "xenpool_pe_fence_attempts",
+            "Fences of another host asked of the stonith provider before a failover",
+            value=core.fence_attempts,
+        )
+        yield CounterMetricFamily(
+            "xenpool_pe_fence_failures",
+            "Fences that failed (the VM was not started)",
+            value=core.fence_failures,
+        )
         refusals = CounterMetricFamily(
-            "xenpool_pe_refusals", "Requests refused, by code", labels=["code"]
+            "xenpool_pe_refusals",
+            "Starts (create requests and failovers) refused, by code",
+            labels=["code"],
         )
         for code, count in status["refusals"].items():
             refusals.add_metric([code], count)
