@@ -57,6 +57,37 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_examples(args: argparse.Namespace) -> int:
+    """Copy the shipped sample configs, node files and domain templates to a directory."""
+    import importlib.resources
+    from pathlib import Path
+
+    target = Path(args.directory)
+    shipped = [
+        f
+        for f in importlib.resources.files("xenpool.etc").iterdir()
+        if f.name.endswith((".conf", ".xml"))
+    ]
+    existing = [f.name for f in shipped if (target / f.name).exists()]
+    if existing:
+        print(
+            f"xenpool examples: {target} has {', '.join(sorted(existing))} already; nothing copied",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for f in sorted(shipped, key=lambda f: f.name):
+            (target / f.name).write_bytes(f.read_bytes())
+    except OSError as err:
+        print(f"xenpool examples: {target}: {err.strerror}", file=sys.stderr)
+        return 1
+    print(
+        f"{len(shipped)} files in {target}: {', '.join(sorted(f.name for f in shipped))}"
+    )
+    return 0
+
+
 def _cmd_decode(args: argparse.Namespace) -> int:
     from .protocol import messages, session
     from .protocol.errors import ProtocolError
@@ -206,6 +237,12 @@ def parser() -> argparse.ArgumentParser:
         help="instead, walk through the wire protocol",
     )
     demo.set_defaults(func=_cmd_demo)
+    ex = sub.add_parser(
+        "examples",
+        help="copy the sample configs and domain templates xenpool ships to DIRECTORY",
+    )
+    ex.add_argument("directory")
+    ex.set_defaults(func=_cmd_examples)
     sub.add_parser("plugins", help="list installed plugins").set_defaults(
         func=_cmd_plugins
     )
