@@ -453,3 +453,20 @@ def test_the_readmes_running_a_pool_commands_work_from_a_non_editable_install(
         for daemon in reversed(daemons):
             daemon.stop()
     assert not (work / "twistd.pid").exists()
+
+
+def test_xenpool_examples_copies_the_shipped_configs(fresh, tmp_path):
+    venv, site, cwd, source = fresh
+    out = run(venv / "bin" / "xenpool", "examples", tmp_path / "etc", cwd=cwd).stdout
+    assert "9 files" in out
+    for name in ("registrar.conf", "pe.conf", "vms.conf", "domain-test.xml"):
+        assert (tmp_path / "etc" / name).read_bytes() == (
+            site / "xenpool" / "etc" / name
+        ).read_bytes()
+    again = subprocess.run(
+        [venv / "bin" / "xenpool", "examples", tmp_path / "etc"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 1 and "nothing copied" in again.stderr
