@@ -2,18 +2,6 @@
 
 from __future__ import annotations
 
-from twisted.logger import globalLogPublisher, jsonFileLogObserver
-
-
-def log_json_to(path: str) -> None:
-    """Append every log event to ``path``, one JSON object per line (twisted.logger's
-    format: ``eventsFromJSONLogFile`` reads it back)."""
-    try:
-        output = open(path, "a", encoding="utf-8")
-    except OSError as err:
-        raise ValueError(f"cannot open {path}: {err.strerror}") from None
-    globalLogPublisher.addObserver(jsonFileLogObserver(output))
-
 
 # Log fields are plain values, formatted before logging: a JSON log observer flattens
 # events and format specs such as {id:#010x} would be lost in the text log.
