@@ -156,13 +156,30 @@ def ensure_event_loop() -> None:
 
 def template_dirs() -> list[Path]:
     """Where domain templates are looked up, first match wins: ``$XENPOOL_ETC``, the source
-    tree's etc/xenpool (editable installs and checkouts), /etc/xenpool."""
+    tree's etc/xenpool (editable installs and checkouts), /etc/xenpool, and the ones
+    shipped in the package (``xenpool.etc``, a non-editable install)."""
     dirs = []
     if os.environ.get("XENPOOL_ETC"):
         dirs.append(Path(os.environ["XENPOOL_ETC"]))
-    dirs.append(Path(__file__).resolve().parent.parent / "etc" / "xenpool")
+    source = Path(__file__).resolve().parent.parent / "etc" / "xenpool"
+    if source.is_dir():
+        dirs.append(source)
     dirs.append(Path("/etc/xenpool"))
+    shipped = shipped_dir()
+    if shipped is not None and shipped not in dirs:
+        dirs.append(shipped)
     return dirs
+
+
+def shipped_dir() -> Path | None:
+    """The directory of the package data ``xenpool.etc`` (None if it is not installed)."""
+    import importlib.resources
+
+    try:
+        path = Path(str(importlib.resources.files("xenpool.etc")))
+    except (ModuleNotFoundError, TypeError):
+        return None
+    return path.resolve() if path.is_dir() else None
 
 
 def stable_uuid(name: str) -> str:
@@ -420,8 +437,12 @@ class LibvirtHypervisor:
         return self._defer(self._node)
 
     def node_info(self) -> NodeInfo:
-        """``IHypervisor.node_info``: the node, blocking (connects if needed)."""
-        return self._node()
+        """``IHypervisor.node_info``: the node, blocking (connects if needed). Also checks
+        that this driver's domain template can be read: a PE calls this once at start, and
+        refuses to start without a template rather than fail every create."""
+        node = self._node()
+        self._template()
+        return node
 
     def free_ram_kb(self) -> defer.Deferred:
         """KB left for new guests (never below 0)."""

@@ -236,6 +236,7 @@ def test_failover_fences_the_old_host_first(pe, clock):
     pe.handle(M.CookieEcho(C.seal(state, SECRET)), session)
     assert pe.fencer.fenced == ["pe2", "started"]  # the fence came before the start
     assert session.results()[0].code == S.ResultCode.STARTED
+    assert (pe.fence_attempts, pe.fence_failures) == (1, 0)  # for /metrics
 
 
 def test_a_failed_fence_means_no_start(pe, clock):
@@ -248,6 +249,7 @@ def test_a_failed_fence_means_no_start(pe, clock):
     (result,) = session.results()
     assert result.code == S.ResultCode.FENCE_FAILED and "status on" in result.reason
     assert "web9" not in pe.hypervisor.domains
+    assert (pe.fence_attempts, pe.fence_failures) == (1, 1)  # for /metrics
 
 
 def test_status_description(pe):

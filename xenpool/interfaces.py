@@ -244,6 +244,21 @@ class IStorage(Interface):
 NOSTATE, RUNNING, BLOCKED, PAUSED, SHUTDOWN, SHUTOFF, CRASHED, PMSUSPENDED = range(8)
 #: States of a domain that exists and may run: it is "running" for a PE.
 NORMAL_STATES = {NOSTATE, RUNNING, BLOCKED, PAUSED}
+STATE_NAMES = (
+    "nostate",
+    "running",
+    "blocked",
+    "paused",
+    "shutdown",
+    "shutoff",
+    "crashed",
+    "pmsuspended",
+)
+
+
+def state_name(state: int) -> str:
+    """A libvirt domain state by name (``running``, not 1), for logs and status output."""
+    return STATE_NAMES[state] if 0 <= state < len(STATE_NAMES) else f"state {state}"
 
 
 @dataclass(frozen=True, slots=True)

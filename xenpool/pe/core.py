@@ -24,6 +24,7 @@ from ..interfaces import (
     NOSTATE,
     RUNNING,
     SHUTOFF,
+    DiskSpecError,
     DomainSpec,
 )
 from ..logs import hex_id
@@ -38,6 +39,8 @@ from .moves import Rebalancing
 from .sessions import Session, VmSession
 
 log = Logger()
+#: Why a PE without a stonith provider refuses failovers (in its warning and answer).
+NO_STONITH = "this PE has no --stonith to fence the old host with (give it --stonith and --stonith-option)"
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,10 @@ class PoolElementCore(Rebalancing):
         )
         self.load_changed = load_changed
         self.fencer = fencer
+        # VMs whose failover was refused for want of --stonith: warned once each
+        self.unfenced_warned: set[str] = set()
+        self.fence_attempts = 0  # fences asked of the stonith provider
+        self.fence_failures = 0  # ... and those that failed (nothing was started)
         self.claims = claims
         self._init_rebalancing()
         self.starting: dict[str, S.CreateServer] = {}  # claimed, start in progress
@@ -251,7 +258,9 @@ class PoolElementCore(Rebalancing):
         self, session: Session, server_id: str, code: int, reason: str
     ) -> None:
         self.refusals[code] = self.refusals.get(code, 0) + 1
-        log.info(
+        # a failover refused for want of --stonith was warned about once for this VM
+        quiet = code == S.ResultCode.FENCE_FAILED and NO_STONITH in reason
+        (log.debug if quiet else log.info)(
             "refused {server}: {code} {reason}",
             server=server_id,
             code=int(code),
@@ -440,13 +449,23 @@ class PoolElementCore(Rebalancing):
     async def _fence(self, target: S.Holder, server_id: str) -> tuple[int, str] | None:
         host = target.host
         if self.fencer is None:
+            if server_id not in self.unfenced_warned:
+                self.unfenced_warned.add(server_id)
+                log.warn(
+                    "{server} may still run on {host}: failover refused, {why}",
+                    server=server_id,
+                    host=host,
+                    why=NO_STONITH,
+                )
             return (
                 S.ResultCode.FENCE_FAILED,
-                f"{server_id} may still run on {host} and no fencing is configured",
+                f"{server_id} may still run on {host}; {NO_STONITH}",
             )
+        self.fence_attempts += 1
         try:
             await self.fencer.fence(host, target.pe_identifier)
         except Exception as err:
+            self.fence_failures += 1
             log.critical(
                 "FENCING {host} FAILED, {server} NOT STARTED: {err}",
                 host=host,
@@ -521,9 +540,13 @@ class PoolElementCore(Rebalancing):
             disk_xml = await self.disk_xml(request.disk)
         except Exception as err:
             self._forget(session)
-            return self._answer_failure(
-                session, request.server_id, S.ResultCode.DISK_UNREACHABLE, str(err)
+            # a spec no storage plugin takes is an invalid request, not an unreachable disk
+            code = (
+                S.ResultCode.INVALID_REQUEST
+                if isinstance(err, DiskSpecError)
+                else S.ResultCode.DISK_UNREACHABLE
             )
+            return self._answer_failure(session, request.server_id, code, str(err))
         if self.sessions.get(session) is not vm:
             # Its PU went away while the disk was checked: the session ended with nothing
             # started (its RAM and lease are given back), so nothing may start now, or the

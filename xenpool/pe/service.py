@@ -14,6 +14,7 @@ from twisted.web import server
 
 from .. import eager_write
 from ..discovery import FailoverEndpoint, Registrars
+from ..interfaces import state_name
 from ..logs import hex_id, pool_name
 from ..protocol import framing
 from ..protocol import messages as M
@@ -429,7 +430,7 @@ def _status(pe: PoolElementService) -> defer.Deferred:
     def domains(found) -> dict:
         # what the hypervisor itself reports, next to what the PE accounts for
         status["domains"] = {
-            name: {"state": state, "ram_kb": ram_kb}
+            name: {"state": state, "state_name": state_name(state), "ram_kb": ram_kb}
             for name, (state, ram_kb) in found.items()
         }
         return status
@@ -462,21 +463,36 @@ class _PeCollector:
         components.add_metric(["ram"], sample.ram)
         yield components
         yield GaugeMetricFamily(
-            "xenpool_pe_free_ram_kb",
+            "xenpool_pe_free_ram_bytes",
             "RAM free for new VMs",
-            value=status["free_ram_kb"],
+            value=status["free_ram_kb"] * 1024,
         )
         yield GaugeMetricFamily(
             "xenpool_pe_sessions", "PU sessions", value=status["sessions"]
         )
         vms = GaugeMetricFamily(
-            "xenpool_pe_vm_ram_mb", "RAM of each VM", labels=["server_id", "running"]
+            "xenpool_pe_vm_ram_bytes", "RAM of each VM", labels=["server_id", "running"]
         )
         for vm in status["vms"]:
-            vms.add_metric([vm["server_id"], str(vm["running"]).lower()], vm["ram_mb"])
+            vms.add_metric(
+                [vm["server_id"], str(vm["running"]).lower()], vm["ram_mb"] * 2**20
+            )
         yield vms
+        core = self.pe.core
+        yield CounterMetricFamily(
+            "xenpool_pe_fence_attempts",
+            "Fences of another host asked of the stonith provider before a failover",
+            value=core.fence_attempts,
+        )
+        yield CounterMetricFamily(
+            "xenpool_pe_fence_failures",
+            "Fences that failed (the VM was not started)",
+            value=core.fence_failures,
+        )
         refusals = CounterMetricFamily(
-            "xenpool_pe_refusals", "Requests refused, by code", labels=["code"]
+            "xenpool_pe_refusals",
+            "Starts (create requests and failovers) refused, by code",
+            labels=["code"],
         )
         for code, count in status["refusals"].items():
             refusals.add_metric([code], count)

@@ -23,6 +23,7 @@ from twisted.internet.defer import DeferredQueue
 from twisted.logger import Logger
 
 from ..asap_client import LOST
+from ..interfaces import state_name
 from ..logs import hex_id
 from ..protocol import cookie as C
 from ..protocol import messages as M
@@ -455,7 +456,7 @@ class VmKeeper:
             last_answer = self.clock.seconds()
             if answer.state != self.domain_state:
                 self.domain_state = answer.state
-                self._set(State.RUNNING, f"domain state {answer.state}")
+                self._set(State.RUNNING, f"domain {state_name(answer.state)}")
             session.heartbeat_pause = task.deferLater(
                 self.clock, self.settings.heartbeat_interval_s, lambda: None
             )

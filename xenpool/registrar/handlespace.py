@@ -129,8 +129,11 @@ class Handlespace:
         max_bad_pe_reports: int = DEFAULT_MAX_BAD_PE_REPORTS,
         max_resolution_items: int = DEFAULT_MAX_RESOLUTION_ITEMS,
         pool_secrets: dict[bytes, bytes] | None = None,
+        require_secret: bool = False,
     ) -> None:
         self.registrar_id = registrar_id
+        # every pool needs a secret: a registration for a pool without one is refused
+        self.require_secret = require_secret
         self.policies = policies
         self.rng = rng or random.Random()
         self.max_bad_pe_reports = max_bad_pe_reports
@@ -150,6 +153,12 @@ class Handlespace:
         """A pool with a secret takes only PEs that prove they know it (cause 10)."""
         secret = self.pool_secrets.get(handle)
         if secret is None:
+            if self.require_secret:
+                raise HandlespaceError(
+                    Cause.SECURITY_REJECTION,
+                    f"pool {handle!r} has no secret at this registrar, which requires one "
+                    "(--require-pool-secret; give it --pool-secret POOL:FILE)",
+                )
             return
         if mac is None or not hmac.compare_digest(
             mac, P.registration_mac(secret, handle, element)

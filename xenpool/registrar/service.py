@@ -544,9 +544,21 @@ class Metrics:
         family = GaugeMetricFamily(
             "xenpool_pool_elements", "PEs per pool", labels=["pool"]
         )
+        load = GaugeMetricFamily(
+            "xenpool_pe_load",
+            "Each PE's load as it last registered (0 to 1)",
+            labels=["pool", "pe"],
+        )
         for handle, pool in self.handlespace.pools.items():
-            family.add_metric([handle.decode("utf-8", "replace")], len(pool.entries))
+            name = handle.decode("utf-8", "replace")
+            family.add_metric([name], len(pool.entries))
+            for entry in pool.entries.values():
+                load.add_metric(
+                    [name, f"{entry.element.identifier:#010x}"],
+                    P.load_from_wire(entry.element.policy.load),
+                )
         yield family
+        yield load
         # Counted by the handlespace: a Counter per answer would cost more than a cached answer.
         yield CounterMetricFamily(
             "xenpool_handle_resolutions",
