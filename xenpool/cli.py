@@ -77,45 +77,6 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    import json
-    import urllib.error
-    import urllib.request
-
-    from rich.console import Console
-    from rich.table import Table
-
-    url = f"http://{args.registrar}/handlespace"
-    try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as response:
-            state = json.load(response)
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        print(
-            f"xenpool status: --registrar {args.registrar}: {getattr(err, 'reason', err)}",
-            file=sys.stderr,
-        )
-        return 1
-    table = Table(
-        title=f"registrar {state['registrar_id']:#010x}: {sum(len(p['pool_elements']) for p in state['pools'])} PEs"
-    )
-    for column in ("pool", "PE", "home", "transport", "policy", "load", "updated"):
-        table.add_column(column)
-    for pool in state["pools"]:
-        for pe in pool["pool_elements"]:
-            t = pe["transport"]
-            table.add_row(
-                pool["handle"],
-                f"{pe['identifier']:#010x}",
-                f"{pe['home_registrar']:#010x}",
-                f"{t['kind']} {','.join(t['addresses'])}:{t['port']}",
-                str(pe["policy"]),
-                f"{pe['load']:.0%}",
-                f"{pe['seconds_since_update']:.1f} s ago",
-            )
-    Console().print(table)
-    return 0
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .tools import bench_codec
 
@@ -199,15 +160,9 @@ def parser() -> argparse.ArgumentParser:
         func=_cmd_plugins
     )
 
-    st = sub.add_parser("status", help="a registrar's pools and PEs as a table")
-    st.add_argument(
-        "--registrar",
-        required=True,
-        metavar="HOST:PORT",
-        help="the registrar's --status endpoint",
-    )
-    st.add_argument("--timeout", type=float, default=5.0)
-    st.set_defaults(func=_cmd_status)
+    from .console.cli import add_parsers as add_console
+
+    add_console(sub)
 
     d = sub.add_parser("decode", help="decode one message given in hex")
     d.add_argument("hex")

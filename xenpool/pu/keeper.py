@@ -10,6 +10,7 @@ from twisted.application import service, strports
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from ..console.events import EventLog
 from ..logs import hex_id
 from ..protocol import cookie as C
 from ..protocol import session as S
@@ -29,6 +30,8 @@ class KeeperService(service.MultiService):
         status: str | None,
     ) -> None:
         super().__init__()
+        self.events = EventLog(reactor, "keeper")
+        self._lost_on: dict[str, tuple] = {}  # VM -> (PE lost or moved off, moved)
         self.state_dir = Path(state_dir)
         # A VM of the keep file is this keeper's whatever its state dir says (it may have
         # been killed before it saved a cookie): "already running" means its PE keeps it
@@ -103,7 +106,35 @@ class KeeperService(service.MultiService):
                 err=str(err),
             )
 
+    def _record(self, keeper: VmKeeper, state: State, why: str) -> None:
+        """Events for the status page and alerts: a VM lost with its PE, its failover
+        (once it runs again), a planned or operator's move, a refusal for good."""
+        name, pe = keeper.server_id, hex_id(keeper.pe.identifier) if keeper.pe else None
+        if state == State.FAILING_OVER and pe is not None:
+            if name in self._lost_on:  # the same loss, another round
+                return
+            moved = why.startswith("moved off")
+            self._lost_on[name] = (pe, moved)
+            if not moved:
+                self.events.record("vm_lost", server_id=name, pe=pe, reason=why)
+        elif state == State.RUNNING and name in self._lost_on:
+            old, moved = self._lost_on.pop(name)
+            if moved:
+                self.events.record("moved", server_id=name, from_pe=old, to_pe=pe)
+            else:
+                took = keeper.last_failover_s
+                self.events.record(
+                    "failover",
+                    server_id=name,
+                    from_pe=old,
+                    to_pe=pe,
+                    took_s=None if took is None else round(took, 3),
+                )
+        elif state == State.REFUSED:
+            self.events.record("start_refused", server_id=name, reason=why)
+
     def _state(self, keeper: VmKeeper, state: State, why: str) -> None:
+        self._record(keeper, state, why)
         took = (
             f" after a failover of {keeper.last_failover_s:.2f} s"
             if state == State.RUNNING and keeper.last_failover_s
@@ -149,6 +180,7 @@ class _Vms(resource.Resource):
     def __init__(self, keeper: KeeperService) -> None:
         super().__init__()
         self.putChild(b"vms", _VmList(keeper))
+        self.putChild(b"events", _Events(keeper))
 
 
 class _VmList(resource.Resource):
@@ -161,3 +193,15 @@ class _VmList(resource.Resource):
     def render_GET(self, request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(self.keeper.describe(), indent=1).encode()
+
+
+class _Events(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, keeper: KeeperService) -> None:
+        super().__init__()
+        self.keeper = keeper
+
+    def render_GET(self, request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(self.keeper.events.describe(), indent=1).encode()

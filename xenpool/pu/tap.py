@@ -45,7 +45,15 @@ SETTINGS = [
         positive_float,
         "seconds to wait for a PE's connection before trying the next one",
     ),
-    Setting("status", None, str, "HTTP endpoint for /vms (JSON)"),
+    Setting("status", None, str, "HTTP endpoint for /vms and /events (JSON)"),
+    Setting(
+        "alert",
+        [],
+        str,
+        "a command run with every event (VM lost, failover, move) as JSON on stdin and XENPOOL_* variables, may repeat",
+        multiple=True,
+    ),
+    Setting("alert-timeout", 30.0, positive_float, "seconds before an alert is killed"),
     Setting(
         "logfile", None, str, "also write structured logs to this file as JSON lines"
     ),
@@ -134,6 +142,10 @@ def makeService(options: Options):
     keeper = KeeperService(
         options.vms, access, reactor, settings, s["state-dir"], s["status"]
     )
+    if s["alert"]:
+        from ..console.events import AlertRunner
+
+        keeper.events.alert = AlertRunner(reactor, s["alert"], s["alert-timeout"])
     if announce_listener is not None:
         announce_listener.setServiceParent(keeper)
     return keeper

@@ -43,8 +43,12 @@ class Cluster:
         vms: dict[str, int] = VMS,
         heartbeat_interval_s: float = 0.5,
         heartbeat_timeout_s: float = 1.5,
+        alert: str | None = None,
     ) -> None:
         self.dir = workdir
+        self.alert = (
+            alert  # an alert command every daemon runs (xenpool/console/events.py)
+        )
         self.vm_ram = vms
         self.heartbeat = (heartbeat_interval_s, heartbeat_timeout_s)
         self.daemons: list[Daemon] = []
@@ -68,16 +72,22 @@ class Cluster:
             )
         )
         self.asap, self.registrar_status = free_port(), free_port()
+        self.keeper_status = free_port()
+        status_ports = {n: free_port() for n in HOSTS}
+        alert = [f"--alert={self.alert}"] if self.alert else []
         self.registrar = self._start(
             "xenpool-registrar",
             f"--asap=tcp:{self.asap}:interface=127.0.0.1",
             f"--status=tcp:{self.registrar_status}:interface=127.0.0.1",
             "--registrar-id=0x0a0a0a0a",
+            *(f"--console-pe=http://127.0.0.1:{status_ports[n]}" for n in HOSTS),
+            f"--console-keeper=http://127.0.0.1:{self.keeper_status}",
+            *alert,
             ready="registrar 0x0a0a0a0a started",
         )
         fence = f"command={sys.executable} -m xenpool.tools.fence_process {{pidfile}}"
         for n in HOSTS:
-            status = free_port()
+            status = status_ports[n]
             pe = self._start(
                 "xenpool-pe",
                 f"--registrar=tcp:host=127.0.0.1:port={self.asap}",
@@ -93,12 +103,12 @@ class Cluster:
                 f"--fence-map={d / 'fence-map.ini'}",
                 "--load-interval=2",
                 "--lease=30",
+                *alert,
                 ready="registered in pool Xen",
             )
             pe.status_port = status
             (d / f"host{n}.pid").write_text(str(pe.proc.pid))
             self.pes[n] = pe
-        self.keeper_status = free_port()
         self.keeper = self._start(
             "xenpool-pu",
             f"--keep={d / 'vms.conf'}",
@@ -107,6 +117,7 @@ class Cluster:
             f"--status=tcp:{self.keeper_status}:interface=127.0.0.1",
             f"--heartbeat-interval={self.heartbeat[0]}",
             f"--heartbeat-timeout={self.heartbeat[1]}",
+            *alert,
             ready="resolving",
         )
 
