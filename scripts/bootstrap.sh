@@ -41,11 +41,13 @@ static_busybox || optional+=(busybox-static)
 command -v rspregistrar >/dev/null 2>&1 || optional+=(rsplib-registrar)
 command -v rspserver >/dev/null 2>&1 || optional+=(rsplib-tools)
 [ -f /usr/include/rserpool/rserpool.h ] || optional+=(librsplib-dev)
+# Optional: headless Chromium for the console's web page test (skipped without it).
+command -v chromium >/dev/null 2>&1 || optional+=(chromium)
 if [ ${#optional[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         missing+=("${optional[@]}")
     else
-        echo "note: the live migration and SCTP interop tests are skipped without: ${optional[*]}" >&2
+        echo "note: the live migration, SCTP interop and web page tests are skipped without: ${optional[*]}" >&2
     fi
 fi
 
