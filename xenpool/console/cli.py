@@ -28,7 +28,7 @@ class Refused(Exception):
 # ------------------------------------------------------------ reading the pool
 
 
-def get_pool(registrar: str, timeout: float = 5.0) -> dict:
+def get_pool(registrar: str, timeout: float = 20.0) -> dict:
     if not registrar:
         raise Refused("--registrar HOST:PORT (or XENPOOL_REGISTRAR) is required")
     url = f"http://{registrar}/pool"
@@ -452,7 +452,7 @@ def add_parsers(sub) -> None:
 
     st = sub.add_parser("status", help="the pool: hosts, VMs, fencing and failovers")
     common(st, False)
-    st.set_defaults(timeout=5.0)
+    st.set_defaults(timeout=20.0)
     st.add_argument(
         "--json", action="store_true", help="the registrar's /pool document"
     )

@@ -53,6 +53,7 @@ function describe(e){
   if(k==="moved")return e.server_id+": "+(e.from_host||e.from_pe)+" \u2192 "+(e.to_host||e.to_pe);
   if(k==="host_lost"||k==="host_back")return (e.host||e.pe)+(e.reason?" ("+e.reason+")":"");
   if(k==="maintenance")return e.host+": "+e.state;
+  if(k==="vm_lost")return e.server_id+" on "+(e.host||e.pe);
   return (e.server_id||"")+" "+(e.reason||"");
 }
 function render(p){

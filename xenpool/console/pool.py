@@ -265,7 +265,7 @@ class PoolConsole:
         pe_urls: list[str],
         keeper_urls: list[str],
         events: EventLog,
-        timeout_s: float = 2.0,
+        timeout_s: float = 5.0,
     ) -> None:
         self.reactor = reactor
         self.handlespace = handlespace  # a callable: the handlespace JSON now
@@ -273,16 +273,29 @@ class PoolConsole:
         self.keeper_urls = [u.rstrip("/") for u in keeper_urls]
         self.events = events
         self.timeout_s = timeout_s
+        self.agent = None  # made on the first fetch
         self.history = LoadHistory()
         self.names: dict[str, str] = {}  # PE identifier -> host name, as last heard
         self.urls: dict[str, tuple[str, str]] = {}  # status URL -> (PE, host name)
         self.observer = RegistrarEvents(events, self.history, self.names)
 
-    def _get(self, url: str) -> defer.Deferred:
-        from twisted.web.client import Agent, readBody
+    def _agent(self):
+        if self.agent is None:
+            from twisted.web import client
 
-        agent = Agent(self.reactor)
-        d = agent.request(b"GET", url.encode())
+            class QuietFactory(client._HTTP11ClientFactory):
+                noisy = False  # no two log lines per fetch
+
+            pool = client.HTTPConnectionPool(self.reactor, persistent=True)
+            pool._factory = QuietFactory
+            pool.maxPersistentPerHost = 2
+            self.agent = client.Agent(self.reactor, pool=pool)
+        return self.agent
+
+    def _get(self, url: str) -> defer.Deferred:
+        from twisted.web.client import readBody
+
+        d = self._agent().request(b"GET", url.encode())
         d.addCallback(readBody)
         d.addCallback(json.loads)
         d.addTimeout(self.timeout_s, self.reactor)
