@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -222,6 +223,46 @@ def test_drain_host2_moves_every_vm_once_and_fences_no_one(pool, webhook):
     pool.start_pe(2)
     assert xenpool(pool, "host", "resume", "host2").returncode == 0
     assert {h["name"]: h["state"] for h in view(pool)["hosts"]}["host2"] == "up"
+
+
+def test_vm_stop_and_start_through_the_keeper(pool):
+    stopped = xenpool(pool, "vm", "stop", "app2")
+    assert stopped.returncode == 0, stopped.stderr
+    assert "app2 stopped" in stopped.stdout
+    assert "app2" not in domains(pool)
+    assert {vm["name"]: vm["state"] for vm in view(pool)["vms"]}["app2"] == "stopped"
+    again = xenpool(pool, "vm", "stop", "app2")
+    assert again.returncode == 1 and "app2 is stopped already" in again.stderr
+    no_secret = xenpool(pool, "vm", "start", "app2", secret=False)
+    assert no_secret.returncode == 1 and "app2" not in domains(pool)
+    started = xenpool(pool, "vm", "start", "app2")
+    assert started.returncode == 0, started.stderr
+    assert "app2 running on host" in started.stdout
+    assert len(domains(pool)["app2"]) == 1
+
+
+def test_the_keeper_reloads_its_vm_list_on_sighup(pool):
+    keep = pool.dir / "vms.conf"
+    text = keep.read_text()
+    mail1 = text[text.index("[vm mail1]") : text.index("[vm app1]")]
+    changed = text.replace(mail1, "").replace(
+        "ram = 256\nips = 10.0.5.1", "ram = 200\nips = 10.0.5.1"
+    )
+    keep.write_text(changed + "[vm new1]\nram = 64\nips = 10.0.5.9\n")
+    mark = pool.keeper.mark()
+    pool.keeper.proc.send_signal(signal.SIGHUP)
+    log = pool.keeper.wait_for("new1: running", since=mark, timeout=60)[mark:]
+    assert "SIGHUP: mail1: removed from the keep file: stopped" in log
+    assert "SIGHUP: web1: changed in the keep file, not applied" in log
+    pool.keeper.wait_for("mail1: stopped", since=mark, timeout=60)
+    del pool.vm_ram["mail1"]
+    pool.vm_ram["new1"] = 64
+    running = domains(pool)
+    assert sorted(running) == sorted(pool.vm_ram)
+    assert all(len(hosts) == 1 for hosts in running.values())
+    vms = {vm["name"]: vm for vm in view(pool)["vms"]}
+    assert "mail1" not in vms and vms["new1"]["state"] == "running"
+    assert vms["web1"]["ram_mb"] == 256  # the running VM as it was
 
 
 needs_chromium = pytest.mark.skipif(

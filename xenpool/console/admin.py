@@ -1,7 +1,7 @@
 """Host commands (drain, resume) signed with the pool secret, and the PE's /admin page.
 
 The operator's ``xenpool host drain HOST`` POSTs a JSON command to the PE's status
-endpoint: ``{"action", "host", "issued_s", "nonce", "mac"}``, the MAC an HMAC-SHA256
+endpoint (``xenpool vm stop|start NAME`` to the keeper's, the VM's name as the target): ``{"action", "host", "issued_s", "nonce", "mac"}``, the MAC an HMAC-SHA256
 with the pool secret over the other fields, as planned moves are signed. The PE takes a
 command only for its own host name, within ``MAX_AGE_S`` of its clock and once (a replay
 is refused), and answers one JSON object: ``{"ok": bool, "message": str, ...}``.
@@ -62,8 +62,14 @@ class HostCommands:
         host: str,
         clock,
         run: Callable[[str], dict],
+        actions: tuple[str, ...] = ACTIONS,
+        check_target: Callable[[str], str | None] | None = None,
     ) -> None:
+        """``host``: this daemon's name, for messages, and the only target taken unless
+        ``check_target`` (the refusal for a target, or None) says otherwise; ``run``
+        gets the action (and with ``check_target``, the target too)."""
         self.secret, self.host, self.clock, self.run = secret, host, clock, run
+        self.actions, self.check_target = actions, check_target
         self.seen: dict[str, float] = {}  # mac -> when it may be forgotten
 
     def take(self, body: bytes) -> dict:
@@ -90,14 +96,19 @@ class HostCommands:
         self.seen = {m: t for m, t in self.seen.items() if t > now}
         if mac in self.seen:
             raise CommandError("a replay of a command already taken")
-        if host != self.host:
-            raise CommandError(f"meant for host {host!r}, this is {self.host!r}")
-        if action not in ACTIONS:
+        if action not in self.actions:
             raise CommandError(
-                f"unknown action {action!r} (known: {', '.join(ACTIONS)})"
+                f"unknown action {action!r} (known: {', '.join(self.actions)})"
             )
+        if self.check_target is None:
+            if host != self.host:
+                raise CommandError(f"meant for host {host!r}, this is {self.host!r}")
+        elif (refusal := self.check_target(host)) is not None:
+            raise CommandError(refusal)
         self.seen[mac] = now + 2 * MAX_AGE_S
-        return self.run(action)
+        if self.check_target is None:
+            return self.run(action)
+        return self.run(action, host)
 
 
 class AdminResource(resource.Resource):

@@ -1,4 +1,4 @@
-"""``xenpool status``, ``xenpool host drain|resume`` and ``xenpool vm list|move``.
+"""``xenpool status``, ``xenpool host drain|resume`` and ``xenpool vm list|stop|start|move``.
 
 Everything comes from the registrar's console document ``/pool`` (the registrar reads
 the PEs' and keepers' own status endpoints). Host commands are POSTed to the PE's
@@ -328,15 +328,24 @@ def plan_drain(view: dict, host: dict) -> list[tuple[str, str]]:
 
 
 def post_command(host: dict, secret: bytes, action: str, timeout: float) -> dict:
-    from .admin import sign
-
     if not host.get("status_url"):
         raise Refused(
             f"the registrar has no status URL for {host['name']} (--console-pe)"
         )
-    body = json.dumps(sign(secret, action, host["name"], int(time.time()))).encode()
+    return post_signed(
+        host["status_url"], secret, action, host["name"], host["name"], timeout
+    )
+
+
+def post_signed(
+    url: str, secret: bytes, action: str, target: str, who: str, timeout: float
+) -> dict:
+    """POST a signed command to a daemon's ``/admin``; its answer, or Refused."""
+    from .admin import sign
+
+    body = json.dumps(sign(secret, action, target, int(time.time()))).encode()
     request = urllib.request.Request(
-        f"{host['status_url']}/admin",
+        f"{url}/admin",
         data=body,
         headers={"content-type": "application/json"},
     )
@@ -348,9 +357,9 @@ def post_command(host: dict, secret: bytes, action: str, timeout: float) -> dict
             message = json.load(err).get("message", f"HTTP {err.code}")
         except ValueError:
             message = f"HTTP {err.code}"
-        raise Refused(f"{host['name']} refused: {message}") from None
+        raise Refused(f"{who} refused: {message}") from None
     except (urllib.error.URLError, OSError) as err:
-        raise Refused(f"{host['name']}: {getattr(err, 'reason', err)}") from None
+        raise Refused(f"{who}: {getattr(err, 'reason', err)}") from None
 
 
 def cmd_host(args) -> int:
@@ -422,7 +431,37 @@ def cmd_vm(args) -> int:
         )
         print(f"{vm['name']} moved to {target['name']}: {how}")
         return 0
-    raise Refused(f"vm {args.action}: not implemented")
+    # stop, start: through the VM's keeper
+    if not vm.get("keeper"):
+        raise Refused(
+            f"{vm['name']} has no keeper the registrar knows (--console-keeper)"
+        )
+    stopped = vm["state"] in ("stopped", "refused")
+    if args.action == "stop" and stopped:
+        raise Refused(f"{vm['name']} is {vm['state']} already")
+    if args.action == "start" and not stopped:
+        raise Refused(f"{vm['name']} is {vm['state']}, not stopped")
+    secret = read_secret(args.pool_secret_file)
+    post_signed(
+        vm["keeper"],
+        secret,
+        args.action,
+        vm["name"],
+        f"keeper {vm['keeper']}",
+        args.timeout,
+    )
+    want = "stopped" if args.action == "stop" else "running"
+    done = wait_until(
+        args.registrar,
+        lambda v: _vm(v, vm["name"])["state"] == want,
+        args.timeout,
+        f"{vm['name']} {want}",
+    )
+    where = _vm(done, vm["name"]).get("host")
+    print(
+        f"{vm['name']} {want}" + (f" on {where}" if want == "running" and where else "")
+    )
+    return 0
 
 
 def run(func, args) -> int:
@@ -478,11 +517,19 @@ def add_parsers(sub) -> None:
         common(p, True)
         p.set_defaults(func=lambda a: run(cmd_host, a))
 
-    vm = sub.add_parser("vm", help="VMs: list, move")
+    vm = sub.add_parser("vm", help="VMs: list, stop, start, move")
     vsub = vm.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = vsub.add_parser("list", help="every VM with its host and state")
     common(p, False)
     p.set_defaults(func=lambda a: run(cmd_vm, a))
+    for action, text in (
+        ("stop", "stop a VM through its keeper (kept stopped until vm start)"),
+        ("start", "start a stopped VM through its keeper"),
+    ):
+        p = vsub.add_parser(action, help=text)
+        p.add_argument("name", metavar="NAME")
+        common(p, True)
+        p.set_defaults(func=lambda a: run(cmd_vm, a))
     p = vsub.add_parser("move", help="move a VM to a named host (live where possible)")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--to", required=True, metavar="HOST")

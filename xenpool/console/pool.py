@@ -134,7 +134,7 @@ def pool_view(
                 {
                     "name": vm["server_id"],
                     "host": (hosts.get(pe) or {}).get("name") or known_hosts.get(pe)
-                    if pe
+                    if pe and vm["state"] not in ("stopped", "refused")
                     else None,
                     "pe": pe,
                     "state": vm["state"],

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from twisted.application import service, strports
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
@@ -28,8 +29,11 @@ class KeeperService(service.MultiService):
         settings: PuSettings,
         state_dir: str,
         status: str | None,
+        secret: bytes = b"",
     ) -> None:
         super().__init__()
+        self.access, self.reactor, self.settings = access, reactor, settings
+        self.secret = secret  # the pool secret: signs the operator's VM commands
         self.events = EventLog(reactor, "keeper")
         self._lost_on: dict[str, tuple] = {}  # VM -> (PE lost or moved off, moved)
         self.state_dir = Path(state_dir)
@@ -41,10 +45,96 @@ class KeeperService(service.MultiService):
             VmKeeper(vm, access, reactor, settings, ran_before=True) for vm in vms
         ]
         for keeper in self.keepers:
-            keeper.events.on_state = self._state
-            keeper.events.on_cookie = self._save_cookie
+            self._watch(keeper)
+        self.keep_file: str | None = None  # reread on SIGHUP (``reload``)
         if status:
             strports.service(status, server.Site(_Vms(self))).setServiceParent(self)
+
+    def _watch(self, keeper: VmKeeper) -> None:
+        keeper.events.on_state = self._state
+        keeper.events.on_cookie = self._save_cookie
+
+    def _keep(self, keeper: VmKeeper) -> None:
+        keeper.run().addErrback(
+            lambda f, k=keeper: log.failure(
+                "keeping {server} failed", f, server=k.server_id
+            )
+        )
+
+    def keeper_of(self, name: str) -> VmKeeper | None:
+        return next((k for k in self.keepers if k.server_id == name), None)
+
+    # ------------------------------------------------------------ operator's commands
+
+    def stop_vm(self, name: str) -> defer.Deferred:
+        """Stop a VM of the keep file (until ``start_vm`` or a restart of the keeper)."""
+        keeper = self.keeper_of(name)
+        self.events.record("vm_stop", server_id=name, reason="by the operator")
+        return keeper.stop()
+
+    def start_vm(self, name: str) -> None:
+        """Keep a stopped VM again: a new keeper for it, as at start-up."""
+        old = self.keeper_of(name)
+        keeper = VmKeeper(
+            old.request, self.access, self.reactor, self.settings, ran_before=True
+        )
+        self._watch(keeper)
+        self.keepers[self.keepers.index(old)] = keeper
+        self.events.record("vm_start", server_id=name, reason="by the operator")
+        self._keep(keeper)
+
+    def command_target(self, action: str):
+        def check(name: str) -> str | None:
+            keeper = self.keeper_of(name)
+            if keeper is None:
+                return f"this keeper keeps no VM named {name!r}"
+            stopped = keeper.state in (State.STOPPED, State.REFUSED)
+            if action == "start" and not stopped:
+                return f"{name} is {keeper.state.value}, not stopped"
+            if action == "stop" and stopped:
+                return f"{name} is {keeper.state.value} already"
+            return None
+
+        return check
+
+    def reload(self, vms: list[S.CreateServer]) -> list[str]:
+        """The keep file again (SIGHUP): new VMs kept, removed ones stopped, changed
+        ones refused (the running VM stays as it is). Returns one line per change."""
+        wanted = {vm.server_id: vm for vm in vms}
+        lines = []
+        for keeper in list(self.keepers):
+            vm = wanted.pop(keeper.server_id, None)
+            if vm is None:
+                lines.append(f"{keeper.server_id}: removed from the keep file: stopped")
+                self.keepers.remove(keeper)
+                keeper.stop()
+            elif vm != keeper.request:
+                lines.append(
+                    f"{keeper.server_id}: changed in the keep file, not applied: "
+                    f"a running VM keeps its RAM, disk and IPs (stop it, remove it, reload, add it back)"
+                )
+        for name, vm in wanted.items():
+            keeper = VmKeeper(vm, self.access, self.reactor, self.settings)
+            self._watch(keeper)
+            self.keepers.append(keeper)
+            self._load_cookie(keeper)
+            self._keep(keeper)
+            lines.append(f"{name}: new in the keep file: started")
+        return lines
+
+    def reload_file(self) -> None:
+        from twisted.python import usage
+
+        from .tap import read_vms
+
+        try:
+            vms = read_vms(self.keep_file)
+        except (usage.UsageError, OSError) as err:
+            log.warn("SIGHUP: keep file not reloaded: {err}", err=str(err))
+            return
+        lines = self.reload(vms)
+        for line in lines or ["nothing changed"]:
+            log.warn("SIGHUP: {line}", line=line)
 
     def _cookie_path(self, keeper: VmKeeper) -> Path:
         return self.state_dir / f"{keeper.server_id}.cookie"
@@ -54,10 +144,13 @@ class KeeperService(service.MultiService):
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for keeper in self.keepers:
             self._load_cookie(keeper)
-            keeper.run().addErrback(
-                lambda f, k=keeper: log.failure(
-                    "keeping {server} failed", f, server=k.server_id
-                )
+            self._keep(keeper)
+        if self.keep_file:
+            import signal
+
+            signal.signal(
+                signal.SIGHUP,
+                lambda *_: self.reactor.callFromThread(self.reload_file),
             )
 
     def stopService(self):
@@ -181,6 +274,7 @@ class _Vms(resource.Resource):
         super().__init__()
         self.putChild(b"vms", _VmList(keeper))
         self.putChild(b"events", _Events(keeper))
+        self.putChild(b"admin", _KeeperAdmin(keeper))
 
 
 class _VmList(resource.Resource):
@@ -205,3 +299,28 @@ class _Events(resource.Resource):
     def render_GET(self, request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(self.keeper.events.describe(), indent=1).encode()
+
+
+def _KeeperAdmin(keeper: KeeperService) -> resource.Resource:
+    """``POST /admin``: ``stop`` or ``start`` a VM, signed with the pool secret."""
+    from ..console.admin import AdminResource, HostCommands
+
+    def run(action: str, name: str) -> dict:
+        if action == "stop":
+            keeper.stop_vm(name)
+            return {"message": f"{name} is stopping"}
+        keeper.start_vm(name)
+        return {"message": f"{name} is starting"}
+
+    class Commands(HostCommands):
+        def take(self, body: bytes) -> dict:
+            try:
+                action = json.loads(body).get("action", "")
+            except (ValueError, AttributeError):
+                action = ""
+            self.check_target = keeper.command_target(str(action))
+            return super().take(body)
+
+    return AdminResource(
+        Commands(keeper.secret, "keeper", keeper.reactor, run, ("stop", "start"), None)
+    )

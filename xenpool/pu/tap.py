@@ -10,7 +10,14 @@ from __future__ import annotations
 from twisted.python import usage
 
 from .. import discovery
-from ..config import Setting, json_log, make_options, positive_float, read_ini
+from ..config import (
+    Setting,
+    json_log,
+    make_options,
+    positive_float,
+    read_ini,
+    secret_file,
+)
 from ..discovery import listener_settings
 from ..protocol import messages as M
 from ..protocol import session as S
@@ -45,7 +52,18 @@ SETTINGS = [
         positive_float,
         "seconds to wait for a PE's connection before trying the next one",
     ),
-    Setting("status", None, str, "HTTP endpoint for /vms and /events (JSON)"),
+    Setting(
+        "status",
+        None,
+        str,
+        "HTTP endpoint for /vms and /events (JSON) and /admin (signed VM commands)",
+    ),
+    Setting(
+        "pool-secret-file",
+        None,
+        secret_file,
+        "the pool's secret: the operator's VM commands (xenpool vm stop|start) are signed with it",
+    ),
     Setting(
         "alert",
         [],
@@ -140,8 +158,15 @@ def makeService(options: Options):
         reactor, registrars, pe_connect_timeout_s=settings.connect_timeout_s
     )
     keeper = KeeperService(
-        options.vms, access, reactor, settings, s["state-dir"], s["status"]
+        options.vms,
+        access,
+        reactor,
+        settings,
+        s["state-dir"],
+        s["status"],
+        secret=s["pool-secret-file"] or b"",
     )
+    keeper.keep_file = options["keep"]  # reread on SIGHUP
     if s["alert"]:
         from ..console.events import AlertRunner
 

@@ -95,6 +95,7 @@ class Cluster:
             f"--status=tcp:{self.keeper_status}:interface=127.0.0.1",
             f"--heartbeat-interval={self.heartbeat[0]}",
             f"--heartbeat-timeout={self.heartbeat[1]}",
+            f"--pool-secret-file={d / 'secret'}",
             *alert,
             ready="resolving",
         )
