@@ -386,3 +386,113 @@ def test_a_drain_that_leaves_a_vm_nowhere_is_refused():
     )
     with pytest.raises(Refused, match=r"a \(600 MB\) fits on no other host"):
         plan_drain(view, view["hosts"][1])
+
+
+# ------------------------------------------------------------ the keeper's events and commands
+
+
+def keeper_service(tmp_path, *pes):
+    from xenpool.pu.core import PuSettings
+    from xenpool.pu.keeper import KeeperService
+
+    from .test_pu_core import REQUEST, Pool
+
+    clock = Clock()
+    pool = Pool(clock, *pes)
+    service = KeeperService(
+        [REQUEST], pool, clock, PuSettings(), str(tmp_path), None, secret=SECRET
+    )
+    return service, clock
+
+
+def test_the_keeper_records_a_vm_lost_and_its_failover_once(tmp_path):
+    from .test_pu_core import ScriptedPE
+
+    pe1, pe2 = ScriptedPE(1), ScriptedPE(2)
+    service, clock = keeper_service(tmp_path, pe1, pe2)
+    service.startService()
+    assert service.keepers[0].pe.identifier == 1
+    clock.advance(1)
+    pe1.die()
+    clock.advance(1)
+    kinds = [
+        (e["kind"], e.get("pe") or e.get("from_pe")) for e in service.events.events
+    ]
+    assert kinds == [("vm_lost", "0x00000001"), ("failover", "0x00000001")]
+    failover = service.events.events[-1]
+    assert failover["to_pe"] == "0x00000002" and failover["server_id"] == "web1"
+
+
+def test_the_keeper_stops_and_starts_a_vm_for_the_operator(tmp_path):
+    from xenpool.pu.core import State
+
+    from .test_pu_core import ScriptedPE
+
+    pe = ScriptedPE(1)
+    service, clock = keeper_service(tmp_path, pe)
+    service.startService()
+    assert service.command_target("start")("web1") == "web1 is running, not stopped"
+    assert service.command_target("stop")("nope") == (
+        "this keeper keeps no VM named 'nope'"
+    )
+    assert service.command_target("stop")("web1") is None
+    service.stop_vm("web1")
+    clock.advance(1)
+    assert service.keepers[0].state == State.STOPPED
+    assert any(isinstance(m, S.StopServer) for m in pe.received)
+    assert service.command_target("stop")("web1") == "web1 is stopped already"
+    service.start_vm("web1")
+    assert service.keepers[0].state == State.RUNNING
+    assert [e["kind"] for e in service.events.events] == ["vm_stop", "vm_start"]
+
+
+def test_the_keepers_admin_page_takes_only_signed_commands(tmp_path):
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from xenpool.pu.keeper import _KeeperAdmin
+
+    from .test_pu_core import ScriptedPE
+
+    service, clock = keeper_service(tmp_path, ScriptedPE(1))
+    service.startService()
+    clock.advance(1000)
+    page = _KeeperAdmin(service)
+
+    def post(body: bytes):
+        request = DummyRequest([b""])
+        request.method = b"POST"
+        from io import BytesIO
+
+        request.content = BytesIO(body)
+        answer = json.loads(page.render_POST(request))
+        return request.responseCode or 200, answer
+
+    code, answer = post(body(action="stop", host="web1", issued=1000))
+    assert code == 200 and answer == {"ok": True, "message": "web1 is stopping"}
+    code, answer = post(body(b"a wrong secret of some length", "start", "web1", 1000))
+    assert code == 403 and answer["message"] == "not signed with this pool's secret"
+    code, answer = post(body(action="stop", host="db9", issued=1000, nonce="n2"))
+    assert code == 403 and "no VM named 'db9'" in answer["message"]
+
+
+def test_a_reloaded_keep_file_starts_new_stops_removed_and_refuses_changed(tmp_path):
+    from dataclasses import replace
+
+    from .test_pu_core import REQUEST, ScriptedPE
+
+    service, clock = keeper_service(tmp_path, ScriptedPE(1))
+    service.startService()
+    lines = service.reload([replace(REQUEST, ram_mb=512)])
+    assert lines == [
+        "web1: changed in the keep file, not applied: a running VM keeps its RAM, "
+        "disk and IPs (stop it, remove it, reload, add it back)"
+    ]
+    assert service.keepers[0].request.ram_mb == 300
+    new = S.CreateServer("db1", "", ("10.0.5.2",), 100)
+    lines = service.reload([new])
+    assert lines == [
+        "web1: removed from the keep file: stopped",
+        "db1: new in the keep file: started",
+    ]
+    assert [k.server_id for k in service.keepers] == ["db1"]
+    assert service.reload([new]) == []

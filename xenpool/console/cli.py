@@ -380,11 +380,19 @@ def cmd_host(args) -> int:
             "name": name,
             "host": host["name"],
         }
-        how = move(view, vm, _host(view, target), secret, args.timeout)
-        wait_until(
-            args.registrar, _runs_on(name, target), args.timeout, f"{name} to {target}"
-        )
-        print(f"  {name} -> {target}: {how}")
+        try:
+            how = move(view, vm, _host(view, target), secret, args.timeout)
+            wait_until(
+                args.registrar,
+                _runs_on(name, target),
+                args.timeout,
+                f"{name} to {target}",
+            )
+        except Refused as err:
+            raise Refused(
+                f"{err}; {host['name']} stays draining (xenpool host resume {host['name']} undoes it)"
+            ) from None
+        print(f"  {name} -> {target}: {how}", flush=True)
     wait_until(
         args.registrar,
         lambda v: _host(v, host["name"])["state"] == "maintenance",
