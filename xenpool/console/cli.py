@@ -111,7 +111,16 @@ def render(view: dict):
         f"(registrar {view['registrar']})",
         title_justify="left",
     )
-    for column in ("host", "PE", "state", "load", "free RAM", "CPUs", "VMs"):
+    for column in (
+        "host",
+        "PE",
+        "state",
+        "load",
+        "free RAM",
+        "CPUs",
+        "VMs",
+        "PUs reach it at",
+    ):
         hosts.add_column(column)
     for h in view["hosts"]:
         style = STATE_STYLE.get(h["state"], "white")
@@ -123,6 +132,7 @@ def render(view: dict):
             _mb(h.get("free_ram_kb")),
             str(h.get("cpus") or "-"),
             " ".join(h.get("vms", [])),
+            h.get("transport") or "-",
         )
     vms = Table(title="VMs", title_justify="left")
     for column in ("VM", "host", "state", "uptime", "keeper", "last failover"):

@@ -18,6 +18,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from ..protocol import params as P
 from .events import EventLog
 
 log = Logger()
@@ -65,6 +66,7 @@ def pool_view(
                 "pool": pool["handle"],
                 "load": pe["load"],
                 "address": f"{t['addresses'][0]}:{t['port']}" if t["addresses"] else "",
+                "transport": f"{t['kind']} {','.join(t['addresses'])}:{t['port']}",
                 "seconds_since_update": pe["seconds_since_update"],
             }
     events: list[dict] = list(registrar_events)
@@ -84,6 +86,7 @@ def pool_view(
                 "vms": [],
                 "status_url": url,
                 "address": registered.get(pe, {}).get("address", ""),
+                "transport": registered.get(pe, {}).get("transport", ""),
                 "error": str(doc),
             }
             continue
@@ -105,6 +108,7 @@ def pool_view(
             "orphans": doc.get("orphans", []),
             "status_url": url,
             "address": registered.get(pe, {}).get("address", ""),
+            "transport": registered.get(pe, {}).get("transport", ""),
         }
     for pe, entry in registered.items():
         if pe not in hosts:
@@ -120,6 +124,7 @@ def pool_view(
                 "vms": [],
                 "status_url": None,
                 "address": entry["address"],
+                "transport": entry["transport"],
             }
     vms = []
     for url, doc in keepers.items():
@@ -239,8 +244,6 @@ class RegistrarEvents:
 
     def registered(self, entry, new: bool) -> None:
         pe = _hex(entry.element.identifier)
-        from ..protocol import params as P
-
         self.history.add(
             pe, self.events.clock.seconds(), P.load_from_wire(entry.element.policy.load)
         )
