@@ -336,7 +336,7 @@ def test_the_web_page_shows_the_failover(pool, tmp_path):
     assert f'class="host fenced" data-host="{victim}"' in dom
     assert '<tr class="ev-failover">' in dom and f"{victim} → " in dom
     shot = Path(os.environ.get("XENPOOL_SCREENSHOT", tmp_path / "console.png"))
-    screenshot(page, shot)
+    screenshot(page, shot, tmp_path)
 
 
 def chromium(*args: str, tmp_path: Path) -> str:
@@ -363,13 +363,13 @@ def dump_dom(url: str, tmp_path: Path) -> str:
     return chromium("--dump-dom", url, tmp_path=tmp_path)
 
 
-def screenshot(url: str, path: Path) -> None:
+def screenshot(url: str, path: Path, tmp_path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     chromium(
-        f"--screenshot={path}",
+        f"--screenshot={path.resolve()}",
         "--window-size=1280,1100",
         "--hide-scrollbars",
         url,
-        tmp_path=path.parent,
+        tmp_path=tmp_path,
     )
     assert path.stat().st_size > 10_000
