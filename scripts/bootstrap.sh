@@ -44,11 +44,13 @@ command -v rspserver >/dev/null 2>&1 || optional+=(rsplib-tools)
 # Optional: promtool checks the /metrics pages, systemd-analyze the units in etc/systemd.
 command -v promtool >/dev/null 2>&1 || optional+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || optional+=(systemd)
+# Optional: headless Chromium for the console's web page test (skipped without it).
+command -v chromium >/dev/null 2>&1 || optional+=(chromium)
 if [ ${#optional[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         missing+=("${optional[@]}")
     else
-        echo "note: the live migration, SCTP interop, promtool and systemd unit tests are skipped without: ${optional[*]}" >&2
+        echo "note: the live migration, SCTP interop, promtool, systemd unit and web page tests are skipped without: ${optional[*]}" >&2
     fi
 fi
 

@@ -110,54 +110,6 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    import json
-    import urllib.error
-    import urllib.request
-
-    from rich.console import Console
-    from rich.table import Table
-
-    if args.status_old and not args.status:
-        print(
-            "xenpool status: --registrar is deprecated here, use --status HOST:PORT",
-            file=sys.stderr,
-        )
-        args.status = args.status_old
-    if not args.status:
-        print("xenpool status: --status HOST:PORT is required", file=sys.stderr)
-        return 2
-    url = f"http://{args.status}/handlespace"
-    try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as response:
-            state = json.load(response)
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        print(
-            f"xenpool status: --status {args.status}: {getattr(err, 'reason', err)}",
-            file=sys.stderr,
-        )
-        return 1
-    table = Table(
-        title=f"registrar {state['registrar_id']:#010x}: {sum(len(p['pool_elements']) for p in state['pools'])} PEs"
-    )
-    for column in ("pool", "PE", "home", "transport", "policy", "load", "updated"):
-        table.add_column(column)
-    for pool in state["pools"]:
-        for pe in pool["pool_elements"]:
-            t = pe["transport"]
-            table.add_row(
-                pool["handle"],
-                f"{pe['identifier']:#010x}",
-                f"{pe['home_registrar']:#010x}",
-                f"{t['kind']} {','.join(t['addresses'])}:{t['port']}",
-                str(pe["policy"]),
-                f"{pe['load']:.0%}",
-                f"{pe['seconds_since_update']:.1f} s ago",
-            )
-    Console().print(table)
-    return 0
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .tools import bench_codec
 
@@ -247,16 +199,9 @@ def parser() -> argparse.ArgumentParser:
         func=_cmd_plugins
     )
 
-    st = sub.add_parser("status", help="a registrar's pools and PEs as a table")
-    st.add_argument(
-        "--status",
-        metavar="HOST:PORT",
-        help="the registrar's HTTP status port (its --status endpoint)",
-    )
-    # the old name, before --registrar meant an ASAP endpoint everywhere else
-    st.add_argument("--registrar", dest="status_old", help=argparse.SUPPRESS)
-    st.add_argument("--timeout", type=float, default=5.0)
-    st.set_defaults(func=_cmd_status)
+    from .console.cli import add_parsers as add_console
+
+    add_console(sub)
 
     d = sub.add_parser("decode", help="decode one message given in hex")
     d.add_argument("hex")

@@ -19,6 +19,7 @@ from typing import NamedTuple, Protocol
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from ..console.events import EventLog
 from ..interfaces import (
     NORMAL_STATES,
     NOSTATE,
@@ -162,6 +163,13 @@ class PoolElementCore(Rebalancing):
             str, VmSession
         ] = {}  # VMs whose PU is gone, within their lease
         self.refusals: dict[int, int] = {}
+        # What happened here (fences, refused starts), for the status page and alerts.
+        self.events = EventLog(
+            clock, f"PE {hex_id(settings.pe_identifier)} ({settings.host})"
+        )
+        # Set by the operator (``xenpool host drain``): the reason no VM starts here and
+        # the PE reports itself full; None in normal operation.
+        self.maintenance: str | None = None
 
     # ------------------------------------------------------------ messages
 
@@ -258,6 +266,10 @@ class PoolElementCore(Rebalancing):
         self, session: Session, server_id: str, code: int, reason: str
     ) -> None:
         self.refusals[code] = self.refusals.get(code, 0) + 1
+        if server_id:
+            self.events.record(
+                "start_refused", server_id=server_id, code=int(code), reason=reason
+            )
         # a failover refused for want of --stonith was warned about once for this VM
         quiet = code == S.ResultCode.FENCE_FAILED and NO_STONITH in reason
         (log.debug if quiet else log.info)(
@@ -462,10 +474,14 @@ class PoolElementCore(Rebalancing):
                 f"{server_id} may still run on {host}; {NO_STONITH}",
             )
         self.fence_attempts += 1
+        self.events.record("fence_attempt", host=host, server_id=server_id)
         try:
             await self.fencer.fence(host, target.pe_identifier)
         except Exception as err:
             self.fence_failures += 1
+            self.events.record(
+                "fence_failure", host=host, server_id=server_id, reason=str(err)
+            )
             log.critical(
                 "FENCING {host} FAILED, {server} NOT STARTED: {err}",
                 host=host,
@@ -473,6 +489,7 @@ class PoolElementCore(Rebalancing):
                 err=str(err),
             )
             return S.ResultCode.FENCE_FAILED, f"fencing {host} failed: {err}"
+        self.events.record("fence_success", host=host, server_id=server_id)
         log.warn("fenced {host} before starting {server}", host=host, server=server_id)
         return None
 
@@ -520,6 +537,13 @@ class PoolElementCore(Rebalancing):
     async def _start(
         self, request: S.CreateServer, session: Session, cpu_cores: float = 0.0
     ) -> None:
+        if self.maintenance is not None:
+            return self._answer_failure(
+                session,
+                request.server_id,
+                S.ResultCode.NO_RAM,
+                f"{self.settings.host} is in maintenance: {self.maintenance}",
+            )
         vm = VmSession(request)
         self.sessions[session] = vm
         session.send(self._cookie(vm))  # running=false: a failover now fences no one
@@ -943,7 +967,30 @@ class PoolElementCore(Rebalancing):
                 self.accounting.sample_host(share)
 
     def load(self) -> float:
+        if self.maintenance is not None:
+            return 1.0  # full: the pool policy places nothing here
         return self.accounting.load(self.metric)
+
+    def set_maintenance(self, reason: str | None) -> None:
+        """Drain (a reason) or resume (None): while set, this PE starts no VM and
+        reports itself full, but stays registered, so that other PEs' claim queries
+        still reach it and a watchdog keeps being fed."""
+        if reason == self.maintenance:
+            return
+        self.maintenance = reason
+        self.events.record(
+            "maintenance",
+            host=self.settings.host,
+            state="draining" if reason is not None else "up",
+            reason=reason or "resumed",
+        )
+        self.load_changed()
+
+    def host_state(self) -> str:
+        """up, draining (maintenance, VMs still here) or maintenance (empty)."""
+        if self.maintenance is None:
+            return "up"
+        return "draining" if self.sessions or self.orphans else "maintenance"
 
     def _session_of(self, server_id: str) -> Session | None:
         return next(
@@ -963,7 +1010,9 @@ class PoolElementCore(Rebalancing):
             parameter = policy.make_parameter(
                 self.load(),
                 policy_arguments,
-                free_ram_mb=self.accounting.free_kb // 1024,
+                free_ram_mb=0
+                if self.maintenance is not None
+                else self.accounting.free_kb // 1024,
             )
         else:
             parameter = policy.make_parameter(self.load(), policy_arguments)
@@ -1002,4 +1051,9 @@ class PoolElementCore(Rebalancing):
             "refusals": {
                 S.ResultCode(code).name.lower(): n for code, n in self.refusals.items()
             },
+            "state": self.host_state(),
+            "maintenance": self.maintenance,
+            "cpus": self.accounting.node.cpus,
+            "ram_kb": self.accounting.node.ram_kb,
+            "events": self.events.describe(),
         }

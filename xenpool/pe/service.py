@@ -419,9 +419,43 @@ class HypervisorService(service.Service):
 def status_resource(pe: PoolElementService) -> StatusResource:
     """The PE's status site: ``/status`` (JSON: what the PE accounts for and what the
     hypervisor reports) and ``/metrics``."""
+    from ..console.admin import AdminResource, HostCommands
+
     registry = CollectorRegistry()
     registry.register(_PeCollector(pe))
-    return StatusResource({b"status": lambda: _status(pe)}, registry)
+    site = StatusResource({b"status": lambda: _status(pe)}, registry)
+    site.putChild(
+        b"admin",
+        AdminResource(
+            HostCommands(
+                pe.core.settings.secret,
+                pe.core.settings.host,
+                pe.clock,
+                lambda action: _host_command(pe, action),
+            )
+        ),
+    )
+    return site
+
+
+def _host_command(pe: PoolElementService, action: str) -> dict:
+    core = pe.core
+    if action == "drain":
+        core.set_maintenance("drained by the operator")
+    else:
+        core.set_maintenance(None)
+    vms = sorted(vm.request.server_id for vm in core.sessions.values())
+    log.warn(
+        "host command {action}: {host} is now {state}",
+        action=action,
+        host=core.settings.host,
+        state=core.host_state(),
+    )
+    return {
+        "message": f"{core.settings.host} is {core.host_state()}",
+        "state": core.host_state(),
+        "vms": vms,
+    }
 
 
 def _status(pe: PoolElementService) -> defer.Deferred:

@@ -247,7 +247,20 @@ SETTINGS = [
         positive_float,
         "seconds of PU silence that end its session",
     ),
-    Setting("status", None, str, "HTTP endpoint for /status (JSON) and /metrics"),
+    Setting(
+        "status",
+        None,
+        str,
+        "HTTP endpoint for /status (JSON), /metrics and /admin (signed host commands)",
+    ),
+    Setting(
+        "alert",
+        [],
+        str,
+        "a command run with every event (fence, refused start, maintenance) as JSON on stdin and XENPOOL_* variables, may repeat",
+        multiple=True,
+    ),
+    Setting("alert-timeout", 30.0, positive_float, "seconds before an alert is killed"),
     Setting(
         "logfile", None, str, "also write structured logs to this file as JSON lines"
     ),
@@ -466,6 +479,10 @@ def makeService(options: Options):
         disk_xml=disk_xml_function(options.plugins, target),
         disk_release=disk_release_function(options.plugins),
     )
+    if s["alert"]:
+        from ..console.events import AlertRunner
+
+        core.events.alert = AlertRunner(reactor, s["alert"], s["alert-timeout"])
     bind = f":interface={s['bind']}" if s["bind"] else ""
     pe = PoolElementService(
         core,

@@ -9,10 +9,12 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application import service, strports
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
+from ..console.events import EventLog
 from ..logs import hex_id
 from ..protocol import cookie as C
 from ..protocol import session as S
@@ -35,8 +37,13 @@ class KeeperService(service.MultiService):
         settings: PuSettings,
         state_dir: str,
         status: str | None,
+        secret: bytes = b"",
     ) -> None:
         super().__init__()
+        self.access, self.reactor, self.settings = access, reactor, settings
+        self.secret = secret  # the pool secret: signs the operator's VM commands
+        self.events = EventLog(reactor, "keeper")
+        self._lost_on: dict[str, tuple] = {}  # VM -> (PE lost or moved off, moved)
         self.state_dir = Path(state_dir)
         # A VM of the keep file is this keeper's whatever its state dir says (it may have
         # been killed before it saved a cookie): "already running" means its PE keeps it
@@ -46,8 +53,7 @@ class KeeperService(service.MultiService):
             VmKeeper(vm, access, reactor, settings, ran_before=True) for vm in vms
         ]
         for keeper in self.keepers:
-            keeper.events.on_state = self._state
-            keeper.events.on_cookie = self._save_cookie
+            self._watch(keeper)
         self.registry = CollectorRegistry()
         self.failover_seconds = Histogram(
             "xenpool_keeper_failover_duration_seconds",
@@ -57,8 +63,95 @@ class KeeperService(service.MultiService):
         )
         self._failovers_seen: dict[str, int] = {}
         self.registry.register(_KeeperCollector(self))
+        self.keep_file: str | None = None  # reread on SIGHUP (``reload``)
         if status:
             strports.service(status, server.Site(_Vms(self))).setServiceParent(self)
+
+    def _watch(self, keeper: VmKeeper) -> None:
+        keeper.events.on_state = self._state
+        keeper.events.on_cookie = self._save_cookie
+
+    def _keep(self, keeper: VmKeeper) -> None:
+        keeper.run().addErrback(_keeping_failed, keeper)
+
+    def keeper_of(self, name: str) -> VmKeeper | None:
+        return next((k for k in self.keepers if k.server_id == name), None)
+
+    # ------------------------------------------------------------ operator's commands
+
+    def stop_vm(self, name: str) -> defer.Deferred:
+        """Stop a VM of the keep file (until ``start_vm`` or a restart of the keeper)."""
+        keeper = self.keeper_of(name)
+        assert keeper is not None  # the command checked the name (command_target)
+        self.events.record("vm_stop", server_id=name, reason="by the operator")
+        return keeper.stop()
+
+    def start_vm(self, name: str) -> None:
+        """Keep a stopped VM again: a new keeper for it, as at start-up."""
+        old = self.keeper_of(name)
+        assert old is not None  # the command checked the name (command_target)
+        keeper = VmKeeper(
+            old.request, self.access, self.reactor, self.settings, ran_before=True
+        )
+        self._watch(keeper)
+        self.keepers[self.keepers.index(old)] = keeper
+        self.events.record("vm_start", server_id=name, reason="by the operator")
+        self._keep(keeper)
+
+    def command_target(self, action: str):
+        def check(name: str) -> str | None:
+            keeper = self.keeper_of(name)
+            if keeper is None:
+                return f"this keeper keeps no VM named {name!r}"
+            stopped = keeper.state in (State.STOPPED, State.REFUSED)
+            if action == "start" and not stopped:
+                return f"{name} is {keeper.state.value}, not stopped"
+            if action == "stop" and stopped:
+                return f"{name} is {keeper.state.value} already"
+            return None
+
+        return check
+
+    def reload(self, vms: list[S.CreateServer]) -> list[str]:
+        """The keep file again (SIGHUP): new VMs kept, removed ones stopped, changed
+        ones refused (the running VM stays as it is). Returns one line per change."""
+        wanted = {vm.server_id: vm for vm in vms}
+        lines = []
+        for keeper in list(self.keepers):
+            vm = wanted.pop(keeper.server_id, None)
+            if vm is None:
+                lines.append(f"{keeper.server_id}: removed from the keep file: stopped")
+                self.keepers.remove(keeper)
+                keeper.stop()
+            elif vm != keeper.request:
+                lines.append(
+                    f"{keeper.server_id}: changed in the keep file, not applied: "
+                    f"a running VM keeps its RAM, disk and IPs (stop it, remove it, reload, add it back)"
+                )
+        for name, vm in wanted.items():
+            keeper = VmKeeper(vm, self.access, self.reactor, self.settings)
+            self._watch(keeper)
+            self.keepers.append(keeper)
+            self._load_cookie(keeper)
+            self._keep(keeper)
+            lines.append(f"{name}: new in the keep file: started")
+        return lines
+
+    def reload_file(self) -> None:
+        from twisted.python import usage
+
+        from .tap import read_vms
+
+        if self.keep_file is None:  # VMs given on the command line: nothing to reread
+            return
+        try:
+            vms = read_vms(self.keep_file)
+        except (usage.UsageError, OSError) as err:
+            log.warn("SIGHUP: keep file not reloaded: {err}", err=str(err))
+            return
+        lines = self.reload(vms)
+        for line in lines or ["nothing changed"]:
+            log.warn("SIGHUP: {line}", line=line)
 
     def _cookie_path(self, keeper: VmKeeper) -> Path:
         return self.state_dir / f"{keeper.server_id}.cookie"
@@ -68,7 +161,14 @@ class KeeperService(service.MultiService):
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for keeper in self.keepers:
             self._load_cookie(keeper)
-            keeper.run().addErrback(_keeping_failed, keeper)
+            self._keep(keeper)
+        if self.keep_file:
+            import signal
+
+            signal.signal(
+                signal.SIGHUP,
+                lambda *_: self.reactor.callFromThread(self.reload_file),
+            )
 
     def stopService(self):
         # The VMs stay where they run, kept by their PEs for the lease.
@@ -116,7 +216,35 @@ class KeeperService(service.MultiService):
                 err=str(err),
             )
 
+    def _record(self, keeper: VmKeeper, state: State, why: str) -> None:
+        """Events for the status page and alerts: a VM lost with its PE, its failover
+        (once it runs again), a planned or operator's move, a refusal for good."""
+        name, pe = keeper.server_id, hex_id(keeper.pe.identifier) if keeper.pe else None
+        if state == State.FAILING_OVER and pe is not None:
+            if name in self._lost_on:  # the same loss, another round
+                return
+            moved = why.startswith("moved off")
+            self._lost_on[name] = (pe, moved)
+            if not moved:
+                self.events.record("vm_lost", server_id=name, pe=pe, reason=why)
+        elif state == State.RUNNING and name in self._lost_on:
+            old, moved = self._lost_on.pop(name)
+            if moved:
+                self.events.record("moved", server_id=name, from_pe=old, to_pe=pe)
+            else:
+                took = keeper.last_failover_s
+                self.events.record(
+                    "failover",
+                    server_id=name,
+                    from_pe=old,
+                    to_pe=pe,
+                    took_s=None if took is None else round(took, 3),
+                )
+        elif state == State.REFUSED:
+            self.events.record("start_refused", server_id=name, reason=why)
+
     def _state(self, keeper: VmKeeper, state: State, why: str) -> None:
+        self._record(keeper, state, why)
         if (
             state == State.RUNNING
             and keeper.last_failover_s is not None
@@ -196,6 +324,8 @@ class _Vms(resource.Resource):
         super().__init__()
         self.putChild(b"vms", _VmList(keeper))
         self.putChild(b"metrics", Metrics(keeper.registry))
+        self.putChild(b"events", _Events(keeper))
+        self.putChild(b"admin", _KeeperAdmin(keeper))
 
 
 class _VmList(resource.Resource):
@@ -208,3 +338,40 @@ class _VmList(resource.Resource):
     def render_GET(self, request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(self.keeper.describe(), indent=1).encode()
+
+
+class _Events(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, keeper: KeeperService) -> None:
+        super().__init__()
+        self.keeper = keeper
+
+    def render_GET(self, request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(self.keeper.events.describe(), indent=1).encode()
+
+
+def _KeeperAdmin(keeper: KeeperService) -> resource.Resource:
+    """``POST /admin``: ``stop`` or ``start`` a VM, signed with the pool secret."""
+    from ..console.admin import AdminResource, HostCommands
+
+    def run(action: str, name: str) -> dict:
+        if action == "stop":
+            keeper.stop_vm(name)
+            return {"message": f"{name} is stopping"}
+        keeper.start_vm(name)
+        return {"message": f"{name} is starting"}
+
+    class Commands(HostCommands):
+        def take(self, body: bytes) -> dict:
+            try:
+                action = json.loads(body).get("action", "")
+            except (ValueError, AttributeError):
+                action = ""
+            self.check_target = keeper.command_target(str(action))
+            return super().take(body)
+
+    return AdminResource(
+        Commands(keeper.secret, "keeper", keeper.reactor, run, ("stop", "start"), None)
+    )

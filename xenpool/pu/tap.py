@@ -21,6 +21,7 @@ from ..config import (
     positive_float,
     read_ini,
     registrar_endpoint,
+    secret_file,
     writable_dir,
 )
 from ..discovery import listener_settings
@@ -56,7 +57,26 @@ SETTINGS = [
         positive_float,
         "seconds to wait for a PE's connection before trying the next one",
     ),
-    Setting("status", None, str, "HTTP endpoint for /vms (JSON)"),
+    Setting(
+        "status",
+        None,
+        str,
+        "HTTP endpoint for /vms and /events (JSON) and /admin (signed VM commands)",
+    ),
+    Setting(
+        "pool-secret-file",
+        None,
+        secret_file,
+        "the pool's secret: the operator's VM commands (xenpool vm stop|start) are signed with it",
+    ),
+    Setting(
+        "alert",
+        [],
+        str,
+        "a command run with every event (VM lost, failover, move) as JSON on stdin and XENPOOL_* variables, may repeat",
+        multiple=True,
+    ),
+    Setting("alert-timeout", 30.0, positive_float, "seconds before an alert is killed"),
     Setting(
         "logfile", None, str, "also write structured logs to this file as JSON lines"
     ),
@@ -161,8 +181,19 @@ def makeService(options: Options):
         reactor, registrars, pe_connect_timeout_s=settings.connect_timeout_s
     )
     keeper = KeeperService(
-        options.vms, access, reactor, settings, s["state-dir"], s["status"]
+        options.vms,
+        access,
+        reactor,
+        settings,
+        s["state-dir"],
+        s["status"],
+        secret=s["pool-secret-file"] or b"",
     )
+    keeper.keep_file = options["keep"]  # reread on SIGHUP
+    if s["alert"]:
+        from ..console.events import AlertRunner
+
+        keeper.events.alert = AlertRunner(reactor, s["alert"], s["alert-timeout"])
     if announce_listener is not None:
         announce_listener.setServiceParent(keeper)
     from twisted.logger import Logger

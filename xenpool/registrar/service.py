@@ -620,9 +620,12 @@ def handlespace_json(registrar: Registrar, now: float) -> dict:
     return {"registrar_id": registrar.registrar_id, "pools": pools}
 
 
-def status_resource(registrar: Registrar, metrics: Metrics) -> StatusResource:
-    """The registrar's status site: ``/handlespace`` (JSON) and ``/metrics``."""
-    return StatusResource(
+def status_resource(
+    registrar: Registrar, metrics: Metrics, console=None
+) -> StatusResource:
+    """The registrar's status site: ``/handlespace`` (JSON) and ``/metrics``; with a
+    console (``xenpool/console/pool.py``) also ``/pool``, ``/events`` and the page ``/``."""
+    site = StatusResource(
         {
             b"handlespace": lambda: handlespace_json(
                 registrar, registrar.clock.seconds()
@@ -630,6 +633,9 @@ def status_resource(registrar: Registrar, metrics: Metrics) -> StatusResource:
         },
         metrics.registry,
     )
+    if console is not None:
+        console.attach(site)
+    return site
 
 
 class _Listener(service.Service):
@@ -686,8 +692,10 @@ class RegistrarService(service.MultiService):
         enrp_announce: tuple[str, int] | None = None,
         enrp_secret: bytes | None = None,
         voting: Voting | None = None,
+        console=None,
     ) -> None:
         super().__init__()
+        self.console = console  # the operator's console pages (xenpool/console/pool.py)
         self.reactor = reactor
         self.voting = voting
         self.enrp_secret = enrp_secret
@@ -737,7 +745,8 @@ class RegistrarService(service.MultiService):
             self._connect(endpoints.clientFromString(reactor, description))
         if status:
             strports.service(
-                status, server.Site(status_resource(registrar, metrics))
+                status,
+                server.Site(status_resource(registrar, metrics, self.console)),
             ).setServiceParent(self)
 
     def _connect(self, endpoint) -> None:

@@ -95,6 +95,28 @@ SETTINGS = [
         "seconds of silence before a peer is taken over",
     ),
     Setting(
+        "console-pe",
+        [],
+        str,
+        "a PE's status URL (http://host:port) shown on the console pages /, /pool, may repeat",
+        multiple=True,
+    ),
+    Setting(
+        "console-keeper",
+        [],
+        str,
+        "a keeper's status URL shown on the console pages, may repeat",
+        multiple=True,
+    ),
+    Setting(
+        "alert",
+        [],
+        str,
+        "a command run with every event (host lost, host back) as JSON on stdin and XENPOOL_* variables, may repeat",
+        multiple=True,
+    ),
+    Setting("alert-timeout", 30.0, positive_float, "seconds before an alert is killed"),
+    Setting(
         "pool-secret",
         [],
         pool_secret,
@@ -294,6 +316,21 @@ def makeService(options: Options):
         leases_file(s["state-dir"], s["asap"][0]),
         fresh_wait_s=s["fresh-wait"],
     )
+    from ..console.events import AlertRunner, EventLog
+    from ..console.pool import PoolConsole
+    from .service import handlespace_json
+
+    events = EventLog(reactor, f"registrar 0x{registrar_id:08x}")
+    if s["alert"]:
+        events.alert = AlertRunner(reactor, s["alert"], s["alert-timeout"])
+    console = PoolConsole(
+        reactor,
+        lambda: handlespace_json(registrar, reactor.seconds()),
+        s["console-pe"],
+        s["console-keeper"],
+        events,
+    )
+    registrar.observer.observers.append(console.observer)
     return RegistrarService(
         registrar,
         peering,
@@ -312,4 +349,5 @@ def makeService(options: Options):
         enrp_announce=s["enrp-announce"],
         enrp_secret=s["enrp-secret"],
         voting=voting,
+        console=console,
     )

@@ -43,8 +43,11 @@ class Cluster:
         vms: dict[str, int] = VMS,
         heartbeat_interval_s: float = 0.5,
         heartbeat_timeout_s: float = 1.5,
+        alerts: tuple[str, ...] = (),
     ) -> None:
         self.dir = workdir
+        # alert commands every daemon runs (xenpool/console/events.py)
+        self.alerts = alerts
         self.vm_ram = vms
         self.heartbeat = (heartbeat_interval_s, heartbeat_timeout_s)
         self.daemons: list[Daemon] = []
@@ -68,37 +71,22 @@ class Cluster:
             )
         )
         self.asap, self.registrar_status = free_port(), free_port()
+        self.keeper_status = free_port()
+        status_ports = {n: free_port() for n in HOSTS}
+        alert = [f"--alert={command}" for command in self.alerts]
         self.registrar = self._start(
             "xenpool-registrar",
             f"--asap=tcp:{self.asap}:interface=127.0.0.1",
             f"--status=tcp:{self.registrar_status}:interface=127.0.0.1",
             "--registrar-id=0x0a0a0a0a",
+            *(f"--console-pe=http://127.0.0.1:{status_ports[n]}" for n in HOSTS),
+            f"--console-keeper=http://127.0.0.1:{self.keeper_status}",
+            *alert,
             ready="registrar 0x0a0a0a0a started",
         )
-        fence = f"command={sys.executable} -m xenpool.tools.fence_process {{pidfile}}"
+        self.status_ports = status_ports
         for n in HOSTS:
-            status = free_port()
-            pe = self._start(
-                "xenpool-pe",
-                f"--registrar=tcp:host=127.0.0.1:port={self.asap}",
-                f"--pe-id={n}",
-                f"--port={free_port()}",
-                "--bind=127.0.0.1",
-                f"--host=host{n}",
-                f"--libvirt-uri=test://{ETC / f'node-host{n}.xml'}",
-                f"--status=tcp:{status}:interface=127.0.0.1",
-                f"--pool-secret-file={d / 'secret'}",
-                "--stonith=command",
-                f"--stonith-option={fence}",
-                f"--fence-map={d / 'fence-map.ini'}",
-                "--load-interval=2",
-                "--lease=30",
-                ready="registered in pool Xen",
-            )
-            pe.status_port = status
-            (d / f"host{n}.pid").write_text(str(pe.proc.pid))
-            self.pes[n] = pe
-        self.keeper_status = free_port()
+            self.start_pe(n)
         self.keeper = self._start(
             "xenpool-pu",
             f"--keep={d / 'vms.conf'}",
@@ -107,8 +95,38 @@ class Cluster:
             f"--status=tcp:{self.keeper_status}:interface=127.0.0.1",
             f"--heartbeat-interval={self.heartbeat[0]}",
             f"--heartbeat-timeout={self.heartbeat[1]}",
+            f"--pool-secret-file={d / 'secret'}",
+            *alert,
             ready="resolving",
         )
+
+    def start_pe(self, n: int) -> Daemon:
+        """Host ``n``'s PE daemon (again, after it was stopped or killed)."""
+        d = self.dir
+        fence = f"command={sys.executable} -m xenpool.tools.fence_process {{pidfile}}"
+        status = self.status_ports[n]
+        pe = self._start(
+            "xenpool-pe",
+            f"--registrar=tcp:host=127.0.0.1:port={self.asap}",
+            f"--pe-id={n}",
+            f"--port={free_port()}",
+            "--bind=127.0.0.1",
+            f"--host=host{n}",
+            f"--libvirt-uri=test://{ETC / f'node-host{n}.xml'}",
+            f"--status=tcp:{status}:interface=127.0.0.1",
+            f"--pool-secret-file={d / 'secret'}",
+            "--stonith=command",
+            f"--stonith-option={fence}",
+            f"--fence-map={d / 'fence-map.ini'}",
+            "--load-interval=2",
+            "--lease=30",
+            *(f"--alert={command}" for command in self.alerts),
+            ready="registered in pool Xen",
+        )
+        pe.status_port = status
+        (d / f"host{n}.pid").write_text(str(pe.proc.pid))
+        self.pes[n] = pe
+        return pe
 
     def vms(self) -> list[dict]:
         return _get(self.keeper_status, "/vms")
