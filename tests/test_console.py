@@ -14,10 +14,10 @@ from xenpool.console.cli import Refused, plan_drain
 from xenpool.console.events import AlertRunner, EventLog, environment
 from xenpool.console.pool import LoadHistory, pool_view
 from xenpool.protocol import session as S
+from xenpool.testing import ScriptedPE
+from xenpool.testing import ScriptedPool as Pool
 
-from .test_pe_core import SECRET, create
-from .test_pe_core import clock as clock
-from .test_pe_core import pe as pe
+from .helpers import REQUEST, SECRET, create
 
 # ------------------------------------------------------------ events and alerts
 
@@ -395,8 +395,6 @@ def keeper_service(tmp_path, *pes):
     from xenpool.pu.core import PuSettings
     from xenpool.pu.keeper import KeeperService
 
-    from .test_pu_core import REQUEST, Pool
-
     clock = Clock()
     pool = Pool(clock, *pes)
     service = KeeperService(
@@ -406,7 +404,6 @@ def keeper_service(tmp_path, *pes):
 
 
 def test_the_keeper_records_a_vm_lost_and_its_failover_once(tmp_path):
-    from .test_pu_core import ScriptedPE
 
     pe1, pe2 = ScriptedPE(1), ScriptedPE(2)
     service, clock = keeper_service(tmp_path, pe1, pe2)
@@ -425,8 +422,6 @@ def test_the_keeper_records_a_vm_lost_and_its_failover_once(tmp_path):
 
 def test_the_keeper_stops_and_starts_a_vm_for_the_operator(tmp_path):
     from xenpool.pu.core import State
-
-    from .test_pu_core import ScriptedPE
 
     pe = ScriptedPE(1)
     service, clock = keeper_service(tmp_path, pe)
@@ -450,8 +445,6 @@ def test_the_keepers_admin_page_takes_only_signed_commands(tmp_path):
     from twisted.web.test.requesthelper import DummyRequest
 
     from xenpool.pu.keeper import _KeeperAdmin
-
-    from .test_pu_core import ScriptedPE
 
     service, clock = keeper_service(tmp_path, ScriptedPE(1))
     service.startService()
@@ -477,8 +470,6 @@ def test_the_keepers_admin_page_takes_only_signed_commands(tmp_path):
 
 def test_a_reloaded_keep_file_starts_new_stops_removed_and_refuses_changed(tmp_path):
     from dataclasses import replace
-
-    from .test_pu_core import REQUEST, ScriptedPE
 
     service, clock = keeper_service(tmp_path, ScriptedPE(1))
     service.startService()
