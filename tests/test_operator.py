@@ -189,7 +189,7 @@ def test_the_status_tool_has_its_own_option(pool):
         env=env,
         timeout=60,
     )
-    assert table.returncode == 0 and "2 PEs" in table.stdout, table
+    assert table.returncode == 0 and "2/2 hosts up" in table.stdout, table
     old = subprocess.run(
         [*status, "--registrar", f"127.0.0.1:{registrar.status}"],
         capture_output=True,
@@ -197,7 +197,8 @@ def test_the_status_tool_has_its_own_option(pool):
         env=env,
         timeout=60,
     )
-    assert old.returncode == 0 and "2 PEs" in old.stdout
+    assert old.returncode == 0 and "2/2 hosts up" in old.stdout
+    assert "--registrar is deprecated here, use --status" in old.stderr
     assert "--registrar is deprecated here, use --status" in old.stderr
 
 
