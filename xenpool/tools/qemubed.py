@@ -291,7 +291,7 @@ def disk_number(image: Path) -> int:
 
 
 _NBD_EVENT = re.compile(
-    r"^(\S+ \S+) (?:connection=(\d+) (Connect|Disconnect)|Preconnect id=\d+ (?:.*?)"
+    r"^(\S+ \S+) (?:connection=(\d+) (Connect|Disconnect)|\.\.\.Preconnect id=\d+ "
     r"return=(-1))",
     re.M,
 )
@@ -503,7 +503,7 @@ class QemuBed:
         for host in self.hosts.values():
             self._start_libvirtd(host)
         for host in self.hosts.values():
-            wait_until(host.socket.exists, 30, f"{host.name}'s libvirtd socket")
+            self._wait_libvirtd(host)
             host.pe.start(host.netns)
         for host in self.hosts.values():
             self.wait_registered(host)
@@ -667,6 +667,17 @@ class QemuBed:
         host.root.chmod(0o755)
         host.libvirtd.start(host.netns)
 
+    def _wait_libvirtd(self, host: Host) -> None:
+        def up():
+            if not host.libvirtd.alive():
+                raise RuntimeError(
+                    f"{host.name}'s libvirtd exited; see {host.libvirtd.log} (the bed's "
+                    "directory must be reachable by nobody)"
+                )
+            return host.socket.exists()
+
+        wait_until(up, 30, f"{host.name}'s libvirtd socket")
+
     def start_keeper(self) -> None:
         self.keeper.start(self.pool.netns)
         self._wait_status(self.pool.address, "/vms", self.keeper, 30, port=STATUS + 1)
@@ -783,7 +794,7 @@ class QemuBed:
         host.frozen = []
         sh("ip", "-n", host.netns, "link", "set", "eth0", "up")
         self._start_libvirtd(host)
-        wait_until(host.socket.exists, 30, f"{host.name}'s libvirtd socket")
+        self._wait_libvirtd(host)
         host.pe.start(host.netns)
         self.wait_registered(host)
 
