@@ -135,7 +135,10 @@ def _cmd_bench_pe(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_failover(args: argparse.Namespace) -> int:
-    from .tools.bench_failover import run
+    if args.qemu:
+        from .tools.bench_failover_qemu import run
+    else:
+        from .tools.bench_failover import run
 
     return run(args)
 
@@ -279,6 +282,16 @@ def parser() -> argparse.ArgumentParser:
     fo.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S")
     fo.add_argument("--heartbeat-timeout", type=float, default=3.0, metavar="S")
     fo.add_argument("--json", action="store_true")
+    fo.add_argument(
+        "--qemu",
+        action="store_true",
+        help="real guests on three QEMU hosts with NBD disks (root; see the README)",
+    )
+    fo.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="with --qemu: keep the bed's logs, consoles and disks when a trial fails",
+    )
     fo.set_defaults(func=_cmd_bench_failover)
 
     sim = sub.add_parser(

@@ -204,9 +204,17 @@ def netns_pids(netns: str) -> list[int]:
 
 
 def _gone(pid: int) -> bool:
+    """The process runs no more and holds no file (its sockets are closed). A zombie
+    thread group leader is not enough: QEMU's other threads may still run and hold its
+    sockets, and a link set down before they close them leaves the storage a half-open
+    connection (and ``limit=1`` refusing the next QEMU)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+            if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                return False
+        return len(os.listdir(f"/proc/{pid}/task")) <= 1 and not os.listdir(
+            f"/proc/{pid}/fd"
+        )
     except OSError:
         return True
 
@@ -453,6 +461,7 @@ class QemuBed:
         self._namespaces: list[str] = []
         self._links: list[str] = []
         self._forward_rule: list[str] | None = None
+        self._old_handlers: dict = {}
 
     # ------------------------------------------------------------ paths
     def console(self, vm: str) -> Path:
@@ -468,10 +477,20 @@ class QemuBed:
         return NBD_BASE + 1 + self.vm_names.index(vm)
 
     def pe_log(self, host: Host) -> Path:
+        """The PE's structured log (JSON lines, every event with its time)."""
         return self.dir / f"{host.name}.jsonl"
+
+    @property
+    def keeper_log(self) -> Path:
+        return self.dir / "keeper.jsonl"
 
     # ------------------------------------------------------------ lifecycle
     def __enter__(self) -> QemuBed:
+        self._old_handlers = {
+            s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)
+        }
+        for s in self._old_handlers:
+            signal.signal(s, self._terminated)
         try:
             self.start()
         except BaseException:
@@ -481,6 +500,9 @@ class QemuBed:
 
     def __exit__(self, *exc) -> None:
         self.teardown()
+
+    def _terminated(self, signum, frame) -> None:
+        raise SystemExit(128 + signum)  # unwinds through __exit__: a clean teardown
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -596,8 +618,9 @@ class QemuBed:
             host.pe = Proc(
                 [
                     *twistd,
-                    f"--logfile={self.pe_log(host)}",
+                    f"--logfile={d / f'{host.name}.log'}",
                     "xenpool-pe",
+                    f"--logfile={self.pe_log(host)}",
                     f"--registrar=tcp:host={self.pool.address}:port={ASAP}",
                     f"--pe-id={host.n}",
                     f"--port={PE_PORT}",
@@ -623,6 +646,7 @@ class QemuBed:
                 *twistd,
                 f"--logfile={d / 'keeper.log'}",
                 "xenpool-pu",
+                f"--logfile={self.keeper_log}",
                 f"--keep={d / 'vms.conf'}",
                 f"--registrar={self.pool.address}:{ASAP}",
                 f"--state-dir={d / 'keeper-state'}",
@@ -830,6 +854,9 @@ class QemuBed:
             sh("iptables", "-D", *self._forward_rule, check=False)
             self._forward_rule = None
         self._namespaces, self._links = [], []
+        for s, handler in self._old_handlers.items():
+            signal.signal(s, handler)
+        self._old_handlers = {}
 
 
 def _comm(pid: int) -> str:
