@@ -22,7 +22,9 @@ def _seconds(text: str) -> float:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    if args.protocol:
+    if args.qemu:
+        from .tools.qemu_demo import run
+    elif args.protocol:
         from .tools.demo import run
     else:
         from .tools.cluster_demo import run
@@ -196,6 +198,11 @@ def parser() -> argparse.ArgumentParser:
         "--protocol",
         action="store_true",
         help="instead, walk through the wire protocol",
+    )
+    demo.add_argument(
+        "--qemu",
+        action="store_true",
+        help="real guests on three QEMU hosts with NBD disks, one powered off (root)",
     )
     demo.set_defaults(func=_cmd_demo)
     sub.add_parser("plugins", help="list installed plugins").set_defaults(
