@@ -194,12 +194,20 @@ def netns_pids(netns: str) -> list[int]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
+        # every thread: a leader that exited has no namespaces left while its other
+        # threads (QEMU's) still run and hold its sockets
         try:
-            st = os.stat(f"/proc/{entry}/ns/net")
+            tasks = os.listdir(f"/proc/{entry}/task")
         except OSError:
             continue
-        if (st.st_ino, st.st_dev) == (target.st_ino, target.st_dev):
-            pids.append(int(entry))
+        for tid in tasks:
+            try:
+                st = os.stat(f"/proc/{entry}/task/{tid}/ns/net")
+            except OSError:
+                continue
+            if (st.st_ino, st.st_dev) == (target.st_ino, target.st_dev):
+                pids.append(int(entry))
+                break
     return pids
 
 
@@ -241,21 +249,61 @@ def power_off(netns: str, timeout: float = 10.0) -> list[int]:
     return sorted(set(killed))
 
 
+def cut_storage(storage_netns: str, address: str, timeout: float = 5.0) -> None:
+    """Drop every TCP connection from ``address`` at the storage server (``ss -K``), the
+    way fabric fencing cuts a host off its storage; raises RuntimeError if one stays.
+
+    A client that vanished without closing its connection (power lost, link cut: no FIN
+    ever comes) holds an NBD export until the server notices, and nbdkit sets no TCP
+    keepalive: an idle connection stays forever, and with ``limit=1`` the export refuses
+    every later client. Seen here even after SIGKILL with the link still up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sh(
+            "ip",
+            "netns",
+            "exec",
+            storage_netns,
+            "ss",
+            "-K",
+            "dst",
+            address,
+            check=False,
+        )
+        left = sh("ip", "netns", "exec", storage_netns, "ss", "-Htn", "dst", address)
+        if not left.stdout.strip():
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"connections from {address} stay: {left.stdout.strip()}"
+            )
+        time.sleep(0.05)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m xenpool.tools.qemubed fence NETNS``: the fence command of the bed."""
+    """``python -m xenpool.tools.qemubed fence NETNS [STORAGE_NETNS ADDRESS]``: the fence
+    command of the bed: the host's power off, then (if given) its connections to the
+    storage dropped."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0] != "fence":
-        print("usage: python -m xenpool.tools.qemubed fence NETNS", file=sys.stderr)
+    if len(args) not in (2, 4) or args[0] != "fence":
+        print(
+            "usage: python -m xenpool.tools.qemubed fence NETNS [STORAGE_NETNS ADDRESS]",
+            file=sys.stderr,
+        )
         return 2
-    if not Path(f"/run/netns/{args[1]}").exists():
-        print(f"no network namespace {args[1]}", file=sys.stderr)
-        return 1
+    for netns in args[1:3] if len(args) == 4 else args[1:2]:
+        if not Path(f"/run/netns/{netns}").exists():
+            print(f"no network namespace {netns}", file=sys.stderr)
+            return 1
     try:
         killed = power_off(args[1])
+        if len(args) == 4:
+            cut_storage(args[2], args[3])
     except RuntimeError as err:
         print(str(err), file=sys.stderr)
         return 1
-    print(f"{args[1]} is off (killed {killed or 'nothing'})")
+    cut = f"; its storage connections dropped at {args[2]}" if len(args) == 4 else ""
+    print(f"{args[1]} is off (killed {killed or 'nothing'}){cut}")
     return 0
 
 
@@ -578,7 +626,11 @@ class QemuBed:
             )
         )
         (d / "fence-map.ini").write_text(
-            "".join(f"[{h.name}]\nnetns = {h.netns}\n" for h in self.hosts.values())
+            "".join(
+                f"[{h.name}]\nnetns = {h.netns}\nstorage = {self.san.netns}\n"
+                f"address = {h.address}\n"
+                for h in self.hosts.values()
+            )
         )
         twistd = [*TWISTD_ARGV, "-n", "--pidfile="]
         self.registrar = Proc(
@@ -595,7 +647,10 @@ class QemuBed:
             ],
             d / "registrar.out",
         )
-        fence = f"command={sys.executable} -m xenpool.tools.qemubed fence {{netns}}"
+        fence = (
+            f"command={sys.executable} -m xenpool.tools.qemubed fence {{netns}} "
+            "{storage} {address}"
+        )
         for host in self.hosts.values():
             host.root = d / host.name
             host.libvirtd = Proc(
