@@ -83,6 +83,7 @@ def test_the_bench_summary_gives_medians_maxima_and_lost_writes():
         "first_write_s": 10.5,
         "lost_writes": 0,
         "max_clients": 1,
+        "old_closed_s": 0.01,
     }
     summary = summarize([sample, {**sample, "guest_up_s": 20.0, "fence_s": None}], 2)
     assert summary["trials"] == 2 and summary["guest_up_s"] == 15.0

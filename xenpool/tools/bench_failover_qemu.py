@@ -23,6 +23,7 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -94,11 +95,25 @@ def trial(bed: QemuBed, timeout: float = 300) -> list[dict]:
                 "last_synced": last[vm],
                 "found": new.found,
                 "lost_writes": max(0, last[vm] - (new.found or 0)),
-                "max_clients": max_writers(nbd_events(bed.nbd_log(vm))),
+                "max_clients": max_writers(events := nbd_events(bed.nbd_log(vm))),
+                "old_closed_s": _old_closed(events, down_at),
             }
         )
     bed.power_on(host)
     return samples
+
+
+def _old_closed(events, down_at: float) -> float | None:
+    """When the storage saw the powered-off QEMU's connection end (after ``down_at``):
+    about 0 when the kernel closed it as QEMU died, about ``fence_s`` when the fence's
+    storage cut had to drop it."""
+    opened = {e.connection for e in events if e.kind == "connect" and e.at < down_at}
+    closed = [
+        e.at - down_at
+        for e in events
+        if e.kind == "disconnect" and e.connection in opened and e.at >= down_at
+    ]
+    return max(closed) if closed else None
 
 
 def _rel(at: float | None, since: float) -> float | None:
@@ -126,6 +141,7 @@ def summarize(samples: list[dict], trials: int) -> dict:
         "max": {key: most(key) for key in KEYS},
         "guest_failovers": len(samples),
         "exports_with_two_clients": sum(s["max_clients"] > 1 for s in samples),
+        "old_connection_closed_s": median("old_closed_s"),
         "prototype_s": list(PROTOTYPE_S),
     }
 
@@ -144,16 +160,17 @@ def run(args: argparse.Namespace) -> int:
             for n in range(1, args.trials + 1):
                 got = trial(bed)
                 samples += got
-                if not args.json:
-                    for s in got:
-                        print(
-                            f"trial {n}: {s['vm']} {s['from']} -> {s['to']}: detected "
-                            f"{_f(s['detect_s'])}, fenced {_f(s['fence_s'])}, started "
-                            f"{_f(s['start_s'])}, booted {_f(s['guest_up_s'])}, first "
-                            f"write {_f(s['first_write_s'])}; synced {s['last_synced']}, "
-                            f"found {s['found']}",
-                            flush=True,
-                        )
+                for s in got:  # progress on stderr: --json keeps stdout one line
+                    print(
+                        f"trial {n}: {s['vm']} {s['from']} -> {s['to']}: detected "
+                        f"{_f(s['detect_s'])}, fenced {_f(s['fence_s'])}, started "
+                        f"{_f(s['start_s'])}, booted {_f(s['guest_up_s'])}, first "
+                        f"write {_f(s['first_write_s'])}; synced {s['last_synced']}, "
+                        f"found {s['found']}; old NBD connection closed "
+                        f"{_f(s['old_closed_s'])}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         ok = True
     finally:
         if ok or not args.keep_failed:
