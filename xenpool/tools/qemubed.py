@@ -135,6 +135,11 @@ def missing() -> str | None:
     for m in VIRTIO_MODULES:
         if not (module_dir() / "kernel" / f"{m}.ko").is_file():
             return f"kernel module {m}.ko missing (an uncompressed one is needed)"
+    if (
+        Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists()
+        and shutil.which("iptables") is None
+    ):
+        return "iptables not installed (bridged frames pass the FORWARD chain here)"
     filters = sh("nbdkit", "--dump-config", check=False).stdout
     libdir = re.search(r"^filterdir=(.*)$", filters, re.M)
     if libdir and not Path(libdir.group(1), "nbdkit-limit-filter.so").exists():
