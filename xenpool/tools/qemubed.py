@@ -492,6 +492,7 @@ class QemuBed:
         heartbeat_interval_s: float = 0.5,
         heartbeat_timeout_s: float = 1.5,
         write_period_s: float = 0.2,
+        live: tuple[str, ...] = (),
     ) -> None:
         reason = missing()
         if reason:
@@ -502,6 +503,9 @@ class QemuBed:
         self.ram_mb = ram_mb
         self.heartbeat = (heartbeat_interval_s, heartbeat_timeout_s)
         self.write_period_s = write_period_s
+        # guests that may live-migrate: their exports take two clients (both QEMUs hold
+        # the disk during a migration), and every PE offers its libvirtd as a target
+        self.live = set(live)
         self.tag = secrets.token_hex(2)
         self.bridge = f"xq{self.tag}br"
         self.prefix = ""
@@ -698,6 +702,7 @@ class QemuBed:
                     "--load-interval=1",
                     "--lease=30",
                     "--shutdown-timeout=2",
+                    *((f"--migration-uri={host.uri}",) if self.live else ()),
                 ],
                 d / f"{host.name}.out",
             )
@@ -732,11 +737,11 @@ class QemuBed:
                 "-p",
                 str(self.nbd_port(vm)),
                 "--filter=log",
-                "--filter=limit",
+                *(() if vm in self.live else ("--filter=limit",)),
                 "file",
                 str(image),
                 f"logfile={self.nbd_log(vm)}",
-                "limit=1",
+                *(() if vm in self.live else ("limit=1",)),
             ],
             self.dir / "disks" / f"{vm}.nbdkit.out",
         )
@@ -749,6 +754,11 @@ class QemuBed:
             (host.root / key).mkdir(parents=True, exist_ok=True)
             os.chown(host.root / key, NOBODY, NOBODY)
         host.root.chmod(0o755)
+        # a migration's data goes to this address (the host's own, not its hostname's)
+        conf = host.root / "config" / "libvirt"
+        conf.mkdir(exist_ok=True)
+        (conf / "qemu.conf").write_text(f'migration_host = "{host.address}"\n')
+        os.chown(conf, NOBODY, NOBODY)
         host.libvirtd.start(host.netns)
 
     def _wait_libvirtd(self, host: Host) -> None:
