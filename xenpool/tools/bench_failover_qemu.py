@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .qemubed import QemuBed, lives, max_writers, nbd_events, wait_until
+from .qemubed import QemuBed, lives, max_writers, missing, nbd_events, wait_until
 
 PROTOTYPE_S = (64, 167)
 KEYS = ("detect_s", "fence_s", "start_s", "guest_up_s", "first_write_s")
@@ -147,6 +147,12 @@ def summarize(samples: list[dict], trials: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    reason = missing()
+    if reason:
+        print(
+            f"xenpool bench failover --qemu cannot run here: {reason}", file=sys.stderr
+        )
+        return 1
     workdir = Path(tempfile.mkdtemp(prefix="xq-bench-"))
     workdir.chmod(0o755)  # libvirtd and QEMU run as nobody
     samples: list[dict] = []
