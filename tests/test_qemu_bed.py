@@ -184,3 +184,25 @@ def test_a_frozen_host_is_fenced_and_its_guests_run_once_elsewhere(bed):
     for vm in moved:
         owners = [h for h in bed.hosts.values() if vm in bed.running(h)]
         assert len(owners) == 1, (vm, owners)
+
+
+def test_a_host_cut_off_the_network_is_fenced_and_its_disks_freed_at_the_storage(bed):
+    """No FIN ever reaches nbdkit from a host whose link is cut: its QEMUs' connections stay
+    open there, and limit=1 would refuse every new QEMU. The fence (power off, then the
+    host's connections dropped at the storage) frees the exports."""
+    bed.wait_all_writing(120)
+    host, moved = busiest(bed)
+    boots = {vm: len(lives(bed.console(vm))) for vm in moved}
+    cut_at = time.time()
+    bed.cut_link(host)
+    wait_new_lives(bed, moved, boots)
+    assert not [p for p in qemubed.netns_pids(host.netns) if not qemubed._gone(p)]
+    before = {vm: lives(bed.console(vm))[boots[vm] - 1].synced[-1] for vm in moved}
+    check_disks(bed, moved, before, cut_at)
+    for vm in moved:  # the old connections ended at the fence, not at the cut
+        events = nbd_events(bed.nbd_log(vm))
+        old = {e.connection for e in events if e.kind == "connect" and e.at < cut_at}
+        ends = [e.at for e in events if e.kind == "disconnect" and e.connection in old]
+        assert max(ends) - cut_at >= bed.heartbeat[1] * 0.5, (vm, max(ends) - cut_at)
+    bed.power_on(host)
+    assert bed.running(host) == set()

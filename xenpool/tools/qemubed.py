@@ -880,6 +880,11 @@ class QemuBed:
             os.kill(pid, signal.SIGSTOP)
         return host.frozen
 
+    def cut_link(self, host: Host) -> None:
+        """The host's network cable pulled: everything in it runs on, reaching nothing
+        (its connections stay half-open at their peers)."""
+        sh("ip", "-n", host.netns, "link", "set", "eth0", "down")
+
     def power_on(self, host: Host) -> None:
         """Boot the host again: link up, a fresh libvirtd (its /run cleared), its PE."""
         power_off(host.netns)  # whatever is left (a frozen host not fenced yet)
