@@ -18,6 +18,7 @@ demo-qemu: bootstrap
 lint: bootstrap
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: bootstrap lint
 	@rm -f .coverage .coverage.*

@@ -28,7 +28,7 @@ undefine, and above all nothing a rebooted, fenced host could autostart while th
 elsewhere. The VM's definition lives with the pool user (the request and the cookie), not on
 a host.
 
-Free RAM follows the prototype (THESIS-NOTES, "PE behaviour"): total - hypervisor overhead
+Free RAM follows the prototype (docs/load-study.md, "The model"): total - hypervisor overhead
 (``overhead_mb`` + ``overhead_kb_per_mb`` per MB of total RAM; 12 MB + 7 KB/MB was the
 prototype's Xen) - the current memory of every active domain (Xen's Domain-0 included, as
 the domain with ID 0). ``conn.getFreeMemory()`` is not used: the test driver answers 0
@@ -45,7 +45,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 from string import Template
-from typing import Any
+from typing import Any, overload
 from xml.sax.saxutils import escape
 
 import libvirt
@@ -148,7 +148,7 @@ def ensure_event_loop() -> None:
 
         thread = threading.Thread(target=run, name="libvirt-events", daemon=True)
         thread.start()
-        libvirt._xenpool_event_loop_thread = thread  # type: ignore[attr-defined]
+        libvirt._xenpool_event_loop_thread = thread
 
 
 # -- domain XML -----------------------------------------------------------------------------
@@ -156,13 +156,30 @@ def ensure_event_loop() -> None:
 
 def template_dirs() -> list[Path]:
     """Where domain templates are looked up, first match wins: ``$XENPOOL_ETC``, the source
-    tree's etc/xenpool (editable installs and checkouts), /etc/xenpool."""
+    tree's etc/xenpool (editable installs and checkouts), /etc/xenpool, and the ones
+    shipped in the package (``xenpool.etc``, a non-editable install)."""
     dirs = []
     if os.environ.get("XENPOOL_ETC"):
         dirs.append(Path(os.environ["XENPOOL_ETC"]))
-    dirs.append(Path(__file__).resolve().parent.parent / "etc" / "xenpool")
+    source = Path(__file__).resolve().parent.parent / "etc" / "xenpool"
+    if source.is_dir():
+        dirs.append(source)
     dirs.append(Path("/etc/xenpool"))
+    shipped = shipped_dir()
+    if shipped is not None and shipped not in dirs:
+        dirs.append(shipped)
     return dirs
+
+
+def shipped_dir() -> Path | None:
+    """The directory of the package data ``xenpool.etc`` (None if it is not installed)."""
+    import importlib.resources
+
+    try:
+        path = Path(str(importlib.resources.files("xenpool.etc")))
+    except (ModuleNotFoundError, TypeError):
+        return None
+    return path.resolve() if path.is_dir() else None
 
 
 def stable_uuid(name: str) -> str:
@@ -344,6 +361,12 @@ class LibvirtHypervisor:
         shutdown."""
         self._start_pool()
 
+    @overload
+    def start(self, spec: DomainSpec) -> defer.Deferred: ...
+
+    @overload
+    def start(self, spec: None = None) -> None: ...
+
     def start(self, spec: DomainSpec | None = None) -> defer.Deferred | None:
         """``IHypervisor.start``: start ``spec`` as a transient domain from the template.
         The Deferred fires with its state (``VIR_DOMAIN_RUNNING``) or fails with
@@ -414,8 +437,12 @@ class LibvirtHypervisor:
         return self._defer(self._node)
 
     def node_info(self) -> NodeInfo:
-        """``IHypervisor.node_info``: the node, blocking (connects if needed)."""
-        return self._node()
+        """``IHypervisor.node_info``: the node, blocking (connects if needed). Also checks
+        that this driver's domain template can be read: a PE calls this once at start, and
+        refuses to start without a template rather than fail every create."""
+        node = self._node()
+        self._template()
+        return node
 
     def free_ram_kb(self) -> defer.Deferred:
         """KB left for new guests (never below 0)."""
@@ -605,11 +632,12 @@ class LibvirtHypervisor:
                     f"no domain template for libvirt driver {self._driver_type!r}; pass domain_template=PATH"
                 )
             candidates = [d / filename for d in template_dirs()]
-            path = next((p for p in candidates if p.is_file()), None)
-            if path is None:
+            found = next((p for p in candidates if p.is_file()), None)
+            if found is None:
                 raise HypervisorError(
                     f"domain template {filename} not found in {', '.join(map(str, template_dirs()))}"
                 )
+            path = found
         key = str(path)
         if key not in self._templates:
             try:

@@ -1,4 +1,4 @@
-"""The prototype's three load definitions (THESIS-NOTES, "Load definitions compared")."""
+"""The prototype's three load definitions (compared in docs/load-study.md)."""
 
 from __future__ import annotations
 

@@ -35,9 +35,14 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, cast
 
 from sortedcontainers import SortedList
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from random import Random
+
 
 from xenpool.interfaces import IPoolPolicy, IPoolSelection
 from xenpool.protocol.params import (
@@ -125,6 +130,7 @@ class _Entry:
     back to 0 on every update (rsplib's poolElementNodeUpdate)."""
 
     __slots__ = ("policy", "seq", "key", "degradation", "round", "virtual")
+    key: tuple | None  # the sort key, once the PE is in the sorted list
 
     def __init__(self, policy: PoolPolicy, seq: int) -> None:
         self.policy, self.seq, self.key = policy, seq, None
@@ -302,7 +308,7 @@ class DrawnSelection:
     """PEs drawn at random by weight(policy) from a Fenwick tree; see the module doc."""
 
     def __init__(
-        self, policy_type: int, weight: Callable[[PoolPolicy], int], random: object
+        self, policy_type: int, weight: Callable[[PoolPolicy], int], random: Random
     ) -> None:
         self._policy_type = policy_type
         self._weight = weight
@@ -340,14 +346,14 @@ class DrawnSelection:
             self._free.append(slot)
 
     def select(self, count: int) -> list[int]:
-        weights, drawn = self._weights, []
+        weights, drawn = self._weights, list[tuple[int, int]]()
         while len(drawn) < count and weights.total > 0:
             slot = weights.find(self._random.randrange(weights.total))
             drawn.append((slot, weights.value(slot)))
             weights.set(slot, 0)  # without replacement, until this selection ends
         for slot, weight in drawn:
             weights.set(slot, weight)
-        return [self._owners[slot] for slot, _ in drawn]
+        return [cast(int, self._owners[slot]) for slot, _ in drawn]  # drawn: owned
 
 
 # ------------------------------------------------------ the policies' value functions
@@ -484,7 +490,7 @@ class Policy:
 
 def _policy(
     name: str, policy_type: PolicyType, arguments: tuple, new_selection, doc: str
-) -> type:
+) -> type[Policy]:
     attributes = {
         "name": name,
         "wants_free_ram": "free_ram_mb" in POLICY_FIELDS[policy_type],
@@ -494,7 +500,9 @@ def _policy(
         "__doc__": doc,
         "__module__": __name__,
     }
-    return implementer(IPoolPolicy)(type(name, (Policy,), attributes))
+    return cast(
+        "type[Policy]", implementer(IPoolPolicy)(type(name, (Policy,), attributes))
+    )
 
 
 T = PolicyType

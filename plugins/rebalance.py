@@ -1,4 +1,4 @@
-"""Rebalancing after start (seed open problem 4): move VMs from hot PEs to cold ones.
+"""Rebalancing after start: move VMs from hot PEs to cold ones.
 
 ``hot-cold`` and ``gap-fit`` decide on each PE alone, one VM at a time; ``plan`` plans
 for the whole pool on one PE (the leader) and names the target of each move.

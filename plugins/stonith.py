@@ -77,6 +77,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -245,6 +246,8 @@ class ProcessNotStarted(Exception):
 
 
 class _Collect(ProcessProtocol):
+    transport: IProcessTransport  # set before any callback (spawnProcess)
+
     def __init__(self, stdin: bytes, ended: defer.Deferred) -> None:
         self.stdin = stdin
         self.ended = ended

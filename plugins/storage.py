@@ -64,6 +64,7 @@ from urllib.parse import unquote
 
 from twisted.internet import defer
 from twisted.internet import error as neterror
+from twisted.internet.interfaces import ITransport
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -489,7 +490,7 @@ class TcpProbe(ClientFactory):
         self.make_protocol = make_protocol
         self.deferred: defer.Deferred = defer.Deferred(canceller=self._cancel)
         self.finished = False
-        self.protocol: Protocol | None = None
+        self.built: Protocol | None = None  # the connection's protocol, once made
         self._connector: Any = None
         self._timer: Any = None
 
@@ -505,7 +506,7 @@ class TcpProbe(ClientFactory):
     def buildProtocol(self, addr: Any) -> Protocol:
         protocol = self.make_protocol(self)
         protocol.factory = self
-        self.protocol = protocol
+        self.built = protocol
         return protocol
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
@@ -534,7 +535,7 @@ class TcpProbe(ClientFactory):
 
     def _timed_out(self) -> None:
         self._timer = None
-        phase = "no answer" if self.protocol is not None else "no connection"
+        phase = "no answer" if self.built is not None else "no connection"
         self.fail(f"{phase} within {self.timeout_s:g} s")
         self._drop()
 
@@ -543,7 +544,7 @@ class TcpProbe(ClientFactory):
         self._drop()  # the Deferred then fails with CancelledError
 
     def _drop(self) -> None:
-        transport = getattr(self.protocol, "transport", None)
+        transport = getattr(self.built, "transport", None)
         if transport is not None:
             abort = getattr(transport, "abortConnection", None)
             (abort or transport.loseConnection)()
@@ -561,6 +562,8 @@ class NbdCheckProtocol(Protocol):
     (NBD_OPT_ABORT) has been written out, so a caller that stops right away (a command-line
     check, a test) leaves no half-finished conversation behind.
     """
+
+    transport: ITransport  # set before any callback (Protocol.makeConnection)
 
     def __init__(self, probe: TcpProbe, handshake: NbdHandshake) -> None:
         self.probe = probe
@@ -592,6 +595,8 @@ class NbdCheckProtocol(Protocol):
 
 class _AcceptProtocol(Protocol):
     """Connected is all we wanted to know."""
+
+    transport: ITransport  # set before any callback (Protocol.makeConnection)
 
     def __init__(self, probe: TcpProbe) -> None:
         self.probe = probe

@@ -42,11 +42,14 @@ static_busybox || optional+=(busybox-static)
 command -v rspregistrar >/dev/null 2>&1 || optional+=(rsplib-registrar)
 command -v rspserver >/dev/null 2>&1 || optional+=(rsplib-tools)
 [ -f /usr/include/rserpool/rserpool.h ] || optional+=(librsplib-dev)
+# Optional: promtool checks the /metrics pages, systemd-analyze the units in etc/systemd.
+command -v promtool >/dev/null 2>&1 || optional+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || optional+=(systemd)
 if [ ${#optional[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         missing+=("${optional[@]}")
     else
-        echo "note: the live migration, real-guest (QEMU bed) and SCTP interop tests are skipped without: ${optional[*]}" >&2
+        echo "note: the live migration, real-guest (QEMU bed), SCTP interop, promtool and systemd unit tests are skipped without: ${optional[*]}" >&2
     fi
 fi
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from xenpool.protocol import framing
 from xenpool.protocol import messages as M
+from xenpool.protocol import params as P
 from xenpool.tools import processes
 from xenpool.tools.processes import free_port  # noqa: F401 - re-exported for the tests
 
@@ -149,3 +150,25 @@ def read_until(proc: subprocess.Popen, text: str, timeout: float = 120.0) -> str
             assert chunk, f"the process exited ({proc.wait()}); stderr:\n{log}"
             log += chunk.decode(errors="replace")
     return log
+
+
+def resolvable(daemon: Daemon) -> set[int]:
+    client = AsapClient(daemon.ports["asap"])
+    try:
+        answer = client.request(M.HandleResolution(b"Xen", items=100))
+        return {e.identifier for e in answer.pool_elements}
+    finally:
+        client.close()
+
+
+def element(identifier: int) -> P.PoolElement:
+    """A PE for registrar end-to-end tests: TCP port 6000 + identifier, load identifier %."""
+    return P.PoolElement(
+        identifier,
+        0,
+        600_000,
+        P.TcpTransport(6000 + identifier, ("127.0.0.1",)),
+        P.PoolPolicy.make(
+            P.PolicyType.LEAST_USED, load=P.load_to_wire(identifier / 100)
+        ),
+    )

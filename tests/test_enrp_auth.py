@@ -23,9 +23,8 @@ from xenpool.registrar.peering import Peering
 from xenpool.registrar.service import EnrpMulticast, EnrpProtocol, Metrics
 
 from . import pcapcheck
-from .daemons import AsapClient, Daemon, free_port, poll
+from .daemons import AsapClient, Daemon, element, free_port, poll, resolvable
 from .pcapcheck import Frame, tshark_fields, tshark_malformed, write_pcap
-from .test_enrp_e2e import element, resolvable
 
 SECRET = b"the registrars' shared secret"
 POLICIES = {

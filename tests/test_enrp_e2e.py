@@ -8,10 +8,9 @@ import urllib.request
 import pytest
 
 from xenpool.protocol import messages as M
-from xenpool.protocol import params as P
 from xenpool.tools.processes import wait_for_any
 
-from .daemons import AsapClient, Daemon, free_port, poll
+from .daemons import AsapClient, Daemon, element, free_port, poll, resolvable
 
 pytestmark = pytest.mark.slow
 IDS = {1: 0x11111111, 2: 0x22222222, 3: 0x33333333}
@@ -47,27 +46,6 @@ def pool_view(daemon: Daemon) -> dict[int, int]:
         for pool in state["pools"]
         for pe in pool["pool_elements"]
     }
-
-
-def resolvable(daemon: Daemon) -> set[int]:
-    client = AsapClient(daemon.ports["asap"])
-    try:
-        answer = client.request(M.HandleResolution(b"Xen", items=100))
-        return {e.identifier for e in answer.pool_elements}
-    finally:
-        client.close()
-
-
-def element(identifier: int) -> P.PoolElement:
-    return P.PoolElement(
-        identifier,
-        0,
-        600_000,
-        P.TcpTransport(6000 + identifier, ("127.0.0.1",)),
-        P.PoolPolicy.make(
-            P.PolicyType.LEAST_USED, load=P.load_to_wire(identifier / 100)
-        ),
-    )
 
 
 def test_three_registrars(tmp_path):

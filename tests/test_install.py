@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -57,16 +58,17 @@ def run(
     return result
 
 
-def _ensure_build_tools(cwd: Path) -> None:
+def _ensure_build_tools(python: Path, cwd: Path) -> None:
     """--no-build-isolation builds with this venv's setuptools (and, before setuptools
-    70.1, wheel's bdist_wheel); the fresh venv sees them through the .pth file."""
+    70.1, wheel's bdist_wheel); the fresh venv sees them through the .pth file. Missing
+    ones go into the fresh venv ``python``, never into this one."""
     missing = [
         name
         for name in ("setuptools", "wheel")
         if importlib.util.find_spec(name) is None
     ]
     if missing:
-        run(sys.executable, "-m", "pip", "install", "--quiet", *missing, cwd=cwd)
+        run(python, "-m", "pip", "install", "--quiet", *missing, cwd=cwd)
 
 
 class Fresh(NamedTuple):
@@ -81,7 +83,6 @@ def _fresh_install(base: Path, *, editable: bool) -> Fresh:
         base / "elsewhere"
     )  # neither the checkout nor the venv: nothing on sys.path by accident
     cwd.mkdir()
-    _ensure_build_tools(cwd)
 
     venv = base / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=cwd)
@@ -92,6 +93,7 @@ def _fresh_install(base: Path, *, editable: bool) -> Fresh:
         [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
     )
     (site / "test-venv-site-packages.pth").write_text("".join(f"{p}\n" for p in ours))
+    _ensure_build_tools(python, cwd)
 
     # Install from a copy of the working tree: an in-tree build would write build/ and
     # xenpool.egg-info into the checkout (and reuse a stale build/lib).
@@ -281,3 +283,191 @@ def test_each_daemons_options_load_from_the_installed_copy(fresh, daemon):
     daemon_help = f"import sys; from twisted.scripts.twistd import run; sys.argv = ['twistd', {daemon!r}, '--help']; run()"
     out = run(venv / "bin" / "python", "-c", daemon_help, cwd=cwd).stdout
     assert f"Usage: twistd [options] {daemon} [options]" in out, out
+
+
+def _twistd(venv: Path) -> list[str]:
+    """twistd run by the fresh venv's python (its bin/ has no twistd: Twisted comes
+    from this venv through the .pth file)."""
+    return [
+        str(venv / "bin" / "python"),
+        "-c",
+        "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+    ]
+
+
+def test_the_domain_templates_and_sample_configs_are_installed(fresh):
+    venv, site, cwd, source = fresh
+    shipped = site / "xenpool" / "etc"
+    for name in ("domain-test.xml", "domain-kvm.xml", "domain-xen.xml", "pe.conf"):
+        assert (shipped / name).is_file(), name
+    where = (
+        "import xenpool_plugins.hypervisor_libvirt as h; print(h.template_dirs()[-1])"
+    )
+    out = run(venv / "bin" / "python", "-c", where, cwd=cwd).stdout.strip()
+    assert Path(out) == shipped
+
+
+def test_a_pe_from_a_non_editable_install_starts_a_vm(fresh, tmp_path):
+    from xenpool.protocol import session as S
+    from xenpool.tools.processes import Daemon
+
+    from .daemons import SessionClient, free_port
+
+    venv, site, cwd, source = fresh
+    asap, port = free_port(), free_port()
+    registrar = Daemon(
+        "xenpool-registrar",
+        f"--asap=tcp:{asap}:interface=127.0.0.1",
+        f"--state-dir={tmp_path}",
+        ready="started",
+        cwd=cwd,
+        twistd=_twistd(venv),
+    )
+    try:
+        pe = Daemon(
+            "xenpool-pe",
+            f"--registrar=127.0.0.1:{asap}",
+            f"--port={port}",
+            "--bind=127.0.0.1",
+            "--libvirt-uri=test:///default",
+            ready="registered in pool Xen",
+            cwd=cwd,
+            twistd=_twistd(venv),
+        )
+        try:
+            pu = SessionClient(port)
+            pu.send(S.CreateServer("installed1", "", (), 64))
+            result = pu.receive_until(S.CreateResult)[-1]
+            assert result.code == S.ResultCode.STARTED, result
+            pu.close()
+        finally:
+            pe.stop()
+    finally:
+        registrar.stop()
+
+
+def test_a_pe_without_its_domain_template_refuses_to_start(fresh, tmp_path):
+    venv, site, cwd, source = fresh
+    result = subprocess.run(
+        [
+            *_twistd(venv),
+            "-n",
+            "--pidfile=",
+            "xenpool-pe",
+            "--libvirt-uri=test:///default",
+            f"--domain-template={tmp_path / 'missing.xml'}",
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("xenpool-pe: --domain-template:") and "missing.xml" in line
+
+
+def _readme_commands() -> list[str]:
+    """The commands of the README's "Running a pool" block (its second sh block: the
+    first installs), continuation lines joined, comments dropped."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Running a pool") :]
+    block = section.split("```sh\n")[2].split("```")[0]
+    commands, current = [], ""
+    for line in block.splitlines():
+        line = line.split("  #")[0].rstrip() if not line.startswith("#") else ""
+        if line.endswith("\\"):
+            current += line[:-1]
+            continue
+        current += line
+        if current.strip():
+            commands.append(" ".join(current.split()))
+        current = ""
+    return commands
+
+
+def test_the_readmes_running_a_pool_commands_work_from_a_non_editable_install(
+    fresh, tmp_path
+):
+    import os
+    import signal
+
+    from xenpool.tools.processes import Process
+
+    from .daemons import free_port
+
+    venv, site, cwd, source = fresh
+    commands = _readme_commands()
+    assert len(commands) == 7 and all(
+        c.split()[0] in ("head", "twistd", "printf", "xenpool", "xenpool-pu")
+        for c in commands
+    ), commands
+    # the fresh venv's bin has no twistd (Twisted comes through the .pth file): a shim
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "twistd"
+    shim.write_text(f'#!/bin/sh\nexec {shlex.join(_twistd(venv))} "$@"\n')
+    shim.chmod(0o755)
+    env_path = f"{bin_dir}:{venv / 'bin'}:{os.environ['PATH']}"
+    ports = {p: str(free_port()) for p in ("3863", "8080", "8081", "8082", "5001")}
+    work = tmp_path / "pool"
+    work.mkdir()
+    daemons: list[Process] = []
+    old_path = os.environ["PATH"]
+    os.environ["PATH"] = env_path  # Process() passes the environment on
+    try:
+        for command in commands:
+            for port, free in ports.items():
+                command = command.replace(port, free)
+            if command.endswith("&"):
+                daemon = Process(["bash", "-c", "exec " + command[:-1]], cwd=work)
+                daemons.append(daemon)
+                ready = {
+                    "xenpool-registrar": " started",
+                    "xenpool-pe": "registered in pool Xen",
+                    "xenpool-pu": "web2: running: ",
+                }[command.split()[3]]
+                daemon.wait_for(ready, timeout=60)
+            elif command.startswith("xenpool-pu create"):
+                pu = Process(["bash", "-c", "exec " + command], cwd=work)
+                try:
+                    pu.wait_for("web1: running: domain running", timeout=60)
+                    pu.proc.send_signal(signal.SIGTERM)
+                    assert pu.proc.wait(30) == 0, pu.drain()
+                finally:
+                    pu.stop()
+            else:
+                result = subprocess.run(
+                    ["bash", "-c", command],
+                    cwd=work,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    env={**os.environ, "COLUMNS": "200"},
+                )
+                assert result.returncode == 0, (command, result.stderr)
+                if command.startswith("xenpool status"):
+                    assert "1 PEs" in result.stdout, result.stdout
+    finally:
+        os.environ["PATH"] = old_path
+        for daemon in reversed(daemons):
+            daemon.stop()
+    assert not (work / "twistd.pid").exists()
+
+
+def test_xenpool_examples_copies_the_shipped_configs(fresh, tmp_path):
+    venv, site, cwd, source = fresh
+    out = run(venv / "bin" / "xenpool", "examples", tmp_path / "etc", cwd=cwd).stdout
+    assert "9 files" in out
+    for name in ("registrar.conf", "pe.conf", "vms.conf", "domain-test.xml"):
+        assert (tmp_path / "etc" / name).read_bytes() == (
+            site / "xenpool" / "etc" / name
+        ).read_bytes()
+    again = subprocess.run(
+        [venv / "bin" / "xenpool", "examples", tmp_path / "etc"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 1 and "nothing copied" in again.stderr

@@ -24,23 +24,15 @@ from xenpool.protocol import cookie as C
 from xenpool.protocol import messages as M
 from xenpool.protocol import session as S
 from xenpool.pu.core import LOST, PuSettings, VmKeeper
+from xenpool.testing import DomainTable, MemoryHypervisor, element
+from xenpool.testing import RecordingFencer as Fencer
 from xenpool_plugins.load import CpuLoad
 from xenpool_plugins.rebalance import PlannedMoves
 
-from .test_pe_core import MemoryHypervisor, Session
-from .test_pu_core import element
+from .helpers import Session
 
 MB = 1024
 SECRET = b"pool secret"
-
-
-class DomainTable(dict):
-    """MemoryHypervisor's ``domains`` dict that is also IHypervisor.domains()."""
-
-    def __call__(self):
-        return defer.succeed(
-            {name: (d["state"], d["spec"].ram_mb * MB) for name, d in self.items()}
-        )
 
 
 @implementer(ILiveMigration)
@@ -173,15 +165,6 @@ class PuLink:
 
     def report_unreachable(self, pool_handle, identifier):
         self.unreachable.append(identifier)
-
-
-class Fencer:
-    def __init__(self) -> None:
-        self.fenced: list[str] = []
-
-    def fence(self, host, pe_identifier=0):
-        self.fenced.append(host)
-        return defer.succeed(None)
 
 
 @pytest.fixture

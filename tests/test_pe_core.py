@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet import defer
-from twisted.internet.task import Clock
 
 from xenpool.interfaces import RUNNING, SHUTOFF, NodeInfo
 from xenpool.pe.accounting import HostAccounting, LoadSettings
@@ -12,98 +11,11 @@ from xenpool.pe.core import PeSettings, PoolElementCore
 from xenpool.protocol import cookie as C
 from xenpool.protocol import messages as M
 from xenpool.protocol import session as S
+from xenpool.testing import MemoryHypervisor, RecordingStonith
+from xenpool.testing import RecordingFencer as Fencer
 from xenpool_plugins.load import WeightedLoad
 
-SECRET = b"a pool secret of some length"
-NODE = NodeInfo("pe1", cpus=2, ram_kb=1024 * 1024)
-
-
-class MemoryHypervisor:
-    """In-memory stand-in for IHypervisor (unit tests only)."""
-
-    measures_cpu = True
-
-    def __init__(self) -> None:
-        self.domains: dict[str, dict] = {}
-        self.fail_start: str | None = None
-        self.shutdowns: list[str] = []
-
-    def start(self, spec):
-        if self.fail_start:
-            return defer.fail(RuntimeError(self.fail_start))
-        self.domains[spec.name] = {"state": RUNNING, "cpu_ns": 0, "spec": spec}
-        return defer.succeed(None)
-
-    def state(self, name):
-        return (
-            defer.succeed(self.domains[name]["state"])
-            if name in self.domains
-            else defer.fail(KeyError(name))
-        )
-
-    def cpu_time_ns(self, name):
-        return defer.succeed(self.domains[name]["cpu_ns"])
-
-    def cpu_wait_ns(self, name):
-        return defer.succeed(None)  # not told
-
-    def shutdown(self, name, timeout_s):
-        self.shutdowns.append(name)
-        self.domains.pop(name, None)
-        return defer.succeed(None)
-
-    def destroy(self, name):
-        self.domains.pop(name, None)
-        return defer.succeed(None)
-
-
-class Session:
-    def __init__(self) -> None:
-        self.sent: list = []
-        self.closed = False
-
-    def send(self, message) -> None:
-        self.sent.append(message)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def results(self):
-        return [m for m in self.sent if isinstance(m, S.CreateResult)]
-
-    def cookies(self, now: float):
-        return [
-            C.unseal(m.cookie, SECRET, pool_handle=b"Xen", now=now, max_age_s=60)
-            for m in self.sent
-            if isinstance(m, M.Cookie)
-        ]
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def pe(clock):
-    accounting = HostAccounting(NODE, LoadSettings(sample_interval_s=30))
-    updates = []
-    core = PoolElementCore(
-        PeSettings(pe_identifier=7, host="pe1", secret=SECRET, cookie_max_age_s=60),
-        MemoryHypervisor(),
-        accounting,
-        WeightedLoad(),
-        clock,
-        load_changed=lambda: updates.append(clock.seconds()),
-    )
-    core.updates = updates
-    return core
-
-
-def create(pe, server_id="web1", ram=300, session=None, ips=(), disk="") -> Session:
-    session = session or Session()
-    pe.handle(S.CreateServer(server_id, disk, ips, ram), session)
-    return session
+from .helpers import NODE, SECRET, Session, create
 
 
 def test_create_starts_the_vm_and_sends_cookies(pe, clock):
@@ -312,19 +224,6 @@ def test_cookie_echo_of_a_maybe_running_vm_is_not_started_without_fencing(pe, cl
     )
 
 
-class Fencer:
-    def __init__(self, fail: bool = False) -> None:
-        self.fenced, self.fail = [], fail
-
-    def fence(self, host, pe_identifier=0):
-        self.fenced.append(host)
-        return (
-            defer.fail(RuntimeError("agent said: status on"))
-            if self.fail
-            else defer.succeed(None)
-        )
-
-
 def test_failover_fences_the_old_host_first(pe, clock):
     pe.fencer = Fencer()
     state = C.SessionState(
@@ -337,6 +236,7 @@ def test_failover_fences_the_old_host_first(pe, clock):
     pe.handle(M.CookieEcho(C.seal(state, SECRET)), session)
     assert pe.fencer.fenced == ["pe2", "started"]  # the fence came before the start
     assert session.results()[0].code == S.ResultCode.STARTED
+    assert (pe.fence_attempts, pe.fence_failures) == (1, 0)  # for /metrics
 
 
 def test_a_failed_fence_means_no_start(pe, clock):
@@ -349,6 +249,7 @@ def test_a_failed_fence_means_no_start(pe, clock):
     (result,) = session.results()
     assert result.code == S.ResultCode.FENCE_FAILED and "status on" in result.reason
     assert "web9" not in pe.hypervisor.domains
+    assert (pe.fence_attempts, pe.fence_failures) == (1, 1)  # for /metrics
 
 
 def test_status_description(pe):
@@ -598,15 +499,7 @@ def test_found_domains_without_a_keeper_end_with_the_lease(pe, clock):
 def test_concurrent_failovers_from_one_host_share_one_fence():
     from xenpool.pe.fencing import StonithFencer
 
-    class Stonith:
-        def __init__(self) -> None:
-            self.runs: list[defer.Deferred] = []
-
-        def fence(self, target):
-            self.runs.append(defer.Deferred())
-            return self.runs[-1]
-
-    stonith = Stonith()
+    stonith = RecordingStonith(hold=True)
     fencer = StonithFencer(stonith, {"host1": {"plug": "1"}})
     first, second = fencer.fence("host1"), fencer.fence("host1")
     assert len(stonith.runs) == 1  # one power-off for both

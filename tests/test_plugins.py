@@ -314,16 +314,17 @@ def _pip(python: Path | str, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def _ensure_build_tools() -> None:
+def _ensure_build_tools(python: Path) -> None:
     """--no-build-isolation builds with this venv's own setuptools (and, before
-    setuptools 70.1, wheel's bdist_wheel)."""
+    setuptools 70.1, wheel's bdist_wheel); missing ones go into the throwaway venv
+    ``python``, never into this one."""
     missing = [
         name
         for name in ("setuptools", "wheel")
         if importlib.util.find_spec(name) is None
     ]
     if missing:
-        _pip(sys.executable, "install", "--quiet", *missing)
+        _pip(python, "install", "--quiet", *missing)
 
 
 class ThrowawayVenv(NamedTuple):
@@ -339,7 +340,6 @@ def ram_load_installed(tmp_path_factory) -> ThrowawayVenv:
     venv running the tests is never changed.
 
     Built from a copy so the build leaves no build/ or *.egg-info in the checkout."""
-    _ensure_build_tools()
     base = tmp_path_factory.mktemp("example")
     venv = base / "venv"
     subprocess.run(
@@ -362,6 +362,7 @@ def ram_load_installed(tmp_path_factory) -> ThrowawayVenv:
         + "; ".join(f"site.addsitedir({path!r})" for path in ours)
         + "\n"
     )
+    _ensure_build_tools(python)
     source = base / EXAMPLE.name
     shutil.copytree(
         EXAMPLE,
@@ -466,14 +467,146 @@ def test_a_third_party_entry_point_cannot_shadow_the_builtins(tmp_path, monkeypa
     assert plugins.get("load", "fancy").plugin == "shadow:builtin"
 
 
-def test_a_plugin_that_cannot_be_imported_is_named(tmp_path, monkeypatch):
+def test_a_plugin_that_cannot_be_imported_is_named_and_disabled(tmp_path, monkeypatch):
     _fake_distribution(tmp_path, "broken", "[xenpool]\nbroken = no_such_module_here\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(
-        PluginError,
-        match=r"plugin 'broken:broken' \(no_such_module_here\) cannot be loaded",
-    ):
-        load_plugins()
+    plugins = load_plugins()  # the others still load
+    assert {"max", "cpu", "weighted"} <= set(plugins.names("load"))
+    [why] = plugins.broken.values()
+    assert why.startswith(
+        "plugin 'broken:broken' (no_such_module_here) cannot be loaded"
+    )
+    with pytest.raises(PluginError, match="disabled: plugin 'broken:broken'"):
+        plugins.get("stonith", "whatever-it-provided")
+
+
+NO_FENCE_PLUGIN = """
+from zope.interface import implementer
+from xenpool.hookspecs import hookimpl
+from xenpool.interfaces import IStonith, ILoadMetric
+
+@implementer(IStonith)
+class NoFence:  # no fence()
+    name = "nofence"
+
+@implementer(ILoadMetric)
+class Fine:
+    name = "fine-load"
+    def load(self, sample):
+        return 0.0
+
+@hookimpl
+def xenpool_register_stonith(register):
+    register("nofence", NoFence)
+
+@hookimpl
+def xenpool_register_load_metrics(register):
+    register("fine-load", Fine)
+"""
+
+
+def test_a_stonith_without_fence_disables_only_itself(tmp_path, monkeypatch):
+    _fake_distribution(
+        tmp_path,
+        "halfdone",
+        "[xenpool]\nhalf = halfdone_plugin\n",
+        "halfdone_plugin",
+        NO_FENCE_PLUGIN,
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins = load_plugins()
+    assert "nofence" not in plugins.names("stonith")
+    assert {"fence-agent", "manual"} <= set(plugins.names("stonith"))
+    assert "fine-load" in plugins.names("load")  # its other provider is fine
+    assert list(plugins.broken) == ["stonith nofence"]
+    with pytest.raises(PluginError) as caught:
+        plugins.create("stonith", "nofence")
+    message = str(caught.value)
+    assert "'halfdone:half'" in message and "does not implement IStonith" in message
+    assert "fence" in message and message.endswith("(disabled)")
+
+
+def test_a_third_party_plugin_with_an_unknown_hook_is_disabled(tmp_path, monkeypatch):
+    _fake_distribution(
+        tmp_path,
+        "typo",
+        "[xenpool]\ntypo = typo_dist_plugin\n",
+        "typo_dist_plugin",
+        "from xenpool.hookspecs import hookimpl\n"
+        "@hookimpl\ndef xenpool_register_stonit(register):\n    pass\n",
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins = load_plugins()
+    assert (
+        "unknown hook 'xenpool_register_stonit'" in plugins.broken["plugin typo:typo"]
+    )
+    assert "fence-agent" in plugins.names("stonith")
+
+
+def test_broken_plugins_in_real_processes(tmp_path, monkeypatch):
+    """``xenpool plugins`` lists the rest with one warning per broken plugin; a PE told
+    to use the broken stonith stops with one line; a registrar starts."""
+    _fake_distribution(
+        tmp_path,
+        "halfdone",
+        "[xenpool]\nhalf = halfdone_plugin\n",
+        "halfdone_plugin",
+        NO_FENCE_PLUGIN,
+    )
+    _fake_distribution(tmp_path, "gone", "[xenpool]\ngone = gone_module_missing\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "COLUMNS": "200"}
+    bin_dir = Path(sys.executable).parent
+    listed = subprocess.run(
+        [bin_dir / "xenpool", "plugins"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "fence-agent" in listed.stdout and "fine-load" in listed.stdout
+    warnings = listed.stderr.strip().splitlines()
+    assert len(warnings) == 2, listed.stderr
+    assert any(
+        "stonith 'nofence'" in w and "does not implement IStonith" in w
+        for w in warnings
+    )
+    assert any(
+        "'gone:gone' (gone_module_missing) cannot be loaded" in w for w in warnings
+    )
+    pe = subprocess.run(
+        [bin_dir / "twistd", "-n", "--pidfile=", "xenpool-pe", "--stonith=nofence"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert pe.returncode != 0
+    assert "Traceback" not in pe.stdout + pe.stderr
+    [line] = pe.stderr.strip().splitlines()
+    assert (
+        line.startswith("xenpool-pe: --stonith:")
+        and "does not implement IStonith" in line
+    )
+    # a registrar (it loads every pool policy) starts, warning once about each
+    from .daemons import Daemon, free_port
+
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    registrar = Daemon(
+        "xenpool-registrar",
+        f"--asap=tcp:{free_port()}:interface=127.0.0.1",
+        ready=" started",
+        cwd=tmp_path,
+    )
+    try:
+        log = registrar.drain()
+        lines = log.splitlines()
+        assert sum("does not implement IStonith" in x for x in lines) == 1, log
+        assert sum("gone_module_missing" in x for x in lines) == 1, log
+        assert "Traceback" not in log
+    finally:
+        registrar.stop()
 
 
 def test_a_misspelt_hook_is_reported():

@@ -7,94 +7,12 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from xenpool.protocol import messages as M
-from xenpool.protocol import params as P
 from xenpool.protocol import session as S
 from xenpool.pu.core import LOST, PuSettings, State, VmKeeper
+from xenpool.testing import ScriptedPE, element
+from xenpool.testing import ScriptedPool as Pool
 
-REQUEST = S.CreateServer("web1", "", ("10.0.5.1",), 300)
-
-
-def element(identifier: int) -> P.PoolElement:
-    return P.PoolElement(
-        identifier,
-        1,
-        60_000,
-        P.TcpTransport(5000 + identifier, ("127.0.0.1",)),
-        P.PoolPolicy.make(P.PolicyType.LEAST_USED),
-    )
-
-
-class ScriptedPE:
-    """A PE that answers like a real one (unit tests only)."""
-
-    def __init__(
-        self, identifier: int, refuse: int | None = None, silent: bool = False
-    ) -> None:
-        self.identifier, self.refuse, self.silent = identifier, refuse, silent
-        self.received: list = []
-        self.deliver = None
-        self.closed = False
-
-    def send(self, message) -> None:
-        self.received.append(message)
-        if self.silent or self.deliver is None:
-            return
-        if isinstance(message, (S.CreateServer, M.CookieEcho)):
-            if self.refuse is not None:
-                self.deliver(
-                    S.CreateResult(
-                        "web1", self.refuse, 0, getattr(self, "reason", "no")
-                    )
-                )
-                return
-            self.deliver(M.Cookie(f"cookie from {self.identifier}".encode()))
-            self.deliver(
-                S.CreateResult("web1", 0, 1000, f"started on pe{self.identifier}")
-            )
-        elif isinstance(message, S.CheckRunning):
-            self.deliver(S.CheckRunningResponse("web1", 1))
-        elif isinstance(message, S.StopServer):
-            self.deliver(S.StopResult("web1", S.ResultCode.NORMAL_END, "shut down"))
-
-    def close(self) -> None:
-        self.closed = True
-
-    def die(self) -> None:
-        self.deliver(LOST)
-        self.deliver = None
-
-
-class Pool:
-    def __init__(self, clock: Clock, *pes: ScriptedPE) -> None:
-        self.clock = clock
-        self.pes = {pe.identifier: pe for pe in pes}
-        self.unreachable: list[int] = []
-        self.down: set[int] = set()
-
-    def resolve(self, pool_handle, items, ram_mb=None):
-        return defer.succeed([element(i) for i in self.pes if i not in self.down])
-
-    def connect(self, element, deliver):
-        if element.identifier in self.down:
-            return defer.fail(ConnectionRefusedError("refused"))
-        pe = self.pes[element.identifier]
-        pe.deliver = deliver
-        return defer.succeed(pe)
-
-    def report_unreachable(self, pool_handle, identifier) -> None:
-        self.unreachable.append(identifier)
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-def keeper(clock, pool, rng=lambda: 0.0, **settings) -> VmKeeper:
-    k = VmKeeper(REQUEST, pool, clock, PuSettings(**settings), rng=rng)
-    k.history = []
-    k.events.on_state = lambda kp, state, why: k.history.append((state, why))
-    return k
+from .helpers import REQUEST, RedirectingPE, cookie_naming, keeper, sealed
 
 
 def test_create_then_heartbeat(clock):
@@ -376,15 +294,6 @@ def test_the_create_command_prints_each_pes_refusal(clock, capsys):
     )
 
 
-def sealed(pe: int, running: bool) -> bytes:
-    from xenpool.protocol import cookie as C
-
-    return C.seal(
-        C.SessionState(b"Xen", "web1", "", (), 300, 1, running, f"pe{pe}", pe, 0.0),
-        b"secret",
-    )
-
-
 class SealingPE(ScriptedPE):
     """Sends real cookies as a PE does: one (not running) when a start begins, before it
     may refuse, one (running) once the VM runs."""
@@ -602,43 +511,6 @@ def test_stopping_while_resolving_opens_no_session(clock):
         and pool.most_open == 0
         and pe.received == []
     )
-
-
-def cookie_naming(pe: int) -> bytes:
-    from xenpool.protocol import cookie as C
-
-    return C.seal(
-        C.SessionState(
-            b"Xen", "web1", "", ("10.0.5.1",), 300, 1, True, f"host{pe}", pe, 0.0
-        ),
-        b"a secret",
-    )
-
-
-class RedirectingPE(ScriptedPE):
-    """Refuses with 13 after a cookie naming the host that runs the VM, as a real PE does."""
-
-    def __init__(self, identifier: int, holder: int) -> None:
-        super().__init__(identifier, refuse=S.ResultCode.ALREADY_RUNNING)
-        self.holder = holder
-
-    def send(self, message) -> None:
-        if (
-            isinstance(message, (S.CreateServer, M.CookieEcho))
-            and self.deliver is not None
-        ):
-            self.received.append(message)
-            self.deliver(M.Cookie(cookie_naming(self.holder)))
-            self.deliver(
-                S.CreateResult(
-                    "web1",
-                    S.ResultCode.ALREADY_RUNNING,
-                    0,
-                    f"web1 runs on host{self.holder}",
-                )
-            )
-            return
-        super().send(message)
 
 
 def test_a_new_vm_refused_with_a_cookie_naming_the_holder_is_still_refused_for_good(

@@ -10,8 +10,10 @@ from xenpool.protocol import messages as M
 from xenpool.pu import keeper as keeper_module
 from xenpool.pu.core import PuSettings, State
 from xenpool.pu.keeper import KeeperService
+from xenpool.testing import ScriptedPE
+from xenpool.testing import ScriptedPool as Pool
 
-from .test_pu_core import REQUEST, Pool, ScriptedPE, sealed
+from .helpers import REQUEST, sealed
 
 
 @pytest.fixture
@@ -86,7 +88,7 @@ def test_a_keeper_killed_before_it_saved_a_cookie_follows_the_holder_instead_of_
     kept): a PE that refuses because another host runs the VM names it in a cookie, and the
     keeper goes there and keeps it; "already running" never makes it give a VM of its keep
     file up."""
-    from .test_pu_core import RedirectingPE, cookie_naming
+    from .helpers import RedirectingPE, cookie_naming
 
     holder = ScriptedPE(2)
     keeper, pool = service(tmp_path, RedirectingPE(1, holder=2), holder)

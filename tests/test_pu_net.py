@@ -7,8 +7,7 @@ from twisted.internet.testing import MemoryReactorClock
 from xenpool.asap_client import TcpPoolAccess
 from xenpool.discovery import Registrars
 from xenpool.pu import cli, tap
-
-from .test_pu_core import element
+from xenpool.testing import element
 
 
 def connect_timeout(access: TcpPoolAccess, reactor: MemoryReactorClock) -> float:

@@ -14,13 +14,12 @@ from xenpool.protocol import messages as M
 from xenpool.protocol import params as P
 from xenpool.protocol import session as S
 from xenpool.sim.run import Simulation
+from xenpool.testing import ScriptedPE
+from xenpool.testing import ScriptedPool as Pool
 from xenpool_plugins.load import CpuLoad
 from xenpool_plugins.rebalance import GapFit, HotToCold
 
-from .test_pe_core import Session, create
-from .test_pe_core import clock as clock
-from .test_pe_core import pe as pe
-from .test_pu_core import Pool, ScriptedPE, keeper
+from .helpers import Session, create, keeper
 
 SAMPLE = LoadSample(cpu=0.9, ram=0.5, vm_cpu={"small": 0.1, "medium": 0.3, "big": 0.5})
 
@@ -528,7 +527,7 @@ class Peers:
 
 
 def _elements(*identifiers):
-    from .test_pu_core import element
+    from xenpool.testing import element
 
     return [element(i) for i in identifiers]
 
@@ -537,8 +536,7 @@ def _two_pes(clock, secret=b""):
     from xenpool.interfaces import NodeInfo
     from xenpool.pe.accounting import HostAccounting
     from xenpool.pe.core import PeSettings, PoolElementCore
-
-    from .test_pe_core import MemoryHypervisor
+    from xenpool.testing import MemoryHypervisor
 
     cores = [
         PoolElementCore(

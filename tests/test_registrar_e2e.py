@@ -197,7 +197,7 @@ def test_status_metrics_and_table(registrar):
             "-m",
             "xenpool.cli",
             "status",
-            "--registrar",
+            "--status",
             f"127.0.0.1:{registrar.status}",
         ],
         capture_output=True,
@@ -290,16 +290,20 @@ def test_a_client_that_never_reads_cannot_pin_memory(registrar):
         client.close()
 
 
-def test_the_example_config_is_valid():
+def test_the_example_config_is_valid(tmp_path):
     from pathlib import Path
 
     from xenpool.registrar.tap import Options
 
+    secret = tmp_path / "pool.secret"  # it names /etc/xenpool/pool.secret
+    secret.write_text("sixteen bytes or more of secret\n")
     options = Options()
     options.parseOptions(
         [
             f"--config={Path(__file__).parents[1] / 'etc/xenpool/registrar.conf'}",
             "--peer=tcp:host=h:port=1",
+            f"--pool-secret=Xen:{secret}",
+            f"--state-dir={tmp_path}",
         ]
     )
     assert options.settings["asap"] == ["tcp:3863"] and options.settings["enrp"] == [

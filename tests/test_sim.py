@@ -14,7 +14,7 @@ from xenpool.sim.run import Simulation
 
 SCENARIOS = (
     Path(__file__).resolve().parents[1] / "scenarios"
-)  # copies of ../shared/scenarios
+)  # copies of the prototype's scenarios
 MIXED = SCENARIOS / "thesis-mixed-order.json"
 BY_TYPE = SCENARIOS / "thesis-by-type-order.json"
 

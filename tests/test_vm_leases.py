@@ -18,9 +18,10 @@ from xenpool.protocol import cookie as C
 from xenpool.protocol import messages as M
 from xenpool.protocol import session as S
 from xenpool.registrar.leases import LeaseTable
+from xenpool.testing import MemoryHypervisor
 from xenpool_plugins.load import WeightedLoad
 
-from .test_pe_core import NODE, SECRET, MemoryHypervisor, Session
+from .helpers import NODE, SECRET, Session
 
 ACQUIRE, RENEW, RELEASE = (
     S.LeaseAction.ACQUIRE,

@@ -18,6 +18,7 @@ from xenpool.pe.fencing import StonithFencer
 from xenpool.pe.service import PoolElementService
 from xenpool.plugins import PluginError, load_plugins
 from xenpool.protocol import messages as M
+from xenpool.testing import RecordingStonith
 from xenpool_plugins.stonith import (
     FenceFailed,
     WatchdogDevice,
@@ -362,15 +363,7 @@ def test_a_fence_with_a_wall_clock_that_jumps_still_waits_the_monotonic_time():
 
 
 def test_the_fencer_gives_the_provider_the_pe_identifier():
-    class Stonith:
-        def __init__(self) -> None:
-            self.targets = []
-
-        def fence(self, target):
-            self.targets.append(target)
-            return defer.succeed(None)
-
-    stonith = Stonith()
+    stonith = RecordingStonith()
     StonithFencer(stonith, {"host1": {"plug": "1"}}).fence("host1", 0x11)
     StonithFencer(stonith, {}).fence("host2")
     assert stonith.targets == [

@@ -8,13 +8,15 @@ membership). A session's ``deliver`` callback gets every message the PE sends, t
 
 from __future__ import annotations
 
+import typing
 from functools import partial
 
 from twisted.internet import defer, endpoints
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from .discovery import Registrars
 from .protocol import framing
 from .protocol import messages as M
 from .protocol import params as P
@@ -26,6 +28,8 @@ LOST = object()  # delivered when a session ends
 
 class _OneRequest(Protocol):
     """Sends one ASAP request to a registrar and waits for the answer (or just sends)."""
+
+    transport: ITCPTransport  # set before any callback (Protocol.makeConnection)
 
     def __init__(self, request: M.Message, answer: defer.Deferred | None) -> None:
         self.request, self.answer = request, answer
@@ -63,6 +67,7 @@ class _OneRequest(Protocol):
 
 
 class _PeSession(Protocol):
+    transport: FileDescriptor  # TCP or SCTP; None until connected (send checks)
     sctp_framing = "shim"  # over SCTP the PPID replaces the shim (xenpool.sctp)
 
     def __init__(self, deliver) -> None:
@@ -90,6 +95,12 @@ class _PeSession(Protocol):
         self.deliver(LOST)
 
 
+class RegistrarList(typing.Protocol):
+    """Where the registrars are (``discovery.Registrars``): endpoints to try in order."""
+
+    def endpoints(self) -> list: ...
+
+
 class TcpPoolAccess:
     """PoolAccess over TCP: registrars tried in order (configured, then announced), PEs
     at their user transport. ``timeout_s`` bounds a registrar's answer (and a PE's connect
@@ -99,7 +110,7 @@ class TcpPoolAccess:
     def __init__(
         self,
         reactor,
-        registrars: Registrars,
+        registrars: RegistrarList,
         timeout_s: float = 5.0,
         pe_connect_timeout_s: float | None = None,
     ) -> None:
@@ -147,7 +158,7 @@ class TcpPoolAccess:
         if isinstance(transport, P.SctpTransport):
             from .sctp import SctpClientEndpoint
 
-            endpoint = SctpClientEndpoint(
+            endpoint: IStreamClientEndpoint = SctpClientEndpoint(
                 self.reactor,
                 transport.addresses[0],
                 transport.port,

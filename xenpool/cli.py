@@ -23,8 +23,10 @@ def _seconds(text: str) -> float:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.qemu:
-        from .tools.qemu_demo import run
-    elif args.protocol:
+        from .tools import qemu_demo
+
+        return qemu_demo.run()
+    if args.protocol:
         from .tools.demo import run
     else:
         from .tools.cluster_demo import run
@@ -54,6 +56,39 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
                 f"{p.factory.__module__}.{p.factory.__qualname__}",
             )
     Console().print(table)
+    for why in plugins.broken.values():  # a broken third-party plugin hides only itself
+        print(f"xenpool plugins: warning: {why}; disabled", file=sys.stderr)
+    return 0
+
+
+def _cmd_examples(args: argparse.Namespace) -> int:
+    """Copy the shipped sample configs, node files and domain templates to a directory."""
+    import importlib.resources
+    from pathlib import Path
+
+    target = Path(args.directory)
+    shipped = [
+        f
+        for f in importlib.resources.files("xenpool.etc").iterdir()
+        if f.name.endswith((".conf", ".xml"))
+    ]
+    existing = [f.name for f in shipped if (target / f.name).exists()]
+    if existing:
+        print(
+            f"xenpool examples: {target} has {', '.join(sorted(existing))} already; nothing copied",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for f in sorted(shipped, key=lambda f: f.name):
+            (target / f.name).write_bytes(f.read_bytes())
+    except OSError as err:
+        print(f"xenpool examples: {target}: {err.strerror}", file=sys.stderr)
+        return 1
+    print(
+        f"{len(shipped)} files in {target}: {', '.join(sorted(f.name for f in shipped))}"
+    )
     return 0
 
 
@@ -68,7 +103,7 @@ def _cmd_decode(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.protocol == "session":
-            msg = session.decode(data)
+            msg: object = session.decode(data)
         else:
             ppid = messages.ENRP_PPID if args.protocol == "enrp" else messages.ASAP_PPID
             msg = messages.decode(data, ppid)
@@ -87,13 +122,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    url = f"http://{args.registrar}/handlespace"
+    if args.status_old and not args.status:
+        print(
+            "xenpool status: --registrar is deprecated here, use --status HOST:PORT",
+            file=sys.stderr,
+        )
+        args.status = args.status_old
+    if not args.status:
+        print("xenpool status: --status HOST:PORT is required", file=sys.stderr)
+        return 2
+    url = f"http://{args.status}/handlespace"
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as response:
             state = json.load(response)
     except (urllib.error.URLError, OSError, ValueError) as err:
         print(
-            f"xenpool status: --registrar {args.registrar}: {getattr(err, 'reason', err)}",
+            f"xenpool status: --status {args.status}: {getattr(err, 'reason', err)}",
             file=sys.stderr,
         )
         return 1
@@ -205,17 +249,24 @@ def parser() -> argparse.ArgumentParser:
         help="real guests on three QEMU hosts with NBD disks, one powered off (root)",
     )
     demo.set_defaults(func=_cmd_demo)
+    ex = sub.add_parser(
+        "examples",
+        help="copy the sample configs and domain templates xenpool ships to DIRECTORY",
+    )
+    ex.add_argument("directory")
+    ex.set_defaults(func=_cmd_examples)
     sub.add_parser("plugins", help="list installed plugins").set_defaults(
         func=_cmd_plugins
     )
 
     st = sub.add_parser("status", help="a registrar's pools and PEs as a table")
     st.add_argument(
-        "--registrar",
-        required=True,
+        "--status",
         metavar="HOST:PORT",
-        help="the registrar's --status endpoint",
+        help="the registrar's HTTP status port (its --status endpoint)",
     )
+    # the old name, before --registrar meant an ASAP endpoint everywhere else
+    st.add_argument("--registrar", dest="status_old", help=argparse.SUPPRESS)
     st.add_argument("--timeout", type=float, default=5.0)
     st.set_defaults(func=_cmd_status)
 

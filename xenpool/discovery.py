@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from twisted.application import internet, service
 from twisted.internet import defer, endpoints, error
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IMulticastTransport, IStreamClientEndpoint
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -99,6 +99,8 @@ class AnnounceListener(DatagramProtocol):
     """Joins the announce group and feeds what it hears to ``registrars``. A datagram
     that is not a valid SERVER_ANNOUNCE is logged and dropped."""
 
+    transport: IMulticastTransport  # set before any callback (listenMulticast)
+
     def __init__(
         self, registrars: AnnouncedRegistrars, group: str, clock, interface: str = ""
     ) -> None:
@@ -158,7 +160,7 @@ class Announcer(service.Service):
         self.interval_s = interval_s
         self.interface = interface
         self.ttl = ttl
-        self._port = None
+        self._port: IMulticastTransport | None = None
         self._loop = LoopingCall(self.announce)
         self._loop.clock = reactor
 
@@ -175,6 +177,7 @@ class Announcer(service.Service):
     def announce(self) -> None:
         transports = tuple(self.transports())
         if transports:
+            assert self._port is not None  # the loop runs once startService listened
             self._port.write(
                 M.encode(M.ServerAnnounce(self.registrar_id, transports)),
                 self.destination,

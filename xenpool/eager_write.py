@@ -42,7 +42,7 @@ def write(transport, data: bytes) -> None:
 def _idle(transport: tcp.Connection) -> bool:
     """A connected, plain, open transport with an empty write buffer."""
     try:
-        return (
+        return bool(
             transport.connected
             and not transport.TLS
             and not transport.disconnecting

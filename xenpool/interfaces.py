@@ -10,13 +10,18 @@ others are plain, side-effect free functions of their arguments.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    import random as _random
+
     from twisted.internet.defer import Deferred
+
+    from .protocol.params import PoolPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +49,7 @@ class ILoadMetric(Interface):
 class IPoolSelection(Interface):
     """One pool's selection state inside a registrar, for one policy."""
 
-    def update(identifier: int, policy: object) -> None:
+    def update(identifier: int, policy: PoolPolicy) -> None:
         """Add PE ``identifier`` or change its policy parameter (a PoolPolicy)."""
 
     def remove(identifier: int) -> None:
@@ -65,7 +70,7 @@ class IPoolPolicy(Interface):
         policy's arguments as written after the name (``LeastUsedDegradation:0.05``).
         Raises ValueError naming the bad argument."""
 
-    def new_selection(random: object) -> IPoolSelection:
+    def new_selection(random: _random.Random) -> IPoolSelection:
         """Fresh selection state for one pool; ``random`` is a ``random.Random``."""
 
 
@@ -191,7 +196,7 @@ class ISelfFencing(IStonith):
         "The longest a PE may go without sending a registration (refresh)."
     )
 
-    def attach(membership: object, holds_vms: object) -> None:
+    def attach(membership: Any, holds_vms: Callable[[], bool]) -> None:
         """``membership.registered(pe_identifier)``: a Deferred firing True or False, or
         failing when the pool cannot tell; ``holds_vms()``: whether the PE runs or keeps
         any VM now (a clean stop may disarm the watchdog only when it does not)."""
@@ -239,6 +244,21 @@ class IStorage(Interface):
 NOSTATE, RUNNING, BLOCKED, PAUSED, SHUTDOWN, SHUTOFF, CRASHED, PMSUSPENDED = range(8)
 #: States of a domain that exists and may run: it is "running" for a PE.
 NORMAL_STATES = {NOSTATE, RUNNING, BLOCKED, PAUSED}
+STATE_NAMES = (
+    "nostate",
+    "running",
+    "blocked",
+    "paused",
+    "shutdown",
+    "shutoff",
+    "crashed",
+    "pmsuspended",
+)
+
+
+def state_name(state: int) -> str:
+    """A libvirt domain state by name (``running``, not 1), for logs and status output."""
+    return STATE_NAMES[state] if 0 <= state < len(STATE_NAMES) else f"state {state}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,8 +327,9 @@ class IHypervisor(Interface):
     def destroy(name: str) -> Deferred[object]:
         """Stop the domain at once."""
 
-    def watch(callback: object) -> None:
-        """Call ``callback(name, state)`` on every lifecycle event, where supported."""
+    def watch(callback: Callable[[str, int], object]) -> Deferred[bool]:
+        """Call ``callback(name, state)`` on every lifecycle event, where supported; fires
+        True once events flow, False where the hypervisor has none."""
 
 
 class ILiveMigration(Interface):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pluggy
+from twisted.logger import Logger
 from zope.interface import Interface
 from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyClass, verifyObject
@@ -49,6 +50,9 @@ KINDS = {
     "hypervisor": Kind("xenpool_register_hypervisors", IHypervisor, "hypervisor"),
     "rebalancer": Kind("xenpool_register_rebalancers", IRebalancer, "rebalancer"),
 }
+
+
+log = Logger()
 
 
 class PluginError(Exception):
@@ -91,15 +95,43 @@ class Plugins:
     """The providers every loaded plugin registered, by kind and name. ``reactor``: given
     to every factory that takes a ``reactor`` keyword (None: each uses the global one)."""
 
-    def __init__(self, manager: pluggy.PluginManager, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        manager: pluggy.PluginManager,
+        reactor: Any = None,
+        *,
+        tolerated: Iterable[str] = (),
+        broken: dict[str, str] | None = None,
+    ) -> None:
         self.manager = manager
         self.reactor = reactor
         self._providers: dict[str, dict[str, Provider]] = {kind: {} for kind in KINDS}
+        # third-party plugins (by name) whose faults disable only themselves, and what is
+        # disabled: "plugin NAME" or "KIND NAME" -> why (one line each, warned once)
+        self.tolerated = set(tolerated)
+        self.broken: dict[str, str] = dict(broken or {})
+        self._broken_providers: dict[tuple[str, str], str] = {}
         for kind, spec in KINDS.items():
             hook = getattr(manager.hook, spec.hook)
             for impl in hook.get_hookimpls():
                 plugin_name = manager.get_name(impl.plugin) or repr(impl.plugin)
-                impl.function(register=self._registrar(kind, plugin_name))
+                if f"plugin {plugin_name}" in self.broken:
+                    continue
+                try:
+                    impl.function(register=self._registrar(kind, plugin_name))
+                except Exception as err:
+                    if plugin_name not in self.tolerated:
+                        raise
+                    why = str(err) if isinstance(err, PluginError) else _one_line(err)
+                    self._disable(
+                        f"plugin {plugin_name}",
+                        f"plugin {plugin_name!r}: its {spec.hook} hook failed: {why}",
+                    )
+
+    def _disable(self, key: str, why: str) -> None:
+        """A third-party plugin or provider that is broken: disabled, one warning."""
+        self.broken[key] = why
+        log.warn("{why}; disabled", why=why)
 
     def _registrar(
         self, kind: str, plugin_name: str
@@ -108,19 +140,24 @@ class Plugins:
 
         def register(name: str, factory: Callable[..., Any]) -> None:
             existing = self._providers[kind].get(name)
+            problem = None
             if existing is not None:
-                raise PluginError(
-                    f"plugin {plugin_name!r}: {spec.label} {name!r} is already provided by plugin {existing.plugin!r}"
-                )
-            if isinstance(factory, type):
+                problem = f"plugin {plugin_name!r}: {spec.label} {name!r} is already provided by plugin {existing.plugin!r}"
+            elif isinstance(factory, type):
                 try:
                     verifyClass(spec.interface, factory)
                 except Invalid as err:
-                    raise PluginError(
+                    problem = (
                         f"plugin {plugin_name!r}: {spec.label} {name!r} ({factory.__name__}) "
                         f"does not implement {spec.interface.__name__}: {_one_line(err)}"
-                    ) from None
-            self._providers[kind][name] = Provider(kind, name, factory, plugin_name)
+                    )
+            if problem is None:
+                self._providers[kind][name] = Provider(kind, name, factory, plugin_name)
+            elif plugin_name in self.tolerated:
+                self._broken_providers[(kind, name)] = problem
+                self._disable(f"{kind} {name}", problem)
+            else:
+                raise PluginError(problem)
 
         return register
 
@@ -134,9 +171,17 @@ class Plugins:
         try:
             return self._providers[kind][name]
         except KeyError:
+            if (kind, name) in self._broken_providers:
+                raise PluginError(
+                    f"{self._broken_providers[kind, name]} (disabled)"
+                ) from None
             installed = ", ".join(self.names(kind)) or "none"
+            disabled = [
+                why for key, why in self.broken.items() if key.startswith("plugin ")
+            ]
+            also = f"; disabled: {'; '.join(disabled)}" if disabled else ""
             raise UnknownProvider(
-                f"no {KINDS[kind].label} named {name!r}; installed: {installed}"
+                f"no {KINDS[kind].label} named {name!r}; installed: {installed}{also}"
             ) from None
 
     def create(self, kind: str, name: str, **options: Any) -> Any:
@@ -188,6 +233,13 @@ def load_plugins(
     """
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
+    tolerated: set[str] = set()  # third-party entry points: a fault disables only them
+    broken: dict[str, str] = {}
+
+    def disable(name: str, why: str) -> None:
+        broken[f"plugin {name}"] = why
+        log.warn("{why}; disabled", why=why)
+
     if entry_points:
         for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
             dist = ep.dist.name if ep.dist is not None else "?"
@@ -198,17 +250,39 @@ def load_plugins(
             )
             if manager.has_plugin(name):  # the same distribution seen twice on sys.path
                 continue
+            third_party = name != "builtin"
             try:
                 plugin = ep.load()
             except Exception as err:
-                raise PluginError(
-                    f"plugin {name!r} ({ep.value}) cannot be loaded: {_one_line(err)}"
-                ) from None
-            _register(manager, plugin, name)
+                why = f"plugin {name!r} ({ep.value}) cannot be loaded: {_one_line(err)}"
+                if not third_party:
+                    raise PluginError(why) from None
+                disable(name, why)
+                continue
+            try:
+                _register(manager, plugin, name)
+                _check_hooks(manager, plugin, name)
+            except PluginError as err:
+                if not third_party:
+                    raise
+                if manager.is_registered(plugin):
+                    manager.unregister(plugin)
+                disable(name, str(err))
+                continue
+            if third_party:
+                tolerated.add(name)
     for module in modules:
         _register(manager, module, getattr(module, "__name__", repr(module)))
     try:
         manager.check_pending()
     except pluggy.PluginValidationError as err:
         raise PluginError(_one_line(err)) from None
-    return Plugins(manager, reactor)
+    return Plugins(manager, reactor, tolerated=tolerated, broken=broken)
+
+
+def _check_hooks(manager: pluggy.PluginManager, plugin: object, name: str) -> None:
+    """Every hook ``plugin`` implements is one of xenpool's (pluggy's check_pending, for
+    one plugin)."""
+    for caller in manager.get_hookcallers(plugin) or []:
+        if not caller.has_spec():
+            raise PluginError(f"plugin {name!r}: unknown hook {caller.name!r}")

@@ -29,7 +29,11 @@ import struct
 
 from twisted.internet import defer, main, tcp
 from twisted.internet.endpoints import _WrappingFactory
-from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IProtocol,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+)
 from zope.interface import implementer
 
 from .protocol import messages as M
@@ -157,6 +161,8 @@ def protocol_setting(protocol, name: str, default):
 
 class _SctpConnection:
     """Mixed into Twisted's TCP connection classes: reads and writes whole SCTP messages."""
+
+    protocol: IProtocol  # set by tcp.Connection, the class this mixes into
 
     sctp = True
     _wrapped = None

@@ -11,7 +11,11 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    disable_created_metrics,
+    generate_latest,
+)
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
@@ -35,7 +39,7 @@ class JsonDocument(resource.Resource):
         super().__init__()
         self.document = document
 
-    def render_GET(self, request):
+    def render_GET(self, request: server.Request) -> bytes | int:
         request.setHeader(b"content-type", b"application/json")
         result = self.document()
         if not isinstance(result, defer.Deferred):
@@ -69,6 +73,8 @@ class Metrics(resource.Resource):
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__()
         self.registry = registry
+        # no <counter>_created gauges next to each counter (Prometheus' conventions)
+        disable_created_metrics()
 
     def render_GET(self, request) -> bytes:
         request.setHeader(b"content-type", METRICS_CONTENT_TYPE)

@@ -107,7 +107,7 @@ class Node:
             self.pidfile.write_text(str(self.proc.pid))
 
     def signal(self, sig: int) -> None:
-        if self.alive():
+        if self.proc is not None and self.alive():
             os.kill(self.proc.pid, sig)
             if sig == signal.SIGSTOP:
                 self.stopped = True
@@ -115,7 +115,7 @@ class Node:
                 self.stopped = False
 
     def kill(self) -> None:
-        if self.alive():
+        if self.proc is not None and self.alive():
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
             self.extra["off_since"] = time.monotonic()
@@ -123,7 +123,7 @@ class Node:
 
     def stop(self) -> None:
         """SIGTERM (a clean stop), SIGKILL after 10 s."""
-        if self.alive():
+        if self.proc is not None and self.alive():
             os.kill(self.proc.pid, signal.SIGCONT)
             self.proc.terminate()
             try:
@@ -354,7 +354,7 @@ class TestBed:
         while time.monotonic() < deadline:
             if not node.alive():
                 raise RuntimeError(
-                    f"{node.name} exited ({node.proc.returncode}); log:\n{self.tail(node)}"
+                    f"{node.name} exited ({node.proc and node.proc.returncode}); log:\n{self.tail(node)}"
                 )
             try:
                 answer = node.status(path)
@@ -372,7 +372,7 @@ class TestBed:
         while time.monotonic() < deadline:
             if not node.alive():
                 raise RuntimeError(
-                    f"{node.name} exited ({node.proc.returncode}); log:\n{self.tail(node)}"
+                    f"{node.name} exited ({node.proc and node.proc.returncode}); log:\n{self.tail(node)}"
                 )
             try:
                 socket.create_connection((node.address, port), timeout=0.5).close()
@@ -480,7 +480,7 @@ class TestBed:
     def teardown(self) -> None:
         for node in self.nodes.values():
             try:
-                if node.alive():
+                if node.proc is not None and node.alive():
                     os.kill(node.proc.pid, signal.SIGCONT)
                     node.proc.kill()
                     node.proc.wait(10)

@@ -17,8 +17,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .bed import ASAP, ENRP, PE_PORT, STATUS, Node, TestBed
+
+if TYPE_CHECKING:
+    from .model import Round
 
 
 @dataclass
@@ -28,7 +32,7 @@ class Fault:
     hold_s: float
     where: Callable[[], dict[str, list[str]]]  # VM -> hosts, the monitor's latest view
     round_after: Callable[
-        [float], object
+        [float], Round
     ]  # the monitor's first round after a monotonic time
     violations: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -173,12 +177,14 @@ def pe_stop_fence_fails(f: Fault) -> Heal:
     start elsewhere, the PEs must not hammer the fence, and after SIGCONT its keeper
     takes them back."""
     victim = f.victim()
-    real = victim.pidfile.read_text()
-    victim.pidfile.write_text("not a pid\n")
+    pidfile = victim.pidfile
+    assert pidfile is not None  # every PE has one (bed.py)
+    real = pidfile.read_text()
+    pidfile.write_text("not a pid\n")
     victim.signal(signal.SIGSTOP)
 
     def heal() -> None:
-        victim.pidfile.write_text(real)
+        pidfile.write_text(real)
         victim.signal(signal.SIGCONT)
 
     return heal
@@ -204,14 +210,16 @@ def selftest_broken_fence(f: Fault) -> Heal:
     fence of it "succeeds" while it only sleeps (SIGSTOP). Its VMs get started elsewhere:
     invariant (a) must flag a double start. At heal the victim is really powered off."""
     victim = f.victim()
-    real = victim.pidfile.read_text()
+    pidfile = victim.pidfile
+    assert pidfile is not None  # every PE has one (bed.py)
+    real = pidfile.read_text()
     gone = subprocess.Popen(["true"])
     gone.wait()
-    victim.pidfile.write_text(str(gone.pid))
+    pidfile.write_text(str(gone.pid))
     victim.signal(signal.SIGSTOP)
 
     def heal() -> None:
-        victim.pidfile.write_text(real)
+        pidfile.write_text(real)
         victim.kill()
 
     return heal
@@ -312,7 +320,7 @@ def garbage(f: Fault) -> Heal:
             s.close()
         f.notes.append(f"{sent[0]} garbage messages")
         for node in bed.daemons:
-            if not node.alive():
+            if node.proc is not None and not node.alive():
                 f.violations.append(
                     f"garbage: {node.name} died ({node.proc.returncode})"
                 )

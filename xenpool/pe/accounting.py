@@ -1,6 +1,6 @@
 """A PE's accounting of its host: RAM, per-VM CPU share, the load it reports. Sans-IO.
 
-Follows the prototype (THESIS-NOTES, "PE behaviour"), with its bug fixed: free RAM is
+Follows the prototype (docs/load-study.md, "The model"), with its bug fixed: free RAM is
 total - hypervisor overhead - every guest's RAM - the host's own reserve.
 """
 

@@ -24,6 +24,7 @@ from ..interfaces import (
     NOSTATE,
     RUNNING,
     SHUTOFF,
+    DiskSpecError,
     DomainSpec,
 )
 from ..logs import hex_id
@@ -32,12 +33,14 @@ from ..protocol import messages as M
 from ..protocol import params as P
 from ..protocol import session as S
 from ..protocol.errors import ProtocolError
-from .accounting import HostAccounting
+from .accounting import HostAccounting, HostCpu
 from .leases import LeaseOutcome, LeaseSettings, VmLeases
 from .moves import Rebalancing
 from .sessions import Session, VmSession
 
 log = Logger()
+#: Why a PE without a stonith provider refuses failovers (in its warning and answer).
+NO_STONITH = "this PE has no --stonith to fence the old host with (give it --stonith and --stonith-option)"
 
 
 @dataclass(frozen=True)
@@ -111,11 +114,11 @@ class PoolElementCore(Rebalancing):
         accounting: HostAccounting,
         metric,
         clock,
-        disk_xml: Callable[[str], object] | None = None,
+        disk_xml: Callable[[str], defer.Deferred] | None = None,
         load_changed: Callable[[], None] = lambda: None,
         fencer: Fencer | None = None,
         claims: ClaimAsker | None = None,
-        disk_release: Callable[[str], object] | None = None,
+        disk_release: Callable[[str], defer.Deferred] | None = None,
         leases: VmLeases | None = None,
     ) -> None:
         self.settings = settings
@@ -135,11 +138,15 @@ class PoolElementCore(Rebalancing):
         self.disk_release = disk_release or (
             lambda spec: defer.succeed(None)
         )  # after the VM stopped
-        self.host_cpu = (
+        self.host_cpu: HostCpu | None = (
             None  # an accounting.HostCpu where the hypervisor runs on this machine
         )
         self.load_changed = load_changed
         self.fencer = fencer
+        # VMs whose failover was refused for want of --stonith: warned once each
+        self.unfenced_warned: set[str] = set()
+        self.fence_attempts = 0  # fences asked of the stonith provider
+        self.fence_failures = 0  # ... and those that failed (nothing was started)
         self.claims = claims
         self._init_rebalancing()
         self.starting: dict[str, S.CreateServer] = {}  # claimed, start in progress
@@ -251,7 +258,9 @@ class PoolElementCore(Rebalancing):
         self, session: Session, server_id: str, code: int, reason: str
     ) -> None:
         self.refusals[code] = self.refusals.get(code, 0) + 1
-        log.info(
+        # a failover refused for want of --stonith was warned about once for this VM
+        quiet = code == S.ResultCode.FENCE_FAILED and NO_STONITH in reason
+        (log.debug if quiet else log.info)(
             "refused {server}: {code} {reason}",
             server=server_id,
             code=int(code),
@@ -292,7 +301,7 @@ class PoolElementCore(Rebalancing):
 
     async def _claim(
         self, request: S.CreateServer, may_run_on: S.Holder | None = None
-    ) -> tuple[int, str] | None:
+    ) -> tuple[int, str] | Refusal | None:
         """Make sure this PE alone may start ``request``, whatever the PU claims: the
         voters' lease (exactly one of two concurrent starters gets it), then every host
         that may still run it (the lease's previous holders, ``may_run_on`` from the
@@ -330,7 +339,7 @@ class PoolElementCore(Rebalancing):
 
     async def _claim_lease(
         self, request: S.CreateServer, may_run_on: S.Holder | None
-    ) -> tuple[int, str] | None:
+    ) -> tuple[int, str] | Refusal | None:
         me = self.settings.host
         fenced: set[str] = set()
         cleared: set[S.Holder] = set()  # took over its live lease: asked again below
@@ -401,7 +410,7 @@ class PoolElementCore(Rebalancing):
 
     async def _ask_pool(
         self, request: S.CreateServer, suspects: set[S.Holder]
-    ) -> set[str] | tuple[int, str]:
+    ) -> set[str] | tuple[int, str] | Refusal:
         """Ask every PE of the pool, and the suspects directly, whether it runs or starts
         ``request``: a refusal when one does, else the hosts that answered (proof that
         they do not run it)."""
@@ -440,13 +449,23 @@ class PoolElementCore(Rebalancing):
     async def _fence(self, target: S.Holder, server_id: str) -> tuple[int, str] | None:
         host = target.host
         if self.fencer is None:
+            if server_id not in self.unfenced_warned:
+                self.unfenced_warned.add(server_id)
+                log.warn(
+                    "{server} may still run on {host}: failover refused, {why}",
+                    server=server_id,
+                    host=host,
+                    why=NO_STONITH,
+                )
             return (
                 S.ResultCode.FENCE_FAILED,
-                f"{server_id} may still run on {host} and no fencing is configured",
+                f"{server_id} may still run on {host}; {NO_STONITH}",
             )
+        self.fence_attempts += 1
         try:
             await self.fencer.fence(host, target.pe_identifier)
         except Exception as err:
+            self.fence_failures += 1
             log.critical(
                 "FENCING {host} FAILED, {server} NOT STARTED: {err}",
                 host=host,
@@ -521,9 +540,13 @@ class PoolElementCore(Rebalancing):
             disk_xml = await self.disk_xml(request.disk)
         except Exception as err:
             self._forget(session)
-            return self._answer_failure(
-                session, request.server_id, S.ResultCode.DISK_UNREACHABLE, str(err)
+            # a spec no storage plugin takes is an invalid request, not an unreachable disk
+            code = (
+                S.ResultCode.INVALID_REQUEST
+                if isinstance(err, DiskSpecError)
+                else S.ResultCode.DISK_UNREACHABLE
             )
+            return self._answer_failure(session, request.server_id, code, str(err))
         if self.sessions.get(session) is not vm:
             # Its PU went away while the disk was checked: the session ended with nothing
             # started (its RAM and lease are given back), so nothing may start now, or the
@@ -922,7 +945,7 @@ class PoolElementCore(Rebalancing):
     def load(self) -> float:
         return self.accounting.load(self.metric)
 
-    def _session_of(self, server_id: str):
+    def _session_of(self, server_id: str) -> Session | None:
         return next(
             (
                 session

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 from twisted.internet import defer
@@ -77,7 +78,7 @@ NO_DISK = NoStorage()
 
 
 def _schemes(provider: Any, create: Callable[[], Any]) -> tuple[str, ...]:
-    schemes = getattr(provider.factory, "schemes", None)
+    schemes: Any = getattr(provider.factory, "schemes", None)
     if schemes is None:  # a factory function: ask an instance
         schemes = getattr(create(), "schemes", ())
     return tuple(s.lower() for s in schemes)
@@ -88,7 +89,7 @@ def supported_schemes(plugins: Any) -> list[str]:
     found: set[str] = set()
     for provider in plugins.providers("storage"):
         found.update(
-            _schemes(provider, lambda p=provider: plugins.create("storage", p.name))
+            _schemes(provider, partial(plugins.create, "storage", provider.name))
         )
     return sorted(found)
 
@@ -118,7 +119,7 @@ def storage_for(
     for provider in plugins.providers("storage"):
         opts = dict(options.get(provider.name, {}))
         if scheme in _schemes(
-            provider, lambda p=provider, o=opts: plugins.create("storage", p.name, **o)
+            provider, partial(plugins.create, "storage", provider.name, **opts)
         ):
             matches.append(provider)
     if not matches:

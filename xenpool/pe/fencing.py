@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -179,7 +180,9 @@ class PoolMembership:
         for n, (ok, answer) in enumerate(results, 1):
             which = f"registrar {n} of {len(results)}"
             if not ok:
-                unknown.append(f"{which} did not answer ({answer.getErrorMessage()})")
+                unknown.append(
+                    f"{which} did not answer ({cast(Failure, answer).getErrorMessage()})"
+                )
             elif not isinstance(answer, M.HandleResolutionResponse):
                 unknown.append(f"{which} answered {type(answer).__name__}")
             elif any(e.identifier == pe_identifier for e in answer.pool_elements):

@@ -11,14 +11,17 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from ..protocol import session as S
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
 
 log = Logger()
 
@@ -54,9 +57,9 @@ class VmLeases:
     """The leases of one PE. With no voters every lease is granted at once (a pool
     without voters has no exactly-once guarantee beyond the claim query: logged at start)."""
 
-    voters: list[Voter]
+    voters: Sequence[Voter]
     settings: LeaseSettings
-    clock: object
+    clock: IReactorTime
     wall_ms: Callable[[], int] = lambda: int(time.time() * 1000)
     nonce: Callable[[], int] = field(
         default=lambda: random.SystemRandom().randrange(2**32)

@@ -20,7 +20,7 @@ What it uses of the core: ``settings``, ``clock``, ``hypervisor``, ``accounting`
 from __future__ import annotations
 
 import hmac
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -39,6 +39,14 @@ from ..logs import hex_id
 from ..protocol import params as P
 from ..protocol import session as S
 from .sessions import Session, VmSession
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
+    from ..interfaces import IHypervisor, ILoadMetric
+    from ..protocol import messages as M
+    from .accounting import HostAccounting
+    from .core import PeSettings
 
 log = Logger()
 
@@ -64,16 +72,44 @@ class Rebalancing:
     # A MoveRequest is taken only this close to its issue time, and only once.
     MOVE_REQUEST_MAX_AGE_S = 60.0
 
+    # What the mixin uses of PoolElementCore, which sets and defines these.
+    settings: PeSettings
+    clock: IReactorTime
+    hypervisor: IHypervisor
+    accounting: HostAccounting
+    metric: ILoadMetric
+    sessions: dict[Session, VmSession]
+    domain_states: dict[str, int]
+
+    if TYPE_CHECKING:
+
+        def load(self) -> float: ...
+
+        def _session_of(self, server_id: str) -> Session | None: ...
+
+        def _cookie(
+            self,
+            vm: VmSession,
+            cpu_cores: float = 0.0,
+            runs_on: tuple[int, str] | None = None,
+        ) -> M.Cookie: ...
+
+        async def _shut_down(self, session: Session | None, vm: VmSession) -> None: ...
+
+        def _release(self, vm: VmSession) -> None: ...
+
+        def _release_lease_unless_here(self, request: S.CreateServer) -> None: ...
+
     def _init_rebalancing(self) -> None:
         self.moving = False  # a rebalancing move is under way
         self.next_move_at = 0.0
-        self.last_pool_total = (
+        self.last_pool_total: float | None = (
             None  # the pool's summed load at the last rebalancing decision
         )
         self.moves = 0
         self.peers: PeerAsker | None = None  # for a planning rebalancer (IPoolPlanner)
         self.planning = False  # this PE leads a rebalancing round now
-        self.planned_vm_set = (
+        self.planned_vm_set: frozenset[str] | None = (
             None  # the pool's VMs at the last round: a change means starts
         )
         self.quiet_rounds = 0  # rounds since the pool's VMs last changed
@@ -238,7 +274,7 @@ class Rebalancing:
         )
         vm.migrating = True
         try:
-            await self.hypervisor.migrate(name, migration.uri)
+            await cast(ILiveMigration, self.hypervisor).migrate(name, migration.uri)
         except Exception as err:
             try:
                 runs_here = await self.hypervisor.state(name) in NORMAL_STATES
@@ -442,6 +478,7 @@ class Rebalancing:
     async def _gather(self, others: dict) -> list[S.VmReport] | None:
         """Every PE's VmReport, this one's first; None when one did not answer (its VMs
         and RAM unknown, no plan is safe)."""
+        assert self.peers is not None  # _lead checked it
         asked = await defer.DeferredList(
             [self.peers.report(e) for e in others.values()], consumeErrors=True
         )
@@ -491,6 +528,7 @@ class Rebalancing:
         me = self.settings.pe_identifier
         issued = int(self.clock.seconds())
         mac = self._move_mac(me, move.server_id, move.target, migration, issued)
+        assert self.peers is not None  # _lead checked it
         request = S.MoveRequest(me, move.server_id, move.target, mac, migration, issued)
         if move.source == me:
             answer = await self.move_on_request(request)

@@ -7,12 +7,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application import service, strports
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, task
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.web import server
 
 from .. import eager_write
 from ..discovery import FailoverEndpoint, Registrars
+from ..interfaces import state_name
 from ..logs import hex_id, pool_name
 from ..protocol import framing
 from ..protocol import messages as M
@@ -27,6 +29,8 @@ log = Logger()
 
 class RegistrationProtocol(Protocol):
     """The PE's ASAP association with its home registrar."""
+
+    transport: ITCPTransport  # set before any callback (Protocol.makeConnection)
 
     def __init__(self, pe: PoolElementService) -> None:
         self.pe = pe
@@ -62,6 +66,8 @@ class RegistrationProtocol(Protocol):
 class SessionProtocol(Protocol):
     """One PU's session: shim frames carrying ASAP and application messages (over SCTP,
     xenpool.sctp carries each frame's payload with its PPID instead)."""
+
+    transport: ITCPTransport  # set before any callback (Protocol.makeConnection)
 
     sctp_framing = "shim"
 
@@ -346,9 +352,12 @@ class PoolElementService(service.MultiService):
             for watcher in self.registration_watchers:
                 watcher.answered(channel, not message.reject)
             if message.reject:
-                causes = ", ".join(
-                    f"cause {c.code}: {c.info.decode(errors='replace')}"
-                    for c in message.error.causes
+                causes = (
+                    ", ".join(
+                        f"cause {c.code}: {c.info.decode(errors='replace')}"
+                        for c in (message.error.causes if message.error else ())
+                    )
+                    or "no cause given"
                 )
                 log.error(
                     "REGISTRATION REFUSED by the registrar: {causes}", causes=causes
@@ -421,7 +430,7 @@ def _status(pe: PoolElementService) -> defer.Deferred:
     def domains(found) -> dict:
         # what the hypervisor itself reports, next to what the PE accounts for
         status["domains"] = {
-            name: {"state": state, "ram_kb": ram_kb}
+            name: {"state": state, "state_name": state_name(state), "ram_kb": ram_kb}
             for name, (state, ram_kb) in found.items()
         }
         return status
@@ -454,21 +463,36 @@ class _PeCollector:
         components.add_metric(["ram"], sample.ram)
         yield components
         yield GaugeMetricFamily(
-            "xenpool_pe_free_ram_kb",
+            "xenpool_pe_free_ram_bytes",
             "RAM free for new VMs",
-            value=status["free_ram_kb"],
+            value=status["free_ram_kb"] * 1024,
         )
         yield GaugeMetricFamily(
             "xenpool_pe_sessions", "PU sessions", value=status["sessions"]
         )
         vms = GaugeMetricFamily(
-            "xenpool_pe_vm_ram_mb", "RAM of each VM", labels=["server_id", "running"]
+            "xenpool_pe_vm_ram_bytes", "RAM of each VM", labels=["server_id", "running"]
         )
         for vm in status["vms"]:
-            vms.add_metric([vm["server_id"], str(vm["running"]).lower()], vm["ram_mb"])
+            vms.add_metric(
+                [vm["server_id"], str(vm["running"]).lower()], vm["ram_mb"] * 2**20
+            )
         yield vms
+        core = self.pe.core
+        yield CounterMetricFamily(
+            "xenpool_pe_fence_attempts",
+            "Fences of another host asked of the stonith provider before a failover",
+            value=core.fence_attempts,
+        )
+        yield CounterMetricFamily(
+            "xenpool_pe_fence_failures",
+            "Fences that failed (the VM was not started)",
+            value=core.fence_failures,
+        )
         refusals = CounterMetricFamily(
-            "xenpool_pe_refusals", "Requests refused, by code", labels=["code"]
+            "xenpool_pe_refusals",
+            "Starts (create requests and failovers) refused, by code",
+            labels=["code"],
         )
         for code, count in status["refusals"].items():
             refusals.add_metric([code], count)
@@ -546,9 +570,13 @@ async def ask_pe(
             answer.callback(message)
 
     connecting = access.connect(element, deliver)
-    timer = reactor.callLater(
-        timeout_s, lambda: (connecting.cancel(), answer.called or answer.callback(None))
-    )
+
+    def give_up() -> None:
+        connecting.cancel()
+        if not answer.called:
+            answer.callback(None)
+
+    timer = reactor.callLater(timeout_s, give_up)
     try:
         channel = await connecting
     except Exception as err:
@@ -577,6 +605,8 @@ async def ask_pe(
 
 class _VoterSession(Protocol):
     """Lease requests to one voter, answered in order on one connection."""
+
+    transport: ITCPTransport  # set before any callback (Protocol.makeConnection)
 
     sctp_framing = "shim"
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..protocol import session as S
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall
 
 
 class Session(Protocol):
@@ -20,7 +23,7 @@ class VmSession:
 
     request: S.CreateServer
     running: bool = False  # may be running (a start was attempted)
-    lease_end: object = None  # the pending shutdown while no PU holds it
+    lease_end: IDelayedCall | None = None  # the pending shutdown while no PU holds it
     stopping: bool = False  # this PE is stopping it: its lifecycle events are expected
     migrating: bool = False  # being live-migrated away: it runs, here or there
     discovered: bool = (

@@ -6,21 +6,26 @@
 
 from __future__ import annotations
 
-import random
+import hashlib
 import socket
+from typing import TYPE_CHECKING
 
 from twisted.python import usage
 
 from .. import discovery
 from ..config import (
     Setting,
+    SettingsOptions,
     id32,
     json_log,
+    log_settings,
     make_options,
     non_negative_float,
     positive_float,
     positive_int,
+    registrar_endpoint,
     secret_file,
+    yes_no,
 )
 from ..discovery import listener_settings
 from ..protocol import session as S
@@ -54,29 +59,26 @@ def transport_name(text: str) -> str:
     return text
 
 
-def yes_no(text: str) -> bool:
-    if text.lower() in ("yes", "true", "on", "1"):
-        return True
-    if text.lower() in ("no", "false", "off", "0"):
-        return False
-    raise ValueError(f"expected yes or no, got {text!r}")
-
-
 SETTINGS = [
     Setting("pool", "Xen", str, "pool handle"),
-    Setting("pe-id", None, id32, "PE identifier, 32 bits (default: random)"),
+    Setting(
+        "pe-id",
+        None,
+        id32,
+        "PE identifier, 32 bits (default: derived from --host and --pool, so the same after a restart)",
+    ),
     Setting(
         "registrar",
         [],
-        str,
-        "a registrar's ASAP endpoint; tried in order (default: tcp:host=127.0.0.1:port=3863 unless --registrar-announce)",
+        registrar_endpoint,
+        "a registrar's ASAP endpoint, HOST:PORT or an endpoint string; tried in order (default: tcp:host=127.0.0.1:port=3863 unless --registrar-announce)",
         multiple=True,
     ),
     *listener_settings(),
     Setting(
         "voter",
         [],
-        str,
+        registrar_endpoint,
         "a registrar that votes on who may start a VM (its ASAP endpoint); a start needs a lease from a majority "
         "of them; give every PE the same list (default: the --registrar list)",
         multiple=True,
@@ -249,12 +251,19 @@ SETTINGS = [
     Setting(
         "logfile", None, str, "also write structured logs to this file as JSON lines"
     ),
+    *log_settings(),
 ]
 
 
-class Options(
-    make_options(SETTINGS, "pe", "Run a pool element on this hypervisor host.")
-):
+if TYPE_CHECKING:
+    _Options = SettingsOptions
+else:
+    _Options = make_options(
+        SETTINGS, "pe", "Run a pool element on this hypervisor host."
+    )
+
+
+class Options(_Options):
     def postOptions(self) -> None:
         super().postOptions()
         from twisted.internet import reactor
@@ -335,6 +344,13 @@ class Options(
                     raise usage.UsageError(f"--stonith-option {why}") from None
 
 
+def derived_pe_id(host: str, pool: str) -> int:
+    """The default PE identifier: the same for a host (``--host``) and pool after every
+    restart, so logs, status and cookies keep naming the same PE."""
+    digest = hashlib.sha256(f"xenpool-pe\0{pool}\0{host}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") or 1
+
+
 def makeService(options: Options):
     from twisted.internet import reactor
 
@@ -343,16 +359,18 @@ def makeService(options: Options):
     from .service import HypervisorService, PoolElementService
 
     s = options.settings
-    json_log(s["logfile"])
-    hypervisor = options.plugins.create(
-        "hypervisor",
-        "libvirt",
-        uri=s["libvirt-uri"],
-        domain_template=s["domain-template"],
-    )
+    json_log(s, "xenpool-pe")
     try:
+        hypervisor = options.plugins.create(
+            "hypervisor",
+            "libvirt",
+            uri=s["libvirt-uri"],
+            domain_template=s["domain-template"],
+        )
         node = hypervisor.node_info()  # blocking, once, before the reactor runs
     except Exception as err:
+        if "domain template" in str(err):
+            raise usage.UsageError(f"--domain-template: {err}") from None
         raise usage.UsageError(f"--libvirt-uri {s['libvirt-uri']}: {err}") from None
     load_settings = LoadSettings(
         sample_interval_s=s["load-interval"],
@@ -366,7 +384,7 @@ def makeService(options: Options):
     )
     settings = PeSettings(
         pool_handle=s["pool"].encode(),
-        pe_identifier=s["pe-id"] or random.SystemRandom().randrange(1, 2**32),
+        pe_identifier=s["pe-id"] or derived_pe_id(s["host"], s["pool"]),
         host=s["host"],
         secret=s["pool-secret-file"] or b"",
         cookie_max_age_s=s["cookie-max-age"],
@@ -378,6 +396,7 @@ def makeService(options: Options):
     from twisted.logger import Logger
 
     from ..asap_client import TcpPoolAccess
+    from ..logs import hex_id
     from .disks import disk_release_function, disk_xml_function
     from .leases import LeaseSettings, VmLeases
     from .service import TcpClaimAsker, TcpVoter
@@ -411,6 +430,30 @@ def makeService(options: Options):
     leases = VmLeases(voters, lease_settings, reactor)
     if options.fencer is not None:
         options.fencer.clock = reactor  # failed fences are held off for a while
+    else:
+        log.warn(
+            "no --stonith: this PE cannot fence a dead host, so it refuses every failover of a VM "
+            "that may still run elsewhere (code 15); give it --stonith and --stonith-option"
+        )
+    log.info(
+        "xenpool-pe {pe} ({host}) for pool {pool}: load {load}, policy {policy}, stonith {stonith}, "
+        "storage {storage}, hypervisor {uri}, sessions on {sessions}, registrars {registrars}, "
+        "voters {voters}, status {status}, pool secret {secret}",
+        pe=hex_id(settings.pe_identifier),
+        host=settings.host,
+        pool=s["pool"],
+        load=s["load-plugin"],
+        policy=s["policy"],
+        stonith=s["stonith"] or "NONE",
+        storage=", ".join(options.plugins.names("storage")),
+        uri=s["libvirt-uri"],
+        sessions=f"{s['transport']}:{s['port']}"
+        + (f":interface={s['bind']}" if s["bind"] else ""),
+        registrars=" ".join(s["registrar"]) or "default",
+        voters=" ".join(s["voter"]) or "the registrars",
+        status=s["status"] or "none",
+        secret="yes" if s["pool-secret-file"] else "NONE",
+    )
     core = PoolElementCore(
         settings,
         hypervisor,

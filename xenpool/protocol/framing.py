@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from . import messages, session
 from .errors import Cause, ProtocolError
@@ -181,4 +181,7 @@ def frame_message(msg: object) -> bytes:
     """One shim frame for an ASAP message or an application message."""
     if isinstance(msg, messages.Message):
         return shim_frame(messages.ASAP_PPID, messages.encode(msg))
-    return shim_frame(session.XENPOOL_PPID, session.encode(msg))
+    # Anything else is an application message (session.encode refuses what is not).
+    return shim_frame(
+        session.XENPOOL_PPID, session.encode(cast(session.SessionMessage, msg))
+    )

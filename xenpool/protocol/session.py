@@ -3,7 +3,7 @@
 Header (8 bytes, network byte order): type (8 bits), flags (8 bits), length (16 bits,
 whole message), version (16 bits), reserved (16 bits). Strings are a 16-bit length and
 UTF-8 bytes; integers are fixed-width. The fields are those of the prototype's packed C
-structs (THESIS-NOTES, "Application messages"), plus vCPUs, a reason text and a stop.
+structs (README, "The PE<->PU session"), plus vCPUs, a reason text and a stop.
 """
 
 from __future__ import annotations

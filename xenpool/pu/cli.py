@@ -1,6 +1,6 @@
 """``xenpool-pu create ...``: ask the pool for a VM and keep it, in this terminal.
 
-Exit status: 0 the VM was stopped cleanly (Ctrl-C), 2 bad command line, 3 the pool
+Exit status: 0 the VM was stopped cleanly (Ctrl-C or SIGTERM), 2 bad command line, 3 the pool
 refused it for good (it runs elsewhere already, or the request is invalid), 1 anything
 else.
 """
@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 
-from .. import discovery
+from .. import config, discovery
 from ..config import ipv4_address
 from ..discovery import multicast_address
 from ..protocol import session as S
@@ -22,14 +22,10 @@ from .core import PuSettings, State, VmKeeper
 
 def registrar_endpoint(text: str) -> str:
     """HOST:PORT (or [IPv6]:PORT, or a Twisted endpoint string) -> endpoint string."""
-    if text.startswith(("tcp:", "tcp6:", "ssl:", "unix:", "sctp:")):
-        return text
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    host = host.strip("[]")
-    kind = "tcp6" if ":" in host else "tcp"
-    return f"{kind}:host={host.replace(':', chr(92) + ':')}:port={port}"
+    try:
+        return config.registrar_endpoint(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def positive(kind):
@@ -146,12 +142,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         S.check_create(request)
     except ProtocolError as err:
+        option = {"ips": "ip", "ram_mb": "ram"}.get(err.field, err.field)
         print(
-            f"xenpool-pu: --{err.field.replace('_', '-')}: {err.reason}",
+            f"xenpool-pu: --{option.replace('_', '-')}: {err.reason}",
             file=sys.stderr,
         )
         return 2
+    if args.disk:
+        from ..interfaces import DiskSpecError
+        from ..pe.disks import storage_for
+        from ..plugins import PluginError, load_plugins
+
+        try:  # parsed only: whether the disk is reachable is the PE's to check
+            storage_for(load_plugins(), args.disk)
+        except (DiskSpecError, PluginError) as err:
+            print(f"xenpool-pu: --disk: {err}", file=sys.stderr)
+            return 2
     from twisted.internet import reactor
+    from twisted.internet.interfaces import IReactorThreads
 
     from ..asap_client import TcpPoolAccess
 
@@ -174,29 +182,51 @@ def main(argv: list[str] | None = None) -> int:
     keeper.events.on_state = show
     outcome: list[State] = []
 
+    stopping: list[int] = []  # the signals received
+    # "left": a second signal left the VM running; "stopped": reactor.stop() was called
+    # (a second call would raise ReactorNotRunning from the keeper's last callback)
+    flags = {"left": False, "stopped": False}
+
+    def stop_reactor() -> None:
+        if not flags["stopped"]:
+            flags["stopped"] = True
+            reactor.stop()
+
     def finished(state: State) -> None:
         outcome.append(state)
-        reactor.stop()
+        stop_reactor()
 
     def failed(failure) -> None:
         print(f"xenpool-pu: {failure.getErrorMessage()}", file=sys.stderr)
-        reactor.stop()
+        stop_reactor()
 
     def interrupted(signum, frame) -> None:
+        # SIGTERM (systemd, kill) stops the VM as Ctrl-C does; a second one leaves it
+        if stopping:
+            print(
+                f"\n{args.server_id}: left running; its PE keeps it for its --lease",
+                flush=True,
+            )
+            flags["left"] = True
+            IReactorThreads(reactor).callFromThread(stop_reactor)
+            return
+        stopping.append(signum)
+        again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
         print(
-            f"\n{args.server_id}: stopping the VM (Ctrl-C again to leave it running)",
+            f"\n{args.server_id}: stopping the VM ({again} again to leave it running)",
             flush=True,
         )
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        reactor.callFromThread(keeper.stop)
+        IReactorThreads(reactor).callFromThread(keeper.stop)
 
     def start() -> None:
         signal.signal(signal.SIGINT, interrupted)
+        signal.signal(signal.SIGTERM, interrupted)
         keeper.run().addCallbacks(finished, failed)
 
     reactor.callWhenRunning(start)
-    reactor.run(installSignalHandlers=False)
-    if not outcome:
+    # Twisted's IReactorCore.run() omits installSignalHandlers, which ReactorBase.run takes.
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
+    if not outcome or flags["left"]:
         return 1
     return {State.STOPPED: 0, State.REFUSED: 3}.get(outcome[0], 1)
 

@@ -16,18 +16,22 @@ import enum
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet import defer, task
 from twisted.internet.defer import DeferredQueue
 from twisted.logger import Logger
 
 from ..asap_client import LOST
+from ..interfaces import state_name
 from ..logs import hex_id
 from ..protocol import cookie as C
 from ..protocol import messages as M
 from ..protocol import params as P
 from ..protocol import session as S
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
 
 log = Logger()
 
@@ -79,7 +83,7 @@ class _Session:
     be read as the next session's answer."""
 
     def __init__(self) -> None:
-        self.queue = DeferredQueue()
+        self.queue: DeferredQueue[object] = DeferredQueue()
         self.channel: Channel | None = None
         self.ended = False
         self.heartbeat_pause: defer.Deferred | None = None
@@ -143,7 +147,7 @@ class Events:
 class VmKeeper:
     request: S.CreateServer
     access: PoolAccess
-    clock: object
+    clock: IReactorTime
     settings: PuSettings = field(default_factory=PuSettings)
     events: Events = field(default_factory=Events)
     cookie: bytes | None = None  # the last cookie from a PE
@@ -190,7 +194,7 @@ class VmKeeper:
             self.ran_before = (
                 True  # a cookie saved by an earlier run: the VM is this keeper's
             )
-        self._running = defer.Deferred.fromCoroutine(self._run())
+        self._running: defer.Deferred = defer.Deferred.fromCoroutine(self._run())
         return self._running
 
     async def _run(self) -> State:
@@ -427,6 +431,7 @@ class VmKeeper:
         when the session was lost (closed, or a heartbeat went unanswered), and the PE's
         StopResult when it moved the VM away (rebalancing)."""
         last_answer = self.clock.seconds()
+        assert session.channel is not None  # attached before the VM is kept
         while not self._stop_requested:
             session.channel.send(
                 S.CheckRunning(
@@ -451,7 +456,7 @@ class VmKeeper:
             last_answer = self.clock.seconds()
             if answer.state != self.domain_state:
                 self.domain_state = answer.state
-                self._set(State.RUNNING, f"domain state {answer.state}")
+                self._set(State.RUNNING, f"domain {state_name(answer.state)}")
             session.heartbeat_pause = task.deferLater(
                 self.clock, self.settings.heartbeat_interval_s, lambda: None
             )
@@ -482,6 +487,7 @@ class VmKeeper:
 
     async def _stop_on(self, session: _Session) -> None:
         self._set(State.STOPPING, "asking the PE to stop it")
+        assert session.channel is not None  # attached before the VM is kept
         session.channel.send(S.StopServer(self.server_id))
         answer = await self._await(
             session, S.StopResult, max(30.0, self.settings.heartbeat_timeout_s)

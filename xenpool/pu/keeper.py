@@ -6,16 +6,24 @@ import json
 import os
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application import service, strports
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from ..logs import hex_id
 from ..protocol import cookie as C
 from ..protocol import session as S
+from ..status import Metrics
 from .core import PuSettings, State, VmKeeper
 
 log = Logger()
+
+
+def _keeping_failed(failure: Failure, keeper: VmKeeper) -> None:
+    log.failure("keeping {server} failed", failure, server=keeper.server_id)
 
 
 class KeeperService(service.MultiService):
@@ -40,6 +48,15 @@ class KeeperService(service.MultiService):
         for keeper in self.keepers:
             keeper.events.on_state = self._state
             keeper.events.on_cookie = self._save_cookie
+        self.registry = CollectorRegistry()
+        self.failover_seconds = Histogram(
+            "xenpool_keeper_failover_duration_seconds",
+            "From a VM's loss to its running again elsewhere",
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+            registry=self.registry,
+        )
+        self._failovers_seen: dict[str, int] = {}
+        self.registry.register(_KeeperCollector(self))
         if status:
             strports.service(status, server.Site(_Vms(self))).setServiceParent(self)
 
@@ -51,11 +68,7 @@ class KeeperService(service.MultiService):
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for keeper in self.keepers:
             self._load_cookie(keeper)
-            keeper.run().addErrback(
-                lambda f, k=keeper: log.failure(
-                    "keeping {server} failed", f, server=k.server_id
-                )
-            )
+            keeper.run().addErrback(_keeping_failed, keeper)
 
     def stopService(self):
         # The VMs stay where they run, kept by their PEs for the lease.
@@ -104,6 +117,13 @@ class KeeperService(service.MultiService):
             )
 
     def _state(self, keeper: VmKeeper, state: State, why: str) -> None:
+        if (
+            state == State.RUNNING
+            and keeper.last_failover_s is not None
+            and self._failovers_seen.get(keeper.server_id) != keeper.failovers
+        ):
+            self._failovers_seen[keeper.server_id] = keeper.failovers
+            self.failover_seconds.observe(keeper.last_failover_s)
         took = (
             f" after a failover of {keeper.last_failover_s:.2f} s"
             if state == State.RUNNING and keeper.last_failover_s
@@ -145,10 +165,37 @@ class KeeperService(service.MultiService):
         ]
 
 
+class _KeeperCollector:
+    """The keeper's Prometheus metrics, collected when scraped."""
+
+    def __init__(self, keeper: KeeperService) -> None:
+        self.keeper = keeper
+
+    def collect(self):
+        states = GaugeMetricFamily(
+            "xenpool_keeper_vms", "VMs kept, by state", labels=["state"]
+        )
+        counts = {state.value: 0 for state in State}
+        for k in self.keeper.keepers:
+            counts[k.state.value] += 1
+        for state, count in counts.items():
+            states.add_metric([state], count)
+        yield states
+        failovers = CounterMetricFamily(
+            "xenpool_keeper_failovers",
+            "Failovers of each VM (its PE lost, another asked)",
+            labels=["server_id"],
+        )
+        for k in self.keeper.keepers:
+            failovers.add_metric([k.server_id], k.failovers)
+        yield failovers
+
+
 class _Vms(resource.Resource):
     def __init__(self, keeper: KeeperService) -> None:
         super().__init__()
         self.putChild(b"vms", _VmList(keeper))
+        self.putChild(b"metrics", Metrics(keeper.registry))
 
 
 class _VmList(resource.Resource):

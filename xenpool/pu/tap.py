@@ -7,20 +7,31 @@ lease, and a keeper started again with the same state directory re-adopts them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from twisted.python import usage
 
 from .. import discovery
-from ..config import Setting, json_log, make_options, positive_float, read_ini
+from ..config import (
+    Setting,
+    SettingsOptions,
+    json_log,
+    log_settings,
+    make_options,
+    positive_float,
+    read_ini,
+    registrar_endpoint,
+    writable_dir,
+)
 from ..discovery import listener_settings
 from ..protocol import messages as M
 from ..protocol import session as S
-from .cli import registrar_endpoint
 
 SETTINGS = [
     Setting(
         "registrar",
         [],
-        str,
+        registrar_endpoint,
         "a registrar's ASAP endpoint, may repeat (default: 127.0.0.1:3863 unless --registrar-announce)",
         multiple=True,
     ),
@@ -49,6 +60,7 @@ SETTINGS = [
     Setting(
         "logfile", None, str, "also write structured logs to this file as JSON lines"
     ),
+    *log_settings(),
 ]
 
 
@@ -79,15 +91,30 @@ def read_vms(path: str) -> list[S.CreateServer]:
             raise usage.UsageError(f"--keep: [{section}]: ram is missing") from None
         except ValueError as err:
             raise usage.UsageError(f"--keep: [{section}]: {err}") from None
+        if request.disk:
+            from ..interfaces import DiskSpecError
+            from ..pe.disks import storage_for
+            from ..plugins import PluginError, load_plugins
+
+            try:  # parsed only: a spec no storage plugin takes is refused here
+                storage_for(load_plugins(), request.disk)
+            except (DiskSpecError, PluginError) as err:
+                raise usage.UsageError(f"--keep: [{section}]: disk: {err}") from None
         vms.append(request)
     if not vms:
         raise usage.UsageError(f"--keep: {path} has no [vm NAME] section")
     return vms
 
 
-class Options(
-    make_options(SETTINGS, "keeper", "Keep the VMs of a keep file available.")
-):
+if TYPE_CHECKING:
+    _Options = SettingsOptions
+else:
+    _Options = make_options(
+        SETTINGS, "keeper", "Keep the VMs of a keep file available."
+    )
+
+
+class Options(_Options):
     optParameters = make_options(SETTINGS, "keeper", "").optParameters + [
         [
             "keep",
@@ -104,9 +131,11 @@ class Options(
         if not self["config"]:
             self["config"] = self["keep"]  # the keep file may carry a [keeper] section
         super().postOptions()
-        self.settings["registrar"] = [
-            registrar_endpoint(r) for r in self.settings["registrar"]
-        ]
+        writable_dir(
+            "state-dir",
+            self.settings["state-dir"],
+            "each VM's last cookie is kept there",
+        )
 
 
 def makeService(options: Options):
@@ -117,7 +146,7 @@ def makeService(options: Options):
     from .keeper import KeeperService
 
     s = options.settings
-    json_log(s["logfile"])
+    json_log(s, "xenpool-pu")
     settings = PuSettings(
         pool_handle=s["pool"].encode(),
         heartbeat_interval_s=s["heartbeat-interval"],
@@ -136,4 +165,16 @@ def makeService(options: Options):
     )
     if announce_listener is not None:
         announce_listener.setServiceParent(keeper)
+    from twisted.logger import Logger
+
+    Logger().info(
+        "xenpool-pu keeper for pool {pool}: {count} VMs ({names}), registrars {registrars}, "
+        "state in {state_dir}, status {status}",
+        pool=s["pool"],
+        count=len(options.vms),
+        names=", ".join(vm.server_id for vm in options.vms),
+        registrars=" ".join(s["registrar"]) or "default",
+        state_dir=s["state-dir"],
+        status=s["status"] or "none",
+    )
     return keeper

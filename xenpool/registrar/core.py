@@ -7,6 +7,7 @@ injected IReactorTime, so tests drive every timer with a Clock.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,7 +31,7 @@ class Timers:
     expiry_check_interval: float = 1.0  # how often ended registration lives are swept
 
 
-class Association(Protocol):
+class Association(Hashable, Protocol):
     def send(self, message: M.Message) -> None: ...
 
     def send_encoded(self, data: bytes) -> None:
@@ -90,7 +91,7 @@ class Registrar:
         handlespace: Handlespace,
         clock,
         timers: Timers = Timers(),
-        observers: list[Observer] = (),
+        observers: Sequence[Observer] = (),
     ):
         self.handlespace = handlespace
         self.clock = clock
@@ -224,7 +225,7 @@ class Registrar:
         if entry is not None:
             self._forget(entry, "reported unreachable")
 
-    _handlers = {
+    _handlers: dict[type, Callable[..., None]] = {
         M.Registration: _registration,
         M.Deregistration: _deregistration,
         M.HandleResolution: resolution,

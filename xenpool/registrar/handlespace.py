@@ -11,10 +11,14 @@ import random
 import struct
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, cast
 
 from ..protocol import messages as M
 from ..protocol import params as P
 from ..protocol.errors import Cause
+
+if TYPE_CHECKING:
+    from ..interfaces import IPoolPolicy, IPoolSelection
 
 DEFAULT_MAX_BAD_PE_REPORTS = 3
 DEFAULT_MAX_RESOLUTION_ITEMS = 3
@@ -84,7 +88,7 @@ class Pool:
     handle: bytes
     policy_type: int
     transport_type: type
-    selection: object  # IPoolSelection
+    selection: IPoolSelection
     entries: dict[int, PoolEntry] = field(default_factory=dict)
     # The start of every handle resolution answer: pool handle and the pool's policy.
     answer_head: bytes = b""
@@ -119,14 +123,17 @@ class Handlespace:
     def __init__(
         self,
         registrar_id: int,
-        policies: dict[int, object],
+        policies: dict[int, IPoolPolicy],
         *,
         rng: random.Random | None = None,
         max_bad_pe_reports: int = DEFAULT_MAX_BAD_PE_REPORTS,
         max_resolution_items: int = DEFAULT_MAX_RESOLUTION_ITEMS,
         pool_secrets: dict[bytes, bytes] | None = None,
+        require_secret: bool = False,
     ) -> None:
         self.registrar_id = registrar_id
+        # every pool needs a secret: a registration for a pool without one is refused
+        self.require_secret = require_secret
         self.policies = policies
         self.rng = rng or random.Random()
         self.max_bad_pe_reports = max_bad_pe_reports
@@ -146,6 +153,12 @@ class Handlespace:
         """A pool with a secret takes only PEs that prove they know it (cause 10)."""
         secret = self.pool_secrets.get(handle)
         if secret is None:
+            if self.require_secret:
+                raise HandlespaceError(
+                    Cause.SECURITY_REJECTION,
+                    f"pool {handle!r} has no secret at this registrar, which requires one "
+                    "(--require-pool-secret; give it --pool-secret POOL:FILE)",
+                )
             return
         if mac is None or not hmac.compare_digest(
             mac, P.registration_mac(secret, handle, element)
@@ -264,7 +277,7 @@ class Handlespace:
         """Count an ENDPOINT_UNREACHABLE; returns the entry if it was removed."""
         pool = self.pools.get(handle)
         entry = pool.entries.get(identifier) if pool else None
-        if entry is None:
+        if pool is None or entry is None:
             return None
         entry.unreachable_reports += 1
         if entry.unreachable_reports >= self.max_bad_pe_reports:
@@ -321,7 +334,8 @@ class Handlespace:
         selection = pool.selection
         books_ram = bool(ram_mb) and getattr(selection, "fits_requests", False)
         chosen = (
-            selection.select(count, ram_mb=ram_mb)
+            # A selection with fits_requests (LeastUsedFreeRAM) books the requested RAM.
+            cast(Any, selection).select(count, ram_mb=ram_mb)
             if books_ram
             else selection.select(count)
         )

@@ -103,7 +103,8 @@ class LeaseTable:
             lease = self.leases.get(key)
             holder = lease.holder if lease else None
             if (
-                holder is not None
+                lease is not None
+                and holder is not None
                 and holder.host not in (request.host, request.cleared)
                 and lease.expires > now
             ):

@@ -16,8 +16,9 @@ ENRP connection. Time comes from an injected IReactorTime.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from twisted.logger import Logger
 
@@ -25,6 +26,9 @@ from ..logs import hex_id, pool_name
 from ..protocol import messages as M
 from ..protocol import params as P
 from .handlespace import Handlespace, HandlespaceError, PoolEntry
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall
 
 log = Logger()
 TABLE_CHUNK = 64  # PEs per HANDLE_TABLE_RESPONSE part (keeps each well under 64 KiB)
@@ -55,7 +59,7 @@ class Peer:
 class Takeover:
     target: int
     waiting_for: set[int]
-    deadline: object = None
+    deadline: IDelayedCall | None = None
     acks: set[int] = field(default_factory=set)
 
 
@@ -128,14 +132,14 @@ class Peering:
     # ------------------------------------------------------------- messages
 
     def handle(self, message: M.Message, channel: Channel) -> None:
-        sender = message.sender_id
+        sender = cast(Any, message).sender_id  # every ENRP message has one
         if sender == self.server_id or sender == 0:
             return  # our own echo, or nonsense
         now = self.clock.seconds()
         self.unidentified.discard(channel)
         peer = self.peers.get(sender)
         new = peer is None
-        if new:
+        if peer is None:
             peer = self.peers[sender] = Peer(sender, channel, now)
             log.info("ENRP peer {peer} is up", peer=hex_id(sender))
             self._peers_changed()
@@ -245,7 +249,7 @@ class Peering:
         self._rehome(msg.target_id, peer.server_id)
         self._drop_peer(msg.target_id)
 
-    _handlers = {
+    _handlers: dict[type, Callable[..., None]] = {
         M.Presence: _on_presence,
         M.HandleTableRequest: _on_table_request,
         M.HandleTableResponse: _on_table_response,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application import service, strports
 from twisted.application.internet import ClientService, MulticastServer, backoffPolicy
 from twisted.internet import endpoints
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IMulticastTransport, IPushProducer
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -109,6 +110,8 @@ class AsapProtocol(Protocol, TimeoutMixin):
     It is the producer of its own answers: when a client does not read them and the
     transport's buffer fills, the registrar stops reading that client's requests, so a
     slow reader cannot pin memory."""
+
+    transport: Any  # TCP or SCTP: ITCPTransport, IConsumer and IPushProducer (no one interface); set before any callback
 
     def __init__(
         self,
@@ -217,15 +220,21 @@ class AsapProtocol(Protocol, TimeoutMixin):
             self._refuse(err)
             return not err.fatal
         # An answer that had to report unknown parameters is not one to repeat silently.
-        self.registrar.resolution(message, self, None if reports else request)
+        # A HANDLE_RESOLUTION by its type byte (dataReceived), so decoded as one.
+        resolution = cast(M.HandleResolution, message)
+        self.registrar.resolution(resolution, self, None if reports else request)
         if reports:
             self.send(M.AsapError(M.unrecognized_parameters(reports)))
         return True
 
     def _lease_requests(self, data: bytes) -> None:
+        leases, voting = self.leases, self.voting
+        assert (
+            leases is not None and voting is not None
+        )  # only with voting (dataReceived)
         try:
-            self.leases.feed(data)
-            while (item := self.leases.next_message()) is not None:
+            leases.feed(data)
+            while (item := leases.next_message()) is not None:
                 request = item[1]
                 if not isinstance(request, S.LeaseRequest):
                     raise ProtocolError(
@@ -234,7 +243,7 @@ class AsapProtocol(Protocol, TimeoutMixin):
                         offset=0,
                         fatal=True,
                     )
-                self.transport.write(framing.frame_message(self.voting.handle(request)))
+                self.transport.write(framing.frame_message(voting.handle(request)))
         except ProtocolError as err:
             log.info(
                 "bad lease request from {peer}: {err}",
@@ -243,7 +252,7 @@ class AsapProtocol(Protocol, TimeoutMixin):
             )
             self.metrics.refused(err.cause)
             answer = S.LeaseAnswer(
-                self.voting.table.voter, "", False, reason=str(err)[: S.MAX_REASON]
+                voting.table.voter, "", False, reason=str(err)[: S.MAX_REASON]
             )
             self.transport.write(framing.frame_message(answer))
             if err.fatal:
@@ -276,6 +285,8 @@ class AsapProtocol(Protocol, TimeoutMixin):
 class EnrpProtocol(Protocol, TimeoutMixin):
     """One ENRP connection to a peer registrar (inbound or outbound). With ``secret``,
     every message goes out signed and one that is not (validly) closes the connection."""
+
+    transport: Any  # TCP or SCTP: ITCPTransport, IConsumer and IPushProducer (no one interface); set before any callback
 
     sctp_ppid = M.ENRP_PPID  # over SCTP (xenpool.sctp), its messages carry ENRP's PPID
 
@@ -352,6 +363,8 @@ class EnrpMulticast(DatagramProtocol):
     ``MAX_DIALLED`` addresses are dialled, so a flood of forged presences cannot grow
     the daemon without bound."""
 
+    transport: IMulticastTransport  # set before any callback (listenMulticast)
+
     MAX_DIALLED = 64
 
     def __init__(
@@ -399,12 +412,15 @@ class EnrpMulticast(DatagramProtocol):
             )
 
     def datagramReceived(self, data: bytes, address: tuple[str, int]) -> None:
-        if self.secret and (data := enrp_auth.verify(data, self.secret)) is None:
-            log.info(
-                "ignoring an ENRP announce from {host} without valid authentication",
-                host=address[0],
-            )
-            return
+        if self.secret:
+            verified = enrp_auth.verify(data, self.secret)
+            if verified is None:
+                log.info(
+                    "ignoring an ENRP announce from {host} without valid authentication",
+                    host=address[0],
+                )
+                return
+            data = verified
         try:
             message = M.decode(data, M.ENRP_PPID)
         except ProtocolError as err:
@@ -528,9 +544,21 @@ class Metrics:
         family = GaugeMetricFamily(
             "xenpool_pool_elements", "PEs per pool", labels=["pool"]
         )
+        load = GaugeMetricFamily(
+            "xenpool_pe_load",
+            "Each PE's load as it last registered (0 to 1)",
+            labels=["pool", "pe"],
+        )
         for handle, pool in self.handlespace.pools.items():
-            family.add_metric([handle.decode("utf-8", "replace")], len(pool.entries))
+            name = handle.decode("utf-8", "replace")
+            family.add_metric([name], len(pool.entries))
+            for entry in pool.entries.values():
+                load.add_metric(
+                    [name, f"{entry.element.identifier:#010x}"],
+                    P.load_from_wire(entry.element.policy.load),
+                )
         yield family
+        yield load
         # Counted by the handlespace: a Counter per answer would cost more than a cached answer.
         yield CounterMetricFamily(
             "xenpool_handle_resolutions",
@@ -621,7 +649,7 @@ class _Listener(service.Service):
         super().startService()
 
     def _listen(self) -> None:
-        failed = []
+        failed: list = []
         self.endpoint.listen(self.factory).addCallbacks(
             lambda port: setattr(self, "port", port), failed.append
         )
@@ -728,7 +756,7 @@ class RegistrarService(service.MultiService):
         """Where our listeners are reached (TCP or SCTP, as they listen). A port bound to
         every interface is announced with the announce interface's address, or this
         host's own addresses (never 0.0.0.0 or loopback while it has a real one)."""
-        transports = []
+        transports: list[P.Transport] = []
         for listener in listeners:
             if listener.port is not None:
                 host = listener.port.getHost()

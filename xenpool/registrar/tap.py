@@ -10,20 +10,24 @@ import os
 import random
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from twisted.python import usage
 
 from ..config import (
     Setting,
+    SettingsOptions,
     id32,
     ipv4_address,
     json_log,
+    log_settings,
     make_options,
     non_negative_float,
     pool_secret,
     positive_float,
     positive_int,
     secret_file,
+    yes_no,
 )
 from ..discovery import DEFAULT_ANNOUNCE_INTERVAL_S, multicast_address
 from ..protocol.messages import ASAP_PORT, MAX_MESSAGE_SIZE
@@ -59,6 +63,7 @@ SETTINGS = [
     Setting(
         "logfile", None, str, "also write structured logs to this file as JSON lines"
     ),
+    *log_settings(),
     Setting(
         "registrar-id",
         None,
@@ -95,6 +100,12 @@ SETTINGS = [
         pool_secret,
         "POOL:FILE: PEs of POOL must prove the secret in FILE",
         multiple=True,
+    ),
+    Setting(
+        "require-pool-secret",
+        False,
+        yes_no,
+        "yes: refuse every PE of a pool without a --pool-secret here (each PE must prove its pool's secret)",
     ),
     Setting(
         "max-bad-pe-reports",
@@ -175,7 +186,13 @@ SETTINGS = [
 ]
 
 
-class Options(make_options(SETTINGS, "registrar", "Run an RSerPool pool registrar.")):
+if TYPE_CHECKING:
+    _Options = SettingsOptions
+else:
+    _Options = make_options(SETTINGS, "registrar", "Run an RSerPool pool registrar.")
+
+
+class Options(_Options):
     def postOptions(self) -> None:
         super().postOptions()
         from .. import sctp
@@ -206,9 +223,11 @@ def leases_file(state_dir: str, asap_endpoint: str) -> Path:
     )
 
 
-def makeService(options: usage.Options):
+def makeService(options: Options):
     from twisted.internet import reactor
+    from twisted.logger import Logger
 
+    from ..logs import hex_id, pool_name
     from ..plugins import load_plugins
     from .core import Registrar, Timers
     from .handlespace import Handlespace
@@ -217,7 +236,7 @@ def makeService(options: usage.Options):
     from .service import Metrics, RegistrarService, Voting
 
     s = options.settings
-    json_log(s["logfile"])
+    json_log(s, "xenpool-registrar")
     plugins = load_plugins()
     policies = {}
     for name in plugins.names("policy"):
@@ -230,6 +249,34 @@ def makeService(options: usage.Options):
         max_bad_pe_reports=s["max-bad-pe-reports"],
         max_resolution_items=s["max-resolution-items"],
         pool_secrets=dict(s["pool-secret"]),
+        require_secret=s["require-pool-secret"],
+    )
+    log = Logger()
+    pools = ", ".join(pool_name(p) for p, _ in s["pool-secret"]) or "none"
+    if s["require-pool-secret"]:
+        secured = f"every PE must prove its pool's secret (pools with one: {pools})"
+    elif s["pool-secret"]:
+        secured = (
+            f"PEs of {pools} must prove the pool's secret; any other pool takes any PE "
+            "that reaches --asap (--require-pool-secret yes refuses them)"
+        )
+    else:
+        secured = None
+        log.warn(
+            "no pool has a secret (--pool-secret POOL:FILE): anyone who reaches --asap can "
+            "register a PE in any pool; --require-pool-secret yes refuses pools without one"
+        )
+    log.info(
+        "xenpool-registrar {id}: ASAP {asap}, ENRP {enrp}, peers {peers}, status {status}, "
+        "policies {policies}, state in {state_dir}; {secured}",
+        id=hex_id(registrar_id),
+        asap=" ".join(s["asap"]),
+        enrp=" ".join(s["enrp"]) or "none",
+        peers=" ".join(s["peer"]) or "none",
+        status=s["status"] or "none",
+        policies=", ".join(plugins.names("policy")),
+        state_dir=s["state-dir"],
+        secured=secured or "no pool secret",
     )
     metrics = Metrics(handlespace)
     peer_timers = PeerTimers(

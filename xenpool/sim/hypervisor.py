@@ -16,7 +16,7 @@ A guest's RAM always comes from its ``DomainSpec.ram_mb``, as on a real host. A 
 name has no profile (the callable raises KeyError/LookupError/ValueError, or the mapping
 lacks it) fails with SimError.
 
-The CPU model (THESIS-NOTES, "The experiments"; the scenarios' ``load_generator``):
+The CPU model (docs/load-study.md, "The model"; the scenarios' ``load_generator``):
 
 * Every guest runs a load generator with a cycle of ``cycle_s`` (30 s). At the start of each
   cycle it draws its busy time ``L' = L + j``, ``j`` from ``jitter`` with the probabilities
@@ -264,7 +264,7 @@ class SimulatedHypervisor:
         profiles = self.profiles
         try:
             if callable(profiles):
-                busy = profiles(name)
+                busy: Any = profiles(name)
             else:
                 busy = profiles[name]
                 if isinstance(busy, (tuple, list)):

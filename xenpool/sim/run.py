@@ -12,8 +12,10 @@ from __future__ import annotations
 import random
 import statistics
 from dataclasses import dataclass, field
+from typing import cast
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import Clock
 
 from ..interfaces import NodeInfo
@@ -158,7 +160,7 @@ class SimPE:
         self.core.peers = SimPeers(sim, identifier)
         self.association = _ToClient(self.from_registrar)
         self.transport = P.TcpTransport(5000 + identifier, (f"10.0.0.{identifier}",))
-        self._early = None
+        self._early: IDelayedCall | None = None
         self.register()
         sim.clock.callLater(
             sim.load_settings.sample_interval_s * sim.rng.random(), self._regular_update
@@ -188,7 +190,8 @@ class SimPE:
             self._early = self.sim.clock.callLater(0, self.register)
 
     def _rebalance(self) -> None:
-        elements = self.sim.access.resolve(self.sim.pool_handle, 256).result
+        resolved = self.sim.access.resolve(self.sim.pool_handle, 256)  # fired at once
+        elements = cast(list, resolved.result)
         self.core.rebalance(self.sim.rebalancer, elements)  # as the PE daemon does
         self.sim.clock.callLater(self.sim.rebalance_interval_s, self._rebalance)
 
@@ -215,7 +218,8 @@ class SimPoolAccess:
             _copy(M.HandleResolution(pool_handle, items, ram_mb)),
             _ToClient(answers.append),
         )
-        return defer.succeed(list(answers[0].pool_elements))
+        answer = cast(M.HandleResolutionResponse, answers[0])  # in memory: at once
+        return defer.succeed(list(answer.pool_elements))
 
     def connect(self, element: P.PoolElement, deliver) -> defer.Deferred:
         return defer.succeed(_PuSide(self.sim.pes[element.identifier], deliver))

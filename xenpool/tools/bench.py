@@ -105,7 +105,8 @@ def load_generator(argv: list[str], timeout_s: float) -> dict:
         raise BenchError("the load generator did not finish") from None
     finally:
         stop(proc)
-        proc.stdout.close()
+        if proc.stdout is not None:  # stdout=PIPE: always
+            proc.stdout.close()
     if proc.returncode != 0 or not out.strip():
         raise BenchError(f"the load generator failed (exit status {proc.returncode})")
     result = json.loads(out.splitlines()[-1])

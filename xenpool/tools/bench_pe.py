@@ -48,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from ..protocol import framing
 from ..protocol import session as S
@@ -65,6 +66,9 @@ from .bench import (
     verdict,
 )
 
+if TYPE_CHECKING:
+    from rich.console import JustifyMethod
+
 POOL = "Xen"
 REGISTRAR_ID = 0x0BE0C401
 PE_ID = 0x0BE0C402
@@ -75,7 +79,8 @@ NODE_MIN_RAM_MB = 16 * 1024
 RUNNING = 1  # VIR_DOMAIN_RUNNING
 
 TARGET_PE_CPU_PERCENT = 1.0
-# The prototype's management overhead, in percent of a dual-core host (THESIS-NOTES).
+# The prototype's management overhead, in percent of a dual-core host (measured on the
+# prototype, not here).
 PROTOTYPE_PERCENT_OF_DUAL_CORE = {"libvirt": 5.7, "command line": 12.9}
 
 
@@ -139,6 +144,7 @@ class Daemon:
         self._reader.start()
 
     def _read(self) -> None:
+        assert self.proc.stdout is not None  # stdout=PIPE
         fd = self.proc.stdout.fileno()
         while True:
             try:
@@ -180,7 +186,7 @@ class Daemon:
     def stop(self) -> None:
         stop(self.proc)
         self._reader.join(10)
-        if not self._reader.is_alive():
+        if not self._reader.is_alive() and self.proc.stdout is not None:
             self.proc.stdout.close()
             self._file.close()
 
@@ -408,7 +414,7 @@ def _print_table(r: dict) -> None:
         ("target", "right"),
         ("", "left"),
     ):
-        table.add_column(column, justify=justify)
+        table.add_column(column, justify=cast("JustifyMethod", justify))
     us = lambda v: "-" if v is None else f"{v:,.0f} us"  # noqa: E731
     rtt = r["rtt_ms"]
     rows = [
@@ -694,7 +700,7 @@ def serve_selectors(port: int) -> None:  # pragma: no cover - run in a child pro
                 conn.setblocking(False)
                 selector.register(conn, selectors.EVENT_READ, framing.ShimStream())
                 continue
-            conn, stream = key.fileobj, key.data
+            conn, stream = cast(socket.socket, key.fileobj), key.data
             data = conn.recv(65536)
             if not data:
                 selector.unregister(conn)
@@ -712,6 +718,8 @@ def serve_twisted(port: int) -> None:  # pragma: no cover - run in a child proce
     from twisted.internet.protocol import Factory, Protocol
 
     class Answer(Protocol):
+        transport: Any  # a TCP transport, set before any callback
+
         def connectionMade(self) -> None:
             self.stream = framing.ShimStream()
 
@@ -720,7 +728,8 @@ def serve_twisted(port: int) -> None:  # pragma: no cover - run in a child proce
             while (item := self.stream.next_message()) is not None:
                 self.transport.write(_baseline_answer(item[1]))
 
-    reactor.listenTCP(port, Factory.forProtocol(Answer), interface="127.0.0.1")
+    # Twisted types listenTCP's factory as a ServerFactory; any IProtocolFactory works.
+    reactor.listenTCP(port, Factory.forProtocol(Answer), interface="127.0.0.1")  # type: ignore[arg-type]
     reactor.callWhenRunning(lambda: print("serving", flush=True))
     reactor.run()
 

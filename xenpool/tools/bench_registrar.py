@@ -41,6 +41,7 @@ import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from ..protocol import framing
 from ..protocol import messages as M
@@ -58,6 +59,11 @@ from .bench import (
     twistd_argv,
     verdict,
 )
+
+if TYPE_CHECKING:
+    from rich.console import JustifyMethod
+
+    from ..interfaces import IPoolPolicy
 
 POOL = b"bench"
 CONNECTIONS = 4  # load generator connections
@@ -121,7 +127,7 @@ def registration_template() -> tuple[bytes, int, int]:
 # ------------------------------------------------------------------ in-process
 
 
-def _policies() -> dict[int, object]:
+def _policies() -> dict[int, IPoolPolicy]:
     from ..plugins import load_plugins
 
     plugins = load_plugins()
@@ -129,7 +135,7 @@ def _policies() -> dict[int, object]:
     return {p.policy_type: p for p in providers}
 
 
-def _handlespace(count: int, policies: dict[int, object]):
+def _handlespace(count: int, policies: dict[int, IPoolPolicy]):
     from ..registrar.handlespace import Handlespace
 
     handlespace = Handlespace(REGISTRAR_ID, policies, rng=random.Random(1))
@@ -140,7 +146,7 @@ def _handlespace(count: int, policies: dict[int, object]):
     return handlespace
 
 
-def resolve_us(count: int, seconds: float, policies: dict[int, object]) -> float:
+def resolve_us(count: int, seconds: float, policies: dict[int, IPoolPolicy]) -> float:
     """Microseconds per handle resolution answer (selection of the default 3 PEs from
     ``count`` and the encoded answer, as the daemon makes it)."""
     handlespace = _handlespace(count, policies)
@@ -148,7 +154,7 @@ def resolve_us(count: int, seconds: float, policies: dict[int, object]) -> float
     return 1e6 / rate(lambda: handlespace.resolution_answer(POOL), seconds)
 
 
-def bytes_per_pe(count: int, policies: dict[int, object]) -> dict[str, float]:
+def bytes_per_pe(count: int, policies: dict[int, IPoolPolicy]) -> dict[str, float]:
     """Traced memory per PE, kept as the daemon keeps it: each PE decoded from its
     REGISTRATION, then registered (``handlespace``: the handlespace and its selection;
     ``with_audit``: through the registrar core, with its keep-alive timer)."""
@@ -183,13 +189,16 @@ def bytes_per_pe(count: int, policies: dict[int, object]) -> dict[str, float]:
         def send(self, message: M.Message) -> None:
             pass
 
+        def send_encoded(self, data: bytes) -> None:
+            pass
+
         def close(self) -> None:
             pass
 
     def handlespace_only(wire: list[bytes]) -> object:
         handlespace = Handlespace(REGISTRAR_ID, policies, rng=random.Random(1))
         for data in wire:
-            msg = M.decode(data)
+            msg = cast(M.Registration, M.decode(data))  # the wire is registrations
             handlespace.register(msg.pool_handle, msg.pool_element, now=0.0, owner=None)
         return handlespace
 
@@ -275,6 +284,7 @@ def ceiling_server(reply: bytes) -> Iterator[tuple[subprocess.Popen, int]]:
     argv = [sys.executable, "-m", __name__, "ceiling", reply.hex()]
     proc = spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     try:
+        assert proc.stdout is not None  # stdout=PIPE
         line = proc.stdout.readline()  # its port, once it listens
         if not line.strip().isdigit():
             raise BenchError(
@@ -283,7 +293,8 @@ def ceiling_server(reply: bytes) -> Iterator[tuple[subprocess.Popen, int]]:
         yield proc, int(line)
     finally:
         stop(proc)
-        proc.stdout.close()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def load(port: int, server_pid: int, spec: dict) -> dict:
@@ -539,7 +550,7 @@ def _print_table(r: dict) -> None:
         ("target", "right"),
         ("", "left"),
     ):
-        table.add_column(column, justify=justify)
+        table.add_column(column, justify=cast("JustifyMethod", justify))
     rows = [
         (
             "resolutions_per_s",
@@ -688,7 +699,7 @@ def client(spec: dict) -> dict:
     elapsed = now - since
     server_cpu = (
         None
-        if None in (server_cpu, server_since)
+        if server_cpu is None or server_since is None
         else round((server_cpu - server_since) / elapsed, 2)
     )
     return {
@@ -705,9 +716,11 @@ def ceiling(reply: bytes) -> None:
     """A minimal Twisted server: frames requests by the ASAP length field and answers
     each one with ``reply``. Prints its port once it listens; stops on SIGTERM."""
     from twisted.internet import reactor
+    from twisted.internet.address import IPv4Address
     from twisted.internet.protocol import Factory, Protocol
 
     class Canned(Protocol):
+        transport: Any  # a TCP transport, set before any callback
         rest = b""
 
         def dataReceived(self, data: bytes) -> None:
@@ -725,8 +738,9 @@ def ceiling(reply: bytes) -> None:
                 write(reply)
             self.rest = buf[pos:]
 
-    port = reactor.listenTCP(0, Factory.forProtocol(Canned), interface="127.0.0.1")
-    print(port.getHost().port, flush=True)
+    # Twisted types listenTCP's factory as a ServerFactory; any IProtocolFactory works.
+    port = reactor.listenTCP(0, Factory.forProtocol(Canned), interface="127.0.0.1")  # type: ignore[arg-type]
+    print(cast(IPv4Address, port.getHost()).port, flush=True)
     reactor.run()
 
 

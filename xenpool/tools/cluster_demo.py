@@ -205,7 +205,7 @@ def run(console: Console | None = None) -> int:
             counts = {
                 n: sum(pe == f"0x{n:08x}" for pe in placed.values()) for n in HOSTS
             }
-            victim = max(counts, key=counts.get)
+            victim = max(counts, key=lambda n: counts[n])
             moved = sorted(
                 name for name, pe in placed.items() if pe == f"0x{victim:08x}"
             )

@@ -8,6 +8,7 @@ ASAP and session messages, the cookie) and what happens to bad input. ``make dem
 from __future__ import annotations
 
 import time
+from typing import cast
 
 from rich.console import Console
 from rich.panel import Panel
@@ -72,7 +73,7 @@ def run(console: Console | None = None) -> int:
     # 3. A PU resolves the pool handle
     response = samples.handle_resolution_response(3)
     data = messages.encode(response)
-    decoded = messages.decode(data)
+    decoded = cast(messages.HandleResolutionResponse, messages.decode(data))
     table = Table(
         title=f"3. ASAP HANDLE_RESOLUTION_RESPONSE ({len(data)} bytes) as the PU decodes it"
     )
@@ -107,8 +108,8 @@ def run(console: Console | None = None) -> int:
     )
     sealed = cookie.seal(state, secret)
     stream = framing.ShimStream()
-    for msg in (create, result, messages.Cookie(sealed)):
-        stream.feed(framing.frame_message(msg))
+    for sent in (create, result, messages.Cookie(sealed)):
+        stream.feed(framing.frame_message(sent))
     table = Table(title="4. PE<->PU session over TCP (shim frames {PPID, length})")
     table.add_column("PPID")
     table.add_column("message")

@@ -42,6 +42,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any, cast
 
 from ..protocol import cookie, framing, messages, session
 from ..protocol import params as P
@@ -291,7 +292,8 @@ def _run_stream(
                 )
         errors += 1
         events.append(("fatal", fatal.field, fatal.offset))
-    events.append(("reports", tuple(stream.reports)))
+    reports = cast(Any, stream).reports  # every framer of _STREAMS keeps them
+    events.append(("reports", tuple(reports)))
     return events, Outcome(errors == 0, decoded, errors, fatal is not None)
 
 
@@ -394,7 +396,7 @@ def _unusual_messages() -> tuple[list[bytes], list[bytes]]:
         ),
         P.PoolPolicy.make(P.PolicyType.ROUND_ROBIN),
     ]
-    transports = [
+    transports: list[P.Transport] = [
         P.SctpTransport(
             1, ("10.0.0.1", "10.0.0.2", "fd00::3"), P.TransportUse.DATA_PLUS_CONTROL
         ),
@@ -602,7 +604,7 @@ def _walk_session(data, base, end, fields, cuts) -> None:
 
 
 def structure(
-    data: bytes, kind: str
+    data: bytes | bytearray, kind: str
 ) -> tuple[list[tuple[int, int, int, int, str]], list[int]]:
     """The length fields (offset, width, base, start, tag) and the parameter boundaries of ``data``
     read as ``kind`` (a decoder name or ``cookie-body``), as far as it makes sense."""
@@ -1002,7 +1004,7 @@ class Generator:
         if r < 0.3 and size <= 512:
             return (1,) * size
         top = 32 if r < 0.6 else size
-        out, total = [], 0
+        out, total = list[int](), 0
         while total < size and len(out) < 256:
             n = rng.randrange(top + 1)
             out.append(n)
@@ -1147,7 +1149,7 @@ class _Watchdog:
         self.current: int | None = None  # what is running; None: nothing to interrupt
         self._seen: int | None = None
         self._runs = 0
-        self._old = None
+        self._old: Callable[..., Any] | int | None = None
         self.active = threading.current_thread() is threading.main_thread() and hasattr(
             signal, "setitimer"
         )

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 TWISTD_ARGV = [str(Path(sys.executable).with_name("twistd"))]
 
@@ -38,6 +39,12 @@ class Process:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
 
+    @property
+    def stdout(self) -> IO[bytes]:
+        """The log's pipe (started with stdout=PIPE)."""
+        assert self.proc.stdout is not None
+        return self.proc.stdout
+
     def mark(self) -> int:
         """A position in the log, for ``wait_for(..., since=)``: only what comes after."""
         return len(self.drain())
@@ -47,7 +54,7 @@ class Process:
         log after ``timeout``."""
         deadline = time.monotonic() + timeout
         selector = selectors.DefaultSelector()
-        selector.register(self.proc.stdout, selectors.EVENT_READ)
+        selector.register(self.stdout, selectors.EVENT_READ)
         try:
             while text not in self.log[since:]:
                 left = deadline - time.monotonic()
@@ -55,7 +62,7 @@ class Process:
                     raise AssertionError(
                         f"{text!r} not seen within {timeout} s; log:\n{self.log}"
                     )
-                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                chunk = os.read(self.stdout.fileno(), 65536)
                 if not chunk:
                     raise AssertionError(
                         f"daemon exited ({self.proc.wait()}) before {text!r}; log:\n{self.log}"
@@ -68,9 +75,9 @@ class Process:
     def drain(self) -> str:
         """Whatever the log has now, without waiting."""
         selector = selectors.DefaultSelector()
-        selector.register(self.proc.stdout, selectors.EVENT_READ)
+        selector.register(self.stdout, selectors.EVENT_READ)
         while selector.select(0):
-            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            chunk = os.read(self.stdout.fileno(), 65536)
             if not chunk:
                 break
             self.log += chunk.decode(errors="replace")
@@ -93,7 +100,7 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.proc.stdout.close()
+        self.stdout.close()
 
 
 def wait_for_any(processes: list[Process], text: str, timeout: float = 20.0) -> Process:
@@ -101,7 +108,7 @@ def wait_for_any(processes: list[Process], text: str, timeout: float = 20.0) -> 
     deadline = time.monotonic() + timeout
     selector = selectors.DefaultSelector()
     for process in processes:
-        selector.register(process.proc.stdout, selectors.EVENT_READ, process)
+        selector.register(process.stdout, selectors.EVENT_READ, process)
     try:
         while True:
             for process in processes:
@@ -120,6 +127,8 @@ def wait_for_any(processes: list[Process], text: str, timeout: float = 20.0) -> 
 
 class Daemon(Process):
     """One `twistd -n` daemon, started and waited for until its log says ``ready``."""
+
+    status_port: int  # where its status page is, for a caller that records it
 
     def __init__(
         self,

@@ -79,8 +79,10 @@ def run(watch_s: float = 5.0) -> int:
                     print(f"{vm}: NOT back within 300 s")
                     continue
                 new = lives(bed.console(vm))[-1]
+                assert new.found is not None  # a guest prints found before synced
                 verdict = "nothing lost" if new.found >= last[vm] else "WRITES LOST"
-                where = placed[vm].name if placed.get(vm) else "?"
+                now = placed.get(vm)
+                where = now.name if now else "?"
                 print(
                     f"{vm}: booted on {where}, found {new.found} on its disk "
                     f"(had synced {last[vm]}): {verdict}; writing again "

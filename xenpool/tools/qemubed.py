@@ -130,10 +130,11 @@ def missing() -> str | None:
     busybox = Path("/bin/busybox")
     if not busybox.is_file() or b"ld-linux" in busybox.read_bytes()[:8192]:
         return "no static busybox (busybox-static)"
-    if not kernel():
+    modules = module_dir()  # None exactly when there is no kernel
+    if modules is None:
         return "no kernel in /boot (linux-image-amd64)"
     for m in VIRTIO_MODULES:
-        if not (module_dir() / "kernel" / f"{m}.ko").is_file():
+        if not (modules / "kernel" / f"{m}.ko").is_file():
             return f"kernel module {m}.ko missing (an uncompressed one is needed)"
     if (
         Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists()
@@ -162,7 +163,10 @@ def initramfs(files: dict[str, tuple[int, bytes]]) -> bytes:
 
 def build_guest(root: Path, period_s: float = 0.2) -> None:
     """``root/vmlinuz`` and ``root/initrd.gz``: the guest that writes its sequence."""
-    shutil.copy(kernel(), root / "vmlinuz")
+    vmlinuz, modules = kernel(), module_dir()
+    if vmlinuz is None or modules is None:
+        raise RuntimeError("no kernel in /boot (linux-image-amd64)")
+    shutil.copy(vmlinuz, root / "vmlinuz")
     (root / "vmlinuz").chmod(0o644)
     names = [m.rsplit("/", 1)[1] for m in VIRTIO_MODULES]
     init = GUEST_INIT.replace("@MODULES@", " ".join(names)).replace(
@@ -180,7 +184,7 @@ def build_guest(root: Path, period_s: float = 0.2) -> None:
     for m in VIRTIO_MODULES:
         files[f"lib/modules/{m.rsplit('/', 1)[1]}.ko"] = (
             0o100644,
-            (module_dir() / "kernel" / f"{m}.ko").read_bytes(),
+            (modules / "kernel" / f"{m}.ko").read_bytes(),
         )
     (root / "initrd.gz").write_bytes(initramfs(files))
     (root / "initrd.gz").chmod(0o644)
@@ -438,10 +442,38 @@ class Host:
     netns: str
     address: str
     n: int = 0  # PE id
-    libvirtd: Proc | None = None
-    pe: Proc | None = None
-    root: Path | None = None
+    # set by QemuBed._configure; read through the properties below
+    _libvirtd: Proc | None = None
+    _pe: Proc | None = None
+    _root: Path | None = None
     frozen: list[int] = field(default_factory=list)
+
+    @property
+    def libvirtd(self) -> Proc:
+        assert self._libvirtd is not None, f"{self.name}: no libvirtd configured"
+        return self._libvirtd
+
+    @libvirtd.setter
+    def libvirtd(self, proc: Proc) -> None:
+        self._libvirtd = proc
+
+    @property
+    def pe(self) -> Proc:
+        assert self._pe is not None, f"{self.name}: no PE configured"
+        return self._pe
+
+    @pe.setter
+    def pe(self, proc: Proc) -> None:
+        self._pe = proc
+
+    @property
+    def root(self) -> Path:
+        assert self._root is not None, f"{self.name}: no root directory configured"
+        return self._root
+
+    @root.setter
+    def root(self, path: Path) -> None:
+        self._root = path
 
     @property
     def socket(self) -> Path:
@@ -510,15 +542,38 @@ class QemuBed:
         self.bridge = f"xq{self.tag}br"
         self.prefix = ""
         self.hosts: dict[str, Host] = {}
-        self.pool: Host | None = None
-        self.san: Host | None = None
-        self.registrar: Proc | None = None
-        self.keeper: Proc | None = None
+        # set by _network and _configure; read through the properties below
+        self._pool: Host | None = None
+        self._san: Host | None = None
+        self._registrar: Proc | None = None
+        self._keeper: Proc | None = None
         self.nbd: dict[str, Proc] = {}
         self._namespaces: list[str] = []
         self._links: list[str] = []
         self._forward_rule: list[str] | None = None
         self._old_handlers: dict = {}
+
+    @property
+    def pool(self) -> Host:
+        """The registrar's and the keeper's host."""
+        assert self._pool is not None, "the bed's network is not set up"
+        return self._pool
+
+    @property
+    def san(self) -> Host:
+        """The storage host (nbdkit)."""
+        assert self._san is not None, "the bed's network is not set up"
+        return self._san
+
+    @property
+    def registrar(self) -> Proc:
+        assert self._registrar is not None, "the bed is not configured"
+        return self._registrar
+
+    @property
+    def keeper(self) -> Proc:
+        assert self._keeper is not None, "the bed is not configured"
+        return self._keeper
 
     # ------------------------------------------------------------ paths
     def console(self, vm: str) -> Path:
@@ -618,9 +673,9 @@ class QemuBed:
                 sh("ip", "-n", netns, *cmd)
             host = Host(name, netns, address, n=i + 1)
             if name == "pool":
-                self.pool = host
+                self._pool = host
             elif name == "san":
-                self.san = host
+                self._san = host
             else:
                 self.hosts[name] = host
 
@@ -642,7 +697,7 @@ class QemuBed:
             )
         )
         twistd = [*TWISTD_ARGV, "-n", "--pidfile="]
-        self.registrar = Proc(
+        self._registrar = Proc(
             [
                 *twistd,
                 f"--logfile={d / 'registrar.log'}",
@@ -706,7 +761,7 @@ class QemuBed:
                 ],
                 d / f"{host.name}.out",
             )
-        self.keeper = Proc(
+        self._keeper = Proc(
             [
                 *twistd,
                 f"--logfile={d / 'keeper.log'}",
@@ -727,9 +782,12 @@ class QemuBed:
         if not image.exists():
             with open(image, "wb") as f:
                 f.truncate(DISK_BYTES)
+        nbdkit = shutil.which("nbdkit")
+        if nbdkit is None:
+            raise RuntimeError("nbdkit not installed")
         proc = Proc(
             [
-                shutil.which("nbdkit"),
+                nbdkit,
                 "--foreground",
                 "--exit-with-parent",
                 "-i",
@@ -777,9 +835,11 @@ class QemuBed:
         self._wait_status(self.pool.address, "/vms", self.keeper, 30, port=STATUS + 1)
 
     def stop_keeper(self, sig: int = signal.SIGTERM) -> None:
-        if self.keeper.alive():
-            self.keeper.proc.send_signal(sig)
-            self.keeper.reap()
+        keeper = self.keeper
+        if keeper.alive():
+            assert keeper.proc is not None  # alive() means started
+            keeper.proc.send_signal(sig)
+            keeper.reap()
 
     def wait_registered(self, host: Host, timeout: float = 60) -> None:
         def registered():
@@ -912,10 +972,10 @@ class QemuBed:
                     pass
         for proc in [
             *self.nbd.values(),
-            self.registrar,
-            self.keeper,
-            *(h.libvirtd for h in self.hosts.values()),
-            *(h.pe for h in self.hosts.values()),
+            self._registrar,
+            self._keeper,
+            *(h._libvirtd for h in self.hosts.values()),
+            *(h._pe for h in self.hosts.values()),
         ]:
             if proc is not None and proc.proc is not None:
                 if proc.alive():
