@@ -2,13 +2,17 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bootstrap clean
+.PHONY: demo demo-qemu test lint bootstrap clean
 
 bootstrap:
 	@./scripts/bootstrap.sh
 
 demo: bootstrap
 	@$(VENV)/bin/xenpool demo
+
+# Real guests (QEMU without KVM, NBD disks) on three hosts in network namespaces; root.
+demo-qemu: bootstrap
+	@$(VENV)/bin/xenpool demo --qemu
 
 # Lint first: a style or type error fails the build before the nine-minute suite runs.
 lint: bootstrap

@@ -24,7 +24,8 @@ pkg-config --exists libvirt 2>/dev/null || missing+=(libvirt-dev)
 command -v tshark >/dev/null 2>&1 || missing+=(tshark)
 command -v nbdkit >/dev/null 2>&1 || missing+=(nbdkit)                 # NBD disks in tests
 [ -x /usr/sbin/fence_dummy ] || missing+=(fence-agents)                # real fence agents in tests
-# Optional: the live migration end-to-end test (two QEMU hypervisors, a tiny guest booted
+# Optional: the live migration end-to-end test and the QEMU bed (xenpool/tools/qemubed.py:
+# three QEMU hosts, guests on nbdkit disks; nbdkit is required above), a tiny guest booted
 # from Debian's kernel and a static busybox). Installed as root; skipped without them.
 optional=()
 command -v libvirtd >/dev/null 2>&1 || optional+=(libvirt-daemon-system)
@@ -50,7 +51,7 @@ if [ ${#optional[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         missing+=("${optional[@]}")
     else
-        echo "note: the live migration, SCTP interop, promtool, systemd unit and web page tests are skipped without: ${optional[*]}" >&2
+        echo "note: the live migration, real-guest (QEMU bed), SCTP interop, promtool, systemd unit and web page tests are skipped without: ${optional[*]}" >&2
     fi
 fi
 

@@ -22,6 +22,10 @@ def _seconds(text: str) -> float:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.qemu:
+        from .tools import qemu_demo
+
+        return qemu_demo.run()
     if args.protocol:
         from .tools.demo import run
     else:
@@ -129,7 +133,10 @@ def _cmd_bench_pe(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_failover(args: argparse.Namespace) -> int:
-    from .tools.bench_failover import run
+    if args.qemu:
+        from .tools.bench_failover_qemu import run
+    else:
+        from .tools.bench_failover import run
 
     return run(args)
 
@@ -187,6 +194,11 @@ def parser() -> argparse.ArgumentParser:
         "--protocol",
         action="store_true",
         help="instead, walk through the wire protocol",
+    )
+    demo.add_argument(
+        "--qemu",
+        action="store_true",
+        help="real guests on three QEMU hosts with NBD disks, one powered off (root)",
     )
     demo.set_defaults(func=_cmd_demo)
     ex = sub.add_parser(
@@ -273,6 +285,16 @@ def parser() -> argparse.ArgumentParser:
     fo.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S")
     fo.add_argument("--heartbeat-timeout", type=float, default=3.0, metavar="S")
     fo.add_argument("--json", action="store_true")
+    fo.add_argument(
+        "--qemu",
+        action="store_true",
+        help="real guests on three QEMU hosts with NBD disks (root; see the README)",
+    )
+    fo.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="with --qemu: keep the bed's logs, consoles and disks when a trial fails",
+    )
     fo.set_defaults(func=_cmd_bench_failover)
 
     sim = sub.add_parser(
