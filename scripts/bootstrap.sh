@@ -41,6 +41,8 @@ static_busybox || optional+=(busybox-static)
 command -v rspregistrar >/dev/null 2>&1 || optional+=(rsplib-registrar)
 command -v rspserver >/dev/null 2>&1 || optional+=(rsplib-tools)
 [ -f /usr/include/rserpool/rserpool.h ] || optional+=(librsplib-dev)
+# Optional: tcpdump, copied into that guest to capture its SCTP traffic for tshark (required above)
+[ -x /usr/bin/tcpdump ] || optional+=(tcpdump)
 if [ ${#optional[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         missing+=("${optional[@]}")

@@ -4,16 +4,31 @@ Builds the initramfs of tests/guest/image.py (busybox, the kernel's SCTP modules
 checkout's Python with xenpool, rsplib's programs), boots Debian's kernel with it under QEMU
 and reads the scenarios' results (tests/guest/scenarios.py) from the serial console. Skipped,
 with one line, without root or the packages (scripts/bootstrap.sh installs them as root).
+
+tcpdump captures the scenarios' SCTP traffic inside the guest; the capture comes back over the
+console and Wireshark (tshark) decodes it here: no malformed packet, no expert error, the ASAP
+and ENRP messages of the scenarios decoded by Wireshark's own dissectors, every one of them also
+parsed by xenpool's codec, and the PE-PU session's own PPID present.
 """
 
 from __future__ import annotations
 
+import base64
+import collections
+import gzip
+import hashlib
+import os
 import re
+import struct
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from xenpool.protocol import messages as M
+
+from . import pcapcheck
 
 sys.path.insert(0, str(Path(__file__).with_name("guest")))
 import image
@@ -34,13 +49,36 @@ SCENARIOS = {
 ASSERTED = (1, 2, 3, 4)
 
 
+PCAP_BLOCK = re.compile(
+    r"^PCAP BEGIN (\d+) ([0-9a-f]{64})\n(.*?)^PCAP END\n", re.M | re.S
+)
+
+
 @pytest.fixture(scope="module")
-def console():
+def guest():
+    """(the console without the capture, the capture's pcap bytes or None)."""
     reason = image.missing()
     if reason:
         pytest.skip(f"SCTP interop guest: {reason}")
     with tempfile.TemporaryDirectory(prefix="xp-sctp-") as tmp:
-        yield image.boot(sys.executable, list(ASSERTED), Path(tmp), BOOT_TIMEOUT_S)
+        text = image.boot(sys.executable, list(ASSERTED), Path(tmp), BOOT_TIMEOUT_S)
+    text = text.replace("\r\n", "\n")
+    block = PCAP_BLOCK.search(text)
+    if block is None:
+        return text, None
+    pcap = gzip.decompress(base64.b64decode(block.group(3)))
+    assert len(pcap) == int(block.group(1)), "the capture came back cut"
+    assert hashlib.sha256(pcap).hexdigest() == block.group(2), (
+        "the capture came back changed"
+    )
+    if os.environ.get("XENPOOL_GUEST_PCAP"):  # keep it, to look at it in Wireshark
+        Path(os.environ["XENPOOL_GUEST_PCAP"]).write_bytes(pcap)
+    return text[: block.start()] + text[block.end() :], pcap
+
+
+@pytest.fixture(scope="module")
+def console(guest):
+    return guest[0]
 
 
 @pytest.mark.parametrize("number", ASSERTED, ids=[SCENARIOS[n] for n in ASSERTED])
@@ -59,3 +97,155 @@ def test_rsplib_refuses_nothing_xenpool_sent(console):
     assert "SCENARIOS " in console, console[-3000:]
     refusals = re.findall(r"^REFUSAL .*$", console, re.M)
     assert not refusals, "\n".join(refusals)
+
+
+# ---------------------------------------------------------------- the capture, through Wireshark
+
+SESSION_PPID = (
+    0x58504C31  # xenpool's application messages on the PE-PU session ("XPL1")
+)
+# Loopback offloads the SCTP CRC32c to a device that has none: every packet on lo carries 0
+# there (asserted below), so the checksum is not verified; everything else is.
+CAPTURE_PREFS = ("sctp.checksum:None",)
+# Message types the scenarios must have produced (Wireshark's names), besides the rest seen.
+ASAP_EXPECTED = {
+    1: "Registration",
+    3: "Registration Response",
+    5: "Handle Resolution",
+    6: "Handle Resolution Response",
+    7: "Endpoint Keep-Alive",
+    8: "Endpoint Keep-Alive Acknowledgement",
+    11: "Cookie",
+}
+ENRP_EXPECTED = {
+    1: "Presence",
+    2: "Handle Table Request",
+    3: "Handle Table Response",
+    4: "Handle Update",
+}
+
+
+def sctp_data_chunks(pcap: bytes):
+    """(source port, destination port, PPID, user data, chunk flags) of every SCTP DATA
+    chunk in a pcap of Ethernet frames (tcpdump on lo), read here without Wireshark."""
+    endian = {b"\xd4\xc3\xb2\xa1": "<", b"\xa1\xb2\xc3\xd4": ">"}[pcap[:4]]
+    linktype = struct.unpack(endian + "I", pcap[20:24])[0]
+    assert linktype == 1, f"link type {linktype}, not Ethernet"
+    offset = 24
+    while offset < len(pcap):
+        caplen, wirelen = struct.unpack(endian + "II", pcap[offset + 8 : offset + 16])
+        assert caplen == wirelen, "a packet was cut by the snapshot length"
+        frame = pcap[offset + 16 : offset + 16 + caplen]
+        offset += 16 + caplen
+        if frame[12:14] != b"\x08\x00" or frame[23] != 132:
+            continue  # IPv4 SCTP only (the filter was "sctp"; the guest uses IPv4)
+        ip_total = struct.unpack("!H", frame[16:18])[0]
+        sctp = frame[14 + (frame[14] & 0x0F) * 4 : 14 + ip_total]
+        source, destination = struct.unpack("!HH", sctp[:4])
+        at = 12
+        while at + 4 <= len(sctp):
+            kind, flags, length = struct.unpack("!BBH", sctp[at : at + 4])
+            if kind == 0:  # DATA
+                ppid = struct.unpack("!I", sctp[at + 12 : at + 16])[0]
+                yield source, destination, ppid, sctp[at + 16 : at + length], flags
+            at += max(4, (length + 3) & ~3)
+
+
+@pytest.fixture(scope="module")
+def capture(guest, tmp_path_factory):
+    if not pcapcheck.tshark_available():
+        pytest.skip(
+            "SCTP capture: tshark not installed (scripts/bootstrap.sh installs it)"
+        )
+    if not Path(image.TCPDUMP).is_file():
+        pytest.skip(
+            "SCTP capture: tcpdump not installed (scripts/bootstrap.sh installs it as root)"
+        )
+    console, pcap = guest
+    assert pcap is not None, (
+        f"the guest printed no capture (tcpdump is installed); console:\n{console[-4000:]}"
+    )
+    path = tmp_path_factory.mktemp("capture") / "sctp.pcap"
+    path.write_bytes(pcap)
+    return path
+
+
+@pytest.fixture(scope="module")
+def decoded(capture):
+    """One dict per packet of what Wireshark decoded (tshark -T json)."""
+    packets = pcapcheck.tshark_fields(
+        capture,
+        [
+            "sctp.checksum",
+            "sctp.data_payload_proto_id",
+            "asap.message_type",
+            "enrp.message_type",
+        ],
+        prefs=CAPTURE_PREFS,
+    )
+    assert packets, "Wireshark read no packet from the capture"
+    return packets
+
+
+def counts(packets, field) -> collections.Counter:
+    return collections.Counter(int(v) for p in packets for v in p[field])
+
+
+def test_tcpdump_captured_every_packet(console):
+    stats = dict(
+        (what, int(n))
+        for n, what in re.findall(
+            r"^CAPTURE (\d+) packets? (captured|dropped by kernel)", console, re.M
+        )
+    )
+    if not Path(image.TCPDUMP).is_file():
+        pytest.skip(
+            "SCTP capture: tcpdump not installed (scripts/bootstrap.sh installs it as root)"
+        )
+    assert stats.get("captured", 0) > 0, console[-3000:]
+    assert stats.get("dropped by kernel") == 0, stats
+
+
+def test_wireshark_finds_no_malformed_packet_in_the_guest_capture(capture, decoded):
+    assert pcapcheck.tshark_malformed(capture, prefs=CAPTURE_PREFS) == []
+    # the one thing not checked: the CRC32c, which loopback leaves unset in every packet
+    assert {p["sctp.checksum"][0] for p in decoded} == {"0x00000000"}
+    warnings = [
+        (p["frame.number"][0], message)
+        for p in decoded
+        for severity, message in zip(p["_ws.expert.severity"], p["_ws.expert.message"])
+        if int(severity, 0) >= 0x00600000  # PI_WARN and above
+    ]
+    assert not warnings, warnings[:20]
+
+
+def test_wireshark_decodes_the_scenarios_asap_and_enrp_messages(decoded):
+    asap, enrp = (
+        counts(decoded, "asap.message_type"),
+        counts(decoded, "enrp.message_type"),
+    )
+    print(f"ASAP message types decoded: {dict(sorted(asap.items()))}")
+    print(f"ENRP message types decoded: {dict(sorted(enrp.items()))}")
+    missing = {f"ASAP {n} {name}" for n, name in ASAP_EXPECTED.items() if not asap[n]}
+    missing |= {f"ENRP {n} {name}" for n, name in ENRP_EXPECTED.items() if not enrp[n]}
+    assert not missing, (missing, asap, enrp)
+    ppids = counts(decoded, "sctp.data_payload_proto_id")
+    # every DATA chunk on ASAP's and ENRP's PPIDs was decoded as one of their messages
+    assert ppids[M.ASAP_PPID] == sum(asap.values()) > 0, (ppids, asap)
+    assert ppids[M.ENRP_PPID] == sum(enrp.values()) > 0, (ppids, enrp)
+    assert ppids[SESSION_PPID] > 0, f"no PE-PU session message in the capture: {ppids}"
+
+
+def test_every_captured_rserpool_message_is_whole_and_xenpool_parses_it(guest, capture):
+    seen = collections.Counter()
+    for source, destination, ppid, data, flags in sctp_data_chunks(guest[1]):
+        if ppid not in (M.ASAP_PPID, M.ENRP_PPID):
+            continue
+        where = f"PPID {ppid} {source}->{destination}"
+        assert flags & 0x03 == 0x03, f"{where}: a message in fragments"
+        assert struct.unpack("!H", data[2:4])[0] == len(data), (
+            f"{where}: header length {struct.unpack('!H', data[2:4])[0]}, {len(data)} bytes"
+        )
+        seen[(ppid, type(M.decode(data, ppid)).__name__)] += 1
+    print(f"parsed by xenpool: {dict(seen)}")
+    assert seen, "no ASAP or ENRP message in the capture"
