@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from xenpool.protocol import messages as M
+from xenpool.protocol import session as S
 
 from . import pcapcheck
 
@@ -56,7 +57,7 @@ PCAP_BLOCK = re.compile(
 
 @pytest.fixture(scope="module")
 def guest():
-    """(the console without the capture, the capture's pcap bytes or None)."""
+    """(the console without the capture, the capture's pcap bytes or why there is none)."""
     reason = image.missing()
     if reason:
         pytest.skip(f"SCTP interop guest: {reason}")
@@ -65,15 +66,22 @@ def guest():
     text = text.replace("\r\n", "\n")
     block = PCAP_BLOCK.search(text)
     if block is None:
-        return text, None
-    pcap = gzip.decompress(base64.b64decode(block.group(3)))
-    assert len(pcap) == int(block.group(1)), "the capture came back cut"
-    assert hashlib.sha256(pcap).hexdigest() == block.group(2), (
-        "the capture came back changed"
-    )
+        return text, "the guest printed no capture"
+    console = text[: block.start()] + text[block.end() :]
+    try:
+        pcap = gzip.decompress(base64.b64decode(block.group(3)))
+    except (ValueError, OSError, EOFError) as err:
+        return console, f"the capture came back unreadable: {err}"
+    if len(pcap) != int(block.group(1)):
+        return (
+            console,
+            f"the capture came back cut: {len(pcap)} of {block.group(1)} bytes",
+        )
+    if hashlib.sha256(pcap).hexdigest() != block.group(2):
+        return console, "the capture came back changed (SHA-256 differs)"
     if os.environ.get("XENPOOL_GUEST_PCAP"):  # keep it, to look at it in Wireshark
         Path(os.environ["XENPOOL_GUEST_PCAP"]).write_bytes(pcap)
-    return text[: block.start()] + text[block.end() :], pcap
+    return console, pcap
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +115,10 @@ SESSION_PPID = (
 # Loopback offloads the SCTP CRC32c to a device that has none: every packet on lo carries 0
 # there (asserted below), so the checksum is not verified; everything else is.
 CAPTURE_PREFS = ("sctp.checksum:None",)
+# Wireshark has no dissector for xenpool's PPID and then falls back on the port: the lease
+# messages PEs send to a voter's ASAP port (3863) on that PPID would be dissected as ASAP (an
+# "Unknown ASAP type" 0x50, "malformed"). Told that the PPID is not ASAP, it shows them as data.
+CAPTURE_DECODE_AS = (f"sctp.ppi=={S.XENPOOL_PPID},data",)
 # Message types the scenarios must have produced (Wireshark's names), besides the rest seen.
 ASAP_EXPECTED = {
     1: "Registration",
@@ -115,14 +127,20 @@ ASAP_EXPECTED = {
     6: "Handle Resolution Response",
     7: "Endpoint Keep-Alive",
     8: "Endpoint Keep-Alive Acknowledgement",
+    9: "Endpoint Unreachable",
     11: "Cookie",
+    12: "Cookie Echo",
 }
 ENRP_EXPECTED = {
     1: "Presence",
     2: "Handle Table Request",
     3: "Handle Table Response",
     4: "Handle Update",
+    7: "Init Takeover",
+    8: "Init Takeover Ack",
+    9: "Takeover Server",
 }
+XENPOOL_REGISTRARS, RSPREGISTRAR = {0x11, 0x33}, 0x22  # scenarios.py's R1, R3 and RR
 
 
 def sctp_data_chunks(pcap: bytes):
@@ -162,8 +180,8 @@ def capture(guest, tmp_path_factory):
             "SCTP capture: tcpdump not installed (scripts/bootstrap.sh installs it as root)"
         )
     console, pcap = guest
-    assert pcap is not None, (
-        f"the guest printed no capture (tcpdump is installed); console:\n{console[-4000:]}"
+    assert isinstance(pcap, bytes), (
+        f"{pcap} (tcpdump is installed); console:\n{console[-4000:]}"
     )
     path = tmp_path_factory.mktemp("capture") / "sctp.pcap"
     path.write_bytes(pcap)
@@ -177,10 +195,13 @@ def decoded(capture):
         capture,
         [
             "sctp.checksum",
+            "sctp.dstport",
             "sctp.data_payload_proto_id",
             "asap.message_type",
             "enrp.message_type",
+            "enrp.sender_servers_id",
         ],
+        decode_as=CAPTURE_DECODE_AS,
         prefs=CAPTURE_PREFS,
     )
     assert packets, "Wireshark read no packet from the capture"
@@ -207,7 +228,12 @@ def test_tcpdump_captured_every_packet(console):
 
 
 def test_wireshark_finds_no_malformed_packet_in_the_guest_capture(capture, decoded):
-    assert pcapcheck.tshark_malformed(capture, prefs=CAPTURE_PREFS) == []
+    assert (
+        pcapcheck.tshark_malformed(
+            capture, decode_as=CAPTURE_DECODE_AS, prefs=CAPTURE_PREFS
+        )
+        == []
+    )
     # the one thing not checked: the CRC32c, which loopback leaves unset in every packet
     assert {p["sctp.checksum"][0] for p in decoded} == {"0x00000000"}
     warnings = [
@@ -234,18 +260,46 @@ def test_wireshark_decodes_the_scenarios_asap_and_enrp_messages(decoded):
     assert ppids[M.ASAP_PPID] == sum(asap.values()) > 0, (ppids, asap)
     assert ppids[M.ENRP_PPID] == sum(enrp.values()) > 0, (ppids, enrp)
     assert ppids[SESSION_PPID] > 0, f"no PE-PU session message in the capture: {ppids}"
+    # ... sent by both sides: registrations at the xenpool registrar (rspserver's, port 3863)
+    # and at rspregistrar (xenpool's PEs, port 3864); ENRP from every registrar, handle
+    # updates from a xenpool registrar and from rspregistrar
+    registered_at = {
+        int(p["sctp.dstport"][0]) for p in decoded if "1" in p["asap.message_type"]
+    }
+    assert {3863, 3864} <= registered_at, registered_at
+    enrp_from = collections.Counter(
+        (int(sender, 16), int(kind))
+        for p in decoded
+        for kind, sender in zip(p["enrp.message_type"], p["enrp.sender_servers_id"])
+    )
+    print(f"ENRP (sender, type) decoded: {dict(sorted(enrp_from.items()))}")
+    senders = {sender for sender, _ in enrp_from}
+    assert XENPOOL_REGISTRARS | {RSPREGISTRAR} <= senders, senders
+    updates_from = {sender for sender, kind in enrp_from if kind == 4}
+    assert updates_from & XENPOOL_REGISTRARS and RSPREGISTRAR in updates_from, (
+        updates_from
+    )
 
 
-def test_every_captured_rserpool_message_is_whole_and_xenpool_parses_it(guest, capture):
+def test_every_captured_message_is_whole_and_xenpool_parses_it(guest, capture):
+    """Without Wireshark: each ASAP/ENRP message (rsplib's too) and each application message
+    on xenpool's PPID is one whole SCTP message whose length field is its size, and
+    xenpool's codecs parse it."""
     seen = collections.Counter()
     for source, destination, ppid, data, flags in sctp_data_chunks(guest[1]):
-        if ppid not in (M.ASAP_PPID, M.ENRP_PPID):
+        if ppid not in (M.ASAP_PPID, M.ENRP_PPID, S.XENPOOL_PPID):
             continue
-        where = f"PPID {ppid} {source}->{destination}"
+        where = f"PPID {ppid:#x} {source}->{destination}"
         assert flags & 0x03 == 0x03, f"{where}: a message in fragments"
         assert struct.unpack("!H", data[2:4])[0] == len(data), (
             f"{where}: header length {struct.unpack('!H', data[2:4])[0]}, {len(data)} bytes"
         )
-        seen[(ppid, type(M.decode(data, ppid)).__name__)] += 1
+        message = S.decode(data) if ppid == S.XENPOOL_PPID else M.decode(data, ppid)
+        seen[(ppid, type(message).__name__)] += 1
     print(f"parsed by xenpool: {dict(seen)}")
-    assert seen, "no ASAP or ENRP message in the capture"
+    assert {(M.ASAP_PPID, "Registration"), (M.ENRP_PPID, "HandleUpdate")} <= set(seen)
+    # the PE-PU session (scenarios 2 and 4) and the PEs' lease votes, on xenpool's PPID
+    assert {
+        (S.XENPOOL_PPID, kind)
+        for kind in ("CreateServer", "CheckRunning", "LeaseRequest", "LeaseAnswer")
+    } <= set(seen), seen
