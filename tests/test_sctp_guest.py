@@ -66,7 +66,11 @@ def guest():
     text = text.replace("\r\n", "\n")
     block = PCAP_BLOCK.search(text)
     if block is None:
-        return text, "the guest printed no capture"
+        why = re.findall(r"^CAPTURE (?:NONE|FAILED).*$", text, re.M)
+        return (
+            text,
+            f"the guest printed no capture ({'; '.join(why) or 'no reason given'})",
+        )
     console = text[: block.start()] + text[block.end() :]
     try:
         pcap = gzip.decompress(base64.b64decode(block.group(3)))
