@@ -35,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).with_name("guest")))
 import image
 
 pytestmark = pytest.mark.slow
-BOOT_TIMEOUT_S = 420  # software emulation; the whole run stays under about five minutes
+# software emulation; the whole run stays under about five minutes on an idle machine
+# (XENPOOL_GUEST_TIMEOUT=seconds for a machine busy with other guests)
+BOOT_TIMEOUT_S = float(os.environ.get("XENPOOL_GUEST_TIMEOUT", 420))
 
 
 # The scenarios this suite asserts (tests/guest/scenarios.py names them); the guest runs
