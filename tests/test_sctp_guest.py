@@ -115,9 +115,7 @@ def test_rsplib_refuses_nothing_xenpool_sent(console):
 
 # ---------------------------------------------------------------- the capture, through Wireshark
 
-SESSION_PPID = (
-    0x58504C31  # xenpool's application messages on the PE-PU session ("XPL1")
-)
+SESSION_PPID = S.XENPOOL_PPID  # xenpool's application messages ("XPL1", 0x58504c31)
 # Loopback offloads the SCTP CRC32c to a device that has none: every packet on lo carries 0
 # there (asserted below), so the checksum is not verified; everything else is.
 CAPTURE_PREFS = ("sctp.checksum:None",)
