@@ -142,8 +142,7 @@ ENRP_EXPECTED = {
     4: "Handle Update",
     7: "Init Takeover",
     8: "Init Takeover Ack",
-    9: "Takeover Server",
-}
+}  # not TAKEOVER_SERVER: who takes over R1 is a race, and R3 takes rspregistrar's PEs alone
 XENPOOL_REGISTRARS, RSPREGISTRAR = {0x11, 0x33}, 0x22  # scenarios.py's R1, R3 and RR
 
 
