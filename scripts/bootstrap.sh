@@ -47,6 +47,8 @@ command -v promtool >/dev/null 2>&1 || optional+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || optional+=(systemd)
 # Optional: headless Chromium for the console's web page test (skipped without it).
 command -v chromium >/dev/null 2>&1 || optional+=(chromium)
+# Optional: tcpdump, copied into that guest to capture its SCTP traffic for tshark (required above)
+[ -x /usr/bin/tcpdump ] || optional+=(tcpdump)
 if [ ${#optional[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         missing+=("${optional[@]}")

@@ -222,7 +222,7 @@ def tshark_available() -> bool:
     return TSHARK is not None
 
 
-def _run_tshark(args: Sequence[str]) -> str:
+def _run_tshark(args: Sequence[str], prefs: Sequence[str] = ()) -> str:
     if TSHARK is None:
         raise TsharkError("tshark not found in PATH")
     with tempfile.TemporaryDirectory(prefix="pcapcheck-ws-") as cfg:
@@ -230,7 +230,7 @@ def _run_tshark(args: Sequence[str]) -> str:
         # disabled protocols or decode-as entries of the invoking user.
         env = dict(os.environ, HOME=cfg, WIRESHARK_CONFIG_DIR=cfg, LC_ALL="C.UTF-8")
         cmd = [TSHARK, "-n"]
-        for p in TSHARK_PREFS:
+        for p in (*TSHARK_PREFS, *prefs):  # a later -o wins
             cmd += ["-o", p]
         cmd += list(args)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
@@ -254,13 +254,15 @@ def tshark_fields(
     fields: Sequence[str],
     decode_as: Sequence[str] = (),
     display_filter: str | None = None,
+    prefs: Sequence[str] = (),
 ) -> list[dict[str, list[str]]]:
     """Return one dict per (displayed) packet: field -> list of string values.
 
     Every requested field is present (empty list when absent).  Each dict also
     carries ``frame.number``, ``_ws.expert.severity`` and ``_ws.expert.message``
     (expert infos of that packet; "Malformed Packet" shows up there too).
-    ``decode_as`` entries are passed as ``-d`` (e.g. "udp.port==4000,asap").
+    ``decode_as`` entries are passed as ``-d`` (e.g. "udp.port==4000,asap");
+    ``prefs`` (``-o`` settings) override ``TSHARK_PREFS``.
     """
     extra = ["frame.number", "_ws.expert.severity", "_ws.expert.message"]
     all_fields = list(dict.fromkeys([*fields, *extra]))
@@ -270,7 +272,7 @@ def tshark_fields(
         args += ["-Y", display_filter]
     for f in all_fields:
         args += ["-e", f]
-    out = _run_tshark(args).strip()
+    out = _run_tshark(args, prefs).strip()
     packets = json.loads(out) if out else []
     result = []
     for pkt in packets:
@@ -279,7 +281,9 @@ def tshark_fields(
     return result
 
 
-def tshark_malformed(path, decode_as: Sequence[str] = ()) -> list[int]:
+def tshark_malformed(
+    path, decode_as: Sequence[str] = (), prefs: Sequence[str] = ()
+) -> list[int]:
     """Frame numbers (1-based) that are malformed or carry an expert error."""
     args = [
         "-r",
@@ -292,4 +296,4 @@ def tshark_malformed(path, decode_as: Sequence[str] = ()) -> list[int]:
         "frame.number",
     ]
     args += _decode_as_args(decode_as)
-    return [int(line) for line in _run_tshark(args).split() if line.strip()]
+    return [int(line) for line in _run_tshark(args, prefs).split() if line.strip()]

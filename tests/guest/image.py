@@ -1,8 +1,9 @@
 """The SCTP interop guest: an initramfs with a static busybox, the SCTP kernel modules, this
 checkout's Python (interpreter, standard library, the virtualenv's packages xenpool needs) and
-rsplib's rspregistrar, rspserver and rspterminal with every shared library they load; all at
-their host paths, so the same commands run inside. Booted with QEMU (KVM when /dev/kvm works,
-software emulation otherwise), it runs ``scenarios.py`` and reports on the serial console.
+rsplib's rspregistrar, rspserver and rspterminal and Debian's tcpdump (when installed) with
+every shared library they load; all at their host paths, so the same commands run inside.
+Booted with QEMU (KVM when /dev/kvm works, software emulation otherwise), it runs
+``scenarios.py`` and reports on the serial console.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ MODULES = (
     "net/sctp/sctp",
 )
 RSPLIB = ("/usr/bin/rspregistrar", "/usr/bin/rspserver", "/usr/bin/rspterminal")
+TCPDUMP = "/usr/bin/tcpdump"  # captures the scenarios' SCTP traffic (Debian's tcpdump)
 GUEST_ADDRESS = "10.0.2.15"
 # virtualenv packages the daemons never import (plotting, packaging, test tools): left out
 SKIP_PACKAGES = re.compile(
@@ -223,12 +225,13 @@ def build(python: str, args: str = "") -> bytes:
         archive.tree(str(ROOT / part), skip=lambda p: "__pycache__" in p) if (
             ROOT / part
         ).is_dir() else archive.host(str(ROOT / part))
-    for tool in RSPLIB:
+    programs = [*RSPLIB, *([TCPDUMP] if Path(TCPDUMP).is_file() else [])]
+    for tool in programs:
         archive.host(tool)
     elves = [
         p.lstrip("/")
         for p in archive.names
-        if p.endswith(".so") or ".so." in p or p.startswith("usr/bin/rsp")
+        if p.endswith(".so") or ".so." in p or "/" + p in programs
     ]
     elves += [os.path.realpath(python).lstrip("/")]
     for library in sorted(shared_libraries(["/" + p for p in elves])):

@@ -13,12 +13,22 @@ with a deadline; the guest is slow (software emulation), so deadlines are genero
    registrar) and by a xenpool registrar (of rspregistrar).
 4. xenpool alone over SCTP: the PE-PU session (PPIDs, no shim) through a xenpool registrar,
    and ENRP between two xenpool registrars.
+
+All of it is captured: ``tcpdump -i lo ... sctp`` runs from before the first registrar starts
+until every process is stopped (all traffic goes to the guest's own address, hence through
+``lo``), and the capture is printed gzipped and base64-encoded between ``PCAP BEGIN <bytes>
+<sha256>`` and ``PCAP END`` for the host to decode with Wireshark (tests/test_sctp_guest.py).
 """
 
 from __future__ import annotations
 
+import base64
+import gzip
+import hashlib
 import re
 import select
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +48,7 @@ from xenpool.tools.processes import Daemon, Process  # noqa: E402
 IP = "10.0.2.15"
 ETC = ROOT / "etc" / "xenpool"
 WORK = Path("/tmp/interop")
+CAPTURE = WORK / "sctp.pcap"
 R1, RR, R3 = (
     0x11,
     0x22,
@@ -171,6 +182,42 @@ def rspregistrar(identifier: int, asap: int, enrp: int, peers: list[int]) -> Pro
     return rsplib(argv, f"rspregistrar-{identifier:x}")
 
 
+class Capture:
+    """tcpdump on ``lo``, SCTP only, written packet by packet (-U) to ``CAPTURE``."""
+
+    def __init__(self, tcpdump: str) -> None:
+        self.log = WORK / "tcpdump.log"
+        with open(self.log, "wb") as out:
+            # -Z root: the guest has no tcpdump user to drop privileges to
+            self.proc = subprocess.Popen(
+                [tcpdump, "-i", "lo", "-n", "-s", "0", "-U", "-Z", "root"]
+                + ["-w", str(CAPTURE), "sctp"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        wait("tcpdump listening on lo", lambda: "listening on lo" in self.text(), 60)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def finish(self) -> None:
+        """Stop tcpdump (it writes its counts and closes the file) and print the capture."""
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(60)
+        for line in self.text().splitlines():
+            if re.search(r"packets (captured|received|dropped)", line):
+                print(f"CAPTURE {line.strip()}", flush=True)
+        pcap = CAPTURE.read_bytes()
+        packed = base64.encodebytes(gzip.compress(pcap)).decode()
+        # nothing from the kernel between the markers: printk would land mid-line
+        Path("/proc/sys/kernel/printk").write_text("1\n")
+        sys.stdout.write(
+            f"PCAP BEGIN {len(pcap)} {hashlib.sha256(pcap).hexdigest()}\n{packed}PCAP END\n"
+        )
+        sys.stdout.flush()
+
+
 def scenario(number: int):
     def decorate(function):
         def run_it(*args):
@@ -199,6 +246,14 @@ def main(wanted: set[int]) -> None:
     fence_map.write_text(
         "".join(f"[host{n}]\npidfile = {WORK / f'pe{n}.pid'}\n" for n in (1, 2))
     )
+    tcpdump, capture = shutil.which("tcpdump"), None
+    if tcpdump is None:
+        print("CAPTURE NONE: no tcpdump in the guest (it is not installed)", flush=True)
+    else:
+        try:  # the scenarios run without a capture; the host's capture test then fails
+            capture = Capture(tcpdump)
+        except Exception as err:
+            print(f"CAPTURE FAILED {type(err).__name__}: {err}", flush=True)
     print("GUEST starting registrars", flush=True)
     r1 = xenpool(
         "xenpool-registrar",
@@ -415,6 +470,19 @@ def main(wanted: set[int]) -> None:
             process.kill()
         except Exception:
             pass
+    for process in reversed(started):
+        # killed, then reaped: their associations are gone before the capture stops
+        proc = getattr(process, "proc", None)
+        if proc is not None:
+            try:
+                proc.wait(10)
+            except Exception:
+                pass
+    if capture is not None:
+        try:
+            capture.finish()
+        except Exception as err:
+            print(f"CAPTURE FAILED {type(err).__name__}: {err}", flush=True)
     print(
         "SCENARIOS "
         + " ".join(f"{n}={results.get(n, ['NOT RUN'])[0]}" for n in (1, 2, 3, 4)),
