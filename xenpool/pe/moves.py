@@ -371,6 +371,13 @@ class Rebalancing:
             return refused(
                 S.ResultCode.INVALID_REQUEST, "not signed with the pool secret"
             )
+        if self.access is not None and not self.settings.secret:
+            # a MAC proves the leader only with a pool secret; without one anyone could
+            # stop VMs by "moving" them
+            return refused(
+                S.ResultCode.NOT_AUTHORIZED,
+                "moves need the pool secret while --pu-access is on",
+            )
         if (stale := self._replayed(request)) is not None:
             return refused(S.ResultCode.INVALID_REQUEST, stale)
         if request.target_pe == me:

@@ -6,10 +6,11 @@ import json
 import os
 from pathlib import Path
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from .. import tls
 from ..logs import hex_id
 from ..protocol import cookie as C
 from ..protocol import session as S
@@ -41,7 +42,7 @@ class KeeperService(service.MultiService):
             keeper.events.on_state = self._state
             keeper.events.on_cookie = self._save_cookie
         if status:
-            strports.service(status, server.Site(_Vms(self))).setServiceParent(self)
+            tls.service(status, server.Site(_Vms(self)), reactor).setServiceParent(self)
 
     def _cookie_path(self, keeper: VmKeeper) -> Path:
         return self.state_dir / f"{keeper.server_id}.cookie"

@@ -10,7 +10,14 @@ from __future__ import annotations
 from twisted.python import usage
 
 from .. import discovery
-from ..config import Setting, json_log, make_options, positive_float, read_ini
+from ..config import (
+    Setting,
+    json_log,
+    make_options,
+    positive_float,
+    read_ini,
+    secret_file,
+)
 from ..discovery import listener_settings
 from ..protocol import messages as M
 from ..protocol import session as S
@@ -45,7 +52,26 @@ SETTINGS = [
         positive_float,
         "seconds to wait for a PE's connection before trying the next one",
     ),
-    Setting("status", None, str, "HTTP endpoint for /vms (JSON)"),
+    Setting(
+        "status",
+        None,
+        str,
+        "HTTP endpoint for /vms (JSON); on 127.0.0.1 unless it names an interface",
+    ),
+    Setting("pu-name", None, str, "this keeper's name at the PEs (their --pu-access)"),
+    Setting(
+        "pu-secret-file",
+        None,
+        secret_file,
+        "this keeper's secret, which the PEs know: each create, adoption and stop is proven with it",
+    ),
+    Setting(
+        "pe-tls",
+        None,
+        str,
+        "reach the PEs over TLS with these tls: options, e.g. "
+        "trustRoots=/etc/xenpool/ca:certificate=pu.pem:privateKey=pu.key",
+    ),
     Setting(
         "logfile", None, str, "also write structured logs to this file as JSON lines"
     ),
@@ -107,12 +133,24 @@ class Options(
         self.settings["registrar"] = [
             registrar_endpoint(r) for r in self.settings["registrar"]
         ]
+        if self.settings["pu-secret-file"] and not self.settings["pu-name"]:
+            raise usage.UsageError("--pu-secret-file needs --pu-name")
+        self.pe_tls = None
+        if self.settings["pe-tls"]:
+            from ..tls import PeTls
+
+            try:
+                self.pe_tls = PeTls(self.settings["pe-tls"])
+            except Exception as err:
+                raise usage.UsageError(f"--pe-tls: {err}") from None
 
 
 def makeService(options: Options):
     from twisted.internet import reactor
 
     from ..asap_client import TcpPoolAccess
+    from ..tls import local_unless_told
+    from .cli import credential
     from .core import PuSettings
     from .keeper import KeeperService
 
@@ -129,10 +167,19 @@ def makeService(options: Options):
         reactor, s["registrar"], s["registrar-announce"], s["announce-interface"]
     )
     access = TcpPoolAccess(
-        reactor, registrars, pe_connect_timeout_s=settings.connect_timeout_s
+        reactor,
+        registrars,
+        pe_connect_timeout_s=settings.connect_timeout_s,
+        pe_tls=options.pe_tls,
+        credential=credential(s["pu-name"], s["pu-secret-file"], reactor),
     )
     keeper = KeeperService(
-        options.vms, access, reactor, settings, s["state-dir"], s["status"]
+        options.vms,
+        access,
+        reactor,
+        settings,
+        s["state-dir"],
+        local_unless_told(s["status"]) if s["status"] else None,
     )
     if announce_listener is not None:
         announce_listener.setServiceParent(keeper)

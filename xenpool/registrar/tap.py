@@ -54,7 +54,7 @@ SETTINGS = [
         "status",
         None,
         str,
-        "HTTP endpoint for /handlespace (JSON) and /metrics (Prometheus)",
+        "HTTP endpoint for /handlespace (JSON) and /metrics (Prometheus); on 127.0.0.1 unless it names an interface",
     ),
     Setting(
         "logfile", None, str, "also write structured logs to this file as JSON lines"
@@ -210,6 +210,7 @@ def makeService(options: usage.Options):
     from twisted.internet import reactor
 
     from ..plugins import load_plugins
+    from ..tls import local_unless_told
     from .core import Registrar, Timers
     from .handlespace import Handlespace
     from .leases import LeaseTable
@@ -255,7 +256,7 @@ def makeService(options: usage.Options):
         asap=s["asap"],
         enrp=s["enrp"],
         peers=s["peer"],
-        status=s["status"],
+        status=local_unless_told(s["status"]) if s["status"] else None,
         idle_timeout=s["idle-timeout"],
         max_message_size=s["max-message-size"],
         announce=s["announce"],
