@@ -198,11 +198,20 @@ class Options(make_options(SETTINGS, "registrar", "Run an RSerPool pool registra
 
 
 def leases_file(state_dir: str, asap_endpoint: str) -> Path:
-    """One file per ASAP endpoint, so registrars sharing a directory keep theirs apart."""
+    """One file per ASAP endpoint, so registrars sharing a directory keep theirs apart
+    (named by its kind, port and interface: an ssl: string's certificate paths are left out)."""
+    tls_files = (
+        "privateKey=",
+        "certKey=",
+        "caCertsDir=",
+        "extraCertChain=",
+        "dhParameters=",
+    )
+    kept = ":".join(
+        part for part in asap_endpoint.split(":") if not part.startswith(tls_files)
+    )
     return Path(state_dir) / (
-        "vm-leases-"
-        + re.sub(r"[^A-Za-z0-9.-]+", "_", asap_endpoint).strip("_")
-        + ".json"
+        "vm-leases-" + re.sub(r"[^A-Za-z0-9.-]+", "_", kept).strip("_") + ".json"
     )
 
 
