@@ -290,6 +290,9 @@ def test_tls_everywhere_and_a_stranger_gets_nothing(pool):
         answer = mallory.ask(M.Registration(b"Xen", fake, proof))
         assert answer.reject
         assert answer.error.causes[0].code == Cause.SECURITY_REJECTION
+    # ... and so is taking a real PE out of it
+    answer = mallory.ask(M.Deregistration(b"Xen", 1))
+    assert answer.error.causes[0].code == Cause.SECURITY_REJECTION
     listed = mallory.ask(M.HandleResolution(b"Xen", 10))
     assert sorted(e.identifier for e in listed.pool_elements) == [1, 2]
     mallory.close()
