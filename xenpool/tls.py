@@ -48,10 +48,12 @@ def server_endpoint(reactor, description: str):
         ssl.Certificate.loadPEM(FilePath(cert_path).getContent()),
         ssl.KeyPair.load(FilePath(key_path).getContent(), 1),
     )
-    authorities = [
-        ssl.Certificate.loadPEM(path.getContent()).original
-        for path in sorted(FilePath(ca_dir).globChildren("*.pem"))
-    ]
+    authorities = []
+    for path in sorted(FilePath(ca_dir).globChildren("*.pem")):
+        try:  # as Twisted's client caCertsDir: what is not a certificate is skipped
+            authorities.append(ssl.Certificate.loadPEM(path.getContent()).original)
+        except Exception:
+            continue
     if not authorities:
         raise ValueError(f"caCertsDir={ca_dir}: no *.pem certificate in it")
     extra = []
@@ -72,6 +74,19 @@ def server_endpoint(reactor, description: str):
     return endpoints.SSL4ServerEndpoint(
         reactor, port, options, backlog=backlog, interface=interface
     )
+
+
+def check_server(description: str) -> None:
+    """Raise (one line) when a server endpoint string cannot be built: an unknown kind,
+    a certificate or key that cannot be read, a CA directory without certificates."""
+    from twisted.internet.task import Clock
+
+    try:
+        server_endpoint(Clock(), description)
+    except OSError as err:
+        raise ValueError(f"{err.filename}: {err.strerror}") from None
+    except Exception as err:
+        raise ValueError(str(err) or type(err).__name__) from None
 
 
 def service(description: str, factory, reactor=None):
@@ -102,7 +117,7 @@ def local_unless_told(description: str) -> str:
     if kind not in ("tcp", "tcp6", "ssl") or "interface=" in description:
         return description
     return description + (
-        ":interface=::1" if kind == "tcp6" else ":interface=127.0.0.1"
+        ":interface=\\:\\:1" if kind == "tcp6" else ":interface=127.0.0.1"
     )
 
 

@@ -316,11 +316,12 @@ class Options(
                 raise usage.UsageError(f"--pe-tls: {err}") from None
         self.user_port = s["port"]
         if s["listen"]:
-            from ..tls import listen_port
+            from ..tls import check_server, listen_port
 
             try:
                 self.user_port = listen_port(s["listen"])
-            except ValueError as err:
+                check_server(s["listen"])
+            except Exception as err:
                 raise usage.UsageError(f"--listen: {err}") from None
         self.plugins = load_plugins(
             reactor=reactor

@@ -186,6 +186,15 @@ class Options(make_options(SETTINGS, "registrar", "Run an RSerPool pool registra
             )
         except ValueError as err:
             raise usage.UsageError(str(err)) from None
+        from ..tls import check_server
+
+        for option in ("asap", "enrp"):
+            for description in self.settings[option]:
+                if not description.startswith("sctp:"):
+                    try:
+                        check_server(description)
+                    except ValueError as err:
+                        raise usage.UsageError(f"--{option} {err}") from None
         state_dir = Path(self.settings["state-dir"])
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
