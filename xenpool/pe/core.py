@@ -14,7 +14,7 @@ import socket
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -36,6 +36,9 @@ from .accounting import HostAccounting
 from .leases import LeaseOutcome, LeaseSettings, VmLeases
 from .moves import Rebalancing
 from .sessions import Session, VmSession
+
+if TYPE_CHECKING:
+    from .access import PuAccess
 
 log = Logger()
 
@@ -157,7 +160,7 @@ class PoolElementCore(Rebalancing):
         self.refusals: dict[int, int] = {}
         # Who may ask (--pu-access, xenpool/pe/access.py): None lets anyone who reaches
         # the session port create, adopt and stop VMs, as before.
-        self.access = None
+        self.access: PuAccess | None = None
         self.proofs: dict[Session, S.PuProof] = {}  # a PU's proof for its next request
         self.pu_names: dict[Session, str] = {}  # the PU each session's request proved
 
@@ -207,16 +210,18 @@ class PoolElementCore(Rebalancing):
     def _proven(self, message: object, session: Session) -> bool:
         """With --pu-access: does a PU this PE knows ask, and may it manage that VM (the
         cookie's VM is checked once unsealed)? Refused with NOT_AUTHORIZED otherwise."""
+        access = self.access
+        assert access is not None  # handle() asks only with access control on
         encoded = (
             M.encode(message)
             if isinstance(message, M.CookieEcho)
             else S.encode(message)
         )
-        name, why = self.access.prove(
+        name, why = access.prove(
             self.proofs.pop(session, None), encoded, getattr(session, "tls_name", None)
         )
         server_id = getattr(message, "server_id", "")
-        if name is not None and server_id and not self.access.allows(name, server_id):
+        if name is not None and server_id and not access.allows(name, server_id):
             name, why = None, f"PU {name!r} may not manage {server_id}"
         if name is None:
             log.warn("refused an unproven request: {why}", why=why)
