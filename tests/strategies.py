@@ -205,4 +205,11 @@ session_messages = st.one_of(
         st.lists(st.builds(S.Holder, u32, st.text(max_size=40)), max_size=4).map(tuple),
         text,
     ),
+    st.builds(
+        S.PuProof,
+        st.text(min_size=1, max_size=20),
+        st.integers(0, 2**64 - 1),
+        u32,
+        st.binary(max_size=S.MAX_MAC),
+    ),
 )

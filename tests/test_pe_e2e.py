@@ -246,18 +246,39 @@ def test_disks_are_checked_before_the_start(pool, tmp_path):
         pu.close()
 
 
-def test_the_example_configs_are_valid():
+def test_the_example_configs_are_valid(tmp_path):
+    from xenpool.pe.access import PuRule
     from xenpool.pe.tap import Options as PeOptions
     from xenpool.pu.tap import Options as KeeperOptions
 
+    # PU access control is on in the shipped configs, with secrets in /etc/xenpool that
+    # this machine has not made: the same files, with a secret here.
+    assert "\npu-access = /etc/xenpool/pu-access.conf" in (ETC / "pe.conf").read_text()
+    access = tmp_path / "pu-access.conf"
+    access.write_text((ETC / "pu-access.conf").read_text())
+    (tmp_path / "keeper.secret").write_text("a keeper secret for the test\n")
     pe = PeOptions()
-    pe.parseOptions([f"--config={ETC / 'pe.conf'}", "--libvirt-uri=test:///default"])
+    pe.parseOptions(
+        [
+            f"--config={ETC / 'pe.conf'}",
+            "--libvirt-uri=test:///default",
+            f"--pu-access={access}",
+        ]
+    )
     assert (
         pe.settings["load-weight"] == {"cpu": 0.75, "ram": 0.25}
         and pe.settings["libvirt-uri"] == "test:///default"
     )
+    assert pe.access_rules == [
+        PuRule("keeper", b"a keeper secret for the test", ("*",))
+    ]
+    vms = (ETC / "vms.conf").read_text()
+    assert "\npu-name = keeper\npu-secret-file = /etc/xenpool/keeper.secret" in vms
     keeper = KeeperOptions()
-    keeper.parseOptions([f"--keep={ETC / 'vms.conf'}"])
+    keeper.parseOptions(
+        [f"--keep={ETC / 'vms.conf'}", f"--pu-secret-file={tmp_path / 'keeper.secret'}"]
+    )
+    assert keeper.settings["pu-name"] == "keeper"
     assert [vm.server_id for vm in keeper.vms] == ["web1", "db1"] and keeper.settings[
         "heartbeat-timeout"
     ] == 3.0

@@ -227,4 +227,14 @@ def test_a_pool_with_a_secret_takes_only_pes_that_prove_it(policies, clock):
     # other pools need no proof
     registrar.handle(M.Registration(b"Open", element(3)), pe)
     assert not pe.sent[-1].reject
+    # only the PE's own association takes it out of a pool with a secret
+    stranger = Association()
+    registrar.handle(M.Deregistration(b"Xen", 1), stranger)
+    assert stranger.sent[-1].error.causes[0].code == Cause.SECURITY_REJECTION
+    assert handlespace.get(b"Xen", 1) is not None
+    registrar.handle(M.Deregistration(b"Open", 3), stranger)  # a pool without a secret
+    assert stranger.sent[-1].error is None
+    registrar.handle(M.Deregistration(b"Xen", 1), pe)
+    assert pe.sent[-1] == M.DeregistrationResponse(b"Xen", 1)
+    assert handlespace.get(b"Xen", 1) is None
     registrar.stop()

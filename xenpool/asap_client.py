@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from .protocol import framing
 from .protocol import messages as M
 from .protocol import params as P
+from .protocol import session as S
 from .protocol.errors import ProtocolError
 
 log = Logger()
@@ -66,16 +67,49 @@ class _OneRequest(Protocol):
             )
 
 
+class PuCredential:
+    """A PU's name and secret (``--pu-name``, ``--pu-secret-file``): each create, cookie
+    echo and stop it sends a PE is preceded by a PuProof of them (xenpool/pe/access.py)."""
+
+    def __init__(self, name: str, secret: bytes, clock) -> None:
+        self.name, self.secret, self.clock = name, secret, clock
+
+    def proof(self, message: object) -> S.PuProof:
+        import secrets
+
+        encoded = (
+            M.encode(message)
+            if isinstance(message, M.Message)
+            else S.encode(typing.cast(S.SessionMessage, message))
+        )
+        issued_ms = round(self.clock.seconds() * 1000)
+        nonce = secrets.randbits(32)
+        return S.PuProof(
+            self.name,
+            issued_ms,
+            nonce,
+            S.pu_proof_mac(self.secret, self.name, issued_ms, nonce, encoded),
+        )
+
+
+_PROVEN = (S.CreateServer, M.CookieEcho, S.StopServer)  # what a PU proves itself for
+
+
 class _PeSession(Protocol):
     transport: FileDescriptor  # TCP or SCTP; None until connected (send checks)
     sctp_framing = "shim"  # over SCTP the PPID replaces the shim (xenpool.sctp)
 
-    def __init__(self, deliver) -> None:
+    def __init__(self, deliver, credential: PuCredential | None = None) -> None:
         self.deliver = deliver
+        self.credential = credential
         self.stream = framing.ShimStream()
 
     def send(self, message: object) -> None:
         if self.transport is not None and self.transport.connected:
+            if self.credential is not None and isinstance(message, _PROVEN):
+                self.transport.write(
+                    framing.frame_message(self.credential.proof(message))
+                )
             self.transport.write(framing.frame_message(message))
 
     def close(self) -> None:
@@ -113,8 +147,14 @@ class TcpPoolAccess:
         registrars: RegistrarList,
         timeout_s: float = 5.0,
         pe_connect_timeout_s: float | None = None,
+        pe_tls=None,
+        credential: PuCredential | None = None,
     ) -> None:
+        """``pe_tls``: a xenpool.tls.PeTls, PEs' session ports are reached over TLS;
+        ``credential``: this PU proves who it is with it."""
         self.reactor = reactor
+        self.pe_tls = pe_tls
+        self.credential = credential
         self.registrars = registrars
         self.timeout_s = timeout_s
         self.pe_connect_timeout_s = (
@@ -164,13 +204,23 @@ class TcpPoolAccess:
                 transport.port,
                 timeout=self.pe_connect_timeout_s,
             )
-            return endpoint.connect(Factory.forProtocol(lambda: _PeSession(deliver)))
+            return endpoint.connect(
+                Factory.forProtocol(lambda: _PeSession(deliver, self.credential))
+            )
         if not isinstance(transport, P.TcpTransport):
             return defer.fail(
                 ConnectionError(
                     f"PE offers {type(transport).__name__}, this PU speaks TCP and SCTP"
                 )
             )
+        session = Factory.forProtocol(lambda: _PeSession(deliver, self.credential))
+        if self.pe_tls is not None:
+            return self.pe_tls.endpoint(
+                self.reactor,
+                transport.addresses[0],
+                transport.port,
+                self.pe_connect_timeout_s,
+            ).connect(session)
         kind = (
             endpoints.TCP6ClientEndpoint
             if ":" in transport.addresses[0]
@@ -182,7 +232,7 @@ class TcpPoolAccess:
             transport.port,
             timeout=self.pe_connect_timeout_s,
         )
-        return endpoint.connect(Factory.forProtocol(lambda: _PeSession(deliver)))
+        return endpoint.connect(session)
 
     def report_unreachable(self, pool_handle: bytes, identifier: int) -> None:
         request = M.EndpointUnreachable(pool_handle, identifier)

@@ -84,7 +84,7 @@ def secret_file(path: str) -> bytes:
     return secret
 
 
-ENDPOINT_KINDS = ("tcp:", "tcp6:", "ssl:", "unix:", "sctp:")
+ENDPOINT_KINDS = ("tcp:", "tcp6:", "ssl:", "tls:", "unix:", "sctp:")
 
 
 def registrar_endpoint(text: str) -> str:

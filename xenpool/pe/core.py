@@ -14,7 +14,7 @@ import socket
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -38,6 +38,9 @@ from .accounting import HostAccounting, HostCpu
 from .leases import LeaseOutcome, LeaseSettings, VmLeases
 from .moves import Rebalancing
 from .sessions import Session, VmSession
+
+if TYPE_CHECKING:
+    from .access import PuAccess
 
 log = Logger()
 #: Why a PE without a stonith provider refuses failovers (in its warning and answer).
@@ -170,11 +173,24 @@ class PoolElementCore(Rebalancing):
         # Set by the operator (``xenpool host drain``): the reason no VM starts here and
         # the PE reports itself full; None in normal operation.
         self.maintenance: str | None = None
+        # Who may ask (--pu-access, xenpool/pe/access.py): None lets anyone who reaches
+        # the session port create, adopt and stop VMs, as before.
+        self.access: PuAccess | None = None
+        self.proofs: dict[Session, S.PuProof] = {}  # a PU's proof for its next request
+        self.pu_names: dict[Session, str] = {}  # the PU each session's request proved
 
     # ------------------------------------------------------------ messages
 
     def handle(self, message: object, session: Session) -> defer.Deferred:
         """One message from a PU; answers go to ``session``."""
+        if isinstance(message, S.PuProof):
+            self.proofs[session] = message  # for the request that follows
+            return defer.succeed(None)
+        if self.access is not None and isinstance(
+            message, (S.CreateServer, M.CookieEcho, S.StopServer)
+        ):
+            if not self._proven(message, session):
+                return defer.succeed(None)
         if isinstance(message, S.CreateServer):
             return defer.Deferred.fromCoroutine(self._create(message, session))
         if isinstance(message, S.CheckRunning):
@@ -205,6 +221,37 @@ class PoolElementCore(Rebalancing):
             f"{type(message).__name__} is not a request a PE takes",
         )
         return defer.succeed(None)
+
+    def _proven(self, message: object, session: Session) -> bool:
+        """With --pu-access: does a PU this PE knows ask, and may it manage that VM (the
+        cookie's VM is checked once unsealed)? Refused with NOT_AUTHORIZED otherwise."""
+        access = self.access
+        assert access is not None  # handle() asks only with access control on
+        encoded = (
+            M.encode(message)
+            if isinstance(message, M.CookieEcho)
+            else S.encode(cast(S.SessionMessage, message))
+        )
+        name, why = access.prove(
+            self.proofs.pop(session, None), encoded, getattr(session, "tls_name", None)
+        )
+        server_id = getattr(message, "server_id", "")
+        if name is not None and server_id and not access.allows(name, server_id):
+            name, why = None, f"PU {name!r} may not manage {server_id}"
+        if name is None:
+            log.warn("refused an unproven request: {why}", why=why)
+            if isinstance(message, S.StopServer):
+                self.refusals[S.ResultCode.NOT_AUTHORIZED] = (
+                    self.refusals.get(S.ResultCode.NOT_AUTHORIZED, 0) + 1
+                )
+                session.send(S.StopResult(server_id, S.ResultCode.NOT_AUTHORIZED, why))
+            else:
+                self._answer_failure(
+                    session, server_id, S.ResultCode.NOT_AUTHORIZED, why
+                )
+            return False
+        self.pu_names[session] = name
+        return True
 
     def refuse(self, err: ProtocolError, session: Session) -> None:
         """A malformed request: answer create_failed naming the field, end the session."""
@@ -635,6 +682,15 @@ class PoolElementCore(Rebalancing):
             return self._answer_failure(
                 session, "", S.ResultCode.COOKIE_REJECTED, err.reason
             )
+        if self.access is not None and not self.access.allows(
+            self.pu_names.get(session, ""), state.server_id
+        ):
+            return self._answer_failure(
+                session,
+                state.server_id,
+                S.ResultCode.NOT_AUTHORIZED,
+                f"PU {self.pu_names.get(session, '')!r} may not manage {state.server_id}",
+            )
         orphan = self.orphans.get(state.server_id)
         request = S.CreateServer(
             state.server_id, state.disk, state.ips, state.ram_mb, state.vcpus
@@ -831,6 +887,8 @@ class PoolElementCore(Rebalancing):
     def session_lost(self, session: Session) -> defer.Deferred:
         """The PU is gone: its VM keeps running for the lease, waiting to be re-adopted,
         then is shut down gracefully and destroyed if it does not stop in time."""
+        self.proofs.pop(session, None)
+        self.pu_names.pop(session, None)
         vm = self.sessions.get(session)
         if vm is None:
             self.gone.add(

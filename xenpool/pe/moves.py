@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from ..interfaces import IHypervisor, ILoadMetric
     from ..protocol import messages as M
+    from .access import PuAccess
     from .accounting import HostAccounting
     from .core import PeSettings
 
@@ -80,6 +81,7 @@ class Rebalancing:
     metric: ILoadMetric
     sessions: dict[Session, VmSession]
     domain_states: dict[str, int]
+    access: PuAccess | None
 
     if TYPE_CHECKING:
 
@@ -406,6 +408,13 @@ class Rebalancing:
         if not hmac.compare_digest(request.mac, expected):
             return refused(
                 S.ResultCode.INVALID_REQUEST, "not signed with the pool secret"
+            )
+        if self.access is not None and not self.settings.secret:
+            # a MAC proves the leader only with a pool secret; without one anyone could
+            # stop VMs by "moving" them
+            return refused(
+                S.ResultCode.NOT_AUTHORIZED,
+                "moves need the pool secret while --pu-access is on",
             )
         if (stale := self._replayed(request)) is not None:
             return refused(S.ResultCode.INVALID_REQUEST, stale)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, task
 from twisted.internet.interfaces import ITCPTransport
@@ -12,7 +12,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.web import server
 
-from .. import eager_write
+from .. import eager_write, tls
 from ..discovery import FailoverEndpoint, Registrars
 from ..interfaces import state_name
 from ..logs import hex_id, pool_name
@@ -87,6 +87,13 @@ class SessionProtocol(Protocol):
     def connectionMade(self) -> None:
         self.last_heard = self.factory.clock.seconds()
         self.factory.sessions.add(self)
+
+    @property
+    def tls_name(self) -> str | None:
+        """The CN of the PU's verified TLS client certificate (xenpool/pe/access.py)."""
+        from ..tls import peer_name
+
+        return peer_name(self.transport)
 
     def send(self, message: object) -> None:
         # A heartbeat's answer is the same as the last one: encode it once.
@@ -238,8 +245,8 @@ class PoolElementService(service.MultiService):
         self._refresh_loop.clock = reactor
         self._early_update = None
         core.load_changed = self.load_changed
-        strports.service(
-            user_endpoint, SessionFactory(core, idle_timeout, reactor)
+        tls.service(
+            user_endpoint, SessionFactory(core, idle_timeout, reactor), reactor
         ).setServiceParent(self)
         factory = Factory.forProtocol(lambda: RegistrationProtocol(self))
         ClientService(
@@ -248,8 +255,8 @@ class PoolElementService(service.MultiService):
             retryPolicy=backoffPolicy(0.2, maxDelay=2.0),
         ).setServiceParent(self)
         if status:
-            strports.service(
-                status, server.Site(status_resource(self))
+            tls.service(
+                status, server.Site(status_resource(self)), reactor
             ).setServiceParent(self)
         self._load_loop = task.LoopingCall(self._regular_update)
         self._load_loop.clock = reactor

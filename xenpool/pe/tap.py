@@ -110,6 +110,28 @@ SETTINGS = [
     ),
     Setting("bind", "", str, "interface to listen on (default: all)"),
     Setting(
+        "listen",
+        None,
+        str,
+        "the session port as a server endpoint string, instead of --transport/--port/--bind, e.g. "
+        "ssl:5001:privateKey=pe.key:certKey=pe.pem:caCertsDir=/etc/xenpool/ca (TLS, PUs need a certificate "
+        "the CA signed); its port is the one registered",
+    ),
+    Setting(
+        "pu-access",
+        None,
+        str,
+        "INI file: the PUs that may create, adopt and stop VMs here, how each proves who it is (a secret, or a "
+        "TLS client certificate with its name as CN) and which VMs each may manage (default: anyone)",
+    ),
+    Setting(
+        "pe-tls",
+        None,
+        str,
+        "reach other PEs' session ports over TLS with these tls: options, e.g. "
+        "trustRoots=/etc/xenpool/ca:certificate=pe.pem:privateKey=pe.key",
+    ),
+    Setting(
         "host",
         socket.gethostname(),
         str,
@@ -251,7 +273,7 @@ SETTINGS = [
         "status",
         None,
         str,
-        "HTTP endpoint for /status (JSON), /metrics and /admin (signed host commands)",
+        "HTTP endpoint for /status (JSON), /metrics and /admin (signed host commands); on 127.0.0.1 unless it names an interface",
     ),
     Setting(
         "alert",
@@ -296,6 +318,28 @@ class Options(_Options):
             )
         except ValueError as err:
             raise usage.UsageError(str(err)) from None
+        self.access_rules = None
+        if s["pu-access"]:
+            from .access import read_access
+
+            self.access_rules = read_access(s["pu-access"])
+        self.pe_tls = None
+        if s["pe-tls"]:
+            from ..tls import PeTls
+
+            try:
+                self.pe_tls = PeTls(s["pe-tls"])
+            except Exception as err:
+                raise usage.UsageError(f"--pe-tls: {err}") from None
+        self.user_port = s["port"]
+        if s["listen"]:
+            from ..tls import check_server, listen_port
+
+            try:
+                self.user_port = listen_port(s["listen"])
+                check_server(s["listen"])
+            except Exception as err:
+                raise usage.UsageError(f"--listen: {err}") from None
         self.plugins = load_plugins(
             reactor=reactor
         )  # passed to the stonith, storage and hypervisor providers
@@ -410,6 +454,7 @@ def makeService(options: Options):
 
     from ..asap_client import TcpPoolAccess
     from ..logs import hex_id
+    from ..tls import local_unless_told
     from .disks import disk_release_function, disk_xml_function
     from .leases import LeaseSettings, VmLeases
     from .service import TcpClaimAsker, TcpVoter
@@ -420,7 +465,7 @@ def makeService(options: Options):
     registrars, announce_listener = discovery.registrars(
         reactor, s["registrar"], s["registrar-announce"], s["announce-interface"]
     )
-    pool_access = TcpPoolAccess(reactor, registrars)
+    pool_access = TcpPoolAccess(reactor, registrars, pe_tls=options.pe_tls)
     claims = TcpClaimAsker(
         reactor, pool_access, settings.pool_handle, settings.pe_identifier
     )
@@ -483,6 +528,10 @@ def makeService(options: Options):
         from ..console.events import AlertRunner
 
         core.events.alert = AlertRunner(reactor, s["alert"], s["alert-timeout"])
+    if options.access_rules is not None:
+        from .access import PuAccess
+
+        core.access = PuAccess(options.access_rules, reactor)
     bind = f":interface={s['bind']}" if s["bind"] else ""
     pe = PoolElementService(
         core,
@@ -490,13 +539,13 @@ def makeService(options: Options):
         options.policy_arguments,
         reactor,
         registrars=registrars,
-        user_endpoint=f"{s['transport']}:{s['port']}{bind}",
+        user_endpoint=s["listen"] or f"{s['transport']}:{s['port']}{bind}",
         user_address=s["address"],
-        user_port=s["port"],
+        user_port=options.user_port,
         load_interval_s=s["load-interval"],
         registration_life_ms=round(s["registration-life"] * 1000),
         idle_timeout=s["idle-timeout"],
-        status=s["status"],
+        status=local_unless_told(s["status"]) if s["status"] else None,
         rebalancer=options.rebalancer,
         rebalance_interval_s=s["rebalance-interval"],
         pool_access=pool_access,

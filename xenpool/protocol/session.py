@@ -59,10 +59,11 @@ class SessionType(enum.IntEnum):
     MOVE_ANSWER = 0x43
     LEASE_REQUEST = 0x50
     LEASE_ANSWER = 0x51
+    PU_PROOF = 0x60
 
 
 class ResultCode(enum.IntEnum):
-    """Answer codes: the prototype's (-1, 0, 11, 12, 13, 50) and xenpool's (14-16, 51)."""
+    """Answer codes: the prototype's (-1, 0, 11, 12, 13, 50) and xenpool's (14-17, 51)."""
 
     UNSPECIFIED = -1
     STARTED = 0
@@ -72,6 +73,9 @@ class ResultCode(enum.IntEnum):
     COOKIE_REJECTED = 14
     FENCE_FAILED = 15
     INVALID_REQUEST = 16
+    # The PU did not prove who it is (no TLS client certificate, no valid PuProof), or
+    # it may not manage this VM (the PE's --pu-access file): nothing was done.
+    NOT_AUTHORIZED = 17
     NORMAL_END = 50
     MOVED = (
         51  # stopped here to be started on another PE (rebalancing): a planned failover
@@ -302,6 +306,39 @@ class LeaseAnswer(SessionMessage):
 
 
 MAX_LEASE_HOLDERS = 16
+MAX_PU_NAME = 64
+
+
+@dataclass(frozen=True, slots=True)
+class PuProof(SessionMessage):
+    """PU to PE, just before a create, cookie echo or stop: who the PU is. ``mac``:
+    HMAC-SHA256 with that PU's secret (which the PEs know) over its name, ``issued_ms``
+    (wall clock), ``nonce`` and the encoded request that follows, so a proof is good for
+    that one request, once, for a minute (``pu_proof_mac``)."""
+
+    TYPE = SessionType.PU_PROOF
+    pu_name: str
+    issued_ms: int
+    nonce: int
+    mac: bytes
+
+
+def pu_proof_mac(
+    secret: bytes, pu_name: str, issued_ms: int, nonce: int, request: bytes
+) -> bytes:
+    """What proves a request comes from PU ``pu_name``: ``request`` is the encoded request
+    (``encode()`` of a session message, ``messages.encode()`` of a COOKIE_ECHO)."""
+    import hashlib
+    import hmac
+
+    data = (
+        b"xenpool pu\0"
+        + pu_name.encode()
+        + b"\0"
+        + struct.pack("!QI", issued_ms, nonce)
+        + request
+    )
+    return hmac.new(secret, data, hashlib.sha256).digest()
 
 
 def lease_request_mac(secret: bytes, request: LeaseRequest) -> bytes:
@@ -630,6 +667,22 @@ def _enc_lease_answer(w: _Writer, msg: LeaseAnswer) -> tuple[int, int]:
     return msg.TYPE, 0
 
 
+def _enc_pu_proof(w: _Writer, msg: PuProof) -> tuple[int, int]:
+    w.pack("!QI", msg.issued_ms, msg.nonce)
+    w.text(msg.pu_name, MAX_PU_NAME, "pu_name")
+    w.blob(msg.mac, MAX_MAC, "mac")
+    return msg.TYPE, 0
+
+
+def _dec_pu_proof(r: _Reader, mtype: int, flags: int) -> PuProof:
+    issued_ms, nonce = r.unpack("!QI", "issued_ms")
+    offset = r.pos
+    name = r.text(MAX_PU_NAME, "pu_name")
+    if not name:
+        raise ProtocolError("empty", field="pu_name", offset=offset)
+    return PuProof(name, issued_ms, nonce, r.blob(MAX_MAC, "mac"))
+
+
 def _dec_vm_report(r: _Reader, mtype: int, flags: int) -> VmReport:
     pe_id, cpus, ram_kb, free_kb, host_millicores, count = r.unpack(
         "!IHQQIH", "pe_identifier"
@@ -857,6 +910,7 @@ _ENCODERS = {
     MoveAnswer: _enc_move_answer,
     LeaseRequest: _enc_lease_request,
     LeaseAnswer: _enc_lease_answer,
+    PuProof: _enc_pu_proof,
 }
 _DECODERS = {
     SessionType.CREATE_SERVER: _dec_create_server,
@@ -874,6 +928,7 @@ _DECODERS = {
     SessionType.MOVE_ANSWER: _dec_move_answer,
     SessionType.LEASE_REQUEST: _dec_lease_request,
     SessionType.LEASE_ANSWER: _dec_lease_answer,
+    SessionType.PU_PROOF: _dec_pu_proof,
 }
 
 

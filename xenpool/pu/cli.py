@@ -13,10 +13,11 @@ import sys
 import time
 
 from .. import config, discovery
-from ..config import ipv4_address
+from ..config import ipv4_address, secret_file
 from ..discovery import multicast_address
 from ..protocol import session as S
 from ..protocol.errors import ProtocolError
+from ..tls import PeTls
 from .core import PuSettings, State, VmKeeper
 
 
@@ -117,7 +118,41 @@ def parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds to wait for a PE's connection before trying the next one (default 2)",
     )
+    add_credential_arguments(c)
     return p
+
+
+def add_credential_arguments(c: argparse.ArgumentParser) -> None:
+    """Who this PU is to the PEs (their --pu-access) and how it reaches them."""
+    c.add_argument(
+        "--pu-name",
+        metavar="NAME",
+        help="this PU's name at the PEs (their --pu-access file)",
+    )
+    c.add_argument(
+        "--pu-secret-file",
+        metavar="FILE",
+        type=argparse_type(secret_file),
+        help="this PU's secret, which the PEs know: each create, adoption and stop is proven with it",
+    )
+    c.add_argument(
+        "--pe-tls",
+        metavar="OPTIONS",
+        type=argparse_type(PeTls),
+        help="reach the PEs over TLS with these tls: options, e.g. "
+        "trustRoots=/etc/xenpool/ca:certificate=pu.pem:privateKey=pu.key",
+    )
+
+
+def credential(name: str | None, secret: bytes | None, clock):
+    """--pu-name and --pu-secret-file as a PuCredential (None without a secret)."""
+    from ..asap_client import PuCredential
+
+    if secret is None:
+        return None
+    if not name:
+        raise ValueError("--pu-secret-file needs --pu-name")
+    return PuCredential(name, secret, clock)
 
 
 def status_line(k: VmKeeper, state: State, why: str) -> str:
@@ -174,8 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     if announce_listener is not None:
         announce_listener.startService()
+    try:
+        proof = credential(args.pu_name, args.pu_secret_file, reactor)
+    except ValueError as err:
+        print(f"xenpool-pu: {err}", file=sys.stderr)
+        return 2
     access = TcpPoolAccess(
-        reactor, registrars, pe_connect_timeout_s=settings.connect_timeout_s
+        reactor,
+        registrars,
+        pe_connect_timeout_s=settings.connect_timeout_s,
+        pe_tls=args.pe_tls,
+        credential=proof,
     )
     keeper = VmKeeper(request, access, reactor, settings)
 

@@ -132,7 +132,11 @@ class State(enum.Enum):
     REFUSED = "refused"  # a final refusal (e.g. it runs elsewhere already)
 
 
-FINAL_CODES = {S.ResultCode.ALREADY_RUNNING, S.ResultCode.INVALID_REQUEST}
+FINAL_CODES = {
+    S.ResultCode.ALREADY_RUNNING,
+    S.ResultCode.INVALID_REQUEST,
+    S.ResultCode.NOT_AUTHORIZED,  # every PE of the pool has the same --pu-access
+}
 
 
 @dataclass

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
+from .. import tls
 from ..console.events import EventLog
 from ..logs import hex_id
 from ..protocol import cookie as C
@@ -65,7 +66,7 @@ class KeeperService(service.MultiService):
         self.registry.register(_KeeperCollector(self))
         self.keep_file: str | None = None  # reread on SIGHUP (``reload``)
         if status:
-            strports.service(status, server.Site(_Vms(self))).setServiceParent(self)
+            tls.service(status, server.Site(_Vms(self)), reactor).setServiceParent(self)
 
     def _watch(self, keeper: VmKeeper) -> None:
         keeper.events.on_state = self._state

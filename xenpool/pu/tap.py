@@ -61,7 +61,7 @@ SETTINGS = [
         "status",
         None,
         str,
-        "HTTP endpoint for /vms and /events (JSON) and /admin (signed VM commands)",
+        "HTTP endpoint for /vms and /events (JSON), /metrics and /admin (signed VM commands); on 127.0.0.1 unless it names an interface",
     ),
     Setting(
         "pool-secret-file",
@@ -77,6 +77,20 @@ SETTINGS = [
         multiple=True,
     ),
     Setting("alert-timeout", 30.0, positive_float, "seconds before an alert is killed"),
+    Setting("pu-name", None, str, "this keeper's name at the PEs (their --pu-access)"),
+    Setting(
+        "pu-secret-file",
+        None,
+        secret_file,
+        "this keeper's secret, which the PEs know: each create, adoption and stop is proven with it",
+    ),
+    Setting(
+        "pe-tls",
+        None,
+        str,
+        "reach the PEs over TLS with these tls: options, e.g. "
+        "trustRoots=/etc/xenpool/ca:certificate=pu.pem:privateKey=pu.key",
+    ),
     Setting(
         "logfile", None, str, "also write structured logs to this file as JSON lines"
     ),
@@ -156,12 +170,24 @@ class Options(_Options):
             self.settings["state-dir"],
             "each VM's last cookie is kept there",
         )
+        if self.settings["pu-secret-file"] and not self.settings["pu-name"]:
+            raise usage.UsageError("--pu-secret-file needs --pu-name")
+        self.pe_tls = None
+        if self.settings["pe-tls"]:
+            from ..tls import PeTls
+
+            try:
+                self.pe_tls = PeTls(self.settings["pe-tls"])
+            except Exception as err:
+                raise usage.UsageError(f"--pe-tls: {err}") from None
 
 
 def makeService(options: Options):
     from twisted.internet import reactor
 
     from ..asap_client import TcpPoolAccess
+    from ..tls import local_unless_told
+    from .cli import credential
     from .core import PuSettings
     from .keeper import KeeperService
 
@@ -178,7 +204,11 @@ def makeService(options: Options):
         reactor, s["registrar"], s["registrar-announce"], s["announce-interface"]
     )
     access = TcpPoolAccess(
-        reactor, registrars, pe_connect_timeout_s=settings.connect_timeout_s
+        reactor,
+        registrars,
+        pe_connect_timeout_s=settings.connect_timeout_s,
+        pe_tls=options.pe_tls,
+        credential=credential(s["pu-name"], s["pu-secret-file"], reactor),
     )
     keeper = KeeperService(
         options.vms,
@@ -186,7 +216,7 @@ def makeService(options: Options):
         reactor,
         settings,
         s["state-dir"],
-        s["status"],
+        local_unless_told(s["status"]) if s["status"] else None,
         secret=s["pool-secret-file"] or b"",
     )
     keeper.keep_file = options["keep"]  # reread on SIGHUP

@@ -170,6 +170,18 @@ class Registrar:
 
     def _deregistration(self, msg: M.Deregistration, association: Association) -> None:
         try:
+            held = self.handlespace.get(msg.pool_handle, msg.pe_identifier)
+            if (
+                held is not None
+                and msg.pool_handle in self.handlespace.pool_secrets
+                and held.owner != association
+            ):
+                # in a pool with a secret only the PE itself (the association that
+                # proved the secret registering it) takes itself out
+                raise HandlespaceError(
+                    Cause.SECURITY_REJECTION,
+                    "only the PE's own association deregisters it in a pool with a secret",
+                )
             entry = self.handlespace.deregister(msg.pool_handle, msg.pe_identifier)
         except HandlespaceError as err:
             self.observer.refused(err.cause)

@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.application.internet import ClientService, MulticastServer, backoffPolicy
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IMulticastTransport, IPushProducer
@@ -20,7 +20,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.web import server
 from zope.interface import implementer
 
-from .. import addresses
+from .. import addresses, tls
 from ..discovery import DEFAULT_ANNOUNCE_INTERVAL_S, Announcer
 from ..logs import hex_id
 from ..protocol import framing
@@ -708,12 +708,11 @@ class RegistrarService(service.MultiService):
             registrar, idle_timeout, max_message_size, metrics, voting
         )
         self.asap_listeners = [
-            _Listener(endpoints.serverFromString(reactor, d), factory) for d in asap
+            _Listener(tls.server_endpoint(reactor, d), factory) for d in asap
         ]
         enrp_factory = EnrpFactory(peering, False, idle_timeout, metrics, enrp_secret)
         self.enrp_listeners = [
-            _Listener(endpoints.serverFromString(reactor, d), enrp_factory)
-            for d in enrp
+            _Listener(tls.server_endpoint(reactor, d), enrp_factory) for d in enrp
         ]
         for listener in (*self.asap_listeners, *self.enrp_listeners):
             listener.setServiceParent(self)
@@ -744,9 +743,10 @@ class RegistrarService(service.MultiService):
         for description in peers:
             self._connect(endpoints.clientFromString(reactor, description))
         if status:
-            strports.service(
+            tls.service(
                 status,
                 server.Site(status_resource(registrar, metrics, self.console)),
+                reactor,
             ).setServiceParent(self)
 
     def _connect(self, endpoint) -> None:

@@ -58,7 +58,7 @@ SETTINGS = [
         "status",
         None,
         str,
-        "HTTP endpoint for /handlespace (JSON) and /metrics (Prometheus)",
+        "HTTP endpoint for /handlespace (JSON) and /metrics (Prometheus); on 127.0.0.1 unless it names an interface",
     ),
     Setting(
         "logfile", None, str, "also write structured logs to this file as JSON lines"
@@ -225,6 +225,15 @@ class Options(_Options):
             )
         except ValueError as err:
             raise usage.UsageError(str(err)) from None
+        from ..tls import check_server
+
+        for option in ("asap", "enrp"):
+            for description in self.settings[option]:
+                if not description.startswith("sctp:"):
+                    try:
+                        check_server(description)
+                    except ValueError as err:
+                        raise usage.UsageError(f"--{option} {err}") from None
         state_dir = Path(self.settings["state-dir"])
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -237,11 +246,20 @@ class Options(_Options):
 
 
 def leases_file(state_dir: str, asap_endpoint: str) -> Path:
-    """One file per ASAP endpoint, so registrars sharing a directory keep theirs apart."""
+    """One file per ASAP endpoint, so registrars sharing a directory keep theirs apart
+    (named by its kind, port and interface: an ssl: string's certificate paths are left out)."""
+    tls_files = (
+        "privateKey=",
+        "certKey=",
+        "caCertsDir=",
+        "extraCertChain=",
+        "dhParameters=",
+    )
+    kept = ":".join(
+        part for part in asap_endpoint.split(":") if not part.startswith(tls_files)
+    )
     return Path(state_dir) / (
-        "vm-leases-"
-        + re.sub(r"[^A-Za-z0-9.-]+", "_", asap_endpoint).strip("_")
-        + ".json"
+        "vm-leases-" + re.sub(r"[^A-Za-z0-9.-]+", "_", kept).strip("_") + ".json"
     )
 
 
@@ -251,6 +269,7 @@ def makeService(options: Options):
 
     from ..logs import hex_id, pool_name
     from ..plugins import load_plugins
+    from ..tls import local_unless_told
     from .core import Registrar, Timers
     from .handlespace import Handlespace
     from .leases import LeaseTable
@@ -339,7 +358,7 @@ def makeService(options: Options):
         asap=s["asap"],
         enrp=s["enrp"],
         peers=s["peer"],
-        status=s["status"],
+        status=local_unless_told(s["status"]) if s["status"] else None,
         idle_timeout=s["idle-timeout"],
         max_message_size=s["max-message-size"],
         announce=s["announce"],

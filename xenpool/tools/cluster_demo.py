@@ -61,6 +61,12 @@ class Cluster:
     def start(self) -> None:
         d = self.dir
         (d / "secret").write_text("demo pool secret, keep it somewhere safe\n")
+        # Who may ask the PEs: the keeper, proving itself with its own secret (as shipped
+        # in etc/xenpool/pe.conf and vms.conf)
+        (d / "keeper.secret").write_text("the demo keeper's secret, not the pool's\n")
+        (d / "pu-access.conf").write_text(
+            "[pu keeper]\nsecret-file = keeper.secret\nvms = *\n"
+        )
         (d / "fence-map.ini").write_text(
             "".join(f"[host{n}]\npidfile = {d / f'host{n}.pid'}\n" for n in HOSTS)
         )
@@ -92,6 +98,8 @@ class Cluster:
             f"--keep={d / 'vms.conf'}",
             f"--registrar=127.0.0.1:{self.asap}",
             f"--state-dir={d / 'keeper'}",
+            "--pu-name=keeper",
+            f"--pu-secret-file={d / 'keeper.secret'}",
             f"--status=tcp:{self.keeper_status}:interface=127.0.0.1",
             f"--heartbeat-interval={self.heartbeat[0]}",
             f"--heartbeat-timeout={self.heartbeat[1]}",
@@ -115,6 +123,7 @@ class Cluster:
             f"--libvirt-uri=test://{ETC / f'node-host{n}.xml'}",
             f"--status=tcp:{status}:interface=127.0.0.1",
             f"--pool-secret-file={d / 'secret'}",
+            f"--pu-access={d / 'pu-access.conf'}",
             "--stonith=command",
             f"--stonith-option={fence}",
             f"--fence-map={d / 'fence-map.ini'}",
