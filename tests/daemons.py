@@ -172,3 +172,15 @@ def element(identifier: int) -> P.PoolElement:
             P.PolicyType.LEAST_USED, load=P.load_to_wire(identifier / 100)
         ),
     )
+
+
+def loaded_element(
+    identifier: int, port: int, load: float, policy=P.PolicyType.LEAST_USED
+) -> P.PoolElement:
+    return P.PoolElement(
+        identifier,
+        0,
+        60_000,
+        P.TcpTransport(port, ("127.0.0.1",)),
+        P.PoolPolicy.make(policy, load=P.load_to_wire(load)),
+    )

@@ -348,7 +348,7 @@ def test_log_level_warn_hides_info(tmp_path):
 def test_require_pool_secret_refuses_pools_without_one(tmp_path):
     from xenpool.registrar.tap import Options
 
-    from .test_registrar_e2e import pe
+    from .daemons import loaded_element as pe
 
     asap = free_port()
     registrar = Daemon(

@@ -13,9 +13,7 @@ from xenpool.pe.access import PuAccess, PuRule, read_access
 from xenpool.protocol import messages as M
 from xenpool.protocol import session as S
 
-from .test_pe_core import Session
-from .test_pe_core import clock as clock
-from .test_pe_core import pe as pe
+from .helpers import Session
 
 KEEPER_SECRET = b"the keeper's own secret, 32 bytes"
 NOW = 1_800_000_000.0

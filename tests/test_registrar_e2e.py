@@ -15,20 +15,9 @@ from xenpool.protocol import params as P
 from xenpool.protocol.errors import Cause
 
 from .daemons import TWISTD, AsapClient, Daemon, free_port
+from .daemons import loaded_element as pe
 
 pytestmark = pytest.mark.slow
-
-
-def pe(
-    identifier: int, port: int, load: float, policy=P.PolicyType.LEAST_USED
-) -> P.PoolElement:
-    return P.PoolElement(
-        identifier,
-        0,
-        60_000,
-        P.TcpTransport(port, ("127.0.0.1",)),
-        P.PoolPolicy.make(policy, load=P.load_to_wire(load)),
-    )
 
 
 @pytest.fixture(scope="module")
