@@ -71,17 +71,19 @@ def assert_one_line(result: subprocess.CompletedProcess, expected: str) -> None:
         (["xenpool-registrar", "--keep-alive-interval=-1"], "--keep-alive-interval:"),
         (["xenpool-registrar", "--state-dir=a-file/x"], "--state-dir a-file/x:"),
         (
-            ["xenpool-pu", f"--keep={ETC / 'vms.conf'}", "--state-dir=a-file/x"],
+            ["xenpool-pu", "--keep=keep.conf", "--state-dir=a-file/x"],
             "xenpool-pu: --state-dir a-file/x:",
         ),
         (
-            ["xenpool-pu", f"--keep={ETC / 'vms.conf'}", "--registrar=pr1:port"],
+            ["xenpool-pu", "--keep=keep.conf", "--registrar=pr1:port"],
             "xenpool-pu: --registrar: expected HOST:PORT",
         ),
     ],
 )
 def test_a_bad_command_line_is_one_line(tmp_path, args, expected):
     (tmp_path / "a-file").write_text("")
+    # a keep file of its own: the shipped one needs /etc/xenpool/keeper.secret
+    (tmp_path / "keep.conf").write_text("[vm web1]\nram = 256\n")
     assert_one_line(twistd(*args, cwd=tmp_path), expected)
 
 
