@@ -221,6 +221,10 @@ class TestBed:
         raise SystemExit(128 + signum)  # unwinds through __exit__: a clean teardown
 
     def build_network(self) -> None:
+        # which namespaces and links are this bed's (xc<tag>...), for whoever checks the
+        # clean-up while other beds run beside it
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "netns-tag").write_text(f"xc{self.tag}\n")
         self.prefix = _free_subnet()
         self.controller = f"{self.prefix}1"
         sh("ip", "link", "add", self.bridge, "type", "bridge")
