@@ -525,3 +525,17 @@ def test_metrics_follow_prometheus_conventions(pool, tmp_path):
         "xenpool_keeper_failover_duration_seconds_count 0.0",
     ):
         assert name in pages["keeper"], name
+
+
+def test_a_repeatable_option_keeps_its_default_unless_given(tmp_path):
+    """The registrar's --asap defaults to tcp:3863 (it was dropped: an IndexError at start)."""
+    from xenpool.registrar.tap import Options
+
+    default = Options()
+    default.parseOptions([f"--state-dir={tmp_path}"])
+    assert default.settings["asap"] == ["tcp:3863"]
+    given = Options()
+    given.parseOptions(
+        [f"--state-dir={tmp_path}", "--asap=tcp:4000", "--asap=tcp:4001"]
+    )
+    assert given.settings["asap"] == ["tcp:4000", "tcp:4001"]

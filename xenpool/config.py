@@ -206,7 +206,7 @@ def resolve(
         cli = given.get(s.name)
         raw: Any
         if s.multiple:
-            raw = cli if cli else config.get(s.name, [])
+            raw = cli or config.get(s.name) or list(s.default or [])
         elif cli is not None:
             raw = cli
         elif s.name in config:
