@@ -539,3 +539,43 @@ def test_a_repeatable_option_keeps_its_default_unless_given(tmp_path):
         [f"--state-dir={tmp_path}", "--asap=tcp:4000", "--asap=tcp:4001"]
     )
     assert given.settings["asap"] == ["tcp:4000", "tcp:4001"]
+
+
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        (
+            ["xenpool.pu.cli", "create", "--server-id", "web1", "--ram", "lots"],
+            "xenpool-pu create: argument --ram:",
+        ),
+        (
+            ["xenpool.cli", "status", "--bogus"],
+            "xenpool: unrecognized arguments: --bogus",
+        ),
+        (["xenpool.cli", "vm"], "xenpool vm: the following arguments are required"),
+    ],
+)
+def test_the_command_line_tools_name_a_bad_option_in_one_line(command, expected):
+    result = subprocess.run(
+        [sys.executable, "-m", *command], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert_one_line(result, expected)
+    assert "usage:" not in result.stderr
+
+
+def test_a_registrar_peer_is_host_port_or_an_endpoint(tmp_path):
+    from twisted.python import usage
+
+    from xenpool.registrar.tap import Options
+
+    options = Options()
+    options.parseOptions(
+        [f"--state-dir={tmp_path}", "--peer=pr2:9901", "--peer=tcp:host=pr3:port=9901"]
+    )
+    assert options.settings["peer"] == [
+        "tcp:host=pr2:port=9901",
+        "tcp:host=pr3:port=9901",
+    ]
+    with pytest.raises(usage.UsageError, match="--peer"):
+        Options().parseOptions([f"--state-dir={tmp_path}", "--peer=pr2"])

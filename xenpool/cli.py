@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
+from . import __version__, config
 
 
 def _seconds(text: str) -> float:
@@ -181,7 +181,7 @@ def _positive(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = config.OneLineParser(
         prog="xenpool", description="Highly available VMs with Reliable Server Pooling."
     )
     p.add_argument("--version", action="version", version=f"xenpool {__version__}")

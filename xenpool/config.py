@@ -7,6 +7,7 @@ when the option can be given several times (``peer``).
 
 from __future__ import annotations
 
+import argparse
 import configparser
 import ipaddress
 import os
@@ -294,6 +295,14 @@ def make_options(
         if s.multiple:
             setattr(Options, f"opt_{s.name.replace('-', '_')}", repeated(s))
     return Options
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for the command-line tools: a bad option is one line naming it (argparse
+    would print the whole usage first), exit status 2; ``-h`` still shows the help."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: {message}\n")
 
 
 def fail(daemon: str, message: str, status: int = 1, stream=None) -> None:

@@ -52,7 +52,7 @@ def argparse_type(parse):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = config.OneLineParser(
         prog="xenpool-pu",
         description="A pool user: get a VM from the pool and keep it.",
     )

@@ -26,6 +26,7 @@ from ..config import (
     pool_secret,
     positive_float,
     positive_int,
+    registrar_endpoint,
     secret_file,
     yes_no,
 )
@@ -50,8 +51,8 @@ SETTINGS = [
     Setting(
         "peer",
         [],
-        str,
-        "a peer registrar's ENRP endpoint, e.g. tcp:host=pr2:port=9901",
+        registrar_endpoint,
+        "a peer registrar's ENRP endpoint, HOST:PORT or e.g. tcp:host=pr2:port=9901",
         multiple=True,
     ),
     Setting(
