@@ -448,7 +448,7 @@ def test_the_readmes_running_a_pool_commands_work_from_a_non_editable_install(
                 )
                 assert result.returncode == 0, (command, result.stderr)
                 if command.startswith("xenpool status"):
-                    assert "1 PEs" in result.stdout, result.stdout
+                    assert "1/1 hosts up" in result.stdout, result.stdout
     finally:
         os.environ["PATH"] = old_path
         for daemon in reversed(daemons):
@@ -459,7 +459,7 @@ def test_the_readmes_running_a_pool_commands_work_from_a_non_editable_install(
 def test_xenpool_examples_copies_the_shipped_configs(fresh, tmp_path):
     venv, site, cwd, source = fresh
     out = run(venv / "bin" / "xenpool", "examples", tmp_path / "etc", cwd=cwd).stdout
-    assert "9 files" in out
+    assert "10 files" in out
     for name in ("registrar.conf", "pe.conf", "vms.conf", "domain-test.xml"):
         assert (tmp_path / "etc" / name).read_bytes() == (
             site / "xenpool" / "etc" / name
