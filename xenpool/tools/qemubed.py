@@ -525,6 +525,7 @@ class QemuBed:
         heartbeat_timeout_s: float = 1.5,
         write_period_s: float = 0.2,
         live: tuple[str, ...] = (),
+        console: bool = False,
     ) -> None:
         reason = missing()
         if reason:
@@ -538,6 +539,10 @@ class QemuBed:
         # guests that may live-migrate: their exports take two clients (both QEMUs hold
         # the disk during a migration), and every PE offers its libvirtd as a target
         self.live = set(live)
+        # the operator's console: the registrar joins the PEs' and the keeper's status
+        # pages (--console-pe, --console-keeper) and the keeper takes signed commands,
+        # so that ``xenpool`` (``bed.xenpool(...)``) can drive the pool
+        self.console_on = console
         self.tag = secrets.token_hex(2)
         self.bridge = f"xq{self.tag}br"
         self.prefix = ""
@@ -708,6 +713,17 @@ class QemuBed:
                 "--keep-alive-timeout=1",
                 f"--state-dir={d / 'registrar'}",
                 f"--pool-secret=Xen:{d / 'secret'}",
+                *(
+                    (
+                        *(
+                            f"--console-pe=http://{h.address}:{STATUS}"
+                            for h in self.hosts.values()
+                        ),
+                        f"--console-keeper=http://{self.pool.address}:{STATUS + 1}",
+                    )
+                    if self.console_on
+                    else ()
+                ),
             ],
             d / "registrar.out",
         )
@@ -773,6 +789,7 @@ class QemuBed:
                 f"--status=tcp:{STATUS + 1}:interface={self.pool.address}",
                 f"--heartbeat-interval={self.heartbeat[0]}",
                 f"--heartbeat-timeout={self.heartbeat[1]}",
+                *((f"--pool-secret-file={d / 'secret'}",) if self.console_on else ()),
             ],
             d / "keeper.out",
         )
@@ -880,6 +897,22 @@ class QemuBed:
             f"http://{address}:{port}{path}", timeout=timeout
         ) as response:
             return json.load(response)
+
+    def xenpool(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """The operator's ``xenpool`` command, run on the pool's host (its namespace)
+        against the registrar's status port, with the pool secret (``console=True``)."""
+        command = Path(sys.executable).with_name("xenpool")
+        return subprocess.run(
+            ["ip", "netns", "exec", self.pool.netns, str(command), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={
+                **os.environ,
+                "XENPOOL_STATUS": f"{self.pool.address}:{STATUS}",
+                "XENPOOL_POOL_SECRET_FILE": str(self.dir / "secret"),
+            },
+        )
 
     # ------------------------------------------------------------ observing
     def vms(self) -> dict[str, dict]:
