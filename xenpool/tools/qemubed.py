@@ -526,6 +526,8 @@ class QemuBed:
         write_period_s: float = 0.2,
         live: tuple[str, ...] = (),
         console: bool = False,
+        rebalance: bool = False,
+        later: tuple[str, ...] = (),
     ) -> None:
         reason = missing()
         if reason:
@@ -543,6 +545,13 @@ class QemuBed:
         # pages (--console-pe, --console-keeper) and the keeper takes signed commands,
         # so that ``xenpool`` (``bed.xenpool(...)``) can drive the pool
         self.console_on = console
+        # the pool's own planned moves: every PE runs ``--rebalance plan`` (the lowest
+        # PE identifier leads) every second; the bed's hosts share one machine, whose
+        # /proc/stat is no host's own, so each PE counts only its guests' CPU
+        # (``--host-cpu no``)
+        self.rebalance = rebalance
+        # hosts whose PE ``start`` leaves to ``start_pe`` (their libvirtd runs)
+        self.later = set(later)
         self.tag = secrets.token_hex(2)
         self.bridge = f"xq{self.tag}br"
         self.prefix = ""
@@ -643,10 +652,17 @@ class QemuBed:
             self._start_libvirtd(host)
         for host in self.hosts.values():
             self._wait_libvirtd(host)
-            host.pe.start(host.netns)
+            if host.name not in self.later:
+                host.pe.start(host.netns)
         for host in self.hosts.values():
-            self.wait_registered(host)
+            if host.name not in self.later:
+                self.wait_registered(host)
         self.start_keeper()
+
+    def start_pe(self, host: Host) -> None:
+        """Start a host's PE (one of ``later``) and wait until it is registered."""
+        host.pe.start(host.netns)
+        self.wait_registered(host)
 
     def _network(self) -> None:
         self.prefix = _free_prefix()
@@ -774,6 +790,15 @@ class QemuBed:
                     "--lease=30",
                     "--shutdown-timeout=2",
                     *((f"--migration-uri={host.uri}",) if self.live else ()),
+                    *(
+                        (
+                            "--rebalance=plan",
+                            "--rebalance-interval=1",
+                            "--host-cpu=no",
+                        )
+                        if self.rebalance
+                        else ()
+                    ),
                 ],
                 d / f"{host.name}.out",
             )
