@@ -193,6 +193,12 @@ SETTINGS = [
         "report load 1 after a refusal for lack of RAM until the next update",
     ),
     Setting(
+        "host-cpu",
+        True,
+        yes_no,
+        "count the host's own CPU use (what its guests do not use) from this machine's /proc/stat where libvirt is local; no: this machine is not the host alone (several PEs on one machine) (yes/no)",
+    ),
+    Setting(
         "count-cpu-wait",
         False,
         yes_no,
@@ -551,7 +557,8 @@ def makeService(options: Options):
         pool_access=pool_access,
     )
     if (
-        "://" in s["libvirt-uri"]
+        s["host-cpu"]
+        and "://" in s["libvirt-uri"]
         and s["libvirt-uri"].split("://", 1)[1].startswith("/")
         and hypervisor.measures_cpu
     ):

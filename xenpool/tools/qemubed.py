@@ -525,6 +525,9 @@ class QemuBed:
         heartbeat_timeout_s: float = 1.5,
         write_period_s: float = 0.2,
         live: tuple[str, ...] = (),
+        console: bool = False,
+        rebalance: bool = False,
+        later: tuple[str, ...] = (),
     ) -> None:
         reason = missing()
         if reason:
@@ -538,6 +541,17 @@ class QemuBed:
         # guests that may live-migrate: their exports take two clients (both QEMUs hold
         # the disk during a migration), and every PE offers its libvirtd as a target
         self.live = set(live)
+        # the operator's console: the registrar joins the PEs' and the keeper's status
+        # pages (--console-pe, --console-keeper) and the keeper takes signed commands,
+        # so that ``xenpool`` (``bed.xenpool(...)``) can drive the pool
+        self.console_on = console
+        # the pool's own planned moves: every PE runs ``--rebalance plan`` (the lowest
+        # PE identifier leads) every second; the bed's hosts share one machine, whose
+        # /proc/stat is no host's own, so each PE counts only its guests' CPU
+        # (``--host-cpu no``)
+        self.rebalance = rebalance
+        # hosts whose PE ``start`` leaves to ``start_pe`` (their libvirtd runs)
+        self.later = set(later)
         self.tag = secrets.token_hex(2)
         self.bridge = f"xq{self.tag}br"
         self.prefix = ""
@@ -638,10 +652,17 @@ class QemuBed:
             self._start_libvirtd(host)
         for host in self.hosts.values():
             self._wait_libvirtd(host)
-            host.pe.start(host.netns)
+            if host.name not in self.later:
+                host.pe.start(host.netns)
         for host in self.hosts.values():
-            self.wait_registered(host)
+            if host.name not in self.later:
+                self.wait_registered(host)
         self.start_keeper()
+
+    def start_pe(self, host: Host) -> None:
+        """Start a host's PE (one of ``later``) and wait until it is registered."""
+        host.pe.start(host.netns)
+        self.wait_registered(host)
 
     def _network(self) -> None:
         self.prefix = _free_prefix()
@@ -708,6 +729,17 @@ class QemuBed:
                 "--keep-alive-timeout=1",
                 f"--state-dir={d / 'registrar'}",
                 f"--pool-secret=Xen:{d / 'secret'}",
+                *(
+                    (
+                        *(
+                            f"--console-pe=http://{h.address}:{STATUS}"
+                            for h in self.hosts.values()
+                        ),
+                        f"--console-keeper=http://{self.pool.address}:{STATUS + 1}",
+                    )
+                    if self.console_on
+                    else ()
+                ),
             ],
             d / "registrar.out",
         )
@@ -758,6 +790,15 @@ class QemuBed:
                     "--lease=30",
                     "--shutdown-timeout=2",
                     *((f"--migration-uri={host.uri}",) if self.live else ()),
+                    *(
+                        (
+                            "--rebalance=plan",
+                            "--rebalance-interval=1",
+                            "--host-cpu=no",
+                        )
+                        if self.rebalance
+                        else ()
+                    ),
                 ],
                 d / f"{host.name}.out",
             )
@@ -773,6 +814,7 @@ class QemuBed:
                 f"--status=tcp:{STATUS + 1}:interface={self.pool.address}",
                 f"--heartbeat-interval={self.heartbeat[0]}",
                 f"--heartbeat-timeout={self.heartbeat[1]}",
+                *((f"--pool-secret-file={d / 'secret'}",) if self.console_on else ()),
             ],
             d / "keeper.out",
         )
@@ -880,6 +922,22 @@ class QemuBed:
             f"http://{address}:{port}{path}", timeout=timeout
         ) as response:
             return json.load(response)
+
+    def xenpool(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """The operator's ``xenpool`` command, run on the pool's host (its namespace)
+        against the registrar's status port, with the pool secret (``console=True``)."""
+        command = Path(sys.executable).with_name("xenpool")
+        return subprocess.run(
+            ["ip", "netns", "exec", self.pool.netns, str(command), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={
+                **os.environ,
+                "XENPOOL_STATUS": f"{self.pool.address}:{STATUS}",
+                "XENPOOL_POOL_SECRET_FILE": str(self.dir / "secret"),
+            },
+        )
 
     # ------------------------------------------------------------ observing
     def vms(self) -> dict[str, dict]:
