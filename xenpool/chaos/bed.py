@@ -26,6 +26,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..tools.netbed import BridgedNamespaces, TornDownOnExit, free_subnet, sh
 from ..tools.processes import TWISTD_ARGV
 
 # A host for libvirt's test driver: 2 cores, 1024 MB (etc/xenpool/node-host1.xml, inline
@@ -40,24 +41,11 @@ ASAP, ENRP, PE_PORT, STATUS = 3863, 9901, 5001, 8080
 NBD = 10809
 
 
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, check=check, capture_output=True, text=True)
-
-
 def get_json(address: str, path: str, timeout: float = 1.0):
     with urllib.request.urlopen(
         f"http://{address}:{STATUS}{path}", timeout=timeout
     ) as response:
         return json.load(response)
-
-
-def _free_subnet() -> str:
-    used = sh("ip", "-4", "-o", "addr").stdout + sh("ip", "-4", "route").stdout
-    for third in range(200, 255):
-        prefix = f"10.213.{third}."
-        if prefix not in used:
-            return prefix
-    raise RuntimeError("no free 10.213.x.0/24 subnet for the chaos bed")
 
 
 @dataclass
@@ -136,7 +124,7 @@ class Node:
         return get_json(self.address, path, timeout)
 
 
-class TestBed:
+class TestBed(TornDownOnExit):
     __test__ = False  # not a pytest class
 
     def __init__(
@@ -160,16 +148,25 @@ class TestBed:
         self.heartbeat = (heartbeat_interval_s, heartbeat_timeout_s)
         self.lease_s = lease_s
         self.tag = secrets.token_hex(2)
-        self.bridge = f"xc{self.tag}br"
-        self.prefix = ""
-        self.controller = ""
+        self.net = BridgedNamespaces(f"xc{self.tag}")
         self.nodes: dict[str, Node] = {}
-        self._links: list[str] = []
-        self._namespaces: list[str] = []
-        self._forward_rule: list[str] | None = None
         self._old_handlers: dict = {}
 
     # ------------------------------------------------------------ properties
+    @property
+    def bridge(self) -> str:
+        return self.net.bridge
+
+    @property
+    def prefix(self) -> str:
+        """The bed's /24 (``10.213.200.``), empty before its network is built."""
+        return self.net.prefix
+
+    @property
+    def controller(self) -> str:
+        """The root namespace's address on the bridge."""
+        return self.net.controller if self.net.prefix else ""
+
     @property
     def registrars(self) -> list[Node]:
         return [n for k, n in self.nodes.items() if k.startswith("r")]
@@ -199,43 +196,16 @@ class TestBed:
         return self.dir / f"{host}.jsonl"
 
     # ------------------------------------------------------------ lifecycle
-    def __enter__(self) -> TestBed:
-        self._old_handlers = {
-            s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)
-        }
-        for s in self._old_handlers:
-            signal.signal(s, self._terminated)
-        try:
-            self.build_network()
-            self.configure()
-            self.start_all()
-        except BaseException:
-            self.teardown()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.teardown()
-
-    def _terminated(self, signum, frame) -> None:
-        raise SystemExit(128 + signum)  # unwinds through __exit__: a clean teardown
+    def set_up(self) -> None:
+        self.build_network()
+        self.configure()
+        self.start_all()
 
     def build_network(self) -> None:
         # which namespaces and links are this bed's (xc<tag>...), for whoever checks the
         # clean-up while other beds run beside it
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "netns-tag").write_text(f"xc{self.tag}\n")
-        self.prefix = _free_subnet()
-        self.controller = f"{self.prefix}1"
-        sh("ip", "link", "add", self.bridge, "type", "bridge")
-        self._links.append(self.bridge)
-        sh("ip", "addr", "add", f"{self.controller}/24", "dev", self.bridge)
-        sh("ip", "link", "set", self.bridge, "up")
-        if Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists():
-            # bridged frames go through the root namespace's FORWARD chain (and its policy)
-            rule = ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
-            sh("iptables", "-I", *rule)
-            self._forward_rule = rule
         names = [
             "r1",
             "r2",
@@ -243,23 +213,10 @@ class TestBed:
             "keeper",
             "san",
         ]
-        for i, name in enumerate(names):
-            netns = f"xc{self.tag}-{name}"
-            sh("ip", "netns", "add", netns)
-            self._namespaces.append(netns)
-            outside, inside = f"xc{self.tag}v{i}", f"xc{self.tag}p{i}"
-            sh("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
-            self._links.append(outside)
-            sh("ip", "link", "set", outside, "master", self.bridge, "up")
-            sh("ip", "link", "set", inside, "netns", netns)
-            address = f"{self.prefix}{10 + i}"
-            for cmd in (
-                ["ip", "link", "set", "lo", "up"],
-                ["ip", "link", "set", inside, "name", "eth0"],
-                ["ip", "addr", "add", f"{address}/24", "dev", "eth0"],
-                ["ip", "link", "set", "eth0", "up"],
-            ):
-                sh("ip", "netns", "exec", netns, *cmd)
+        made = self.net.create(
+            free_subnet("10.213.", range(200, 255), "the chaos bed"), names
+        )
+        for name, (netns, address) in zip(names, made, strict=True):
             self.nodes[name] = Node(name, netns, address, [], self.dir / f"{name}.log")
 
     def configure(self) -> None:
@@ -481,7 +438,8 @@ class TestBed:
                     "DROP",
                 )
 
-    def teardown(self) -> None:
+    def stop_processes(self) -> None:
+        """Every daemon killed (the network goes after them: ``teardown``)."""
         for node in self.nodes.values():
             try:
                 if node.proc is not None and node.alive():
@@ -490,17 +448,6 @@ class TestBed:
                     node.proc.wait(10)
             except (OSError, subprocess.TimeoutExpired):
                 pass
-        for netns in self._namespaces:
-            sh("ip", "netns", "del", netns, check=False)
-        for link in self._links:
-            sh("ip", "link", "del", link, check=False)
-        if self._forward_rule:
-            sh("iptables", "-D", *self._forward_rule, check=False)
-            self._forward_rule = None
-        self._namespaces, self._links = [], []
-        for s, handler in self._old_handlers.items():
-            signal.signal(s, handler)
-        self._old_handlers = {}
 
     def reset(self) -> None:
         """A fresh first placement: keeper killed and its state wiped, every host

@@ -41,6 +41,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .netbed import BridgedNamespaces, TornDownOnExit, free_subnet, sh
 from .processes import TWISTD_ARGV
 
 NOBODY = 65534
@@ -104,10 +105,6 @@ DOMAIN_TEMPLATE = """<domain type='qemu'>
   </devices>
 </domain>
 """
-
-
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, check=check, capture_output=True, text=True)
 
 
 def kernel() -> str | None:
@@ -500,16 +497,7 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
         time.sleep(interval)
 
 
-def _free_prefix() -> str:
-    used = sh("ip", "-4", "-o", "addr").stdout + sh("ip", "-4", "route").stdout
-    for third in range(10, 250):
-        prefix = f"10.214.{third}."
-        if prefix not in used:
-            return prefix
-    raise RuntimeError("no free 10.214.x.0/24 subnet for the QEMU bed")
-
-
-class QemuBed:
+class QemuBed(TornDownOnExit):
     """Three (``hosts``) QEMU hypervisor hosts, a SAN, a registrar and a keeper of
     ``vms`` guests. Guests are placed by the pool; ``where()`` says where they run."""
 
@@ -553,8 +541,7 @@ class QemuBed:
         # hosts whose PE ``start`` leaves to ``start_pe`` (their libvirtd runs)
         self.later = set(later)
         self.tag = secrets.token_hex(2)
-        self.bridge = f"xq{self.tag}br"
-        self.prefix = ""
+        self.net = BridgedNamespaces(f"xq{self.tag}")
         self.hosts: dict[str, Host] = {}
         # set by _network and _configure; read through the properties below
         self._pool: Host | None = None
@@ -562,10 +549,16 @@ class QemuBed:
         self._registrar: Proc | None = None
         self._keeper: Proc | None = None
         self.nbd: dict[str, Proc] = {}
-        self._namespaces: list[str] = []
-        self._links: list[str] = []
-        self._forward_rule: list[str] | None = None
         self._old_handlers: dict = {}
+
+    @property
+    def bridge(self) -> str:
+        return self.net.bridge
+
+    @property
+    def prefix(self) -> str:
+        """The bed's /24 (``10.214.10.``), empty before its network is built."""
+        return self.net.prefix
 
     @property
     def pool(self) -> Host:
@@ -611,24 +604,8 @@ class QemuBed:
         return self.dir / "keeper.jsonl"
 
     # ------------------------------------------------------------ lifecycle
-    def __enter__(self) -> QemuBed:
-        self._old_handlers = {
-            s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)
-        }
-        for s in self._old_handlers:
-            signal.signal(s, self._terminated)
-        try:
-            self.start()
-        except BaseException:
-            self.teardown()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.teardown()
-
-    def _terminated(self, signum, frame) -> None:
-        raise SystemExit(128 + signum)  # unwinds through __exit__: a clean teardown
+    def set_up(self) -> None:
+        self.start()
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -665,33 +642,11 @@ class QemuBed:
         self.wait_registered(host)
 
     def _network(self) -> None:
-        self.prefix = _free_prefix()
-        sh("ip", "link", "add", self.bridge, "type", "bridge")
-        self._links.append(self.bridge)
-        sh("ip", "addr", "add", f"{self.prefix}1/24", "dev", self.bridge)
-        sh("ip", "link", "set", self.bridge, "up")
-        if Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists():
-            rule = ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
-            sh("iptables", "-I", *rule)
-            self._forward_rule = rule
         names = [*(f"host{i}" for i in range(1, self.n_hosts + 1)), "pool", "san"]
-        for i, name in enumerate(names):
-            netns = f"xq{self.tag}-{name}"
-            sh("ip", "netns", "add", netns)
-            self._namespaces.append(netns)
-            outside, inside = f"xq{self.tag}v{i}", f"xq{self.tag}p{i}"
-            sh("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
-            self._links.append(outside)
-            sh("ip", "link", "set", outside, "master", self.bridge, "up")
-            sh("ip", "link", "set", inside, "netns", netns)
-            address = f"{self.prefix}{10 + i}"
-            for cmd in (
-                ["link", "set", "lo", "up"],
-                ["link", "set", inside, "name", "eth0"],
-                ["addr", "add", f"{address}/24", "dev", "eth0"],
-                ["link", "set", "eth0", "up"],
-            ):
-                sh("ip", "-n", netns, *cmd)
+        made = self.net.create(
+            free_subnet("10.214.", range(10, 250), "the QEMU bed"), names
+        )
+        for i, (name, (netns, address)) in enumerate(zip(names, made, strict=True)):
             host = Host(name, netns, address, n=i + 1)
             if name == "pool":
                 self._pool = host
@@ -1015,13 +970,15 @@ class QemuBed:
         host.pe.start(host.netns)
         self.wait_registered(host)
 
-    def teardown(self) -> None:
+    def stop_processes(self) -> None:
+        """Every host powered off, every process of the bed killed and reaped (the
+        network goes after them: ``teardown``)."""
         for host in self.hosts.values():
             try:
                 power_off(host.netns)
             except RuntimeError:
                 pass
-        for netns in self._namespaces:
+        for netns in self.net.namespaces:
             for pid in netns_pids(netns):
                 try:
                     os.kill(pid, signal.SIGCONT)
@@ -1039,17 +996,6 @@ class QemuBed:
                 if proc.alive():
                     proc.proc.kill()
                 proc.reap()
-        for netns in self._namespaces:
-            sh("ip", "netns", "del", netns, check=False)
-        for link in self._links:
-            sh("ip", "link", "del", link, check=False)
-        if self._forward_rule:
-            sh("iptables", "-D", *self._forward_rule, check=False)
-            self._forward_rule = None
-        self._namespaces, self._links = [], []
-        for s, handler in self._old_handlers.items():
-            signal.signal(s, handler)
-        self._old_handlers = {}
 
 
 def _comm(pid: int) -> str:
