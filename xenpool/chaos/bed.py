@@ -154,15 +154,6 @@ class TestBed(TornDownOnExit):
 
     # ------------------------------------------------------------ properties
     @property
-    def bridge(self) -> str:
-        return self.net.bridge
-
-    @property
-    def prefix(self) -> str:
-        """The bed's /24 (``10.213.200.``), empty before its network is built."""
-        return self.net.prefix
-
-    @property
     def controller(self) -> str:
         """The root namespace's address on the bridge."""
         return self.net.controller if self.net.prefix else ""

@@ -104,6 +104,15 @@ class TornDownOnExit:
     net: BridgedNamespaces
     _old_handlers: dict
 
+    @property
+    def bridge(self) -> str:
+        return self.net.bridge
+
+    @property
+    def prefix(self) -> str:
+        """The bed's /24 (``10.213.200.``), empty before its network is built."""
+        return self.net.prefix
+
     def set_up(self) -> None:
         raise NotImplementedError
 

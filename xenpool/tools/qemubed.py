@@ -552,15 +552,6 @@ class QemuBed(TornDownOnExit):
         self._old_handlers: dict = {}
 
     @property
-    def bridge(self) -> str:
-        return self.net.bridge
-
-    @property
-    def prefix(self) -> str:
-        """The bed's /24 (``10.214.10.``), empty before its network is built."""
-        return self.net.prefix
-
-    @property
     def pool(self) -> Host:
         """The registrar's and the keeper's host."""
         assert self._pool is not None, "the bed's network is not set up"
