@@ -706,10 +706,10 @@ def test_a_signed_move_is_taken_once_and_only_while_fresh(clock):
     assert replay.sent[0].reason == "a replay of a request already taken"
     assert cores[
         1
-    ].move_requests_seen  # remembered until it could no longer pass the age check
+    ].move_requests.taken  # remembered until it could no longer pass the age check
     clock.advance(121)
     cores[1]._replayed(signed(int(clock.seconds())))
-    assert list(cores[1].move_requests_seen) == [
+    assert list(cores[1].move_requests.taken) == [
         signed(int(clock.seconds())).mac
     ]  # the old one is forgotten
 

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from twisted.logger import Logger
 from twisted.web import resource
 
+from ..freshness import FreshOnce
+
 log = Logger()
 
 ACTIONS = ("drain", "resume")
@@ -70,7 +72,7 @@ class HostCommands:
         gets the action (and with ``check_target``, the target too)."""
         self.secret, self.host, self.clock, self.run = secret, host, clock, run
         self.actions, self.check_target = actions, check_target
-        self.seen: dict[str, float] = {}  # mac -> when it may be forgotten
+        self.commands = FreshOnce(MAX_AGE_S)
 
     def take(self, body: bytes) -> dict:
         """The answer to one POSTed command; raises CommandError when refused."""
@@ -89,12 +91,11 @@ class HostCommands:
         if not hmac.compare_digest(mac.encode(), expected.encode()):
             raise CommandError("not signed with this pool's secret")
         now = self.clock.seconds()
-        if abs(now - issued_s) > MAX_AGE_S:
+        if self.commands.too_old(issued_s, now):
             raise CommandError(
                 f"issued {now - issued_s:.0f} s from this host's clock, more than {MAX_AGE_S:.0f} s"
             )
-        self.seen = {m: t for m, t in self.seen.items() if t > now}
-        if mac in self.seen:
+        if self.commands.replayed(mac, now):
             raise CommandError("a replay of a command already taken")
         if action not in self.actions:
             raise CommandError(
@@ -105,7 +106,7 @@ class HostCommands:
                 raise CommandError(f"meant for host {host!r}, this is {self.host!r}")
         elif (refusal := self.check_target(host)) is not None:
             raise CommandError(refusal)
-        self.seen[mac] = now + 2 * MAX_AGE_S
+        self.commands.take(mac, now)
         if self.check_target is None:
             return self.run(action)
         return self.run(action, host)

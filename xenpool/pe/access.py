@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from twisted.python import usage
 
 from ..config import read_ini, secret_file
+from ..freshness import FreshOnce
 from ..protocol import session as S
 
 
@@ -45,7 +46,7 @@ class PuAccess:
     def __init__(self, rules: list[PuRule], clock) -> None:
         self.rules = {rule.name: rule for rule in rules}
         self.clock = clock
-        self._seen: dict[bytes, float] = {}  # MACs of proofs taken, until they expire
+        self.proofs = FreshOnce(self.MAX_AGE_S)
 
     def prove(
         self, proof: S.PuProof | None, request: bytes, tls_name: str | None = None
@@ -63,16 +64,15 @@ class PuAccess:
             if not hmac.compare_digest(proof.mac, expected):
                 return None, f"the proof of PU {proof.pu_name!r} is wrong"
             now = self.clock.seconds()
-            self._seen = {m: t for m, t in self._seen.items() if t > now}
-            if abs(now - proof.issued_ms / 1000) > self.MAX_AGE_S:
+            if self.proofs.too_old(proof.issued_ms / 1000, now):
                 return (
                     None,
                     f"the proof was issued {now - proof.issued_ms / 1000:.0f} s from now, "
                     f"more than {self.MAX_AGE_S:.0f} s (are the clocks right?)",
                 )
-            if proof.mac in self._seen:
+            if self.proofs.replayed(proof.mac, now):
                 return None, "a replay of a proof already taken"
-            self._seen[proof.mac] = now + 2 * self.MAX_AGE_S
+            self.proofs.take(proof.mac, now)
             return proof.pu_name, ""
         if tls_name is not None and tls_name in self.rules:
             return tls_name, ""

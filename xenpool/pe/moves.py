@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from ..freshness import FreshOnce
 from ..interfaces import (
     NORMAL_STATES,
     RUNNING,
@@ -116,9 +117,7 @@ class Rebalancing:
         )
         self.quiet_rounds = 0  # rounds since the pool's VMs last changed
         self.moved_at: dict[str, float] = {}  # when this leader last moved each VM
-        self.move_requests_seen: dict[
-            bytes, float
-        ] = {}  # MAC -> when it may be forgotten
+        self.move_requests = FreshOnce(self.MOVE_REQUEST_MAX_AGE_S)
 
     def rebalance(self, rebalancer, pool: list) -> defer.Deferred:
         """Ask the rebalancer whether a VM should leave this PE, and move it if so; a
@@ -374,14 +373,11 @@ class Rebalancing:
         if not self.settings.secret:
             return None
         now = self.clock.seconds()
-        self.move_requests_seen = {
-            mac: until for mac, until in self.move_requests_seen.items() if until > now
-        }
-        if abs(now - request.issued_s) > self.MOVE_REQUEST_MAX_AGE_S:
+        if self.move_requests.too_old(request.issued_s, now):
             return f"issued {now - request.issued_s:.0f} s from now, more than {self.MOVE_REQUEST_MAX_AGE_S:.0f} s"
-        if request.mac in self.move_requests_seen:
+        if self.move_requests.replayed(request.mac, now):
             return "a replay of a request already taken"
-        self.move_requests_seen[request.mac] = now + 2 * self.MOVE_REQUEST_MAX_AGE_S
+        self.move_requests.take(request.mac, now)
         return None
 
     async def _answer_move(self, request: S.MoveRequest, session: Session) -> None:

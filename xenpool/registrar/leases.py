@@ -18,6 +18,7 @@ import hmac
 import json
 from dataclasses import dataclass
 
+from ..freshness import FreshOnce
 from ..protocol import session as S
 
 # A request is taken only this close to its issue time, and only once.
@@ -64,7 +65,7 @@ class LeaseTable:
         self.secrets = secrets or {}
         self.quiet_until = quiet_until
         self.leases: dict[tuple[bytes, str, str], Lease] = {}
-        self.seen_macs: dict[bytes, float] = {}  # MAC -> when it may be forgotten
+        self.requests = FreshOnce(MAX_REQUEST_AGE_S)
         self.changed = False  # the holders changed since the last save
 
     def handle(
@@ -182,12 +183,9 @@ class LeaseTable:
             and abs(wall_ms - request.issued_ms) > MAX_REQUEST_AGE_S * 1000
         ):
             return f"issued {(wall_ms - request.issued_ms) / 1000:.0f} s from now, more than {MAX_REQUEST_AGE_S:.0f} s"
-        self.seen_macs = {
-            mac: until for mac, until in self.seen_macs.items() if until > now
-        }
-        if request.mac in self.seen_macs:
+        if self.requests.replayed(request.mac, now):
             return "a replay of a request already taken"
-        self.seen_macs[request.mac] = now + 2 * MAX_REQUEST_AGE_S
+        self.requests.take(request.mac, now)
         return ""
 
     # ---------------------------------------------------------------- persistence
